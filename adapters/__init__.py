@@ -1,0 +1,1 @@
+"""backhaul.adapters: composition and all I/O (store, read models, files, engine, API, CLI)."""

@@ -1,0 +1,128 @@
+"""Local files: destination checks, temp names, atomic publication, cleanup.
+
+- A download is written to a temp file in the destination directory (BITS's
+  ``BITxxx.TMP``): ``.<name>.<job8>-<index>.bhtmp``, hidden and unique per job and file.
+- Complete publishes whole files with ``os.replace`` after fsync of the file, then
+  fsyncs the directory, so a crash leaves either the old name or the whole new file.
+- Cancel deletes every temp file; files already published by Complete are not touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from backhaul.core import hresult
+from backhaul.core.error import BitsError
+from backhaul.core.job import FileState, Job
+from backhaul.core.vocabulary import JobType
+
+TEMP_SUFFIX = ".bhtmp"
+
+
+def temp_path(job_id: str, index: int, local_name: str) -> Path:
+    path = Path(local_name)
+    return path.with_name(f".{path.name}.{job_id[:8]}-{index}{TEMP_SUFFIX}")
+
+
+def check_destination(local_name: str) -> None:
+    """AddFile for downloads: an absolute path in an existing, writable directory."""
+    path = Path(local_name)
+    parent = path.parent
+    if not parent.is_dir():
+        raise BitsError(hresult.E_INVALIDARG, f"the directory {parent} does not exist")
+    if path.is_dir():
+        raise BitsError(hresult.E_INVALIDARG, f"{path} is a directory, not a file name")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BitsError(hresult.E_ACCESSDENIED, f"the directory {parent} is not writable")
+
+
+def check_source(local_name: str) -> None:
+    """AddFile for uploads: an existing, readable regular file."""
+    path = Path(local_name)
+    if not path.is_file():
+        raise BitsError(hresult.E_INVALIDARG, f"{path} is not an existing regular file")
+    if not os.access(path, os.R_OK):
+        raise BitsError(hresult.E_ACCESSDENIED, f"{path} is not readable")
+
+
+def check_local_names(job_type: JobType, local_names: Iterable[str]) -> None:
+    check = check_destination if job_type is JobType.DOWNLOAD else check_source
+    for name in local_names:
+        check(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(job: Job, indexes: Iterable[int]) -> list[int]:
+    """Rename the whole files into place. Raises BitsError on the first failure; the
+    files renamed before it stay renamed (BITS keeps them available too)."""
+    done: list[int] = []
+    dirs: set[Path] = set()
+    for i in indexes:
+        f = job.files[i]
+        tmp = temp_path(job.id, i, f.local_name)
+        target = Path(f.local_name)
+        try:
+            if not tmp.exists() and _is_empty(f):
+                tmp.touch()
+            elif not tmp.exists() and _already_published(target, f):
+                done.append(i)  # an earlier Complete renamed it before failing later
+                continue
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise BitsError(_os_hresult(exc), f"cannot publish {target}: {exc.strerror}") from exc
+        done.append(i)
+        dirs.add(target.parent)
+    for d in dirs:
+        _fsync_dir(d)
+    return done
+
+
+def _already_published(target: Path, f: FileState) -> bool:
+    try:
+        return f.bytes_total is not None and target.stat().st_size == f.bytes_total
+    except OSError:
+        return False
+
+
+def _is_empty(f: FileState) -> bool:
+    return f.transferred and f.bytes_total == 0
+
+
+def discard(job: Job) -> list[Path]:
+    """Delete every temp file of the job; return those that could not be deleted."""
+    left: list[Path] = []
+    for i, f in enumerate(job.files):
+        tmp = temp_path(job.id, i, f.local_name)
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            left.append(tmp)
+    return left
+
+
+def _os_hresult(exc: OSError) -> int:
+    win32 = {
+        errno.ENOENT: hresult.ERROR_FILE_NOT_FOUND,
+        errno.EACCES: hresult.ERROR_ACCESS_DENIED,
+        errno.EPERM: hresult.ERROR_ACCESS_DENIED,
+        errno.ENOSPC: hresult.ERROR_DISK_FULL,
+        errno.EEXIST: hresult.ERROR_FILE_EXISTS,
+    }.get(exc.errno or 0)
+    return hresult.hresult_from_win32(win32) if win32 else hresult.E_FAIL

@@ -1,0 +1,661 @@
+"""The Python API: ``TransferManager`` (IBackgroundCopyManager) and ``TransferJob``
+(IBackgroundCopyJob with its Http options, properties and files).
+
+Every call is decided by the pure core against the latest state of the job's stream and
+appended to the log with optimistic concurrency; a refused call raises ``BitsError``
+carrying the BITS HRESULT and appends nothing. Reads fold the events the handle has not
+seen yet, so a handle always shows the live job, whichever process changed it.
+Python names map to BITS names in specs/names.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from backhaul.adapters import localfile
+from backhaul.adapters.clock import SystemClock
+from backhaul.adapters.projection import catch_up, job_of
+from backhaul.adapters.store import ConcurrentAppend, EventStore, open_store
+from backhaul.core import command as cmd
+from backhaul.core import hresult
+from backhaul.core import job as jobs
+from backhaul.core import projection as proj
+from backhaul.core.error import BitsError
+from backhaul.core.event import Event, JobCreated
+from backhaul.core.job import Job
+from backhaul.core.limit import DEFAULT_LIMITS, Limits
+from backhaul.core.port import Clock
+from backhaul.core.setting import JOB_PROPERTIES, SETTINGS
+from backhaul.core.value import (
+    ByteRange,
+    ClientCertificate,
+    FileSpec,
+    NotifyCommandLine,
+    ProxySettings,
+)
+from backhaul.core.vocabulary import (
+    AuthScheme,
+    AuthTarget,
+    CertStoreLocation,
+    FilePropertyId,
+    JobPriority,
+    JobPropertyId,
+    JobState,
+    JobType,
+    ProxyUsage,
+)
+
+BUILTIN_SCHEMES = frozenset({"http", "https", "smb", "file"})
+_RETRIES = 8
+
+
+def current_owner() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
+def _is_admin() -> bool:
+    return os.geteuid() == 0
+
+
+@attrs.frozen
+class FileInfo:
+    """One file of a job (IBackgroundCopyFile) with its live progress."""
+
+    index: int
+    remote_name: str
+    local_name: str
+    ranges: tuple[ByteRange, ...]
+    progress: proj.FileProgress
+    temporary_name: str | None
+    validator: str | None
+    digest: str | None
+
+
+class TransferManager:
+    """Opens the store and creates, finds and enumerates jobs.
+
+    ``store``: a URL (see adapters/store.py) or an open ``EventStore``; ``home``: the
+    backhaul home for the default SQLite store; ``owner``: recorded on every new job
+    (default: the current user).
+    """
+
+    def __init__(
+        self,
+        store: str | EventStore | None = None,
+        *,
+        home: str | Path | None = None,
+        owner: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Clock | None = None,
+        schemes: Iterable[str] = BUILTIN_SCHEMES,
+    ) -> None:
+        if isinstance(store, EventStore):
+            self.store = store
+            self._owns_store = False
+        else:
+            self.store = open_store(store, Path(home) if home is not None else None)
+            self._owns_store = True
+        self.owner = owner or current_owner()
+        self.limits = limits
+        self.clock: Clock = clock or SystemClock()
+        self.schemes = frozenset(s.lower() for s in schemes)
+        self._cache: dict[str, Job] = {}
+        self._pending: list[tuple[str, int, list[Event]]] | None = None
+
+    def __enter__(self) -> TransferManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_store:
+            self.store.close()
+
+    # -- IBackgroundCopyManager --------------------------------------------------------
+
+    def create_job(self, display_name: str, job_type: JobType = JobType.DOWNLOAD) -> TransferJob:
+        """CreateJob: a new job, SUSPENDED, owned by this manager's owner."""
+        job_type = _enum(JobType, job_type, "job type")
+        if not isinstance(display_name, str):
+            raise BitsError(hresult.E_INVALIDARG, "the display name must be a string")
+        SETTINGS["display_name"].check(display_name, None)  # type: ignore[arg-type]
+        self._check_job_limits()
+        job_id = str(uuid.uuid4())
+        created = JobCreated(self.clock.now(), job_id, job_type, display_name, self.owner)
+        self._record(job_id, 0, [created])
+        self._cache[job_id] = jobs.start(created)
+        return TransferJob(self, job_id)
+
+    def _check_job_limits(self) -> None:
+        if self.limits.max_jobs_per_owner is None and self.limits.max_jobs is None:
+            return
+        self.refresh_views()
+        views = self.store.views
+        per_owner = self.limits.max_jobs_per_owner
+        if per_owner is not None and views.count_live(self.owner) >= per_owner:
+            raise BitsError(
+                hresult.BG_E_TOO_MANY_JOBS_PER_USER,
+                f"{self.owner} already has {per_owner} jobs (the limit)",
+            )
+        total = self.limits.max_jobs
+        if total is not None and views.count_live(None) >= total:
+            raise BitsError(
+                hresult.BG_E_TOO_MANY_JOBS_PER_MACHINE, f"the store already holds {total} jobs"
+            )
+
+    def get_job(self, job_id: str, *, include_final: bool = False) -> TransferJob:
+        """GetJob: BG_E_NOT_FOUND for unknown ids and, as in BITS, for jobs that were
+        completed or cancelled (``include_final=True`` reads those too)."""
+        job = self._load(str(job_id))
+        self._check_access(job)
+        if job.is_final and not include_final:
+            raise BitsError(hresult.BG_E_NOT_FOUND, f"job {job_id} is {job.state.name}")
+        return TransferJob(self, job.id)
+
+    def jobs(
+        self, *, all_owners: bool = False, include_final: bool = False
+    ) -> Iterator[TransferJob]:
+        """EnumJobs: a snapshot of which jobs exist, with live values on each handle."""
+        if all_owners and not _is_admin():
+            raise BitsError(
+                hresult.E_ACCESSDENIED, "only an administrator lists every owner's jobs"
+            )
+        self.refresh_views()
+        owner = None if all_owners else self.owner
+        rows = self.store.views.select(owner, include_final=include_final)
+        for row in rows:
+            self._cache.setdefault(row.job_id, job_of(row))
+            yield TransferJob(self, row.job_id)
+
+    def refresh_views(self) -> int:
+        """Bring the read models up to date with the log (also done by every listing)."""
+        return catch_up(self.store)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: every call inside the block is decided at once but appended in
+        ONE transaction at the end (nothing is appended if the block raises)."""
+        if self._pending is not None:
+            yield
+            return
+        self._pending = []
+        try:
+            yield
+            pending, self._pending = self._pending, None
+            if pending:
+                self.store.append_many(pending)
+        except BaseException:
+            for job_id, _, _ in self._pending or []:
+                self._cache.pop(job_id, None)
+            self._pending = None
+            raise
+
+    # -- the command path --------------------------------------------------------------
+
+    def _record(self, job_id: str, after: int, events: list[Event]) -> None:
+        if self._pending is not None:
+            for i, (pid, pafter, pevents) in enumerate(self._pending):
+                if pid == job_id and pafter + len(pevents) == after:
+                    self._pending[i] = (pid, pafter, pevents + events)
+                    return
+            self._pending.append((job_id, after, events))
+            return
+        self.store.append(job_id, after, events)
+
+    def _load(self, job_id: str) -> Job:
+        job = self._cache.get(job_id)
+        if job is None:
+            row = self.store.views.get(job_id)
+            job = job_of(row) if row is not None else None
+        if self._pending is not None and job is not None:
+            return job  # inside a batch the cache is ahead of the store
+        after = job.version if job else 0
+        newer = self.store.stream(job_id, after)
+        job = jobs.fold((a.event for a in newer), job)
+        if job is None:
+            raise BitsError(hresult.BG_E_NOT_FOUND, f"no job {job_id}")
+        self._cache[job_id] = job
+        return job
+
+    def _check_access(self, job: Job) -> None:
+        if job.owner != self.owner and not _is_admin():
+            raise BitsError(hresult.E_ACCESSDENIED, f"job {job.id} belongs to {job.owner}")
+
+    def execute(self, job_id: str, command: cmd.Command) -> list[Event]:
+        """Decide ``command`` against the latest job and append its events."""
+        for _ in range(_RETRIES):
+            job = self._load(job_id)
+            events = cmd.decide(job, command, self.clock.now(), self.limits)
+            if not events:
+                return events
+            try:
+                self._record(job_id, job.version, events)
+            except ConcurrentAppend:
+                self._cache.pop(job_id, None)
+                continue
+            self._cache[job_id] = jobs.fold(events, job) or job
+            return events
+        raise BitsError(hresult.E_FAIL, f"job {job_id} kept changing under this call")
+
+    def seal(self, secret: str) -> Any:
+        return self.store.secrets.seal(secret)
+
+
+def _enum(kind: Any, value: Any, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise BitsError(hresult.E_INVALIDARG, f"unknown {what} {value!r}") from None
+
+
+def _seconds(value: timedelta | float) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class TransferJob:
+    """A handle on one job. Reads are live; every setter is a recorded, checked call."""
+
+    def __init__(self, manager: TransferManager, job_id: str) -> None:
+        self._manager = manager
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        job = self.snapshot()
+        return f"<TransferJob {self.id} {job.display_name!r} {job.state.name}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TransferJob) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def snapshot(self) -> Job:
+        """The folded job as of now (the core's immutable ``Job``)."""
+        return self._manager._load(self.id)
+
+    def _do(self, command: cmd.Command) -> list[Event]:
+        self._manager._check_access(self.snapshot())
+        return self._manager.execute(self.id, command)
+
+    def _set(self, name: str, value: Any) -> None:
+        self._do(cmd.SetSetting(name, value))
+
+    # -- identity and state ------------------------------------------------------------
+
+    @property
+    def job_type(self) -> JobType:
+        return self.snapshot().job_type
+
+    @property
+    def owner(self) -> str:
+        return self.snapshot().owner
+
+    @property
+    def state(self) -> JobState:
+        return self.snapshot().state
+
+    @property
+    def progress(self) -> proj.JobProgress:
+        return proj.job_progress(self.snapshot())
+
+    @property
+    def reply_progress(self) -> proj.ReplyProgress:
+        return proj.reply_progress(self.snapshot())
+
+    @property
+    def times(self) -> proj.JobTimes:
+        return proj.job_times(self.snapshot())
+
+    @property
+    def error(self) -> proj.ErrorInfo | None:
+        """GetError: the error object, or None when the job is not in (TRANSIENT_)ERROR."""
+        return proj.job_error(self.snapshot())
+
+    @property
+    def error_count(self) -> int:
+        return self.snapshot().error_count
+
+    # -- settings ----------------------------------------------------------------------
+
+    @property
+    def display_name(self) -> str:
+        return self.snapshot().display_name
+
+    @display_name.setter
+    def display_name(self, value: str) -> None:
+        self._set("display_name", value)
+
+    @property
+    def description(self) -> str:
+        return self.snapshot().description
+
+    @description.setter
+    def description(self, value: str) -> None:
+        self._set("description", value)
+
+    @property
+    def priority(self) -> JobPriority:
+        return self.snapshot().priority
+
+    @priority.setter
+    def priority(self, value: JobPriority) -> None:
+        self._set("priority", value)
+
+    @property
+    def minimum_retry_delay(self) -> timedelta:
+        return timedelta(seconds=self.snapshot().minimum_retry_delay)
+
+    @minimum_retry_delay.setter
+    def minimum_retry_delay(self, value: timedelta | float) -> None:
+        self._set("minimum_retry_delay", _seconds(value))
+
+    @property
+    def no_progress_timeout(self) -> timedelta:
+        return timedelta(seconds=self.snapshot().no_progress_timeout)
+
+    @no_progress_timeout.setter
+    def no_progress_timeout(self, value: timedelta | float) -> None:
+        self._set("no_progress_timeout", _seconds(value))
+
+    @property
+    def maximum_download_time(self) -> timedelta:
+        return timedelta(seconds=self.snapshot().maximum_download_time)
+
+    @maximum_download_time.setter
+    def maximum_download_time(self, value: timedelta | float) -> None:
+        self._set("maximum_download_time", _seconds(value))
+
+    @property
+    def notify_flags(self) -> int:
+        return self.snapshot().notify_flags
+
+    @notify_flags.setter
+    def notify_flags(self, value: int) -> None:
+        self._set("notify_flags", int(value) if not isinstance(value, bool) else value)
+
+    @property
+    def notify_cmdline(self) -> NotifyCommandLine | None:
+        return self.snapshot().notify_cmdline
+
+    def set_notify_cmdline(self, program: str | None, *parameters: str) -> None:
+        """SetNotifyCmdLine: run ``program`` with ``parameters`` (no shell); None removes."""
+        if program is None:
+            if parameters:
+                raise BitsError(hresult.E_INVALIDARG, "parameters need a program")
+            self._set("notify_cmdline", None)
+        else:
+            self._set("notify_cmdline", NotifyCommandLine(program, tuple(parameters)))
+
+    @property
+    def proxy_settings(self) -> ProxySettings:
+        return self.snapshot().proxy
+
+    def set_proxy_settings(
+        self,
+        usage: ProxyUsage,
+        proxy_list: str | None = None,
+        bypass_list: str | None = None,
+    ) -> None:
+        self._set("proxy", ProxySettings(int(usage), proxy_list, bypass_list))
+
+    @property
+    def http_method(self) -> str:
+        job = self.snapshot()
+        return job.http_method or jobs.DEFAULT_HTTP_METHOD[job.job_type]
+
+    @http_method.setter
+    def http_method(self, value: str) -> None:
+        self._set("http_method", value)
+
+    @property
+    def security_flags(self) -> int:
+        return self.snapshot().security_flags
+
+    @security_flags.setter
+    def security_flags(self, value: int) -> None:
+        self._set("security_flags", int(value))
+
+    @property
+    def acl_flags(self) -> int:
+        return self.snapshot().acl_flags
+
+    @acl_flags.setter
+    def acl_flags(self, value: int) -> None:
+        self._set("acl_flags", int(value))
+
+    @property
+    def reply_file_name(self) -> str | None:
+        return self.snapshot().reply_file_name
+
+    @reply_file_name.setter
+    def reply_file_name(self, value: str | None) -> None:
+        self._set("reply_file_name", value)
+
+    def set_property(self, prop: JobPropertyId, value: Any) -> None:
+        """IBackgroundCopyJob5::SetProperty."""
+        name = JOB_PROPERTIES.get(_prop(prop))
+        if name is None:
+            raise BitsError(hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown property {prop!r}")
+        self._set(name, int(value) if isinstance(value, AuthTarget) else value)
+
+    def get_property(self, prop: JobPropertyId) -> Any:
+        name = JOB_PROPERTIES.get(_prop(prop))
+        if name is None:
+            raise BitsError(hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown property {prop!r}")
+        return getattr(self.snapshot(), name)
+
+    # -- credentials, headers, certificates --------------------------------------------
+
+    def set_credentials(
+        self,
+        target: AuthTarget,
+        scheme: AuthScheme,
+        user_name: str | None,
+        password: str | None,
+    ) -> None:
+        """SetCredentials. The password is sealed before it is recorded."""
+        if password is not None and not isinstance(password, str):
+            raise BitsError(hresult.E_INVALIDARG, "the password must be a string")
+        sealed = self._manager.seal(password) if password is not None else None
+        length = len(password) if password is not None else 0
+        self._do(cmd.SetCredentials(int(target), int(scheme), user_name, sealed, length))
+
+    def remove_credentials(self, target: AuthTarget, scheme: AuthScheme) -> bool:
+        """RemoveCredentials: True (S_OK) if removed, False (S_FALSE) if none were set."""
+        return bool(self._do(cmd.RemoveCredentials(int(target), int(scheme))))
+
+    @property
+    def credentials(self) -> list[tuple[AuthTarget, AuthScheme, str | None]]:
+        """Which credentials are set: (target, scheme, user name). Passwords never."""
+        return [
+            (AuthTarget(c.target), AuthScheme(c.scheme), c.user_name)
+            for c in self.snapshot().credentials
+        ]
+
+    def set_custom_headers(self, headers: str | None) -> None:
+        """SetCustomHeaders: CR/LF-terminated header lines, stored sealed; None removes."""
+        if headers is None:
+            self._do(cmd.SetCustomHeaders(None, 0))
+            return
+        if not isinstance(headers, str) or "\x00" in headers:
+            raise BitsError(hresult.E_INVALIDARG, "custom headers must be a string")
+        for line in headers.split("\r\n"):
+            if line and (":" not in line or "\n" in line or "\r" in line):
+                raise BitsError(hresult.E_INVALIDARG, f"malformed header line {line[:40]!r}")
+        self._do(cmd.SetCustomHeaders(self._manager.seal(headers), len(headers) + 1))
+
+    @property
+    def custom_headers(self) -> str | None:
+        """GetCustomHeaders. Raises E_ACCESSDENIED once the headers are write-only."""
+        job = self.snapshot()
+        if job.custom_headers_write_only:
+            raise BitsError(hresult.E_ACCESSDENIED, "the custom headers are write-only")
+        if job.custom_headers is None:
+            return None
+        return str(self._manager.store.secrets.open(job.custom_headers))
+
+    def make_custom_headers_write_only(self) -> None:
+        self._do(cmd.MakeCustomHeadersWriteOnly())
+
+    def set_client_certificate_by_id(
+        self, location: CertStoreLocation, store_name: str, sha1: bytes | str
+    ) -> None:
+        digest = sha1.hex() if isinstance(sha1, bytes | bytearray) else sha1
+        if isinstance(sha1, bytes | bytearray) and len(sha1) != 20:
+            raise BitsError(hresult.E_INVALIDARG, "a SHA-1 hash is 20 bytes")
+        self._set("client_certificate", ClientCertificate(int(location), store_name, sha1=digest))
+
+    def set_client_certificate_by_name(
+        self, location: CertStoreLocation, store_name: str, subject: str
+    ) -> None:
+        self._set(
+            "client_certificate", ClientCertificate(int(location), store_name, subject=subject)
+        )
+
+    def remove_client_certificate(self) -> None:
+        self._set("client_certificate", None)
+
+    @property
+    def client_certificate(self) -> ClientCertificate | None:
+        return self.snapshot().client_certificate
+
+    # -- files -------------------------------------------------------------------------
+
+    def add_file(
+        self,
+        remote_name: str,
+        local_name: str | Path,
+        *,
+        ranges: Sequence[ByteRange | tuple[int, int | None]] | None = None,
+        expected_digest: str | None = None,
+    ) -> None:
+        """AddFile (with ``ranges``: AddFileWithRanges)."""
+        spec = FileSpec(
+            remote_name,
+            str(local_name),
+            tuple(_range(r) for r in ranges or ()),
+            expected_digest,
+        )
+        if ranges is not None and not ranges:
+            raise BitsError(hresult.E_INVALIDARG, "AddFileWithRanges needs at least one range")
+        self.add_files([spec])
+
+    def add_files(self, files: Iterable[FileSpec | tuple[str, str | Path]]) -> None:
+        """AddFileSet: all the files or none."""
+        specs = tuple(f if isinstance(f, FileSpec) else FileSpec(f[0], str(f[1])) for f in files)
+        job = self.snapshot()
+        for spec in specs:
+            cmd.check_local_name(spec.local_name)
+            cmd.check_remote_name(spec.remote_name, job.job_type)
+            self._check_scheme(spec.remote_name)
+        localfile.check_local_names(job.job_type, (s.local_name for s in specs))
+        self._do(cmd.AddFiles(specs))
+
+    def _check_scheme(self, remote_name: str) -> None:
+        unc = remote_name.startswith("\\\\")
+        scheme = "smb" if unc else remote_name.split("://", 1)[0].lower()
+        if scheme not in self._manager.schemes:
+            raise BitsError(
+                hresult.E_INVALIDARG, f"no transport handles {scheme!r} URLs ({remote_name})"
+            )
+
+    def files(self) -> list[FileInfo]:
+        """EnumFiles: a snapshot of the file list with live progress."""
+        job = self.snapshot()
+        infos = []
+        for i, f in enumerate(job.files):
+            temp = None
+            if job.job_type is JobType.DOWNLOAD and not f.completed:
+                temp = str(localfile.temp_path(job.id, i, f.local_name))
+            infos.append(
+                FileInfo(
+                    i,
+                    f.remote_name,
+                    f.local_name,
+                    f.ranges,
+                    proj.file_progress(job, i),
+                    temp,
+                    f.validator,
+                    f.digest,
+                )
+            )
+        return infos
+
+    def get_file_property(self, index: int, prop: FilePropertyId) -> Any:
+        job = self.snapshot()
+        if not 0 <= index < len(job.files):
+            raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {index}")
+        if prop != FilePropertyId.HTTP_RESPONSE_HEADERS:
+            raise BitsError(hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown file property {prop!r}")
+        return None
+
+    def set_remote_name(self, index: int, remote_name: str) -> None:
+        """IBackgroundCopyFile2::SetRemoteName (download jobs)."""
+        self._check_scheme(remote_name)
+        self._do(cmd.SetRemoteName(index, remote_name))
+
+    def replace_remote_prefix(self, old_prefix: str, new_prefix: str) -> bool:
+        """ReplaceRemotePrefix: True (S_OK) if any name changed, False (S_FALSE) if none."""
+        return bool(self._do(cmd.ReplaceRemotePrefix(old_prefix, new_prefix)))
+
+    # -- the four state-changing calls -------------------------------------------------
+
+    def resume(self) -> None:
+        self._do(cmd.Resume())
+
+    def suspend(self) -> None:
+        self._do(cmd.Suspend())
+
+    def cancel(self) -> int:
+        """Cancel: deletes every temp file. Returns S_OK or BG_S_UNABLE_TO_DELETE_FILES."""
+        job = self.snapshot()
+        self._manager._check_access(job)
+        cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
+        self._manager.execute(self.id, cmd.Cancel())
+        left = localfile.discard(job) if job.job_type is JobType.DOWNLOAD else []
+        return hresult.BG_S_UNABLE_TO_DELETE_FILES if left else hresult.S_OK
+
+    def complete(self) -> int:
+        """Complete: publishes the whole files atomically, deletes the rest. Returns
+        S_OK, or BG_S_PARTIAL_COMPLETE when only some files were whole. If publishing
+        fails the job stays as it was and the error is raised (BITS keeps it queued)."""
+        job = self.snapshot()
+        self._manager._check_access(job)
+        decided = cmd.decide(job, cmd.Complete(), self._manager.clock.now(), self._manager.limits)
+        kept = decided[0].files_kept  # type: ignore[attr-defined]
+        if job.job_type is JobType.DOWNLOAD:
+            localfile.publish(job, kept)
+        events = self._manager.execute(self.id, cmd.Complete(kept))
+        if job.job_type is JobType.DOWNLOAD:
+            localfile.discard(job)
+        return int(events[0].result)  # type: ignore[attr-defined]
+
+
+def _prop(prop: Any) -> JobPropertyId:
+    try:
+        return JobPropertyId(prop)
+    except ValueError:
+        raise BitsError(hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown property {prop!r}") from None
+
+
+def _range(r: ByteRange | tuple[int, int | None]) -> ByteRange:
+    if isinstance(r, ByteRange):
+        return r
+    offset, length = r
+    return ByteRange(int(offset), None if length is None else int(length))
+
+
+__all__ = ["FileInfo", "TransferJob", "TransferManager"]

@@ -1,0 +1,82 @@
+"""The job-list projection: folds the log into read-model rows, tracking its position.
+
+``catch_up`` reads the notifications after the tracked position, folds each touched
+job from its current row (its ``doc`` is the Job as of ``version``), and saves the new
+rows and the new position in one transaction. Replaying an event the row already holds
+is skipped, so catching up twice is harmless. ``rebuild`` drops every row and folds the
+whole log again; the result always equals a pure fold of each stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from backhaul.adapters.serialization import job_from_dict, job_to_dict
+from backhaul.adapters.store import EventStore, Recorded
+from backhaul.adapters.view import ViewRow
+from backhaul.core import job as jobs
+from backhaul.core.job import Job
+
+BATCH = 5000
+
+
+def view_row(job: Job) -> ViewRow:
+    sizes = [f.bytes_total for f in job.files]
+    total = None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+    return ViewRow(
+        job_id=job.id,
+        owner=job.owner,
+        state=int(job.state),
+        live=not job.is_final,
+        job_type=int(job.job_type),
+        priority=int(job.priority),
+        display_name=job.display_name,
+        version=job.version,
+        created_at=job.created_at.isoformat(),
+        modified_at=job.modified_at.isoformat(),
+        completed_at=job.transfer_completed_at.isoformat() if job.transfer_completed_at else None,
+        bytes_total=total,
+        bytes_transferred=sum(f.bytes_transferred for f in job.files),
+        files_total=len(job.files),
+        files_transferred=job.files_transferred,
+        error_hresult=job.error.hresult if job.error else None,
+        error_count=job.error_count,
+        doc=json.dumps(job_to_dict(job), separators=(",", ":")),
+    )
+
+
+def job_of(row: ViewRow) -> Job:
+    return job_from_dict(json.loads(row.doc))
+
+
+def catch_up(store: EventStore) -> int:
+    """Bring the read models up to the head of the log; returns the new position."""
+    with store.lock:
+        position = store.views.position()
+        while True:
+            page = store.read(position, BATCH)
+            if not page:
+                return position
+            rows = _fold_page(store, page)
+            position = page[-1].position
+            store.views.save(rows, position)
+
+
+def _fold_page(store: EventStore, page: Iterable[Recorded]) -> list[ViewRow]:
+    touched: dict[str, Job | None] = {}
+    for rec in page:
+        if rec.job_id not in touched:
+            row = store.views.get(rec.job_id)
+            touched[rec.job_id] = job_of(row) if row else None
+        current = touched[rec.job_id]
+        if current is not None and rec.version <= current.version:
+            continue  # already folded into this row
+        touched[rec.job_id] = jobs.fold([rec.event], current)
+    return [view_row(job) for job in touched.values() if job is not None]
+
+
+def rebuild(store: EventStore) -> int:
+    with store.lock:
+        store.views.clear()
+        return catch_up(store)

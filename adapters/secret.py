@@ -1,0 +1,60 @@
+"""Secrets at rest: sealed with AES-GCM (eventsourcing's AESCipher) before any event holds them.
+
+The key lives outside the log: ``BACKHAUL_SECRET_KEY`` (base64, 16/24/32 bytes) when set,
+else a key file created with mode 0600 beside the SQLite store (``secret.key`` in the
+backhaul home). The in-memory store uses a random key per process. Only ``SecretBox``
+can open a ``Sealed`` value; the log, the read models and every audit output hold only
+the sealed token.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from eventsourcing.cipher import AESCipher
+from eventsourcing.utils import Environment
+
+from backhaul.core.value import Sealed
+
+KEY_ENV = "BACKHAUL_SECRET_KEY"
+
+
+class SecretBox:
+    def __init__(self, key: str) -> None:
+        self._cipher = AESCipher(Environment(env={"CIPHER_KEY": key}))
+
+    @classmethod
+    def ephemeral(cls) -> SecretBox:
+        return cls(AESCipher.create_key(32))
+
+    @classmethod
+    def for_home(cls, home: Path) -> SecretBox:
+        key = os.environ.get(KEY_ENV)
+        if key:
+            return cls(key)
+        return cls(_key_file(home / "secret.key"))
+
+    def seal(self, plain: str) -> Sealed:
+        return Sealed(base64.b64encode(self._cipher.encrypt(plain.encode())).decode("ascii"))
+
+    def open(self, sealed: Sealed) -> str:
+        return self._cipher.decrypt(base64.b64decode(sealed.token)).decode()
+
+
+def _key_file(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = AESCipher.create_key(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key.encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return key

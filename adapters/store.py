@@ -1,0 +1,260 @@
+"""The event store: an append-only log, one stream per job, through eventsourcing.
+
+Where the store lives, in order of precedence:
+1. an explicit ``url`` argument;
+2. the ``BACKHAUL_STORE`` environment variable;
+3. ``sqlite`` in the backhaul home: ``home`` argument, else ``BACKHAUL_HOME``, else
+   ``$XDG_DATA_HOME/backhaul`` (``~/.local/share/backhaul``).
+URLs: ``memory:`` (in-process, for tests), ``sqlite:///abs/path.db`` (or a plain path),
+``postgresql://user:password@host:port/dbname``.
+
+Appends are optimistic: a stream's next version must be free, which eventsourcing's
+unique (originator_id, originator_version) key enforces, so two writers can never both
+append the next event of one job (``ConcurrentAppend``). Many streams can be appended in
+one transaction (``append_many``): the group commit that keeps the log cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+from uuid import UUID
+
+import attrs
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    InfrastructureFactory,
+    IntegrityError,
+    StoredEvent,
+)
+
+from backhaul.adapters.secret import SecretBox
+from backhaul.adapters.serialization import event_from_bytes, event_to_bytes, event_topic
+from backhaul.adapters.view import JobViews, MemoryJobViews, PostgresJobViews, SQLiteJobViews
+from backhaul.core import hresult
+from backhaul.core.error import BitsError
+from backhaul.core.event import Event
+
+STORE_ENV = "BACKHAUL_STORE"
+HOME_ENV = "BACKHAUL_HOME"
+DB_FILE = "backhaul.db"
+
+
+class ConcurrentAppend(Exception):
+    """Another writer appended to the stream first; reload and decide again."""
+
+
+@attrs.frozen
+class Appended:
+    job_id: str
+    version: int
+    event: Event
+
+
+@attrs.frozen
+class Recorded:
+    """An event as it sits in the log: its global position, stream and version."""
+
+    position: int
+    job_id: str
+    version: int
+    event: Event
+
+
+def default_home() -> Path:
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "backhaul"
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+class EventStore:
+    """The log and its read models in one database, plus the secret box."""
+
+    def __init__(
+        self,
+        log: ApplicationRecorder,
+        views: JobViews,
+        secrets: SecretBox,
+        *,
+        kind: str,
+        location: str,
+        factory: InfrastructureFactory[Any] | None = None,
+    ) -> None:
+        self.log = log
+        self.views = views
+        self.secrets = secrets
+        self.kind = kind
+        self.location = location
+        self._factory = factory
+        self.lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"EventStore({self.kind}: {self.location})"
+
+    # -- writing -----------------------------------------------------------------------
+
+    def append(self, job_id: str, after_version: int, events: Sequence[Event]) -> list[int]:
+        return self.append_many([(job_id, after_version, events)])
+
+    def append_many(self, batches: Sequence[tuple[str, int, Sequence[Event]]]) -> list[int]:
+        """Append to several streams in ONE transaction. ``after_version`` is the
+        version the caller decided against; the first new event gets the next one."""
+        stored = [
+            StoredEvent(
+                originator_id=UUID(job_id),
+                originator_version=after_version + i + 1,
+                topic=event_topic(event),
+                state=event_to_bytes(event),
+            )
+            for job_id, after_version, events in batches
+            for i, event in enumerate(events)
+        ]
+        if not stored:
+            return []
+        try:
+            ids = self.log.insert_events(stored)
+        except IntegrityError as exc:
+            raise ConcurrentAppend(str(exc)) from exc
+        return list(ids or [])
+
+    # -- reading -----------------------------------------------------------------------
+
+    def stream(self, job_id: str, after_version: int = 0) -> list[Appended]:
+        try:
+            originator = UUID(job_id)
+        except ValueError:
+            raise BitsError(hresult.BG_E_NOT_FOUND, f"{job_id!r} is not a job id") from None
+        records = self.log.select_events(originator, gt=after_version or None)
+        return [
+            Appended(job_id, r.originator_version, event_from_bytes(r.topic, r.state))
+            for r in records
+        ]
+
+    def read(self, after: int = 0, limit: int = 1000) -> list[Recorded]:
+        notes = self.log.select_notifications(start=after, limit=limit, inclusive_of_start=False)
+        return [
+            Recorded(
+                n.id, str(n.originator_id), n.originator_version, event_from_bytes(n.topic, n.state)
+            )
+            for n in notes
+        ]
+
+    def read_all(self, after: int = 0, batch: int = 1000) -> Iterator[Recorded]:
+        while True:
+            page = self.read(after, batch)
+            if not page:
+                return
+            yield from page
+            after = page[-1].position
+
+    def head(self) -> int:
+        return self.log.max_notification_id() or 0
+
+    def close(self) -> None:
+        if self._factory is not None:
+            self._factory.close()
+            self._factory = None
+
+
+def open_store(url: str | None = None, home: Path | None = None) -> EventStore:
+    """Open (creating if needed) the store named by ``url`` / environment / home."""
+    url = url or os.environ.get(STORE_ENV) or None
+    if home is None and url is None:
+        home = default_home()
+    if url is None:
+        assert home is not None
+        return _open_sqlite(Path(home) / DB_FILE, Path(home))
+    if url.startswith("memory:"):
+        return _open_memory()
+    if url.startswith(("postgresql://", "postgres://")):
+        return _open_postgres(url, home)
+    path = Path(url.removeprefix("sqlite://")) if url.startswith("sqlite://") else Path(url)
+    if not path.is_absolute():
+        raise BitsError(hresult.E_INVALIDARG, f"the store path {url!r} must be absolute")
+    return _open_sqlite(path, home or path.parent)
+
+
+def _open_memory() -> EventStore:
+    factory = InfrastructureFactory.construct({"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    log = factory.application_recorder()
+    return EventStore(
+        log,
+        MemoryJobViews(),
+        SecretBox.ephemeral(),
+        kind="memory",
+        location="memory:",
+        factory=factory,
+    )
+
+
+def _open_sqlite(path: Path, home: Path) -> EventStore:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+        "SQLITE_DBNAME": str(path),
+        "SQLITE_LOCK_TIMEOUT": "30",
+        "ORIGINATOR_ID_TYPE": "uuid",
+        "CREATE_TABLE": "y",
+    }
+    factory = InfrastructureFactory.construct(env)
+    log = factory.application_recorder()
+    views = factory.tracking_recorder(SQLiteJobViews)  # type: ignore[attr-defined]
+    _private(path)
+    return EventStore(
+        log,
+        views,
+        SecretBox.for_home(home),
+        kind="sqlite",
+        location=str(path),
+        factory=factory,
+    )
+
+
+def _private(path: Path) -> None:
+    """The log may name servers and files: keep it readable by its owner only."""
+    for candidate in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if candidate.exists():
+            candidate.chmod(0o600)
+
+
+def _open_postgres(url: str, home: Path | None) -> EventStore:
+    parts = urlsplit(url)
+    if not parts.hostname or not parts.path.strip("/"):
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"{redact_url(url)} must name a host and a database "
+            "(postgresql://user:password@host:port/dbname)",
+        )
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": unquote(parts.path.strip("/")),
+        "POSTGRES_HOST": parts.hostname,
+        "POSTGRES_PORT": str(parts.port or 5432),
+        "POSTGRES_USER": unquote(parts.username or ""),
+        "POSTGRES_PASSWORD": unquote(parts.password or ""),
+        "POSTGRES_CONNECT_TIMEOUT": "10",
+        "POSTGRES_POOL_SIZE": "4",
+        "POSTGRES_MAX_OVERFLOW": "4",
+        "CREATE_TABLE": "y",
+    }
+    factory = InfrastructureFactory.construct(env)
+    log = factory.application_recorder()
+    views = factory.tracking_recorder(PostgresJobViews)  # type: ignore[attr-defined]
+    secrets = SecretBox.for_home(home or default_home())
+    return EventStore(
+        log, views, secrets, kind="postgresql", location=redact_url(url), factory=factory
+    )

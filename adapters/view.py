@@ -1,0 +1,264 @@
+"""Read models: one row per job, kept in the same database as the log, with a tracked
+position (eventsourcing's tracking table), rebuildable from zero at any time.
+
+A row holds the columns that listing needs (state, owner, priority, progress, times,
+error) and ``doc``, the whole folded Job as JSON (it doubles as a snapshot: loading a job
+reads the row, then only the events after its version). Rows and the tracking position
+are written in one transaction, so a crash never leaves a view ahead of or behind its
+recorded position.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+from eventsourcing.persistence import Tracking
+from eventsourcing.postgres import PostgresTrackingRecorder
+from eventsourcing.sqlite import SQLiteTrackingRecorder
+
+PROJECTION = "backhaul.jobs"
+
+COLUMNS = (
+    "job_id",
+    "owner",
+    "state",
+    "live",
+    "job_type",
+    "priority",
+    "display_name",
+    "version",
+    "created_at",
+    "modified_at",
+    "completed_at",
+    "bytes_total",
+    "bytes_transferred",
+    "files_total",
+    "files_transferred",
+    "error_hresult",
+    "error_count",
+    "doc",
+)
+
+
+@attrs.frozen
+class ViewRow:
+    job_id: str
+    owner: str
+    state: int
+    live: bool
+    job_type: int
+    priority: int
+    display_name: str
+    version: int
+    created_at: str
+    modified_at: str
+    completed_at: str | None
+    bytes_total: int | None
+    bytes_transferred: int
+    files_total: int
+    files_transferred: int
+    error_hresult: int | None
+    error_count: int
+    doc: str
+
+    def values(self) -> tuple[Any, ...]:
+        return attrs.astuple(self, recurse=False)
+
+
+def _row(values: Sequence[Any]) -> ViewRow:
+    data = list(values)
+    data[3] = bool(data[3])
+    return ViewRow(*data)
+
+
+class JobViews:
+    """What the projection and the manager need from a read-model store."""
+
+    def save(self, rows: Sequence[ViewRow], position: int) -> None:
+        raise NotImplementedError
+
+    def position(self) -> int:
+        raise NotImplementedError
+
+    def get(self, job_id: str) -> ViewRow | None:
+        raise NotImplementedError
+
+    def select(self, owner: str | None, *, include_final: bool) -> list[ViewRow]:
+        raise NotImplementedError
+
+    def count_live(self, owner: str | None) -> int:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+
+def _create_sql(text_type: str, big: str) -> list[str]:
+    return [
+        "CREATE TABLE IF NOT EXISTS backhaul_job_views ("
+        f"job_id {text_type} PRIMARY KEY, owner {text_type} NOT NULL, state INTEGER NOT NULL, "
+        "live BOOLEAN NOT NULL, job_type INTEGER NOT NULL, priority INTEGER NOT NULL, "
+        f"display_name {text_type} NOT NULL, version INTEGER NOT NULL, "
+        f"created_at {text_type} NOT NULL, modified_at {text_type} NOT NULL, "
+        f"completed_at {text_type}, bytes_total {big}, bytes_transferred {big} NOT NULL, "
+        "files_total INTEGER NOT NULL, files_transferred INTEGER NOT NULL, "
+        f"error_hresult {big}, error_count INTEGER NOT NULL, doc {text_type} NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS backhaul_job_views_live "
+        "ON backhaul_job_views (live, owner, created_at)",
+    ]
+
+
+def _upsert_sql(mark: str) -> str:
+    cols = ", ".join(COLUMNS)
+    marks = ", ".join([mark] * len(COLUMNS))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "job_id")
+    return (
+        f"INSERT INTO backhaul_job_views ({cols}) VALUES ({marks}) "
+        f"ON CONFLICT (job_id) DO UPDATE SET {updates}"
+    )
+
+
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM backhaul_job_views"
+
+
+class _SqlViews(JobViews):
+    """Shared SQL for SQLite and PostgreSQL; ``mark`` is the parameter placeholder."""
+
+    mark = "?"
+    datastore: Any
+
+    def _tracking(self, c: Any, position: int) -> None:
+        raise NotImplementedError
+
+    def _max(self) -> int | None:
+        raise NotImplementedError
+
+    def save(self, rows: Sequence[ViewRow], position: int) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            c.executemany(_upsert_sql(self.mark), [self._params(r) for r in rows])
+            self._tracking(c, position)
+
+    def _params(self, row: ViewRow) -> tuple[Any, ...]:
+        return row.values()
+
+    def position(self) -> int:
+        return self._max() or 0
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(sql, params)
+            return list(c.fetchall())
+
+    def _tuple(self, record: Any) -> Sequence[Any]:
+        return tuple(record)
+
+    def get(self, job_id: str) -> ViewRow | None:
+        rows = self._fetch(f"{_SELECT} WHERE job_id = {self.mark}", [job_id])
+        return _row(self._tuple(rows[0])) if rows else None
+
+    def select(self, owner: str | None, *, include_final: bool) -> list[ViewRow]:
+        where, params = self._where(owner, include_final)
+        rows = self._fetch(f"{_SELECT}{where} ORDER BY created_at, job_id", params)
+        return [_row(self._tuple(r)) for r in rows]
+
+    def count_live(self, owner: str | None) -> int:
+        where, params = self._where(owner, include_final=False)
+        rows = self._fetch(f"SELECT COUNT(*) FROM backhaul_job_views{where}", params)
+        return int(self._tuple(rows[0])[0])
+
+    def _where(self, owner: str | None, include_final: bool) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        if not include_final:
+            clauses.append(f"live = {self.mark}")
+            params.append(True)
+        if owner is not None:
+            clauses.append(f"owner = {self.mark}")
+            params.append(owner)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+class SQLiteJobViews(SQLiteTrackingRecorder, _SqlViews):
+    def construct_create_table_statements(self) -> list[str]:
+        return [*super().construct_create_table_statements(), *_create_sql("TEXT", "INTEGER")]
+
+    def _tracking(self, c: Any, position: int) -> None:
+        self._insert_tracking(c, Tracking(PROJECTION, position))
+
+    def _max(self) -> int | None:
+        return self.max_tracking_id(PROJECTION)
+
+    def clear(self) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            c.execute("DELETE FROM backhaul_job_views")
+            c.execute("DELETE FROM tracking WHERE application_name = ?", [PROJECTION])
+
+
+class PostgresJobViews(PostgresTrackingRecorder, _SqlViews):
+    mark = "%s"
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [*super().construct_create_table_statements(), *_create_sql("TEXT", "NUMERIC")]
+
+    def _tracking(self, c: Any, position: int) -> None:
+        self._insert_tracking(c, Tracking(PROJECTION, position))
+
+    def _max(self) -> int | None:
+        return self.max_tracking_id(PROJECTION)
+
+    def _tuple(self, record: Any) -> Sequence[Any]:
+        values = tuple(record.values()) if isinstance(record, dict) else tuple(record)
+        return tuple(int(v) if _is_decimal(v) else v for v in values)
+
+    def clear(self) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            c.execute("DELETE FROM backhaul_job_views")
+            c.execute(
+                f"DELETE FROM {self.datastore.schema}.{self.tracking_table_name} "
+                "WHERE application_name = %s",
+                [PROJECTION],
+            )
+
+
+def _is_decimal(value: Any) -> bool:
+    return type(value).__name__ == "Decimal"
+
+
+class MemoryJobViews(JobViews):
+    def __init__(self) -> None:
+        self._rows: dict[str, ViewRow] = {}
+        self._position = 0
+        self._views_lock = threading.Lock()
+
+    def save(self, rows: Sequence[ViewRow], position: int) -> None:
+        with self._views_lock:
+            if position < self._position:
+                raise ValueError("the view position cannot go back")
+            self._rows.update((r.job_id, r) for r in rows)
+            self._position = position
+
+    def position(self) -> int:
+        return self._position
+
+    def get(self, job_id: str) -> ViewRow | None:
+        return self._rows.get(job_id)
+
+    def select(self, owner: str | None, *, include_final: bool) -> list[ViewRow]:
+        return sorted(
+            (r for r in _matching(self._rows.values(), owner, include_final)),
+            key=lambda r: (r.created_at, r.job_id),
+        )
+
+    def count_live(self, owner: str | None) -> int:
+        return sum(1 for _ in _matching(self._rows.values(), owner, include_final=False))
+
+    def clear(self) -> None:
+        with self._views_lock:
+            self._rows.clear()
+            self._position = 0
+
+
+def _matching(rows: Iterable[ViewRow], owner: str | None, include_final: bool) -> Iterable[ViewRow]:
+    return (r for r in rows if (include_final or r.live) and (owner is None or r.owner == owner))

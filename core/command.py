@@ -1,0 +1,560 @@
+"""Commands: imperative requests, decided against the table and the job's rules.
+
+``decide(job, command, now, limits)`` returns the events to append, or raises
+``BitsError`` carrying the BITS HRESULT; a refused command appends nothing. State
+changes are checked with ``transition.next_state`` (the one lookup); per-call rules
+that are not states (one file per upload, download-only calls, string limits) are
+checked here and in core/setting.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from backhaul.core import event as ev
+from backhaul.core import hresult, limit
+from backhaul.core.error import BitsError
+from backhaul.core.job import Job
+from backhaul.core.limit import Limits
+from backhaul.core.setting import check_setting
+from backhaul.core.transition import (
+    NON_FINAL_STATES,
+    IllegalTransition,
+    Trigger,
+    next_state,
+)
+from backhaul.core.value import ByteRange, FileSpec, JobError, Sealed
+from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobType
+
+
+@attrs.frozen
+class Command:
+    pass
+
+
+# -- the client's calls ----------------------------------------------------------------
+
+
+@attrs.frozen
+class AddFiles(Command):
+    files: tuple[FileSpec, ...]
+
+
+@attrs.frozen
+class SetSetting(Command):
+    name: str
+    value: Any
+
+
+@attrs.frozen
+class SetCredentials(Command):
+    target: int
+    scheme: int
+    user_name: str | None
+    password: Sealed | None
+    password_length: int = 0
+
+
+@attrs.frozen
+class RemoveCredentials(Command):
+    target: int
+    scheme: int
+
+
+@attrs.frozen
+class SetCustomHeaders(Command):
+    headers: Sealed | None
+    length: int = 0
+
+
+@attrs.frozen
+class MakeCustomHeadersWriteOnly(Command):
+    pass
+
+
+@attrs.frozen
+class SetRemoteName(Command):
+    file_index: int
+    remote_name: str
+
+
+@attrs.frozen
+class ReplaceRemotePrefix(Command):
+    old_prefix: str
+    new_prefix: str
+
+
+@attrs.frozen
+class Resume(Command):
+    pass
+
+
+@attrs.frozen
+class Suspend(Command):
+    pass
+
+
+@attrs.frozen
+class Cancel(Command):
+    pass
+
+
+@attrs.frozen
+class Complete(Command):
+    """``files_kept``: the files the adapter renamed into place (None: decide them)."""
+
+    files_kept: tuple[int, ...] | None = None
+
+
+# -- the engine's reports --------------------------------------------------------------
+
+
+@attrs.frozen
+class StartTransfer(Command):
+    pass
+
+
+@attrs.frozen
+class Connect(Command):
+    pass
+
+
+@attrs.frozen
+class Checkpoint(Command):
+    file_index: int
+    bytes_transferred: int
+    bytes_total: int | None
+    validator: str | None = None
+
+
+@attrs.frozen
+class FinishFile(Command):
+    file_index: int
+    bytes_total: int
+    digest: str | None = None
+
+
+@attrs.frozen
+class RestartFile(Command):
+    file_index: int
+    reason: str
+
+
+@attrs.frozen
+class FinishJob(Command):
+    pass
+
+
+@attrs.frozen
+class Fail(Command):
+    error: JobError
+    transient: bool
+
+
+@attrs.frozen
+class Retry(Command):
+    pass
+
+
+@attrs.frozen
+class TimeOutNoProgress(Command):
+    pass
+
+
+@attrs.frozen
+class ExceedMaxDownloadTime(Command):
+    pass
+
+
+@attrs.frozen
+class LoseNetwork(Command):
+    pass
+
+
+@attrs.frozen
+class RestoreNetwork(Command):
+    pass
+
+
+@attrs.frozen
+class Block(Command):
+    hresult: int
+
+
+@attrs.frozen
+class Unblock(Command):
+    pass
+
+
+@attrs.frozen
+class EndSlice(Command):
+    pass
+
+
+@attrs.frozen
+class Scavenge(Command):
+    pass
+
+
+@attrs.frozen
+class FinishRanges(Command):
+    pass
+
+
+@attrs.frozen
+class ProgressReply(Command):
+    bytes_total: int | None
+    bytes_transferred: int
+
+
+def decide(job: Job, command: Command, now: datetime, limits: Limits) -> list[ev.Event]:
+    """The events that ``command`` causes, or a ``BitsError``; never a partial result."""
+    handler = _DECIDERS[type(command)]
+    try:
+        return handler(job, command, now, limits)
+    except IllegalTransition as exc:
+        raise BitsError(exc.hresult, _refusal_message(job, exc)) from None
+
+
+def _refusal_message(job: Job, exc: IllegalTransition) -> str:
+    if exc.hresult == hresult.BG_E_EMPTY:
+        return f"job {job.id} has no files to transfer"
+    return f"{exc.trigger.value} is not allowed: job {job.id} is {job.state.name}"
+
+
+def _require_live(job: Job) -> None:
+    if job.state not in NON_FINAL_STATES:
+        raise BitsError(
+            hresult.BG_E_INVALID_STATE, f"job {job.id} is {job.state.name} and cannot change"
+        )
+
+
+def _transition(job: Job, trigger: Trigger, event: ev.Event) -> list[ev.Event]:
+    next_state(job.state, trigger, job.facts())
+    return [event]
+
+
+# -- file names --------------------------------------------------------------------------
+
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>[^\s]+)$")
+_UNC = re.compile(r"^\\\\[^\\/\s]+\\[^\\/]+(\\.*)?$")
+
+
+def check_remote_name(name: Any, job_type: JobType) -> str:
+    """Syntax only (bits-core.md §7.1); which schemes exist is the adapters' business."""
+    if not isinstance(name, str) or not name:
+        raise BitsError(hresult.E_INVALIDARG, "a remote name must be a non-empty string")
+    if len(name) > limit.REMOTE_NAME_MAX:
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"the remote name is {len(name)} characters; the limit is {limit.REMOTE_NAME_MAX}",
+        )
+    if any(c in name for c in "\x00\r\n\t"):
+        raise BitsError(hresult.E_INVALIDARG, "a remote name must not hold control characters")
+    if _UNC.match(name):
+        if job_type is JobType.UPLOAD_REPLY:
+            raise BitsError(hresult.E_INVALIDARG, "upload-reply jobs need an HTTP(S) URL")
+        return name
+    match = _URL.match(name)
+    if match is None:
+        raise BitsError(hresult.E_INVALIDARG, f"{name!r} is neither a URL nor a UNC path")
+    wild = "*?" if match["scheme"].lower() in ("smb", "file") else "*"
+    if any(c in match["rest"] for c in wild):
+        raise BitsError(hresult.E_INVALIDARG, "wildcards are not allowed in remote names")
+    return name
+
+
+def check_local_name(name: Any) -> str:
+    """Absolute, normalised, no NUL; directory existence is checked by the adapters."""
+    if not isinstance(name, str) or not name:
+        raise BitsError(hresult.E_INVALIDARG, "a local name must be a non-empty string")
+    if "\x00" in name:
+        raise BitsError(hresult.E_INVALIDARG, "a local name must not contain NUL")
+    if not name.startswith("/"):
+        raise BitsError(hresult.E_INVALIDARG, f"{name!r} is not an absolute path")
+    if len(name) > limit.LOCAL_NAME_MAX:
+        raise BitsError(hresult.E_INVALIDARG, "the local name is too long")
+    parts = name.split("/")
+    if any(p in (".", "..") for p in parts) or name.endswith("/"):
+        raise BitsError(hresult.E_INVALIDARG, f"{name!r} must name a file, without . or ..")
+    if any(c in name for c in "*?"):
+        raise BitsError(hresult.E_INVALIDARG, "wildcards are not allowed in local names")
+    return name
+
+
+def _check_ranges(ranges: tuple[ByteRange, ...], limits: Limits) -> None:
+    if limits.max_ranges_per_file is not None and len(ranges) > limits.max_ranges_per_file:
+        raise BitsError(
+            hresult.BG_E_TOO_MANY_RANGES_IN_FILE,
+            f"{len(ranges)} ranges; the limit is {limits.max_ranges_per_file}",
+        )
+    for r in ranges:
+        if r.offset < 0 or r.offset >= 2**64 - 1:
+            raise BitsError(hresult.BG_E_INVALID_RANGE, f"invalid range offset {r.offset}")
+        if r.length is not None and r.length <= 0:
+            raise BitsError(hresult.BG_E_INVALID_RANGE, "a range length must be positive")
+    ordered = sorted(ranges, key=lambda r: r.offset)
+    for before, after in itertools.pairwise(ordered):
+        if before.end is None or before.end > after.offset:
+            raise BitsError(
+                hresult.BG_E_OVERLAPPING_RANGES,
+                f"ranges at {before.offset} and {after.offset} overlap",
+            )
+
+
+def _add_files(job: Job, cmd: AddFiles, now: datetime, limits: Limits) -> list[ev.Event]:
+    _require_live(job)
+    if not cmd.files:
+        raise BitsError(hresult.E_INVALIDARG, "no files given")
+    if job.job_type is not JobType.DOWNLOAD and len(job.files) + len(cmd.files) > 1:
+        raise BitsError(
+            hresult.BG_E_TOO_MANY_FILES, f"a {job.job_type.name} job holds exactly one file"
+        )
+    total = len(job.files) + len(cmd.files)
+    if limits.max_files_per_job is not None and total > limits.max_files_per_job:
+        raise BitsError(
+            hresult.BG_E_TOO_MANY_FILES_IN_JOB,
+            f"the job would hold {total} files; the limit is {limits.max_files_per_job}",
+        )
+    locals_seen = {f.local_name for f in job.files}
+    for spec in cmd.files:
+        check_remote_name(spec.remote_name, job.job_type)
+        check_local_name(spec.local_name)
+        if spec.local_name in locals_seen and job.job_type is JobType.DOWNLOAD:
+            raise BitsError(
+                hresult.E_INVALIDARG, f"{spec.local_name} is already a destination in this job"
+            )
+        locals_seen.add(spec.local_name)
+        if spec.ranges:
+            if job.job_type is not JobType.DOWNLOAD:
+                raise BitsError(hresult.E_NOTIMPL, "ranges apply to download jobs only")
+            if job.dynamic_content:
+                raise BitsError(
+                    hresult.BG_E_UNSUPPORTED_JOB_CONFIGURATION,
+                    "ranges cannot be used with dynamic content",
+                )
+            _check_ranges(spec.ranges, limits)
+        if spec.expected_digest is not None and not re.fullmatch(
+            r"sha256:[0-9a-f]{64}|sha1:[0-9a-f]{40}|md5:[0-9a-f]{32}|sha512:[0-9a-f]{128}",
+            spec.expected_digest,
+        ):
+            raise BitsError(
+                hresult.E_INVALIDARG, "an expected digest is 'sha256:<hex>' (or sha1/sha512/md5)"
+            )
+    return _transition(job, Trigger.ADD_FILE, ev.FilesAdded(now, cmd.files))
+
+
+def _set_setting(job: Job, cmd: SetSetting, now: datetime, limits: Limits) -> list[ev.Event]:
+    _require_live(job)
+    stored = check_setting(cmd.name, cmd.value, job)
+    events: list[ev.Event] = [ev.PropertySet(now, cmd.name, stored)]
+    if cmd.name == "http_method" and stored != _default_method(job):
+        # SetHttpMethod: a custom method forces FOREGROUND (bits-core.md §10).
+        events.append(ev.PropertySet(now, "priority", 0))
+    return events
+
+
+def _default_method(job: Job) -> str:
+    from backhaul.core.job import DEFAULT_HTTP_METHOD
+
+    return DEFAULT_HTTP_METHOD[job.job_type]
+
+
+def _set_credentials(
+    job: Job, cmd: SetCredentials, now: datetime, limits: Limits
+) -> list[ev.Event]:
+    _require_live(job)
+    target, scheme = _auth_pair(cmd.target, cmd.scheme)
+    if cmd.user_name is not None and len(cmd.user_name) > limit.USER_NAME_MAX:
+        raise BitsError(hresult.BG_E_USERNAME_TOO_LARGE, "the user name is too long")
+    if cmd.password_length > limit.PASSWORD_MAX:
+        raise BitsError(hresult.BG_E_PASSWORD_TOO_LARGE, "the password is too long")
+    if scheme in (AuthScheme.BASIC, AuthScheme.DIGEST, AuthScheme.PASSPORT) and (
+        cmd.user_name is None or cmd.password is None
+    ):
+        raise BitsError(
+            hresult.E_INVALIDARG, f"{scheme.name} needs both a user name and a password"
+        )
+    return [ev.CredentialsSet(now, int(target), int(scheme), cmd.user_name, cmd.password)]
+
+
+def _auth_pair(target: int, scheme: int) -> tuple[AuthTarget, AuthScheme]:
+    try:
+        t = AuthTarget(target)
+    except ValueError:
+        raise BitsError(hresult.BG_E_INVALID_AUTH_TARGET, f"unknown target {target!r}") from None
+    try:
+        s = AuthScheme(scheme)
+    except ValueError:
+        raise BitsError(hresult.BG_E_INVALID_AUTH_SCHEME, f"unknown scheme {scheme!r}") from None
+    return t, s
+
+
+def _remove_credentials(
+    job: Job, cmd: RemoveCredentials, now: datetime, limits: Limits
+) -> list[ev.Event]:
+    _require_live(job)
+    target, scheme = _auth_pair(cmd.target, cmd.scheme)
+    if not any((c.target, c.scheme) == (target, scheme) for c in job.credentials):
+        return []  # S_FALSE: nothing to remove
+    return [ev.CredentialsRemoved(now, int(target), int(scheme))]
+
+
+def _set_headers(job: Job, cmd: SetCustomHeaders, now: datetime, limits: Limits) -> list[ev.Event]:
+    _require_live(job)
+    if cmd.length >= limit.CUSTOM_HEADERS_MAX:
+        raise BitsError(hresult.BG_E_STRING_TOO_LONG, "the custom headers are too long")
+    return [ev.CustomHeadersSet(now, cmd.headers)]
+
+
+def _headers_write_only(
+    job: Job, cmd: MakeCustomHeadersWriteOnly, now: datetime, limits: Limits
+) -> list[ev.Event]:
+    _require_live(job)
+    if job.custom_headers_write_only:
+        return []
+    return [ev.CustomHeadersMadeWriteOnly(now)]
+
+
+def _set_remote_name(job: Job, cmd: SetRemoteName, now: datetime, limits: Limits) -> list[ev.Event]:
+    _require_live(job)
+    _download_only(job, "SetRemoteName")
+    if not 0 <= cmd.file_index < len(job.files):
+        raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {cmd.file_index}")
+    check_remote_name(cmd.remote_name, job.job_type)
+    return [ev.RemoteNameChanged(now, cmd.file_index, cmd.remote_name)]
+
+
+def _replace_prefix(
+    job: Job, cmd: ReplaceRemotePrefix, now: datetime, limits: Limits
+) -> list[ev.Event]:
+    _require_live(job)
+    _download_only(job, "ReplaceRemotePrefix")
+    if not cmd.old_prefix or not cmd.new_prefix:
+        raise BitsError(hresult.E_INVALIDARG, "both prefixes must be non-empty")
+    events: list[ev.Event] = []
+    for i, f in enumerate(job.files):
+        if f.remote_name.startswith(cmd.old_prefix):
+            new_name = cmd.new_prefix + f.remote_name[len(cmd.old_prefix) :]
+            check_remote_name(new_name, job.job_type)
+            events.append(ev.RemoteNameChanged(now, i, new_name))
+    return events
+
+
+def _download_only(job: Job, call: str) -> None:
+    if job.job_type is not JobType.DOWNLOAD:
+        raise BitsError(hresult.E_NOTIMPL, f"{call} applies to download jobs only")
+
+
+def _complete(job: Job, cmd: Complete, now: datetime, limits: Limits) -> list[ev.Event]:
+    next_state(job.state, Trigger.COMPLETE, job.facts())
+    whole = tuple(i for i, f in enumerate(job.files) if f.transferred)
+    kept = whole if cmd.files_kept is None else cmd.files_kept
+    if not set(kept) <= set(whole):
+        raise BitsError(hresult.E_INVALIDARG, "only transferred files can be kept")
+    partial = job.job_type is JobType.DOWNLOAD and len(kept) < len(job.files)
+    result = hresult.BG_S_PARTIAL_COMPLETE if partial else hresult.S_OK
+    return [ev.JobCompleted(now, result, kept)]
+
+
+def _file_in_job(job: Job, index: int) -> None:
+    if not 0 <= index < len(job.files):
+        raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {index}")
+
+
+def _checkpoint(job: Job, cmd: Checkpoint, now: datetime, limits: Limits) -> list[ev.Event]:
+    _file_in_job(job, cmd.file_index)
+    if cmd.bytes_transferred < 0 or (
+        cmd.bytes_total is not None and cmd.bytes_transferred > cmd.bytes_total
+    ):
+        raise BitsError(hresult.E_INVALIDARG, "a checkpoint must lie within the file")
+    event = ev.BytesCheckpointed(
+        now, cmd.file_index, cmd.bytes_transferred, cmd.bytes_total, cmd.validator
+    )
+    return _transition(job, Trigger.DATA_RECEIVED, event)
+
+
+def _finish_file(job: Job, cmd: FinishFile, now: datetime, limits: Limits) -> list[ev.Event]:
+    _file_in_job(job, cmd.file_index)
+    event = ev.FileTransferred(now, cmd.file_index, cmd.bytes_total, cmd.digest)
+    return _transition(job, Trigger.DATA_RECEIVED, event)
+
+
+def _restart_file(job: Job, cmd: RestartFile, now: datetime, limits: Limits) -> list[ev.Event]:
+    _require_live(job)
+    _file_in_job(job, cmd.file_index)
+    return [ev.FileRestarted(now, cmd.file_index, cmd.reason)]
+
+
+def _fail(job: Job, cmd: Fail, now: datetime, limits: Limits) -> list[ev.Event]:
+    event = ev.ErrorOccurred(now, cmd.error, cmd.transient)
+    return _transition(job, event.trigger_of(), event)
+
+
+def _finish_job(job: Job, cmd: Command, now: datetime, limits: Limits) -> list[ev.Event]:
+    if job.pending_files:
+        raise BitsError(hresult.BG_E_INVALID_STATE, "files are still pending")
+    return _transition(job, Trigger.ALL_FILES_DONE, ev.JobTransferred(now))
+
+
+def _progress_reply(job: Job, cmd: ProgressReply, now: datetime, limits: Limits) -> list[ev.Event]:
+    if job.job_type is not JobType.UPLOAD_REPLY:
+        raise BitsError(hresult.E_NOTIMPL, "only upload-reply jobs have a reply")
+    _require_live(job)
+    return [ev.ReplyProgressed(now, cmd.bytes_total, cmd.bytes_transferred)]
+
+
+def _simple(trigger: Trigger, event_type: Callable[[datetime], ev.Event]) -> Callable[..., Any]:
+    def decide_simple(job: Job, cmd: Command, now: datetime, limits: Limits) -> list[ev.Event]:
+        return _transition(job, trigger, event_type(now))
+
+    return decide_simple
+
+
+def _block(job: Job, cmd: Block, now: datetime, limits: Limits) -> list[ev.Event]:
+    return _transition(job, Trigger.BLOCKED, ev.JobBlocked(now, cmd.hresult))
+
+
+_DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyType(
+    {
+        AddFiles: _add_files,
+        SetSetting: _set_setting,
+        SetCredentials: _set_credentials,
+        RemoveCredentials: _remove_credentials,
+        SetCustomHeaders: _set_headers,
+        MakeCustomHeadersWriteOnly: _headers_write_only,
+        SetRemoteName: _set_remote_name,
+        ReplaceRemotePrefix: _replace_prefix,
+        Resume: _simple(Trigger.RESUME, ev.JobResumed),
+        Suspend: _simple(Trigger.SUSPEND, ev.JobSuspended),
+        Cancel: _simple(Trigger.CANCEL, ev.JobCancelled),
+        Complete: _complete,
+        StartTransfer: _simple(Trigger.SCHEDULED, ev.TransferStarted),
+        Connect: _simple(Trigger.CONNECTED, ev.Connected),
+        Checkpoint: _checkpoint,
+        FinishFile: _finish_file,
+        RestartFile: _restart_file,
+        FinishJob: _finish_job,
+        Fail: _fail,
+        Retry: _simple(Trigger.RETRY_DUE, ev.RetryStarted),
+        TimeOutNoProgress: _simple(Trigger.NO_PROGRESS_TIMEOUT, ev.NoProgressTimedOut),
+        ExceedMaxDownloadTime: _simple(
+            Trigger.MAX_DOWNLOAD_TIME_EXCEEDED, ev.MaxDownloadTimeExceeded
+        ),
+        LoseNetwork: _simple(Trigger.NETWORK_LOST, ev.NetworkLost),
+        RestoreNetwork: _simple(Trigger.NETWORK_RESTORED, ev.NetworkRestored),
+        Block: _block,
+        Unblock: _simple(Trigger.UNBLOCKED, ev.JobUnblocked),
+        EndSlice: _simple(Trigger.SLICE_ENDED, ev.SliceEnded),
+        Scavenge: _simple(Trigger.INACTIVITY_TIMEOUT, ev.JobScavenged),
+        FinishRanges: _simple(Trigger.RANGES_DONE, ev.RangesDone),
+        ProgressReply: _progress_reply,
+    }
+)

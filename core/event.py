@@ -1,0 +1,258 @@
+"""Events: frozen, past-tense facts, one stream per job.
+
+Rules:
+- An event class name is a persisted topic. Never rename one without registering the old
+  name as an alias in the store's mapper (adapters/serialization.py) and adding a test.
+- Every event carries ``at``, the time it happened (UTC, from the Clock port).
+- ``trigger`` names the row of the transition table (core/transition.py) that the event
+  follows; ``None`` means the event does not move the state.
+- Events hold values, never secrets in plain text (see ``Sealed``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+import attrs
+
+from backhaul.core.transition import Trigger
+from backhaul.core.value import FileSpec, JobError, Sealed
+from backhaul.core.vocabulary import JobType
+
+
+@attrs.frozen
+class Event:
+    at: datetime
+    trigger: ClassVar[Trigger | None] = None
+
+    def trigger_of(self) -> Trigger | None:
+        return type(self).trigger
+
+
+# -- the client's calls ----------------------------------------------------------------
+
+
+@attrs.frozen
+class JobCreated(Event):
+    job_id: str
+    job_type: JobType
+    display_name: str
+    owner: str
+
+
+@attrs.frozen
+class FilesAdded(Event):
+    files: tuple[FileSpec, ...]
+    trigger = Trigger.ADD_FILE
+
+
+@attrs.frozen
+class PropertySet(Event):
+    """A job setting changed; ``name`` is a row of core/setting.py, ``value`` plain data."""
+
+    name: str
+    value: Any
+
+
+@attrs.frozen
+class CredentialsSet(Event):
+    target: int
+    scheme: int
+    user_name: str | None
+    password: Sealed | None
+
+
+@attrs.frozen
+class CredentialsRemoved(Event):
+    target: int
+    scheme: int
+
+
+@attrs.frozen
+class CustomHeadersSet(Event):
+    headers: Sealed | None
+
+
+@attrs.frozen
+class CustomHeadersMadeWriteOnly(Event):
+    pass
+
+
+@attrs.frozen
+class RemoteNameChanged(Event):
+    file_index: int
+    remote_name: str
+
+
+@attrs.frozen
+class JobResumed(Event):
+    trigger = Trigger.RESUME
+
+
+@attrs.frozen
+class JobSuspended(Event):
+    trigger = Trigger.SUSPEND
+
+
+@attrs.frozen
+class JobCancelled(Event):
+    trigger = Trigger.CANCEL
+
+
+@attrs.frozen
+class JobCompleted(Event):
+    """Complete: ``files_kept`` were renamed into place; ``result`` is S_OK or partial."""
+
+    result: int
+    files_kept: tuple[int, ...]
+    trigger = Trigger.COMPLETE
+
+
+# -- the engine's events ---------------------------------------------------------------
+
+
+@attrs.frozen
+class TransferStarted(Event):
+    trigger = Trigger.SCHEDULED
+
+
+@attrs.frozen
+class Connected(Event):
+    trigger = Trigger.CONNECTED
+
+
+@attrs.frozen
+class BytesCheckpointed(Event):
+    """The temp file holds ``bytes_transferred`` durable bytes of file ``file_index``."""
+
+    file_index: int
+    bytes_transferred: int
+    bytes_total: int | None
+    validator: str | None = None
+    trigger = Trigger.DATA_RECEIVED
+
+
+@attrs.frozen
+class FileTransferred(Event):
+    file_index: int
+    bytes_total: int
+    digest: str | None = None
+    trigger = Trigger.DATA_RECEIVED
+
+
+@attrs.frozen
+class FileRestarted(Event):
+    """The remote file changed (size or validator): this file starts again from byte 0."""
+
+    file_index: int
+    reason: str
+
+
+@attrs.frozen
+class JobTransferred(Event):
+    trigger = Trigger.ALL_FILES_DONE
+
+
+@attrs.frozen
+class ErrorOccurred(Event):
+    error: JobError
+    transient: bool
+
+    def trigger_of(self) -> Trigger:
+        return Trigger.TRANSIENT_FAILURE if self.transient else Trigger.FATAL_FAILURE
+
+
+@attrs.frozen
+class RetryStarted(Event):
+    trigger = Trigger.RETRY_DUE
+
+
+@attrs.frozen
+class NoProgressTimedOut(Event):
+    trigger = Trigger.NO_PROGRESS_TIMEOUT
+
+
+@attrs.frozen
+class MaxDownloadTimeExceeded(Event):
+    trigger = Trigger.MAX_DOWNLOAD_TIME_EXCEEDED
+
+
+@attrs.frozen
+class NetworkLost(Event):
+    trigger = Trigger.NETWORK_LOST
+
+
+@attrs.frozen
+class NetworkRestored(Event):
+    trigger = Trigger.NETWORK_RESTORED
+
+
+@attrs.frozen
+class JobBlocked(Event):
+    """A policy (bandwidth, cost) forbids the transfer now: ``hresult`` says which."""
+
+    hresult: int
+    trigger = Trigger.BLOCKED
+
+
+@attrs.frozen
+class JobUnblocked(Event):
+    trigger = Trigger.UNBLOCKED
+
+
+@attrs.frozen
+class SliceEnded(Event):
+    trigger = Trigger.SLICE_ENDED
+
+
+@attrs.frozen
+class JobScavenged(Event):
+    """JobInactivityTimeout: the engine cancelled an abandoned job."""
+
+    trigger = Trigger.INACTIVITY_TIMEOUT
+
+
+@attrs.frozen
+class RangesDone(Event):
+    trigger = Trigger.RANGES_DONE
+
+
+@attrs.frozen
+class ReplyProgressed(Event):
+    bytes_total: int | None
+    bytes_transferred: int
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    JobCreated,
+    FilesAdded,
+    PropertySet,
+    CredentialsSet,
+    CredentialsRemoved,
+    CustomHeadersSet,
+    CustomHeadersMadeWriteOnly,
+    RemoteNameChanged,
+    JobResumed,
+    JobSuspended,
+    JobCancelled,
+    JobCompleted,
+    TransferStarted,
+    Connected,
+    BytesCheckpointed,
+    FileTransferred,
+    FileRestarted,
+    JobTransferred,
+    ErrorOccurred,
+    RetryStarted,
+    NoProgressTimedOut,
+    MaxDownloadTimeExceeded,
+    NetworkLost,
+    NetworkRestored,
+    JobBlocked,
+    JobUnblocked,
+    SliceEnded,
+    JobScavenged,
+    RangesDone,
+    ReplyProgressed,
+)

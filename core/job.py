@@ -1,0 +1,394 @@
+"""The Job aggregate: a pure fold of its events.
+
+``evolve(job, event)`` is the only way a Job changes, and replay is ``fold(events)``.
+The next state always comes from the transition table (core/transition.py); this module
+keeps only the bookkeeping that BITS derives from the history: progress, times, the
+current error object, the error count, NoProgressTimeout and MaximumDownloadTime clocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Any, Final
+
+import attrs
+
+from backhaul.core import event as ev
+from backhaul.core import hresult
+from backhaul.core.transition import ACTIVE_STATES, JobFacts, Trigger, next_state
+from backhaul.core.value import (
+    ByteRange,
+    ClientCertificate,
+    CredentialsEntry,
+    FileSpec,
+    JobError,
+    NotifyCommandLine,
+    ProxySettings,
+    Sealed,
+)
+from backhaul.core.vocabulary import (
+    ErrorContext,
+    JobPriority,
+    JobState,
+    JobTransferPolicy,
+    JobType,
+    NotifyFlags,
+)
+
+DEFAULT_MINIMUM_RETRY_DELAY: Final = 600
+DEFAULT_NO_PROGRESS_TIMEOUT: Final = 1_209_600
+DEFAULT_MAXIMUM_DOWNLOAD_TIME: Final = 7_776_000
+DEFAULT_NOTIFY_FLAGS: Final = int(NotifyFlags.JOB_TRANSFERRED | NotifyFlags.JOB_ERROR)
+DEFAULT_MINIMUM_NOTIFICATION_INTERVAL_MS: Final = 500
+DEFAULT_COST_FLAGS: Final = int(JobTransferPolicy.ALWAYS)
+DEFAULT_HTTP_METHOD: Final = MappingProxyType(
+    {JobType.DOWNLOAD: "GET", JobType.UPLOAD: "BITS_POST", JobType.UPLOAD_REPLY: "BITS_POST"}
+)
+
+
+@attrs.frozen
+class FileState:
+    """One file of the job: the request plus what has been transferred so far."""
+
+    spec: FileSpec
+    bytes_total: int | None = None
+    bytes_transferred: int = 0
+    validator: str | None = None
+    transferred: bool = False
+    completed: bool = False
+    digest: str | None = None
+
+    @property
+    def remote_name(self) -> str:
+        return self.spec.remote_name
+
+    @property
+    def local_name(self) -> str:
+        return self.spec.local_name
+
+    @property
+    def ranges(self) -> tuple[ByteRange, ...]:
+        return self.spec.ranges
+
+
+@attrs.frozen
+class Job:
+    """Everything BITS remembers about a job, as of ``version`` events."""
+
+    id: str
+    job_type: JobType
+    owner: str
+    display_name: str
+    created_at: datetime
+    modified_at: datetime
+    version: int = 0
+    state: JobState = JobState.SUSPENDED
+    description: str = ""
+    priority: JobPriority = JobPriority.NORMAL
+    files: tuple[FileState, ...] = ()
+    # Retry and time limits (seconds).
+    minimum_retry_delay: int = DEFAULT_MINIMUM_RETRY_DELAY
+    no_progress_timeout: int = DEFAULT_NO_PROGRESS_TIMEOUT
+    maximum_download_time: int = DEFAULT_MAXIMUM_DOWNLOAD_TIME
+    # Notifications.
+    notify_flags: int = DEFAULT_NOTIFY_FLAGS
+    notify_cmdline: NotifyCommandLine | None = None
+    # Job properties (IBackgroundCopyJob5).
+    cost_flags: int = DEFAULT_COST_FLAGS
+    notification_clsid: str | None = None
+    dynamic_content: bool = False
+    high_performance: bool = False
+    max_download_size: int | None = None
+    use_stored_credentials: int | None = None
+    minimum_notification_interval_ms: int = DEFAULT_MINIMUM_NOTIFICATION_INTERVAL_MS
+    on_demand: bool = False
+    # HTTP options, credentials, proxy, SMB.
+    proxy: ProxySettings = attrs.field(factory=ProxySettings)
+    credentials: tuple[CredentialsEntry, ...] = ()
+    custom_headers: Sealed | None = None
+    custom_headers_write_only: bool = False
+    http_method: str | None = None
+    security_flags: int = 0
+    client_certificate: ClientCertificate | None = None
+    acl_flags: int = 0
+    reply_file_name: str | None = None
+    reply_bytes_total: int | None = None
+    reply_bytes_transferred: int = 0
+    # Derived bookkeeping.
+    transfer_completed_at: datetime | None = None
+    error: JobError | None = None
+    error_count: int = 0
+    ever_resumed: bool = False
+    no_progress_since: datetime | None = None
+    active_since: datetime | None = None
+    active_seconds: float = 0.0
+    blocked_by: int | None = None
+    result: int | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in (JobState.ACKNOWLEDGED, JobState.CANCELLED)
+
+    @property
+    def files_transferred(self) -> int:
+        return sum(1 for f in self.files if f.transferred)
+
+    @property
+    def pending_files(self) -> tuple[int, ...]:
+        return tuple(i for i, f in enumerate(self.files) if not f.transferred)
+
+    @property
+    def uses_custom_method(self) -> bool:
+        return self.http_method is not None and self.http_method != DEFAULT_HTTP_METHOD.get(
+            self.job_type
+        )
+
+    def facts(self) -> JobFacts:
+        return JobFacts(
+            job_type=self.job_type,
+            has_files=bool(self.files),
+            retries_allowed=self.no_progress_timeout > 0 and not self.uses_custom_method,
+        )
+
+    def elapsed_active(self, now: datetime) -> timedelta:
+        """CONNECTING + TRANSFERRING time counted for MaximumDownloadTime."""
+        running = (now - self.active_since).total_seconds() if self.active_since else 0.0
+        return timedelta(seconds=self.active_seconds + max(running, 0.0))
+
+
+def start(event: ev.JobCreated) -> Job:
+    return Job(
+        id=event.job_id,
+        job_type=event.job_type,
+        owner=event.owner,
+        display_name=event.display_name,
+        created_at=event.at,
+        modified_at=event.at,
+        version=1,
+    )
+
+
+def fold(events: Iterable[ev.Event], job: Job | None = None) -> Job | None:
+    """Replay: the job after ``events`` (starting from ``job``, or from nothing)."""
+    for event in events:
+        job = start(event) if isinstance(event, ev.JobCreated) else evolve(_exists(job), event)
+    return job
+
+
+def _exists(job: Job | None) -> Job:
+    if job is None:
+        raise ValueError("a job stream must start with JobCreated")
+    return job
+
+
+def evolve(job: Job, event: ev.Event) -> Job:
+    """Apply one event: bookkeeping first, then the state from the transition table."""
+    apply = _APPLY.get(type(event))
+    changes: dict[str, Any] = apply(job, event) if apply else {}
+    trigger = event.trigger_of()
+    new_state = job.state
+    if trigger is not None:
+        new_state = next_state(job.state, trigger, job.facts())
+    changes.update(_clock_changes(job, new_state, event, trigger))
+    return attrs.evolve(
+        job, state=new_state, version=job.version + 1, modified_at=event.at, **changes
+    )
+
+
+def _clock_changes(
+    job: Job, new_state: JobState, event: ev.Event, trigger: Trigger | None
+) -> dict[str, Any]:
+    """MaximumDownloadTime counts only CONNECTING and TRANSFERRING time (§5)."""
+    was_active = job.state in _RUNNING
+    now_active = new_state in _RUNNING
+    changes: dict[str, Any] = {}
+    if was_active and not now_active and job.active_since is not None:
+        elapsed = max((event.at - job.active_since).total_seconds(), 0.0)
+        changes["active_since"] = None
+        changes["active_seconds"] = job.active_seconds + elapsed
+    elif now_active and not was_active:
+        changes["active_since"] = event.at
+    if trigger is Trigger.RESUME and job.state not in ACTIVE_STATES:
+        changes["active_seconds"] = 0.0  # "Resume resets the elapsed-time counter"
+    return changes
+
+
+_RUNNING = frozenset({JobState.CONNECTING, JobState.TRANSFERRING})
+
+
+def _replace_file(job: Job, index: int, **changes: Any) -> tuple[FileState, ...]:
+    files = list(job.files)
+    files[index] = attrs.evolve(files[index], **changes)
+    return tuple(files)
+
+
+def _files_added(job: Job, e: ev.FilesAdded) -> dict[str, Any]:
+    added = tuple(FileState(spec=spec, bytes_total=_requested_size(spec)) for spec in e.files)
+    return {"files": job.files + added}
+
+
+def _requested_size(spec: FileSpec) -> int | None:
+    """With ranges, the total is the sum of the requested bytes (§8); EOF ranges: unknown."""
+    if not spec.ranges:
+        return None
+    lengths = [r.length for r in spec.ranges]
+    return None if None in lengths else sum(x for x in lengths if x is not None)
+
+
+def _property_set(job: Job, e: ev.PropertySet) -> dict[str, Any]:
+    from backhaul.core.setting import SETTINGS
+
+    return {e.name: SETTINGS[e.name].decode(e.value)}
+
+
+def _credentials_set(job: Job, e: ev.CredentialsSet) -> dict[str, Any]:
+    kept = tuple(c for c in job.credentials if (c.target, c.scheme) != (e.target, e.scheme))
+    entry = CredentialsEntry(e.target, e.scheme, e.user_name, e.password)
+    return {"credentials": (*kept, entry)}
+
+
+def _credentials_removed(job: Job, e: ev.CredentialsRemoved) -> dict[str, Any]:
+    kept = tuple(c for c in job.credentials if (c.target, c.scheme) != (e.target, e.scheme))
+    return {"credentials": kept}
+
+
+def _remote_name_changed(job: Job, e: ev.RemoteNameChanged) -> dict[str, Any]:
+    spec = attrs.evolve(job.files[e.file_index].spec, remote_name=e.remote_name)
+    return {"files": _replace_file(job, e.file_index, spec=spec)}
+
+
+def _resumed(job: Job, e: ev.JobResumed) -> dict[str, Any]:
+    changes: dict[str, Any] = {"ever_resumed": True}
+    if job.state in (JobState.ERROR, JobState.TRANSIENT_ERROR):
+        changes["no_progress_since"] = None
+    return changes
+
+
+def _completed(job: Job, e: ev.JobCompleted) -> dict[str, Any]:
+    files = tuple(attrs.evolve(f, completed=i in e.files_kept) for i, f in enumerate(job.files))
+    return {"files": files, "result": e.result}
+
+
+def _checkpointed(job: Job, e: ev.BytesCheckpointed) -> dict[str, Any]:
+    old = job.files[e.file_index]
+    changes: dict[str, Any] = {
+        "files": _replace_file(
+            job,
+            e.file_index,
+            bytes_transferred=e.bytes_transferred,
+            bytes_total=e.bytes_total,
+            validator=e.validator if e.validator is not None else old.validator,
+        ),
+        "error": None,
+    }
+    if e.bytes_transferred > old.bytes_transferred:
+        changes["no_progress_since"] = None
+    return changes
+
+
+def _file_transferred(job: Job, e: ev.FileTransferred) -> dict[str, Any]:
+    files = _replace_file(
+        job,
+        e.file_index,
+        bytes_transferred=e.bytes_total,
+        bytes_total=e.bytes_total,
+        transferred=True,
+        digest=e.digest,
+    )
+    return {"files": files, "error": None, "no_progress_since": None}
+
+
+def _file_restarted(job: Job, e: ev.FileRestarted) -> dict[str, Any]:
+    spec = job.files[e.file_index].spec
+    files = _replace_file(
+        job,
+        e.file_index,
+        bytes_transferred=0,
+        bytes_total=_requested_size(spec),
+        validator=None,
+        transferred=False,
+        digest=None,
+    )
+    return {"files": files}
+
+
+def _transferred(job: Job, e: ev.JobTransferred) -> dict[str, Any]:
+    return {"transfer_completed_at": e.at, "error": None}
+
+
+def _error(job: Job, e: ev.ErrorOccurred) -> dict[str, Any]:
+    facts = job.facts()
+    retried = e.transient and facts.retries_allowed
+    since = job.no_progress_since if job.no_progress_since is not None else e.at
+    return {
+        "error": e.error,
+        "error_count": job.error_count + 1,
+        "no_progress_since": since if retried else job.no_progress_since,
+        "blocked_by": None,
+    }
+
+
+def _connected(job: Job, e: ev.Connected) -> dict[str, Any]:
+    return {"error": None}
+
+
+def _network_lost(job: Job, e: ev.NetworkLost) -> dict[str, Any]:
+    error = JobError(ErrorContext.GENERAL_TRANSPORT, hresult.BG_E_NETWORK_DISCONNECTED)
+    return {"error": error, "blocked_by": hresult.BG_E_NETWORK_DISCONNECTED}
+
+
+def _blocked(job: Job, e: ev.JobBlocked) -> dict[str, Any]:
+    return {
+        "error": JobError(ErrorContext.GENERAL_QUEUE_MANAGER, e.hresult),
+        "blocked_by": e.hresult,
+    }
+
+
+def _unblocked(job: Job, e: ev.Event) -> dict[str, Any]:
+    return {"blocked_by": None}
+
+
+def _max_time(job: Job, e: ev.MaxDownloadTimeExceeded) -> dict[str, Any]:
+    error = JobError(ErrorContext.GENERAL_QUEUE_MANAGER, hresult.BG_E_MAXDOWNLOAD_TIMEOUT)
+    return {"error": error, "error_count": job.error_count + 1}
+
+
+def _no_progress(job: Job, e: ev.NoProgressTimedOut) -> dict[str, Any]:
+    if job.error is not None:
+        return {}
+    return {"error": JobError(ErrorContext.GENERAL_QUEUE_MANAGER, hresult.BG_E_NO_PROGRESS)}
+
+
+def _reply_progressed(job: Job, e: ev.ReplyProgressed) -> dict[str, Any]:
+    return {"reply_bytes_total": e.bytes_total, "reply_bytes_transferred": e.bytes_transferred}
+
+
+_APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingProxyType(
+    {
+        ev.FilesAdded: _files_added,
+        ev.PropertySet: _property_set,
+        ev.CredentialsSet: _credentials_set,
+        ev.CredentialsRemoved: _credentials_removed,
+        ev.CustomHeadersSet: lambda job, e: {"custom_headers": e.headers},
+        ev.CustomHeadersMadeWriteOnly: lambda job, e: {"custom_headers_write_only": True},
+        ev.RemoteNameChanged: _remote_name_changed,
+        ev.JobResumed: _resumed,
+        ev.JobCompleted: _completed,
+        ev.Connected: _connected,
+        ev.BytesCheckpointed: _checkpointed,
+        ev.FileTransferred: _file_transferred,
+        ev.FileRestarted: _file_restarted,
+        ev.JobTransferred: _transferred,
+        ev.ErrorOccurred: _error,
+        ev.NetworkLost: _network_lost,
+        ev.NetworkRestored: _unblocked,
+        ev.JobBlocked: _blocked,
+        ev.JobUnblocked: _unblocked,
+        ev.MaxDownloadTimeExceeded: _max_time,
+        ev.NoProgressTimedOut: _no_progress,
+        ev.RetryStarted: _unblocked,
+        ev.ReplyProgressed: _reply_progressed,
+    }
+)

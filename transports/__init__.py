@@ -1,0 +1,1 @@
+"""backhaul.transports: one module per wire family; they see only backhaul.core."""

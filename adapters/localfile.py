@@ -84,7 +84,7 @@ def publish(job: Job, indexes: Iterable[int]) -> list[int]:
                 os.close(fd)
             os.replace(tmp, target)
         except OSError as exc:
-            raise BitsError(_os_hresult(exc), f"cannot publish {target}: {exc.strerror}") from exc
+            raise BitsError(os_hresult(exc), f"cannot publish {target}: {exc.strerror}") from exc
         done.append(i)
         dirs.add(target.parent)
     for d in dirs:
@@ -117,7 +117,7 @@ def discard(job: Job) -> list[Path]:
     return left
 
 
-def _os_hresult(exc: OSError) -> int:
+def os_hresult(exc: OSError) -> int:
     win32 = {
         errno.ENOENT: hresult.ERROR_FILE_NOT_FOUND,
         errno.EACCES: hresult.ERROR_ACCESS_DENIED,

@@ -156,6 +156,7 @@ class FinishJob(Command):
 class Fail(Command):
     error: JobError
     transient: bool
+    retry_after: float | None = None
 
 
 @attrs.frozen
@@ -206,6 +207,12 @@ class Scavenge(Command):
 @attrs.frozen
 class FinishRanges(Command):
     pass
+
+
+@attrs.frozen
+class RecordNotification(Command):
+    reason: str
+    exit_code: int
 
 
 @attrs.frozen
@@ -494,7 +501,7 @@ def _restart_file(job: Job, cmd: RestartFile, now: datetime, limits: Limits) -> 
 
 
 def _fail(job: Job, cmd: Fail, now: datetime, limits: Limits) -> list[ev.Event]:
-    event = ev.ErrorOccurred(now, cmd.error, cmd.transient)
+    event = ev.ErrorOccurred(now, cmd.error, cmd.transient, cmd.retry_after)
     return _transition(job, event.trigger_of(), event)
 
 
@@ -556,5 +563,8 @@ _DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyT
         Scavenge: _simple(Trigger.INACTIVITY_TIMEOUT, ev.JobScavenged),
         FinishRanges: _simple(Trigger.RANGES_DONE, ev.RangesDone),
         ProgressReply: _progress_reply,
+        RecordNotification: lambda job, c, now, limits: [
+            ev.CommandLineNotified(now, c.reason, c.exit_code)
+        ],
     }
 )

@@ -156,8 +156,11 @@ class JobTransferred(Event):
 
 @attrs.frozen
 class ErrorOccurred(Event):
+    """``retry_after``: seconds the server asked us to wait (Retry-After), if any."""
+
     error: JobError
     transient: bool
+    retry_after: float | None = None
 
     def trigger_of(self) -> Trigger:
         return Trigger.TRANSIENT_FAILURE if self.transient else Trigger.FATAL_FAILURE
@@ -219,6 +222,14 @@ class RangesDone(Event):
 
 
 @attrs.frozen
+class CommandLineNotified(Event):
+    """The notify command line ran for ``reason`` ("transferred"/"error") and exited."""
+
+    reason: str
+    exit_code: int
+
+
+@attrs.frozen
 class ReplyProgressed(Event):
     bytes_total: int | None
     bytes_transferred: int
@@ -255,4 +266,5 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     JobScavenged,
     RangesDone,
     ReplyProgressed,
+    CommandLineNotified,
 )

@@ -17,7 +17,13 @@ import attrs
 
 from backhaul.core import event as ev
 from backhaul.core import hresult
-from backhaul.core.transition import ACTIVE_STATES, JobFacts, Trigger, next_state
+from backhaul.core.transition import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    JobFacts,
+    Trigger,
+    next_state,
+)
 from backhaul.core.value import (
     ByteRange,
     ClientCertificate,
@@ -120,6 +126,10 @@ class Job:
     transfer_completed_at: datetime | None = None
     error: JobError | None = None
     error_count: int = 0
+    error_at: datetime | None = None
+    retry_not_before: datetime | None = None
+    state_since_version: int = 1
+    notified: tuple[tuple[str, int, int], ...] = ()  # (reason, at version, exit code)
     ever_resumed: bool = False
     no_progress_since: datetime | None = None
     active_since: datetime | None = None
@@ -129,7 +139,7 @@ class Job:
 
     @property
     def is_final(self) -> bool:
-        return self.state in (JobState.ACKNOWLEDGED, JobState.CANCELLED)
+        return self.state in FINAL_STATES
 
     @property
     def files_transferred(self) -> int:
@@ -149,7 +159,12 @@ class Job:
         return JobFacts(
             job_type=self.job_type,
             has_files=bool(self.files),
-            retries_allowed=self.no_progress_timeout > 0 and not self.uses_custom_method,
+            retries_allowed=(
+                self.no_progress_timeout > 0
+                and self.minimum_retry_delay < self.no_progress_timeout
+                and not self.uses_custom_method
+            ),
+            on_demand=self.on_demand,
         )
 
     def elapsed_active(self, now: datetime) -> timedelta:
@@ -192,6 +207,8 @@ def evolve(job: Job, event: ev.Event) -> Job:
     if trigger is not None:
         new_state = next_state(job.state, trigger, job.facts())
     changes.update(_clock_changes(job, new_state, event, trigger))
+    if new_state is not job.state:
+        changes["state_since_version"] = job.version + 1
     return attrs.evolve(
         job, state=new_state, version=job.version + 1, modified_at=event.at, **changes
     )
@@ -261,8 +278,8 @@ def _remote_name_changed(job: Job, e: ev.RemoteNameChanged) -> dict[str, Any]:
 
 def _resumed(job: Job, e: ev.JobResumed) -> dict[str, Any]:
     changes: dict[str, Any] = {"ever_resumed": True}
-    if job.state in (JobState.ERROR, JobState.TRANSIENT_ERROR):
-        changes["no_progress_since"] = None
+    if job.state not in ACTIVE_STATES:
+        changes["no_progress_since"] = None  # a Resume starts a fresh NoProgressTimeout
     return changes
 
 
@@ -322,10 +339,13 @@ def _error(job: Job, e: ev.ErrorOccurred) -> dict[str, Any]:
     facts = job.facts()
     retried = e.transient and facts.retries_allowed
     since = job.no_progress_since if job.no_progress_since is not None else e.at
+    retry_after = timedelta(seconds=e.retry_after) if e.retry_after else None
     return {
         "error": e.error,
         "error_count": job.error_count + 1,
-        "no_progress_since": since if retried else job.no_progress_since,
+        "error_at": e.at,
+        "retry_not_before": e.at + retry_after if retry_after else None,
+        "no_progress_since": since if retried else None,
         "blocked_by": None,
     }
 
@@ -352,13 +372,12 @@ def _unblocked(job: Job, e: ev.Event) -> dict[str, Any]:
 
 def _max_time(job: Job, e: ev.MaxDownloadTimeExceeded) -> dict[str, Any]:
     error = JobError(ErrorContext.GENERAL_QUEUE_MANAGER, hresult.BG_E_MAXDOWNLOAD_TIMEOUT)
-    return {"error": error, "error_count": job.error_count + 1}
+    return {"error": error, "error_count": job.error_count + 1, "no_progress_since": None}
 
 
 def _no_progress(job: Job, e: ev.NoProgressTimedOut) -> dict[str, Any]:
-    if job.error is not None:
-        return {}
-    return {"error": JobError(ErrorContext.GENERAL_QUEUE_MANAGER, hresult.BG_E_NO_PROGRESS)}
+    """The last transient error stays the job's error (BITS reports it in JobError)."""
+    return {"no_progress_since": None}
 
 
 def _reply_progressed(job: Job, e: ev.ReplyProgressed) -> dict[str, Any]:
@@ -390,5 +409,8 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
         ev.NoProgressTimedOut: _no_progress,
         ev.RetryStarted: _unblocked,
         ev.ReplyProgressed: _reply_progressed,
+        ev.CommandLineNotified: lambda job, e: {
+            "notified": (*job.notified[-7:], (e.reason, job.version, e.exit_code))
+        },
     }
 )

@@ -5,8 +5,13 @@ Adapters implement them; the core and the transports only see these Protocols.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Protocol
+
+import attrs
+
+from backhaul.core.value import ClientCertificate, ProxySettings
 
 
 class Clock(Protocol):
@@ -15,3 +20,80 @@ class Clock(Protocol):
     def now(self) -> datetime: ...
 
     def monotonic(self) -> float: ...
+
+
+# -- transports --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class PlainCredentials:
+    """Credentials opened for one transfer. In memory only: never stored or logged."""
+
+    target: int  # AuthTarget
+    scheme: int  # AuthScheme
+    user_name: str | None
+    password: str | None = attrs.field(repr=False)
+
+
+@attrs.frozen
+class RequestOptions:
+    """What a transport needs from the job for one request. Built by the engine."""
+
+    custom_headers: tuple[tuple[str, str], ...] = ()
+    credentials: tuple[PlainCredentials, ...] = ()
+    proxy: ProxySettings = attrs.field(factory=ProxySettings)
+    security_flags: int = 0
+    client_certificate: ClientCertificate | None = None
+    http_method: str | None = None
+    dynamic: bool = False
+
+
+@attrs.frozen
+class RemoteFile:
+    """What a transport learnt about a remote file.
+
+    ``size`` is None when unknown (dynamic content). ``validator`` identifies the
+    version (an HTTP entity tag, else its Last-Modified date, else SMB size+mtime):
+    a different validator means the remote file changed. ``url`` is the final URL
+    after redirects. ``headers`` is the raw response header block, when there is one.
+    """
+
+    url: str
+    size: int | None
+    validator: str | None = None
+    last_modified: datetime | None = None
+    accepts_ranges: bool = False
+    headers: str | None = None
+
+
+class Download(Protocol):
+    """An open read of a remote file. ``offset`` is where the body starts: when the
+    server ignored the requested range (or the validator no longer matched), it is 0
+    and ``remote`` describes the new version. Iterate for chunks; always ``aclose``."""
+
+    remote: RemoteFile
+    offset: int
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Transport(Protocol):
+    """A wire family, keyed by URL scheme. Raises only ``TransferError``."""
+
+    schemes: frozenset[str]
+
+    async def stat(self, url: str, options: RequestOptions) -> RemoteFile: ...
+
+    async def open(
+        self,
+        url: str,
+        options: RequestOptions,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        validator: str | None = None,
+    ) -> Download: ...
+
+    async def close(self) -> None: ...

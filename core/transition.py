@@ -71,13 +71,17 @@ class JobFacts:
     job_type: JobType
     has_files: bool
     retries_allowed: bool
+    on_demand: bool = False
 
 
 class Guard(Enum):
     ALWAYS = "always"
     HAS_FILES = "has files"
     IS_DOWNLOAD = "download job"
-    RETRIES_ALLOWED = "retries allowed (NoProgressTimeout > 0, default HTTP method)"
+    RETRIES_ALLOWED = (
+        "retries allowed (NoProgressTimeout > 0 and above MinimumRetryDelay, default HTTP method)"
+    )
+    ON_DEMAND = "on-demand job"
 
     def holds(self, facts: JobFacts) -> bool:
         return _GUARD_PREDICATES[self](facts)
@@ -89,6 +93,7 @@ _GUARD_PREDICATES: Mapping[Guard, Callable[[JobFacts], bool]] = MappingProxyType
         Guard.HAS_FILES: lambda f: f.has_files,
         Guard.IS_DOWNLOAD: lambda f: f.job_type is JobType.DOWNLOAD,
         Guard.RETRIES_ALLOWED: lambda f: f.retries_allowed,
+        Guard.ON_DEMAND: lambda f: f.on_demand,
     }
 )
 
@@ -174,7 +179,7 @@ TABLE: Mapping[JobState, Mapping[Trigger, Rule]] = MappingProxyType({
         max_download_time_exceeded=_to(S.ERROR),
         network_lost=_to(S.TRANSIENT_ERROR),
         blocked=_to(S.TRANSIENT_ERROR),
-        ranges_done=_to(S.SUSPENDED),
+        ranges_done=Rule(((Guard.ON_DEMAND, S.SUSPENDED),)),
         **_CALLS_IN_ANY_NON_FINAL,
     ),
     S.TRANSIENT_ERROR: _row(
@@ -241,8 +246,8 @@ DECISIONS: Mapping[tuple[JobState, Trigger], str] = MappingProxyType(
             "first byte."
         ),
         (S.CONNECTING, T.ALL_FILES_DONE): (
-            "TRANSFERRED without passing TRANSFERRING when nothing was left to fetch "
-            "(for instance only empty files)."
+            "TRANSFERRED without passing TRANSFERRING when every file was finished in an "
+            "earlier turn (the slice ended, or the job was suspended, after the last file)."
         ),
         (S.TRANSIENT_ERROR, T.NETWORK_LOST): (
             "Stays TRANSIENT_ERROR; the error becomes BG_E_NETWORK_DISCONNECTED and the "

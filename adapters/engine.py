@@ -1,0 +1,846 @@
+"""The engine: an asyncio loop that runs jobs over the store with the core's policies.
+
+Each tick the engine
+1. follows the log from its position (its own appends and anyone else's): it reloads
+   jobs changed by others, stops transfers whose job left CONNECTING/TRANSFERRING, and
+   dispatches notifications;
+2. fires the due timers (retry, NoProgressTimeout, MaximumDownloadTime);
+3. asks ``core.policy.plan`` which jobs start and which yield their turn.
+
+A transfer task runs one job's files in order through its transport. Data goes to the
+temp file with ``pwrite``; every ``checkpoint_interval`` seconds (or
+``checkpoint_bytes``) the file is fdatasync'ed *in a worker thread while the transfer
+goes on*, and only then is a checkpoint event appended that claims the synced bytes.
+After a crash the job resumes from the last checkpoint and the bytes after it are
+discarded (truncated), so nothing unsynced is ever trusted.
+
+Writes to the log are group-committed: tasks queue commands; one writer decides them
+against the engine's own copy of each job and appends everything queued in ONE
+transaction (in a worker thread, so transfers keep flowing). When another writer got
+there first (``ConcurrentAppend``), the job is reloaded and its queued commands are
+decided again; a command that is no longer legal (the job was suspended or cancelled
+meanwhile) stops that job's transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from backhaul.adapters import localfile
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.notify import Callbacks, command_line_due, wants
+from backhaul.adapters.projection import job_of
+from backhaul.adapters.store import ConcurrentAppend, Recorded
+from backhaul.core import command as cmd
+from backhaul.core import event as ev
+from backhaul.core import hresult
+from backhaul.core import job as jobs
+from backhaul.core.error import BitsError, TransferError
+from backhaul.core.failure import is_transient
+from backhaul.core.job import Job
+from backhaul.core.policy import Candidate, Timer, next_timer, plan
+from backhaul.core.port import Download, PlainCredentials, RemoteFile, RequestOptions, Transport
+from backhaul.core.value import ByteRange, JobError
+from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
+
+log = logging.getLogger("backhaul.engine")
+
+MiB = 1024 * 1024
+
+
+@attrs.define
+class _Queued:
+    job_id: str
+    command: cmd.Command
+    at: datetime
+    future: asyncio.Future[list[ev.Event]]
+
+
+class JobGone(Exception):
+    """The job changed under the transfer (suspended, cancelled...): stop quietly."""
+
+
+def default_transports() -> dict[str, Transport]:
+    from backhaul.transports.http import HttpTransport
+
+    http = HttpTransport()
+    return {"http": http, "https": http}
+
+
+class Engine:
+    """Runs the jobs of ``manager``'s store. One engine per store at a time on SQLite
+    (the daemon takes a lock file); several on PostgreSQL need leases (a later step)."""
+
+    def __init__(
+        self,
+        manager: TransferManager,
+        *,
+        transports: Mapping[str, Transport] | None = None,
+        max_background: int = 1,
+        slice_length: timedelta = timedelta(minutes=5),
+        checkpoint_interval: float = 1.0,
+        checkpoint_bytes: int = 512 * MiB,
+        poll_interval: float = 0.2,
+        max_connections: int = 16,
+    ) -> None:
+        self.manager = manager
+        self.store = manager.store
+        self.clock = manager.clock
+        self._transports = dict(transports) if transports is not None else None
+        self.max_background = max_background
+        self.slice_length = slice_length
+        self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_bytes = checkpoint_bytes
+        self.poll_interval = poll_interval
+        self.callbacks = Callbacks()
+        self._connections = asyncio.Semaphore(max_connections)
+        self._jobs: dict[str, Job] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._turn_since: dict[str, datetime] = {}
+        self._queue: list[_Queued] = []
+        self._position = 0
+        self._wake: asyncio.Event | None = None
+        self._writer_wake: asyncio.Event | None = None
+        self._stopping = False
+        self._cmdlines: dict[str, asyncio.Task[None]] = {}
+        self.live_progress: dict[tuple[str, int], int] = {}
+
+    # -- public --------------------------------------------------------------------------
+
+    def on(self, kind: str, callback: Callable[..., Any]) -> None:
+        """Register a callback: job_transferred, job_error, job_modification,
+        file_transferred, file_ranges_transferred (see adapters/notify.py)."""
+        self.callbacks.register(kind, callback)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self, *, until_idle: bool = False) -> None:
+        """Run until ``stop()``; with ``until_idle``, also return once no job is queued,
+        connecting, transferring or waiting for a retry."""
+        self._wake = asyncio.Event()
+        self._writer_wake = asyncio.Event()
+        writer = asyncio.create_task(self._writer(), name="backhaul-writer")
+        try:
+            await self._start()
+            while not self._stopping:
+                await self._follow()
+                await self._fire_timers()
+                await self._schedule()
+                self._run_command_lines()
+                if until_idle and self._idle():
+                    break
+                await self._sleep()
+        finally:
+            await self._shutdown(writer)
+
+    def job(self, job_id: str) -> TransferJob:
+        return TransferJob(self.manager, job_id)
+
+    # -- start and stop ------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        await asyncio.to_thread(self.manager.refresh_views)
+        self._position = self.store.views.position()
+        for row in self.store.views.select(None, include_final=False):
+            self._jobs[row.job_id] = job_of(row)
+        await self._follow()
+        for job in list(self._jobs.values()):
+            if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
+                # Left running by a previous engine: its turn is over.
+                self._enqueue(job.id, cmd.EndSlice())
+            if job.state in (JobState.TRANSFERRED, JobState.ERROR):
+                self._notify_state(job)
+        await self._flush()
+
+    async def _shutdown(self, writer: asyncio.Task[None]) -> None:
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for job_id in list(self._jobs):
+            job = self._jobs[job_id]
+            if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
+                self._enqueue(job_id, cmd.EndSlice())
+        await self._flush()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        for task in self._cmdlines.values():
+            task.cancel()
+        if self._transports is not None:
+            for transport in {id(t): t for t in self._transports.values()}.values():
+                await transport.close()
+
+    def _idle(self) -> bool:
+        if self._tasks or self._queue or self._cmdlines:
+            return False
+        busy = (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
+        return not any(
+            j.state in busy or (j.state is JobState.TRANSIENT_ERROR and j.blocked_by is None)
+            for j in self._jobs.values()
+        )
+
+    async def _sleep(self) -> None:
+        assert self._wake is not None
+        timeout = self.poll_interval
+        now = self.clock.now()
+        for job in self._jobs.values():
+            due = next_timer(job, now)
+            if due is not None:
+                timeout = min(timeout, max((due[1] - now).total_seconds(), 0.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    # -- the log -------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        records = await asyncio.to_thread(self.store.read, self._position, 5000)
+        while records:
+            for rec in records:
+                self._observe(rec)
+            self._position = records[-1].position
+            if len(records) < 5000:
+                break
+            records = await asyncio.to_thread(self.store.read, self._position, 5000)
+
+    def _observe(self, rec: Recorded) -> None:
+        before = self._jobs.get(rec.job_id)
+        if isinstance(rec.event, ev.JobCreated):
+            if before is None:
+                self._jobs[rec.job_id] = jobs.start(rec.event)
+            return
+        if before is None:
+            return  # a job that was final when we started
+        if rec.version > before.version:
+            if self._has_queued(rec.job_id):
+                return  # the writer will meet the conflict and reload
+            after = jobs.evolve(before, rec.event)
+            self._jobs[rec.job_id] = after
+        else:
+            after = before
+        self._dispatch(rec, before if rec.version > before.version else None, after)
+        if after.is_final:
+            self._forget(rec.job_id)
+        elif rec.job_id in self._tasks and after.state not in (
+            JobState.CONNECTING,
+            JobState.TRANSFERRING,
+        ):
+            self._tasks[rec.job_id].cancel()
+
+    def _forget(self, job_id: str) -> None:
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+        self._jobs.pop(job_id, None)
+
+    def _has_queued(self, job_id: str) -> bool:
+        return any(q.job_id == job_id for q in self._queue)
+
+    # -- notifications -------------------------------------------------------------------
+
+    def _dispatch(self, rec: Recorded, _before: Job | None, job: Job) -> None:
+        if not self.callbacks:
+            return
+        event = rec.event
+        handle = self.job(rec.job_id)
+        if isinstance(event, ev.FileTransferred) and wants(job, "file_transferred"):
+            self.callbacks.call("file_transferred", handle, handle.files()[event.file_index])
+        if isinstance(event, ev.JobTransferred) and wants(job, "job_transferred"):
+            self.callbacks.call("job_transferred", handle)
+            return
+        to_error = ev.ErrorOccurred | ev.NoProgressTimedOut | ev.MaxDownloadTimeExceeded
+        if isinstance(event, to_error) and job.state is JobState.ERROR:
+            if wants(job, "job_error"):
+                self.callbacks.call("job_error", handle, handle.error)
+            return
+        if (
+            isinstance(event, ev.BytesCheckpointed)
+            and job.files[event.file_index].ranges
+            and wants(job, "file_ranges_transferred")
+        ):
+            info = handle.files()[event.file_index]
+            self.callbacks.call("file_ranges_transferred", handle, info, info.ranges)
+        if wants(job, "job_modification") and self.callbacks.modification_due(
+            job, self.clock.monotonic()
+        ):
+            self.callbacks.call("job_modification", handle)
+
+    def _notify_state(self, job: Job) -> None:
+        """At start: callbacks are due at least once for jobs waiting in these states."""
+        if not self.callbacks:
+            return
+        handle = self.job(job.id)
+        if job.state is JobState.TRANSFERRED and wants(job, "job_transferred"):
+            self.callbacks.call("job_transferred", handle)
+        elif job.state is JobState.ERROR and wants(job, "job_error"):
+            self.callbacks.call("job_error", handle, handle.error)
+
+    def _run_command_lines(self) -> None:
+        now = self.clock.now()
+        for job in list(self._jobs.values()):
+            if job.id in self._cmdlines:
+                continue
+            reason = command_line_due(job, now)
+            if reason is not None:
+                self._cmdlines[job.id] = asyncio.create_task(self._command_line(job, reason))
+
+    async def _command_line(self, job: Job, reason: str) -> None:
+        assert job.notify_cmdline is not None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                job.notify_cmdline.program,
+                *job.notify_cmdline.parameters,
+                stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "BACKHAUL_JOB_ID": job.id, "BACKHAUL_JOB_STATE": job.state.name},
+            )
+            code = await proc.wait()
+        except OSError as exc:
+            log.warning("notify command line of %s failed to start: %s", job.id, exc)
+            code = -1
+        try:
+            await self._enqueue(job.id, cmd.RecordNotification(reason, code))
+        except (BitsError, JobGone):
+            pass  # the program completed or cancelled the job itself
+        finally:
+            self._cmdlines.pop(job.id, None)
+
+    # -- timers and scheduling -----------------------------------------------------------
+
+    async def _fire_timers(self) -> None:
+        now = self.clock.now()
+        for job in list(self._jobs.values()):
+            due = next_timer(job, now)
+            if due is None or due[1] > now:
+                continue
+            timer = due[0]
+            if timer is Timer.MAX_DOWNLOAD_TIME:
+                await self._stop_task(job.id)
+            command = {
+                Timer.RETRY: cmd.Retry,
+                Timer.NO_PROGRESS: cmd.TimeOutNoProgress,
+                Timer.MAX_DOWNLOAD_TIME: cmd.ExceedMaxDownloadTime,
+            }[timer]()
+            with contextlib.suppress(BitsError, JobGone):
+                self._enqueue(job.id, command)
+
+    async def _schedule(self) -> None:
+        now = self.clock.now()
+        candidates = []
+        for job in self._jobs.values():
+            running = job.id in self._tasks
+            if not running and job.state is not JobState.QUEUED:
+                continue
+            since = self._turn_since.get(job.id, job.modified_at)
+            candidates.append(Candidate(job.id, job.priority, running, since))
+        decision = plan(
+            candidates, now, max_background=self.max_background, slice_length=self.slice_length
+        )
+        for job_id in decision.stop:
+            await self._stop_task(job_id)
+            self._turn_since[job_id] = now
+            with contextlib.suppress(BitsError, JobGone):
+                self._enqueue(job_id, cmd.EndSlice())
+        for job_id in decision.start:
+            self._turn_since[job_id] = now
+            self._tasks[job_id] = asyncio.create_task(self._run_job(job_id), name=job_id)
+
+    async def _stop_task(self, job_id: str) -> None:
+        task = self._tasks.get(job_id)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+    # -- the writer ----------------------------------------------------------------------
+
+    def _enqueue(self, job_id: str, command: cmd.Command) -> asyncio.Future[list[ev.Event]]:
+        """Decide now against the engine's copy; append with the next group commit."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobGone(job_id)
+        now = self.clock.now()
+        events = cmd.decide(job, command, now, self.manager.limits)
+        self._jobs[job_id] = jobs.fold(events, job) or job
+        future: asyncio.Future[list[ev.Event]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(job_id, command, now, future))
+        future.events = events  # type: ignore[attr-defined]
+        future.after = job.version  # type: ignore[attr-defined]
+        if self._writer_wake is not None:
+            self._writer_wake.set()
+        return future
+
+    async def _writer(self) -> None:
+        assert self._writer_wake is not None
+        while True:
+            await self._writer_wake.wait()
+            self._writer_wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            await self._append(batch)
+
+    async def _append(self, batch: list[_Queued]) -> None:
+        streams: dict[str, tuple[int, list[ev.Event]]] = {}
+        for q in batch:
+            after = q.future.after  # type: ignore[attr-defined]
+            if q.job_id not in streams:
+                streams[q.job_id] = (after, [])
+            streams[q.job_id][1].extend(q.future.events)  # type: ignore[attr-defined]
+        try:
+            await asyncio.to_thread(
+                self.store.append_many, [(j, a, e) for j, (a, e) in streams.items() if e]
+            )
+        except ConcurrentAppend:
+            await self._append_one_by_one(batch)
+            return
+        except Exception as exc:  # the store is down: fail the waiters, keep running
+            log.exception("appending to the log failed")
+            for q in batch:
+                if not q.future.done():
+                    q.future.set_exception(exc)
+            for job_id in streams:
+                await self._reload(job_id)
+            return
+        for q in batch:
+            if not q.future.done():
+                q.future.set_result(q.future.events)  # type: ignore[attr-defined]
+
+    async def _append_one_by_one(self, batch: list[_Queued]) -> None:
+        by_job: dict[str, list[_Queued]] = {}
+        for q in batch:
+            by_job.setdefault(q.job_id, []).append(q)
+        for job_id, items in by_job.items():
+            for _attempt in range(5):
+                job = await self._reload(job_id)
+                decided: list[tuple[_Queued, list[ev.Event]]] = []
+                events: list[ev.Event] = []
+                current = job
+                for q in items:
+                    if current is None:
+                        q.future.set_exception(JobGone(job_id))
+                        continue
+                    try:
+                        new = cmd.decide(current, q.command, q.at, self.manager.limits)
+                    except BitsError as exc:
+                        if not q.future.done():
+                            q.future.set_exception(exc)
+                        continue
+                    decided.append((q, new))
+                    events.extend(new)
+                    current = jobs.fold(new, current)
+                if not events or job is None:
+                    break
+                try:
+                    await asyncio.to_thread(self.store.append, job_id, job.version, events)
+                except ConcurrentAppend:
+                    continue
+                if current is not None:
+                    self._jobs[job_id] = current
+                for q, new in decided:
+                    if not q.future.done():
+                        q.future.set_result(new)
+                break
+            for q in items:
+                if not q.future.done():
+                    q.future.set_exception(JobGone(job_id))
+
+    async def _reload(self, job_id: str) -> Job | None:
+        stream = await asyncio.to_thread(self.store.stream, job_id)
+        job = jobs.fold(a.event for a in stream)
+        if job is None or job.is_final:
+            self._jobs.pop(job_id, None)
+            return None
+        self._jobs[job_id] = job
+        return job
+
+    async def _commit(self, job_id: str, command: cmd.Command) -> list[ev.Event]:
+        try:
+            return await self._enqueue(job_id, command)
+        except BitsError as exc:
+            raise JobGone(str(exc)) from exc
+
+    # -- transfers -----------------------------------------------------------------------
+
+    def transport_for(self, remote_name: str) -> Transport:
+        if self._transports is None:
+            self._transports = default_transports()
+        scheme = "smb" if remote_name.startswith("\\\\") else remote_name.split("://")[0].lower()
+        transport = self._transports.get(scheme)
+        if transport is None:
+            raise TransferError(
+                hresult.E_INVALIDARG,
+                f"no transport for {scheme!r} URLs",
+                context=ErrorContext.GENERAL_TRANSPORT,
+                transient=False,
+            )
+        return transport
+
+    def _options(self, job: Job) -> RequestOptions:
+        secrets = self.store.secrets
+        headers: list[tuple[str, str]] = []
+        if job.custom_headers is not None:
+            for line in secrets.open(job.custom_headers).split("\r\n"):
+                if ":" in line:
+                    name, value = line.split(":", 1)
+                    headers.append((name.strip(), value.strip()))
+        creds = tuple(
+            PlainCredentials(
+                c.target,
+                c.scheme,
+                c.user_name,
+                secrets.open(c.password) if c.password is not None else None,
+            )
+            for c in job.credentials
+        )
+        return RequestOptions(
+            custom_headers=tuple(headers),
+            credentials=creds,
+            proxy=job.proxy,
+            security_flags=job.security_flags,
+            client_certificate=job.client_certificate,
+            http_method=job.http_method,
+            dynamic=job.dynamic_content,
+        )
+
+    async def _run_job(self, job_id: str) -> None:
+        try:
+            await self._commit(job_id, cmd.StartTransfer())
+            job = self._jobs[job_id]
+            if job.job_type is not JobType.DOWNLOAD:
+                raise TransferError(
+                    hresult.E_NOTIMPL,
+                    f"{job.job_type.name} jobs need the upload transport (not available yet)",
+                    transient=False,
+                )
+            for index in job.pending_files:
+                await self._download_file(job_id, index)
+            await self._commit(job_id, cmd.FinishJob())
+        except TransferError as exc:
+            await self._fail(job_id, exc)
+        except JobGone:
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not kill the engine: record it on the job
+            log.exception("transfer of %s failed unexpectedly", job_id)
+            await self._fail(
+                job_id,
+                TransferError(hresult.E_FAIL, f"internal error: {exc!r}", transient=True),
+            )
+        finally:
+            self._tasks.pop(job_id, None)
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _fail(self, job_id: str, exc: TransferError, index: int | None = None) -> None:
+        error = JobError(
+            exc.context,
+            exc.hresult,
+            exc.message,
+            getattr(exc, "file_index", index),
+            getattr(exc, "protocol", None),
+        )
+        transient = exc.transient and is_transient(exc.hresult) if exc.transient else False
+        with contextlib.suppress(JobGone, BitsError):
+            await self._commit(job_id, cmd.Fail(error, transient, exc.retry_after))
+
+    async def _download_file(self, job_id: str, index: int) -> None:
+        job = self._jobs[job_id]
+        spec = job.files[index].spec
+        transport = self.transport_for(spec.remote_name)
+        options = self._options(job)
+        try:
+            if spec.ranges:
+                await self._download_ranges(job_id, index, transport, options)
+            else:
+                await self._download_whole(job_id, index, transport, options)
+        except TransferError as exc:
+            exc.file_index = index  # type: ignore[attr-defined]
+            exc.protocol = "file" if spec.remote_name.startswith(("smb", "\\\\")) else "http"  # type: ignore[attr-defined]
+            raise
+
+    async def _connected(self, job_id: str) -> None:
+        if self._jobs[job_id].state is JobState.CONNECTING:
+            await self._commit(job_id, cmd.Connect())
+
+    async def _download_whole(
+        self, job_id: str, index: int, transport: Transport, options: RequestOptions
+    ) -> None:
+        job = self._jobs[job_id]
+        f = job.files[index]
+        offset = f.bytes_transferred if f.bytes_total is not None else 0
+        if job.dynamic_content:
+            offset = 0  # dynamic content restarts after any interruption (§7.6)
+        async with self._connections:
+            download = await transport.open(
+                f.remote_name, options, offset=offset, validator=f.validator if offset else None
+            )
+        try:
+            remote = download.remote
+            if remote.size is None and not job.dynamic_content:
+                raise TransferError(
+                    hresult.BG_E_MISSING_FILE_SIZE,
+                    f"{f.remote_name} sent no size; set the DYNAMIC_CONTENT property to "
+                    "download content without one",
+                    context=ErrorContext.REMOTE_FILE,
+                    transient=False,
+                )
+            if download.offset != offset:
+                reason = (
+                    "the remote file changed"
+                    if f.validator and remote.validator != f.validator
+                    else "the server did not resume at the checkpoint"
+                )
+                if offset:
+                    await self._commit(job_id, cmd.RestartFile(index, reason))
+                offset = download.offset
+            await self._connected(job_id)
+            await self._receive(job_id, index, download, offset, remote, None)
+        finally:
+            await download.aclose()
+
+    async def _download_ranges(
+        self, job_id: str, index: int, transport: Transport, options: RequestOptions
+    ) -> None:
+        job = self._jobs[job_id]
+        f = job.files[index]
+        async with self._connections:
+            remote = await transport.stat(f.remote_name, options)
+        if f.validator and remote.validator != f.validator and f.bytes_transferred:
+            await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
+        ranges = _resolve(f.ranges, remote)
+        total = sum(r.length or 0 for r in ranges)
+        await self._connected(job_id)
+        done = self._jobs[job_id].files[index].bytes_transferred
+        local = 0
+        for r in ranges:
+            length = r.length or 0
+            if local + length <= done:
+                local += length
+                continue
+            skip = done - local if done > local else 0
+            async with self._connections:
+                download = await transport.open(
+                    f.remote_name,
+                    options,
+                    offset=r.offset + skip,
+                    length=length - skip,
+                    validator=remote.validator,
+                )
+            try:
+                if download.offset != r.offset + skip:
+                    raise TransferError(
+                        hresult.BG_E_INSUFFICIENT_RANGE_SUPPORT,
+                        "the server did not honour the requested range",
+                        context=ErrorContext.REMOTE_FILE,
+                        transient=False,
+                    )
+                await self._receive(
+                    job_id, index, download, local + skip, remote, (local + length, total)
+                )
+            finally:
+                await download.aclose()
+            local += length
+            done = local
+        await self._finish_file(job_id, index, total, None)
+
+    async def _receive(
+        self,
+        job_id: str,
+        index: int,
+        download: Download,
+        position: int,
+        remote: RemoteFile,
+        range_end: tuple[int, int] | None,
+    ) -> None:
+        """Stream the body into the temp file at ``position`` (local offset)."""
+        job = self._jobs[job_id]
+        f = job.files[index]
+        tmp = localfile.temp_path(job_id, index, f.local_name)
+        total = range_end[1] if range_end else remote.size
+        digest = _hasher(f.spec.expected_digest) if range_end is None else None
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise _local_error(exc, tmp) from exc
+        pending: asyncio.Task[None] | None = None
+        try:
+            os.ftruncate(fd, position)
+            if digest is not None and position:
+                await asyncio.to_thread(_hash_prefix, fd, position, digest)
+            synced, last = position, time.monotonic()
+            key = (job_id, index)
+            async for chunk in download:
+                try:
+                    os.pwrite(fd, chunk, position)
+                except OSError as exc:
+                    raise _local_error(exc, tmp) from exc
+                position += len(chunk)
+                self.live_progress[key] = position
+                if digest is not None:
+                    digest.update(chunk)
+                self._check_size(job, position)
+                now = time.monotonic()
+                if pending is None and (
+                    now - last >= self.checkpoint_interval
+                    or position - synced >= self.checkpoint_bytes
+                ):
+                    pending = asyncio.create_task(
+                        self._checkpoint(job_id, index, fd, position, total, remote.validator)
+                    )
+                    synced, last = position, now
+                elif pending is not None and pending.done():
+                    pending.result()
+                    pending = None
+            if pending is not None:
+                await pending
+                pending = None
+            if range_end is not None:
+                await self._checkpoint(job_id, index, fd, position, total, remote.validator)
+                return
+            if remote.size is not None and position != remote.size:
+                raise TransferError(
+                    hresult.BG_E_CONNECTION_CLOSED,
+                    f"got {position} of {remote.size} bytes",
+                    transient=True,
+                )
+            await asyncio.to_thread(os.fdatasync, fd)
+            if remote.last_modified is not None:
+                stamp = remote.last_modified.timestamp()
+                with contextlib.suppress(OSError):
+                    os.utime(tmp, (stamp, stamp))
+        except asyncio.CancelledError:
+            if pending is not None:
+                with contextlib.suppress(BaseException):
+                    await pending
+            raise
+        finally:
+            os.close(fd)
+            self.live_progress.pop((job_id, index), None)
+        if digest is not None:
+            self._verify(f.spec.expected_digest, digest, f.remote_name)
+        await self._finish_file(
+            job_id, index, position, f"{digest.name}:{digest.hexdigest()}" if digest else None
+        )
+
+    def _check_size(self, job: Job, position: int) -> None:
+        limit = job.max_download_size
+        if limit is not None and position > limit:
+            raise TransferError(
+                hresult.BG_E_MAX_DOWNLOAD_SIZE_LIMIT_REACHED,
+                f"the download passed the {limit}-byte limit",
+                context=ErrorContext.REMOTE_FILE,
+                transient=False,
+            )
+
+    def _verify(self, expected: str | None, digest: Any, remote_name: str) -> None:
+        if expected is None:
+            return
+        got = f"{digest.name}:{digest.hexdigest()}"
+        if got != expected:
+            raise TransferError(
+                hresult.BG_E_VALIDATION_FAILED,
+                f"{remote_name}: expected {expected}, got {got}",
+                context=ErrorContext.LOCAL_FILE,
+                transient=False,
+            )
+
+    async def _checkpoint(
+        self,
+        job_id: str,
+        index: int,
+        fd: int,
+        position: int,
+        total: int | None,
+        validator: str | None,
+    ) -> None:
+        """Make ``position`` bytes durable, then claim them in the log."""
+        await asyncio.to_thread(os.fdatasync, fd)
+        await self._commit(job_id, cmd.Checkpoint(index, position, total, validator))
+
+    async def _finish_file(self, job_id: str, index: int, size: int, digest: str | None) -> None:
+        await self._commit(job_id, cmd.FinishFile(index, size, digest))
+
+
+def _resolve(ranges: Sequence[ByteRange], remote: RemoteFile) -> list[ByteRange]:
+    """Give every to-end-of-file range its length, and check ranges lie in the file."""
+    resolved = []
+    for r in ranges:
+        if remote.size is not None and r.offset + (r.length or 0) > remote.size:
+            raise TransferError(
+                hresult.BG_E_INVALID_RANGE,
+                f"range {r.offset}+{r.length} lies outside the {remote.size}-byte file",
+                context=ErrorContext.REMOTE_FILE,
+                transient=False,
+            )
+        if r.length is None:
+            if remote.size is None:
+                raise TransferError(
+                    hresult.BG_E_MISSING_FILE_SIZE,
+                    "a range to the end of the file needs the file's size",
+                    context=ErrorContext.REMOTE_FILE,
+                    transient=False,
+                )
+            r = ByteRange(r.offset, remote.size - r.offset)
+        resolved.append(r)
+    return resolved
+
+
+def _hasher(expected: str | None) -> Any:
+    if expected is None:
+        return None
+    return hashlib.new(expected.split(":", 1)[0])
+
+
+def _hash_prefix(fd: int, length: int, digest: Any) -> None:
+    done = 0
+    while done < length:
+        block = os.pread(fd, min(4 * MiB, length - done), done)
+        if not block:
+            break
+        digest.update(block)
+        done += len(block)
+
+
+def _local_error(exc: OSError, path: Path) -> TransferError:
+    import errno
+
+    transient = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY)
+    code = localfile.os_hresult(exc)
+    return TransferError(
+        code,
+        f"{path}: {exc.strerror}",
+        context=ErrorContext.LOCAL_FILE,
+        transient=transient,
+    )
+
+
+def run_until_idle(manager: TransferManager, **options: Any) -> None:
+    """Run an engine over ``manager``'s store until nothing is left to do."""
+    asyncio.run(Engine(manager, **options).run(until_idle=True))
+
+
+__all__ = ["Engine", "JobPriority", "run_until_idle"]

@@ -1,0 +1,105 @@
+"""Notifications, driven from the log (bits-core.md §9).
+
+In-process callbacks (IBackgroundCopyCallback 1-3) are registered on the engine and
+called for the events the engine reads from the log, whoever appended them:
+- ``job_transferred(job)`` when a job enters TRANSFERRED (flag JOB_TRANSFERRED);
+- ``job_error(job, error)`` when a job enters ERROR (flag JOB_ERROR), never for
+  TRANSIENT_ERROR;
+- ``file_transferred(job, file_info)`` for each finished file (flag FILE_TRANSFERRED),
+  before ``job_transferred``;
+- ``job_modification(job)`` for any other change (flag JOB_MODIFICATION), at most once
+  per MINIMUM_NOTIFICATION_INTERVAL_MS per job, and not for the moves to ERROR or
+  TRANSFERRED (as in BITS);
+- ``file_ranges_transferred(job, file_info, ranges)`` for checkpoints of files with
+  ranges (flag FILE_RANGES_TRANSFERRED).
+``NotifyFlags.DISABLE`` silences all of them. A callback that raises is logged; it
+never stops the engine. Callbacks are not persisted (as in BITS): they are due
+"at least once", so a callback registered after a job reached TRANSFERRED or ERROR is
+called for it when the engine starts (the state is in the log).
+
+The notify command line runs as an argument vector (never through a shell) when a job
+is in TRANSFERRED or ERROR and has no successful run recorded since it got there. Its
+exit is recorded as a ``CommandLineNotified`` event; a non-zero exit while the job is
+still in that state runs it again after MinimumRetryDelay (SetNotifyCmdLine page).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from backhaul.core.job import Job
+from backhaul.core.vocabulary import JobState, NotifyFlags
+
+log = logging.getLogger("backhaul.notify")
+
+KINDS = (
+    "job_transferred",
+    "job_error",
+    "job_modification",
+    "file_transferred",
+    "file_ranges_transferred",
+)
+FLAG_OF = {
+    "job_transferred": NotifyFlags.JOB_TRANSFERRED,
+    "job_error": NotifyFlags.JOB_ERROR,
+    "job_modification": NotifyFlags.JOB_MODIFICATION,
+    "file_transferred": NotifyFlags.FILE_TRANSFERRED,
+    "file_ranges_transferred": NotifyFlags.FILE_RANGES_TRANSFERRED,
+}
+REASON_OF_STATE = {JobState.TRANSFERRED: "transferred", JobState.ERROR: "error"}
+
+
+def wants(job: Job, kind: str) -> bool:
+    flags = NotifyFlags(job.notify_flags)
+    return NotifyFlags.DISABLE not in flags and FLAG_OF[kind] in flags
+
+
+class Callbacks:
+    """The registered in-process callbacks, called safely."""
+
+    def __init__(self) -> None:
+        self._callbacks: dict[str, list[Callable[..., Any]]] = {k: [] for k in KINDS}
+        self._last_modification: dict[str, float] = {}
+
+    def register(self, kind: str, callback: Callable[..., Any]) -> None:
+        if kind not in self._callbacks:
+            raise ValueError(f"unknown notification {kind!r}; one of {', '.join(KINDS)}")
+        self._callbacks[kind].append(callback)
+
+    def __bool__(self) -> bool:
+        return any(self._callbacks.values())
+
+    def call(self, kind: str, *args: Any) -> None:
+        for callback in list(self._callbacks[kind]):
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("%s callback %r raised; the engine goes on", kind, callback)
+
+    def modification_due(self, job: Job, ticks: float) -> bool:
+        last = self._last_modification.get(job.id)
+        interval = job.minimum_notification_interval_ms / 1000
+        if last is not None and ticks - last < interval:
+            return False
+        self._last_modification[job.id] = ticks
+        return True
+
+
+def command_line_due(job: Job, now: datetime) -> str | None:
+    """The reason to run the job's notify command line now, if it is due."""
+    reason = REASON_OF_STATE.get(job.state)
+    if reason is None or job.notify_cmdline is None:
+        return None
+    flag = NotifyFlags.JOB_TRANSFERRED if reason == "transferred" else NotifyFlags.JOB_ERROR
+    flags = NotifyFlags(job.notify_flags)
+    if NotifyFlags.DISABLE in flags or flag not in flags:
+        return None
+    runs = [n for n in job.notified if n[0] == reason and n[1] >= job.state_since_version]
+    if any(code == 0 for _, _, code in runs):
+        return None
+    if runs and now < job.modified_at + timedelta(seconds=job.minimum_retry_delay):
+        return None  # failed run: again after MinimumRetryDelay
+    return reason

@@ -1,0 +1,119 @@
+"""Retry timers and scheduling, as pure functions of jobs and the time passed in.
+
+Timers (bits-core.md §5):
+- a TRANSIENT_ERROR job is retried at ``error time + MinimumRetryDelay``, or later when
+  the server asked for more with Retry-After (beyond BITS); jobs blocked by a condition
+  (network lost, policy, cost) have no retry timer: they wait for the condition;
+- NoProgressTimeout runs from the first transient error without progress since;
+  whichever of the two comes first wins, so MinimumRetryDelay > NoProgressTimeout means
+  the job goes to ERROR without another try;
+- MaximumDownloadTime counts only CONNECTING + TRANSFERRING time.
+
+Scheduling (bits-core.md §4): every FOREGROUND job runs at once. Background jobs run by
+priority class: a lower class gets nothing while a higher class has a queued or running
+job. Inside the top class at most ``max_background`` run at once, in round-robin time
+slices: a job that has run for ``slice`` while others of its class wait goes back to
+QUEUED, and the job that has waited longest starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from enum import Enum
+
+import attrs
+
+from backhaul.core.job import Job
+from backhaul.core.vocabulary import JobPriority, JobState
+
+
+class Timer(Enum):
+    RETRY = "retry"
+    NO_PROGRESS = "no_progress_timeout"
+    MAX_DOWNLOAD_TIME = "maximum_download_time"
+
+
+def retry_due_at(job: Job) -> datetime | None:
+    if job.state is not JobState.TRANSIENT_ERROR or job.blocked_by is not None:
+        return None
+    if job.error_at is None:
+        return None
+    due = job.error_at + timedelta(seconds=job.minimum_retry_delay)
+    if job.retry_not_before is not None and job.retry_not_before > due:
+        due = job.retry_not_before
+    return due
+
+
+def no_progress_deadline(job: Job) -> datetime | None:
+    if job.state is not JobState.TRANSIENT_ERROR or job.no_progress_since is None:
+        return None
+    return job.no_progress_since + timedelta(seconds=job.no_progress_timeout)
+
+
+def max_download_deadline(job: Job, now: datetime) -> datetime | None:
+    if job.state not in (JobState.CONNECTING, JobState.TRANSFERRING):
+        return None
+    left = timedelta(seconds=job.maximum_download_time) - job.elapsed_active(now)
+    return now + left
+
+
+def next_timer(job: Job, now: datetime) -> tuple[Timer, datetime] | None:
+    """The timer that fires first for this job, if any. Ties go to the timeout."""
+    candidates = [
+        (Timer.NO_PROGRESS, no_progress_deadline(job)),
+        (Timer.RETRY, retry_due_at(job)),
+        (Timer.MAX_DOWNLOAD_TIME, max_download_deadline(job, now)),
+    ]
+    due = [(when, i, timer) for i, (timer, when) in enumerate(candidates) if when is not None]
+    if not due:
+        return None
+    when, _, timer = min(due)
+    return timer, when
+
+
+@attrs.frozen
+class Candidate:
+    """What the scheduler knows about a job that may run."""
+
+    job_id: str
+    priority: JobPriority
+    running: bool
+    since: datetime  # running: when its turn began; waiting: when it last ran or queued
+
+
+@attrs.frozen
+class Plan:
+    start: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # slice over or pre-empted: back to QUEUED
+
+
+def plan(
+    candidates: Iterable[Candidate],
+    now: datetime,
+    *,
+    max_background: int = 1,
+    slice_length: timedelta = timedelta(minutes=5),
+) -> Plan:
+    jobs = list(candidates)
+    start = [c.job_id for c in jobs if c.priority is JobPriority.FOREGROUND and not c.running]
+    background = [c for c in jobs if c.priority is not JobPriority.FOREGROUND]
+    if not background:
+        return Plan(tuple(start), ())
+    top = min(c.priority for c in background)
+    stop = [c.job_id for c in background if c.running and c.priority != top]
+    tier = [c for c in background if c.priority == top]
+    running = sorted((c for c in tier if c.running), key=lambda c: c.since)
+    waiting = sorted((c for c in tier if not c.running), key=lambda c: (c.since, c.job_id))
+    expired = [c for c in running if now - c.since >= slice_length]
+    # Round robin: each expired slice yields its place to a waiting job.
+    yielding = expired[: len(waiting)]
+    keep = [c for c in running if c not in yielding]
+    stop.extend(c.job_id for c in yielding)
+    free = max(max_background - len(keep), 0)
+    start.extend(c.job_id for c in waiting[:free])
+    return Plan(tuple(start), tuple(stop))
+
+
+def runnable_states() -> Sequence[JobState]:
+    return (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)

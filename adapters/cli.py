@@ -1,0 +1,649 @@
+"""The ``backhaul`` command: bitsadmin's verbs and Start-BitsTransfer's ``get``.
+
+The store is ``--store URL`` / ``$BACKHAUL_STORE``, else SQLite in ``--home DIR`` /
+``$BACKHAUL_HOME`` (default ``~/.local/share/backhaul``); the command and the daemon
+share it. A job is named by its id (or a unique prefix of it) or by its display name.
+
+Exit codes: 0 success; 1 the job ended in ERROR or a call was refused (the BITS error is
+printed); 2 bad usage; 3 the job was cancelled; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.store import default_home
+from backhaul.core import hresult
+from backhaul.core.error import BackhaulError, BitsError
+from backhaul.core.limit import Limits
+from backhaul.core.value import FileSpec
+from backhaul.core.vocabulary import JobPriority, JobPropertyId, JobState, JobType, NotifyFlags
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+LOCK_FILE = "serve.lock"
+
+_TYPES = {
+    "download": JobType.DOWNLOAD,
+    "upload": JobType.UPLOAD,
+    "upload-reply": JobType.UPLOAD_REPLY,
+}
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home).expanduser() if args.home else default_home()
+
+
+def _manager(args: argparse.Namespace) -> TransferManager:
+    limits = Limits() if not getattr(args, "unlimited", False) else Limits(None, None, None, None)
+    return TransferManager(args.store, home=_home(args), limits=limits)
+
+
+def _priority(text: str) -> JobPriority:
+    try:
+        return JobPriority[text.upper()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"priority is one of {', '.join(p.name.lower() for p in JobPriority)}"
+        ) from None
+
+
+def find_job(manager: TransferManager, ref: str) -> TransferJob:
+    """A job by id, unique id prefix, or unique display name (bitsadmin's <job>)."""
+    with contextlib.suppress(BitsError):
+        return manager.get_job(ref)
+    matches = [
+        j
+        for j in manager.jobs(include_final=False)
+        if j.id.startswith(ref.lower()) or j.display_name == ref
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise BitsError(hresult.BG_E_NOT_FOUND, f"no job named {ref!r}")
+    raise BitsError(hresult.E_INVALIDARG, f"{ref!r} names {len(matches)} jobs; use the id")
+
+
+def _fmt_size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def job_info(job: TransferJob) -> dict[str, Any]:
+    snap = job.snapshot()
+    progress = job.progress
+    times = job.times
+    error = job.error
+    return {
+        "id": snap.id,
+        "display_name": snap.display_name,
+        "description": snap.description,
+        "type": snap.job_type.name,
+        "priority": snap.priority.name,
+        "state": snap.state.name,
+        "owner": snap.owner,
+        "bytes_total": progress.bytes_total,
+        "bytes_transferred": progress.bytes_transferred,
+        "files_total": progress.files_total,
+        "files_transferred": progress.files_transferred,
+        "error": None
+        if error is None
+        else {
+            "context": error.context.name,
+            "hresult": hresult.format_hresult(error.hresult),
+            "name": error.hresult_name,
+            "description": error.description,
+            "file_index": error.file_index,
+        },
+        "error_count": snap.error_count,
+        "creation_time": times.creation_time.isoformat(),
+        "modification_time": times.modification_time.isoformat(),
+        "transfer_completion_time": times.transfer_completion_time.isoformat()
+        if times.transfer_completion_time
+        else None,
+        "minimum_retry_delay": snap.minimum_retry_delay,
+        "no_progress_timeout": snap.no_progress_timeout,
+        "maximum_download_time": snap.maximum_download_time,
+        "notify_flags": snap.notify_flags,
+        "blocked_by": hresult.name_of(snap.blocked_by) if snap.blocked_by else None,
+    }
+
+
+def _print_json(data: Any, out: TextIO) -> None:
+    out.write(json.dumps(data, indent=None, separators=(", ", ": ")) + "\n")
+
+
+# -- the daemon lock -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_lock(home: Path) -> Iterator[bool]:
+    """Hold the SQLite store's engine lock; yields False if another engine holds it."""
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _single_engine_store(args: argparse.Namespace) -> bool:
+    url = args.store or os.environ.get("BACKHAUL_STORE") or ""
+    return not url.startswith(("postgresql://", "postgres://", "memory:"))
+
+
+# -- verbs -----------------------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = m.create_job(args.name, _TYPES[args.type])
+    if args.priority is not None:
+        job.priority = args.priority
+    out.write(job.id + "\n")
+    return EXIT_OK
+
+
+def cmd_addfile(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = find_job(m, args.job)
+    job.add_file(
+        args.remote, _abs(args.local), expected_digest=args.sha256 and f"sha256:{args.sha256}"
+    )
+    return EXIT_OK
+
+
+def _abs(local: str) -> str:
+    return str(Path(local).expanduser().absolute())
+
+
+def cmd_addfileset(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = find_job(m, args.job)
+    pairs = []
+    for lineno, line in enumerate(Path(args.listfile).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise BitsError(hresult.E_INVALIDARG, f"{args.listfile}:{lineno}: want 'REMOTE LOCAL'")
+        pairs.append(FileSpec(parts[0], _abs(parts[1])))
+    job.add_files(pairs)
+    return EXIT_OK
+
+
+def _state_verb(name: str) -> Callable[[argparse.Namespace, TransferManager, TextIO], int]:
+    def verb(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+        job = find_job(m, args.job)
+        result = getattr(job, name)()
+        if isinstance(result, int) and result != hresult.S_OK:
+            out.write(f"{hresult.name_of(result)}\n")
+        return EXIT_OK
+
+    return verb
+
+
+def cmd_info(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = (
+        find_job(m, args.job) if not args.include_final else m.get_job(args.job, include_final=True)
+    )
+    info = job_info(job)
+    if args.json:
+        _print_json(info, out)
+        return EXIT_OK
+    for key, value in info.items():
+        if key == "error" and value:
+            value = f"{value['name']} ({value['hresult']}) in {value['context']}: {value['description']}"
+        out.write(f"{key:>26}: {value}\n")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    jobs = list(m.jobs(all_owners=args.all, include_final=args.include_final))
+    rows = [job_info(j) for j in jobs]
+    if args.json:
+        _print_json(rows, out)
+        return EXIT_OK
+    for r in rows:
+        out.write(
+            f"{r['id']}  {r['state']:<15} {r['priority']:<10} "
+            f"{r['files_transferred']}/{r['files_total']} files  "
+            f"{_fmt_size(r['bytes_transferred'])}/{_fmt_size(r['bytes_total'])}  {r['display_name']}\n"
+        )
+    out.write(f"Listed {len(rows)} job(s).\n")
+    return EXIT_OK
+
+
+def cmd_files(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = find_job(m, args.job)
+    rows = [
+        {
+            "index": f.index,
+            "remote_name": f.remote_name,
+            "local_name": f.local_name,
+            "bytes_total": f.progress.bytes_total,
+            "bytes_transferred": f.progress.bytes_transferred,
+            "completed": f.progress.completed,
+            "temporary_name": f.temporary_name,
+        }
+        for f in job.files()
+    ]
+    if args.json:
+        _print_json(rows, out)
+        return EXIT_OK
+    for r in rows:
+        out.write(
+            f"{r['index']}: {_fmt_size(r['bytes_transferred'])}/{_fmt_size(r['bytes_total'])} "
+            f"{'COMPLETED' if r['completed'] else 'WORKING'}  {r['remote_name']} -> {r['local_name']}\n"
+        )
+    return EXIT_OK
+
+
+_SETTERS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "setpriority": ("priority", _priority),
+    "setdisplayname": ("display_name", str),
+    "setdescription": ("description", str),
+    "setminretrydelay": ("minimum_retry_delay", lambda s: timedelta(seconds=float(s))),
+    "setnoprogresstimeout": ("no_progress_timeout", lambda s: timedelta(seconds=float(s))),
+    "setmaxdownloadtime": ("maximum_download_time", lambda s: timedelta(seconds=float(s))),
+    "setnotifyflags": ("notify_flags", lambda s: int(s, 0)),
+}
+_GETTERS = {
+    "getpriority": "priority",
+    "getdisplayname": "display_name",
+    "getdescription": "description",
+    "getminretrydelay": "minimum_retry_delay",
+    "getnoprogresstimeout": "no_progress_timeout",
+    "getmaxdownloadtime": "maximum_download_time",
+    "getnotifyflags": "notify_flags",
+    "getstate": "state",
+    "gettype": "job_type",
+    "getowner": "owner",
+    "geterrorcount": "error_count",
+    "getnotifycmdline": "notify_cmdline",
+}
+
+
+def _setter(verb: str) -> Callable[[argparse.Namespace, TransferManager, TextIO], int]:
+    attr, parse = _SETTERS[verb]
+
+    def run(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+        try:
+            value = parse(args.value)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise BitsError(hresult.E_INVALIDARG, f"{verb}: {exc}") from None
+        setattr(find_job(m, args.job), attr, value)
+        return EXIT_OK
+
+    return run
+
+
+def _getter(verb: str) -> Callable[[argparse.Namespace, TransferManager, TextIO], int]:
+    attr = _GETTERS[verb]
+
+    def run(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+        value = getattr(find_job(m, args.job), attr)
+        if isinstance(value, timedelta):
+            value = int(value.total_seconds())
+        elif hasattr(value, "name") and not isinstance(value, str):
+            value = value.name
+        out.write(f"{value}\n")
+        return EXIT_OK
+
+    return run
+
+
+def cmd_setnotifycmdline(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = find_job(m, args.job)
+    if not args.argv or args.argv == ["NULL"]:
+        job.set_notify_cmdline(None)
+    else:
+        job.set_notify_cmdline(args.argv[0], *args.argv[1:])
+    return EXIT_OK
+
+
+def cmd_setproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = find_job(m, args.job)
+    prop = JobPropertyId.from_bits_name(args.property)
+    raw = args.value
+    value: Any = {"true": True, "false": False, "null": None}.get(raw.lower())
+    if raw.lower() not in ("true", "false", "null"):
+        value = int(raw, 0)
+    job.set_property(prop, value)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    from backhaul.adapters.engine import Engine
+
+    home = _home(args)
+    lock = serve_lock(home) if _single_engine_store(args) else contextlib.nullcontext(True)
+    with lock as held:
+        if not held:
+            sys.stderr.write(f"backhaul serve: another engine already runs on {home}\n")
+            return EXIT_FAILED
+        engine = Engine(m, max_background=args.max_background, poll_interval=args.poll)
+        sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}\n")
+        asyncio.run(_serve(engine, until_idle=args.until_idle))
+    return EXIT_OK
+
+
+async def _serve(engine: Any, *, until_idle: bool) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, engine.stop)
+    await engine.run(until_idle=until_idle)
+
+
+def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """Start-BitsTransfer: a foreground job, followed to its end, then completed."""
+    urls, dest = args.paths[:-1], Path(args.paths[-1]).expanduser().absolute()
+    if not urls:
+        raise BitsError(hresult.E_INVALIDARG, "give at least one URL and a destination")
+    if len(urls) > 1 or dest.is_dir():
+        if not dest.is_dir():
+            raise BitsError(hresult.E_INVALIDARG, f"{dest} must be a directory for several URLs")
+        locals_ = [dest / (url.rstrip("/").rsplit("/", 1)[-1] or "index.html") for url in urls]
+    else:
+        locals_ = [dest]
+    job = m.create_job(args.name or f"get {urls[0]}")
+    job.priority = args.priority
+    if args.retry_delay is not None:
+        job.minimum_retry_delay = args.retry_delay
+    if args.no_progress_timeout is not None:
+        job.no_progress_timeout = args.no_progress_timeout
+    if args.dynamic:
+        job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
+    digest = f"sha256:{args.sha256.lower()}" if args.sha256 else None
+    job.add_files([FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)])
+    job.resume()
+    home = _home(args)
+    try:
+        if _single_engine_store(args):
+            with serve_lock(home) as held:
+                state = _follow(job, m, args, out) if not held else _run_engine(job, m, args, out)
+        else:
+            state = _follow(job, m, args, out)
+    except KeyboardInterrupt:
+        with contextlib.suppress(BackhaulError):
+            job.cancel()
+        sys.stderr.write("\ninterrupted: job cancelled\n")
+        return EXIT_INTERRUPTED
+    return _finish_get(job, state, args, out)
+
+
+def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out: TextIO) -> int:
+    if state is JobState.TRANSFERRED:
+        result = job.complete()
+        if args.json:
+            _print_json(
+                {"id": job.id, "state": "ACKNOWLEDGED", "result": hresult.name_of(result)}, out
+            )
+        elif not args.quiet:
+            sys.stderr.write(f"\ncomplete: {', '.join(f.local_name for f in job.files())}\n")
+        return EXIT_OK
+    if state is JobState.CANCELLED:
+        return EXIT_CANCELLED
+    error = job.error
+    message = (
+        f"{error.hresult_name} ({hresult.format_hresult(error.hresult)}) in {error.context.name}: "
+        f"{error.description}"
+        if error
+        else state.name
+    )
+    # As bitsadmin /transfer: a job that failed for good is cancelled, nothing left behind.
+    with contextlib.suppress(BackhaulError):
+        job.cancel()
+    if args.json:
+        _print_json({"id": job.id, "state": state.name, "error": message}, out)
+    sys.stderr.write(f"\nbackhaul get: job {job.id} ended in {state.name}: {message}\n")
+    return EXIT_FAILED
+
+
+_DONE = (JobState.TRANSFERRED, JobState.ERROR, JobState.CANCELLED, JobState.ACKNOWLEDGED)
+
+
+def _run_engine(
+    job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO
+) -> JobState:
+    from backhaul.adapters.engine import Engine
+
+    engine = Engine(m, poll_interval=0.1)
+    reporter = _Reporter(job, args, out, engine)
+
+    async def main() -> JobState:
+        task = asyncio.create_task(engine.run())
+        try:
+            while True:
+                await asyncio.sleep(0.2)
+                snap = m._load(job.id)
+                reporter.show(snap)
+                if snap.state in _DONE:
+                    return snap.state
+                if task.done():
+                    task.result()
+                    return snap.state
+        finally:
+            engine.stop()
+            await task
+
+    return asyncio.run(main())
+
+
+def _follow(
+    job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO
+) -> JobState:
+    """Another engine (``backhaul serve``) runs the job: watch it through the log."""
+    reporter = _Reporter(job, args, out, None)
+    while True:
+        snap = m._load(job.id)
+        reporter.show(snap)
+        if snap.state in _DONE:
+            return snap.state
+        time.sleep(0.25)
+
+
+class _Reporter:
+    """The live progress bar (stderr), or JSON progress lines (stdout) with --json."""
+
+    def __init__(
+        self, job: TransferJob, args: argparse.Namespace, out: TextIO, engine: Any
+    ) -> None:
+        self.job, self.args, self.out, self.engine = job, args, out, engine
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def show(self, snap: Any) -> None:
+        done = sum(f.bytes_transferred for f in snap.files)
+        if self.engine is not None:
+            for i in range(len(snap.files)):
+                live = self.engine.live_progress.get((snap.id, i))
+                if live is not None:
+                    done += max(live - snap.files[i].bytes_transferred, 0)
+        sizes = [f.bytes_total for f in snap.files]
+        total = None if None in sizes else sum(s for s in sizes if s is not None)
+        now = time.monotonic()
+        rate = done / max(now - self.start, 1e-6)
+        if self.args.json:
+            if now - self.last >= 0.5 or snap.state in _DONE:
+                _print_json(
+                    {
+                        "state": snap.state.name,
+                        "bytes_transferred": done,
+                        "bytes_total": total,
+                        "files_transferred": snap.files_transferred,
+                        "files_total": len(snap.files),
+                    },
+                    self.out,
+                )
+                self.last = now
+            return
+        if self.args.quiet:
+            return
+        width = 30
+        frac = (done / total) if total else 0.0
+        bar = "#" * int(frac * width)
+        pct = f"{frac * 100:5.1f}%" if total else "  ?  "
+        sys.stderr.write(
+            f"\r[{bar:<{width}}] {pct} {_fmt_size(done)}/{_fmt_size(total)} "
+            f"{_fmt_size(int(rate))}/s {snap.state.name:<15}"
+        )
+        sys.stderr.flush()
+
+
+def cmd_monitor(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """A live table of jobs (bitsadmin /monitor); --count N stops after N refreshes."""
+    n = 0
+    try:
+        while args.count is None or n < args.count:
+            rows = [job_info(j) for j in m.jobs(all_owners=args.all)]
+            out.write("\x1b[2J\x1b[H" if out.isatty() else "")
+            out.write(
+                f"{'ID':<36}  {'STATE':<15} {'PRIORITY':<10} {'FILES':>9} {'BYTES':>22}  NAME\n"
+            )
+            for r in rows:
+                files = f"{r['files_transferred']}/{r['files_total']}"
+                size = f"{_fmt_size(r['bytes_transferred'])}/{_fmt_size(r['bytes_total'])}"
+                out.write(
+                    f"{r['id']:<36}  {r['state']:<15} {r['priority']:<10} {files:>9} {size:>22}  {r['display_name']}\n"
+                )
+            out.flush()
+            n += 1
+            if args.count is None or n < args.count:
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="backhaul", description="Background, resumable transfers (the BITS job model)."
+    )
+    p.add_argument("--home", help="backhaul home for the SQLite store (default $BACKHAUL_HOME)")
+    p.add_argument("--store", help="store URL (default $BACKHAUL_STORE, else SQLite in the home)")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(
+        name: str, func: Callable[..., int], help_: str, job: bool = True
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if job:
+            sp.add_argument("job", help="job id, id prefix or display name")
+        sp.set_defaults(func=func)
+        return sp
+
+    g = verb(
+        "get",
+        cmd_get,
+        "download URL(s) to DEST as a foreground job and wait (Start-BitsTransfer)",
+        job=False,
+    )
+    g.add_argument("paths", nargs="+", metavar="URL... DEST")
+    g.add_argument("--json", action="store_true", help="JSON progress lines on stdout")
+    g.add_argument("--quiet", "-q", action="store_true")
+    g.add_argument("--priority", type=_priority, default=JobPriority.FOREGROUND)
+    g.add_argument("--name")
+    g.add_argument("--sha256", help="expected SHA-256 of the (single) file")
+    g.add_argument("--dynamic", action="store_true", help="content without size or ranges")
+    g.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
+    g.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
+
+    c = verb("create", cmd_create, "create a suspended job; prints its id", job=False)
+    c.add_argument("name")
+    c.add_argument("--type", choices=sorted(_TYPES), default="download")
+    c.add_argument("--priority", type=_priority)
+
+    a = verb("addfile", cmd_addfile, "add a file to a job")
+    a.add_argument("remote")
+    a.add_argument("local")
+    a.add_argument("--sha256")
+    af = verb("addfileset", cmd_addfileset, "add the 'REMOTE LOCAL' pairs of a list file")
+    af.add_argument("listfile")
+    for name in ("resume", "suspend", "cancel", "complete"):
+        verb(name, _state_verb(name), f"{name} a job")
+    i = verb("info", cmd_info, "show a job")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--include-final", action="store_true")
+    lst = verb("list", cmd_list, "list jobs", job=False)
+    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--all", action="store_true", help="every owner's jobs (root only)")
+    lst.add_argument("--include-final", action="store_true")
+    f = verb("files", cmd_files, "list a job's files")
+    f.add_argument("--json", action="store_true")
+    for name in _SETTERS:
+        verb(name, _setter(name), f"{name[3:]}: set it").add_argument("value")
+    for name in _GETTERS:
+        verb(name, _getter(name), f"{name[3:]}: show it")
+    nc = verb(
+        "setnotifycmdline",
+        cmd_setnotifycmdline,
+        "program and arguments run on TRANSFERRED/ERROR (no shell); NULL removes",
+    )
+    nc.add_argument("argv", nargs=argparse.REMAINDER)
+    sp = verb("setproperty", cmd_setproperty, "IBackgroundCopyJob5::SetProperty")
+    sp.add_argument("property", help="e.g. DYNAMIC_CONTENT, COST_FLAGS")
+    sp.add_argument("value", help="true/false, an integer, or null")
+    mo = verb("monitor", cmd_monitor, "a live table of jobs", job=False)
+    mo.add_argument("--interval", type=float, default=1.0)
+    mo.add_argument("--count", type=int)
+    mo.add_argument("--all", action="store_true")
+    s = verb(
+        "serve",
+        cmd_serve,
+        "run the engine over the store until stopped (SIGINT/SIGTERM)",
+        job=False,
+    )
+    s.add_argument("--max-background", type=int, default=1)
+    s.add_argument("--poll", type=float, default=0.2)
+    s.add_argument("--until-idle", action="store_true", help="stop once no job is left to run")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    try:
+        with _manager(args) as manager:
+            return int(args.func(args, manager, out))
+    except BitsError as exc:
+        sys.stderr.write(f"backhaul {args.verb}: {exc}\n")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+__all__ = ["NotifyFlags", "main"]

@@ -29,6 +29,7 @@ from backhaul.adapters.store import default_home
 from backhaul.core import hresult
 from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import Limits
+from backhaul.core.policy import why_waiting
 from backhaul.core.value import FileSpec
 from backhaul.core.vocabulary import JobPriority, JobPropertyId, JobState, JobType, NotifyFlags
 
@@ -92,6 +93,7 @@ def _fmt_size(n: int | None) -> str:
 
 def job_info(job: TransferJob) -> dict[str, Any]:
     snap = job.snapshot()
+    waiting = why_waiting(snap, job._manager.clock.now())
     progress = job.progress
     times = job.times
     error = job.error
@@ -127,6 +129,8 @@ def job_info(job: TransferJob) -> dict[str, Any]:
         "maximum_download_time": snap.maximum_download_time,
         "notify_flags": snap.notify_flags,
         "blocked_by": hresult.name_of(snap.blocked_by) if snap.blocked_by else None,
+        "waiting": waiting[0] if waiting else None,
+        "next_try": waiting[1].isoformat() if waiting and waiting[1] else None,
     }
 
 

@@ -206,10 +206,12 @@ ERROR_DISK_FULL: Final = 112
 ERROR_ALREADY_EXISTS: Final = 183
 RPC_X_NULL_REF_POINTER: Final = 1780
 RPC_X_BAD_STUB_DATA: Final = 1783
+ERROR_WINHTTP_TIMEOUT: Final = 12002
 ERROR_WINHTTP_CLIENT_AUTH_CERT_NEEDED: Final = 12044
 ERROR_WINHTTP_SECURE_CERT_REV_FAILED: Final = 12057
 ERROR_WINHTTP_SECURE_CERT_REVOKED: Final = 12170
 ERROR_WINHTTP_CLIENT_CERT_NO_ACCESS_PRIVATE_KEY: Final = 12186
+ERROR_WINHTTP_SECURE_FAILURE: Final = 12175
 
 FACILITY_WIN32_BASE: Final = 0x80070000
 """``HRESULT_FROM_WIN32(code)`` is ``FACILITY_WIN32_BASE | (code & 0xFFFF)`` for ``code > 0``."""
@@ -370,6 +372,8 @@ _WIN32_DESCRIPTIONS: Final[dict[str, str]] = {
     "ERROR_ALREADY_EXISTS": "the file already exists, so it cannot be created",
     "RPC_X_NULL_REF_POINTER": "a required pointer argument was null",
     "RPC_X_BAD_STUB_DATA": "an argument had the wrong size or shape",
+    "ERROR_WINHTTP_TIMEOUT": "the server stopped sending: the connection stalled",
+    "ERROR_WINHTTP_SECURE_FAILURE": "the server's certificate failed verification",
     "ERROR_WINHTTP_CLIENT_AUTH_CERT_NEEDED": "the server asks for a client certificate",
     "ERROR_WINHTTP_SECURE_CERT_REV_FAILED": (
         "the certificate's revocation status could not be checked"

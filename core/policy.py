@@ -117,3 +117,32 @@ def plan(
 
 def runnable_states() -> Sequence[JobState]:
     return (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
+
+
+def why_waiting(job: Job, now: datetime) -> tuple[str, datetime | None] | None:
+    """Why the job is not moving, and when it will next try (None: it is moving, or it
+    waits for the application)."""
+    from backhaul.core import hresult
+
+    if job.state is JobState.TRANSIENT_ERROR:
+        if job.blocked_by is not None:
+            return f"blocked: {hresult.name_of(job.blocked_by)}", None
+        due = retry_due_at(job)
+        deadline = no_progress_deadline(job)
+        if due is not None and deadline is not None and deadline <= due:
+            return "no progress: gives up at the NoProgressTimeout", deadline
+        server_asked = job.retry_not_before is not None and due == job.retry_not_before
+        reason = (
+            "the server asked to retry later (Retry-After)"
+            if server_asked
+            else ("retry after MinimumRetryDelay")
+        )
+        return reason, due
+    waiting = {
+        JobState.SUSPENDED: "suspended: waits for resume()",
+        JobState.ERROR: "error: waits for the application (resume, complete or cancel)",
+        JobState.TRANSFERRED: "transferred: waits for complete()",
+        JobState.QUEUED: "queued: waits for its turn",
+    }
+    reason = waiting.get(job.state)
+    return (reason, None) if reason else None

@@ -1,0 +1,557 @@
+"""HttpTransport against small aiohttp.web servers that misbehave on purpose: dropped and stalled
+bodies, 503/429 with Retry-After, servers that ignore or botch ranges, refused HEAD, dynamic
+content, redirects and their policy, TLS trust, credentials and custom headers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any, TypeVar
+
+import pytest
+import trustme
+from aiohttp import web
+
+from backhaul.core import hresult as hr
+from backhaul.core.error import TransferError
+from backhaul.core.port import Download, PlainCredentials, RequestOptions
+from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext, SecurityFlags
+from backhaul.transports.http import HTTP_TIMEOUT, SECURE_FAILURE, HttpTransport
+
+NO_OPTIONS = RequestOptions()
+DATA = bytes(range(256)) * 1024  # 256 KiB
+ETAG = '"v1"'
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    routes: dict[str, Handler],
+    *,
+    head: bool = True,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[str]:
+    """An aiohttp.web app on 127.0.0.1:<free port>; yields its base URL."""
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler, allow_head=head)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    site = web.SockSite(runner, sock, ssl_context=ssl_context)
+    await site.start()
+    try:
+        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def serve_bytes(request: web.Request, data: bytes = DATA, etag: str = ETAG) -> web.Response:
+    """A static file with a single-range and If-Range support, like nginx."""
+    headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+    spec = request.headers.get("Range")
+    if_range = request.headers.get("If-Range")
+    if spec is None or (if_range is not None and if_range != etag):
+        return web.Response(body=data, headers=headers)
+    first, _, last = spec.removeprefix("bytes=").partition("-")
+    start = int(first)
+    end = min(int(last), len(data) - 1) if last else len(data) - 1
+    if start >= len(data):
+        return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+    headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+    return web.Response(status=206, body=data[start : end + 1], headers=headers)
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    return serve_bytes(request)
+
+
+def run(body: Callable[[HttpTransport], Awaitable[T]], **kwargs: Any) -> T:
+    async def main() -> T:
+        transport = HttpTransport(**kwargs)
+        try:
+            return await body(transport)
+        finally:
+            await transport.close()
+
+    return asyncio.run(main())
+
+
+async def read_all(download: Download) -> bytes:
+    try:
+        return b"".join([chunk async for chunk in download])
+    finally:
+        await download.aclose()
+
+
+async def read_until_error(download: Download, got: bytearray) -> None:
+    try:
+        async for chunk in download:
+            got.extend(chunk)
+    finally:
+        await download.aclose()
+
+
+def fails(body: Callable[[HttpTransport], Awaitable[object]], **kwargs: Any) -> TransferError:
+    with pytest.raises(TransferError) as caught:
+        run(body, **kwargs)
+    return caught.value
+
+
+# -- broken bodies ----------------------------------------------------------------------------
+
+
+def test_connection_dropped_mid_body_is_transient_and_resumes_at_the_reached_offset() -> None:
+    half = len(DATA) // 2
+
+    async def dropping(request: web.Request) -> web.StreamResponse:
+        if "Range" in request.headers:
+            return serve_bytes(request)
+        resp = web.StreamResponse(headers={"Content-Length": str(len(DATA)), "ETag": ETAG})
+        await resp.prepare(request)
+        await resp.write(DATA[:half])
+        await asyncio.sleep(0.2)  # let the client read what was sent
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def body(t: HttpTransport) -> tuple[TransferError, int, bytes]:
+        async with serving({"/f": dropping}) as base:
+            got = bytearray()
+            first = await t.open(f"{base}/f", NO_OPTIONS)
+            with pytest.raises(TransferError) as caught:
+                await read_until_error(first, got)
+            reached = len(got)
+            second = await t.open(f"{base}/f", NO_OPTIONS, offset=reached, validator=ETAG)
+            assert second.offset == reached
+            got.extend(await read_all(second))
+            return caught.value, reached, bytes(got)
+
+    error, reached, got = run(body, chunk_size=16 * 1024)
+    assert error.hresult == hr.BG_E_CONNECTION_CLOSED
+    assert error.transient
+    assert error.context == ErrorContext.GENERAL_TRANSPORT
+    assert 0 < reached <= half
+    assert got == DATA
+
+
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_a_stall_fails_transient_after_stall_timeout(where: str) -> None:
+    async def stalling(request: web.Request) -> web.StreamResponse:
+        if where == "headers":
+            await asyncio.sleep(30)
+        resp = web.StreamResponse(headers={"Content-Length": str(len(DATA))})
+        await resp.prepare(request)
+        await resp.write(DATA[:1000])
+        await asyncio.sleep(30)
+        return resp
+
+    async def body(t: HttpTransport) -> float:
+        async with serving({"/f": stalling}) as base:
+            t0 = time.monotonic()
+            try:
+                await read_all(await t.open(f"{base}/f", NO_OPTIONS))
+            finally:
+                elapsed = time.monotonic() - t0
+            raise AssertionError(f"no stall detected after {elapsed:.2f} s")
+
+    t0 = time.monotonic()
+    error = fails(body, stall_timeout=0.5)
+    elapsed = time.monotonic() - t0
+    assert error.hresult == HTTP_TIMEOUT == 0x80072EE2
+    assert error.transient
+    assert 0.4 < elapsed < 3.0
+
+
+def test_a_slow_trickle_is_not_a_stall() -> None:
+    pieces = [DATA[i : i + 100] for i in range(0, 600, 100)]
+
+    async def trickling(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "600"})
+        await resp.prepare(request)
+        for piece in pieces:
+            await resp.write(piece)
+            await asyncio.sleep(0.25)
+        return resp
+
+    async def body(t: HttpTransport) -> bytes:
+        async with serving({"/f": trickling}) as base:
+            return await read_all(await t.open(f"{base}/f", NO_OPTIONS))
+
+    t0 = time.monotonic()
+    assert run(body, stall_timeout=0.5) == DATA[:600]
+    assert time.monotonic() - t0 > 1.2  # three times the stall timeout, without a stall
+
+
+# -- retry hints ------------------------------------------------------------------------------
+
+
+def test_503_is_transient_with_retry_after_seconds_then_success() -> None:
+    calls = 0
+
+    async def busy_once(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return web.Response(status=503, text="busy", headers={"Retry-After": "2"})
+        return serve_bytes(request)
+
+    async def body(t: HttpTransport) -> tuple[TransferError, bytes]:
+        async with serving({"/f": busy_once}, head=False) as base:
+            with pytest.raises(TransferError) as caught:
+                await t.open(f"{base}/f", NO_OPTIONS)
+            return caught.value, await read_all(await t.open(f"{base}/f", NO_OPTIONS))
+
+    error, got = run(body)
+    assert error.hresult == hr.BG_E_HTTP_ERROR_503
+    assert error.transient
+    assert error.context == ErrorContext.REMOTE_FILE
+    assert error.retry_after == 2.0
+    assert got == DATA
+
+
+def test_503_retry_after_as_an_http_date_counts_from_the_server_date() -> None:
+    async def busy(request: web.Request) -> web.StreamResponse:
+        now = datetime.now(UTC).replace(microsecond=0)
+        headers = {
+            "Date": format_datetime(now, usegmt=True),
+            "Retry-After": format_datetime(now + timedelta(seconds=90), usegmt=True),
+        }
+        return web.Response(status=503, headers=headers)
+
+    async def body(t: HttpTransport) -> object:
+        async with serving({"/f": busy}) as base:
+            return await t.stat(f"{base}/f", NO_OPTIONS)
+
+    error = fails(body)
+    assert error.hresult == hr.BG_E_HTTP_ERROR_503
+    assert error.transient
+    assert error.retry_after == 90.0
+
+
+def test_429_is_transient_with_retry_after() -> None:
+    async def limited(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=429, headers={"Retry-After": "7"})
+
+    async def body(t: HttpTransport) -> object:
+        async with serving({"/f": limited}) as base:
+            return await t.open(f"{base}/f", NO_OPTIONS)
+
+    error = fails(body)
+    assert error.hresult == http_error(429)
+    assert error.transient
+    assert error.retry_after == 7.0
+
+
+def http_error(status: int) -> int:
+    return hr.http_status_hresult(status)
+
+
+# -- ranges -----------------------------------------------------------------------------------
+
+
+async def ignores_ranges(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=DATA, headers={"ETag": ETAG})
+
+
+def test_a_ranged_get_answered_200_reports_offset_zero_and_the_whole_body() -> None:
+    async def body(t: HttpTransport) -> tuple[int, bytes]:
+        async with serving({"/f": ignores_ranges}) as base:
+            download = await t.open(f"{base}/f", NO_OPTIONS, offset=1000, validator=ETAG)
+            return download.offset, await read_all(download)
+
+    assert run(body) == (0, DATA)
+
+
+def test_a_length_bounded_range_answered_200_is_insufficient_range_support() -> None:
+    async def body(t: HttpTransport) -> object:
+        async with serving({"/f": ignores_ranges}) as base:
+            return await t.open(f"{base}/f", NO_OPTIONS, offset=1000, length=10, validator=ETAG)
+
+    error = fails(body)
+    assert error.hresult == hr.BG_E_INSUFFICIENT_RANGE_SUPPORT
+    assert not error.transient
+
+
+def test_a_range_covering_the_whole_file_may_be_answered_200() -> None:
+    async def body(t: HttpTransport) -> tuple[int, bytes]:
+        async with serving({"/f": ignores_ranges}) as base:
+            download = await t.open(f"{base}/f", NO_OPTIONS, offset=0, length=len(DATA))
+            return download.offset, await read_all(download)
+
+    assert run(body) == (0, DATA)
+
+
+def test_a_length_bounded_range_of_a_changed_file_restarts_from_zero() -> None:
+    async def body(t: HttpTransport) -> tuple[int, str | None]:
+        async with serving({"/f": static}) as base:
+            download = await t.open(f"{base}/f", NO_OPTIONS, offset=10, length=10, validator='"v0"')
+            await download.aclose()
+            return download.offset, download.remote.validator
+
+    assert run(body) == (0, ETAG)
+
+
+def test_a_wrong_content_range_start_is_an_invalid_server_response() -> None:
+    async def off_by_some(request: web.Request) -> web.StreamResponse:
+        headers = {"Content-Range": f"bytes 0-{len(DATA) - 1}/{len(DATA)}"}
+        return web.Response(status=206, body=DATA, headers=headers)
+
+    async def body(t: HttpTransport) -> object:
+        async with serving({"/f": off_by_some}) as base:
+            return await t.open(f"{base}/f", NO_OPTIONS, offset=100)
+
+    error = fails(body)
+    assert error.hresult == hr.BG_E_INVALID_SERVER_RESPONSE
+    assert error.transient
+    assert error.context == ErrorContext.REMOTE_FILE
+
+
+def test_404_is_fatal() -> None:
+    async def body(t: HttpTransport) -> object:
+        async with serving({"/f": static}) as base:
+            return await t.open(f"{base}/missing", NO_OPTIONS)
+
+    error = fails(body)
+    assert error.hresult == hr.BG_E_HTTP_ERROR_404
+    assert not error.transient
+    assert error.context == ErrorContext.REMOTE_FILE
+
+
+# -- stat -------------------------------------------------------------------------------------
+
+
+def test_head_refused_with_405_falls_back_to_a_range_get_for_the_size() -> None:
+    seen: list[str] = []
+
+    async def get_only(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Range", ""))
+        return serve_bytes(request)
+
+    async def body(t: HttpTransport) -> Any:
+        async with serving({"/f": get_only}, head=False) as base:
+            return await t.stat(f"{base}/f", NO_OPTIONS)
+
+    remote = run(body)
+    assert (remote.size, remote.validator, remote.accepts_ranges) == (len(DATA), ETAG, True)
+    assert seen == ["bytes=0-0"]
+
+
+def test_head_refused_and_ranges_ignored_takes_the_size_from_content_length() -> None:
+    async def body(t: HttpTransport) -> Any:
+        async with serving({"/f": ignores_ranges}, head=False) as base:
+            return await t.stat(f"{base}/f", NO_OPTIONS)
+
+    remote = run(body)
+    assert (remote.size, remote.accepts_ranges) == (len(DATA), False)
+
+
+def test_dynamic_content_without_length_or_ranges_has_no_size() -> None:
+    async def generated(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        if request.method != "HEAD":
+            for i in range(0, len(DATA), 50_000):
+                await resp.write(DATA[i : i + 50_000])
+        return resp
+
+    async def body(t: HttpTransport) -> tuple[Any, int, bytes]:
+        async with serving({"/f": generated}) as base:
+            remote = await t.stat(f"{base}/f", NO_OPTIONS)
+            download = await t.open(f"{base}/f", RequestOptions(dynamic=True))
+            return remote, download.offset, await read_all(download)
+
+    remote, offset, got = run(body)
+    assert (remote.size, remote.accepts_ranges, remote.validator) == (None, False, None)
+    assert (offset, got) == (0, DATA)
+
+
+# -- redirects --------------------------------------------------------------------------------
+
+
+async def moved(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/new")
+
+
+def test_a_redirect_is_followed_and_the_final_url_reported() -> None:
+    async def body(t: HttpTransport) -> tuple[str, str, bytes]:
+        async with serving({"/old": moved, "/new": static}) as base:
+            remote = await t.stat(f"{base}/old", NO_OPTIONS)
+            download = await t.open(f"{base}/old", NO_OPTIONS, offset=5, validator=ETAG)
+            return base, remote.url, await read_all(download)
+
+    base, url, got = run(body)
+    assert url == f"{base}/new"
+    assert got == DATA[5:]
+
+
+def test_redirect_policy_disallow_is_a_fatal_redirect_error() -> None:
+    options = RequestOptions(security_flags=SecurityFlags.REDIRECT_POLICY_DISALLOW)
+
+    async def body(t: HttpTransport) -> object:
+        async with serving({"/old": moved, "/new": static}) as base:
+            return await t.open(f"{base}/old", options)
+
+    error = fails(body)
+    assert error.hresult == hr.BG_E_HTTP_ERROR_302
+    assert not error.transient
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting the server's trustme CA)."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_an_https_to_http_redirect_needs_allow_https_to_http(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], allowed: bool
+) -> None:
+    server_ctx, client_ctx = tls
+    flags = SecurityFlags.REDIRECT_POLICY_ALLOW_HTTPS_TO_HTTP if allowed else 0
+
+    async def body(t: HttpTransport) -> bytes:
+        async with serving({"/f": static}) as plain:
+
+            async def downgrade(request: web.Request) -> web.StreamResponse:
+                raise web.HTTPMovedPermanently(f"{plain}/f")
+
+            async with serving({"/f": downgrade}, ssl_context=server_ctx) as secure:
+                assert secure.startswith("https://")
+                options = RequestOptions(security_flags=flags)
+                return await read_all(await t.open(f"{secure}/f", options))
+
+    if allowed:
+        assert run(body, ssl_context=client_ctx) == DATA
+    else:
+        error = fails(body, ssl_context=client_ctx)
+        assert error.hresult == hr.BG_E_HTTP_ERROR_301
+        assert not error.transient
+
+
+def test_https_from_an_unknown_ca_is_a_fatal_secure_failure(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ctx, _ = tls
+
+    async def body(t: HttpTransport) -> object:
+        async with serving({"/f": static}, ssl_context=server_ctx) as secure:
+            return await t.stat(f"{secure}/f", NO_OPTIONS)
+
+    error = fails(body)  # the system CAs do not know the trustme CA
+    assert error.hresult == SECURE_FAILURE == 0x80072F8F
+    assert not error.transient
+
+
+def test_https_with_a_trusted_ca_works(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_ctx, client_ctx = tls
+
+    async def body(t: HttpTransport) -> bytes:
+        async with serving({"/f": static}, ssl_context=server_ctx) as secure:
+            return await read_all(await t.open(f"{secure}/f", NO_OPTIONS, offset=10))
+
+    assert run(body, ssl_context=client_ctx) == DATA[10:]
+
+
+# -- connections and URLs ---------------------------------------------------------------------
+
+
+def test_a_refused_connection_is_a_transient_connect_failure() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once it is closed
+
+    async def body(t: HttpTransport) -> object:
+        return await t.stat(f"http://127.0.0.1:{port}/f", NO_OPTIONS)
+
+    error = fails(body)
+    assert error.hresult == hr.BG_E_CONNECT_FAILURE
+    assert error.transient
+    assert error.context == ErrorContext.GENERAL_TRANSPORT
+
+
+@pytest.mark.parametrize("url", ["ftp://example.org/f", "http://", "not a url"])
+def test_an_invalid_url_is_fatal_invalid_arg(url: str) -> None:
+    error = fails(lambda t: t.stat(url, NO_OPTIONS))
+    assert error.hresult == hr.E_INVALIDARG
+    assert not error.transient
+
+
+# -- headers and credentials ------------------------------------------------------------------
+
+
+def test_custom_headers_and_basic_credentials_go_with_every_request() -> None:
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization")
+        seen.append((request.method, request.headers.get("X-Job"), auth))
+        if auth != "Basic YWxpY2U6czNjcmV0":  # alice:s3cret
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="t"'})
+        return serve_bytes(request)
+
+    credentials = PlainCredentials(
+        target=AuthTarget.SERVER, scheme=AuthScheme.BASIC, user_name="alice", password="s3cret"
+    )
+    with_credentials = RequestOptions(custom_headers=(("X-Job", "42"),), credentials=(credentials,))
+
+    async def body(t: HttpTransport) -> tuple[int | None, bytes, TransferError]:
+        async with serving({"/f": guarded}) as base:
+            remote = await t.stat(f"{base}/f", with_credentials)
+            got = await read_all(await t.open(f"{base}/f", with_credentials, offset=1))
+            with pytest.raises(TransferError) as caught:
+                await t.stat(f"{base}/f", NO_OPTIONS)
+            return remote.size, got, caught.value
+
+    size, got, error = run(body)
+    assert (size, got) == (len(DATA), DATA[1:])
+    assert seen[:2] == [
+        ("HEAD", "42", "Basic YWxpY2U6czNjcmV0"),
+        ("GET", "42", "Basic YWxpY2U6czNjcmV0"),
+    ]
+    assert error.hresult == hr.BG_E_HTTP_ERROR_401
+    assert not error.transient
+
+
+def test_credentials_are_not_sent_to_another_origin_after_a_redirect() -> None:
+    seen: list[str | None] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        return serve_bytes(request)
+
+    credentials = PlainCredentials(
+        target=AuthTarget.SERVER, scheme=AuthScheme.BASIC, user_name="alice", password="s3cret"
+    )
+
+    async def body(t: HttpTransport) -> bytes:
+        async with serving({"/f": record}) as other:
+
+            async def away(request: web.Request) -> web.StreamResponse:
+                seen.append(request.headers.get("Authorization"))
+                raise web.HTTPTemporaryRedirect(f"{other}/f")
+
+            async with serving({"/f": away}) as base:
+                options = RequestOptions(credentials=(credentials,))
+                return await read_all(await t.open(f"{base}/f", options))
+
+    assert run(body) == DATA
+    assert seen == ["Basic YWxpY2U6czNjcmV0", None]

@@ -159,9 +159,27 @@ def serve_lock(home: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def _single_engine_store(args: argparse.Namespace) -> bool:
+@contextlib.contextmanager
+def postgres_lock(url: str) -> Iterator[bool]:
+    """One engine per PostgreSQL store, until leases let several share it: a session
+    advisory lock held for as long as the engine runs."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", [_ENGINE_LOCK_KEY]).fetchone()
+        yield bool(row and row[0])
+
+
+_ENGINE_LOCK_KEY = 0x6261636B  # "back"
+
+
+def _engine_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager[bool]:
     url = args.store or os.environ.get("BACKHAUL_STORE") or ""
-    return not url.startswith(("postgresql://", "postgres://", "memory:"))
+    if url.startswith(("postgresql://", "postgres://")):
+        return postgres_lock(url)
+    if url.startswith("memory:"):
+        return contextlib.nullcontext(True)
+    return serve_lock(_home(args))
 
 
 # -- verbs -----------------------------------------------------------------------------------
@@ -346,11 +364,9 @@ def cmd_setproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -
 def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     from backhaul.adapters.engine import Engine
 
-    home = _home(args)
-    lock = serve_lock(home) if _single_engine_store(args) else contextlib.nullcontext(True)
-    with lock as held:
+    with _engine_lock(args) as held:
         if not held:
-            sys.stderr.write(f"backhaul serve: another engine already runs on {home}\n")
+            sys.stderr.write(f"backhaul serve: another engine already runs on {m.store!r}\n")
             return EXIT_FAILED
         engine = Engine(m, max_background=args.max_background, poll_interval=args.poll)
         sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}\n")
@@ -387,13 +403,9 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     digest = f"sha256:{args.sha256.lower()}" if args.sha256 else None
     job.add_files([FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)])
     job.resume()
-    home = _home(args)
     try:
-        if _single_engine_store(args):
-            with serve_lock(home) as held:
-                state = _follow(job, m, args, out) if not held else _run_engine(job, m, args, out)
-        else:
-            state = _follow(job, m, args, out)
+        with _engine_lock(args) as held:
+            state = _run_engine(job, m, args, out) if held else _follow(job, m, args, out)
     except KeyboardInterrupt:
         with contextlib.suppress(BackhaulError):
             job.cancel()

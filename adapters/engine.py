@@ -345,6 +345,13 @@ class Engine:
 
     async def _schedule(self) -> None:
         now = self.clock.now()
+        for job in list(self._jobs.values()):
+            if job.state in (JobState.CONNECTING, JobState.TRANSFERRING) and (
+                job.id not in self._tasks and not self._has_queued(job.id)
+            ):
+                # Its transfer ended without a verdict (the log refused a write): requeue.
+                with contextlib.suppress(BitsError, JobGone):
+                    self._enqueue(job.id, cmd.EndSlice())
         candidates = []
         for job in self._jobs.values():
             running = job.id in self._tasks
@@ -843,4 +850,61 @@ def run_until_idle(manager: TransferManager, **options: Any) -> None:
     asyncio.run(Engine(manager, **options).run(until_idle=True))
 
 
-__all__ = ["Engine", "JobPriority", "run_until_idle"]
+class EngineThread:
+    """An engine in a background thread with its own event loop, for applications that
+    have no asyncio loop. Callbacks run in that thread.
+
+        with EngineThread(manager) as engine:
+            engine.on("job_transferred", lambda job: job.complete())
+            ...
+    """
+
+    def __init__(self, manager: TransferManager, **options: Any) -> None:
+        import threading
+
+        self.engine = Engine(manager, **options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="backhaul-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    def on(self, kind: str, callback: Callable[..., Any]) -> None:
+        self.engine.on(kind, callback)
+
+    def _main(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.call_soon(self._ready.set)
+            self._loop.run_until_complete(self.engine.run())
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+        finally:
+            self._ready.set()
+            self._loop.close()
+
+    def start(self) -> EngineThread:
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def wake(self) -> None:
+        """Tell the engine the store changed (it also polls)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.engine.wake)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self.engine.stop)
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> EngineThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["Engine", "EngineThread", "JobPriority", "run_until_idle"]

@@ -165,6 +165,7 @@ _EXCEPTION_TABLE: Final[tuple[tuple[type[BaseException], int, ErrorContext], ...
     (ValueError, hr.E_INVALIDARG, _R),  # a URL or header aiohttp refuses to send
 )
 
+
 def _is_transient(code: int) -> bool:
     return is_transient(code)
 

@@ -97,3 +97,53 @@ class Transport(Protocol):
     ) -> Download: ...
 
     async def close(self) -> None: ...
+
+
+# -- uploads -----------------------------------------------------------------------------
+
+
+class UploadSession(Protocol):
+    """One resumable upload of one file.
+
+    ``token`` identifies the session on the remote side (a BITS-Session-Id, a temp name
+    on an SMB share) and is recorded in the log, so that after a crash ``Uploader.begin``
+    can pick the same session up again. ``offset`` is how many bytes the remote side
+    holds: the next fragment starts there.
+    """
+
+    token: str
+    offset: int
+
+    async def send(self, data: bytes, offset: int) -> int:
+        """Send ``data`` at ``offset``; return the remote side's new offset."""
+        ...
+
+    async def finish(self) -> str | None:
+        """Commit the upload (close the session, rename into place). Returns the reply
+        URL for upload-reply jobs, else None."""
+        ...
+
+    async def abort(self) -> None:
+        """Cancel the session on the remote side (BITS Cancel-Session)."""
+        ...
+
+
+class Uploader(Protocol):
+    """The upload side of a wire family. Raises only ``TransferError``."""
+
+    schemes: frozenset[str]
+
+    async def begin(
+        self,
+        url: str,
+        options: RequestOptions,
+        *,
+        size: int,
+        token: str | None = None,
+        reply: bool = False,
+    ) -> UploadSession:
+        """Open (or, with ``token``, re-open) a session for a ``size``-byte upload.
+        ``reply``: the job is upload-reply and the server must give a reply URL."""
+        ...
+
+    async def close(self) -> None: ...

@@ -50,7 +50,14 @@ from backhaul.core.error import BitsError, TransferError
 from backhaul.core.failure import is_transient
 from backhaul.core.job import Job
 from backhaul.core.policy import Candidate, Timer, next_timer, plan
-from backhaul.core.port import Download, PlainCredentials, RemoteFile, RequestOptions, Transport
+from backhaul.core.port import (
+    Download,
+    PlainCredentials,
+    RemoteFile,
+    RequestOptions,
+    Transport,
+    Uploader,
+)
 from backhaul.core.value import ByteRange, JobError
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
 
@@ -78,6 +85,16 @@ def default_transports() -> dict[str, Transport]:
     return {"http": http, "https": http}
 
 
+def default_uploaders() -> dict[str, Uploader]:
+    from backhaul.transports.bits_upload import BitsUploader
+
+    bits = BitsUploader()
+    return {"http": bits, "https": bits}
+
+
+REPLY_DATA_MAX = 1024 * 1024  # GetReplyData keeps at most 1 MiB in memory (bits-core.md §3)
+
+
 class Engine:
     """Runs the jobs of ``manager``'s store. One engine per store at a time on SQLite
     (the daemon takes a lock file); several on PostgreSQL need leases (a later step)."""
@@ -87,6 +104,7 @@ class Engine:
         manager: TransferManager,
         *,
         transports: Mapping[str, Transport] | None = None,
+        uploaders: Mapping[str, Uploader] | None = None,
         max_background: int = 1,
         slice_length: timedelta = timedelta(minutes=5),
         checkpoint_interval: float = 1.0,
@@ -98,6 +116,8 @@ class Engine:
         self.store = manager.store
         self.clock = manager.clock
         self._transports = dict(transports) if transports is not None else None
+        self._uploaders = dict(uploaders) if uploaders is not None else None
+        self.upload_fragment = 1 * MiB
         self.max_background = max_background
         self.slice_length = slice_length
         self.checkpoint_interval = checkpoint_interval
@@ -159,7 +179,7 @@ class Engine:
     async def _start(self) -> None:
         await asyncio.to_thread(self.manager.refresh_views)
         self._position = self.store.views.position()
-        for row in self.store.views.select(None, include_final=False):
+        for row in self.store.views.select(None, include_final=False, with_doc=True):
             self._jobs[row.job_id] = job_of(row)
         await self._follow()
         for job in list(self._jobs.values()):
@@ -186,9 +206,10 @@ class Engine:
             await writer
         for task in self._cmdlines.values():
             task.cancel()
-        if self._transports is not None:
-            for transport in {id(t): t for t in self._transports.values()}.values():
-                await transport.close()
+        for registry in (self._transports, self._uploaders):
+            if registry is not None:
+                for transport in {id(t): t for t in registry.values()}.values():
+                    await transport.close()
 
     def _idle(self) -> bool:
         if self._tasks or self._queue or self._cmdlines:
@@ -239,6 +260,12 @@ class Engine:
         else:
             after = before
         self._dispatch(rec, before if rec.version > before.version else None, after)
+        if isinstance(rec.event, ev.JobCancelled | ev.JobScavenged) and any(
+            f.upload_token for f in after.files
+        ):
+            task = asyncio.create_task(self._abort_uploads(after))
+            self._cmdlines[f"abort-{after.id}"] = task
+            task.add_done_callback(lambda _t: self._cmdlines.pop(f"abort-{after.id}", None))
         if after.is_final:
             self._forget(rec.job_id)
         elif rec.job_id in self._tasks and after.state not in (
@@ -483,6 +510,14 @@ class Engine:
         self._jobs[job_id] = job
         return job
 
+    def _post(self, job_id: str, command: cmd.Command) -> None:
+        """Queue a command without waiting for its commit (checkpoints in a loop)."""
+        try:
+            future = self._enqueue(job_id, command)
+        except BitsError as exc:
+            raise JobGone(str(exc)) from exc
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     async def _commit(self, job_id: str, command: cmd.Command) -> list[ev.Event]:
         try:
             return await self._enqueue(job_id, command)
@@ -536,14 +571,13 @@ class Engine:
         try:
             await self._commit(job_id, cmd.StartTransfer())
             job = self._jobs[job_id]
-            if job.job_type is not JobType.DOWNLOAD:
-                raise TransferError(
-                    hresult.E_NOTIMPL,
-                    f"{job.job_type.name} jobs need the upload transport (not available yet)",
-                    transient=False,
-                )
             for index in job.pending_files:
-                await self._download_file(job_id, index)
+                if job.job_type is JobType.DOWNLOAD:
+                    await self._download_file(job_id, index)
+                else:
+                    await self._upload_file(job_id, index)
+            if job.job_type is JobType.UPLOAD_REPLY:
+                await self._fetch_reply(job_id)
             await self._commit(job_id, cmd.FinishJob())
         except TransferError as exc:
             await self._fail(job_id, exc)
@@ -790,6 +824,151 @@ class Engine:
 
     async def _finish_file(self, job_id: str, index: int, size: int, digest: str | None) -> None:
         await self._commit(job_id, cmd.FinishFile(index, size, digest))
+
+    # -- uploads ---------------------------------------------------------------------------
+
+    def uploader_for(self, remote_name: str) -> Uploader:
+        if self._uploaders is None:
+            self._uploaders = default_uploaders()
+        scheme = remote_name.split("://")[0].lower()
+        uploader = self._uploaders.get(scheme)
+        if uploader is None:
+            raise TransferError(
+                hresult.E_INVALIDARG,
+                f"no upload transport for {scheme!r} URLs",
+                context=ErrorContext.GENERAL_TRANSPORT,
+                transient=False,
+            )
+        return uploader
+
+    async def _upload_file(self, job_id: str, index: int) -> None:
+        """Send the local file in fragments from the offset the server holds; the
+        local file must not change meanwhile (BG_E_LOCAL_FILE_CHANGED, fatal)."""
+        job = self._jobs[job_id]
+        f = job.files[index]
+        uploader = self.uploader_for(f.remote_name)
+        try:
+            fd = os.open(f.local_name, os.O_RDONLY)
+        except OSError as exc:
+            raise _local_error(exc, Path(f.local_name)) from exc
+        try:
+            size, version = _local_version(fd)
+            if f.validator is not None and f.validator != version:
+                raise _local_changed(f.local_name)
+            async with self._connections:
+                session = await uploader.begin(
+                    f.remote_name,
+                    self._options(job),
+                    size=size,
+                    token=f.upload_token,
+                    reply=job.job_type is JobType.UPLOAD_REPLY,
+                )
+            if session.token != f.upload_token:
+                await self._commit(job_id, cmd.OpenUploadSession(index, session.token))
+            await self._connected(job_id)
+            position = session.offset
+            last = time.monotonic()
+            key = (job_id, index)
+            while position < size:
+                data = os.pread(fd, min(self.upload_fragment, size - position), position)
+                if not data or _local_version(fd)[1] != version:
+                    raise _local_changed(f.local_name)
+                position = await session.send(data, position)
+                self.live_progress[key] = position
+                if time.monotonic() - last >= self.checkpoint_interval:
+                    last = time.monotonic()
+                    self._post(job_id, cmd.Checkpoint(index, position, size, version))
+            reply_url = await session.finish()
+        except OSError as exc:
+            raise _local_error(exc, Path(f.local_name)) from exc
+        finally:
+            os.close(fd)
+            self.live_progress.pop((job_id, index), None)
+        await self._commit(job_id, cmd.Checkpoint(index, size, size, version))
+        await self._commit(job_id, cmd.FinishFile(index, size))
+        if job.job_type is JobType.UPLOAD_REPLY:
+            if not reply_url:
+                raise TransferError(
+                    hresult.BG_E_INVALID_SERVER_RESPONSE,
+                    "the server gave no BITS-Reply-URL for an upload-reply job",
+                    context=ErrorContext.REMOTE_APPLICATION,
+                    transient=False,
+                )
+            await self._commit(job_id, cmd.LocateReply(reply_url))
+
+    async def _abort_uploads(self, job: Job) -> None:
+        """Cancel of an upload job: tell the server (Cancel-Session), retrying a while."""
+        for f in job.files:
+            if f.upload_token is None:
+                continue
+            for attempt in range(5):
+                try:
+                    uploader = self.uploader_for(f.remote_name)
+                    session = await uploader.begin(
+                        f.remote_name,
+                        self._options(job),
+                        size=0,
+                        token=f.upload_token,
+                        reply=job.job_type is JobType.UPLOAD_REPLY,
+                    )
+                    await session.abort()
+                    break
+                except TransferError as exc:
+                    if not exc.transient:
+                        break
+                    await asyncio.sleep(min(2**attempt, 30))
+
+    async def _fetch_reply(self, job_id: str) -> None:
+        """Upload-reply: download the reply (ranged, resumable) into the reply temp file."""
+        job = self._jobs[job_id]
+        url = job.reply_url
+        if url is None:
+            raise TransferError(
+                hresult.BG_E_INVALID_SERVER_RESPONSE,
+                "no reply URL was recorded",
+                context=ErrorContext.REMOTE_APPLICATION,
+                transient=False,
+            )
+        tmp = localfile.reply_temp_path(job)
+        offset = job.reply_bytes_transferred if job.reply_bytes_total is not None else 0
+        transport = self.transport_for(url)
+        async with self._connections:
+            download = await transport.open(url, self._options(job), offset=offset)
+        try:
+            size = download.remote.size
+            position = download.offset
+            await self._commit(job_id, cmd.ProgressReply(size, position))
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                os.ftruncate(fd, position)
+                last = time.monotonic()
+                async for chunk in download:
+                    os.pwrite(fd, chunk, position)
+                    position += len(chunk)
+                    if time.monotonic() - last >= self.checkpoint_interval:
+                        last = time.monotonic()
+                        await asyncio.to_thread(os.fdatasync, fd)
+                        self._post(job_id, cmd.ProgressReply(size, position))
+                await asyncio.to_thread(os.fdatasync, fd)
+            finally:
+                os.close(fd)
+        finally:
+            await download.aclose()
+        await self._commit(job_id, cmd.ProgressReply(position, position))
+
+
+def _local_version(fd: int) -> tuple[int, str]:
+    st = os.fstat(fd)
+    return st.st_size, f"size={st.st_size};mtime_ns={st.st_mtime_ns}"
+
+
+def _local_changed(path: str) -> TransferError:
+    return TransferError(
+        hresult.BG_E_LOCAL_FILE_CHANGED,
+        f"{path} changed during the upload",
+        context=ErrorContext.LOCAL_FILE,
+        transient=False,
+    )
 
 
 def _resolve(ranges: Sequence[ByteRange], remote: RemoteFile) -> list[ByteRange]:

@@ -20,11 +20,25 @@ from backhaul.core.job import FileState, Job
 from backhaul.core.vocabulary import JobType
 
 TEMP_SUFFIX = ".bhtmp"
+REPLY_DATA_MAX = 1024 * 1024
 
 
 def temp_path(job_id: str, index: int, local_name: str) -> Path:
     path = Path(local_name)
     return path.with_name(f".{path.name}.{job_id[:8]}-{index}{TEMP_SUFFIX}")
+
+
+def reply_temp_path(job: Job) -> Path:
+    """Where an upload-reply job's reply is downloaded to before Complete."""
+    return reply_path(job).with_name(f".{reply_path(job).name}.{job.id[:8]}-reply{TEMP_SUFFIX}")
+
+
+def reply_path(job: Job) -> Path:
+    """SetReplyFileName's name, or one generated beside the uploaded file (BITS §3)."""
+    if job.reply_file_name:
+        return Path(job.reply_file_name)
+    upload = Path(job.files[0].local_name)
+    return upload.with_name(f"{upload.name}.{job.id[:8]}.reply")
 
 
 def check_destination(local_name: str) -> None:
@@ -103,11 +117,29 @@ def _is_empty(f: FileState) -> bool:
     return f.transferred and f.bytes_total == 0
 
 
+def publish_reply(job: Job) -> None:
+    """Complete of an upload-reply job: the reply file appears under its name."""
+    tmp = reply_temp_path(job)
+    if not tmp.exists():
+        return
+    target = reply_path(job)
+    try:
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        raise BitsError(
+            os_hresult(exc), f"cannot publish the reply {target}: {exc.strerror}"
+        ) from exc
+
+
 def discard(job: Job) -> list[Path]:
-    """Delete every temp file of the job; return those that could not be deleted."""
+    """Delete every temp file of the job (and the reply's, for upload-reply jobs);
+    return those that could not be deleted. Upload sources are never touched."""
     left: list[Path] = []
-    for i, f in enumerate(job.files):
-        tmp = temp_path(job.id, i, f.local_name)
+    temps = [reply_temp_path(job)] if job.job_type is JobType.UPLOAD_REPLY and job.files else []
+    if job.job_type is JobType.DOWNLOAD:
+        temps += [temp_path(job.id, i, f.local_name) for i, f in enumerate(job.files)]
+    for tmp in temps:
         try:
             tmp.unlink()
         except FileNotFoundError:

@@ -177,7 +177,6 @@ class TransferManager:
         owner = None if all_owners else self.owner
         rows = self.store.views.select(owner, include_final=include_final)
         for row in rows:
-            self._cache.setdefault(row.job_id, job_of(row))
             yield TransferJob(self, row.job_id)
 
     def refresh_views(self) -> int:
@@ -438,7 +437,11 @@ class TransferJob:
 
     @property
     def reply_file_name(self) -> str | None:
-        return self.snapshot().reply_file_name
+        """The reply file: SetReplyFileName's, else the generated one (upload-reply)."""
+        job = self.snapshot()
+        if job.job_type is not JobType.UPLOAD_REPLY:
+            return None
+        return str(localfile.reply_path(job))
 
     @reply_file_name.setter
     def reply_file_name(self, value: str | None) -> None:
@@ -625,7 +628,7 @@ class TransferJob:
         self._manager._check_access(job)
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
         self._manager.execute(self.id, cmd.Cancel())
-        left = localfile.discard(job) if job.job_type is JobType.DOWNLOAD else []
+        left = localfile.discard(job)
         return hresult.BG_S_UNABLE_TO_DELETE_FILES if left else hresult.S_OK
 
     def complete(self) -> int:
@@ -638,10 +641,31 @@ class TransferJob:
         kept = decided[0].files_kept  # type: ignore[attr-defined]
         if job.job_type is JobType.DOWNLOAD:
             localfile.publish(job, kept)
+        if job.job_type is JobType.UPLOAD_REPLY:
+            localfile.publish_reply(job)
         events = self._manager.execute(self.id, cmd.Complete(kept))
         if job.job_type is JobType.DOWNLOAD:
             localfile.discard(job)
         return int(events[0].result)  # type: ignore[attr-defined]
+
+    def reply_data(self) -> bytes:
+        """GetReplyData: the server's reply (upload-reply jobs), at most 1 MiB in memory;
+        above that BG_E_TOO_LARGE, and the reply is read from ``reply_file_name``."""
+        job = self.snapshot()
+        if job.job_type is not JobType.UPLOAD_REPLY:
+            raise BitsError(hresult.E_NOTIMPL, "only upload-reply jobs have a reply")
+        if job.reply_bytes_total is None or job.reply_bytes_transferred < job.reply_bytes_total:
+            raise BitsError(hresult.BG_E_INVALID_STATE, "the reply has not arrived yet")
+        if job.reply_bytes_total > localfile.REPLY_DATA_MAX:
+            raise BitsError(
+                hresult.BG_E_TOO_LARGE, f"the reply is {job.reply_bytes_total} bytes (over 1 MiB)"
+            )
+        path = (
+            localfile.reply_path(job)
+            if job.state is JobState.ACKNOWLEDGED
+            else (localfile.reply_temp_path(job))
+        )
+        return path.read_bytes()
 
 
 def _prop(prop: Any) -> JobPropertyId:

@@ -86,7 +86,10 @@ class JobViews:
     def get(self, job_id: str) -> ViewRow | None:
         raise NotImplementedError
 
-    def select(self, owner: str | None, *, include_final: bool) -> list[ViewRow]:
+    def select(
+        self, owner: str | None, *, include_final: bool, with_doc: bool = False
+    ) -> list[ViewRow]:
+        """Rows ordered by creation; ``doc`` is empty unless ``with_doc``."""
         raise NotImplementedError
 
     def count_live(self, owner: str | None) -> int:
@@ -106,8 +109,8 @@ def _create_sql(text_type: str, big: str) -> list[str]:
         f"completed_at {text_type}, bytes_total {big}, bytes_transferred {big} NOT NULL, "
         "files_total INTEGER NOT NULL, files_transferred INTEGER NOT NULL, "
         f"error_hresult {big}, error_count INTEGER NOT NULL, doc {text_type} NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS backhaul_job_views_live "
-        "ON backhaul_job_views (live, owner, created_at)",
+        "CREATE INDEX IF NOT EXISTS backhaul_job_views_list "
+        "ON backhaul_job_views (live, owner, created_at, job_id)",
     ]
 
 
@@ -122,6 +125,8 @@ def _upsert_sql(mark: str) -> str:
 
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM backhaul_job_views"
+# Listing leaves out ``doc`` (the snapshot): rows are then a few dozen bytes, not kilobytes.
+_SELECT_LIST = f"SELECT {', '.join(COLUMNS[:-1])}, '' FROM backhaul_job_views"
 
 
 class _SqlViews(JobViews):
@@ -159,9 +164,12 @@ class _SqlViews(JobViews):
         rows = self._fetch(f"{_SELECT} WHERE job_id = {self.mark}", [job_id])
         return _row(self._tuple(rows[0])) if rows else None
 
-    def select(self, owner: str | None, *, include_final: bool) -> list[ViewRow]:
+    def select(
+        self, owner: str | None, *, include_final: bool, with_doc: bool = False
+    ) -> list[ViewRow]:
         where, params = self._where(owner, include_final)
-        rows = self._fetch(f"{_SELECT}{where} ORDER BY created_at, job_id", params)
+        head = _SELECT if with_doc else _SELECT_LIST
+        rows = self._fetch(f"{head}{where} ORDER BY created_at, job_id", params)
         return [_row(self._tuple(r)) for r in rows]
 
     def count_live(self, owner: str | None) -> int:
@@ -199,8 +207,11 @@ class SQLiteJobViews(SQLiteTrackingRecorder, _SqlViews):
 class PostgresJobViews(PostgresTrackingRecorder, _SqlViews):
     mark = "%s"
 
-    def construct_create_table_statements(self) -> list[str]:
-        return [*super().construct_create_table_statements(), *_create_sql("TEXT", "NUMERIC")]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from psycopg import sql
+
+        super().__init__(*args, **kwargs)
+        self.sql_create_statements.extend(sql.SQL(s) for s in _create_sql("TEXT", "NUMERIC"))  # type: ignore[arg-type]
 
     def _tracking(self, c: Any, position: int) -> None:
         self._insert_tracking(c, Tracking(PROJECTION, position))
@@ -245,7 +256,9 @@ class MemoryJobViews(JobViews):
     def get(self, job_id: str) -> ViewRow | None:
         return self._rows.get(job_id)
 
-    def select(self, owner: str | None, *, include_final: bool) -> list[ViewRow]:
+    def select(
+        self, owner: str | None, *, include_final: bool, with_doc: bool = False
+    ) -> list[ViewRow]:
         return sorted(
             (r for r in _matching(self._rows.values(), owner, include_final)),
             key=lambda r: (r.created_at, r.job_id),

@@ -31,7 +31,7 @@ from backhaul.core.transition import (
     next_state,
 )
 from backhaul.core.value import ByteRange, FileSpec, JobError, Sealed
-from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobType
+from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState, JobType
 
 
 @attrs.frozen
@@ -207,6 +207,17 @@ class Scavenge(Command):
 @attrs.frozen
 class FinishRanges(Command):
     pass
+
+
+@attrs.frozen
+class OpenUploadSession(Command):
+    file_index: int
+    token: str
+
+
+@attrs.frozen
+class LocateReply(Command):
+    url: str
 
 
 @attrs.frozen
@@ -518,6 +529,25 @@ def _progress_reply(job: Job, cmd: ProgressReply, now: datetime, limits: Limits)
     return [ev.ReplyProgressed(now, cmd.bytes_total, cmd.bytes_transferred)]
 
 
+def _open_upload_session(
+    job: Job, cmd: OpenUploadSession, now: datetime, limits: Limits
+) -> list[ev.Event]:
+    _file_in_job(job, cmd.file_index)
+    if job.job_type is JobType.DOWNLOAD:
+        raise BitsError(hresult.E_NOTIMPL, "download jobs have no upload session")
+    if job.state not in (JobState.CONNECTING, JobState.TRANSFERRING):
+        raise BitsError(hresult.BG_E_INVALID_STATE, f"job {job.id} is {job.state.name}")
+    return [ev.UploadSessionOpened(now, cmd.file_index, cmd.token)]
+
+
+def _locate_reply(job: Job, cmd: LocateReply, now: datetime, limits: Limits) -> list[ev.Event]:
+    if job.job_type is not JobType.UPLOAD_REPLY:
+        raise BitsError(hresult.E_NOTIMPL, "only upload-reply jobs have a reply")
+    if job.state not in (JobState.CONNECTING, JobState.TRANSFERRING):
+        raise BitsError(hresult.BG_E_INVALID_STATE, f"job {job.id} is {job.state.name}")
+    return [ev.ReplyLocated(now, cmd.url)]
+
+
 def _simple(trigger: Trigger, event_type: Callable[[datetime], ev.Event]) -> Callable[..., Any]:
     def decide_simple(job: Job, cmd: Command, now: datetime, limits: Limits) -> list[ev.Event]:
         return _transition(job, trigger, event_type(now))
@@ -563,6 +593,8 @@ _DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyT
         Scavenge: _simple(Trigger.INACTIVITY_TIMEOUT, ev.JobScavenged),
         FinishRanges: _simple(Trigger.RANGES_DONE, ev.RangesDone),
         ProgressReply: _progress_reply,
+        OpenUploadSession: _open_upload_session,
+        LocateReply: _locate_reply,
         RecordNotification: lambda job, c, now, limits: [
             ev.CommandLineNotified(now, c.reason, c.exit_code)
         ],

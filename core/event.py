@@ -222,6 +222,22 @@ class RangesDone(Event):
 
 
 @attrs.frozen
+class UploadSessionOpened(Event):
+    """The remote side opened an upload session for file ``file_index``; ``token``
+    re-opens it after a crash (a BITS-Session-Id, a temp name on a share)."""
+
+    file_index: int
+    token: str
+
+
+@attrs.frozen
+class ReplyLocated(Event):
+    """Upload-reply: the server's reply is at ``url`` (BITS-Reply-URL)."""
+
+    url: str
+
+
+@attrs.frozen
 class CommandLineNotified(Event):
     """The notify command line ran for ``reason`` ("transferred"/"error") and exited."""
 
@@ -267,4 +283,6 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RangesDone,
     ReplyProgressed,
     CommandLineNotified,
+    UploadSessionOpened,
+    ReplyLocated,
 )

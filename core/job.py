@@ -65,6 +65,7 @@ class FileState:
     transferred: bool = False
     completed: bool = False
     digest: str | None = None
+    upload_token: str | None = None
 
     @property
     def remote_name(self) -> str:
@@ -122,6 +123,7 @@ class Job:
     reply_file_name: str | None = None
     reply_bytes_total: int | None = None
     reply_bytes_transferred: int = 0
+    reply_url: str | None = None
     # Derived bookkeeping.
     transfer_completed_at: datetime | None = None
     error: JobError | None = None
@@ -327,6 +329,7 @@ def _file_restarted(job: Job, e: ev.FileRestarted) -> dict[str, Any]:
         validator=None,
         transferred=False,
         digest=None,
+        upload_token=None,
     )
     return {"files": files}
 
@@ -409,6 +412,10 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
         ev.NoProgressTimedOut: _no_progress,
         ev.RetryStarted: _unblocked,
         ev.ReplyProgressed: _reply_progressed,
+        ev.UploadSessionOpened: lambda job, e: {
+            "files": _replace_file(job, e.file_index, upload_token=e.token)
+        },
+        ev.ReplyLocated: lambda job, e: {"reply_url": e.url},
         ev.CommandLineNotified: lambda job, e: {
             "notified": (*job.notified[-7:], (e.reason, job.version, e.exit_code))
         },

@@ -132,17 +132,14 @@ def why_waiting(job: Job, now: datetime) -> tuple[str, datetime | None] | None:
         if due is not None and deadline is not None and deadline <= due:
             return "no progress: gives up at the NoProgressTimeout", deadline
         server_asked = job.retry_not_before is not None and due == job.retry_not_before
-        reason = (
-            "the server asked to retry later (Retry-After)"
-            if server_asked
-            else ("retry after MinimumRetryDelay")
-        )
-        return reason, due
+        if server_asked:
+            return "the server asked to retry later (Retry-After)", due
+        return "retry after MinimumRetryDelay", due
     waiting = {
         JobState.SUSPENDED: "suspended: waits for resume()",
         JobState.ERROR: "error: waits for the application (resume, complete or cancel)",
         JobState.TRANSFERRED: "transferred: waits for complete()",
         JobState.QUEUED: "queued: waits for its turn",
     }
-    reason = waiting.get(job.state)
-    return (reason, None) if reason else None
+    waits_for = waiting.get(job.state)
+    return (waits_for, None) if waits_for else None

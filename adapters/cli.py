@@ -128,6 +128,7 @@ def job_info(job: TransferJob) -> dict[str, Any]:
         "no_progress_timeout": snap.no_progress_timeout,
         "maximum_download_time": snap.maximum_download_time,
         "notify_flags": snap.notify_flags,
+        "max_rate": snap.max_rate,
         "blocked_by": hresult.name_of(snap.blocked_by) if snap.blocked_by else None,
         "waiting": waiting[0] if waiting else None,
         "next_try": waiting[1].isoformat() if waiting and waiting[1] else None,
@@ -361,6 +362,62 @@ def cmd_setproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -
     return EXIT_OK
 
 
+def cmd_setbandwidth(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """Replace the limits of one scope (global or a priority) with the given ones."""
+    from backhaul.core.bandwidth import BandwidthPolicy, Limit, parse_rate, parse_window
+
+    limits = []
+    for spec in args.limits:
+        rate, _, window = spec.partition("@")
+        limits.append(Limit(parse_rate(rate), parse_window(window) if window else None))
+    current = m.settings().bandwidth
+    if args.priority is None:
+        policy = BandwidthPolicy(tuple(limits), current.priority_limits)
+    else:
+        if args.priority is JobPriority.FOREGROUND:
+            raise BitsError(hresult.E_INVALIDARG, "FOREGROUND jobs are never throttled")
+        per = dict(current.priority_limits)
+        per[int(args.priority)] = tuple(limits)
+        policy = BandwidthPolicy(current.global_limits, per)
+    m.set_bandwidth_policy(policy)
+    return EXIT_OK
+
+
+def cmd_getbandwidth(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    settings = m.settings()
+    policy = settings.bandwidth
+    if args.json:
+        _print_json({**policy.to_data(), "network_cost": settings.network_cost}, out)
+        return EXIT_OK
+    scopes = [("global", policy.global_limits)] + [
+        (JobPriority(p).name, limits) for p, limits in sorted(policy.priority_limits.items())
+    ]
+    for scope, limits in scopes:
+        text = ", ".join(
+            f"{_fmt_size(x.rate)}/s" + (f" @ {x.window}" if x.window else "") for x in limits
+        )
+        out.write(f"{scope:>8}: {text or 'unlimited'}\n")
+    cost = settings.network_cost
+    out.write(f"network cost: {hex(cost) if cost is not None else 'from the system'}\n")
+    return EXIT_OK
+
+
+def cmd_setnetworkcost(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    from backhaul.core.vocabulary import CostFlags
+
+    value = (
+        None if args.state.lower() in ("auto", "system") else CostFlags.from_bits_names(args.state)
+    )
+    m.set_network_cost(None if value is None else int(value))
+    return EXIT_OK
+
+
+def cmd_setmaxrate(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = find_job(m, args.job)
+    job.max_rate = None if args.value.lower() in ("0", "none", "unlimited") else args.value
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     from backhaul.adapters.engine import Engine
 
@@ -534,20 +591,32 @@ class _Reporter:
 
 
 def cmd_monitor(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
-    """A live table of jobs (bitsadmin /monitor); --count N stops after N refreshes."""
+    """A live table of jobs with their current rates (bitsadmin /monitor); ``--count N``
+    stops after N refreshes. Rates are measured between refreshes from the log."""
     n = 0
+    seen: dict[str, tuple[float, int]] = {}
     try:
         while args.count is None or n < args.count:
             rows = [job_info(j) for j in m.jobs(all_owners=args.all)]
+            now = time.monotonic()
             out.write("\x1b[2J\x1b[H" if out.isatty() else "")
             out.write(
-                f"{'ID':<36}  {'STATE':<15} {'PRIORITY':<10} {'FILES':>9} {'BYTES':>22}  NAME\n"
+                f"{'ID':<36}  {'STATE':<15} {'PRIORITY':<10} {'FILES':>7} {'BYTES':>22} "
+                f"{'RATE':>12}  NAME / WAITING FOR\n"
             )
             for r in rows:
                 files = f"{r['files_transferred']}/{r['files_total']}"
                 size = f"{_fmt_size(r['bytes_transferred'])}/{_fmt_size(r['bytes_total'])}"
+                before = seen.get(r["id"])
+                rate = "-"
+                if before is not None and now > before[0]:
+                    rate = _fmt_size(int((r["bytes_transferred"] - before[1]) / (now - before[0])))
+                    rate += "/s"
+                seen[r["id"]] = (now, r["bytes_transferred"])
+                note = r["display_name"] + (f"  [{r['waiting']}]" if r["waiting"] else "")
                 out.write(
-                    f"{r['id']:<36}  {r['state']:<15} {r['priority']:<10} {files:>9} {size:>22}  {r['display_name']}\n"
+                    f"{r['id']:<36}  {r['state']:<15} {r['priority']:<10} {files:>7} "
+                    f"{size:>22} {rate:>12}  {note}\n"
                 )
             out.flush()
             n += 1
@@ -633,6 +702,30 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--interval", type=float, default=1.0)
     mo.add_argument("--count", type=int)
     mo.add_argument("--all", action="store_true")
+    bw = verb(
+        "setbandwidth",
+        cmd_setbandwidth,
+        "bandwidth limits: RATE[@WINDOW]... for all background jobs or one --priority",
+        job=False,
+    )
+    bw.add_argument(
+        "limits",
+        nargs="*",
+        help="e.g. '0@mon-fri 09:00-17:00' 2MiB: the first whose window holds applies; none: unlimited",
+    )
+    bw.add_argument("--priority", type=_priority)
+    gbw = verb("getbandwidth", cmd_getbandwidth, "show the bandwidth policy", job=False)
+    gbw.add_argument("--json", action="store_true")
+    nc2 = verb(
+        "setnetworkcost",
+        cmd_setnetworkcost,
+        "declare the network's cost state (e.g. UNRESTRICTED, ROAMING) or 'auto'",
+        job=False,
+    )
+    nc2.add_argument("state")
+    verb(
+        "setmaxrate", cmd_setmaxrate, "a job's own maximum rate (e.g. 500k; 0 = none)"
+    ).add_argument("value")
     s = verb(
         "serve",
         cmd_serve,

@@ -39,14 +39,18 @@ import attrs
 
 from backhaul.adapters import localfile
 from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.network import network_up, system_cost
 from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
+from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.store import ConcurrentAppend, Recorded
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core import job as jobs
+from backhaul.core.bandwidth import EngineSettings, cost_allows, current_limit, policy_blocks
 from backhaul.core.error import BitsError, TransferError
+from backhaul.core.event import POLICY_STREAM
 from backhaul.core.failure import is_transient
 from backhaul.core.job import Job
 from backhaul.core.policy import Candidate, Timer, next_timer, plan
@@ -135,6 +139,12 @@ class Engine:
         self._stopping = False
         self._cmdlines: dict[str, asyncio.Task[None]] = {}
         self.live_progress: dict[tuple[str, int], int] = {}
+        self.settings = EngineSettings()
+        self.limiter = RateLimiter()
+        self.network_probe: Callable[[], bool] = network_up
+        self.cost_probe: Callable[[], int] = system_cost
+        self.network_check_interval = 1.0
+        self._network: tuple[float, bool, int] | None = None
 
     # -- public --------------------------------------------------------------------------
 
@@ -162,6 +172,7 @@ class Engine:
             await self._start()
             while not self._stopping:
                 await self._follow()
+                await self._apply_policies()
                 await self._fire_timers()
                 await self._schedule()
                 self._run_command_lines()
@@ -177,6 +188,7 @@ class Engine:
     # -- start and stop ------------------------------------------------------------------
 
     async def _start(self) -> None:
+        self.settings = await asyncio.to_thread(self.manager.settings)
         await asyncio.to_thread(self.manager.refresh_views)
         self._position = self.store.views.position()
         for row in self.store.views.select(None, include_final=False, with_doc=True):
@@ -245,6 +257,11 @@ class Engine:
             records = await asyncio.to_thread(self.store.read, self._position, 5000)
 
     def _observe(self, rec: Recorded) -> None:
+        if rec.job_id == POLICY_STREAM:
+            if isinstance(rec.event, ev.PolicyChanged):
+                self.settings = self.settings.evolve(rec.event.name, rec.event.value)
+                self._network = None  # re-read the cost now
+            return
         before = self._jobs.get(rec.job_id)
         if isinstance(rec.event, ev.JobCreated):
             if before is None:
@@ -350,6 +367,82 @@ class Engine:
             pass  # the program completed or cancelled the job itself
         finally:
             self._cmdlines.pop(job.id, None)
+
+    # -- policies: bandwidth, cost, network ----------------------------------------------
+
+    def _buckets(self, job: Job) -> list[str]:
+        """The rate buckets that apply to this job now (none when nothing limits it)."""
+        names = []
+        if self.limiter.rate(f"job:{job.id}") is not None:
+            names.append(f"job:{job.id}")
+        if job.priority is not JobPriority.FOREGROUND:
+            for name in ("global", f"priority:{int(job.priority)}"):
+                if self.limiter.rate(name) is not None:
+                    names.append(name)
+        return names
+
+    def network_state(self) -> tuple[bool, int]:
+        """(network up, BITS_COST_STATE_* of the current network), re-read every second."""
+        now = time.monotonic()
+        if self._network is None or now - self._network[0] >= self.network_check_interval:
+            up = self.network_probe()
+            cost = self.settings.network_cost
+            if cost is None:
+                cost = self.cost_probe()
+            self._network = (now, up, cost)
+        return self._network[1], self._network[2]
+
+    def why_blocked(self, job: Job, up: bool, cost: int, now: datetime) -> int | None:
+        """The BITS code that holds this job back now, if any (None: it may run)."""
+        if not up:
+            return hresult.BG_E_NETWORK_DISCONNECTED
+        if not cost_allows(job.cost_flags, cost):
+            return hresult.BG_E_BLOCKED_BY_COST_TRANSFER_POLICY
+        if policy_blocks(self.settings.bandwidth, job.priority, now.astimezone()):
+            return hresult.BG_E_BLOCKED_BY_POLICY
+        return None
+
+    async def _apply_policies(self) -> None:
+        up, cost = self.network_state()
+        now = self.clock.now()
+        local = now.astimezone()
+        policy = self.settings.bandwidth
+        # A rate of 0 blocks (below); the buckets only enforce positive rates.
+        self.limiter.set_rate("global", current_limit(policy.global_limits, local) or None)
+        for priority in (JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW):
+            limits = policy.priority_limits.get(int(priority), ())
+            self.limiter.set_rate(f"priority:{int(priority)}", current_limit(limits, local) or None)
+        for job in list(self._jobs.values()):
+            self.limiter.set_rate(f"job:{job.id}", job.max_rate)
+            code = self.why_blocked(job, up, cost, now)
+            state = job.state
+            if code is not None and state in (
+                JobState.QUEUED,
+                JobState.CONNECTING,
+                JobState.TRANSFERRING,
+            ):
+                await self._stop_task(job.id)
+                command: cmd.Command = (
+                    cmd.LoseNetwork()
+                    if code == hresult.BG_E_NETWORK_DISCONNECTED
+                    else cmd.Block(code)
+                )
+                with contextlib.suppress(BitsError, JobGone):
+                    self._enqueue(job.id, command)
+            elif state is JobState.TRANSIENT_ERROR and job.blocked_by is not None:
+                if code == job.blocked_by:
+                    continue
+                if code is None or code != job.blocked_by:
+                    release: cmd.Command = (
+                        cmd.RestoreNetwork()
+                        if job.blocked_by == hresult.BG_E_NETWORK_DISCONNECTED
+                        else cmd.Unblock()
+                    )
+                    with contextlib.suppress(BitsError, JobGone):
+                        self._enqueue(job.id, release)
+            elif state is JobState.TRANSIENT_ERROR and code == hresult.BG_E_NETWORK_DISCONNECTED:
+                with contextlib.suppress(BitsError, JobGone):
+                    self._enqueue(job.id, cmd.LoseNetwork())
 
     # -- timers and scheduling -----------------------------------------------------------
 
@@ -734,12 +827,15 @@ class Engine:
                 await asyncio.to_thread(_hash_prefix, fd, position, digest)
             synced, last = position, time.monotonic()
             key = (job_id, index)
+            buckets = self._buckets(job)
             async for chunk in download:
                 try:
                     os.pwrite(fd, chunk, position)
                 except OSError as exc:
                     raise _local_error(exc, tmp) from exc
                 position += len(chunk)
+                if buckets:
+                    await self.limiter.take(buckets, len(chunk))
                 self.live_progress[key] = position
                 if digest is not None:
                     digest.update(chunk)
@@ -874,6 +970,9 @@ class Engine:
                 if not data or _local_version(fd)[1] != version:
                     raise _local_changed(f.local_name)
                 position = await session.send(data, position)
+                buckets = self._buckets(self._jobs.get(job_id, job))
+                if buckets:
+                    await self.limiter.take(buckets, len(data))
                 self.live_progress[key] = position
                 if time.monotonic() - last >= self.checkpoint_interval:
                     last = time.monotonic()

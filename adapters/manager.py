@@ -29,8 +29,9 @@ from backhaul.core import command as cmd
 from backhaul.core import hresult
 from backhaul.core import job as jobs
 from backhaul.core import projection as proj
+from backhaul.core.bandwidth import BandwidthPolicy, EngineSettings, check_network_cost
 from backhaul.core.error import BitsError
-from backhaul.core.event import Event, JobCreated
+from backhaul.core.event import POLICY_STREAM, Event, JobCreated, PolicyChanged
 from backhaul.core.job import Job
 from backhaul.core.limit import DEFAULT_LIMITS, Limits
 from backhaul.core.port import Clock
@@ -182,6 +183,48 @@ class TransferManager:
     def refresh_views(self) -> int:
         """Bring the read models up to date with the log (also done by every listing)."""
         return catch_up(self.store)
+
+    # -- engine-wide policy (one stream of its own) ------------------------------------
+
+    def settings(self) -> EngineSettings:
+        """The bandwidth policy and network cost every engine on this store applies."""
+        result = EngineSettings()
+        for appended in self.store.stream(POLICY_STREAM):
+            event = appended.event
+            assert isinstance(event, PolicyChanged)
+            result = result.evolve(event.name, event.value)
+        return result
+
+    def _set_policy(self, name: str, value: Any) -> None:
+        for _ in range(_RETRIES):
+            version = self.settings().version
+            try:
+                self.store.append(
+                    POLICY_STREAM, version, [PolicyChanged(self.clock.now(), name, value)]
+                )
+                return
+            except ConcurrentAppend:
+                continue
+        raise BitsError(hresult.E_FAIL, "the policy kept changing under this call")
+
+    def set_bandwidth_policy(self, policy: BandwidthPolicy) -> None:
+        """Global and per-priority limits with windows; takes effect in running jobs."""
+        if not _is_admin() and self.owner != current_owner():
+            raise BitsError(hresult.E_ACCESSDENIED, "only the machine's owner sets policy")
+        for limits in (policy.global_limits, *policy.priority_limits.values()):
+            for limit in limits:
+                if limit.rate < 0:
+                    raise BitsError(hresult.E_INVALIDARG, "a rate cannot be negative")
+        for priority in policy.priority_limits:
+            if priority not in (1, 2, 3):
+                raise BitsError(
+                    hresult.E_INVALIDARG, "limits apply to HIGH, NORMAL and LOW priorities"
+                )
+        self._set_policy("bandwidth", policy.to_data())
+
+    def set_network_cost(self, cost: int | None) -> None:
+        """Declare the network's BITS_COST_STATE_* (None: read it from the system)."""
+        self._set_policy("network_cost", check_network_cost(cost))
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -434,6 +477,17 @@ class TransferJob:
     @acl_flags.setter
     def acl_flags(self, value: int) -> None:
         self._set("acl_flags", int(value))
+
+    @property
+    def max_rate(self) -> int | None:
+        """Beyond BITS (aria2's per-download limit): bytes per second, None = unlimited."""
+        return self.snapshot().max_rate
+
+    @max_rate.setter
+    def max_rate(self, value: int | str | None) -> None:
+        from backhaul.core.bandwidth import parse_rate
+
+        self._set("max_rate", None if value is None else parse_rate(value))
 
     @property
     def reply_file_name(self) -> str | None:

@@ -16,6 +16,7 @@ from backhaul.adapters.serialization import job_from_dict, job_to_dict
 from backhaul.adapters.store import EventStore, Recorded
 from backhaul.adapters.view import ViewRow
 from backhaul.core import job as jobs
+from backhaul.core.event import POLICY_STREAM
 from backhaul.core.job import Job
 
 BATCH = 5000
@@ -66,6 +67,8 @@ def catch_up(store: EventStore) -> int:
 def _fold_page(store: EventStore, page: Iterable[Recorded]) -> list[ViewRow]:
     touched: dict[str, Job | None] = {}
     for rec in page:
+        if rec.job_id == POLICY_STREAM:
+            continue  # engine-wide settings, not a job
         if rec.job_id not in touched:
             row = store.views.get(rec.job_id)
             touched[rec.job_id] = job_of(row) if row else None

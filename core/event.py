@@ -238,6 +238,15 @@ class ReplyLocated(Event):
 
 
 @attrs.frozen
+class PolicyChanged(Event):
+    """An engine-wide setting changed (``name``: "bandwidth", "network_cost"). These
+    live in one stream of their own, ``POLICY_STREAM``, not in a job's."""
+
+    name: str
+    value: Any
+
+
+@attrs.frozen
 class CommandLineNotified(Event):
     """The notify command line ran for ``reason`` ("transferred"/"error") and exited."""
 
@@ -285,4 +294,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     CommandLineNotified,
     UploadSessionOpened,
     ReplyLocated,
+    PolicyChanged,
 )
+
+# The stream of engine-wide settings (bandwidth policy, network cost); not a job.
+POLICY_STREAM = "6261636b-6861-5000-8000-706f6c696379"

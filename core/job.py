@@ -110,6 +110,7 @@ class Job:
     max_download_size: int | None = None
     use_stored_credentials: int | None = None
     minimum_notification_interval_ms: int = DEFAULT_MINIMUM_NOTIFICATION_INTERVAL_MS
+    max_rate: int | None = None  # bytes/s, beyond BITS (aria2's --max-download-limit)
     on_demand: bool = False
     # HTTP options, credentials, proxy, SMB.
     proxy: ProxySettings = attrs.field(factory=ProxySettings)

@@ -119,6 +119,14 @@ def runnable_states() -> Sequence[JobState]:
     return (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
 
 
+_BLOCKED = {
+    0x80200010: "the network is down (BG_E_NETWORK_DISCONNECTED)",
+    0x8020003E: "a bandwidth limit of 0 holds now (BG_E_BLOCKED_BY_POLICY)",
+    0x80200059: "the network costs more than the job's cost flags allow "
+    "(BG_E_BLOCKED_BY_COST_TRANSFER_POLICY)",
+}
+
+
 def why_waiting(job: Job, now: datetime) -> tuple[str, datetime | None] | None:
     """Why the job is not moving, and when it will next try (None: it is moving, or it
     waits for the application)."""
@@ -126,7 +134,8 @@ def why_waiting(job: Job, now: datetime) -> tuple[str, datetime | None] | None:
 
     if job.state is JobState.TRANSIENT_ERROR:
         if job.blocked_by is not None:
-            return f"blocked: {hresult.name_of(job.blocked_by)}", None
+            reason = _BLOCKED.get(job.blocked_by, hresult.name_of(job.blocked_by))
+            return f"blocked: {reason}", None
         due = retry_due_at(job)
         deadline = no_progress_deadline(job)
         if due is not None and deadline is not None and deadline <= due:

@@ -293,6 +293,14 @@ def _check_clsid(value: Any, job: Job) -> str | None:
     return value.strip("{}").lower()
 
 
+def _check_max_rate(value: Any, job: Job) -> int | None:
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _invalid("a maximum rate is a positive number of bytes per second, or None")
+    return int(value)
+
+
 def _check_interval(value: Any, job: Job) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFFFFFF:
         raise _invalid("the minimum notification interval is 0 to 4294967295 ms")
@@ -339,6 +347,8 @@ _ROWS = (
             frozen_after="resume"),
     Setting("use_stored_credentials", "BITS_JOB_PROPERTY_USE_STORED_CREDENTIALS",
             _check_stored_credentials),
+    Setting("max_rate", "(backhaul) maximum transfer rate, bytes/s",
+            _check_max_rate),
     Setting("minimum_notification_interval_ms",
             "BITS_JOB_PROPERTY_MINIMUM_NOTIFICATION_INTERVAL_MS", _check_interval),
     Setting("on_demand", "BITS_JOB_PROPERTY_ON_DEMAND_MODE", _flag("on-demand mode"),

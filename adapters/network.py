@@ -1,0 +1,58 @@
+"""What the engine knows about the machine's network: is it up, and what does it cost.
+
+- Up: some interface other than loopback is up with a carrier (``/sys/class/net``),
+  which is how a cable pull or a link taken down shows. A machine whose only network is
+  loopback counts as up (every transfer there is local).
+- Cost: from the configuration first (``manager.set_network_cost``), else from
+  NetworkManager's metered property when ``nmcli`` exists (yes/guess-yes -> usage-based,
+  no/guess-no/unknown -> unrestricted), else BITS_COST_STATE_UNRESTRICTED.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from backhaul.core.vocabulary import CostFlags
+
+SYS_NET = Path("/sys/class/net")
+
+
+def network_up(root: Path = SYS_NET) -> bool:
+    try:
+        names = [p.name for p in root.iterdir()]
+    except OSError:
+        return True
+    others = [n for n in names if n != "lo"]
+    if not others:
+        return True
+    return any(_up(root / n) for n in others)
+
+
+def _up(path: Path) -> bool:
+    try:
+        state = (path / "operstate").read_text().strip()
+        if state == "down":
+            return False
+        return (path / "carrier").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def system_cost() -> int:
+    nmcli = shutil.which("nmcli")
+    if nmcli is None:
+        return int(CostFlags.UNRESTRICTED)
+    try:
+        out = subprocess.run(
+            [nmcli, "-t", "-f", "GENERAL.METERED", "device", "show"],
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return int(CostFlags.UNRESTRICTED)
+    metered = any(v.split(":", 1)[-1].startswith(("yes", "guess-yes")) for v in out.splitlines())
+    return int(CostFlags.USAGE_BASED if metered else CostFlags.UNRESTRICTED)

@@ -44,6 +44,7 @@ from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.store import ConcurrentAppend, Recorded
+from backhaul.adapters.yielding import YieldController
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
@@ -115,6 +116,7 @@ class Engine:
         checkpoint_bytes: int = 512 * MiB,
         poll_interval: float = 0.2,
         max_connections: int = 16,
+        yield_bandwidth: bool = True,
     ) -> None:
         self.manager = manager
         self.store = manager.store
@@ -141,6 +143,7 @@ class Engine:
         self.live_progress: dict[tuple[str, int], int] = {}
         self.settings = EngineSettings()
         self.limiter = RateLimiter()
+        self.yielder = YieldController() if yield_bandwidth else None
         self.network_probe: Callable[[], bool] = network_up
         self.cost_probe: Callable[[], int] = system_cost
         self.network_check_interval = 1.0
@@ -371,14 +374,10 @@ class Engine:
     # -- policies: bandwidth, cost, network ----------------------------------------------
 
     def _buckets(self, job: Job) -> list[str]:
-        """The rate buckets that apply to this job now (none when nothing limits it)."""
-        names = []
-        if self.limiter.rate(f"job:{job.id}") is not None:
-            names.append(f"job:{job.id}")
+        """The rate buckets this job takes from (a bucket without a rate costs nothing)."""
+        names = [f"job:{job.id}"]
         if job.priority is not JobPriority.FOREGROUND:
-            for name in ("global", f"priority:{int(job.priority)}"):
-                if self.limiter.rate(name) is not None:
-                    names.append(name)
+            names += ["global", f"priority:{int(job.priority)}", "yield"]
         return names
 
     def network_state(self) -> tuple[bool, int]:
@@ -407,6 +406,14 @@ class Engine:
         now = self.clock.now()
         local = now.astimezone()
         policy = self.settings.bandwidth
+        if self.yielder is not None:
+            active = any(
+                self._jobs[j].priority is not JobPriority.FOREGROUND
+                for j in self._tasks
+                if j in self._jobs
+            )
+            allowed = self.yielder.update(active)
+            self.limiter.set_rate("yield", allowed)
         # A rate of 0 blocks (below); the buckets only enforce positive rates.
         self.limiter.set_rate("global", current_limit(policy.global_limits, local) or None)
         for priority in (JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW):
@@ -828,12 +835,15 @@ class Engine:
             synced, last = position, time.monotonic()
             key = (job_id, index)
             buckets = self._buckets(job)
+            background = self.yielder is not None and job.priority is not JobPriority.FOREGROUND
             async for chunk in download:
                 try:
                     os.pwrite(fd, chunk, position)
                 except OSError as exc:
                     raise _local_error(exc, tmp) from exc
                 position += len(chunk)
+                if background:
+                    self.yielder.add(len(chunk))  # type: ignore[union-attr]
                 if buckets:
                     await self.limiter.take(buckets, len(chunk))
                 self.live_progress[key] = position

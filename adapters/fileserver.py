@@ -1,7 +1,7 @@
 """A small static file server (aiohttp) with ranges, ETag and Last-Modified.
 
 For demos and local experiments only: ``python -m backhaul.adapters.fileserver DIR``
-serves DIR on 127.0.0.1 (a free port unless ``--port``), writing the port to
+serves DIR on 127.0.0.1 (or ``--host``; a free port unless ``--port``), writing the port to
 ``--port-file`` once it listens.
 """
 
@@ -21,10 +21,10 @@ def make_app(root: Path) -> web.Application:
     return app
 
 
-async def serve(root: Path, port: int, port_file: Path | None) -> None:
+async def serve(root: Path, port: int, port_file: Path | None, host: str = "127.0.0.1") -> None:
     runner = web.AppRunner(make_app(root.resolve()))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     if port_file is not None:
         sockets = site._server.sockets if site._server is not None else ()  # type: ignore[union-attr]
@@ -40,9 +40,10 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.root, args.port, args.port_file))
+        asyncio.run(serve(args.root, args.port, args.port_file, args.host))
 
 
 if __name__ == "__main__":

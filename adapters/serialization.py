@@ -60,8 +60,7 @@ def _ranges_as_pairs(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _ranges_as_objects(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {**f, "ranges": [{"offset": o, "length": n} for o, n in f.get("ranges", ())]}
-        for f in files
+        {**f, "ranges": [{"offset": o, "length": n} for o, n in f.get("ranges", ())]} for f in files
     ]
 
 
@@ -90,7 +89,7 @@ def _files_added_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
 # The current schema version of each topic's stored form. Bump one (and add an upcaster)
 # whenever that topic's stored form changes; see specs/event-log.md for the history.
 SCHEMA_VERSION: Mapping[str, int] = MappingProxyType(
-    {name: 1 for name in EVENT_CLASSES} | {"FilesAdded": 2}
+    dict.fromkeys(EVENT_CLASSES, 1) | {"FilesAdded": 2}
 )
 # Old topic -> current class name. Add a row (and a test) whenever an event is renamed.
 # Upcasters are keyed by the CURRENT name: an aliased state is upcast like the class's own.
@@ -161,7 +160,7 @@ def chain_hash(previous: str, stream: str, topic: str, version: int, body: bytes
 
 def with_hash(body: bytes, link: str) -> bytes:
     """The stored state: the canonical body with ``"h"`` appended as its last member."""
-    return b"%s,\"h\":\"%s\"}" % (body[:-1], link.encode("ascii"))
+    return b'%s,"h":"%s"}' % (body[:-1], link.encode("ascii"))
 
 
 def split_state(state: bytes) -> tuple[dict[str, Any], bytes, str | None]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,19 @@ from eventsourcing.persistence import (
     ApplicationRecorder,
     InfrastructureFactory,
     IntegrityError,
+    Notification,
     StoredEvent,
 )
 
 from backhaul.adapters.secret import SecretBox
-from backhaul.adapters.serialization import event_from_bytes, event_to_bytes, event_topic
+from backhaul.adapters.serialization import (
+    chain_hash,
+    event_from_bytes,
+    event_to_bytes,
+    event_topic,
+    stored_hash,
+    with_hash,
+)
 from backhaul.adapters.view import JobViews, MemoryJobViews, PostgresJobViews, SQLiteJobViews
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
@@ -42,6 +51,7 @@ from backhaul.core.event import Event
 STORE_ENV = "BACKHAUL_STORE"
 HOME_ENV = "BACKHAUL_HOME"
 DB_FILE = "backhaul.db"
+LINK_CACHE_SIZE = 10_000  # streams whose last (version, hash) an EventStore remembers
 
 
 class ConcurrentAppend(Exception):
@@ -101,6 +111,8 @@ class EventStore:
         self.location = location
         self._factory = factory
         self.lock = threading.RLock()
+        self._links: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._links_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"EventStore({self.kind}: {self.location})"
@@ -112,24 +124,74 @@ class EventStore:
 
     def append_many(self, batches: Sequence[tuple[str, int, Sequence[Event]]]) -> list[int]:
         """Append to several streams in ONE transaction. ``after_version`` is the
-        version the caller decided against; the first new event gets the next one."""
-        stored = [
-            StoredEvent(
-                originator_id=UUID(job_id),
-                originator_version=after_version + i + 1,
-                topic=event_topic(event),
-                state=event_to_bytes(event),
-            )
-            for job_id, after_version, events in batches
-            for i, event in enumerate(events)
-        ]
+        version the caller decided against; the first new event gets the next one.
+
+        Each state carries its link in the stream's hash chain (``"h"``, see
+        serialization.chain_hash), computed from the hash of version ``after_version``:
+        from this store's cache when it appended that version itself, else read from
+        the log. A batch may append to one stream several times, in order."""
+        stored: list[StoredEvent] = []
+        links: dict[str, tuple[int, str]] = {}  # stream -> its last (version, hash) here
+        for job_id, after_version, events in batches:
+            if not events:
+                continue
+            originator = UUID(job_id)
+            stream = str(originator)
+            previous = self._previous_link(originator, stream, after_version, links)
+            version = after_version
+            for event in events:
+                version += 1
+                topic = event_topic(event)
+                body = event_to_bytes(event)
+                previous = chain_hash(previous, stream, topic, version, body)
+                stored.append(StoredEvent(originator, version, topic, with_hash(body, previous)))
+            links[stream] = (version, previous)
         if not stored:
             return []
         try:
             ids = self.log.insert_events(stored)
         except IntegrityError as exc:
             raise ConcurrentAppend(str(exc)) from exc
+        self._remember(links)
         return list(ids or [])
+
+    def _previous_link(
+        self, originator: UUID, stream: str, after: int, links: dict[str, tuple[int, str]]
+    ) -> str:
+        """The hash of version ``after`` of ``stream`` ("" before version 1)."""
+        if after == 0:
+            return ""
+        for known in (links.get(stream), self._links.get(stream)):
+            if known is not None and known[0] == after:
+                return known[1]
+        last = self.log.select_events(originator, lte=after, desc=True, limit=1)
+        if not last or last[0].originator_version != after:
+            raise ConcurrentAppend(f"stream {stream} has no version {after} to append after")
+        return stored_hash(last[0].state)
+
+    def _remember(self, links: dict[str, tuple[int, str]]) -> None:
+        """Cache each stream's new last (version, hash): facts, true for as long as the
+        log is append-only, so the cache never needs invalidating (a stale entry only
+        misses)."""
+        with self._links_lock:
+            for stream, link in links.items():
+                self._links[stream] = link
+                self._links.move_to_end(stream)
+            while len(self._links) > LINK_CACHE_SIZE:
+                self._links.popitem(last=False)
+
+    def insert_stored(self, stored: Sequence[StoredEvent]) -> None:
+        """Insert states exactly as given (the audit import): no re-encoding, no new
+        hashes. Raises ``ConcurrentAppend`` if a version is taken."""
+        if not stored:
+            return
+        try:
+            self.log.insert_events(list(stored))
+        except IntegrityError as exc:
+            raise ConcurrentAppend(str(exc)) from exc
+        with self._links_lock:
+            for s in stored:
+                self._links.pop(str(s.originator_id), None)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -160,6 +222,23 @@ class EventStore:
                 return
             yield from page
             after = page[-1].position
+
+    def raw_stream(self, job_id: str) -> list[StoredEvent]:
+        """One stream's stored events, undecoded, in version order (for the audit)."""
+        return list(self.log.select_events(UUID(job_id)))
+
+    def raw_read(self, after: int = 0, limit: int = 1000) -> list[Notification]:
+        """Stored events after global position ``after``, undecoded (for the audit)."""
+        notes = self.log.select_notifications(start=after, limit=limit, inclusive_of_start=False)
+        return list(notes)
+
+    def raw_read_all(self, after: int = 0, batch: int = 1000) -> Iterator[Notification]:
+        while True:
+            page = self.raw_read(after, batch)
+            if not page:
+                return
+            yield from page
+            after = page[-1].id
 
     def head(self) -> int:
         return self.log.max_notification_id() or 0

@@ -1,0 +1,100 @@
+"""Background transfers that yield: the engine measures idle bandwidth, as BITS does.
+
+BITS measures the traffic of the machine's network interface and gives background jobs
+only what nobody else uses (bits-core.md §4; it adds LEDBAT on its HTTP connections).
+This controller does the same from the interface counters (``/proc/net/dev``):
+
+    others   = all bytes received on the machine's interfaces - bytes of our background jobs
+    capacity = the highest total rate seen recently (decays slowly, so it follows the link)
+    allowed  = capacity - others - a safety margin, never below a trickle
+
+re-estimated every ``period`` seconds and smoothed; the engine sets it as the rate of the
+"yield" bucket that every background transfer takes from. FOREGROUND jobs never take from
+it. What it guarantees: traffic of other programs on THIS machine gets the link back
+within a second or two. What it does not: traffic of other machines that share a
+bottleneck further away is invisible here (that needs delay-based congestion control in
+the kernel: Linux's ``lp``, used when the kernel offers it, see ``congestion_controls``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+PROC_NET_DEV = Path("/proc/net/dev")
+CONGESTION = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
+
+
+def received_bytes(path: Path = PROC_NET_DEV) -> int:
+    """Bytes received so far on every interface, loopback included."""
+    total = 0
+    try:
+        lines = path.read_text().splitlines()[2:]
+    except OSError:
+        return 0
+    for line in lines:
+        _, _, fields = line.partition(":")
+        parts = fields.split()
+        if parts:
+            total += int(parts[0])
+    return total
+
+
+def congestion_controls(path: Path = CONGESTION) -> list[str]:
+    """The kernel's TCP congestion controls; 'lp' is the low-priority one."""
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
+@attrs.define
+class YieldController:
+    period: float = 0.5
+    margin: float = 0.10  # of capacity, left free for others
+    trickle: float = 16 * 1024  # bytes/s: BITS always trickles a little
+    decay: float = 0.995  # per period: the capacity estimate follows a slower link
+    counter: Callable[[], int] = received_bytes
+    clock: Callable[[], float] = time.monotonic
+    ours: int = 0  # bytes our background transfers received (the engine adds to it)
+    capacity: float = 0.0
+    allowed: float | None = None
+    others: float = 0.0
+    _last: tuple[float, int, int] | None = None
+
+    def add(self, amount: int) -> None:
+        self.ours += amount
+
+    def update(self, active: bool) -> float | None:
+        """Re-estimate; returns the background rate to allow (None: unlimited)."""
+        now = self.clock()
+        total = self.counter()
+        if self._last is None:
+            self._last = (now, total, self.ours)
+            return self.allowed
+        then, total_then, ours_then = self._last
+        elapsed = now - then
+        if elapsed < self.period:
+            return self.allowed
+        self._last = (now, total, self.ours)
+        total_rate = max(total - total_then, 0) / elapsed
+        our_rate = max(self.ours - ours_then, 0) / elapsed
+        self.others = max(total_rate - our_rate, 0.0)
+        self.capacity = max(self.capacity * self.decay, total_rate)
+        if not active or self.capacity <= 0:
+            self.allowed = None
+            return None
+        target = self.capacity * (1 - self.margin) - self.others
+        target = max(target, self.trickle)
+        if self.others < self.capacity * self.margin / 2:
+            # Nobody else: let the transfer grow (the limit only follows it).
+            self.allowed = None
+        elif self.allowed is None:
+            self.allowed = target
+        else:
+            # Back off at once, grow back gently (AIMD on the allowed rate).
+            self.allowed = target if target < self.allowed else self.allowed * 0.7 + target * 0.3
+        return self.allowed

@@ -425,7 +425,12 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         if not held:
             sys.stderr.write(f"backhaul serve: another engine already runs on {m.store!r}\n")
             return EXIT_FAILED
-        engine = Engine(m, max_background=args.max_background, poll_interval=args.poll)
+        engine = Engine(
+            m,
+            max_background=args.max_background,
+            poll_interval=args.poll,
+            yield_bandwidth=not args.no_yield,
+        )
         sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}\n")
         asyncio.run(_serve(engine, until_idle=args.until_idle))
     return EXIT_OK
@@ -507,7 +512,7 @@ def _run_engine(
 ) -> JobState:
     from backhaul.adapters.engine import Engine
 
-    engine = Engine(m, poll_interval=0.1)
+    engine = Engine(m, poll_interval=0.1, yield_bandwidth=not args.no_yield)
     reporter = _Reporter(job, args, out, engine)
 
     async def main() -> JobState:
@@ -662,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dynamic", action="store_true", help="content without size or ranges")
     g.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
     g.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
+    g.add_argument("--no-yield", action="store_true", help="a background --priority does not yield")
 
     c = verb("create", cmd_create, "create a suspended job; prints its id", job=False)
     c.add_argument("name")
@@ -733,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
         job=False,
     )
     s.add_argument("--max-background", type=int, default=1)
+    s.add_argument(
+        "--no-yield", action="store_true", help="background jobs do not yield to other traffic"
+    )
     s.add_argument("--poll", type=float, default=0.2)
     s.add_argument("--until-idle", action="store_true", help="stop once no job is left to run")
     return p

@@ -144,6 +144,7 @@ class Engine:
         self.settings = EngineSettings()
         self.limiter = RateLimiter()
         self.yielder = YieldController() if yield_bandwidth else None
+        self._bg_sockets: set[Any] = set()
         self.network_probe: Callable[[], bool] = network_up
         self.cost_probe: Callable[[], int] = system_cost
         self.network_check_interval = 1.0
@@ -412,7 +413,7 @@ class Engine:
                 for j in self._tasks
                 if j in self._jobs
             )
-            allowed = self.yielder.update(active)
+            allowed = self.yielder.update(active, _queued(self._bg_sockets))
             self.limiter.set_rate("yield", allowed)
         # A rate of 0 blocks (below); the buckets only enforce positive rates.
         self.limiter.set_rate("global", current_limit(policy.global_limits, local) or None)
@@ -836,6 +837,9 @@ class Engine:
             key = (job_id, index)
             buckets = self._buckets(job)
             background = self.yielder is not None and job.priority is not JobPriority.FOREGROUND
+            sock = getattr(download, "socket", None) if background else None
+            if sock is not None:
+                self._bg_sockets.add(sock)
             async for chunk in download:
                 try:
                     os.pwrite(fd, chunk, position)
@@ -887,6 +891,7 @@ class Engine:
         finally:
             os.close(fd)
             self.live_progress.pop((job_id, index), None)
+            self._bg_sockets.discard(getattr(download, "socket", None))
         if digest is not None:
             self._verify(f.spec.expected_digest, digest, f.remote_name)
         await self._finish_file(
@@ -1064,6 +1069,22 @@ class Engine:
         finally:
             await download.aclose()
         await self._commit(job_id, cmd.ProgressReply(position, position))
+
+
+def _queued(sockets: set[Any]) -> int:
+    """Bytes waiting in the kernel's receive buffers of these sockets (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    total = 0
+    for sock in list(sockets):
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            total += struct.unpack("i", raw)[0]
+        except (OSError, ValueError):
+            sockets.discard(sock)
+    return total
 
 
 def _local_version(fd: int) -> tuple[int, str]:

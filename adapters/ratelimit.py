@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 import attrs
 
 BURST_SECONDS = 0.25  # a bucket holds at most this many seconds of its rate
+STEP = 0.1  # longest sleep before the rates are read again
 
 
 @attrs.define
@@ -26,7 +27,7 @@ class Bucket:
 
     def refill(self, now: float) -> None:
         if self.rate is None:
-            self.tokens = 0.0
+            self.tokens = 0.0  # unlimited: any debt is forgiven
         else:
             cap = self.rate * BURST_SECONDS
             self.tokens = min(cap, self.tokens + (now - self.stamp) * self.rate)
@@ -62,16 +63,26 @@ class RateLimiter:
         self.rates.pop(name, None)
 
     async def take(self, names: Iterable[str], amount: int) -> None:
+        """Charge ``amount`` bytes to every named bucket, then wait while any is in debt.
+        The wait re-reads the rates every step, so a raised (or removed) limit frees a
+        waiting transfer at once instead of after a debt priced at the old rate."""
         now = self._clock()
-        delay = 0.0
+        buckets = []
         for name in names:
             bucket = self._buckets.setdefault(name, Bucket(stamp=now))
             bucket.refill(now)
             bucket.tokens -= amount
-            delay = max(delay, bucket.wait_for())
+            buckets.append(bucket)
             self._measure(name, now, amount)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        while True:
+            now = self._clock()
+            delay = 0.0
+            for bucket in buckets:
+                bucket.refill(now)
+                delay = max(delay, bucket.wait_for())
+            if delay <= 0:
+                return
+            await asyncio.sleep(min(delay, STEP))
 
     def _measure(self, name: str, now: float, amount: int) -> None:
         start, total = self._window.get(name, (now, 0))

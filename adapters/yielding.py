@@ -53,13 +53,15 @@ def congestion_controls(path: Path = CONGESTION) -> list[str]:
 
 @attrs.define
 class YieldController:
-    period: float = 0.5
-    margin: float = 0.10  # of capacity, left free for others
+    period: float = 0.25
+    margin: float = 0.10  # of capacity: others above this means competition
+    overhead: float = 0.06  # TCP/IP headers: interface bytes per payload byte, beyond 1
     trickle: float = 16 * 1024  # bytes/s: BITS always trickles a little
-    decay: float = 0.995  # per period: the capacity estimate follows a slower link
+    floor: float = 128 * 1024  # bytes/s of others' traffic that never counts as competition
+    decay: float = 0.998  # per period: the capacity estimate follows a slower link
     counter: Callable[[], int] = received_bytes
     clock: Callable[[], float] = time.monotonic
-    ours: int = 0  # bytes our background transfers received (the engine adds to it)
+    ours: int = 0  # payload bytes our background transfers received (the engine adds)
     capacity: float = 0.0
     allowed: float | None = None
     others: float = 0.0
@@ -68,33 +70,38 @@ class YieldController:
     def add(self, amount: int) -> None:
         self.ours += amount
 
-    def update(self, active: bool) -> float | None:
-        """Re-estimate; returns the background rate to allow (None: unlimited)."""
+    def update(self, active: bool, queued: int = 0) -> float | None:
+        """Re-estimate; returns the background rate to allow (None: unlimited).
+
+        Multiplicative decrease while others use the link (halve every period, never
+        below the room they leave nor the trickle), multiplicative increase when they
+        stop (x2 per period until the limit is above the link: unlimited). ``queued``:
+        bytes of our background connections still in the kernel's receive buffers
+        (FIONREAD): the interface counted them, we have not read them yet."""
         now = self.clock()
         total = self.counter()
+        ours = self.ours + queued
         if self._last is None:
-            self._last = (now, total, self.ours)
+            self._last = (now, total, ours)
             return self.allowed
         then, total_then, ours_then = self._last
         elapsed = now - then
         if elapsed < self.period:
             return self.allowed
-        self._last = (now, total, self.ours)
+        self._last = (now, total, ours)
         total_rate = max(total - total_then, 0) / elapsed
-        our_rate = max(self.ours - ours_then, 0) / elapsed
-        self.others = max(total_rate - our_rate, 0.0)
+        our_rate = max(ours - ours_then, 0) / elapsed
+        self.others = max(total_rate - our_rate * (1 + self.overhead), 0.0)
         self.capacity = max(self.capacity * self.decay, total_rate)
         if not active or self.capacity <= 0:
             self.allowed = None
             return None
-        target = self.capacity * (1 - self.margin) - self.others
-        target = max(target, self.trickle)
-        if self.others < self.capacity * self.margin / 2:
-            # Nobody else: let the transfer grow (the limit only follows it).
-            self.allowed = None
-        elif self.allowed is None:
-            self.allowed = target
-        else:
-            # Back off at once, grow back gently (AIMD on the allowed rate).
-            self.allowed = target if target < self.allowed else self.allowed * 0.7 + target * 0.3
+        if self.others > max(self.capacity * self.margin, self.floor):
+            room = self.capacity * (1 - self.margin) - self.others
+            current = self.allowed if self.allowed is not None else max(our_rate, self.trickle)
+            self.allowed = max(self.trickle, min(room, current * 0.5))
+        elif self.allowed is not None:
+            self.allowed *= 2
+            if self.allowed >= self.capacity:
+                self.allowed = None
         return self.allowed

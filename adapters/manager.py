@@ -14,7 +14,7 @@ import contextlib
 import getpass
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,8 @@ class TransferManager:
         self.schemes = frozenset(s.lower() for s in schemes)
         self._cache: dict[str, Job] = {}
         self._pending: list[tuple[str, int, list[Event]]] | None = None
+        self._before_commit: list[Callable[[], object]] = []
+        self._after_commit: list[Callable[[], object]] = []
 
     def __enter__(self) -> TransferManager:
         return self
@@ -146,13 +148,15 @@ class TransferManager:
         self.refresh_views()
         views = self.store.views
         per_owner = self.limits.max_jobs_per_owner
-        if per_owner is not None and views.count_live(self.owner) >= per_owner:
+        if per_owner is not None and (
+            views.count_live(self.owner) + self._pending_creations(self.owner) >= per_owner
+        ):
             raise BitsError(
                 hresult.BG_E_TOO_MANY_JOBS_PER_USER,
                 f"{self.owner} already has {per_owner} jobs (the limit)",
             )
         total = self.limits.max_jobs
-        if total is not None and views.count_live(None) >= total:
+        if total is not None and views.count_live(None) + self._pending_creations(None) >= total:
             raise BitsError(
                 hresult.BG_E_TOO_MANY_JOBS_PER_MACHINE, f"the store already holds {total} jobs"
             )
@@ -233,17 +237,25 @@ class TransferManager:
         if self._pending is not None:
             yield
             return
-        self._pending = []
+        pending: list[tuple[str, int, list[Event]]] = []
+        self._pending, self._before_commit, self._after_commit = pending, [], []
         try:
             yield
-            pending, self._pending = self._pending, None
+            before, after = self._before_commit, self._after_commit
+            self._pending = None
+            for action in before:
+                action()  # Complete publishes its files before its event is appended
             if pending:
                 self.store.append_many(pending)
+            for action in after:
+                action()  # Cancel deletes temp files once its event is appended
         except BaseException:
-            for job_id, _, _ in self._pending or []:
+            for job_id, _, _ in pending:
                 self._cache.pop(job_id, None)
-            self._pending = None
             raise
+        finally:
+            self._pending = None
+            self._before_commit, self._after_commit = [], []
 
     # -- the command path --------------------------------------------------------------
 
@@ -262,7 +274,7 @@ class TransferManager:
         if job is None:
             row = self.store.views.get(job_id)
             job = job_of(row) if row is not None else None
-        if self._pending is not None and job is not None:
+        if job is not None and self._has_pending(job_id):
             return job  # inside a batch the cache is ahead of the store
         after = job.version if job else 0
         newer = self.store.stream(job_id, after)
@@ -271,6 +283,17 @@ class TransferManager:
             raise BitsError(hresult.BG_E_NOT_FOUND, f"no job {job_id}")
         self._cache[job_id] = job
         return job
+
+    def _has_pending(self, job_id: str) -> bool:
+        return self._pending is not None and any(p[0] == job_id for p in self._pending)
+
+    def _pending_creations(self, owner: str | None) -> int:
+        return sum(
+            1
+            for _, _, events in self._pending or []
+            for e in events
+            if isinstance(e, JobCreated) and (owner is None or e.owner == owner)
+        )
 
     def _check_access(self, job: Job) -> None:
         if job.owner != self.owner and not _is_admin():
@@ -682,6 +705,9 @@ class TransferJob:
         self._manager._check_access(job)
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
         self._manager.execute(self.id, cmd.Cancel())
+        if self._manager._pending is not None:
+            self._manager._after_commit.append(lambda: localfile.discard(job))
+            return hresult.S_OK
         left = localfile.discard(job)
         return hresult.BG_S_UNABLE_TO_DELETE_FILES if left else hresult.S_OK
 
@@ -693,13 +719,25 @@ class TransferJob:
         self._manager._check_access(job)
         decided = cmd.decide(job, cmd.Complete(), self._manager.clock.now(), self._manager.limits)
         kept = decided[0].files_kept  # type: ignore[attr-defined]
-        if job.job_type is JobType.DOWNLOAD:
-            localfile.publish(job, kept)
-        if job.job_type is JobType.UPLOAD_REPLY:
-            localfile.publish_reply(job)
+
+        def publish() -> None:
+            if job.job_type is JobType.DOWNLOAD:
+                localfile.publish(job, kept)
+            if job.job_type is JobType.UPLOAD_REPLY:
+                localfile.publish_reply(job)
+
+        def discard() -> None:
+            if job.job_type is JobType.DOWNLOAD:
+                localfile.discard(job)
+
+        if self._manager._pending is not None:  # in a batch: files move at its commit
+            events = self._manager.execute(self.id, cmd.Complete(kept))
+            self._manager._before_commit.append(publish)
+            self._manager._after_commit.append(discard)
+            return int(events[0].result)  # type: ignore[attr-defined]
+        publish()
         events = self._manager.execute(self.id, cmd.Complete(kept))
-        if job.job_type is JobType.DOWNLOAD:
-            localfile.discard(job)
+        discard()
         return int(events[0].result)  # type: ignore[attr-defined]
 
     def reply_data(self) -> bytes:

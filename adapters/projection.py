@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from eventsourcing.persistence import IntegrityError
+
 from backhaul.adapters.serialization import job_from_dict, job_to_dict
 from backhaul.adapters.store import EventStore, Recorded
 from backhaul.adapters.view import ViewRow
@@ -60,8 +62,17 @@ def catch_up(store: EventStore) -> int:
             if not page:
                 return position
             rows = _fold_page(store, page)
+            try:
+                store.views.save(rows, page[-1].position)
+            except IntegrityError:
+                # Another process on the same store saved this page first: go on from
+                # the position it recorded (its rows hold the same fold).
+                recorded = store.views.position()
+                if recorded <= position:
+                    raise
+                position = recorded
+                continue
             position = page[-1].position
-            store.views.save(rows, position)
 
 
 def _fold_page(store: EventStore, page: Iterable[Recorded]) -> list[ViewRow]:

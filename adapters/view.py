@@ -259,10 +259,11 @@ class MemoryJobViews(JobViews):
     def select(
         self, owner: str | None, *, include_final: bool, with_doc: bool = False
     ) -> list[ViewRow]:
-        return sorted(
+        rows = sorted(
             (r for r in _matching(self._rows.values(), owner, include_final)),
             key=lambda r: (r.created_at, r.job_id),
         )
+        return rows if with_doc else [attrs.evolve(r, doc="") for r in rows]
 
     def count_live(self, owner: str | None) -> int:
         return sum(1 for _ in _matching(self._rows.values(), owner, include_final=False))

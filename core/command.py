@@ -265,6 +265,14 @@ _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>[^\s]+)$")
 _UNC = re.compile(r"^\\\\[^\\/\s]+\\[^\\/]+(\\.*)?$")
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_remote_name(name: Any, job_type: JobType) -> str:
     """Syntax only (bits-core.md §7.1); which schemes exist is the adapters' business."""
     if not isinstance(name, str) or not name:
@@ -274,8 +282,10 @@ def check_remote_name(name: Any, job_type: JobType) -> str:
             hresult.E_INVALIDARG,
             f"the remote name is {len(name)} characters; the limit is {limit.REMOTE_NAME_MAX}",
         )
-    if any(c in name for c in "\x00\r\n\t"):
-        raise BitsError(hresult.E_INVALIDARG, "a remote name must not hold control characters")
+    if any(c in name for c in "\x00\r\n\t") or not _is_utf8(name):
+        raise BitsError(
+            hresult.E_INVALIDARG, "a remote name must be valid Unicode without control characters"
+        )
     if _UNC.match(name):
         if job_type is JobType.UPLOAD_REPLY:
             raise BitsError(hresult.E_INVALIDARG, "upload-reply jobs need an HTTP(S) URL")
@@ -293,8 +303,8 @@ def check_local_name(name: Any) -> str:
     """Absolute, normalised, no NUL; directory existence is checked by the adapters."""
     if not isinstance(name, str) or not name:
         raise BitsError(hresult.E_INVALIDARG, "a local name must be a non-empty string")
-    if "\x00" in name:
-        raise BitsError(hresult.E_INVALIDARG, "a local name must not contain NUL")
+    if "\x00" in name or not _is_utf8(name):
+        raise BitsError(hresult.E_INVALIDARG, "a local name must be valid Unicode without NUL")
     if not name.startswith("/"):
         raise BitsError(hresult.E_INVALIDARG, f"{name!r} is not an absolute path")
     if len(name) > limit.LOCAL_NAME_MAX:

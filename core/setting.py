@@ -75,6 +75,8 @@ def _text(max_len: int, what: str, *, allow_empty: bool = True) -> Callable[[Any
             raise _invalid(f"{what} must be a string")
         if "\x00" in value:
             raise _invalid(f"{what} must not contain NUL characters")
+        if not _is_utf8(value):
+            raise _invalid(f"{what} holds characters that are not valid Unicode")
         if not allow_empty and not value:
             raise _invalid(f"{what} must not be empty")
         if len(value) > max_len:
@@ -85,6 +87,14 @@ def _text(max_len: int, what: str, *, allow_empty: bool = True) -> Callable[[Any
         return value
 
     return check
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _seconds(what: str, floor: int = 0) -> Callable[[Any, Job], int]:
@@ -102,7 +112,7 @@ def _flags(valid: int, what: str, code: int) -> Callable[[Any, Job], int]:
     def check(value: Any, job: Job) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _invalid(f"{what} must be an integer bit mask")
-        if value < 0 or value & ~valid:
+        if value < 0 or value & ~int(valid):
             raise _invalid(f"{what} 0x{value:X} has bits outside 0x{valid:X}", code)
         return int(value)
 

@@ -1,0 +1,1201 @@
+"""Behaviour of the Python API (TransferManager / TransferJob) on the in-memory store.
+
+Each test is named for the BITS behaviour it pins down (bits-core.md §2 states, §3 job
+types, §7 files, §8 progress and times, §14 properties, §15 ownership, §16 limits). The
+engine is played by hand through ``manager.execute`` with core.command engine commands
+and a ManualClock, so every time is known.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from backhaul.adapters import localfile
+from backhaul.adapters import manager as manager_module
+from backhaul.adapters.clock import ManualClock
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.store import EventStore, open_store
+from backhaul.core import command as cmd
+from backhaul.core import hresult
+from backhaul.core.error import BitsError
+from backhaul.core.job import fold
+from backhaul.core.limit import DESCRIPTION_MAX, DISPLAY_NAME_MAX, Limits
+from backhaul.core.value import ByteRange, FileSpec, JobError, ProxySettings
+from backhaul.core.vocabulary import (
+    AuthScheme,
+    AuthTarget,
+    ErrorContext,
+    JobPriority,
+    JobPropertyId,
+    JobState,
+    JobTransferPolicy,
+    JobType,
+    NotifyFlags,
+)
+
+OWNER = "alice"
+URL = "https://example.com/files/data.bin"
+TRANSIENT = JobError(ErrorContext.GENERAL_TRANSPORT, hresult.BG_E_CONNECT_FAILURE)
+FATAL = JobError(ErrorContext.REMOTE_FILE, hresult.E_ACCESSDENIED)
+UPLOAD_TYPES = [JobType.UPLOAD, JobType.UPLOAD_REPLY]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def store() -> EventStore:
+    return open_store("memory:")
+
+
+@pytest.fixture
+def manager(store: EventStore, clock: ManualClock) -> TransferManager:
+    return TransferManager(store, owner=OWNER, clock=clock)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """An existing local file for upload jobs."""
+    path = tmp_path / "upload-me.bin"
+    path.write_bytes(b"payload to upload\n")
+    return path
+
+
+def code(exc: pytest.ExceptionInfo[BitsError]) -> str:
+    return hresult.name_of(exc.value.hresult)
+
+
+def refused(
+    store: EventStore, expected: int, call: Callable[[], Any]
+) -> pytest.ExceptionInfo[BitsError]:
+    """``call`` must raise BitsError(expected) and append nothing."""
+    head = store.head()
+    with pytest.raises(BitsError) as exc:
+        call()
+    assert code(exc) == hresult.name_of(expected), exc.value.message
+    assert store.head() == head, "a refused call appended events"
+    return exc
+
+
+def outcome(call: Callable[[], Any]) -> Any:
+    """The call's result, or the BitsError it raised."""
+    try:
+        return call()
+    except BitsError as exc:
+        return exc
+
+
+def engine(manager: TransferManager, job: TransferJob, *commands: cmd.Command) -> None:
+    for command in commands:
+        manager.execute(job.id, command)
+
+
+def download(manager: TransferManager, tmp_path: Path, files: int = 1) -> TransferJob:
+    job = manager.create_job("download")
+    for i in range(files):
+        job.add_file(f"https://example.com/files/{i}.bin", tmp_path / f"file-{i}.bin")
+    return job
+
+
+def transferring(manager: TransferManager, tmp_path: Path, files: int = 1) -> TransferJob:
+    job = download(manager, tmp_path, files)
+    job.resume()
+    engine(manager, job, cmd.StartTransfer(), cmd.Connect())
+    assert job.state is JobState.TRANSFERRING
+    return job
+
+
+def transferred(manager: TransferManager, tmp_path: Path) -> TransferJob:
+    job = transferring(manager, tmp_path)
+    temp = localfile.temp_path(job.id, 0, str(tmp_path / "file-0.bin"))
+    temp.write_bytes(b"0123456789")
+    engine(manager, job, cmd.FinishFile(0, 10), cmd.FinishJob())
+    assert job.state is JobState.TRANSFERRED
+    return job
+
+
+def replayed(store: EventStore, job: TransferJob) -> Any:
+    return fold(a.event for a in store.stream(job.id))
+
+
+# -- creation and defaults ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job_type", list(JobType))
+def test_new_job_is_suspended_with_bits_defaults(
+    manager: TransferManager, clock: ManualClock, job_type: JobType
+) -> None:
+    job = manager.create_job("defaults", job_type)
+
+    assert job.state is JobState.SUSPENDED
+    assert job.job_type is job_type
+    assert job.owner == OWNER
+    assert job.display_name == "defaults"
+    assert job.description == ""
+    assert job.priority is JobPriority.NORMAL
+    assert job.minimum_retry_delay == timedelta(seconds=600)
+    assert job.no_progress_timeout == timedelta(days=14)
+    assert job.maximum_download_time == timedelta(days=90)
+    assert job.notify_flags == 3 == NotifyFlags.JOB_TRANSFERRED | NotifyFlags.JOB_ERROR
+    assert job.notify_cmdline is None
+    assert job.proxy_settings == ProxySettings()
+    assert job.http_method == ("GET" if job_type is JobType.DOWNLOAD else "BITS_POST")
+    assert job.security_flags == 0
+    assert job.acl_flags == 0
+    assert job.credentials == []
+    assert job.custom_headers is None
+    assert job.client_certificate is None
+    assert job.files() == []
+    assert job.error is None
+    assert job.error_count == 0
+    assert job.get_property(JobPropertyId.COST_FLAGS) == JobTransferPolicy.ALWAYS
+    assert job.get_property(JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS) == 500
+    times = job.times
+    assert times.creation_time == times.modification_time == clock.now()
+    assert times.transfer_completion_time is None
+
+
+def test_new_job_appends_exactly_one_event(manager: TransferManager, store: EventStore) -> None:
+    head = store.head()
+    job = manager.create_job("one event")
+    assert store.head() == head + 1
+    assert replayed(store, job) == job.snapshot()
+
+
+def test_create_job_with_an_unknown_type_raises_e_invalidarg(
+    manager: TransferManager, store: EventStore
+) -> None:
+    refused(store, hresult.E_INVALIDARG, lambda: manager.create_job("bad type", 7))  # type: ignore[arg-type]
+
+
+def test_display_name_of_257_characters_raises_bg_e_string_too_long(
+    manager: TransferManager, store: EventStore
+) -> None:
+    too_long = "n" * (DISPLAY_NAME_MAX + 1)
+    refused(store, hresult.BG_E_STRING_TOO_LONG, lambda: manager.create_job(too_long))
+    job = manager.create_job("n" * DISPLAY_NAME_MAX)
+    refused(store, hresult.BG_E_STRING_TOO_LONG, lambda: setattr(job, "display_name", too_long))
+    assert job.display_name == "n" * DISPLAY_NAME_MAX
+
+
+def test_description_of_1025_characters_raises_bg_e_string_too_long(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("described")
+    job.description = "d" * DESCRIPTION_MAX
+    too_long = "d" * (DESCRIPTION_MAX + 1)
+    refused(store, hresult.BG_E_STRING_TOO_LONG, lambda: setattr(job, "description", too_long))
+    assert job.description == "d" * DESCRIPTION_MAX
+
+
+def test_display_name_with_a_lone_surrogate_is_refused_or_stored_never_crashes(
+    manager: TransferManager, store: EventStore
+) -> None:
+    """A Python str can hold a lone surrogate (a broken UTF-16 name from Windows). The API
+    must either refuse it with E_INVALIDARG or store it; it must not escape as an encoding
+    error from the store."""
+    name = "report-\ud800.txt"
+    result = outcome(lambda: manager.create_job(name))
+    if isinstance(result, BitsError):
+        assert hresult.name_of(result.hresult) == "E_INVALIDARG"
+    else:
+        assert result.display_name == name
+        assert replayed(store, result) == result.snapshot()
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job_type", UPLOAD_TYPES)
+def test_upload_jobs_hold_exactly_one_file(
+    manager: TransferManager, store: EventStore, source: Path, job_type: JobType
+) -> None:
+    job = manager.create_job("upload", job_type)
+    job.add_file("https://example.com/upload/target", source)
+
+    refused(
+        store,
+        hresult.BG_E_TOO_MANY_FILES,
+        lambda: job.add_file("https://example.com/upload/second", source),
+    )
+    assert len(job.files()) == 1
+
+
+@pytest.mark.parametrize("job_type", UPLOAD_TYPES)
+def test_add_file_set_of_two_on_an_empty_upload_job_refuses_both(
+    manager: TransferManager, store: EventStore, source: Path, job_type: JobType
+) -> None:
+    job = manager.create_job("upload", job_type)
+    pair = [("https://example.com/upload/a", source), ("https://example.com/upload/b", source)]
+
+    refused(store, hresult.BG_E_TOO_MANY_FILES, lambda: job.add_files(pair))
+
+    assert job.files() == []
+    job.add_files(pair[:1])
+    assert len(job.files()) == 1
+
+
+def test_add_file_set_on_a_download_job_adds_all_files_in_one_event(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    job = manager.create_job("download")
+    head = store.head()
+    job.add_files([(f"https://example.com/{i}", tmp_path / f"f{i}") for i in range(3)])
+    assert store.head() == head + 1
+    assert [f.local_name for f in job.files()] == [str(tmp_path / f"f{i}") for i in range(3)]
+
+
+@pytest.mark.parametrize("job_type", UPLOAD_TYPES)
+def test_ranges_on_an_upload_job_raise_e_notimpl(
+    manager: TransferManager, store: EventStore, source: Path, job_type: JobType
+) -> None:
+    job = manager.create_job("upload", job_type)
+    refused(
+        store,
+        hresult.E_NOTIMPL,
+        lambda: job.add_file("https://example.com/upload/target", source, ranges=[(0, 10)]),
+    )
+    assert job.files() == []
+
+
+@pytest.mark.parametrize("job_type", UPLOAD_TYPES)
+def test_set_remote_name_and_replace_remote_prefix_on_an_upload_job_raise_e_notimpl(
+    manager: TransferManager, store: EventStore, source: Path, job_type: JobType
+) -> None:
+    job = manager.create_job("upload", job_type)
+    job.add_file("https://example.com/upload/target", source)
+
+    refused(store, hresult.E_NOTIMPL, lambda: job.set_remote_name(0, "https://example.org/other"))
+    refused(
+        store,
+        hresult.E_NOTIMPL,
+        lambda: job.replace_remote_prefix("https://example.com", "https://example.org"),
+    )
+    assert job.files()[0].remote_name == "https://example.com/upload/target"
+
+
+def test_set_remote_name_and_replace_remote_prefix_change_download_remote_names(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path, files=2)
+    job.set_remote_name(1, "https://mirror.example.org/one.bin")
+    assert job.replace_remote_prefix("https://example.com/files/", "https://cdn.example.net/")
+    assert not job.replace_remote_prefix("https://nowhere.example/", "https://x.example/")
+    assert [f.remote_name for f in job.files()] == [
+        "https://cdn.example.net/0.bin",
+        "https://mirror.example.org/one.bin",
+    ]
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        [(0, 100), (50, 10)],
+        [(10, 5), (10, 5)],
+        [(0, None), (1000, 5)],  # to the end of the file, then more
+        [(500, 100), (0, 501)],  # overlap found after sorting by offset
+    ],
+)
+def test_overlapping_ranges_raise_bg_e_overlapping_ranges(
+    manager: TransferManager,
+    store: EventStore,
+    tmp_path: Path,
+    ranges: list[tuple[int, int | None]],
+) -> None:
+    job = manager.create_job("ranges")
+    refused(
+        store,
+        hresult.BG_E_OVERLAPPING_RANGES,
+        lambda: job.add_file(URL, tmp_path / "ranged.bin", ranges=ranges),
+    )
+    assert job.files() == []
+
+
+def test_adjacent_ranges_are_accepted_and_count_only_the_requested_bytes(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = manager.create_job("ranges")
+    job.add_file(URL, tmp_path / "ranged.bin", ranges=[(900, 100), (100, 100), (200, 50)])
+    assert job.files()[0].ranges == (ByteRange(900, 100), ByteRange(100, 100), ByteRange(200, 50))
+    assert job.progress.bytes_total == 250
+
+
+def test_files_per_job_limit_raises_bg_e_too_many_files_in_job(
+    store: EventStore, clock: ManualClock, tmp_path: Path
+) -> None:
+    manager = TransferManager(store, owner=OWNER, clock=clock, limits=Limits(max_files_per_job=3))
+    job = manager.create_job("limited")
+    job.add_files([(f"https://example.com/{i}", tmp_path / f"f{i}") for i in range(2)])
+
+    pair = [(f"https://example.com/{i}", tmp_path / f"f{i}") for i in (2, 3)]
+    refused(store, hresult.BG_E_TOO_MANY_FILES_IN_JOB, lambda: job.add_files(pair))
+    job.add_file("https://example.com/2", tmp_path / "f2")
+    refused(
+        store,
+        hresult.BG_E_TOO_MANY_FILES_IN_JOB,
+        lambda: job.add_file("https://example.com/3", tmp_path / "f3"),
+    )
+    assert len(job.files()) == 3
+
+
+@pytest.mark.parametrize(
+    "local",
+    [
+        "relative/path/file.bin",
+        "{tmp}/no-such-directory/file.bin",
+        "{tmp}",  # an existing directory, not a file name
+        "{tmp}/../escape.bin",
+        "",
+    ],
+    ids=["relative", "missing-directory", "directory", "dot-dot", "empty"],
+)
+def test_bad_local_name_raises_e_invalidarg_and_records_nothing(
+    manager: TransferManager, store: EventStore, tmp_path: Path, local: str
+) -> None:
+    job = manager.create_job("bad local name")
+    name = local.format(tmp=tmp_path)
+    refused(store, hresult.E_INVALIDARG, lambda: job.add_file(URL, name))
+    assert job.files() == []
+
+
+@pytest.mark.parametrize("job_type", UPLOAD_TYPES)
+def test_upload_of_a_missing_file_raises_e_invalidarg(
+    manager: TransferManager, store: EventStore, tmp_path: Path, job_type: JobType
+) -> None:
+    job = manager.create_job("upload", job_type)
+    refused(
+        store,
+        hresult.E_INVALIDARG,
+        lambda: job.add_file("https://example.com/upload", tmp_path / "not-there.bin"),
+    )
+
+
+@pytest.mark.parametrize(
+    "remote",
+    [
+        "ftp://example.com/file.bin",
+        "gopher://example.com/file",
+        "not a url",
+        "https://example.com/*.bin",
+        "",
+    ],
+)
+def test_unknown_url_scheme_or_bad_remote_name_raises_e_invalidarg(
+    manager: TransferManager, store: EventStore, tmp_path: Path, remote: str
+) -> None:
+    job = manager.create_job("bad remote name")
+    refused(store, hresult.E_INVALIDARG, lambda: job.add_file(remote, tmp_path / "file.bin"))
+    assert job.files() == []
+
+
+def test_a_manager_accepts_only_the_schemes_it_was_given(
+    store: EventStore, clock: ManualClock, tmp_path: Path
+) -> None:
+    manager = TransferManager(store, owner=OWNER, clock=clock, schemes={"https"})
+    job = manager.create_job("https only")
+    job.add_file("https://example.com/a", tmp_path / "a")
+    refused(
+        store, hresult.E_INVALIDARG, lambda: job.add_file("http://example.com/b", tmp_path / "b")
+    )
+
+
+def test_upload_reply_jobs_need_an_http_url(
+    manager: TransferManager, store: EventStore, source: Path
+) -> None:
+    job = manager.create_job("reply", JobType.UPLOAD_REPLY)
+    refused(store, hresult.E_INVALIDARG, lambda: job.add_file("\\\\server\\share\\up.bin", source))
+
+
+# -- finding and listing jobs ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job_id", [str(uuid4()), "not-a-job-id"])
+def test_get_job_of_an_unknown_id_raises_bg_e_not_found(
+    manager: TransferManager, job_id: str
+) -> None:
+    with pytest.raises(BitsError) as exc:
+        manager.get_job(job_id)
+    assert code(exc) == "BG_E_NOT_FOUND"
+
+
+def test_get_job_of_a_cancelled_job_raises_bg_e_not_found_unless_include_final(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path)
+    job.cancel()
+
+    with pytest.raises(BitsError) as exc:
+        manager.get_job(job.id)
+    assert code(exc) == "BG_E_NOT_FOUND"
+    assert manager.get_job(job.id, include_final=True).state is JobState.CANCELLED
+
+
+def test_get_job_of_an_acknowledged_job_raises_bg_e_not_found(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = transferred(manager, tmp_path)
+    job.complete()
+    with pytest.raises(BitsError) as exc:
+        manager.get_job(job.id)
+    assert code(exc) == "BG_E_NOT_FOUND"
+    assert manager.get_job(job.id, include_final=True).state is JobState.ACKNOWLEDGED
+
+
+def test_jobs_lists_live_jobs_and_excludes_final_ones(
+    manager: TransferManager, clock: ManualClock, tmp_path: Path
+) -> None:
+    kept = download(manager, tmp_path)
+    clock.advance(1)
+    cancelled = manager.create_job("cancelled")
+    cancelled.cancel()
+    clock.advance(1)
+    acknowledged = manager.create_job("acknowledged")
+    acknowledged.add_file(URL, tmp_path / "ack.bin")
+    acknowledged.complete()
+
+    assert [j.id for j in manager.jobs()] == [kept.id]
+    assert [j.id for j in manager.jobs(include_final=True)] == [
+        kept.id,
+        cancelled.id,
+        acknowledged.id,
+    ]
+
+
+def test_jobs_lists_only_the_owners_jobs(
+    store: EventStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "_is_admin", lambda: False)
+    alice = TransferManager(store, owner="alice", clock=clock)
+    bob = TransferManager(store, owner="bob", clock=clock)
+    a = alice.create_job("alice's")
+    clock.advance(1)
+    b = bob.create_job("bob's")
+
+    assert [j.id for j in alice.jobs()] == [a.id]
+    assert [j.id for j in bob.jobs()] == [b.id]
+    with pytest.raises(BitsError) as exc:
+        list(alice.jobs(all_owners=True))
+    assert code(exc) == "E_ACCESSDENIED"
+
+
+def test_jobs_of_all_owners_are_listed_for_an_administrator(
+    store: EventStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "_is_admin", lambda: True)
+    alice = TransferManager(store, owner="alice", clock=clock)
+    bob = TransferManager(store, owner="bob", clock=clock)
+    a = alice.create_job("alice's")
+    clock.advance(1)
+    b = bob.create_job("bob's")
+
+    assert [j.id for j in alice.jobs(all_owners=True)] == [a.id, b.id]
+    assert [j.id for j in alice.jobs()] == [a.id]
+    assert alice.get_job(b.id).owner == "bob"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="all_owners needs root without a monkeypatch")
+def test_jobs_of_all_owners_are_listed_when_running_as_root(
+    store: EventStore, clock: ManualClock
+) -> None:
+    alice = TransferManager(store, owner="alice", clock=clock)
+    bob = TransferManager(store, owner="bob", clock=clock)
+    ids = {alice.create_job("a").id, bob.create_job("b").id}
+    assert {j.id for j in alice.jobs(all_owners=True)} == ids
+
+
+def test_get_job_of_another_owners_job_raises_e_accessdenied_for_a_standard_user(
+    store: EventStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "_is_admin", lambda: False)
+    alice = TransferManager(store, owner="alice", clock=clock)
+    bob = TransferManager(store, owner="bob", clock=clock)
+    job = alice.create_job("alice's")
+
+    with pytest.raises(BitsError) as exc:
+        bob.get_job(job.id)
+    assert code(exc) == "E_ACCESSDENIED"
+    refused(store, hresult.E_ACCESSDENIED, lambda: setattr(TransferJob(bob, job.id), "priority", 1))
+
+
+def test_jobs_per_owner_limit_raises_bg_e_too_many_jobs_per_user(
+    store: EventStore, clock: ManualClock
+) -> None:
+    limits = Limits(max_jobs_per_owner=2, max_jobs=None)
+    alice = TransferManager(store, owner="alice", clock=clock, limits=limits)
+    first = alice.create_job("1")
+    alice.create_job("2")
+
+    refused(store, hresult.BG_E_TOO_MANY_JOBS_PER_USER, lambda: alice.create_job("3"))
+    TransferManager(store, owner="bob", clock=clock, limits=limits).create_job("bob's")
+    first.cancel()  # final jobs no longer count
+    alice.create_job("3")
+
+
+def test_jobs_per_machine_limit_raises_bg_e_too_many_jobs_per_machine(
+    store: EventStore, clock: ManualClock
+) -> None:
+    limits = Limits(max_jobs_per_owner=None, max_jobs=2)
+    TransferManager(store, owner="alice", clock=clock, limits=limits).create_job("1")
+    TransferManager(store, owner="bob", clock=clock, limits=limits).create_job("2")
+    carol = TransferManager(store, owner="carol", clock=clock, limits=limits)
+    refused(store, hresult.BG_E_TOO_MANY_JOBS_PER_MACHINE, lambda: carol.create_job("3"))
+
+
+def test_jobs_per_owner_limit_also_holds_inside_a_batch(
+    store: EventStore, clock: ManualClock
+) -> None:
+    limits = Limits(max_jobs_per_owner=2, max_jobs=None)
+    alice = TransferManager(store, owner="alice", clock=clock, limits=limits)
+
+    def three_jobs_in_one_batch() -> None:
+        with alice.batch():
+            for i in range(3):
+                alice.create_job(f"batched {i}")
+
+    with pytest.raises(BitsError) as exc:
+        three_jobs_in_one_batch()
+    assert code(exc) == "BG_E_TOO_MANY_JOBS_PER_USER"
+    assert store.head() == 0
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("given", "stored"), [(0, 5), (1, 5), (4.9, 5), (5, 5), (60, 60)])
+def test_minimum_retry_delay_below_5_seconds_is_raised_to_5(
+    manager: TransferManager, given: float, stored: int
+) -> None:
+    job = manager.create_job("retry delay")
+    job.minimum_retry_delay = given
+    assert job.minimum_retry_delay == timedelta(seconds=stored)
+    job.minimum_retry_delay = timedelta(seconds=given)
+    assert job.minimum_retry_delay == timedelta(seconds=stored)
+
+
+def test_negative_times_raise_e_invalidarg(manager: TransferManager, store: EventStore) -> None:
+    job = manager.create_job("times")
+    for name in ("minimum_retry_delay", "no_progress_timeout", "maximum_download_time"):
+        refused(store, hresult.E_INVALIDARG, lambda name=name: setattr(job, name, -1))
+
+
+def test_custom_headers_read_back_until_made_write_only(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("headers")
+    headers = "X-Api-Key: abc123\r\nX-Trace: on\r\n"
+    job.set_custom_headers(headers)
+    assert job.custom_headers == headers
+
+    job.make_custom_headers_write_only()
+    with pytest.raises(BitsError) as exc:
+        _ = job.custom_headers
+    assert code(exc) == "E_ACCESSDENIED"
+    head = store.head()
+    job.make_custom_headers_write_only()  # already write-only: nothing to record
+    assert store.head() == head
+
+
+def test_custom_headers_none_removes_them(manager: TransferManager) -> None:
+    job = manager.create_job("headers")
+    job.set_custom_headers("X-One: 1\r\n")
+    job.set_custom_headers(None)
+    assert job.custom_headers is None
+
+
+def test_malformed_custom_header_line_raises_e_invalidarg(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("headers")
+    refused(store, hresult.E_INVALIDARG, lambda: job.set_custom_headers("no colon here\r\n"))
+
+
+def test_remove_credentials_returns_false_when_none_were_set(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("credentials")
+    head = store.head()
+    assert job.remove_credentials(AuthTarget.SERVER, AuthScheme.BASIC) is False
+    assert store.head() == head
+
+    job.set_credentials(AuthTarget.SERVER, AuthScheme.BASIC, "alice", "s3cret")
+    assert job.credentials == [(AuthTarget.SERVER, AuthScheme.BASIC, "alice")]
+    assert job.remove_credentials(AuthTarget.PROXY, AuthScheme.BASIC) is False
+    assert job.remove_credentials(AuthTarget.SERVER, AuthScheme.BASIC) is True
+    assert job.credentials == []
+
+
+def test_basic_credentials_need_a_user_name_and_a_password(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("credentials")
+    refused(
+        store,
+        hresult.E_INVALIDARG,
+        lambda: job.set_credentials(AuthTarget.SERVER, AuthScheme.BASIC, "alice", None),
+    )
+
+
+PROPERTY_VALUES: dict[JobPropertyId, tuple[Any, Any]] = {
+    # id: (value given, value read back)
+    JobPropertyId.COST_FLAGS: (int(JobTransferPolicy.STANDARD), JobTransferPolicy.STANDARD),
+    JobPropertyId.NOTIFICATION_CLSID: (
+        "{12345678-ABCD-1234-ABCD-123456789ABC}",
+        "12345678-abcd-1234-abcd-123456789abc",
+    ),
+    JobPropertyId.DYNAMIC_CONTENT: (True, True),
+    JobPropertyId.HIGH_PERFORMANCE: (True, True),
+    JobPropertyId.MAX_DOWNLOAD_SIZE: (10**9, 10**9),
+    JobPropertyId.USE_STORED_CREDENTIALS: (AuthTarget.PROXY, AuthTarget.PROXY),
+    JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS: (2000, 2000),
+    JobPropertyId.ON_DEMAND_MODE: (True, True),
+}
+DOWNLOAD_ONLY = [
+    JobPropertyId.DYNAMIC_CONTENT,
+    JobPropertyId.HIGH_PERFORMANCE,
+    JobPropertyId.MAX_DOWNLOAD_SIZE,
+    JobPropertyId.ON_DEMAND_MODE,
+]
+
+
+def test_property_table_covers_every_job_property_id() -> None:
+    assert set(PROPERTY_VALUES) == set(JobPropertyId)
+
+
+@pytest.mark.parametrize("prop", list(JobPropertyId), ids=lambda p: p.name)
+def test_set_property_then_get_property_reads_the_value_back(
+    manager: TransferManager, store: EventStore, prop: JobPropertyId
+) -> None:
+    job = manager.create_job("properties")
+    given, expected = PROPERTY_VALUES[prop]
+    job.set_property(prop, given)
+    assert job.get_property(prop) == expected
+    assert replayed(store, job) == job.snapshot()
+
+
+@pytest.mark.parametrize("job_type", UPLOAD_TYPES)
+@pytest.mark.parametrize("prop", DOWNLOAD_ONLY, ids=lambda p: p.name)
+def test_download_only_property_on_an_upload_job_is_refused(
+    manager: TransferManager, store: EventStore, prop: JobPropertyId, job_type: JobType
+) -> None:
+    job = manager.create_job("upload", job_type)
+    refused(
+        store,
+        hresult.BG_E_PROPERTY_SUPPORTED_FOR_DOWNLOAD_JOBS_ONLY,
+        lambda: job.set_property(prop, PROPERTY_VALUES[prop][0]),
+    )
+
+
+def test_dynamic_content_after_the_first_resume_raises_read_only_after_resume(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path)
+    job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
+    job.resume()
+    job.suspend()
+    refused(
+        store,
+        hresult.BG_E_READ_ONLY_PROPERTY_AFTER_RESUME,
+        lambda: job.set_property(JobPropertyId.DYNAMIC_CONTENT, False),
+    )
+    assert job.get_property(JobPropertyId.DYNAMIC_CONTENT) is True
+
+
+def test_high_performance_after_add_file_raises_read_only_after_addfile(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path)
+    refused(
+        store,
+        hresult.BG_E_READ_ONLY_PROPERTY_AFTER_ADDFILE,
+        lambda: job.set_property(JobPropertyId.HIGH_PERFORMANCE, True),
+    )
+
+
+def test_unknown_property_id_raises_bg_e_unknown_property_id(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("properties")
+    refused(store, hresult.BG_E_UNKNOWN_PROPERTY_ID, lambda: job.set_property(6, 1))  # type: ignore[arg-type]
+    with pytest.raises(BitsError) as exc:
+        job.get_property(8)  # type: ignore[arg-type]
+    assert code(exc) == "BG_E_UNKNOWN_PROPERTY_ID"
+
+
+def test_custom_http_method_forces_foreground_and_locks_the_priority(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("put")
+    job.priority = JobPriority.LOW
+    job.http_method = "PUT"
+
+    assert job.http_method == "PUT"
+    assert job.priority is JobPriority.FOREGROUND
+    refused(
+        store,
+        hresult.BG_E_NOT_SUPPORTED_WITH_CUSTOM_HTTP_METHOD,
+        lambda: setattr(job, "priority", JobPriority.HIGH),
+    )
+    job.priority = JobPriority.FOREGROUND
+
+
+def test_acl_flags_with_unknown_bits_raise_e_invalidarg(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("acl")
+    refused(store, hresult.E_INVALIDARG, lambda: setattr(job, "acl_flags", 0x10))
+    assert job.acl_flags == 0
+    job.acl_flags = 0xF
+    assert job.acl_flags == 0xF
+
+
+@pytest.mark.parametrize(
+    ("setter", "unknown_bit", "expected"),
+    [
+        ("notify_flags", 0x40, hresult.E_NOTIMPL),
+        ("security_flags", 0x1000, hresult.E_NOTIMPL),
+        ("acl_flags", 0x100, hresult.E_INVALIDARG),
+    ],
+)
+def test_flag_setters_refuse_bits_outside_their_flag_set(
+    manager: TransferManager, store: EventStore, setter: str, unknown_bit: int, expected: int
+) -> None:
+    job = manager.create_job("flags")
+    before = getattr(job, setter)
+    refused(store, expected, lambda: setattr(job, setter, unknown_bit | 0x1))
+    assert getattr(job, setter) == before
+
+
+def test_cost_flags_with_the_reserved_bit_raise_e_invalidarg(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("cost")
+    reserved = 0x40000000  # BITS_COST_STATE_RESERVED is not a cost flag
+    refused(
+        store,
+        hresult.E_INVALIDARG,
+        lambda: job.set_property(JobPropertyId.COST_FLAGS, reserved | 0x1),
+    )
+    assert job.get_property(JobPropertyId.COST_FLAGS) == JobTransferPolicy.ALWAYS
+
+
+def test_acl_flags_are_refused_once_the_job_is_transferred(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    job = transferred(manager, tmp_path)
+    refused(store, hresult.BG_E_INVALID_STATE, lambda: setattr(job, "acl_flags", 1))
+
+
+def test_setters_on_a_final_job_raise_bg_e_invalid_state(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path)
+    job.cancel()
+    for call in (
+        lambda: setattr(job, "description", "late"),
+        lambda: setattr(job, "priority", JobPriority.HIGH),
+        lambda: job.set_custom_headers("X-Late: 1\r\n"),
+        lambda: job.add_file(URL, tmp_path / "late.bin"),
+        job.resume,
+        job.suspend,
+        job.cancel,
+        job.complete,
+    ):
+        refused(store, hresult.BG_E_INVALID_STATE, call)
+
+
+# -- the state-changing calls ------------------------------------------------------------
+
+
+def test_resume_without_files_raises_bg_e_empty(
+    manager: TransferManager, store: EventStore
+) -> None:
+    job = manager.create_job("empty")
+    refused(store, hresult.BG_E_EMPTY, job.resume)
+    assert job.state is JobState.SUSPENDED
+
+
+def test_resume_with_a_file_queues_the_job(manager: TransferManager, tmp_path: Path) -> None:
+    job = download(manager, tmp_path)
+    job.resume()
+    assert job.state is JobState.QUEUED
+    job.resume()  # an action state stays as it is
+    assert job.state is JobState.QUEUED
+    job.suspend()
+    assert job.state is JobState.SUSPENDED
+
+
+def test_complete_of_a_download_without_transferred_files_returns_partial_complete(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path, files=2)
+    assert job.complete() == hresult.BG_S_PARTIAL_COMPLETE
+    assert job.state is JobState.ACKNOWLEDGED
+    assert not (tmp_path / "file-0.bin").exists()
+
+
+@pytest.mark.parametrize("job_type", UPLOAD_TYPES)
+def test_complete_of_an_upload_job_that_is_not_transferred_raises_bg_e_invalid_state(
+    manager: TransferManager, store: EventStore, source: Path, job_type: JobType
+) -> None:
+    job = manager.create_job("upload", job_type)
+    job.add_file("https://example.com/upload/target", source)
+    refused(store, hresult.BG_E_INVALID_STATE, job.complete)
+    job.resume()
+    refused(store, hresult.BG_E_INVALID_STATE, job.complete)
+    assert job.state is JobState.QUEUED
+
+
+def test_complete_of_a_transferred_upload_job_returns_s_ok(
+    manager: TransferManager, source: Path
+) -> None:
+    job = manager.create_job("upload", JobType.UPLOAD)
+    job.add_file("https://example.com/upload/target", source)
+    job.resume()
+    engine(
+        manager,
+        job,
+        cmd.StartTransfer(),
+        cmd.Connect(),
+        cmd.FinishFile(0, source.stat().st_size),
+        cmd.FinishJob(),
+    )
+    assert job.complete() == hresult.S_OK
+    assert job.state is JobState.ACKNOWLEDGED
+    assert source.exists()  # an upload's source is never touched
+
+
+def test_complete_publishes_the_temp_file_into_place_atomically(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    target = tmp_path / "published.bin"
+    job = manager.create_job("publish")
+    job.add_file(URL, target)
+    job.resume()
+    temp = localfile.temp_path(job.id, 0, str(target))
+    assert job.files()[0].temporary_name == str(temp)
+    data = os.urandom(4096)
+    temp.write_bytes(data[:1000])
+    engine(manager, job, cmd.StartTransfer(), cmd.Connect(), cmd.Checkpoint(0, 1000, 4096))
+    with temp.open("ab") as f:
+        f.write(data[1000:])
+    engine(manager, job, cmd.FinishFile(0, 4096), cmd.FinishJob())
+    assert job.state is JobState.TRANSFERRED
+    assert not target.exists()
+    inode = temp.stat().st_ino
+
+    assert job.complete() == hresult.S_OK
+
+    assert target.read_bytes() == data
+    assert target.stat().st_ino == inode  # renamed into place, not copied
+    assert not temp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["published.bin"]
+    done = manager.get_job(job.id, include_final=True)
+    assert done.files()[0].progress.completed
+    assert done.files()[0].temporary_name is None
+
+
+def test_complete_after_an_error_keeps_the_whole_files_and_deletes_the_rest(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = transferring(manager, tmp_path, files=2)
+    first = localfile.temp_path(job.id, 0, str(tmp_path / "file-0.bin"))
+    second = localfile.temp_path(job.id, 1, str(tmp_path / "file-1.bin"))
+    first.write_bytes(b"whole")
+    second.write_bytes(b"par")
+    engine(manager, job, cmd.FinishFile(0, 5), cmd.Checkpoint(1, 3, 10), cmd.Fail(FATAL, False))
+    assert job.state is JobState.ERROR
+
+    assert job.complete() == hresult.BG_S_PARTIAL_COMPLETE
+
+    assert (tmp_path / "file-0.bin").read_bytes() == b"whole"
+    assert not (tmp_path / "file-1.bin").exists()
+    assert not first.exists()
+    assert not second.exists()
+
+
+def test_cancel_deletes_the_temp_files(manager: TransferManager, tmp_path: Path) -> None:
+    job = transferring(manager, tmp_path, files=2)
+    temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1)]
+    temps[0].write_bytes(b"whole")
+    temps[1].write_bytes(b"part")
+    engine(manager, job, cmd.FinishFile(0, 5), cmd.Checkpoint(1, 4, 10))
+
+    assert job.cancel() == hresult.S_OK
+
+    assert job.state is JobState.CANCELLED
+    assert not any(t.exists() for t in temps)
+    assert not (tmp_path / "file-0.bin").exists()
+
+
+# -- times -------------------------------------------------------------------------------
+
+
+def test_modification_time_moves_on_every_call(
+    manager: TransferManager, clock: ManualClock, tmp_path: Path
+) -> None:
+    job = manager.create_job("times")
+    created = job.times.creation_time
+    calls: list[Callable[[], Any]] = [
+        lambda: job.add_file(URL, tmp_path / "t.bin"),
+        lambda: setattr(job, "description", "new description"),
+        lambda: setattr(job, "priority", JobPriority.LOW),
+        lambda: setattr(job, "display_name", "renamed"),
+        lambda: setattr(job, "no_progress_timeout", 60),
+        lambda: job.set_custom_headers("X-A: 1\r\n"),
+        job.resume,
+        lambda: manager.execute(job.id, cmd.StartTransfer()),
+        lambda: manager.execute(job.id, cmd.Connect()),
+        lambda: manager.execute(job.id, cmd.Checkpoint(0, 1, 10)),
+        job.suspend,
+        job.cancel,
+    ]
+    for call in calls:
+        clock.advance(timedelta(seconds=3))
+        call()
+        assert job.times.modification_time == clock.now()
+        assert job.times.creation_time == created
+
+
+def test_refused_call_leaves_the_modification_time(
+    manager: TransferManager, clock: ManualClock
+) -> None:
+    job = manager.create_job("times")
+    before = job.times.modification_time
+    clock.advance(10)
+    with pytest.raises(BitsError):
+        job.resume()
+    assert job.times.modification_time == before
+
+
+def test_transfer_completion_time_is_set_on_entering_transferred(
+    manager: TransferManager, clock: ManualClock, tmp_path: Path
+) -> None:
+    job = transferring(manager, tmp_path)
+    engine(manager, job, cmd.FinishFile(0, 10))
+    assert job.times.transfer_completion_time is None
+    clock.advance(timedelta(minutes=5))
+    finished_at = clock.now()
+    engine(manager, job, cmd.FinishJob())
+    clock.advance(timedelta(minutes=5))
+    assert job.times.transfer_completion_time == finished_at
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def test_error_is_none_unless_the_job_is_in_error_or_transient_error(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = transferring(manager, tmp_path)
+    assert job.error is None
+    engine(manager, job, cmd.Fail(TRANSIENT, True))
+    assert job.state is JobState.TRANSIENT_ERROR
+    error = job.error
+    assert error is not None
+    assert error.hresult == hresult.BG_E_CONNECT_FAILURE
+    assert error.context is ErrorContext.GENERAL_TRANSPORT
+    assert error.description
+    engine(manager, job, cmd.Retry())
+    assert job.state is JobState.QUEUED
+    assert job.error is None
+    engine(manager, job, cmd.StartTransfer(), cmd.Connect(), cmd.Fail(FATAL, False))
+    assert job.state is JobState.ERROR
+    assert job.error is not None
+    assert job.error.hresult == hresult.E_ACCESSDENIED
+    job.suspend()
+    assert job.error is None
+
+
+def test_error_count_counts_failures_but_not_network_loss_or_blocking(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = transferring(manager, tmp_path)
+    engine(manager, job, cmd.Fail(TRANSIENT, True))
+    assert job.error_count == 1
+    engine(manager, job, cmd.Retry(), cmd.LoseNetwork())
+    assert job.state is JobState.TRANSIENT_ERROR
+    assert job.error is not None
+    assert job.error.hresult == hresult.BG_E_NETWORK_DISCONNECTED
+    assert job.error_count == 1
+    engine(manager, job, cmd.RestoreNetwork(), cmd.Block(hresult.BG_E_BLOCKED_BY_POLICY))
+    assert job.state is JobState.TRANSIENT_ERROR
+    assert job.error is not None
+    assert job.error.hresult == hresult.BG_E_BLOCKED_BY_POLICY
+    assert job.error_count == 1
+    engine(manager, job, cmd.Unblock(), cmd.StartTransfer(), cmd.Fail(FATAL, False))
+    assert job.error_count == 2
+
+
+def test_no_progress_timeout_0_turns_a_transient_failure_into_error(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path)
+    job.no_progress_timeout = 0
+    job.resume()
+    engine(manager, job, cmd.StartTransfer(), cmd.Fail(TRANSIENT, True))
+    assert job.state is JobState.ERROR
+    assert job.error is not None
+    assert job.error.hresult == hresult.BG_E_CONNECT_FAILURE
+
+
+def test_custom_http_method_turns_a_transient_failure_into_error(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path)
+    job.http_method = "PUT"
+    job.resume()
+    engine(manager, job, cmd.StartTransfer(), cmd.Fail(TRANSIENT, True))
+    assert job.state is JobState.ERROR
+
+
+def test_transient_failure_with_a_default_job_is_retried(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = download(manager, tmp_path)
+    job.resume()
+    engine(manager, job, cmd.StartTransfer(), cmd.Fail(TRANSIENT, True))
+    assert job.state is JobState.TRANSIENT_ERROR
+    job.resume()  # retries at once
+    assert job.state is JobState.QUEUED
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+def test_batch_appends_nothing_when_the_block_raises(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    existing = download(manager, tmp_path)
+    head = store.head()
+    created: list[str] = []
+
+    def abandoned_batch() -> None:
+        with manager.batch():
+            job = manager.create_job("batched")
+            created.append(job.id)
+            job.add_file(URL, tmp_path / "batched.bin")
+            existing.description = "changed in the batch"
+            existing.resume()
+            raise RuntimeError("abandon the batch")
+
+    with pytest.raises(RuntimeError, match="abandon"):
+        abandoned_batch()
+
+    assert store.head() == head
+    assert existing.description == ""
+    assert existing.state is JobState.SUSPENDED
+    with pytest.raises(BitsError) as exc:
+        manager.get_job(created[0])
+    assert code(exc) == "BG_E_NOT_FOUND"
+
+
+def test_batch_appends_everything_in_one_go(
+    manager: TransferManager, store: EventStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    existing = download(manager, tmp_path)
+    head = store.head()
+    appends: list[int] = []
+    real_append_many = store.append_many
+
+    def counting(batches: Any) -> list[int]:
+        appends.append(sum(len(events) for _, _, events in batches))
+        return real_append_many(batches)
+
+    monkeypatch.setattr(store, "append_many", counting)
+
+    with manager.batch():
+        job = manager.create_job("batched")
+        job.add_file(URL, tmp_path / "batched.bin")
+        job.description = "batched description"
+        existing.resume()
+        existing.priority = JobPriority.HIGH
+        assert store.head() == head  # nothing is written before the block ends
+        assert job.description == "batched description"  # but reads see the batch
+
+    assert appends == [5]
+    assert store.head() == head + 5
+    assert job.state is JobState.SUSPENDED
+    assert existing.state is JobState.QUEUED
+    for handle in (job, existing):
+        assert replayed(store, handle) == handle.snapshot()
+
+
+def test_batch_reads_the_live_job_when_its_view_row_is_behind(
+    store: EventStore, clock: ManualClock, tmp_path: Path
+) -> None:
+    """A job last seen through the read model (another manager, or after a restart) must be
+    caught up with the log inside a batch too, as everywhere else."""
+    writer = TransferManager(store, owner=OWNER, clock=clock)
+    job = download(writer, tmp_path)
+    writer.refresh_views()
+    job.description = "written after the views were refreshed"
+
+    other = TransferManager(store, owner=OWNER, clock=clock)
+    with other.batch():
+        handle = other.get_job(job.id)
+        assert handle.description == "written after the views were refreshed"
+        handle.priority = JobPriority.HIGH
+
+    assert job.priority is JobPriority.HIGH
+    assert job.description == "written after the views were refreshed"
+
+
+def test_cancel_inside_an_abandoned_batch_keeps_the_temp_files(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    """Nothing of an abandoned batch happens: the job is not cancelled, so the partial
+    download it still owns must still be there."""
+    job = transferring(manager, tmp_path)
+    temp = localfile.temp_path(job.id, 0, str(tmp_path / "file-0.bin"))
+    temp.write_bytes(b"partial")
+    engine(manager, job, cmd.Checkpoint(0, 7, 100))
+
+    def abandoned_batch() -> None:
+        with manager.batch():
+            job.cancel()
+            raise RuntimeError("abandon the batch")
+
+    with pytest.raises(RuntimeError, match="abandon"):
+        abandoned_batch()
+
+    assert job.state is JobState.TRANSFERRING
+    assert job.progress.bytes_transferred == 7
+    assert temp.read_bytes() == b"partial"
+
+
+# -- live handles ------------------------------------------------------------------------
+
+
+def test_a_handle_sees_changes_made_through_another_manager(
+    store: EventStore, clock: ManualClock, tmp_path: Path
+) -> None:
+    first = TransferManager(store, owner=OWNER, clock=clock)
+    second = TransferManager(store, owner=OWNER, clock=clock)
+    job = download(first, tmp_path)
+    other = second.get_job(job.id)
+
+    other.description = "from the second manager"
+    job.resume()
+
+    assert job.description == "from the second manager"
+    assert other.state is JobState.QUEUED
+    assert job.snapshot() == other.snapshot() == replayed(store, job)
+
+
+def test_add_files_records_the_file_specs_as_given(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    job = manager.create_job("specs")
+    digest = "sha256:" + "ab" * 32
+    job.add_files([FileSpec(URL, str(tmp_path / "a.bin"), (ByteRange(0, 10),), digest)])
+    (only,) = replayed(store, job).files
+    assert only.spec == FileSpec(URL, str(tmp_path / "a.bin"), (ByteRange(0, 10),), digest)

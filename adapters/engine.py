@@ -62,6 +62,7 @@ from backhaul.core.port import (
     RequestOptions,
     Transport,
     Uploader,
+    UploadSession,
 )
 from backhaul.core.value import ByteRange, JobError
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
@@ -145,6 +146,7 @@ class Engine:
         self.limiter = RateLimiter()
         self.yielder = YieldController() if yield_bandwidth else None
         self._bg_sockets: set[Any] = set()
+        self._reply_sessions: dict[str, UploadSession] = {}
         self.network_probe: Callable[[], bool] = network_up
         self.cost_probe: Callable[[], int] = system_cost
         self.network_check_interval = 1.0
@@ -281,19 +283,24 @@ class Engine:
         else:
             after = before
         self._dispatch(rec, before if rec.version > before.version else None, after)
-        if isinstance(rec.event, ev.JobCancelled | ev.JobScavenged) and any(
-            f.upload_token for f in after.files
-        ):
-            task = asyncio.create_task(self._abort_uploads(after))
-            self._cmdlines[f"abort-{after.id}"] = task
-            task.add_done_callback(lambda _t: self._cmdlines.pop(f"abort-{after.id}", None))
         if after.is_final:
-            self._forget(rec.job_id)
+            self._finished(after)
         elif rec.job_id in self._tasks and after.state not in (
             JobState.CONNECTING,
             JobState.TRANSFERRING,
         ):
             self._tasks[rec.job_id].cancel()
+
+    def _finished(self, job: Job) -> None:
+        """A job reached a final state: stop its transfer; a cancelled upload also
+        cancels its sessions on the server (Cancel-Session)."""
+        self._forget(job.id)
+        if job.state is JobState.CANCELLED and any(f.upload_token for f in job.files):
+            key = f"abort-{job.id}"
+            if key not in self._cmdlines:
+                task = asyncio.create_task(self._abort_uploads(job))
+                self._cmdlines[key] = task
+                task.add_done_callback(lambda _t: self._cmdlines.pop(key, None))
 
     def _forget(self, job_id: str) -> None:
         task = self._tasks.get(job_id)
@@ -606,6 +613,8 @@ class Engine:
         stream = await asyncio.to_thread(self.store.stream, job_id)
         job = jobs.fold(a.event for a in stream)
         if job is None or job.is_final:
+            if job is not None and job_id in self._jobs:
+                self._finished(job)
             self._jobs.pop(job_id, None)
             return None
         self._jobs[job_id] = job
@@ -848,7 +857,7 @@ class Engine:
                 position += len(chunk)
                 if background:
                     self.yielder.add(len(chunk))  # type: ignore[union-attr]
-                if buckets:
+                if self.limiter.limited(buckets):
                     await self.limiter.take(buckets, len(chunk))
                 self.live_progress[key] = position
                 if digest is not None:
@@ -954,10 +963,21 @@ class Engine:
 
     async def _upload_file(self, job_id: str, index: int) -> None:
         """Send the local file in fragments from the offset the server holds; the
-        local file must not change meanwhile (BG_E_LOCAL_FILE_CHANGED, fatal)."""
+        local file must not change meanwhile (BG_E_LOCAL_FILE_CHANGED, fatal). A server
+        that lost the session (BG_E_SESSION_NOT_FOUND) gets a new one, from byte 0."""
+        try:
+            await self._upload_once(job_id, index)
+        except TransferError as exc:
+            if exc.hresult != hresult.BG_E_SESSION_NOT_FOUND:
+                raise
+            await self._commit(job_id, cmd.RestartFile(index, "the server lost the session"))
+            await self._upload_once(job_id, index)
+
+    async def _upload_once(self, job_id: str, index: int) -> None:
         job = self._jobs[job_id]
         f = job.files[index]
         uploader = self.uploader_for(f.remote_name)
+        reply = job.job_type is JobType.UPLOAD_REPLY
         try:
             fd = os.open(f.local_name, os.O_RDONLY)
         except OSError as exc:
@@ -968,25 +988,30 @@ class Engine:
                 raise _local_changed(f.local_name)
             async with self._connections:
                 session = await uploader.begin(
-                    f.remote_name,
-                    self._options(job),
-                    size=size,
-                    token=f.upload_token,
-                    reply=job.job_type is JobType.UPLOAD_REPLY,
+                    f.remote_name, self._options(job), size=size, token=f.upload_token, reply=reply
                 )
             if session.token != f.upload_token:
+                # Recorded before any fragment, so a crash can re-open this session.
                 await self._commit(job_id, cmd.OpenUploadSession(index, session.token))
             await self._connected(job_id)
-            position = session.offset
+            if getattr(session, "offset_known", True):
+                position = session.offset
+            else:
+                # The server cannot be asked: send from our checkpoint (the server's
+                # Ack corrects us); when we think all is sent, resend the tail to get the
+                # final Ack (and the reply URL) again.
+                position = f.bytes_transferred if f.upload_token == session.token else 0
+                if position >= size:
+                    position = max(size - 64 * 1024, 0)
             last = time.monotonic()
             key = (job_id, index)
+            buckets = self._buckets(job)
             while position < size:
                 data = os.pread(fd, min(self.upload_fragment, size - position), position)
                 if not data or _local_version(fd)[1] != version:
                     raise _local_changed(f.local_name)
                 position = await session.send(data, position)
-                buckets = self._buckets(self._jobs.get(job_id, job))
-                if buckets:
+                if self.limiter.limited(buckets):
                     await self.limiter.take(buckets, len(data))
                 self.live_progress[key] = position
                 if time.monotonic() - last >= self.checkpoint_interval:
@@ -1000,7 +1025,7 @@ class Engine:
             self.live_progress.pop((job_id, index), None)
         await self._commit(job_id, cmd.Checkpoint(index, size, size, version))
         await self._commit(job_id, cmd.FinishFile(index, size))
-        if job.job_type is JobType.UPLOAD_REPLY:
+        if reply:
             if not reply_url:
                 raise TransferError(
                     hresult.BG_E_INVALID_SERVER_RESPONSE,
@@ -1008,6 +1033,7 @@ class Engine:
                     context=ErrorContext.REMOTE_APPLICATION,
                     transient=False,
                 )
+            self._reply_sessions[job_id] = session
             await self._commit(job_id, cmd.LocateReply(reply_url))
 
     async def _abort_uploads(self, job: Job) -> None:
@@ -1018,15 +1044,21 @@ class Engine:
             for attempt in range(5):
                 try:
                     uploader = self.uploader_for(f.remote_name)
+                    size = f.bytes_total
+                    if size is None:
+                        size = os.stat(f.local_name).st_size
                     session = await uploader.begin(
                         f.remote_name,
                         self._options(job),
-                        size=0,
+                        size=size,
                         token=f.upload_token,
                         reply=job.job_type is JobType.UPLOAD_REPLY,
                     )
                     await session.abort()
                     break
+                except OSError:
+                    break  # the source is gone and its size unknown: the server's
+                    # session timeout will remove the session
                 except TransferError as exc:
                     if not exc.transient:
                         break
@@ -1069,6 +1101,11 @@ class Engine:
         finally:
             await download.aclose()
         await self._commit(job_id, cmd.ProgressReply(position, position))
+        session = self._reply_sessions.pop(job_id, None)
+        if session is not None:
+            # Close-Session only now: the server deletes the reply when it gets it.
+            with contextlib.suppress(TransferError):
+                await session.close()
 
 
 def _queued(sockets: set[Any]) -> int:

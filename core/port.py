@@ -127,6 +127,11 @@ class UploadSession(Protocol):
         """Cancel the session on the remote side (BITS Cancel-Session)."""
         ...
 
+    async def close(self) -> None:
+        """Upload-reply: release the remote session (Close-Session) once the reply was
+        downloaded; a no-op for plain uploads, which ``finish`` already closed."""
+        ...
+
 
 class Uploader(Protocol):
     """The upload side of a wire family. Raises only ``TransferError``."""

@@ -1,0 +1,203 @@
+"""Upload and upload-reply jobs run by the real engine against the project's BITS upload
+server (adapters/upload_server.py) on 127.0.0.1: the whole path from the API to the file
+on the server, resume after an engine stop, the reply, and Cancel-Session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from backhaul.adapters.engine import Engine
+from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.upload_server import (
+    NotificationType,
+    UploadServerConfig,
+    VirtualDirectory,
+    serve_uploads,
+)
+from backhaul.core import hresult
+from backhaul.core.event import FileTransferred, ReplyLocated, UploadSessionOpened
+from backhaul.core.vocabulary import JobState, JobType
+
+
+@contextlib.asynccontextmanager
+async def upload_server(tmp_path: Path, **vdir: object) -> AsyncIterator[tuple[str, Path]]:
+    www = tmp_path / "www"
+    www.mkdir(exist_ok=True)
+    config = UploadServerConfig(
+        session_dir=tmp_path / "sessions",
+        vdirs=(VirtualDirectory("/up", www, **vdir),),  # type: ignore[arg-type]
+    )
+    async with serve_uploads(config) as base:
+        yield f"{base}/up", www
+
+
+@contextlib.asynccontextmanager
+async def backend(reply: bytes) -> AsyncIterator[str]:
+    """The server application an upload-reply notifies: it answers with ``reply``."""
+
+    async def notify(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=reply)
+
+    app = web.Application()
+    app.router.add_post("/notify", notify)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/notify"
+    finally:
+        await runner.cleanup()
+
+
+def test_an_upload_job_puts_the_file_on_the_server(tmp_path: Path) -> None:
+    source = tmp_path / "report.bin"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    source.write_bytes(data)
+
+    async def body() -> None:
+        async with upload_server(tmp_path) as (url, www):
+            manager = TransferManager(home=tmp_path / "home")
+            job = manager.create_job("upload", JobType.UPLOAD)
+            job.add_file(f"{url}/report.bin", source)
+            job.resume()
+            await Engine(manager, poll_interval=0.05).run(until_idle=True)
+            assert job.state is JobState.TRANSFERRED
+            assert job.complete() == hresult.S_OK
+            assert (www / "report.bin").read_bytes() == data
+            assert job.files()[0].progress.completed
+            events = [a.event for a in manager.store.stream(job.id)]
+            assert any(isinstance(e, UploadSessionOpened) for e in events)
+
+    asyncio.run(body())
+
+
+def test_an_upload_resumes_in_a_new_engine_from_the_servers_offset(tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    data = os.urandom(24 * 1024 * 1024)
+    source.write_bytes(data)
+
+    async def body() -> None:
+        async with upload_server(tmp_path) as (url, www):
+            manager = TransferManager(home=tmp_path / "home")
+            job = manager.create_job("upload", JobType.UPLOAD)
+            job.add_file(f"{url}/big.bin", source)
+            job.resume()
+            first = Engine(manager, poll_interval=0.05, checkpoint_interval=0.05)
+            first.upload_fragment = 256 * 1024
+            run = asyncio.create_task(first.run())
+            while job.snapshot().files[0].upload_token is None or not first.live_progress:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            first.stop()
+            await run
+            token = job.snapshot().files[0].upload_token
+            assert job.state is JobState.QUEUED  # the stopped engine gave its turn back
+            second = Engine(manager, poll_interval=0.05)
+            await second.run(until_idle=True)
+            assert job.state is JobState.TRANSFERRED
+            assert job.snapshot().files[0].upload_token == token  # the same session
+            job.complete()
+            assert (www / "big.bin").read_bytes() == data
+
+    asyncio.run(body())
+
+
+def test_an_upload_reply_job_fetches_the_reply_and_keeps_it_on_complete(tmp_path: Path) -> None:
+    source = tmp_path / "query.xml"
+    source.write_bytes(b"<query/>")
+    reply = b"<answer>" + os.urandom(5000) + b"</answer>"
+
+    async def body() -> None:
+        async with (
+            backend(reply) as notify_url,
+            upload_server(
+                tmp_path,
+                notification=NotificationType.BY_VALUE,
+                notification_url=notify_url,
+            ) as (url, _www),
+        ):
+            manager = TransferManager(home=tmp_path / "home")
+            job = manager.create_job("ask", JobType.UPLOAD_REPLY)
+            job.add_file(f"{url}/query.xml", source)
+            job.reply_file_name = str(tmp_path / "answer.xml")
+            job.resume()
+            await Engine(manager, poll_interval=0.05).run(until_idle=True)
+            assert job.state is JobState.TRANSFERRED, job.error
+            progress = job.reply_progress
+            assert progress.bytes_total == progress.bytes_transferred == len(reply)
+            assert job.reply_data() == reply
+            assert not (tmp_path / "answer.xml").exists()  # only after Complete
+            job.complete()
+            assert (tmp_path / "answer.xml").read_bytes() == reply
+            events = [a.event for a in manager.store.stream(job.id)]
+            located = [e for e in events if isinstance(e, ReplyLocated)]
+            transferred = [i for i, e in enumerate(events) if isinstance(e, FileTransferred)]
+            assert located and transferred
+
+    asyncio.run(body())
+
+
+def test_a_changed_source_fails_with_bg_e_local_file_changed(tmp_path: Path) -> None:
+    source = tmp_path / "moving.bin"
+    source.write_bytes(os.urandom(8 * 1024 * 1024))
+
+    async def body() -> None:
+        async with upload_server(tmp_path) as (url, _www):
+            manager = TransferManager(home=tmp_path / "home")
+            job = manager.create_job("upload", JobType.UPLOAD)
+            job.add_file(f"{url}/moving.bin", source)
+            job.resume()
+            engine = Engine(manager, poll_interval=0.05)
+            engine.upload_fragment = 64 * 1024
+            run = asyncio.create_task(engine.run(until_idle=True))
+            while not engine.live_progress:
+                await asyncio.sleep(0.005)
+            with open(source, "ab") as f:
+                f.write(b"more")
+            await run
+            assert job.state is JobState.ERROR
+            error = job.error
+            assert error is not None
+            assert error.hresult == hresult.BG_E_LOCAL_FILE_CHANGED
+
+    asyncio.run(body())
+
+
+def test_cancelling_an_upload_cancels_the_server_session(tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(16 * 1024 * 1024))
+
+    async def body() -> None:
+        async with upload_server(tmp_path) as (url, www):
+            manager = TransferManager(home=tmp_path / "home")
+            job = manager.create_job("upload", JobType.UPLOAD)
+            job.add_file(f"{url}/big.bin", source)
+            job.resume()
+            engine = Engine(manager, poll_interval=0.05)
+            engine.upload_fragment = 128 * 1024
+            run = asyncio.create_task(engine.run())
+            while not engine.live_progress:
+                await asyncio.sleep(0.005)
+            sessions = tmp_path / "sessions"
+            assert any(sessions.rglob("session.json"))
+            job.cancel()
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                live = list(sessions.rglob("request.bin"))
+                if not live:
+                    break
+            engine.stop()
+            await run
+            assert not list(sessions.rglob("request.bin"))
+            assert not (www / "big.bin").exists()
+
+    asyncio.run(body())

@@ -62,6 +62,11 @@ class RateLimiter:
         self._window.pop(name, None)
         self.rates.pop(name, None)
 
+    def limited(self, names: Iterable[str]) -> bool:
+        """Whether any of these buckets has a rate (else ``take`` need not be called)."""
+        buckets = self._buckets
+        return any((b := buckets.get(n)) is not None and b.rate is not None for n in names)
+
     async def take(self, names: Iterable[str], amount: int) -> None:
         """Charge ``amount`` bytes to every named bucket, then wait while any is in debt.
         The wait re-reads the rates every step, so a raised (or removed) limit frees a

@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import default_home
 from backhaul.core import hresult
@@ -744,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--poll", type=float, default=0.2)
     s.add_argument("--until-idle", action="store_true", help="stop once no job is left to run")
+    add_audit_parser(sub)
     return p
 
 

@@ -139,6 +139,9 @@ class Engine:
         self._position = 0
         self._wake: asyncio.Event | None = None
         self._writer_wake: asyncio.Event | None = None
+        self._flush_lock: asyncio.Lock | None = None
+        self._in_flight = 0
+        self._logged: dict[str, Job] = {}  # each job as of the events read back
         self._stopping = False
         self._cmdlines: dict[str, asyncio.Task[None]] = {}
         self.live_progress: dict[tuple[str, int], int] = {}
@@ -173,6 +176,7 @@ class Engine:
         connecting, transferring or waiting for a retry."""
         self._wake = asyncio.Event()
         self._writer_wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
         writer = asyncio.create_task(self._writer(), name="backhaul-writer")
         try:
             await self._start()
@@ -198,7 +202,7 @@ class Engine:
         await asyncio.to_thread(self.manager.refresh_views)
         self._position = self.store.views.position()
         for row in self.store.views.select(None, include_final=False, with_doc=True):
-            self._jobs[row.job_id] = job_of(row)
+            self._jobs[row.job_id] = self._logged[row.job_id] = job_of(row)
         await self._follow()
         for job in list(self._jobs.values()):
             if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
@@ -218,10 +222,12 @@ class Engine:
             job = self._jobs[job_id]
             if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
                 self._enqueue(job_id, cmd.EndSlice())
-        await self._flush()
+        await self._flush()  # waits for a batch the writer has in flight, too
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await writer
+        with contextlib.suppress(Exception):
+            await self._follow()  # notify what our last appends caused
         for task in self._cmdlines.values():
             task.cancel()
         for registry in (self._transports, self._uploaders):
@@ -230,8 +236,10 @@ class Engine:
                     await transport.close()
 
     def _idle(self) -> bool:
-        if self._tasks or self._queue or self._cmdlines:
+        if self._tasks or self._queue or self._cmdlines or self._in_flight:
             return False
+        if self._position < self.store.head():
+            return False  # our last events are not read back (and notified) yet
         busy = (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
         return not any(
             j.state in busy or (j.state is JobState.TRANSIENT_ERROR and j.blocked_by is None)
@@ -271,20 +279,22 @@ class Engine:
         before = self._jobs.get(rec.job_id)
         if isinstance(rec.event, ev.JobCreated):
             if before is None:
-                self._jobs[rec.job_id] = jobs.start(rec.event)
+                self._jobs[rec.job_id] = self._logged[rec.job_id] = jobs.start(rec.event)
             return
         if before is None:
             return  # a job that was final when we started
-        if rec.version > before.version:
-            if self._has_queued(rec.job_id):
-                return  # the writer will meet the conflict and reload
+        logged = self._logged.get(rec.job_id)
+        if logged is not None and rec.version == logged.version + 1:
+            logged = self._logged[rec.job_id] = jobs.evolve(logged, rec.event)
+        if rec.version > before.version and not self._has_queued(rec.job_id):
             after = jobs.evolve(before, rec.event)
             self._jobs[rec.job_id] = after
         else:
-            after = before
-        self._dispatch(rec, before if rec.version > before.version else None, after)
-        if after.is_final:
-            self._finished(after)
+            after = before  # ours (already folded) or the writer will meet the conflict
+        if logged is not None and logged.version == rec.version:
+            self._dispatch(rec, None, logged)  # as of this very event
+        if after.is_final or (logged is not None and logged.is_final):
+            self._finished(logged if logged is not None and logged.is_final else after)
         elif rec.job_id in self._tasks and after.state not in (
             JobState.CONNECTING,
             JobState.TRANSFERRING,
@@ -294,7 +304,14 @@ class Engine:
     def _finished(self, job: Job) -> None:
         """A job reached a final state: stop its transfer; a cancelled upload also
         cancels its sessions on the server (Cancel-Session)."""
+        task = self._tasks.get(job.id)
         self._forget(job.id)
+        if job.state is JobState.CANCELLED and job.job_type is JobType.DOWNLOAD:
+            key = f"discard-{job.id}"
+            if key not in self._cmdlines:
+                cleanup = asyncio.create_task(self._discard_after(task, job))
+                self._cmdlines[key] = cleanup
+                cleanup.add_done_callback(lambda _t: self._cmdlines.pop(key, None))
         if job.state is JobState.CANCELLED and any(f.upload_token for f in job.files):
             key = f"abort-{job.id}"
             if key not in self._cmdlines:
@@ -302,11 +319,20 @@ class Engine:
                 self._cmdlines[key] = task
                 task.add_done_callback(lambda _t: self._cmdlines.pop(key, None))
 
+    async def _discard_after(self, task: asyncio.Task[None] | None, job: Job) -> None:
+        """Cancel deletes temp files; a transfer still running may have made one after
+        the client's Cancel looked, so the engine deletes them again once it stopped."""
+        if task is not None:
+            with contextlib.suppress(BaseException):
+                await task
+        localfile.discard(job)
+
     def _forget(self, job_id: str) -> None:
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
         self._jobs.pop(job_id, None)
+        self._logged.pop(job_id, None)
 
     def _has_queued(self, job_id: str) -> bool:
         return any(q.job_id == job_id for q in self._queue)
@@ -540,9 +566,16 @@ class Engine:
             await self._flush()
 
     async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            await self._append(batch)
+        """Append everything queued; one batch at a time, so versions never race."""
+        assert self._flush_lock is not None
+        async with self._flush_lock:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                self._in_flight += 1
+                try:
+                    await self._append(batch)
+                finally:
+                    self._in_flight -= 1
 
     async def _append(self, batch: list[_Queued]) -> None:
         streams: dict[str, tuple[int, list[ev.Event]]] = {}
@@ -892,12 +925,13 @@ class Engine:
                 stamp = remote.last_modified.timestamp()
                 with contextlib.suppress(OSError):
                     os.utime(tmp, (stamp, stamp))
-        except asyncio.CancelledError:
-            if pending is not None:
-                with contextlib.suppress(BaseException):
-                    await pending
-            raise
         finally:
+            if pending is not None and not pending.done():
+                with contextlib.suppress(BaseException):
+                    await pending  # its fdatasync must not outlive the descriptor
+            elif pending is not None:
+                with contextlib.suppress(BaseException):
+                    pending.result()
             os.close(fd)
             self.live_progress.pop((job_id, index), None)
             self._bg_sockets.discard(getattr(download, "socket", None))

@@ -109,9 +109,16 @@ def current_topic(topic: str) -> str:
     return TOPIC_ALIASES.get(topic, topic)
 
 
+def utf8(text: str) -> bytes:
+    """UTF-8 of JSON text. A Python str may hold a lone surrogate (a broken UTF-16 name),
+    which UTF-8 cannot: it is written as its JSON escape (``\\ud800``), which reads back
+    as the same str."""
+    return text.encode("utf-8", "backslashreplace")
+
+
 def canonical_json(data: Any) -> bytes:
     """Sorted keys, no spaces, UTF-8: the byte form the hash chain is computed over."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return utf8(json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
 
 def event_to_bytes(event: ev.Event) -> bytes:

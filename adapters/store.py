@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
@@ -201,10 +201,22 @@ class EventStore:
         except ValueError:
             raise BitsError(hresult.BG_E_NOT_FOUND, f"{job_id!r} is not a job id") from None
         records = self.log.select_events(originator, gt=after_version or None)
+        if records:  # a reader about to append: remember the link it will chain to
+            self._note(str(originator), records[-1])
         return [
             Appended(job_id, r.originator_version, event_from_bytes(r.topic, r.state))
             for r in records
         ]
+
+    def _note(self, stream: str, record: StoredEvent) -> None:
+        state = bytes(record.state)
+        if state[-72:-66] != b',"h":"' or state[-2:] != b'"}':
+            return  # not the layout the store writes: let an append read it properly
+        link = state[-66:-2].decode("ascii", "replace")
+        with self._links_lock:
+            known = self._links.get(stream)
+            if known is None or known[0] < record.originator_version:
+                self._links[stream] = (record.originator_version, link)
 
     def read(self, after: int = 0, limit: int = 1000) -> list[Recorded]:
         notes = self.log.select_notifications(start=after, limit=limit, inclusive_of_start=False)
@@ -291,7 +303,7 @@ def _open_sqlite(path: Path, home: Path) -> EventStore:
     }
     factory = InfrastructureFactory.construct(env)
     log = factory.application_recorder()
-    views = factory.tracking_recorder(SQLiteJobViews)  # type: ignore[attr-defined]
+    views = cast(SQLiteJobViews, factory.tracking_recorder(SQLiteJobViews))
     _private(path)
     return EventStore(
         log,
@@ -332,7 +344,7 @@ def _open_postgres(url: str, home: Path | None) -> EventStore:
     }
     factory = InfrastructureFactory.construct(env)
     log = factory.application_recorder()
-    views = factory.tracking_recorder(PostgresJobViews)  # type: ignore[attr-defined]
+    views = cast(PostgresJobViews, factory.tracking_recorder(PostgresJobViews))
     secrets = SecretBox.for_home(home or default_home())
     return EventStore(
         log, views, secrets, kind="postgresql", location=redact_url(url), factory=factory

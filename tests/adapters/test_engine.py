@@ -1,0 +1,999 @@
+"""The engine end to end with the REAL HTTP transport: a real nginx (tests/peers/nginx.py) and
+small aiohttp.web servers that misbehave on purpose, run in the engine's own loop.
+
+Covers a job's life (states, events, temp files, Complete), resume after a dropped connection,
+503/429 with Retry-After, fatal 404, a remote file that changed, a server that ignores ranges,
+NoProgressTimeout, MaximumDownloadTime, AddFileWithRanges, expected digests and dynamic content.
+Long timers run on a ManualClock. bits-core.md §2.2, §5, §7.
+
+This module also holds the helpers the other test_engine_*.py modules import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from aiohttp import web
+from peers.nginx import NginxServer
+
+from backhaul.adapters import localfile
+from backhaul.adapters.clock import ManualClock
+from backhaul.adapters.engine import Engine
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.core import event as ev
+from backhaul.core import hresult as hr
+from backhaul.core import job as jobs
+from backhaul.core.vocabulary import (
+    CostFlags,
+    ErrorContext,
+    JobPropertyId,
+    JobState,
+    NotifyFlags,
+)
+from backhaul.transports.http import HttpTransport
+
+KiB = 1024
+MiB = 1024 * KiB
+S = JobState
+
+
+# =================================================================================================
+# Helpers (imported by the other test_engine_*.py modules)
+# =================================================================================================
+
+
+@pytest.fixture(autouse=True)
+def _no_store_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BACKHAUL_STORE would win over home=: the tests must use their own tmp_path store."""
+    monkeypatch.delenv("BACKHAUL_STORE", raising=False)
+    monkeypatch.delenv("BACKHAUL_HOME", raising=False)
+
+
+def sha256(data: bytes | Path) -> str:
+    raw = data.read_bytes() if isinstance(data, Path) else data
+    return hashlib.sha256(raw).hexdigest()
+
+
+def make_engine(manager: TransferManager, **options: Any) -> Engine:
+    """An engine with a fresh HttpTransport and short intervals. Background jobs do not yield
+    to the machine's other traffic here (the tests' servers are on loopback, and other test
+    runs on the machine would slow them down at random), and the network counts as up and
+    unmetered whatever the host's interfaces say."""
+    transport = HttpTransport(stall_timeout=5.0, connect_timeout=5.0, chunk_size=64 * KiB)
+    settings: dict[str, Any] = {
+        "transports": {"http": transport},
+        "poll_interval": 0.02,
+        "checkpoint_interval": 0.03,
+        "yield_bandwidth": False,
+    }
+    settings.update(options)
+    engine = Engine(manager, **settings)
+    engine.network_probe = lambda: True
+    engine.cost_probe = lambda: int(CostFlags.UNRESTRICTED)
+    return engine
+
+
+@contextlib.asynccontextmanager
+async def running(engine: Engine) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``engine`` (not until idle) for the block; stop it and wait for it at the end."""
+    task = asyncio.create_task(engine.run())
+    try:
+        yield task
+    finally:
+        engine.stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def until(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def stays(predicate: Callable[[], bool], what: str, seconds: float = 0.3) -> None:
+    """``predicate`` holds the whole time (checked every 10 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), what
+        await asyncio.sleep(0.01)
+
+
+def events_of(manager: TransferManager, job_id: str) -> list[ev.Event]:
+    return [a.event for a in manager.store.stream(job_id)]
+
+
+def of_type(events: list[ev.Event], kind: type[ev.Event]) -> list[Any]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def state_path(manager: TransferManager, job_id: str) -> list[JobState]:
+    """The job's states in order, as the log replays them (repeats collapsed)."""
+    job: jobs.Job | None = None
+    path: list[JobState] = []
+    for event in events_of(manager, job_id):
+        job = jobs.fold([event], job)
+        assert job is not None
+        if not path or path[-1] is not job.state:
+            path.append(job.state)
+    return path
+
+
+def temp_of(job: TransferJob, index: int) -> Path:
+    f = job.snapshot().files[index]
+    return localfile.temp_path(job.id, index, f.local_name)
+
+
+def checkpointed(job: TransferJob, index: int = 0) -> int:
+    return job.snapshot().files[index].bytes_transferred
+
+
+def new_job(
+    manager: TransferManager,
+    files: list[tuple[str, Path]],
+    *,
+    name: str = "job",
+    start: bool = True,
+    **settings: Any,
+) -> TransferJob:
+    job = manager.create_job(name)
+    for key, value in settings.items():
+        setattr(job, key, value)
+    job.add_files(files)
+    if start:
+        job.resume()
+    return job
+
+
+# -- a fault-injecting file server ----------------------------------------------------------------
+
+
+@attrs.define
+class Hit:
+    method: str
+    path: str
+    range: str | None
+    if_range: str | None
+
+    @property
+    def range_start(self) -> int | None:
+        if self.range is None:
+            return None
+        return int(self.range.removeprefix("bytes=").partition("-")[0])
+
+
+@attrs.define
+class Served:
+    """One file of a FaultServer and how it misbehaves.
+
+    ``ranges``: honour Range/If-Range (else always 200 with the whole body, no Accept-Ranges);
+    ``length``: send Content-Length (else chunked: dynamic content); ``step``/``delay``: write
+    the body ``step`` bytes at a time with ``delay`` seconds between writes (a trickle);
+    ``drop_after``: once, close the connection when this offset of the file was sent;
+    ``statuses``: answer these statuses first, one per request (with ``retry_after``);
+    ``header_delay``: wait this long before answering."""
+
+    data: bytes
+    etag: str | None = '"v1"'
+    ranges: bool = True
+    length: bool = True
+    step: int = 0
+    delay: float = 0.0
+    drop_after: int | None = None
+    statuses: list[int] = attrs.field(factory=list)
+    retry_after: str | None = None
+    header_delay: float = 0.0
+
+
+class FaultServer:
+    """An aiohttp.web server on 127.0.0.1:<free port> serving ``files`` by path.
+
+    Use ``async with`` in the engine's loop, or ``threaded()`` for other processes. It records
+    every request (``hits``), how many bodies were cut by the client (``aborted``), dropped on
+    purpose (``dropped``) or sent whole (``completed``), and the peak of concurrent requests."""
+
+    def __init__(self, files: dict[str, Served]) -> None:
+        self.files = files
+        self.hits: list[Hit] = []
+        self.active = 0
+        self.max_active = 0
+        self.aborted = 0
+        self.dropped = 0
+        self.completed = 0
+        self.base = ""
+        self._runner: web.AppRunner | None = None
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def hits_for(self, path: str, method: str = "GET") -> list[Hit]:
+        return [h for h in self.hits if h.path == path and h.method == method]
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{name:.*}", self._handle)
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1
+        )
+        await self._runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        site = web.SockSite(self._runner, sock)
+        await site.start()
+        self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FaultServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @contextlib.contextmanager
+    def threaded(self) -> Iterator[FaultServer]:
+        """Serve from a background thread with its own loop (for code that runs its own loop
+        or another process)."""
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self.stop())
+            loop.close()
+
+        thread = threading.Thread(target=serve, name="fault-server", daemon=True)
+        thread.start()
+        assert ready.wait(10), "the fault server did not start"
+        try:
+            yield self
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        f = self.files.get(request.path)
+        if f is None:
+            return web.Response(status=404, text="no such file")
+        self.hits.append(
+            Hit(
+                request.method,
+                request.path,
+                request.headers.get("Range"),
+                request.headers.get("If-Range"),
+            )
+        )
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._answer(request, f)
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+        except ConnectionError:
+            self.aborted += 1
+            return web.Response(status=499)
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request, f: Served) -> web.StreamResponse:
+        if f.header_delay:
+            await asyncio.sleep(f.header_delay)
+        if f.statuses:
+            status = f.statuses.pop(0)
+            extra = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
+            return web.Response(status=status, text="not now", headers=extra)
+        size = len(f.data)
+        headers: dict[str, str] = {}
+        if f.etag is not None:
+            headers["ETag"] = f.etag
+        if f.ranges:
+            headers["Accept-Ranges"] = "bytes"
+        start, end, status = 0, size - 1, 200
+        spec = request.headers.get("Range")
+        if f.ranges and spec and request.headers.get("If-Range") in (None, f.etag):
+            first, _, last = spec.removeprefix("bytes=").partition("-")
+            start = int(first)
+            end = min(int(last), size - 1) if last else size - 1
+            if start >= size:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        body = f.data[start : end + 1]
+        if request.method == "HEAD":
+            return web.Response(status=status, body=body, headers=headers)
+        resp = web.StreamResponse(status=status, headers=headers)
+        if f.length:
+            resp.content_length = len(body)
+        else:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        step = f.step or max(len(body), 1)
+        sent = 0
+        while sent < len(body):
+            piece = body[sent : sent + step]
+            await resp.write(piece)
+            sent += len(piece)
+            if f.drop_after is not None and start + sent >= f.drop_after:
+                f.drop_after = None
+                await asyncio.sleep(0.05)  # let the client read what was sent
+                assert request.transport is not None
+                request.transport.close()
+                self.dropped += 1
+                return resp
+            if f.delay:
+                await asyncio.sleep(f.delay)
+        await resp.write_eof()
+        self.completed += 1
+        return resp
+
+
+def trickle(data: bytes, **options: Any) -> Served:
+    """``data`` sent 16 KiB every 10 ms (about 1.6 MB/s), so checkpoints happen on the way."""
+    options.setdefault("step", 16 * KiB)
+    options.setdefault("delay", 0.01)
+    return Served(data, **options)
+
+
+# =================================================================================================
+# A job's life against nginx
+# =================================================================================================
+
+NGINX_FILES = ("one.bin", "two.bin", "three.bin")
+
+
+def test_a_multi_file_job_goes_through_its_states_and_files_appear_only_at_complete(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    manager = TransferManager(home=tmp_path / "home")
+    flags = NotifyFlags.JOB_TRANSFERRED | NotifyFlags.JOB_ERROR | NotifyFlags.FILE_TRANSFERRED
+    job = new_job(
+        manager, [(f"{server.url}/{n}", dest / n) for n in NGINX_FILES], notify_flags=int(flags)
+    )
+    seen_at_file_transferred: list[tuple[bool, int]] = []
+
+    def on_file(handle: TransferJob, info: Any) -> None:
+        final = Path(info.local_name)
+        temp = Path(info.temporary_name)
+        seen_at_file_transferred.append((final.exists(), temp.stat().st_size))
+
+    mark = len(server.access_lines())
+    engine = make_engine(manager)
+    engine.on("file_transferred", on_file)
+    asyncio.run(engine.run(until_idle=True))
+
+    assert job.state is S.TRANSFERRED
+    assert state_path(manager, job.id) == [
+        S.SUSPENDED,
+        S.QUEUED,
+        S.CONNECTING,
+        S.TRANSFERRING,
+        S.TRANSFERRED,
+    ]
+    events = events_of(manager, job.id)
+    assert [e.file_index for e in of_type(events, ev.FileTransferred)] == [0, 1, 2]
+    assert isinstance(events[-1], ev.JobTransferred)
+    sizes = [(docroot / n).stat().st_size for n in NGINX_FILES]
+    assert job.progress.bytes_total == job.progress.bytes_transferred == sum(sizes)
+    assert job.progress.files_transferred == 3
+    # Before Complete only the temp files exist, whole; the final names do not.
+    assert seen_at_file_transferred == [(False, size) for size in sizes]
+    temps = [temp_of(job, i) for i in range(3)]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(t.name for t in temps)
+    assert [t.stat().st_size for t in temps] == sizes
+
+    assert job.complete() == hr.S_OK
+
+    assert manager.get_job(job.id, include_final=True).state is S.ACKNOWLEDGED
+    assert sorted(p.name for p in dest.iterdir()) == sorted(NGINX_FILES)
+    for n in NGINX_FILES:
+        assert sha256(dest / n) == sha256(docroot / n), n
+        # HTTP downloads get the server's modification time (bits-core.md §7.2).
+        assert int((dest / n).stat().st_mtime) == int((docroot / n).stat().st_mtime)
+    assert all(f.progress.completed for f in job.files())
+    # One whole GET per file, nothing fetched twice.
+    lines = server.access_lines()[mark:]
+    assert [(x["request"].split()[:2], x["status"]) for x in lines] == [
+        (["GET", f"/{n}"], "200") for n in NGINX_FILES
+    ]
+    assert [int(x["body_bytes_sent"]) for x in lines] == sizes
+
+
+def test_404_is_fatal_with_the_http_error_on_the_remote_file_and_one_job_error_callback(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    job = new_job(
+        manager,
+        [
+            (f"{server.url}/one.bin", tmp_path / "one.bin"),
+            (f"{server.url}/nope.bin", tmp_path / "x"),
+        ],
+    )
+    errors: list[tuple[str, int]] = []
+    transferred: list[str] = []
+    engine = make_engine(manager)
+    engine.on("job_error", lambda handle, error: errors.append((handle.id, error.hresult)))
+    engine.on("job_transferred", lambda handle: transferred.append(handle.id))
+    mark = len(server.access_lines())
+
+    asyncio.run(engine.run(until_idle=True))
+
+    assert job.state is S.ERROR
+    error = job.error
+    assert error is not None
+    assert error.hresult == hr.BG_E_HTTP_ERROR_404 == 0x80190194
+    assert error.context is ErrorContext.REMOTE_FILE
+    assert error.file_index == 1
+    assert error.protocol == "http"
+    assert job.error_count == 1
+    assert errors == [(job.id, 0x80190194)]
+    assert transferred == []
+    failures = of_type(events_of(manager, job.id), ev.ErrorOccurred)
+    assert len(failures) == 1
+    assert not failures[0].transient
+    statuses = [x["status"] for x in server.access_lines()[mark:]]
+    assert statuses == ["200", "404"]  # never retried
+    # The file finished before the error is kept by Complete (BG_S_PARTIAL_COMPLETE).
+    assert job.complete() == hr.BG_S_PARTIAL_COMPLETE
+    assert sha256(tmp_path / "one.bin") == sha256(docroot / "one.bin")
+    assert not (tmp_path / "x").exists()
+
+
+# =================================================================================================
+# Transient failures and retries
+# =================================================================================================
+
+
+@pytest.mark.parametrize("retry_by", ["timer", "resume"])
+def test_a_dropped_connection_is_transient_and_the_retry_resumes_at_the_checkpoint(
+    tmp_path: Path, retry_by: str
+) -> None:
+    data = os.urandom(512 * KiB)
+    served = trickle(data, drop_after=256 * KiB)
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    dest = tmp_path / "f.bin"
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), dest)], minimum_retry_delay=5)
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                error = job.error
+                assert error is not None
+                assert error.hresult == hr.BG_E_CONNECTION_CLOSED
+                assert error.context is ErrorContext.GENERAL_TRANSPORT
+                assert error.file_index == 0
+                assert job.error_count == 1
+                # Nothing happens before MinimumRetryDelay on the (manual) clock.
+                await stays(lambda: job.state is S.TRANSIENT_ERROR, "waiting for the retry")
+                assert len(srv.hits) == 1
+                resumed_at = checkpointed(job)
+                assert 0 < resumed_at <= 256 * KiB
+                if retry_by == "timer":
+                    clock.advance(6)
+                    engine.wake()
+                else:
+                    job.resume()  # Resume retries at once, whatever the delay
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            assert [h.range_start for h in srv.hits] == [None, resumed_at]
+            assert srv.hits[1].if_range == '"v1"'
+            return job
+
+    job = asyncio.run(main())
+    events = events_of(manager, job.id)
+    failure = of_type(events, ev.ErrorOccurred)[0]
+    assert failure.transient
+    assert failure.error.hresult == hr.BG_E_CONNECTION_CLOSED
+    if retry_by == "timer":
+        assert of_type(events, ev.RetryStarted)
+    assert state_path(manager, job.id)[-4:] == [
+        S.QUEUED,
+        S.CONNECTING,
+        S.TRANSFERRING,
+        S.TRANSFERRED,
+    ]
+    assert job.complete() == hr.S_OK
+    assert dest.read_bytes() == data
+
+
+def test_a_resumed_file_with_an_expected_digest_hashes_the_kept_prefix_too(tmp_path: Path) -> None:
+    data = os.urandom(512 * KiB)
+    served = trickle(data, drop_after=300 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    dest = tmp_path / "f.bin"
+
+    async def main() -> None:
+        async with FaultServer({"/f": served}) as srv:
+            job = manager.create_job("digest")
+            job.add_file(srv.url("/f"), dest, expected_digest=f"sha256:{sha256(data)}")
+            job.resume()
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                resumed_at = checkpointed(job)
+                assert resumed_at > 0
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            assert [h.range_start for h in srv.hits] == [None, resumed_at]
+
+    asyncio.run(main())
+    job = next(iter(manager.jobs()))
+    done = of_type(events_of(manager, job.id), ev.FileTransferred)
+    assert [d.digest for d in done] == [f"sha256:{sha256(data)}"]
+    job.complete()
+    assert dest.read_bytes() == data
+
+
+def test_a_checkpoint_in_flight_when_the_connection_drops_is_not_left_on_a_closed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a slow disk a checkpoint's fdatasync is still running when the body fails. The
+    transfer must wait for it (or drop it) before closing the temp file: never fdatasync a
+    closed (or since reused) descriptor, never leave a task whose failure nobody reads."""
+    data = os.urandom(512 * KiB)
+    served = trickle(data, drop_after=256 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    real_fdatasync = os.fdatasync
+    synced: list[str] = []
+    failures: list[OSError] = []
+
+    def slow_fdatasync(fd: int) -> None:
+        # A slow disk: the first sync lasts until the server has dropped the connection.
+        deadline = time.monotonic() + 5
+        while served.drop_after is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.1)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            real_fdatasync(fd)
+        except OSError as exc:
+            failures.append(exc)
+            raise
+        synced.append(path)
+
+    async def main() -> list[dict[str, Any]]:
+        unhandled: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, c: unhandled.append(c))
+        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                await asyncio.sleep(0.5)  # the checkpoint in flight ends one way or another
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+        gc.collect()
+        await asyncio.sleep(0)
+        return unhandled
+
+    unhandled = asyncio.run(main())
+    assert failures == []
+    assert synced
+    assert all(path.endswith(localfile.TEMP_SUFFIX) for path in synced), synced
+    assert [c.get("message") for c in unhandled] == []
+    job = next(iter(manager.jobs()))
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_503_is_transient_then_the_retry_succeeds(tmp_path: Path) -> None:
+    data = os.urandom(64 * KiB)
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(data, statuses=[503])}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")], minimum_retry_delay=5)
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                error = job.error
+                assert error is not None
+                assert error.hresult == hr.http_status_hresult(503)
+                assert error.context is ErrorContext.REMOTE_FILE
+                clock.advance(5.5)
+                engine.wake()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            assert len(srv.hits) == 2
+            return job
+
+    job = asyncio.run(main())
+    assert job.error_count == 1
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_delays_the_retry_beyond_minimum_retry_delay(
+    tmp_path: Path, status: int
+) -> None:
+    data = os.urandom(64 * KiB)
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    served = Served(data, statuses=[status], retry_after="30")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")], minimum_retry_delay=5)
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                failure = of_type(events_of(manager, job.id), ev.ErrorOccurred)[0]
+                assert failure.retry_after == 30
+                assert failure.error.hresult == hr.http_status_hresult(status)
+                clock.advance(6)  # past MinimumRetryDelay, not past Retry-After
+                engine.wake()
+                await stays(lambda: job.state is S.TRANSIENT_ERROR, "Retry-After is honoured")
+                assert len(srv.hits) == 1
+                clock.advance(20)  # 26 s
+                engine.wake()
+                await stays(lambda: job.state is S.TRANSIENT_ERROR, "Retry-After is honoured")
+                clock.advance(4.5)  # 30.5 s
+                engine.wake()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            assert len(srv.hits) == 2
+            return job
+
+    job = asyncio.run(main())
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_no_progress_timeout_runs_from_the_first_transient_error_and_ends_in_error(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    served = Served(b"x" * 1000, statuses=[503] * 10)
+    errors: list[int] = []
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(
+                manager,
+                [(srv.url("/f"), tmp_path / "f")],
+                minimum_retry_delay=5,
+                no_progress_timeout=10,
+            )
+            engine = make_engine(manager)
+            engine.on("job_error", lambda handle, error: errors.append(error.hresult))
+            async with running(engine):
+                await until(lambda: job.error_count == 1, "the first failure")
+                clock.advance(6)  # the retry fails again: the timeout still counts from 0 s
+                engine.wake()
+                await until(lambda: job.error_count == 2, "the second failure")
+                assert job.state is S.TRANSIENT_ERROR
+                clock.advance(4.5)  # 10.5 s: the timeout (10 s) comes before the retry (11 s)
+                engine.wake()
+                await until(lambda: job.state is S.ERROR, "ERROR")
+                await asyncio.sleep(0.1)
+            assert len(srv.hits) == 2
+            return job
+
+    job = asyncio.run(main())
+    events = events_of(manager, job.id)
+    assert len(of_type(events, ev.NoProgressTimedOut)) == 1
+    error = job.error
+    assert error is not None
+    assert error.hresult == hr.http_status_hresult(503)  # the last transient error stays
+    assert errors == [hr.http_status_hresult(503)]
+
+
+def test_maximum_download_time_stops_a_slow_transfer_with_maxdownload_timeout(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(256 * KiB)
+    served = trickle(data, step=4 * KiB, delay=0.05)  # about 3 s
+    manager = TransferManager(home=tmp_path / "home")
+    errors: list[int] = []
+
+    async def main() -> tuple[TransferJob, float, FaultServer]:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")], maximum_download_time=1)
+            engine = make_engine(manager)
+            engine.on("job_error", lambda handle, error: errors.append(error.hresult))
+            started = time.monotonic()
+            await asyncio.wait_for(engine.run(until_idle=True), 10)
+            elapsed = time.monotonic() - started
+            await until(lambda: srv.active == 0, "the server to see the client go")
+            return job, elapsed, srv
+
+    job, elapsed, srv = asyncio.run(main())
+    assert job.state is S.ERROR
+    error = job.error
+    assert error is not None
+    assert error.hresult == hr.BG_E_MAXDOWNLOAD_TIMEOUT
+    assert error.context is ErrorContext.GENERAL_QUEUE_MANAGER
+    assert 1.0 <= elapsed < 2.5
+    assert of_type(events_of(manager, job.id), ev.MaxDownloadTimeExceeded)
+    assert errors == [hr.BG_E_MAXDOWNLOAD_TIMEOUT]
+    assert srv.completed == 0
+    assert 0 < checkpointed(job) < len(data)
+
+
+def test_run_until_idle_returns_only_once_its_last_decision_is_in_the_log(tmp_path: Path) -> None:
+    """A timer's decision (here MaximumDownloadTime on a ManualClock) is queued without being
+    awaited; with a slow log the writer still holds it when the engine looks idle. run() must
+    not return before it is appended and observed (state ERROR, job_error called)."""
+    data = os.urandom(1 * MiB)
+    served = trickle(data, step=4 * KiB, delay=0.02)  # about 5 s: it never finishes here
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    errors: list[int] = []
+    append_many = manager.store.append_many
+
+    def slow_append_many(batches: Any) -> list[int]:
+        time.sleep(0.2)  # a slow disk under the log (called in the writer's thread)
+        return append_many(batches)
+
+    async def main() -> tuple[JobState, list[int]]:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")], maximum_download_time=5)
+            manager.store.append_many = slow_append_many  # type: ignore[method-assign]
+            engine = make_engine(manager)
+            engine.on("job_error", lambda handle, error: errors.append(error.hresult))
+            task = asyncio.create_task(engine.run(until_idle=True))
+            await until(lambda: checkpointed(job) > 0, "some progress")
+            clock.advance(6)
+            engine.wake()
+            await asyncio.wait_for(task, 10)
+            return job.state, list(errors)  # as run() returns, not later
+
+    state, called = asyncio.run(main())
+    assert state is S.ERROR
+    assert called == [hr.BG_E_MAXDOWNLOAD_TIMEOUT]
+
+
+# =================================================================================================
+# Remote files that change, and servers that ignore ranges
+# =================================================================================================
+
+
+def test_a_changed_remote_file_restarts_only_that_file_from_zero(tmp_path: Path) -> None:
+    first = os.urandom(64 * KiB)
+    old, new = os.urandom(512 * KiB), os.urandom(400 * KiB)
+    a = Served(first, etag='"a1"')
+    b = trickle(old, etag='"b1"', drop_after=256 * KiB)
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+
+    async def main() -> tuple[TransferJob, FaultServer, int]:
+        async with FaultServer({"/a": a, "/b": b}) as srv:
+            job = new_job(
+                manager,
+                [(srv.url("/a"), tmp_path / "a"), (srv.url("/b"), tmp_path / "b")],
+                minimum_retry_delay=5,
+            )
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                reached = checkpointed(job, 1)
+                assert reached > 0
+                b.data, b.etag = new, '"b2"'  # the file changes on the server
+                clock.advance(6)
+                engine.wake()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job, srv, reached
+
+    job, srv, reached = asyncio.run(main())
+    assert len(srv.hits_for("/a")) == 1  # the finished file is not fetched again
+    retry = srv.hits_for("/b")[1]
+    assert (retry.range_start, retry.if_range) == (reached, '"b1"')
+    events = events_of(manager, job.id)
+    restarts = of_type(events, ev.FileRestarted)
+    assert [r.file_index for r in restarts] == [1]
+    assert [e.file_index for e in of_type(events, ev.FileTransferred)] == [0, 1]
+    assert job.snapshot().files[1].validator == '"b2"'
+    assert job.snapshot().files[1].bytes_total == len(new)
+    job.complete()
+    assert (tmp_path / "a").read_bytes() == first
+    assert (tmp_path / "b").read_bytes() == new
+
+
+def test_a_range_request_answered_200_restarts_the_file_from_zero(tmp_path: Path) -> None:
+    data = os.urandom(512 * KiB)
+    served = trickle(data, ranges=False, drop_after=256 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                assert checkpointed(job) > 0
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job, srv
+
+    job, srv = asyncio.run(main())
+    assert srv.hits[1].range_start is not None  # the engine asked to resume...
+    restarts = of_type(events_of(manager, job.id), ev.FileRestarted)  # ...and got the whole body
+    assert [r.file_index for r in restarts] == [0]
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+# =================================================================================================
+# AddFileWithRanges, digests, dynamic content
+# =================================================================================================
+
+
+def test_ranges_make_a_file_of_the_ranges_in_the_order_given(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    source = (docroot / "one.bin").read_bytes()
+    manager = TransferManager(home=tmp_path / "home")
+    job = manager.create_job("ranges")
+    job.add_file(
+        f"{server.url}/one.bin", tmp_path / "r.bin", ranges=[(100, 100), (900, 100), (400, 100)]
+    )
+    assert job.progress.bytes_total == 300
+    job.resume()
+    mark = len(server.access_lines())
+
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+    assert job.state is S.TRANSFERRED
+    assert job.progress.bytes_total == job.progress.bytes_transferred == 300
+    lines = server.access_lines()[mark:]
+    gets = [
+        (x["http_range"], x["status"], x["body_bytes_sent"]) for x in lines if "GET" in x["request"]
+    ]
+    assert gets == [
+        ("bytes=100-199", "206", "100"),
+        ("bytes=900-999", "206", "100"),
+        ("bytes=400-499", "206", "100"),
+    ]
+    job.complete()
+    assert (tmp_path / "r.bin").read_bytes() == source[100:200] + source[900:1000] + source[400:500]
+
+
+def test_a_range_to_the_end_of_the_file(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    source = (docroot / "two.bin").read_bytes()
+    manager = TransferManager(home=tmp_path / "home")
+    job = manager.create_job("eof range")
+    tail = len(source) - 5000
+    job.add_file(f"{server.url}/two.bin", tmp_path / "r.bin", ranges=[(0, 10), (tail, None)])
+    assert job.progress.bytes_total is None  # unknown until the size is known
+    job.resume()
+
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+    assert job.state is S.TRANSFERRED
+    assert job.progress.bytes_total == job.progress.bytes_transferred == 5010
+    job.complete()
+    assert (tmp_path / "r.bin").read_bytes() == source[:10] + source[tail:]
+
+
+def test_a_correct_expected_digest_passes_and_is_recorded(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    digest = f"sha256:{sha256(docroot / 'two.bin')}"
+    manager = TransferManager(home=tmp_path / "home")
+    job = manager.create_job("digest")
+    job.add_file(f"{server.url}/two.bin", tmp_path / "two.bin", expected_digest=digest)
+    job.resume()
+
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+    assert job.state is S.TRANSFERRED
+    done = of_type(events_of(manager, job.id), ev.FileTransferred)
+    assert [d.digest for d in done] == [digest]
+    assert job.files()[0].digest == digest
+    job.complete()
+    assert sha256(tmp_path / "two.bin") == sha256(docroot / "two.bin")
+
+
+def test_a_wrong_expected_digest_is_a_fatal_validation_failure(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, _ = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    job = manager.create_job("bad digest")
+    job.add_file(
+        f"{server.url}/one.bin", tmp_path / "one.bin", expected_digest="sha256:" + "0" * 64
+    )
+    job.resume()
+
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+    assert job.state is S.ERROR
+    error = job.error
+    assert error is not None
+    assert error.hresult == hr.BG_E_VALIDATION_FAILED
+    assert error.context is ErrorContext.LOCAL_FILE
+    assert not of_type(events_of(manager, job.id), ev.FileTransferred)
+    assert job.cancel() == hr.S_OK
+    assert list(tmp_path.glob("*.bin")) == []
+    assert list(tmp_path.glob(".*.bhtmp")) == []
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_content_without_a_size_needs_the_dynamic_content_property(
+    tmp_path: Path, dynamic: bool
+) -> None:
+    data = os.urandom(200 * KiB)
+    served = Served(data, etag=None, ranges=False, length=False, step=32 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/gen": served}) as srv:
+            job = manager.create_job("dynamic")
+            if dynamic:
+                job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
+            job.add_file(srv.url("/gen"), tmp_path / "gen.out")
+            job.resume()
+            await asyncio.wait_for(make_engine(manager).run(until_idle=True), 10)
+            return job
+
+    job = asyncio.run(main())
+    if not dynamic:
+        assert job.state is S.ERROR
+        error = job.error
+        assert error is not None
+        assert error.hresult == hr.BG_E_MISSING_FILE_SIZE
+        assert error.context is ErrorContext.REMOTE_FILE
+        return
+    assert job.state is S.TRANSFERRED
+    assert job.progress.bytes_total == len(data)
+    job.complete()
+    assert (tmp_path / "gen.out").read_bytes() == data
+
+
+def test_dynamic_content_restarts_from_zero_after_an_interruption(tmp_path: Path) -> None:
+    data = os.urandom(512 * KiB)
+    served = trickle(data, etag=None, ranges=False, length=False, drop_after=256 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/gen": served}) as srv:
+            job = manager.create_job("dynamic")
+            job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
+            job.add_file(srv.url("/gen"), tmp_path / "gen.out")
+            job.resume()
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                assert checkpointed(job) > 0
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job, srv
+
+    job, srv = asyncio.run(main())
+    assert [h.range for h in srv.hits] == [None, None]  # never a range request
+    job.complete()
+    assert (tmp_path / "gen.out").read_bytes() == data

@@ -1,0 +1,264 @@
+"""The ``backhaul`` command around the engine, with the REAL HTTP transport: ``get`` runs a
+foreground job to its end (its own engine, or following ``serve`` when one holds the store's
+lock), ``serve`` refuses a second engine and stops cleanly on SIGTERM, and a ``serve`` killed
+mid-transfer leaves a job that the next engine resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from peers.nginx import NginxServer
+from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
+    FaultServer,
+    KiB,
+    MiB,
+    _no_store_from_the_environment,  # noqa: F401
+    checkpointed,
+    events_of,
+    make_engine,
+    new_job,
+    sha256,
+    temp_of,
+    trickle,
+)
+
+from backhaul.adapters.cli import LOCK_FILE, main, serve_lock
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.core import event as ev
+from backhaul.core.vocabulary import JobPriority, JobState
+
+S = JobState
+BACKHAUL = Path(sys.executable).parent / "backhaul"
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    """The environment for subprocesses: no store or home inherited from the caller."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+    clean["PYTHONUNBUFFERED"] = "1"
+    return clean
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def wait(predicate: Callable[[], bool], what: str, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def all_jobs(home: Path) -> list[TransferJob]:
+    with TransferManager(home=home) as manager:
+        return list(manager.jobs(include_final=True))
+
+
+def the_job(home: Path) -> TransferJob:
+    manager = TransferManager(home=home)
+    jobs = list(manager.jobs(include_final=True))
+    assert len(jobs) == 1, jobs
+    return jobs[0]
+
+
+@pytest.fixture
+def serve(home: Path, env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start ``backhaul --home H serve``; wait until it holds the lock. Killed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*extra: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [str(BACKHAUL), "--home", str(home), "serve", *extra],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(proc)
+        lock = home / LOCK_FILE
+
+        def holds() -> bool:
+            assert proc.poll() is None, proc.communicate()
+            return lock.exists() and lock.read_text() == str(proc.pid)
+
+        wait(holds, "backhaul serve to take the lock")
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+# =================================================================================================
+# get
+# =================================================================================================
+
+
+def test_get_downloads_the_file_and_completes_the_job(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    out = io.StringIO()
+
+    code = main(
+        ["--home", str(home), "get", f"{server.url}/two.bin", str(dest / "two.bin"), "--json"],
+        out,
+    )
+
+    assert code == 0
+    assert sha256(dest / "two.bin") == sha256(docroot / "two.bin")
+    assert list(dest.iterdir()) == [dest / "two.bin"]  # no temp file left
+    job = the_job(home)
+    assert job.state is S.ACKNOWLEDGED
+    assert json.loads(out.getvalue().splitlines()[-1]) == {
+        "id": job.id,
+        "state": "ACKNOWLEDGED",
+        "result": "S_OK",
+    }
+
+
+def test_get_of_several_urls_into_a_directory(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    urls = [f"{server.url}/one.bin", f"{server.url}/three.bin"]
+
+    assert main(["--home", str(home), "get", *urls, str(tmp_path), "--quiet"]) == 0
+
+    for name in ("one.bin", "three.bin"):
+        assert sha256(tmp_path / name) == sha256(docroot / name)
+
+
+def test_get_of_a_missing_file_fails_and_cancels_the_job(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, _ = engine_nginx
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    code = main(["--home", str(home), "get", f"{server.url}/missing.bin", str(dest / "m"), "-q"])
+
+    assert code == 1
+    assert the_job(home).state is S.CANCELLED
+    assert list(dest.iterdir()) == []
+
+
+def test_get_follows_the_job_when_another_engine_holds_the_lock(
+    tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    dest = tmp_path / "one.bin"
+    with serve_lock(home) as held:
+        assert held
+        get = subprocess.Popen(
+            [str(BACKHAUL), "--home", str(home), "get", f"{server.url}/one.bin", str(dest), "-q"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait(lambda: len(all_jobs(home)) == 1, "get to create its job")
+            job = the_job(home)
+            wait(lambda: job.state is S.QUEUED, "the job to be queued")
+            time.sleep(0.5)
+            assert job.state is S.QUEUED  # get runs no engine of its own
+            assert get.poll() is None
+            # The lock holder's engine runs the job; get sees it transferred and completes it.
+            with TransferManager(home=home) as manager:
+                asyncio.run(make_engine(manager).run(until_idle=True))
+            _, err = get.communicate(timeout=15)
+        finally:
+            if get.poll() is None:
+                get.kill()
+                get.wait(10)
+    assert get.returncode == 0, err.decode()
+    assert the_job(home).state is S.ACKNOWLEDGED
+    assert sha256(dest) == sha256(docroot / "one.bin")
+
+
+# =================================================================================================
+# serve
+# =================================================================================================
+
+
+def test_serve_refuses_to_start_while_another_engine_holds_the_lock(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with serve_lock(home) as held:
+        assert held
+        assert main(["--home", str(home), "serve", "--until-idle"]) == 1
+    assert "another engine already runs" in capsys.readouterr().err
+    assert main(["--home", str(home), "serve", "--until-idle"]) == 0  # the lock is free again
+
+
+def test_get_next_to_a_running_serve_completes_and_serve_stops_on_sigterm(
+    tmp_path: Path,
+    home: Path,
+    env: dict[str, str],
+    serve: Callable[..., subprocess.Popen[bytes]],
+    engine_nginx: tuple[NginxServer, Path],
+) -> None:
+    server, docroot = engine_nginx
+    daemon = serve("--poll", "0.05")
+    dest = tmp_path / "three.bin"
+
+    get = subprocess.run(
+        [str(BACKHAUL), "--home", str(home), "get", f"{server.url}/three.bin", str(dest), "-q"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert get.returncode == 0, get.stderr.decode()
+    assert sha256(dest) == sha256(docroot / "three.bin")
+    assert the_job(home).state is S.ACKNOWLEDGED
+    assert daemon.poll() is None  # still serving
+    daemon.send_signal(signal.SIGTERM)
+    _, err = daemon.communicate(timeout=15)
+    assert daemon.returncode == 0, err.decode()
+
+
+def test_a_killed_serve_leaves_a_job_the_next_engine_resumes_from_its_last_checkpoint(
+    tmp_path: Path, home: Path, serve: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    data = os.urandom(2 * MiB)
+    with FaultServer({"/f": trickle(data, delay=0.015)}).threaded() as srv:
+        manager = TransferManager(home=home)
+        # FOREGROUND: the daemon's background jobs would yield to the machine's other traffic.
+        job = new_job(manager, [(srv.url("/f"), tmp_path / "f")], priority=JobPriority.FOREGROUND)
+        daemon = serve("--poll", "0.05")
+        wait(lambda: checkpointed(job) >= 64 * KiB, "a checkpoint by serve")
+        daemon.kill()  # SIGKILL: no shutdown, the job is left TRANSFERRING
+        daemon.wait(10)
+        assert job.state is S.TRANSFERRING
+        kept = checkpointed(job)
+        assert temp_of(job, 0).stat().st_size >= kept
+        start = len(events_of(manager, job.id))
+
+        asyncio.run(make_engine(manager).run(until_idle=True))
+
+        assert job.state is S.TRANSFERRED
+        assert isinstance(events_of(manager, job.id)[start], ev.SliceEnded)  # its turn was over
+        assert srv.hits[-1].range_start == kept
+        assert srv.hits[-1].if_range == '"v1"'
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data

@@ -1,0 +1,382 @@
+"""Notifications from the engine with the REAL HTTP transport: in-process callbacks (order,
+errors in callbacks, NotifyFlags, the JobModification throttle) and the notify command line
+(once on success, again after MinimumRetryDelay on failure, never after Complete).
+bits-core.md §9, §5 (command-line retry)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peers.nginx import NginxServer
+from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
+    FaultServer,
+    KiB,
+    Served,
+    _no_store_from_the_environment,  # noqa: F401
+    events_of,
+    make_engine,
+    new_job,
+    of_type,
+    running,
+    stays,
+    trickle,
+    until,
+)
+
+from backhaul.adapters.clock import ManualClock
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.core import event as ev
+from backhaul.core import hresult as hr
+from backhaul.core.vocabulary import JobPropertyId, JobState, NotifyFlags
+
+S = JobState
+KINDS = ("job_transferred", "job_error", "job_modification", "file_transferred")
+FILES = ("one.bin", "two.bin", "three.bin")
+
+
+def record_all(engine: Any, calls: list[tuple[Any, ...]]) -> None:
+    engine.on("job_transferred", lambda job: calls.append(("job_transferred", job.id)))
+    engine.on("job_error", lambda job, error: calls.append(("job_error", job.id, error.hresult)))
+    engine.on("job_modification", lambda job: calls.append(("job_modification", job.id)))
+    engine.on(
+        "file_transferred",
+        lambda job, info: calls.append(("file_transferred", job.id, info.index)),
+    )
+    engine.on(
+        "file_ranges_transferred",
+        lambda job, info, ranges: calls.append(("file_ranges_transferred", job.id, ranges)),
+    )
+
+
+# =================================================================================================
+# Callbacks
+# =================================================================================================
+
+
+def test_file_transferred_for_each_file_comes_before_job_transferred_and_a_raising_callback_is_harmless(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _ = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    flags = NotifyFlags.JOB_TRANSFERRED | NotifyFlags.JOB_ERROR | NotifyFlags.FILE_TRANSFERRED
+    job = new_job(
+        manager, [(f"{server.url}/{n}", tmp_path / n) for n in FILES], notify_flags=int(flags)
+    )
+    calls: list[tuple[Any, ...]] = []
+    engine = make_engine(manager)
+
+    def broken(job: TransferJob, info: Any) -> None:
+        raise RuntimeError("a buggy application callback")
+
+    engine.on("file_transferred", broken)
+    record_all(engine, calls)
+
+    with caplog.at_level(logging.ERROR, logger="backhaul.notify"):
+        asyncio.run(engine.run(until_idle=True))
+
+    assert job.state is S.TRANSFERRED
+    assert calls == [
+        ("file_transferred", job.id, 0),
+        ("file_transferred", job.id, 1),
+        ("file_transferred", job.id, 2),
+        ("job_transferred", job.id),
+    ]
+    raised = [r for r in caplog.records if "raised; the engine goes on" in r.getMessage()]
+    assert len(raised) == 3  # logged, once per file
+
+
+def test_job_transferred_callback_may_complete_the_job(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    job = new_job(manager, [(f"{server.url}/one.bin", tmp_path / "one.bin")])
+    engine = make_engine(manager)
+    results: list[int] = []
+    engine.on("job_transferred", lambda handle: results.append(handle.complete()))
+
+    asyncio.run(engine.run(until_idle=True))
+
+    assert results == [hr.S_OK]
+    assert job.state is S.ACKNOWLEDGED
+    assert (tmp_path / "one.bin").read_bytes() == (docroot / "one.bin").read_bytes()
+
+
+def test_notify_flag_disable_silences_every_callback_and_the_command_line(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, _ = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    flags = (
+        NotifyFlags.JOB_TRANSFERRED
+        | NotifyFlags.JOB_ERROR
+        | NotifyFlags.JOB_MODIFICATION
+        | NotifyFlags.FILE_TRANSFERRED
+        | NotifyFlags.DISABLE
+    )
+    ok = new_job(manager, [(f"{server.url}/one.bin", tmp_path / "a")], notify_flags=int(flags))
+    bad = new_job(manager, [(f"{server.url}/nope", tmp_path / "b")], notify_flags=int(flags))
+    marker = tmp_path / "marker"
+    for job in (ok, bad):
+        job.set_notify_cmdline(sys.executable, str(write_script(tmp_path)), str(marker), "0")
+    calls: list[tuple[Any, ...]] = []
+    engine = make_engine(manager)
+    record_all(engine, calls)
+
+    asyncio.run(engine.run(until_idle=True))
+
+    assert ok.state is S.TRANSFERRED
+    assert bad.state is S.ERROR
+    assert calls == []
+    assert not marker.exists()
+
+
+def test_job_modification_is_throttled_by_the_minimum_notification_interval(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(768 * KiB)
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    calls: list[tuple[Any, ...]] = []
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": trickle(data)}) as srv:
+            job = new_job(
+                manager,
+                [(srv.url("/f"), tmp_path / "f")],
+                start=False,
+                notify_flags=int(NotifyFlags.JOB_MODIFICATION | NotifyFlags.JOB_TRANSFERRED),
+            )
+            job.set_property(JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS, 1000)
+            job.resume()
+
+            def checkpoints() -> int:
+                return len(of_type(events_of(manager, job.id), ev.BytesCheckpointed))
+
+            engine = make_engine(manager)
+            record_all(engine, calls)
+            async with running(engine):
+                await until(lambda: checkpoints() >= 4, "four checkpoints")
+                assert calls == [("job_modification", job.id)]  # the clock has not moved
+                clock.advance(1.0)  # the interval has passed: one more is due
+                await until(lambda: len(calls) == 2, "the next job_modification")
+                seen = checkpoints()
+                await until(lambda: checkpoints() >= seen + 3, "three more checkpoints")
+                assert len(calls) == 2
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+                await asyncio.sleep(0.1)
+            return job
+
+    job = asyncio.run(main())
+    assert calls == [
+        ("job_modification", job.id),
+        ("job_modification", job.id),
+        ("job_transferred", job.id),
+    ]
+
+
+def test_job_modification_without_a_minimum_interval_comes_for_every_change(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(256 * KiB)
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    calls: list[tuple[Any, ...]] = []
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": trickle(data)}) as srv:
+            job = new_job(
+                manager,
+                [(srv.url("/f"), tmp_path / "f")],
+                start=False,
+                notify_flags=int(NotifyFlags.JOB_MODIFICATION | NotifyFlags.JOB_TRANSFERRED),
+            )
+            job.set_property(JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS, 0)
+            job.resume()
+            engine = make_engine(manager)
+            record_all(engine, calls)
+            await asyncio.wait_for(engine.run(until_idle=True), 10)
+            return job
+
+    job = asyncio.run(main())
+    events = events_of(manager, job.id)
+    by_engine = events[[type(e) for e in events].index(ev.JobResumed) + 1 :]
+    # Every change but the move to TRANSFERRED, which has its own callback (§9).
+    assert calls == [("job_modification", job.id)] * (len(by_engine) - 1) + [
+        ("job_transferred", job.id)
+    ]
+    assert len(of_type(by_engine, ev.BytesCheckpointed)) >= 3
+
+
+def test_job_error_comes_once_when_a_retry_fails_past_the_no_progress_deadline(
+    tmp_path: Path,
+) -> None:
+    """The retry fails when NoProgressTimeout has already passed: the transient failure is
+    followed at once by the timeout. Only the move to ERROR calls job_error (§9), once, even
+    when the log is slow and the engine decides the timeout before it reads the failure back."""
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    append_many = manager.store.append_many
+
+    def slow_append_many(batches: Any) -> list[int]:
+        time.sleep(0.1)  # a slow disk under the log (called in the writer's thread)
+        return append_many(batches)
+
+    errors: list[tuple[Any, ...]] = []
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(b"x" * 1000, statuses=[503] * 10)}) as srv:
+            job = new_job(
+                manager,
+                [(srv.url("/f"), tmp_path / "f")],
+                minimum_retry_delay=5,
+                no_progress_timeout=6,
+            )
+            manager.store.append_many = slow_append_many  # type: ignore[method-assign]
+            engine = make_engine(manager)
+            engine.on("job_error", lambda job, error: errors.append((job.id, error.hresult)))
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "the first failure")
+                clock.advance(100)  # the retry (due at 5 s) fires first, and fails
+                engine.wake()
+                await until(lambda: job.state is S.ERROR, "ERROR")
+                await asyncio.sleep(0.5)
+            assert len(srv.hits) == 2
+            return job
+
+    job = asyncio.run(main())
+    events = events_of(manager, job.id)
+    assert len(of_type(events, ev.ErrorOccurred)) == 2
+    assert len(of_type(events, ev.NoProgressTimedOut)) == 1
+    assert errors == [(job.id, hr.http_status_hresult(503))]
+
+
+def test_file_ranges_transferred_reports_the_requested_ranges(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, _ = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    job = manager.create_job("ranges")
+    job.notify_flags = int(NotifyFlags.FILE_RANGES_TRANSFERRED | NotifyFlags.JOB_TRANSFERRED)
+    job.add_file(f"{server.url}/one.bin", tmp_path / "r", ranges=[(0, 100), (5000, 100)])
+    job.resume()
+    calls: list[tuple[Any, ...]] = []
+    engine = make_engine(manager)
+    record_all(engine, calls)
+
+    asyncio.run(engine.run(until_idle=True))
+
+    assert job.state is S.TRANSFERRED
+    ranged = [c for c in calls if c[0] == "file_ranges_transferred"]
+    assert ranged
+    assert all([(r.offset, r.length) for r in c[2]] == [(0, 100), (5000, 100)] for c in ranged)
+    assert calls[-1] == ("job_transferred", job.id)
+
+
+# =================================================================================================
+# The notify command line
+# =================================================================================================
+
+SCRIPT = """\
+import os, sys
+with open(sys.argv[1], "a") as out:
+    out.write(os.environ["BACKHAUL_JOB_STATE"] + " " + os.environ["BACKHAUL_JOB_ID"] + "\\n")
+sys.exit(int(sys.argv[2]))
+"""
+
+
+def write_script(directory: Path) -> Path:
+    script = directory / "notify.py"
+    script.write_text(SCRIPT)
+    return script
+
+
+def test_the_command_line_runs_once_when_the_job_is_transferred(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, _ = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    job = new_job(manager, [(f"{server.url}/one.bin", tmp_path / "one.bin")], start=False)
+    marker = tmp_path / "marker"
+    job.set_notify_cmdline(sys.executable, str(write_script(tmp_path)), str(marker), "0")
+    job.resume()
+
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+    assert job.state is S.TRANSFERRED
+    assert marker.read_text() == f"TRANSFERRED {job.id}\n"
+    notified = of_type(events_of(manager, job.id), ev.CommandLineNotified)
+    assert [(n.reason, n.exit_code) for n in notified] == [("transferred", 0)]
+    # The successful run is in the log: a new engine does not run it again.
+    asyncio.run(make_engine(manager).run(until_idle=True))
+    assert marker.read_text() == f"TRANSFERRED {job.id}\n"
+
+
+def test_the_command_line_runs_for_a_job_in_error(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, _ = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    job = new_job(manager, [(f"{server.url}/missing.bin", tmp_path / "m")], start=False)
+    marker = tmp_path / "marker"
+    job.set_notify_cmdline(sys.executable, str(write_script(tmp_path)), str(marker), "0")
+    job.resume()
+
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+    assert job.state is S.ERROR
+    assert marker.read_text() == f"ERROR {job.id}\n"
+    notified = of_type(events_of(manager, job.id), ev.CommandLineNotified)
+    assert [(n.reason, n.exit_code) for n in notified] == [("error", 0)]
+
+
+def test_a_failing_command_line_runs_again_after_the_retry_delay_until_the_job_is_completed(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(32 * KiB)
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    client = TransferManager(home=tmp_path / "home", clock=clock)
+    marker = tmp_path / "marker"
+
+    def runs() -> int:
+        return len(marker.read_text().splitlines()) if marker.exists() else 0
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": trickle(data)}) as srv:
+            job = new_job(
+                manager, [(srv.url("/f"), tmp_path / "f")], start=False, minimum_retry_delay=5
+            )
+            job.set_notify_cmdline(sys.executable, str(write_script(tmp_path)), str(marker), "1")
+            job.resume()
+
+            def notified() -> list[Any]:
+                return of_type(events_of(manager, job.id), ev.CommandLineNotified)
+
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: len(notified()) == 1, "the first run")
+                assert notified()[0].exit_code == 1
+                await stays(lambda: runs() == 1, "no second run before MinimumRetryDelay")
+                clock.advance(6)
+                engine.wake()
+                await until(lambda: len(notified()) == 2, "the second run")
+                assert runs() == 2
+                assert client.get_job(job.id).complete() == hr.S_OK
+                await asyncio.sleep(0.1)
+                clock.advance(6)
+                engine.wake()
+                await stays(lambda: runs() == 2, "no run once the job is completed", 0.5)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.ACKNOWLEDGED
+    assert marker.read_text() == f"TRANSFERRED {job.id}\n" * 2
+    assert (tmp_path / "f").read_bytes() == data

@@ -1,0 +1,273 @@
+"""The engine's scheduler and the client's calls while a transfer runs, with the REAL HTTP
+transport: priorities, FOREGROUND next to the background job, round-robin time slices,
+Suspend/Resume and Cancel while transferring, and a new engine taking over from a stopped one.
+bits-core.md §2.2, §4, §7.2."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from peers.nginx import NginxServer
+from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
+    FaultServer,
+    KiB,
+    Served,
+    _no_store_from_the_environment,  # noqa: F401
+    checkpointed,
+    events_of,
+    make_engine,
+    new_job,
+    of_type,
+    running,
+    stays,
+    temp_of,
+    trickle,
+    until,
+)
+
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.store import Recorded
+from backhaul.core import event as ev
+from backhaul.core import hresult as hr
+from backhaul.core.vocabulary import JobPriority, JobState
+
+S = JobState
+
+
+def log_of(manager: TransferManager) -> list[Recorded]:
+    return manager.store.read(0, 100_000)
+
+
+def first(log: list[Recorded], job_id: str, kind: type[ev.Event]) -> int:
+    return next(r.position for r in log if r.job_id == job_id and isinstance(r.event, kind))
+
+
+def last(log: list[Recorded], job_id: str, kind: type[ev.Event]) -> int:
+    return [r.position for r in log if r.job_id == job_id and isinstance(r.event, kind)][-1]
+
+
+# =================================================================================================
+# Priorities and slices
+# =================================================================================================
+
+
+def test_a_high_job_runs_before_normal_ones_and_background_jobs_run_one_at_a_time(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    normal1 = new_job(manager, [(f"{server.url}/two.bin", tmp_path / "n1")], name="n1")
+    normal2 = new_job(manager, [(f"{server.url}/one.bin", tmp_path / "n2")], name="n2")
+    high = new_job(
+        manager,
+        [(f"{server.url}/three.bin", tmp_path / "h")],
+        name="high",
+        priority=JobPriority.HIGH,
+    )
+
+    asyncio.run(make_engine(manager, max_background=1).run(until_idle=True))
+
+    log = log_of(manager)
+    order = [r.job_id for r in log if isinstance(r.event, ev.TransferStarted)]
+    assert order == [high.id, normal1.id, normal2.id]
+    # One background job at a time: each starts after the one before it transferred.
+    assert first(log, high.id, ev.JobTransferred) < first(log, normal1.id, ev.TransferStarted)
+    assert first(log, normal1.id, ev.JobTransferred) < first(log, normal2.id, ev.TransferStarted)
+    for job in (normal1, normal2, high):
+        assert job.state is S.TRANSFERRED
+        job.complete()
+    assert (tmp_path / "h").read_bytes() == (docroot / "three.bin").read_bytes()
+
+
+def test_foreground_jobs_run_next_to_the_one_background_job(tmp_path: Path) -> None:
+    data = os.urandom(384 * KiB)
+    files = {p: trickle(data) for p in ("/b1", "/b2", "/fg")}
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[list[TransferJob], FaultServer]:
+        async with FaultServer(files) as srv:
+            b1 = new_job(manager, [(srv.url("/b1"), tmp_path / "b1")], name="b1")
+            b2 = new_job(manager, [(srv.url("/b2"), tmp_path / "b2")], name="b2")
+            fg = new_job(
+                manager,
+                [(srv.url("/fg"), tmp_path / "fg")],
+                name="fg",
+                priority=JobPriority.FOREGROUND,
+            )
+            engine = make_engine(manager, max_background=1)
+            await asyncio.wait_for(engine.run(until_idle=True), 15)
+            return [b1, b2, fg], srv
+
+    (b1, b2, fg), srv = asyncio.run(main())
+    assert srv.max_active == 2  # the foreground job and ONE background job
+    log = log_of(manager)
+    # The foreground job and b1 overlapped; b2 waited for b1.
+    assert first(log, fg.id, ev.TransferStarted) < first(log, b1.id, ev.JobTransferred)
+    assert first(log, b1.id, ev.TransferStarted) < first(log, fg.id, ev.JobTransferred)
+    assert first(log, b1.id, ev.JobTransferred) < first(log, b2.id, ev.TransferStarted)
+    for job in (b1, b2, fg):
+        assert job.state is S.TRANSFERRED
+
+
+def test_jobs_of_one_priority_share_the_background_slot_in_round_robin_slices(
+    tmp_path: Path,
+) -> None:
+    a_data, b_data = os.urandom(768 * KiB), os.urandom(768 * KiB)
+    files = {"/a": trickle(a_data), "/b": trickle(b_data)}
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[TransferJob, TransferJob, FaultServer]:
+        async with FaultServer(files) as srv:
+            a = new_job(manager, [(srv.url("/a"), tmp_path / "a")], name="a")
+            b = new_job(manager, [(srv.url("/b"), tmp_path / "b")], name="b")
+            engine = make_engine(manager, max_background=1, slice_length=timedelta(seconds=0.3))
+            await asyncio.wait_for(engine.run(until_idle=True), 20)
+            return a, b, srv
+
+    a, b, srv = asyncio.run(main())
+    log = log_of(manager)
+    for job in (a, b):
+        assert of_type(events_of(manager, job.id), ev.SliceEnded), job
+        assert job.state is S.TRANSFERRED
+    turns = [r.job_id for r in log if isinstance(r.event, ev.TransferStarted)]
+    assert turns[:4] == [a.id, b.id, a.id, b.id]
+    assert srv.max_active == 1
+    # A new turn resumes where the last checkpoint of the previous one left off.
+    for path in ("/a", "/b"):
+        hits = srv.hits_for(path)
+        assert len(hits) >= 2
+        assert all(h.range_start for h in hits[1:]), hits
+    a.complete()
+    b.complete()
+    assert (tmp_path / "a").read_bytes() == a_data
+    assert (tmp_path / "b").read_bytes() == b_data
+
+
+# =================================================================================================
+# Suspend, Cancel, and a new engine
+# =================================================================================================
+
+
+def test_suspend_while_transferring_stops_the_transfer_and_resume_continues_at_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(768 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    client = TransferManager(home=tmp_path / "home")  # another process, as the CLI would be
+
+    async def main() -> tuple[TransferJob, FaultServer, int]:
+        async with FaultServer({"/f": trickle(data)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: checkpointed(job) >= 64 * KiB, "some progress")
+                client.get_job(job.id).suspend()
+                await until(lambda: job.state is S.SUSPENDED, "SUSPENDED")
+                await until(lambda: srv.active == 0, "the server to see the client go")
+                await until(lambda: not engine.live_progress, "the transfer task to end")
+                count = len(events_of(manager, job.id))
+                await stays(
+                    lambda: len(events_of(manager, job.id)) == count and srv.active == 0,
+                    "nothing happens while SUSPENDED",
+                )
+                events = events_of(manager, job.id)
+                since = events[[type(e) for e in events].index(ev.JobSuspended) + 1 :]
+                assert not of_type(since, ev.BytesCheckpointed), since
+                kept = checkpointed(job)
+                assert temp_of(job, 0).stat().st_size >= kept
+                client.get_job(job.id).resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job, srv, kept
+
+    job, srv, kept = asyncio.run(main())
+    assert srv.aborted == 1
+    assert [h.range_start for h in srv.hits] == [None, kept]
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_cancel_while_transferring_deletes_the_temp_file(tmp_path: Path) -> None:
+    data = os.urandom(768 * KiB)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    manager = TransferManager(home=tmp_path / "home")
+    client = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": trickle(data)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), dest / "f")])
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: checkpointed(job) >= 64 * KiB, "some progress")
+                assert temp_of(job, 0).exists()
+                assert client.get_job(job.id).cancel() == hr.S_OK
+                await until(lambda: srv.active == 0, "the server to see the client go")
+                await until(lambda: not engine.live_progress, "the transfer task to end")
+                await asyncio.sleep(0.1)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.CANCELLED
+    assert list(dest.iterdir()) == []
+
+
+def test_cancel_from_another_process_between_two_files_leaves_no_temp_file(
+    tmp_path: Path,
+) -> None:
+    """The client cancels (and deletes the temp files) while the engine, which has not read the
+    log since, is opening the next file: the engine must not leave that file's temp behind."""
+    small, big = os.urandom(32 * KiB), os.urandom(256 * KiB)
+    files = {"/a": Served(small), "/b": trickle(big, header_delay=0.3)}
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    manager = TransferManager(home=tmp_path / "home")
+    client = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer(files) as srv:
+            job = new_job(manager, [(srv.url("/a"), dest / "a"), (srv.url("/b"), dest / "b")])
+            # The engine reads the log every 2 s (``backhaul serve --poll 2``).
+            engine = make_engine(manager, poll_interval=2.0)
+            async with running(engine):
+                await until(lambda: bool(srv.hits_for("/b")), "the request for the 2nd file")
+                assert client.get_job(job.id).cancel() == hr.S_OK
+                await until(lambda: srv.active == 0, "the server to finish or see the client go")
+                await asyncio.sleep(0.3)
+                engine.wake()
+                await until(lambda: not engine.live_progress, "the transfer task to end")
+                await asyncio.sleep(0.1)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.CANCELLED
+    assert sorted(p.name for p in dest.iterdir()) == []
+
+
+def test_a_new_engine_resumes_a_stopped_engines_job_from_its_last_checkpoint(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(768 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[TransferJob, FaultServer, int]:
+        async with FaultServer({"/f": trickle(data)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: checkpointed(job) >= 128 * KiB, "some progress")
+            # stopped: its turn ended, the job waits in QUEUED
+            assert job.state is S.QUEUED
+            assert isinstance(events_of(manager, job.id)[-1], ev.SliceEnded)
+            kept = checkpointed(job)
+            assert 0 < kept < len(data)
+            await asyncio.wait_for(make_engine(manager).run(until_idle=True), 10)
+            return job, srv, kept
+
+    job, srv, kept = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    assert [h.range_start for h in srv.hits] == [None, kept]
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data

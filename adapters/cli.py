@@ -419,6 +419,19 @@ def cmd_setmaxrate(args: argparse.Namespace, m: TransferManager, out: TextIO) ->
     return EXIT_OK
 
 
+def cmd_transports(args: argparse.Namespace, m: TransferManager | None, out: TextIO) -> int:
+    """The installed transports and uploaders: scheme, object, distribution, version."""
+    from backhaul.adapters import registry
+
+    rows = registry.installed_rows()
+    if args.json:
+        keys = [h.lower() for h in registry.HEADER]
+        out.write(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2) + "\n")
+    else:
+        out.write(registry.format_table(rows))
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     from backhaul.adapters.engine import Engine
 
@@ -733,6 +746,14 @@ def build_parser() -> argparse.ArgumentParser:
     verb(
         "setmaxrate", cmd_setmaxrate, "a job's own maximum rate (e.g. 500k; 0 = none)"
     ).add_argument("value")
+    tr = verb(
+        "transports",
+        cmd_transports,
+        "list the installed transports (by URL scheme) and the distribution of each",
+        job=False,
+    )
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(needs_store=False)  # lists installed metadata; opens no store
     s = verb(
         "serve",
         cmd_serve,
@@ -757,6 +778,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
     try:
+        if not getattr(args, "needs_store", True):
+            return int(args.func(args, None, out))
         with _manager(args) as manager:
             return int(args.func(args, manager, out))
     except BitsError as exc:

@@ -37,7 +37,7 @@ from typing import Any
 
 import attrs
 
-from backhaul.adapters import localfile
+from backhaul.adapters import localfile, registry
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.network import network_up, system_cost
 from backhaul.adapters.notify import Callbacks, command_line_due, wants
@@ -84,18 +84,15 @@ class JobGone(Exception):
     """The job changed under the transfer (suspended, cancelled...): stop quietly."""
 
 
-def default_transports() -> dict[str, Transport]:
-    from backhaul.transports.http import HttpTransport
+def default_transports() -> Mapping[str, Transport]:
+    """Every installed transport (entry-point group ``backhaul.transports``), each built the
+    first time a job needs its scheme (adapters/registry.py)."""
+    return registry.default_registry().lazy()
 
-    http = HttpTransport()
-    return {"http": http, "https": http}
 
-
-def default_uploaders() -> dict[str, Uploader]:
-    from backhaul.transports.bits_upload import BitsUploader
-
-    bits = BitsUploader()
-    return {"http": bits, "https": bits}
+def default_uploaders() -> Mapping[str, Uploader]:
+    """Every installed uploader (entry-point group ``backhaul.uploaders``), built lazily."""
+    return registry.uploaders()
 
 
 REPLY_DATA_MAX = 1024 * 1024  # GetReplyData keeps at most 1 MiB in memory (bits-core.md §3)
@@ -122,8 +119,9 @@ class Engine:
         self.manager = manager
         self.store = manager.store
         self.clock = manager.clock
-        self._transports = dict(transports) if transports is not None else None
-        self._uploaders = dict(uploaders) if uploaders is not None else None
+        # Not copied: a registry's lazy mapping must not build every transport up front.
+        self._transports = transports
+        self._uploaders = uploaders
         self.upload_fragment = 1 * MiB
         self.max_background = max_background
         self.slice_length = slice_length
@@ -230,10 +228,9 @@ class Engine:
             await self._follow()  # notify what our last appends caused
         for task in self._cmdlines.values():
             task.cancel()
-        for registry in (self._transports, self._uploaders):
-            if registry is not None:
-                for transport in {id(t): t for t in registry.values()}.values():
-                    await transport.close()
+        for mapping in (self._transports, self._uploaders):
+            if mapping is not None:
+                await registry.close_all(mapping)  # each built instance once
 
     def _idle(self) -> bool:
         if self._tasks or self._queue or self._cmdlines or self._in_flight:
@@ -672,16 +669,7 @@ class Engine:
     def transport_for(self, remote_name: str) -> Transport:
         if self._transports is None:
             self._transports = default_transports()
-        scheme = "smb" if remote_name.startswith("\\\\") else remote_name.split("://")[0].lower()
-        transport = self._transports.get(scheme)
-        if transport is None:
-            raise TransferError(
-                hresult.E_INVALIDARG,
-                f"no transport for {scheme!r} URLs",
-                context=ErrorContext.GENERAL_TRANSPORT,
-                transient=False,
-            )
-        return transport
+        return registry.transport_for(self._transports, remote_name)
 
     def _options(self, job: Job) -> RequestOptions:
         secrets = self.store.secrets
@@ -984,16 +972,7 @@ class Engine:
     def uploader_for(self, remote_name: str) -> Uploader:
         if self._uploaders is None:
             self._uploaders = default_uploaders()
-        scheme = remote_name.split("://")[0].lower()
-        uploader = self._uploaders.get(scheme)
-        if uploader is None:
-            raise TransferError(
-                hresult.E_INVALIDARG,
-                f"no upload transport for {scheme!r} URLs",
-                context=ErrorContext.GENERAL_TRANSPORT,
-                transient=False,
-            )
-        return uploader
+        return registry.transport_for(self._uploaders, remote_name)
 
     async def _upload_file(self, job_id: str, index: int) -> None:
         """Send the local file in fragments from the offset the server holds; the

@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from backhaul.adapters import localfile
+from backhaul.adapters import localfile, registry
 from backhaul.adapters.clock import SystemClock
 from backhaul.adapters.projection import catch_up, job_of
 from backhaul.adapters.store import ConcurrentAppend, EventStore, open_store
@@ -56,6 +56,7 @@ from backhaul.core.vocabulary import (
 )
 
 BUILTIN_SCHEMES = frozenset({"http", "https", "smb", "file"})
+"""backhaul's own schemes. The manager's default is every installed one (adapters/registry)."""
 _RETRIES = 8
 
 
@@ -100,7 +101,7 @@ class TransferManager:
         owner: str | None = None,
         limits: Limits = DEFAULT_LIMITS,
         clock: Clock | None = None,
-        schemes: Iterable[str] = BUILTIN_SCHEMES,
+        schemes: Iterable[str] | None = None,
     ) -> None:
         if isinstance(store, EventStore):
             self.store = store
@@ -111,7 +112,8 @@ class TransferManager:
         self.owner = owner or current_owner()
         self.limits = limits
         self.clock: Clock = clock or SystemClock()
-        self.schemes = frozenset(s.lower() for s in schemes)
+        # None: every scheme an installed transport (uploader, for upload jobs) serves
+        self.schemes = None if schemes is None else frozenset(s.lower() for s in schemes)
         self._cache: dict[str, Job] = {}
         self._pending: list[tuple[str, int, list[Event]]] | None = None
         self._before_commit: list[Callable[[], object]] = []
@@ -640,17 +642,21 @@ class TransferJob:
         for spec in specs:
             cmd.check_local_name(spec.local_name)
             cmd.check_remote_name(spec.remote_name, job.job_type)
-            self._check_scheme(spec.remote_name)
+            self._check_scheme(spec.remote_name, job.job_type)
         localfile.check_local_names(job.job_type, (s.local_name for s in specs))
         self._do(cmd.AddFiles(specs))
 
-    def _check_scheme(self, remote_name: str) -> None:
-        unc = remote_name.startswith("\\\\")
-        scheme = "smb" if unc else remote_name.split("://", 1)[0].lower()
-        if scheme not in self._manager.schemes:
-            raise BitsError(
-                hresult.E_INVALIDARG, f"no transport handles {scheme!r} URLs ({remote_name})"
-            )
+    def _check_scheme(self, remote_name: str, job_type: JobType | None = None) -> None:
+        """E_INVALIDARG for a scheme no transport serves (nothing is imported)."""
+        schemes = self._manager.schemes
+        if schemes is None:
+            kind = self.job_type if job_type is None else job_type  # DOWNLOAD is 0: no `or`
+            upload = kind is not JobType.DOWNLOAD
+            group = registry.UPLOAD_GROUP if upload else registry.GROUP
+            registry.default_registry(group).check(remote_name)
+        elif registry.scheme_of(remote_name) not in schemes:
+            message = registry.missing_message(registry.scheme_of(remote_name))
+            raise BitsError(hresult.E_INVALIDARG, f"{message} ({remote_name})")
 
     def files(self) -> list[FileInfo]:
         """EnumFiles: a snapshot of the file list with live progress."""

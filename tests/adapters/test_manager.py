@@ -382,7 +382,7 @@ def test_upload_of_a_missing_file_raises_e_invalidarg(
 @pytest.mark.parametrize(
     "remote",
     [
-        "ftp://example.com/file.bin",
+        "gopher://example.com/file.bin",
         "gopher://example.com/file",
         "not a url",
         "https://example.com/*.bin",

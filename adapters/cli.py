@@ -766,6 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--poll", type=float, default=0.2)
     s.add_argument("--until-idle", action="store_true", help="stop once no job is left to run")
+    from backhaul.adapters.cli_http import add_http_verbs
+
+    add_http_verbs(sub, verb)
     add_audit_parser(sub)
     return p
 

@@ -60,6 +60,7 @@ from backhaul.core.port import (
     PlainCredentials,
     RemoteFile,
     RequestOptions,
+    ServerCertificateValidator,
     Transport,
     Uploader,
     UploadSession,
@@ -148,6 +149,7 @@ class Engine:
         self.yielder = YieldController() if yield_bandwidth else None
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
+        self._validators: dict[str, ServerCertificateValidator] = {}
         self.network_probe: Callable[[], bool] = network_up
         self.cost_probe: Callable[[], int] = system_cost
         self.network_check_interval = 1.0
@@ -688,6 +690,9 @@ class Engine:
             )
             for c in job.credentials
         )
+        identity = None
+        if job.client_certificate is not None:
+            identity = self.manager.certificates.identity(job.client_certificate)
         return RequestOptions(
             custom_headers=tuple(headers),
             credentials=creds,
@@ -696,7 +701,21 @@ class Engine:
             client_certificate=job.client_certificate,
             http_method=job.http_method,
             dynamic=job.dynamic_content,
+            ca_bundle=job.ca_bundle,
+            server_certificate_validator=self._validators.get(job.id),
+            client_identity=identity,
         )
+
+    def set_server_certificate_validator(
+        self, job_id: str, validator: ServerCertificateValidator | None
+    ) -> None:
+        """SetServerCertificateValidationInterface: called with (host, port, DER chain)
+        after the OS validation; a non-S_OK answer refuses the server (TRANSIENT_ERROR,
+        context SERVER_CERTIFICATE_CALLBACK). Like BITS's, it is not persisted."""
+        if validator is None:
+            self._validators.pop(job_id, None)
+        else:
+            self._validators[job_id] = validator
 
     async def _run_job(self, job_id: str) -> None:
         try:
@@ -735,7 +754,10 @@ class Engine:
             getattr(exc, "file_index", index),
             getattr(exc, "protocol", None),
         )
-        transient = exc.transient and is_transient(exc.hresult) if exc.transient else False
+        # A refusal by the application's certificate callback is transient whatever its
+        # code (BITS: TRANSIENT_ERROR, context SERVER_CERTIFICATE_CALLBACK).
+        callback = exc.context is ErrorContext.SERVER_CERTIFICATE_CALLBACK
+        transient = exc.transient and (callback or is_transient(exc.hresult))
         with contextlib.suppress(JobGone, BitsError):
             await self._commit(job_id, cmd.Fail(error, transient, exc.retry_after))
 

@@ -22,9 +22,10 @@ from typing import Any
 import attrs
 
 from backhaul.adapters import localfile, registry
+from backhaul.adapters.certstore import CertificateStores
 from backhaul.adapters.clock import SystemClock
 from backhaul.adapters.projection import catch_up, job_of
-from backhaul.adapters.store import ConcurrentAppend, EventStore, open_store
+from backhaul.adapters.store import ConcurrentAppend, EventStore, default_home, open_store
 from backhaul.core import command as cmd
 from backhaul.core import hresult
 from backhaul.core import job as jobs
@@ -35,7 +36,7 @@ from backhaul.core.event import POLICY_STREAM, Event, JobCreated, PolicyChanged
 from backhaul.core.job import Job
 from backhaul.core.limit import DEFAULT_LIMITS, Limits
 from backhaul.core.port import Clock
-from backhaul.core.setting import JOB_PROPERTIES, SETTINGS
+from backhaul.core.setting import JOB_PROPERTIES, SETTINGS, check_setting
 from backhaul.core.value import (
     ByteRange,
     ClientCertificate,
@@ -110,6 +111,8 @@ class TransferManager:
             self.store = open_store(store, Path(home) if home is not None else None)
             self._owns_store = True
         self.owner = owner or current_owner()
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.certificates = CertificateStores.for_home(self.home, self.store.secrets)
         self.limits = limits
         self.clock: Clock = clock or SystemClock()
         # None: every scheme an installed transport (uploader, for upload jobs) serves
@@ -595,17 +598,34 @@ class TransferJob:
     def set_client_certificate_by_id(
         self, location: CertStoreLocation, store_name: str, sha1: bytes | str
     ) -> None:
+        """SetClientCertificateByID: the store must exist and hold the certificate with
+        a usable key (adapters/certstore.py), else the BITS error and nothing recorded."""
         digest = sha1.hex() if isinstance(sha1, bytes | bytearray) else sha1
         if isinstance(sha1, bytes | bytearray) and len(sha1) != 20:
-            raise BitsError(hresult.E_INVALIDARG, "a SHA-1 hash is 20 bytes")
-        self._set("client_certificate", ClientCertificate(int(location), store_name, sha1=digest))
+            raise BitsError(
+                hresult.hresult_from_win32(hresult.RPC_X_BAD_STUB_DATA), "a SHA-1 hash is 20 bytes"
+            )
+        self._set_certificate(ClientCertificate(int(location), store_name, sha1=digest))
 
     def set_client_certificate_by_name(
         self, location: CertStoreLocation, store_name: str, subject: str
     ) -> None:
-        self._set(
-            "client_certificate", ClientCertificate(int(location), store_name, subject=subject)
-        )
+        """SetClientCertificateByName: subject substring, RDNs reversed (BITS's rule)."""
+        self._set_certificate(ClientCertificate(int(location), store_name, subject=subject))
+
+    def _set_certificate(self, ref: ClientCertificate) -> None:
+        check_setting("client_certificate", ref, self.snapshot())
+        self._manager.certificates.check(ref)
+        self._set("client_certificate", ref)
+
+    @property
+    def ca_bundle(self) -> str | None:
+        """Beyond BITS: a CA bundle (PEM) trusted for this job's HTTPS servers."""
+        return self.snapshot().ca_bundle
+
+    @ca_bundle.setter
+    def ca_bundle(self, value: str | Path | None) -> None:
+        self._set("ca_bundle", None if value is None else str(value))
 
     def remove_client_certificate(self) -> None:
         self._set("client_certificate", None)

@@ -59,11 +59,17 @@ class Limit:
     window: Window | None = None
 
 
+def _frozen_mapping(
+    value: Mapping[int, tuple[Limit, ...]],
+) -> Mapping[int, tuple[Limit, ...]]:
+    return MappingProxyType(dict(value))
+
+
 @attrs.frozen
 class BandwidthPolicy:
     global_limits: tuple[Limit, ...] = ()
     priority_limits: Mapping[int, tuple[Limit, ...]] = attrs.field(
-        factory=lambda: MappingProxyType({}), converter=lambda m: MappingProxyType(dict(m))
+        factory=dict, converter=_frozen_mapping
     )
 
     def to_data(self) -> dict[str, Any]:
@@ -111,7 +117,7 @@ def effective_rate(
     policy: BandwidthPolicy, priority: JobPriority, max_rate: int | None, at: datetime
 ) -> int | None:
     """Bytes per second the job may use now; None = unlimited; 0 = blocked."""
-    rates = [max_rate] if max_rate else []
+    rates: list[int | None] = [max_rate] if max_rate else []
     if priority is not JobPriority.FOREGROUND:
         rates.append(current_limit(policy.global_limits, at))
         rates.append(current_limit(policy.priority_limits.get(int(priority), ()), at))

@@ -120,6 +120,7 @@ class Job:
     http_method: str | None = None
     security_flags: int = 0
     client_certificate: ClientCertificate | None = None
+    ca_bundle: str | None = None
     acl_flags: int = 0
     reply_file_name: str | None = None
     reply_bytes_total: int | None = None

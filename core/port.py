@@ -5,7 +5,7 @@ Adapters implement them; the core and the transports only see these Protocols.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Protocol
 
@@ -36,6 +36,20 @@ class PlainCredentials:
 
 
 @attrs.frozen
+class ClientIdentity:
+    """A client certificate opened for one transfer: the PEM chain (certificate first)
+    and its private key as unencrypted PEM. In memory only; ``sha1`` names it as BITS does."""
+
+    sha1: str
+    certificate_pem: bytes
+    key_pem: bytes = attrs.field(repr=False)
+
+
+# (host, port, DER chain leaf first) -> an HRESULT: S_OK accepts, anything else refuses
+ServerCertificateValidator = Callable[[str, int, tuple[bytes, ...]], int]
+
+
+@attrs.frozen
 class RequestOptions:
     """What a transport needs from the job for one request. Built by the engine."""
 
@@ -46,6 +60,11 @@ class RequestOptions:
     client_certificate: ClientCertificate | None = None
     http_method: str | None = None
     dynamic: bool = False
+    ca_bundle: str | None = None
+    server_certificate_validator: ServerCertificateValidator | None = attrs.field(
+        default=None, eq=False, repr=False
+    )
+    client_identity: ClientIdentity | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen

@@ -166,8 +166,13 @@ def _decode_cmdline(value: Any) -> NotifyCommandLine | None:
     return NotifyCommandLine(value["program"], tuple(value["parameters"]))
 
 
-_PROXY_ENTRY = re.compile(r"^(?:(?:https?)=)?(?:(?:https?)://)?[^\s=/]+(?::\d{1,5})?$")
-_BYPASS_ENTRY = re.compile(r"^(?:<local>|\*?[^\s*]+)$")
+_PROXY_ENTRY = re.compile(
+    r"^(?:https?=)?(?:https?://)?"
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-_.]*[A-Za-z0-9_])?)"
+    r"(?::(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3}))?$",
+    re.IGNORECASE,
+)
+_BYPASS_ENTRY = re.compile(r"^(?:<local>|\*?[A-Za-z0-9\-_.:\[\]]*[A-Za-z0-9\]])$")
 
 
 def _check_proxy(value: Any, job: Job) -> dict[str, Any]:
@@ -230,7 +235,10 @@ def _check_certificate(value: Any, job: Job) -> dict[str, Any] | None:
     if (value.sha1 is None) == (value.subject is None):
         raise _invalid("give exactly one of a SHA-1 hash or a subject name")
     if value.sha1 is not None and not re.fullmatch(r"[0-9a-fA-F]{40}", value.sha1):
-        raise _invalid("a certificate hash is 20 bytes (40 hex digits)")
+        raise _invalid(
+            "a certificate hash is 20 bytes (40 hex digits)",
+            hresult.hresult_from_win32(hresult.RPC_X_BAD_STUB_DATA),
+        )
     if value.subject is not None:
         _text(limit.CERT_SUBJECT_MAX, "the subject", allow_empty=False)(value.subject, job)
     return {
@@ -303,6 +311,15 @@ def _check_clsid(value: Any, job: Job) -> str | None:
     return value.strip("{}").lower()
 
 
+def _check_ca_bundle(value: Any, job: Job) -> str | None:
+    if value is None:
+        return None
+    text = _text(limit.LOCAL_NAME_MAX, "the CA bundle", allow_empty=False)(value, job)
+    if not text.startswith("/"):
+        raise _invalid("the CA bundle must be an absolute path")
+    return text
+
+
 def _check_max_rate(value: Any, job: Job) -> int | None:
     if value is None or value == 0:
         return None
@@ -357,6 +374,7 @@ _ROWS = (
             frozen_after="resume"),
     Setting("use_stored_credentials", "BITS_JOB_PROPERTY_USE_STORED_CREDENTIALS",
             _check_stored_credentials),
+    Setting("ca_bundle", "(backhaul) CA bundle for HTTPS", _check_ca_bundle),
     Setting("max_rate", "(backhaul) maximum transfer rate, bytes/s",
             _check_max_rate),
     Setting("minimum_notification_interval_ms",

@@ -104,7 +104,7 @@ REMOTE_NAMES: tuple[tuple[str, frozenset[JobType]], ...] = (
     ("https://example.com/files/data.bin", ALL_TYPES),
     ("http://example.com/upload/target", ALL_TYPES),
     ("\\\\fileserver\\share\\data.bin", frozenset({JobType.DOWNLOAD, JobType.UPLOAD})),
-    ("ftp://example.com/data.bin", frozenset()),  # no transport for the scheme
+    ("gopher://example.com/data.bin", frozenset()),  # no transport for the scheme
     ("gopher:/nothing", frozenset()),  # neither a URL nor a UNC path
     ("https://example.com/files/*.bin", frozenset()),  # wildcard
     ("", frozenset()),

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from peers.netns import linked_hosts
 
 BIN = Path(sys.executable).parent

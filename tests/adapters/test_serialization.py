@@ -37,8 +37,16 @@ from backhaul.adapters.serialization import (
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
+from backhaul.core.command import SetSetting
 from backhaul.core.job import Job, fold
-from backhaul.core.value import ByteRange, FileSpec, JobError, ProxySettings, Sealed
+from backhaul.core.value import (
+    ByteRange,
+    ClientCertificate,
+    FileSpec,
+    JobError,
+    ProxySettings,
+    Sealed,
+)
 from backhaul.core.vocabulary import (
     AuthScheme,
     AuthTarget,
@@ -207,7 +215,14 @@ def rich_folded_job(tmp: Path) -> Job:
         job.set_proxy_settings(ProxyUsage.OVERRIDE, "http=proxy:8080", "<local>")
         job.security_flags = 0x100
         job.acl_flags = 0x3
-        job.set_client_certificate_by_name(CertStoreLocation.CURRENT_USER, "MY", "CN=client")
+        # Recorded as the API records it, past the certificate-store check (no store here).
+        manager.execute(
+            job.id,
+            SetSetting(
+                "client_certificate",
+                ClientCertificate(int(CertStoreLocation.CURRENT_USER), "MY", subject="CN=client"),
+            ),
+        )
         job.set_credentials(AuthTarget.SERVER, AuthScheme.BASIC, "user", "pa55word")
         job.set_custom_headers("X-Trace: 1\r\n")
         job.set_property(JobPropertyId.COST_FLAGS, 0x80000067)

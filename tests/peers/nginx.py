@@ -16,11 +16,23 @@ As root, nginx needs ``user root root;`` (otherwise its worker runs as ``nobody`
 read the 0700 temp dirs). The binary is ``nginx`` on PATH or /usr/sbin/nginx, or the path in
 env ``BACKHAUL_NGINX``. Every failure to start raises RuntimeError with the log tail; nothing
 is skipped.
+
+Optional extras (keyword arguments of ``running_nginx``):
+
+* ``tls=NginxTls(certificate, key, client_ca)``: a second server on its own port
+  (``nginx.tls_url``) serving the same docroot over HTTPS with ``ssl_verify_client on``: a
+  request without a client certificate, or with one not issued by ``client_ca``, gets HTTP 400
+  (nginx refuses after the handshake); the verified client's subject DN comes back in the
+  ``X-Client-DN`` response header.
+* ``basic_auth=(user, password)``: ``/private/`` (on both servers) requires HTTP Basic auth
+  (nginx's ``{SHA}`` password file, no external tool), else 401.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import http.client
 import os
 import shutil
@@ -32,6 +44,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 NGINX_ENV = "BACKHAUL_NGINX"
 START_TIMEOUT_S = 10.0
@@ -71,6 +84,16 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:]) or f"(empty log {path})"
 
 
+@dataclass(frozen=True)
+class NginxTls:
+    """Files for the HTTPS server: its PEM certificate chain and key, and the PEM CA bundle
+    that client certificates must chain to."""
+
+    certificate: Path
+    key: Path
+    client_ca: Path
+
+
 @dataclass
 class NginxServer:
     """One running nginx. ``url`` has no trailing slash."""
@@ -82,6 +105,8 @@ class NginxServer:
     access_log: Path
     docroot: Path
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    tls_url: str | None = None  # with running_nginx(tls=...)
+    tls_port: int | None = None
 
     @property
     def error_log(self) -> Path:
@@ -121,13 +146,39 @@ class NginxServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _config(d: Path, docroot: Path, port: int) -> str:
+def _config(
+    d: Path,
+    docroot: Path,
+    port: int,
+    tls: NginxTls | None = None,
+    tls_port: int | None = None,
+    basic_auth: tuple[str, str] | None = None,
+) -> str:
     user = "user root root;\n" if os.geteuid() == 0 else ""
     tmp = d / "tmp"
     temp_paths = "\n".join(
         f"  {kind}_temp_path {tmp / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    private = ""
+    if basic_auth is not None:
+        name, password = basic_auth
+        digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+        (d / "htpasswd").write_text(f"{name}:{{SHA}}{digest}\n")
+        private = f'    location /private/ {{ auth_basic "peers"; auth_basic_user_file {d / "htpasswd"}; }}\n'
+    secure = ""
+    if tls is not None:
+        secure = f"""  server {{
+    listen 127.0.0.1:{tls_port} ssl;
+    root {docroot};
+    ssl_certificate {tls.certificate};
+    ssl_certificate_key {tls.key};
+    ssl_client_certificate {tls.client_ca};
+    ssl_verify_client on;
+    ssl_verify_depth 3;
+    add_header X-Client-DN $ssl_client_s_dn always;
+{private}  }}
+"""
     return f"""{user}worker_processes 1;
 daemon off;
 pid {d / "nginx.pid"};
@@ -145,8 +196,8 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     root {docroot};
-  }}
-}}
+{private}  }}
+{secure}}}
 """
 
 
@@ -163,10 +214,17 @@ def _answers(port: int) -> bool:
     return True
 
 
-def _start(d: Path, docroot: Path, binary: str) -> NginxServer:
+def _start(
+    d: Path,
+    docroot: Path,
+    binary: str,
+    tls: NginxTls | None = None,
+    basic_auth: tuple[str, str] | None = None,
+) -> NginxServer:
     port = free_port()
+    tls_port = free_port() if tls is not None else None
     conf = d / "nginx.conf"
-    conf.write_text(_config(d, docroot, port))
+    conf.write_text(_config(d, docroot, port, tls, tls_port, basic_auth))
     error_log, stdout_log = d / "error.log", d / "stdout.log"
     with open(stdout_log, "ab") as out:
         try:
@@ -183,6 +241,7 @@ def _start(d: Path, docroot: Path, binary: str) -> NginxServer:
     server = NginxServer(
         url=f"http://127.0.0.1:{port}", port=port, pid=proc.pid, dir=d,
         access_log=d / "access.log", docroot=docroot, _process=proc,
+        tls_url=f"https://127.0.0.1:{tls_port}" if tls_port else None, tls_port=tls_port,
     )  # fmt: skip
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -203,8 +262,14 @@ def _start(d: Path, docroot: Path, binary: str) -> NginxServer:
 
 
 @contextlib.contextmanager
-def running_nginx(docroot: Path) -> Iterator[NginxServer]:
-    """Serve ``docroot`` on 127.0.0.1; always stop nginx and remove its temp dir."""
+def running_nginx(
+    docroot: Path,
+    *,
+    tls: NginxTls | None = None,
+    basic_auth: tuple[str, str] | None = None,
+) -> Iterator[NginxServer]:
+    """Serve ``docroot`` on 127.0.0.1 (and over HTTPS with ``tls``); always stop nginx and
+    remove its temp dir."""
     binary = nginx_binary()
     d = Path(tempfile.mkdtemp(prefix="bh-nginx.", dir="/tmp"))
     server: NginxServer | None = None
@@ -212,7 +277,7 @@ def running_nginx(docroot: Path) -> Iterator[NginxServer]:
         (d / "tmp").mkdir()
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             try:
-                server = _start(d, docroot, binary)
+                server = _start(d, docroot, binary, tls, basic_auth)
                 break
             except RuntimeError as e:
                 if attempt == _PORT_ATTEMPTS or "Address already in use" not in str(e):
@@ -225,3 +290,79 @@ def running_nginx(docroot: Path) -> Iterator[NginxServer]:
             server.stop()
         else:
             shutil.rmtree(d, ignore_errors=True)
+
+
+# =================================================================================================
+# A PKI for the HTTPS tests (trustme): a CA, a server certificate for 127.0.0.1 / localhost, a
+# client certificate from that CA (PEM with a plain key, PEM with an encrypted key, PKCS#12) and
+# one from a foreign CA with the same subject.
+# =================================================================================================
+
+PEM_PASSPHRASE = "pem-pass phrase"
+P12_PASSPHRASE = "p12-pass phrase"
+BASIC_USER, BASIC_PASSWORD = "alice", "s3cret"
+
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+    ca: Any  # trustme.CA
+    ca_pem: Path  # trust for the servers, and the CA nginx checks client certificates against
+    server_pem: Path
+    server_key: Path
+    client_pem: Path  # alice: certificate + plain key
+    client_sha1: str
+    client_subject: str  # its simple subject: RDN values in certificate order
+    client_encrypted_pem: Path  # the same certificate, key encrypted with PEM_PASSPHRASE
+    client_p12: Path  # the same certificate in PKCS#12 with P12_PASSPHRASE
+    foreign_pem: Path  # a client certificate from another CA (same subject, other hash)
+    foreign_sha1: str
+
+
+def make_pki(d: Path) -> Pki:
+    """Write the PKI into directory ``d``."""
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    def sha1_of(pem: bytes) -> str:
+        cert = x509.load_pem_x509_certificate(pem)
+        return hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    server.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
+    server.private_key_pem.write_to_path(str(d / "server.key"))
+    names = {"common_name": "backhaul-alice", "organization_name": "Backhaul Tests"}
+    client = ca.issue_cert("alice.client.test", organization_unit_name="Clients", **names)
+    foreign = other.issue_cert("alice.client.test", organization_unit_name="Clients", **names)
+    cert_pem = client.cert_chain_pems[0].bytes()
+    key = serialization.load_pem_private_key(client.private_key_pem.bytes(), None)
+    (d / "alice.pem").write_bytes(cert_pem + client.private_key_pem.bytes())
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(PEM_PASSPHRASE.encode()),
+    )
+    (d / "alice-encrypted.pem").write_bytes(cert_pem + encrypted)
+    p12 = pkcs12.serialize_key_and_certificates(
+        b"alice",
+        key,  # type: ignore[arg-type]
+        x509.load_pem_x509_certificate(cert_pem),
+        None,
+        serialization.BestAvailableEncryption(P12_PASSPHRASE.encode()),
+    )
+    (d / "alice.p12").write_bytes(p12)
+    foreign_pem = foreign.cert_chain_pems[0].bytes()
+    (d / "foreign.pem").write_bytes(foreign_pem + foreign.private_key_pem.bytes())
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    subject = ", ".join(str(a.value) for rdn in cert.subject.rdns for a in rdn)
+    return Pki(
+        dir=d, ca=ca, ca_pem=d / "ca.pem", server_pem=d / "server.pem",
+        server_key=d / "server.key", client_pem=d / "alice.pem", client_sha1=sha1_of(cert_pem),
+        client_subject=subject, client_encrypted_pem=d / "alice-encrypted.pem",
+        client_p12=d / "alice.p12", foreign_pem=d / "foreign.pem",
+        foreign_sha1=sha1_of(foreign_pem),
+    )  # fmt: skip

@@ -10,7 +10,6 @@ import pytest
 from peers.nginx import NginxServer
 
 from backhaul.core import hresult as hr
-from backhaul.core.error import TransferError
 from backhaul.transports.conformance import TransportConformance
 from backhaul.transports.http import HttpTransport
 
@@ -43,12 +42,3 @@ class TestHttpConformance(TransportConformance):
         fresh.write_bytes(data)
         os.utime(fresh, (time.time(), later))
         os.replace(fresh, path)
-
-    @pytest.mark.xfail(
-        strict=True,
-        raises=TransferError,
-        reason="HttpTransport turns nginx's 416 for 'Range: bytes=<size>-' (a resume whose "
-        "checkpoint already holds the whole file) into a fatal BG_E_HTTP_ERROR_416",
-    )
-    def test_resume_at_the_end_gives_no_bytes_or_restarts(self) -> None:
-        super().test_resume_at_the_end_gives_no_bytes_or_restarts()

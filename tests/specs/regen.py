@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from backhaul.core import diagram
+from backhaul.core import diagram, failure_table
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs"
@@ -34,6 +34,7 @@ GENERATED: Mapping[str, Callable[[], str]] = MappingProxyType(
         "state-table.md": state_table,
         "state-table.csv": diagram.table_csv,
         "state-diagram.mmd": diagram.mermaid,
+        "failures.md": failure_table.failures_markdown,
     }
 )
 

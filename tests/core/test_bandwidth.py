@@ -1,0 +1,144 @@
+"""Bandwidth limits, windows and cost (core/bandwidth.py): pure rules."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backhaul.core import hresult
+from backhaul.core.bandwidth import (
+    BandwidthPolicy,
+    EngineSettings,
+    Limit,
+    Window,
+    check_network_cost,
+    cost_allows,
+    current_limit,
+    effective_rate,
+    parse_rate,
+    parse_window,
+    policy_blocks,
+)
+from backhaul.core.error import BitsError
+from backhaul.core.vocabulary import CostFlags, JobPriority, JobTransferPolicy
+
+MONDAY_10 = datetime(2026, 11, 23, 10, 0)
+MONDAY_20 = datetime(2026, 11, 23, 20, 0)
+SATURDAY_10 = datetime(2026, 11, 28, 10, 0)
+TUESDAY_03 = datetime(2026, 11, 24, 3, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [
+        ("0", 0),
+        ("500k", 500_000),
+        ("1.5M", 1_500_000),
+        ("2MiB", 2 * 1024**2),
+        ("8Mbit", 10**6),
+        ("100KB/s", 100_000),
+        (12345, 12345),
+    ],
+)
+def test_rates_parse_with_decimal_and_binary_prefixes_and_bits(text: str | int, rate: int) -> None:
+    assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["fast", "-5", "1.2.3k", ""])
+def test_a_malformed_rate_is_e_invalidarg(text: str) -> None:
+    with pytest.raises(BitsError) as refused:
+        parse_rate(text)
+    assert refused.value.hresult == hresult.E_INVALIDARG
+
+
+def test_a_work_hours_window_holds_on_weekdays_inside_the_hours_only() -> None:
+    window = parse_window("mon-fri 09:00-17:00")
+    assert window.holds(MONDAY_10)
+    assert not window.holds(MONDAY_20)
+    assert not window.holds(SATURDAY_10)
+
+
+def test_a_window_past_midnight_belongs_to_the_day_it_starts() -> None:
+    night = parse_window("mon 22:00-06:00")
+    assert night.holds(datetime(2026, 11, 23, 23, 0))
+    assert night.holds(TUESDAY_03)  # Monday's night, early Tuesday
+    assert not night.holds(datetime(2026, 11, 24, 23, 0))  # Tuesday night is not in it
+
+
+@pytest.mark.parametrize("text", ["someday 09:00-10:00", "mon 25:00-26:00", "mon 09:00-09:00", "x"])
+def test_a_malformed_window_is_e_invalidarg(text: str) -> None:
+    with pytest.raises(BitsError) as refused:
+        parse_window(text)
+    assert refused.value.hresult == hresult.E_INVALIDARG
+
+
+def test_the_first_limit_whose_window_holds_applies() -> None:
+    limits = (Limit(0, parse_window("mon-fri 09:00-17:00")), Limit(2_000_000))
+    assert current_limit(limits, MONDAY_10) == 0
+    assert current_limit(limits, MONDAY_20) == 2_000_000
+    assert current_limit((), MONDAY_10) is None
+
+
+def test_the_effective_rate_is_the_smallest_and_foreground_ignores_the_policy() -> None:
+    policy = BandwidthPolicy((Limit(5_000_000),), {int(JobPriority.LOW): (Limit(1_000_000),)})
+    assert effective_rate(policy, JobPriority.LOW, None, MONDAY_10) == 1_000_000
+    assert effective_rate(policy, JobPriority.NORMAL, None, MONDAY_10) == 5_000_000
+    assert effective_rate(policy, JobPriority.NORMAL, 300_000, MONDAY_10) == 300_000
+    assert effective_rate(policy, JobPriority.FOREGROUND, None, MONDAY_10) is None
+    assert effective_rate(policy, JobPriority.FOREGROUND, 7, MONDAY_10) == 7
+
+
+def test_a_zero_limit_blocks_background_priorities_only_inside_its_window() -> None:
+    policy = BandwidthPolicy((Limit(0, parse_window("mon-fri 09:00-17:00")),))
+    assert policy_blocks(policy, JobPriority.NORMAL, MONDAY_10)
+    assert not policy_blocks(policy, JobPriority.NORMAL, MONDAY_20)
+    assert not policy_blocks(policy, JobPriority.FOREGROUND, MONDAY_10)
+
+
+def test_cost_flags_allow_the_networks_whose_state_bit_they_hold() -> None:
+    standard = int(JobTransferPolicy.STANDARD)
+    assert cost_allows(standard, int(CostFlags.UNRESTRICTED))
+    assert cost_allows(standard, int(CostFlags.BELOW_CAP))
+    assert not cost_allows(standard, int(CostFlags.ROAMING))
+    assert not cost_allows(standard, int(CostFlags.OVERCAP_CHARGED))
+    assert cost_allows(int(JobTransferPolicy.ALWAYS), int(CostFlags.ROAMING))
+
+
+def test_a_network_cost_is_one_state_bit_or_none() -> None:
+    assert check_network_cost(None) is None
+    assert check_network_cost(int(CostFlags.ROAMING)) == 0x80
+    for bad in (0, 3, int(CostFlags.IGNORE_CONGESTION)):
+        with pytest.raises(BitsError):
+            check_network_cost(bad)
+
+
+@given(
+    st.lists(
+        st.builds(
+            Limit,
+            st.integers(0, 10**9),
+            st.none()
+            | st.builds(
+                Window,
+                st.frozensets(st.integers(0, 6), min_size=1),
+                st.integers(0, 1439),
+                st.integers(1, 1440),
+            ),
+        ),
+        max_size=4,
+    ),
+    st.dictionaries(
+        st.sampled_from([1, 2, 3]), st.lists(st.builds(Limit, st.integers(0, 10**6)), max_size=2)
+    ),
+)
+def test_a_policy_survives_its_stored_form(
+    global_limits: list[Limit], per: dict[int, list[Limit]]
+) -> None:
+    policy = BandwidthPolicy(tuple(global_limits), {p: tuple(v) for p, v in per.items()})
+    assert BandwidthPolicy.from_data(policy.to_data()) == policy
+    settings = EngineSettings().evolve("bandwidth", policy.to_data())
+    assert settings.bandwidth == policy
+    assert settings.version == 1

@@ -161,27 +161,25 @@ def serve_lock(home: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def postgres_lock(url: str) -> Iterator[bool]:
-    """One engine per PostgreSQL store, until leases let several share it: a session
-    advisory lock held for as long as the engine runs."""
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", [_ENGINE_LOCK_KEY]).fetchone()
-        yield bool(row and row[0])
-
-
-_ENGINE_LOCK_KEY = 0x6261636B  # "back"
+def _shared_store(args: argparse.Namespace) -> bool:
+    url = args.store or os.environ.get("BACKHAUL_STORE") or ""
+    return url.startswith(("postgresql://", "postgres://"))
 
 
 def _engine_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager[bool]:
+    """SQLite: one engine per store (a lock file). PostgreSQL: any number of engines,
+    each a worker that leases the jobs it runs."""
     url = args.store or os.environ.get("BACKHAUL_STORE") or ""
-    if url.startswith(("postgresql://", "postgres://")):
-        return postgres_lock(url)
-    if url.startswith("memory:"):
+    if _shared_store(args) or url.startswith("memory:"):
         return contextlib.nullcontext(True)
     return serve_lock(_home(args))
+
+
+def worker_name() -> str:
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 # -- verbs -----------------------------------------------------------------------------------
@@ -439,13 +437,17 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         if not held:
             sys.stderr.write(f"backhaul serve: another engine already runs on {m.store!r}\n")
             return EXIT_FAILED
+        worker = worker_name() if _shared_store(args) else None
         engine = Engine(
             m,
             max_background=args.max_background,
             poll_interval=args.poll,
             yield_bandwidth=not args.no_yield,
+            worker=worker,
+            lease_seconds=args.lease_seconds,
         )
-        sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}\n")
+        who = f" as worker {worker}" if worker else ""
+        sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}{who}\n")
         asyncio.run(_serve(engine, until_idle=args.until_idle))
     return EXIT_OK
 
@@ -481,7 +483,9 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     job.resume()
     try:
         with _engine_lock(args) as held:
-            state = _run_engine(job, m, args, out) if held else _follow(job, m, args, out)
+            shared = _shared_store(args)
+            run_here = held and not (shared and args.follow)
+            state = _run_engine(job, m, args, out) if run_here else _follow(job, m, args, out)
     except KeyboardInterrupt:
         with contextlib.suppress(BackhaulError):
             job.cancel()
@@ -526,7 +530,12 @@ def _run_engine(
 ) -> JobState:
     from backhaul.adapters.engine import Engine
 
-    engine = Engine(m, poll_interval=0.1, yield_bandwidth=not args.no_yield)
+    engine = Engine(
+        m,
+        poll_interval=0.1,
+        yield_bandwidth=not args.no_yield,
+        worker=worker_name() if _shared_store(args) else None,
+    )
     reporter = _Reporter(job, args, out, engine)
 
     async def main() -> JobState:
@@ -674,6 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("paths", nargs="+", metavar="URL... DEST")
     g.add_argument("--json", action="store_true", help="JSON progress lines on stdout")
+    g.add_argument(
+        "--follow",
+        action="store_true",
+        help="PostgreSQL store: leave the job to the running workers and follow it",
+    )
     g.add_argument("--quiet", "-q", action="store_true")
     g.add_argument("--priority", type=_priority, default=JobPriority.FOREGROUND)
     g.add_argument("--name")
@@ -761,6 +775,12 @@ def build_parser() -> argparse.ArgumentParser:
         job=False,
     )
     s.add_argument("--max-background", type=int, default=1)
+    s.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="PostgreSQL store: how long a job stays with this worker without a renewal",
+    )
     s.add_argument(
         "--no-yield", action="store_true", help="background jobs do not yield to other traffic"
     )

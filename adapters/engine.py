@@ -116,6 +116,8 @@ class Engine:
         poll_interval: float = 0.2,
         max_connections: int = 16,
         yield_bandwidth: bool = True,
+        worker: str | None = None,
+        lease_seconds: float = 30.0,
     ) -> None:
         self.manager = manager
         self.store = manager.store
@@ -147,6 +149,11 @@ class Engine:
         self.settings = EngineSettings()
         self.limiter = RateLimiter()
         self.yielder = YieldController() if yield_bandwidth else None
+        # Several engines on one store: each takes a lease on the jobs it runs (None: this
+        # is the only engine, as the SQLite lock file makes sure).
+        self.worker = worker
+        self.lease_seconds = lease_seconds
+        self._renewed = 0.0
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
         self._validators: dict[str, ServerCertificateValidator] = {}
@@ -204,9 +211,12 @@ class Engine:
         for row in self.store.views.select(None, include_final=False, with_doc=True):
             self._jobs[row.job_id] = self._logged[row.job_id] = job_of(row)
         await self._follow()
+        now = self.clock.now()
         for job in list(self._jobs.values()):
-            if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
-                # Left running by a previous engine: its turn is over.
+            if job.state in (JobState.CONNECTING, JobState.TRANSFERRING) and not (
+                job.leased_by_other(self.worker, now)
+            ):
+                # Left running by a previous engine (or a worker whose lease ran out).
                 self._enqueue(job.id, cmd.EndSlice())
             if job.state in (JobState.TRANSFERRED, JobState.ERROR):
                 self._notify_state(job)
@@ -220,8 +230,12 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         for job_id in list(self._jobs):
             job = self._jobs[job_id]
-            if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
+            mine = self.worker is None or job.lease_worker == self.worker
+            if job.state in (JobState.CONNECTING, JobState.TRANSFERRING) and mine:
                 self._enqueue(job_id, cmd.EndSlice())
+            if self.worker is not None and job.lease_worker == self.worker:
+                with contextlib.suppress(BitsError, JobGone):
+                    self._enqueue(job_id, cmd.ReleaseLease(self.worker))
         await self._flush()  # waits for a batch the writer has in flight, too
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -292,6 +306,12 @@ class Engine:
             after = before  # ours (already folded) or the writer will meet the conflict
         if logged is not None and logged.version == rec.version:
             self._dispatch(rec, None, logged)  # as of this very event
+        if (
+            isinstance(rec.event, ev.LeaseTaken)
+            and rec.event.worker != self.worker
+            and rec.job_id in self._tasks
+        ):
+            self._tasks[rec.job_id].cancel()  # fenced: another worker owns the job now
         if after.is_final or (logged is not None and logged.is_final):
             self._finished(logged if logged is not None and logged.is_final else after)
         elif rec.job_id in self._tasks and after.state not in (
@@ -505,22 +525,35 @@ class Engine:
 
     async def _schedule(self) -> None:
         now = self.clock.now()
+        self._renew_leases(now)
+        elsewhere = []
         for job in list(self._jobs.values()):
+            if job.leased_by_other(self.worker, now):
+                if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
+                    elsewhere.append(job.priority)  # another worker runs it
+                continue
             if job.state in (JobState.CONNECTING, JobState.TRANSFERRING) and (
                 job.id not in self._tasks and not self._has_queued(job.id)
             ):
-                # Its transfer ended without a verdict (the log refused a write): requeue.
+                # Its transfer ended without a verdict (the log refused a write), or the
+                # worker that ran it lost its lease: requeue.
                 with contextlib.suppress(BitsError, JobGone):
                     self._enqueue(job.id, cmd.EndSlice())
         candidates = []
         for job in self._jobs.values():
             running = job.id in self._tasks
-            if not running and job.state is not JobState.QUEUED:
+            if not running and (
+                job.state is not JobState.QUEUED or job.leased_by_other(self.worker, now)
+            ):
                 continue
             since = self._turn_since.get(job.id, job.modified_at)
             candidates.append(Candidate(job.id, job.priority, running, since))
         decision = plan(
-            candidates, now, max_background=self.max_background, slice_length=self.slice_length
+            candidates,
+            now,
+            max_background=self.max_background,
+            slice_length=self.slice_length,
+            elsewhere=elsewhere,
         )
         for job_id in decision.stop:
             await self._stop_task(job_id)
@@ -530,6 +563,32 @@ class Engine:
         for job_id in decision.start:
             self._turn_since[job_id] = now
             self._tasks[job_id] = asyncio.create_task(self._run_job(job_id), name=job_id)
+
+    def _renew_leases(self, now: datetime) -> None:
+        """Renew the leases of the jobs this worker runs, every third of their length; a
+        transfer whose lease ran out (this worker stalled) stops: another may own it."""
+        if self.worker is None:
+            return
+        for job_id in list(self._tasks):
+            job = self._jobs.get(job_id)
+            if (
+                job is not None
+                and job.lease_worker == self.worker
+                and job.lease_expires is not None
+                and job.lease_expires <= now
+            ):
+                self._tasks[job_id].cancel()
+        self._extend_leases()
+
+    def _extend_leases(self) -> None:
+        if self.worker is None or time.monotonic() - self._renewed < self.lease_seconds / 3:
+            return
+        self._renewed = time.monotonic()
+        for job_id in list(self._tasks):
+            job = self._jobs.get(job_id)
+            if job is not None and job.lease_worker == self.worker:
+                with contextlib.suppress(BitsError, JobGone):
+                    self._post(job_id, cmd.TakeLease(self.worker, self.lease_seconds))
 
     async def _stop_task(self, job_id: str) -> None:
         task = self._tasks.get(job_id)
@@ -613,8 +672,9 @@ class Engine:
                 events: list[ev.Event] = []
                 current = job
                 for q in items:
-                    if current is None:
-                        q.future.set_exception(JobGone(job_id))
+                    if current is None or self._fenced(current, q.command):
+                        if not q.future.done():
+                            q.future.set_exception(JobGone(job_id))
                         continue
                     try:
                         new = cmd.decide(current, q.command, q.at, self.manager.limits)
@@ -640,6 +700,12 @@ class Engine:
             for q in items:
                 if not q.future.done():
                     q.future.set_exception(JobGone(job_id))
+
+    def _fenced(self, job: Job, command: cmd.Command) -> bool:
+        """With leases, only the lease holder's engine decisions may be appended."""
+        if self.worker is None or isinstance(command, cmd.TakeLease):
+            return False
+        return job.lease_worker != self.worker
 
     async def _reload(self, job_id: str) -> Job | None:
         stream = await asyncio.to_thread(self.store.stream, job_id)
@@ -719,6 +785,10 @@ class Engine:
 
     async def _run_job(self, job_id: str) -> None:
         try:
+            if self.worker is not None:
+                # The fence: whoever appends this first runs the job; the other's append
+                # conflicts, and re-deciding it finds the job leased.
+                await self._commit(job_id, cmd.TakeLease(self.worker, self.lease_seconds))
             await self._commit(job_id, cmd.StartTransfer())
             job = self._jobs[job_id]
             for index in job.pending_files:
@@ -743,6 +813,10 @@ class Engine:
             )
         finally:
             self._tasks.pop(job_id, None)
+            job = self._jobs.get(job_id)
+            if self.worker is not None and job is not None and job.lease_worker == self.worker:
+                with contextlib.suppress(BitsError, JobGone):
+                    self._post(job_id, cmd.ReleaseLease(self.worker))
             if self._wake is not None:
                 self._wake.set()
 
@@ -761,7 +835,23 @@ class Engine:
         with contextlib.suppress(JobGone, BitsError):
             await self._commit(job_id, cmd.Fail(error, transient, exc.retry_after))
 
+    async def _take_over_file(self, job_id: str, index: int) -> None:
+        """Resuming bytes another worker (or an engine without leases) checkpointed: copy
+        them into this worker's temp file; when they cannot be had, restart the file."""
+        job = self._jobs[job_id]
+        f = job.files[index]
+        if not f.bytes_transferred or f.temp_worker == self.worker:
+            return
+        mine = localfile.temp_path(job_id, index, f.local_name, self.worker)
+        try:
+            await asyncio.to_thread(
+                _take_over, localfile.file_temp(job, index), mine, f.bytes_transferred
+            )
+        except TransferError as exc:
+            await self._commit(job_id, cmd.RestartFile(index, exc.message))
+
     async def _download_file(self, job_id: str, index: int) -> None:
+        await self._take_over_file(job_id, index)
         job = self._jobs[job_id]
         spec = job.files[index].spec
         transport = self.transport_for(spec.remote_name)
@@ -873,7 +963,7 @@ class Engine:
         """Stream the body into the temp file at ``position`` (local offset)."""
         job = self._jobs[job_id]
         f = job.files[index]
-        tmp = localfile.temp_path(job_id, index, f.local_name)
+        tmp = localfile.temp_path(job_id, index, f.local_name, self.worker)
         total = range_end[1] if range_end else remote.size
         digest = _hasher(f.spec.expected_digest) if range_end is None else None
         try:
@@ -1141,6 +1231,36 @@ class Engine:
             # Close-Session only now: the server deletes the reply when it gets it.
             with contextlib.suppress(TransferError):
                 await session.close()
+
+
+def _take_over(source: Path, target: Path, length: int) -> None:
+    """Another worker wrote (and synced) the first ``length`` bytes into its own temp
+    file: copy them into ours, so its later writes, if it still runs, touch nothing of
+    ours. Without them the transfer cannot resume: E_FAIL, transient (starts over)."""
+    try:
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            copied = 0
+            while copied < length:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), length - copied)
+                if n == 0:
+                    break
+                copied += n
+            dst.flush()
+            os.fsync(dst.fileno())
+    except OSError as exc:
+        raise TransferError(
+            hresult.E_FAIL,
+            f"cannot take over {source}: {exc.strerror}",
+            context=ErrorContext.LOCAL_FILE,
+            transient=True,
+        ) from exc
+    if copied < length:
+        raise TransferError(
+            hresult.E_FAIL,
+            f"{source} holds {copied} of the {length} checkpointed bytes",
+            context=ErrorContext.LOCAL_FILE,
+            transient=True,
+        )
 
 
 def _queued(sockets: set[Any]) -> int:

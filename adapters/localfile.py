@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,9 +24,23 @@ TEMP_SUFFIX = ".bhtmp"
 REPLY_DATA_MAX = 1024 * 1024
 
 
-def temp_path(job_id: str, index: int, local_name: str) -> Path:
+def temp_path(job_id: str, index: int, local_name: str, worker: str | None = None) -> Path:
+    """The file's temp name. With several engines on one store (leases), each worker
+    writes its own temp file, so a worker that lost its lease can never touch the bytes
+    of the one that took over; ``worker`` is then part of the name."""
     path = Path(local_name)
-    return path.with_name(f".{path.name}.{job_id[:8]}-{index}{TEMP_SUFFIX}")
+    tag = f".{_safe(worker)}" if worker else ""
+    return path.with_name(f".{path.name}.{job_id[:8]}-{index}{tag}{TEMP_SUFFIX}")
+
+
+def file_temp(job: Job, index: int) -> Path:
+    """Where file ``index``'s checkpointed bytes are: the temp of the worker that wrote them."""
+    f = job.files[index]
+    return temp_path(job.id, index, f.local_name, f.temp_worker)
+
+
+def _safe(worker: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in worker)[:40]
 
 
 def reply_temp_path(job: Job) -> Path:
@@ -83,7 +98,7 @@ def publish(job: Job, indexes: Iterable[int]) -> list[int]:
     dirs: set[Path] = set()
     for i in indexes:
         f = job.files[i]
-        tmp = temp_path(job.id, i, f.local_name)
+        tmp = file_temp(job, i)
         target = Path(f.local_name)
         try:
             if not tmp.exists() and _is_empty(f):
@@ -138,7 +153,11 @@ def discard(job: Job) -> list[Path]:
     left: list[Path] = []
     temps = [reply_temp_path(job)] if job.job_type is JobType.UPLOAD_REPLY and job.files else []
     if job.job_type is JobType.DOWNLOAD:
-        temps += [temp_path(job.id, i, f.local_name) for i, f in enumerate(job.files)]
+        for i, f in enumerate(job.files):
+            plain = temp_path(job.id, i, f.local_name)
+            # every worker's temp of this file: .<name>.<job8>-<i>[.<worker>].bhtmp
+            stem = glob.escape(plain.name.removesuffix(TEMP_SUFFIX))
+            temps += [plain, *plain.parent.glob(f"{stem}.*{TEMP_SUFFIX}")]
     for tmp in temps:
         try:
             tmp.unlink()

@@ -685,7 +685,7 @@ class TransferJob:
         for i, f in enumerate(job.files):
             temp = None
             if job.job_type is JobType.DOWNLOAD and not f.completed:
-                temp = str(localfile.temp_path(job.id, i, f.local_name))
+                temp = str(localfile.file_temp(job, i))
             infos.append(
                 FileInfo(
                     i,

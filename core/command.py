@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -218,6 +218,17 @@ class OpenUploadSession(Command):
 @attrs.frozen
 class LocateReply(Command):
     url: str
+
+
+@attrs.frozen
+class TakeLease(Command):
+    worker: str
+    seconds: float
+
+
+@attrs.frozen
+class ReleaseLease(Command):
+    worker: str
 
 
 @attrs.frozen
@@ -539,6 +550,22 @@ def _progress_reply(job: Job, cmd: ProgressReply, now: datetime, limits: Limits)
     return [ev.ReplyProgressed(now, cmd.bytes_total, cmd.bytes_transferred)]
 
 
+def _take_lease(job: Job, cmd: TakeLease, now: datetime, limits: Limits) -> list[ev.Event]:
+    _require_live(job)
+    if job.leased_by_other(cmd.worker, now):
+        raise BitsError(
+            hresult.BG_E_INVALID_STATE,
+            f"job {job.id} is leased by {job.lease_worker} until {job.lease_expires}",
+        )
+    return [ev.LeaseTaken(now, cmd.worker, now + timedelta(seconds=cmd.seconds))]
+
+
+def _release_lease(job: Job, cmd: ReleaseLease, now: datetime, limits: Limits) -> list[ev.Event]:
+    if job.lease_worker != cmd.worker:
+        return []
+    return [ev.LeaseReleased(now, cmd.worker)]
+
+
 def _open_upload_session(
     job: Job, cmd: OpenUploadSession, now: datetime, limits: Limits
 ) -> list[ev.Event]:
@@ -603,6 +630,8 @@ _DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyT
         Scavenge: _simple(Trigger.INACTIVITY_TIMEOUT, ev.JobScavenged),
         FinishRanges: _simple(Trigger.RANGES_DONE, ev.RangesDone),
         ProgressReply: _progress_reply,
+        TakeLease: _take_lease,
+        ReleaseLease: _release_lease,
         OpenUploadSession: _open_upload_session,
         LocateReply: _locate_reply,
         RecordNotification: lambda job, c, now, limits: [

@@ -238,6 +238,21 @@ class ReplyLocated(Event):
 
 
 @attrs.frozen
+class LeaseTaken(Event):
+    """Worker ``worker`` runs this job until ``expires_at`` (renewed while it transfers).
+    Several engines share a PostgreSQL store this way; the stream's optimistic
+    concurrency makes sure only one of them appends the next event."""
+
+    worker: str
+    expires_at: datetime
+
+
+@attrs.frozen
+class LeaseReleased(Event):
+    worker: str
+
+
+@attrs.frozen
 class PolicyChanged(Event):
     """An engine-wide setting changed (``name``: "bandwidth", "network_cost"). These
     live in one stream of their own, ``POLICY_STREAM``, not in a job's."""
@@ -295,6 +310,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     UploadSessionOpened,
     ReplyLocated,
     PolicyChanged,
+    LeaseTaken,
+    LeaseReleased,
 )
 
 # The stream of engine-wide settings (bandwidth policy, network cost); not a job.

@@ -66,6 +66,7 @@ class FileState:
     completed: bool = False
     digest: str | None = None
     upload_token: str | None = None
+    temp_worker: str | None = None  # whose temp file holds the checkpointed bytes
 
     @property
     def remote_name(self) -> str:
@@ -126,6 +127,8 @@ class Job:
     reply_bytes_total: int | None = None
     reply_bytes_transferred: int = 0
     reply_url: str | None = None
+    lease_worker: str | None = None
+    lease_expires: datetime | None = None
     # Derived bookkeeping.
     transfer_completed_at: datetime | None = None
     error: JobError | None = None
@@ -152,6 +155,15 @@ class Job:
     @property
     def pending_files(self) -> tuple[int, ...]:
         return tuple(i for i, f in enumerate(self.files) if not f.transferred)
+
+    def leased_by_other(self, worker: str | None, now: datetime) -> bool:
+        """Another worker holds an unexpired lease on this job."""
+        return (
+            self.lease_worker is not None
+            and self.lease_worker != worker
+            and self.lease_expires is not None
+            and self.lease_expires > now
+        )
 
     @property
     def uses_custom_method(self) -> bool:
@@ -301,6 +313,7 @@ def _checkpointed(job: Job, e: ev.BytesCheckpointed) -> dict[str, Any]:
             bytes_transferred=e.bytes_transferred,
             bytes_total=e.bytes_total,
             validator=e.validator if e.validator is not None else old.validator,
+            temp_worker=job.lease_worker,
         ),
         "error": None,
     }
@@ -317,6 +330,7 @@ def _file_transferred(job: Job, e: ev.FileTransferred) -> dict[str, Any]:
         bytes_total=e.bytes_total,
         transferred=True,
         digest=e.digest,
+        temp_worker=job.lease_worker,
     )
     return {"files": files, "error": None, "no_progress_since": None}
 
@@ -332,6 +346,7 @@ def _file_restarted(job: Job, e: ev.FileRestarted) -> dict[str, Any]:
         transferred=False,
         digest=None,
         upload_token=None,
+        temp_worker=None,
     )
     return {"files": files}
 
@@ -418,6 +433,8 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
             "files": _replace_file(job, e.file_index, upload_token=e.token)
         },
         ev.ReplyLocated: lambda job, e: {"reply_url": e.url},
+        ev.LeaseTaken: lambda job, e: {"lease_worker": e.worker, "lease_expires": e.expires_at},
+        ev.LeaseReleased: lambda job, e: {"lease_worker": None, "lease_expires": None},
         ev.CommandLineNotified: lambda job, e: {
             "notified": (*job.notified[-7:], (e.reason, job.version, e.exit_code))
         },

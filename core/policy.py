@@ -94,13 +94,17 @@ def plan(
     *,
     max_background: int = 1,
     slice_length: timedelta = timedelta(minutes=5),
+    elsewhere: Iterable[JobPriority] = (),
 ) -> Plan:
+    """``elsewhere``: priorities of jobs other workers run now (several engines on one
+    store): they count for the priority rule, not for this worker's slots."""
     jobs = list(candidates)
     start = [c.job_id for c in jobs if c.priority is JobPriority.FOREGROUND and not c.running]
     background = [c for c in jobs if c.priority is not JobPriority.FOREGROUND]
+    others = [p for p in elsewhere if p is not JobPriority.FOREGROUND]
     if not background:
         return Plan(tuple(start), ())
-    top = min(c.priority for c in background)
+    top = min([c.priority for c in background] + others)
     stop = [c.job_id for c in background if c.running and c.priority != top]
     tier = [c for c in background if c.priority == top]
     running = sorted((c for c in tier if c.running), key=lambda c: c.since)

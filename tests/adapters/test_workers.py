@@ -1,0 +1,126 @@
+"""Several engines (workers) on one PostgreSQL store: each job runs on exactly one worker
+at a time, a worker's lease is the fence, and a worker that lost its lease can append
+nothing more for the job and never touches the new owner's bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from test_engine import FaultServer, make_engine, new_job, sha256, trickle, until
+
+from backhaul.adapters import localfile
+from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.store import open_store
+from backhaul.core import command as cmd
+from backhaul.core import event as ev
+from backhaul.core.error import BitsError
+from backhaul.core.limit import UNLIMITED
+from backhaul.core.vocabulary import JobPriority, JobState
+
+KiB = 1024
+pytestmark = pytest.mark.peer
+
+
+def managers(url: str, n: int) -> list[TransferManager]:
+    return [TransferManager(open_store(url), limits=UNLIMITED) for _ in range(n)]
+
+
+def lease_holders(manager: TransferManager, job_id: str) -> list[str]:
+    return [
+        a.event.worker for a in manager.store.stream(job_id) if isinstance(a.event, ev.LeaseTaken)
+    ]
+
+
+def test_two_workers_share_the_queue_and_each_job_runs_on_one_worker_at_a_time(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    files = {f"/f{i}": os.urandom(96 * KiB + i) for i in range(8)}
+
+    async def main() -> None:
+        served = {path: trickle(data, step=32 * KiB, delay=0.01) for path, data in files.items()}
+        async with FaultServer(served) as server:
+            first, second = managers(postgres_url, 2)
+            jobs = [new_job(first, [(server.url(p), tmp_path / p.strip("/"))]) for p in files]
+            engines = [
+                make_engine(m, worker=name, lease_seconds=5.0, max_background=2)
+                for m, name in ((first, "worker-a"), (second, "worker-b"))
+            ]
+            runs = [asyncio.create_task(e.run(until_idle=True)) for e in engines]
+            await asyncio.wait_for(asyncio.gather(*runs), 60)
+            holders = set()
+            for job in jobs:
+                assert job.state is JobState.TRANSFERRED, job.error
+                seen = lease_holders(first, job.id)
+                assert seen, "every job was leased"
+                holders.update(seen)
+                job.complete()
+            assert holders == {"worker-a", "worker-b"}, "both workers took jobs"
+            for path, data in files.items():
+                assert sha256(tmp_path / path.strip("/")) == sha256(data)
+            assert not list(tmp_path.glob(".*.bhtmp"))
+
+    asyncio.run(main())
+
+
+def test_a_lease_held_by_another_worker_refuses_the_take(postgres_url: str, tmp_path: Path) -> None:
+    first, second = managers(postgres_url, 2)
+    job = first.create_job("leased")
+    job.add_file("http://127.0.0.1:1/x", tmp_path / "x")
+    job.resume()
+    first.execute(job.id, cmd.TakeLease("worker-a", 30))
+    with pytest.raises(BitsError):
+        second.execute(job.id, cmd.TakeLease("worker-b", 30))
+    assert job.snapshot().lease_worker == "worker-a"
+
+
+def test_a_stalled_worker_loses_its_job_and_is_fenced(postgres_url: str, tmp_path: Path) -> None:
+    data = os.urandom(2048 * KiB)
+
+    async def main() -> None:
+        async with FaultServer({"/f": trickle(data, step=16 * KiB, delay=0.02)}) as server:
+            first, second = managers(postgres_url, 2)
+            job = new_job(
+                first, [(server.url("/f"), tmp_path / "f.bin")], priority=JobPriority.FOREGROUND
+            )
+            a = make_engine(first, worker="worker-a", lease_seconds=1.0)
+            a._extend_leases = lambda: None  # type: ignore[method-assign]  # it stalls
+            run_a = asyncio.create_task(a.run())
+            await until(lambda: job.snapshot().files[0].bytes_transferred > 0, "A checkpoints")
+
+            async def frozen() -> None:  # A takes no new turn either: it is stuck
+                return None
+
+            a._schedule = frozen  # type: ignore[method-assign]
+            held_by_a = job.snapshot().files[0].bytes_transferred
+            b = make_engine(second, worker="worker-b", lease_seconds=5.0)
+            run_b = asyncio.create_task(b.run(until_idle=True))
+            await asyncio.wait_for(run_b, 60)
+            a.stop()
+            await asyncio.wait_for(run_a, 15)
+            assert job.state is JobState.TRANSFERRED
+            events = [x.event for x in first.store.stream(job.id)]
+            takes = [e.worker for e in events if isinstance(e, ev.LeaseTaken)]
+            assert takes[0] == "worker-a"
+            assert "worker-b" in takes
+            # After B's first lease, nothing A decided reached the log.
+            after_b = takes.index("worker-b")
+            later = events[
+                [i for i, e in enumerate(events) if isinstance(e, ev.LeaseTaken)][after_b] :
+            ]
+            assert not any(isinstance(e, ev.LeaseTaken) and e.worker == "worker-a" for e in later)
+            snap = job.snapshot()
+            assert snap.files[0].temp_worker == "worker-b"
+            b_checkpoints = [
+                e.bytes_transferred for e in later if isinstance(e, ev.BytesCheckpointed)
+            ]
+            assert not b_checkpoints or b_checkpoints[0] >= held_by_a  # B went on, not back
+            job.complete()
+            assert sha256(tmp_path / "f.bin") == sha256(data)
+            # A's own temp file was never published, and cancel/complete cleaned it.
+            a_temp = localfile.temp_path(job.id, 0, str(tmp_path / "f.bin"), "worker-a")
+            assert not a_temp.exists()
+
+    asyncio.run(main())

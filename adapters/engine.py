@@ -831,7 +831,10 @@ class Engine:
         # A refusal by the application's certificate callback is transient whatever its
         # code (BITS: TRANSIENT_ERROR, context SERVER_CERTIFICATE_CALLBACK).
         callback = exc.context is ErrorContext.SERVER_CERTIFICATE_CALLBACK
-        transient = exc.transient and (callback or is_transient(exc.hresult))
+        # E_ACCESSDENIED raised as transient is a missing privilege for the ACL flags:
+        # TRANSIENT_ERROR in BITS (bits-core.md §13), though a plain denial is fatal.
+        privilege = exc.hresult == hresult.E_ACCESSDENIED
+        transient = exc.transient and (callback or privilege or is_transient(exc.hresult))
         with contextlib.suppress(JobGone, BitsError):
             await self._commit(job_id, cmd.Fail(error, transient, exc.retry_after))
 
@@ -949,6 +952,7 @@ class Engine:
                 await download.aclose()
             local += length
             done = local
+        await self._keep_security(job_id, index)
         await self._finish_file(job_id, index, total, None)
 
     async def _receive(
@@ -1037,6 +1041,7 @@ class Engine:
             self._bg_sockets.discard(getattr(download, "socket", None))
         if digest is not None:
             self._verify(f.spec.expected_digest, digest, f.remote_name)
+        await self._keep_security(job_id, index)
         await self._finish_file(
             job_id, index, position, f"{digest.name}:{digest.hexdigest()}" if digest else None
         )
@@ -1075,6 +1080,29 @@ class Engine:
         """Make ``position`` bytes durable, then claim them in the log."""
         await asyncio.to_thread(os.fdatasync, fd)
         await self._commit(job_id, cmd.Checkpoint(index, position, total, validator))
+
+    async def _keep_security(self, job_id: str, index: int) -> None:
+        """ACL flags on a download (bits-core.md §13), as the file completes: keep the
+        parts of the remote descriptor the flags name with the temp file (adapters/acl.py).
+        Transports without ``security`` (HTTP) ignore the flags, as BITS does."""
+        job = self._jobs[job_id]
+        if not job.acl_flags:
+            return
+        f = job.files[index]
+        read = getattr(self.transport_for(f.remote_name), "security", None)
+        if read is None:
+            return
+        async with self._connections:
+            descriptor = await read(f.remote_name, self._options(job), job.acl_flags)
+        if descriptor is None:
+            return
+        from backhaul.adapters import acl  # needs the smb extra: only SMB jobs get here
+
+        tmp = localfile.temp_path(job_id, index, f.local_name, self.worker)
+        try:
+            await asyncio.to_thread(acl.write_descriptor, tmp, descriptor)
+        except OSError as exc:
+            raise _local_error(exc, tmp) from exc
 
     async def _finish_file(self, job_id: str, index: int, size: int, digest: str | None) -> None:
         await self._commit(job_id, cmd.FinishFile(index, size, digest))
@@ -1142,6 +1170,20 @@ class Engine:
                 if time.monotonic() - last >= self.checkpoint_interval:
                     last = time.monotonic()
                     self._post(job_id, cmd.Checkpoint(index, position, size, version))
+            apply_security = getattr(session, "apply_security", None)
+            if job.acl_flags and apply_security is not None:  # ACL flags (bits-core.md §13)
+                from backhaul.adapters import acl  # needs the smb extra: only SMB gets here
+
+                try:
+                    descriptor = await asyncio.to_thread(acl.source_descriptor, f.local_name)
+                except ValueError as exc:
+                    raise TransferError(
+                        hresult.E_INVALIDARG,
+                        f"{f.local_name}: its {acl.XATTR_NAME} is not a security descriptor",
+                        context=ErrorContext.LOCAL_FILE,
+                        transient=False,
+                    ) from exc
+                await apply_security(descriptor, job.acl_flags)
             reply_url = await session.finish()
         except OSError as exc:
             raise _local_error(exc, Path(f.local_name)) from exc

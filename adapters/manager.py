@@ -656,15 +656,22 @@ class TransferJob:
         self.add_files([spec])
 
     def add_files(self, files: Iterable[FileSpec | tuple[str, str | Path]]) -> None:
-        """AddFileSet: all the files or none."""
+        """AddFileSet: all the files or none. A user and password inside an ``smb://`` URL
+        are moved out before anything is recorded: the URL is recorded without them and they
+        become the job's SERVER credentials (specs/smb.md §2)."""
         specs = tuple(f if isinstance(f, FileSpec) else FileSpec(f[0], str(f[1])) for f in files)
+        names, login = _split_url_credentials([s.remote_name for s in specs])
+        specs = tuple(attrs.evolve(s, remote_name=n) for s, n in zip(specs, names, strict=True))
         job = self.snapshot()
         for spec in specs:
             cmd.check_local_name(spec.local_name)
             cmd.check_remote_name(spec.remote_name, job.job_type)
             self._check_scheme(spec.remote_name, job.job_type)
         localfile.check_local_names(job.job_type, (s.local_name for s in specs))
-        self._do(cmd.AddFiles(specs))
+        with self._manager.batch():  # the credentials and the files, or neither
+            if login is not None:
+                self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)
+            self._do(cmd.AddFiles(specs))
 
     def _check_scheme(self, remote_name: str, job_type: JobType | None = None) -> None:
         """E_INVALIDARG for a scheme no transport serves (nothing is imported)."""
@@ -709,9 +716,14 @@ class TransferJob:
         return None
 
     def set_remote_name(self, index: int, remote_name: str) -> None:
-        """IBackgroundCopyFile2::SetRemoteName (download jobs)."""
+        """IBackgroundCopyFile2::SetRemoteName (download jobs); credentials in an ``smb://``
+        URL are moved out as in ``add_files``."""
+        (remote_name,), login = _split_url_credentials([remote_name])
         self._check_scheme(remote_name)
-        self._do(cmd.SetRemoteName(index, remote_name))
+        with self._manager.batch():
+            if login is not None:
+                self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)
+            self._do(cmd.SetRemoteName(index, remote_name))
 
     def replace_remote_prefix(self, old_prefix: str, new_prefix: str) -> bool:
         """ReplaceRemotePrefix: True (S_OK) if any name changed, False (S_FALSE) if none."""
@@ -784,6 +796,31 @@ class TransferJob:
             else (localfile.reply_temp_path(job))
         )
         return path.read_bytes()
+
+
+def _split_url_credentials(
+    names: Sequence[str],
+) -> tuple[list[str], tuple[str, str | None] | None]:
+    """The remote names without ``user:password@`` in ``smb://`` URLs, and that login (one
+    per call: a job has one SERVER credential per scheme). Other names pass unchanged."""
+    cleaned, logins = [], set()
+    for name in names:
+        if isinstance(name, str) and name[:6].lower() == "smb://":
+            try:
+                from backhaul.transports.smb import split_smb_credentials
+            except ImportError:
+                raise BitsError(
+                    hresult.E_INVALIDARG, "smb:// URLs need backhaul's smb extra"
+                ) from None
+            name, user, password = split_smb_credentials(name)
+            if user is not None:
+                logins.add((user, password))
+        cleaned.append(name)
+    if len(logins) > 1:
+        raise BitsError(
+            hresult.E_INVALIDARG, "the URLs carry different credentials; a job has one login"
+        )
+    return cleaned, next(iter(logins), None)
 
 
 def _prop(prop: Any) -> JobPropertyId:

@@ -171,3 +171,16 @@ class Uploader(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class SecurityTransport(Protocol):
+    """Optional (SMB): read a remote file's security descriptor for the ACL flags (§13)."""
+
+    async def security(self, url: str, options: RequestOptions, flags: int) -> bytes | None: ...
+
+
+class SecureUploadSession(Protocol):
+    """Optional (SMB): set the flagged parts of the source's self-relative descriptor at
+    ``finish()``."""
+
+    async def apply_security(self, descriptor: bytes, flags: int) -> None: ...

@@ -101,10 +101,10 @@ def plan(
     jobs = list(candidates)
     start = [c.job_id for c in jobs if c.priority is JobPriority.FOREGROUND and not c.running]
     background = [c for c in jobs if c.priority is not JobPriority.FOREGROUND]
-    others = [p for p in elsewhere if p is not JobPriority.FOREGROUND]
+    others: list[JobPriority] = [p for p in elsewhere if p is not JobPriority.FOREGROUND]
     if not background:
         return Plan(tuple(start), ())
-    top = min([c.priority for c in background] + others)
+    top = min([*(c.priority for c in background), *others])
     stop = [c.job_id for c in background if c.running and c.priority != top]
     tier = [c for c in background if c.priority == top]
     running = sorted((c for c in tier if c.running), key=lambda c: c.since)

@@ -118,6 +118,7 @@ class Engine:
         yield_bandwidth: bool = True,
         worker: str | None = None,
         lease_seconds: float = 30.0,
+        inactivity_timeout: timedelta = timedelta(days=90),
     ) -> None:
         self.manager = manager
         self.store = manager.store
@@ -153,6 +154,9 @@ class Engine:
         # is the only engine, as the SQLite lock file makes sure).
         self.worker = worker
         self.lease_seconds = lease_seconds
+        # JobInactivityTimeout (bits-core.md §16): a job nobody touched for this long is
+        # cancelled by the engine (JobScavenged), its temp files deleted.
+        self.inactivity_timeout = inactivity_timeout
         self._renewed = 0.0
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
@@ -326,6 +330,8 @@ class Engine:
         task = self._tasks.get(job.id)
         self._forget(job.id)
         if job.state is JobState.CANCELLED and job.job_type is JobType.DOWNLOAD:
+            # Cancelled by the client, or scavenged by JobInactivityTimeout: no temp file
+            # may stay (the engine deletes them once the transfer stopped).
             key = f"discard-{job.id}"
             if key not in self._cmdlines:
                 cleanup = asyncio.create_task(self._discard_after(task, job))
@@ -509,6 +515,13 @@ class Engine:
     async def _fire_timers(self) -> None:
         now = self.clock.now()
         for job in list(self._jobs.values()):
+            if now - job.modified_at >= self.inactivity_timeout and not job.leased_by_other(
+                self.worker, now
+            ):
+                await self._stop_task(job.id)
+                with contextlib.suppress(BitsError, JobGone):
+                    self._enqueue(job.id, cmd.Scavenge())
+                continue
             due = next_timer(job, now)
             if due is None or due[1] > now:
                 continue

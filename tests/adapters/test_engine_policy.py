@@ -126,3 +126,31 @@ def test_a_per_job_rate_set_from_the_cli_limits_the_transfer(tmp_path: Path) -> 
     elapsed = asyncio.run(main())
     # 600 KiB at 400 kB/s takes ~1.3 s after the first burst (the bucket holds 0.25 s).
     assert elapsed > 1.0
+
+
+def test_an_abandoned_job_is_cancelled_after_the_inactivity_timeout(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from backhaul.adapters.clock import ManualClock
+    from backhaul.adapters.engine import Engine
+    from backhaul.core.event import JobScavenged
+
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    idle = manager.create_job("abandoned")
+    idle.add_file("http://127.0.0.1:1/never", tmp_path / "never.bin")  # never resumed
+    temp = tmp_path / f".never.bin.{idle.id[:8]}-0.bhtmp"
+    temp.write_bytes(b"partial")  # as if it had run before
+    busy = manager.create_job("touched")
+    busy.add_file("http://127.0.0.1:1/other", tmp_path / "other.bin")
+    clock.advance(timedelta(days=89))
+    busy.description = "still wanted"  # a change resets the inactivity clock
+    clock.advance(timedelta(days=2))
+    engine = Engine(manager, poll_interval=0.02, yield_bandwidth=False)
+    engine.network_probe = lambda: True
+    asyncio.run(engine.run(until_idle=True))
+    assert idle.snapshot().state is JobState.CANCELLED
+    events = [a.event for a in manager.store.stream(idle.id)]
+    assert isinstance(events[-1], JobScavenged)
+    assert not temp.exists()
+    assert busy.state is JobState.SUSPENDED

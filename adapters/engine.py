@@ -161,6 +161,8 @@ class Engine:
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
         self._validators: dict[str, ServerCertificateValidator] = {}
+        self._finishing: dict[str, _Finisher] = {}
+        self._stale: set[str] = set()  # jobs to reload from the log
         self.network_probe: Callable[[], bool] = network_up
         self.cost_probe: Callable[[], int] = system_cost
         self.network_check_interval = 1.0
@@ -278,6 +280,10 @@ class Engine:
     # -- the log -------------------------------------------------------------------------
 
     async def _follow(self) -> None:
+        for job_id in list(self._stale):
+            self._stale.discard(job_id)
+            if not self._has_queued(job_id):
+                await self._reload(job_id)
         records = await asyncio.to_thread(self.store.read, self._position, 5000)
         while records:
             for rec in records:
@@ -304,7 +310,13 @@ class Engine:
         if logged is not None and rec.version == logged.version + 1:
             logged = self._logged[rec.job_id] = jobs.evolve(logged, rec.event)
         if rec.version > before.version and not self._has_queued(rec.job_id):
-            after = jobs.evolve(before, rec.event)
+            # Someone else's event: the log's own fold is the truth (our copy may hold
+            # decisions whose append is failing right now; the writer reconciles those).
+            if logged is not None and logged.version == rec.version:
+                after = logged
+            else:
+                after = before
+                self._stale.add(rec.job_id)
             self._jobs[rec.job_id] = after
         else:
             after = before  # ours (already folded) or the writer will meet the conflict
@@ -729,6 +741,8 @@ class Engine:
             self._jobs.pop(job_id, None)
             return None
         self._jobs[job_id] = job
+        if job.version >= self._logged.get(job_id, job).version:
+            self._logged[job_id] = job
         return job
 
     def _post(self, job_id: str, command: cmd.Command) -> None:
@@ -804,11 +818,14 @@ class Engine:
                 await self._commit(job_id, cmd.TakeLease(self.worker, self.lease_seconds))
             await self._commit(job_id, cmd.StartTransfer())
             job = self._jobs[job_id]
-            for index in job.pending_files:
-                if job.job_type is JobType.DOWNLOAD:
-                    await self._download_file(job_id, index)
-                else:
-                    await self._upload_file(job_id, index)
+            try:
+                for index in job.pending_files:
+                    if job.job_type is JobType.DOWNLOAD:
+                        await self._download_file(job_id, index)
+                    else:
+                        await self._upload_file(job_id, index)
+            finally:
+                await self._finished_files(job_id)
             if job.job_type is JobType.UPLOAD_REPLY:
                 await self._fetch_reply(job_id)
             await self._commit(job_id, cmd.FinishJob())
@@ -965,6 +982,7 @@ class Engine:
                 await download.aclose()
             local += length
             done = local
+        await self._finished_files(job_id)  # the files before this one are claimed first
         await self._keep_security(job_id, index)
         await self._finish_file(job_id, index, total, None)
 
@@ -1037,11 +1055,20 @@ class Engine:
                     f"got {position} of {remote.size} bytes",
                     transient=True,
                 )
-            await asyncio.to_thread(os.fdatasync, fd)
-            if remote.last_modified is not None:
-                stamp = remote.last_modified.timestamp()
-                with contextlib.suppress(OSError):
-                    os.utime(tmp, (stamp, stamp))
+            if digest is not None:
+                self._verify(f.spec.expected_digest, digest, f.remote_name)
+            # The rest (fdatasync, timestamps, ACLs, FileTransferred) runs behind the next
+            # file's transfer; the file's fd goes with it.
+            finisher = self._finish_behind(
+                job_id,
+                index,
+                fd,
+                tmp,
+                position,
+                f"{digest.name}:{digest.hexdigest()}" if digest else None,
+                remote.last_modified,
+            )
+            fd = -1
         finally:
             if pending is not None and not pending.done():
                 with contextlib.suppress(BaseException):
@@ -1049,15 +1076,62 @@ class Engine:
             elif pending is not None:
                 with contextlib.suppress(BaseException):
                     pending.result()
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             self.live_progress.pop((job_id, index), None)
             self._bg_sockets.discard(getattr(download, "socket", None))
-        if digest is not None:
-            self._verify(f.spec.expected_digest, digest, f.remote_name)
-        await self._keep_security(job_id, index)
-        await self._finish_file(
-            job_id, index, position, f"{digest.name}:{digest.hexdigest()}" if digest else None
-        )
+        del finisher  # it runs on; _run_job waits for the chain
+
+    def _finish_behind(
+        self,
+        job_id: str,
+        index: int,
+        fd: int,
+        tmp: Path,
+        size: int,
+        digest: str | None,
+        last_modified: datetime | None,
+    ) -> _Finisher:
+        """Finish a file in the background: sync it, then claim it in the log, after the
+        files before it (FileTransferred stays in file order). ``_run_job`` awaits the
+        chain before the job is declared transferred."""
+        before = self._finishing.get(job_id)
+        finisher = _Finisher()
+
+        async def finish() -> None:
+            try:
+                try:
+                    await asyncio.to_thread(os.fdatasync, fd)
+                    if last_modified is not None:
+                        stamp = last_modified.timestamp()
+                        with contextlib.suppress(OSError):
+                            os.utime(tmp, (stamp, stamp))
+                except OSError as exc:
+                    raise _local_error(exc, tmp) from exc
+                finally:
+                    os.close(fd)
+                if before is not None:
+                    await before.enqueued.wait()
+                    if before.task.done() and before.task.exception() is not None:
+                        raise JobGone(job_id)  # an earlier file failed: its error is reported
+                await self._keep_security(job_id, index)
+                future = self._enqueue(job_id, cmd.FinishFile(index, size, digest))
+                finisher.enqueued.set()
+                await future
+            except BitsError as exc:
+                raise JobGone(str(exc)) from exc
+            finally:
+                finisher.enqueued.set()
+
+        finisher.task = asyncio.create_task(finish())
+        self._finishing[job_id] = finisher
+        return finisher
+
+    async def _finished_files(self, job_id: str) -> None:
+        """Wait for the files still finishing in the background (raises their error)."""
+        last = self._finishing.pop(job_id, None)
+        if last is not None:
+            await last.task
 
     def _check_size(self, job: Job, position: int) -> None:
         limit = job.max_download_size
@@ -1286,6 +1360,15 @@ class Engine:
             # Close-Session only now: the server deletes the reply when it gets it.
             with contextlib.suppress(TransferError):
                 await session.close()
+
+
+class _Finisher:
+    """A file finishing in the background: ``enqueued`` is set once its FileTransferred
+    is decided (or it failed), so the next file's follows it in the log."""
+
+    def __init__(self) -> None:
+        self.enqueued = asyncio.Event()
+        self.task: asyncio.Task[None]
 
 
 def _take_over(source: Path, target: Path, length: int) -> None:

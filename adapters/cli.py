@@ -542,7 +542,7 @@ def _run_engine(
         task = asyncio.create_task(engine.run())
         try:
             while True:
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.05)
                 snap = m._load(job.id)
                 reporter.show(snap)
                 if snap.state in _DONE:

@@ -24,10 +24,21 @@ from pathlib import Path
 from typing import Any, TextIO
 from uuid import UUID
 
-from backhaul.adapters import audit
 from backhaul.adapters.manager import TransferManager
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
+
+
+class _LazyAudit:
+    """adapters/audit.py, imported on first use: `backhaul get` need not load it."""
+
+    def __getattr__(self, name: str) -> Any:
+        import backhaul.adapters.audit as module
+
+        return getattr(module, name)
+
+
+audit = _LazyAudit()
 
 EXIT_OK, EXIT_FAILED = 0, 1
 

@@ -270,6 +270,8 @@ class Engine:
         timeout = self.poll_interval
         now = self.clock.now()
         for job in self._jobs.values():
+            if job.state not in _TIMED:
+                continue
             due = next_timer(job, now)
             if due is not None:
                 timeout = min(timeout, max((due[1] - now).total_seconds(), 0.0))
@@ -416,7 +418,7 @@ class Engine:
     def _run_command_lines(self) -> None:
         now = self.clock.now()
         for job in list(self._jobs.values()):
-            if job.id in self._cmdlines:
+            if job.notify_cmdline is None or job.id in self._cmdlines:
                 continue
             reason = command_line_due(job, now)
             if reason is not None:
@@ -491,9 +493,14 @@ class Engine:
             limits = policy.priority_limits.get(int(priority), ())
             self.limiter.set_rate(f"priority:{int(priority)}", current_limit(limits, local) or None)
         for job in list(self._jobs.values()):
-            self.limiter.set_rate(f"job:{job.id}", job.max_rate)
-            code = self.why_blocked(job, up, cost, now)
             state = job.state
+            if state not in _POLICED or (
+                state is JobState.TRANSIENT_ERROR and job.blocked_by is None and up
+            ):
+                continue  # nothing to block or release
+            if job.max_rate is not None or self.limiter.rate(f"job:{job.id}") is not None:
+                self.limiter.set_rate(f"job:{job.id}", job.max_rate)
+            code = self.why_blocked(job, up, cost, now)
             if code is not None and state in (
                 JobState.QUEUED,
                 JobState.CONNECTING,
@@ -533,6 +540,8 @@ class Engine:
                 await self._stop_task(job.id)
                 with contextlib.suppress(BitsError, JobGone):
                     self._enqueue(job.id, cmd.Scavenge())
+                continue
+            if job.state not in _TIMED:
                 continue
             due = next_timer(job, now)
             if due is None or due[1] > now:
@@ -1360,6 +1369,14 @@ class Engine:
             # Close-Session only now: the server deletes the reply when it gets it.
             with contextlib.suppress(TransferError):
                 await session.close()
+
+
+# States in which a job has timers (retry, no-progress, maximum download time), and in
+# which policies can block or release it: the engine's per-tick scans skip the rest.
+_TIMED = frozenset({JobState.TRANSIENT_ERROR, JobState.CONNECTING, JobState.TRANSFERRING})
+_POLICED = frozenset(
+    {JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING, JobState.TRANSIENT_ERROR}
+)
 
 
 class _Finisher:

@@ -17,12 +17,11 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from backhaul.adapters import localfile, registry
-from backhaul.adapters.certstore import CertificateStores
 from backhaul.adapters.clock import SystemClock
 from backhaul.adapters.projection import catch_up, job_of
 from backhaul.adapters.store import ConcurrentAppend, EventStore, default_home, open_store
@@ -55,6 +54,9 @@ from backhaul.core.vocabulary import (
     JobType,
     ProxyUsage,
 )
+
+if TYPE_CHECKING:
+    from backhaul.adapters.certstore import CertificateStores
 
 BUILTIN_SCHEMES = frozenset({"http", "https", "smb", "file"})
 """backhaul's own schemes. The manager's default is every installed one (adapters/registry)."""
@@ -112,7 +114,7 @@ class TransferManager:
             self._owns_store = True
         self.owner = owner or current_owner()
         self.home = Path(home).expanduser() if home is not None else default_home()
-        self.certificates = CertificateStores.for_home(self.home, self.store.secrets)
+        self._certificates: CertificateStores | None = None
         self.limits = limits
         self.clock: Clock = clock or SystemClock()
         # None: every scheme an installed transport (uploader, for upload jobs) serves
@@ -121,6 +123,17 @@ class TransferManager:
         self._pending: list[tuple[str, int, list[Event]]] | None = None
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
+
+    @property
+    def certificates(self) -> CertificateStores:
+        """The client-certificate stores (adapters/certstore.py), opened on first use."""
+        if self._certificates is None:
+            self._certificates = CertificateStores.for_home(self.home, self.store.secrets)
+        return self._certificates
+
+    @certificates.setter
+    def certificates(self, stores: CertificateStores) -> None:
+        self._certificates = stores
 
     def __enter__(self) -> TransferManager:
         return self

@@ -43,7 +43,7 @@ from backhaul.adapters.serialization import (
     stored_hash,
     with_hash,
 )
-from backhaul.adapters.view import JobViews, MemoryJobViews, PostgresJobViews, SQLiteJobViews
+from backhaul.adapters.view import JobViews, MemoryJobViews, SQLiteJobViews
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.event import Event
@@ -342,6 +342,8 @@ def _open_postgres(url: str, home: Path | None) -> EventStore:
         "POSTGRES_MAX_OVERFLOW": "4",
         "CREATE_TABLE": "y",
     }
+    from backhaul.adapters.view_postgres import PostgresJobViews
+
     factory = InfrastructureFactory.construct(env)
     log = factory.application_recorder()
     views = cast(PostgresJobViews, factory.tracking_recorder(PostgresJobViews))

@@ -16,7 +16,6 @@ from typing import Any
 
 import attrs
 from eventsourcing.persistence import Tracking
-from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.sqlite import SQLiteTrackingRecorder
 
 PROJECTION = "backhaul.jobs"
@@ -202,39 +201,6 @@ class SQLiteJobViews(SQLiteTrackingRecorder, _SqlViews):
         with self.datastore.transaction(commit=True) as c:
             c.execute("DELETE FROM backhaul_job_views")
             c.execute("DELETE FROM tracking WHERE application_name = ?", [PROJECTION])
-
-
-class PostgresJobViews(PostgresTrackingRecorder, _SqlViews):
-    mark = "%s"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from psycopg import sql
-
-        super().__init__(*args, **kwargs)
-        self.sql_create_statements.extend(sql.SQL(s) for s in _create_sql("TEXT", "NUMERIC"))  # type: ignore[arg-type]
-
-    def _tracking(self, c: Any, position: int) -> None:
-        self._insert_tracking(c, Tracking(PROJECTION, position))
-
-    def _max(self) -> int | None:
-        return self.max_tracking_id(PROJECTION)
-
-    def _tuple(self, record: Any) -> Sequence[Any]:
-        values = tuple(record.values()) if isinstance(record, dict) else tuple(record)
-        return tuple(int(v) if _is_decimal(v) else v for v in values)
-
-    def clear(self) -> None:
-        with self.datastore.transaction(commit=True) as c:
-            c.execute("DELETE FROM backhaul_job_views")
-            c.execute(
-                f"DELETE FROM {self.datastore.schema}.{self.tracking_table_name} "
-                "WHERE application_name = %s",
-                [PROJECTION],
-            )
-
-
-def _is_decimal(value: Any) -> bool:
-    return type(value).__name__ == "Decimal"
 
 
 class MemoryJobViews(JobViews):

@@ -2,8 +2,9 @@
 
 - A download is written to a temp file in the destination directory (BITS's
   ``BITxxx.TMP``): ``.<name>.<job8>-<index>.bhtmp``, hidden and unique per job and file.
-- Complete publishes whole files with ``os.replace`` after fsync of the file, then
-  fsyncs the directory, so a crash leaves either the old name or the whole new file.
+- Complete publishes whole files with ``os.replace`` (their bytes were synced before the
+  engine recorded them transferred), then fsyncs each directory once, so a crash leaves
+  either the old name or the whole new file.
 - Cancel deletes every temp file; files already published by Complete are not touched.
 """
 
@@ -106,11 +107,8 @@ def publish(job: Job, indexes: Iterable[int]) -> list[int]:
             elif not tmp.exists() and _already_published(target, f):
                 done.append(i)  # an earlier Complete renamed it before failing later
                 continue
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            # No fsync of the file here: the engine synced its bytes before it recorded
+            # FileTransferred. The rename, and the directory's fsync below, make it durable.
             os.replace(tmp, target)
         except OSError as exc:
             raise BitsError(os_hresult(exc), f"cannot publish {target}: {exc.strerror}") from exc

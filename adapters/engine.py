@@ -161,7 +161,10 @@ class Engine:
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
         self._validators: dict[str, ServerCertificateValidator] = {}
-        self._finishing: dict[str, _Finisher] = {}
+        self._finishing: dict[str, list[_Finisher]] = {}
+        self._order: dict[str, tuple[list[int], dict[int, _Finisher]]] = {}
+        self.file_window = 8  # small files of one job in flight at once
+        self.small_file = 1 * MiB
         self._stale: set[str] = set()  # jobs to reload from the log
         self.network_probe: Callable[[], bool] = network_up
         self.cost_probe: Callable[[], int] = system_cost
@@ -828,13 +831,16 @@ class Engine:
             await self._commit(job_id, cmd.StartTransfer())
             job = self._jobs[job_id]
             try:
-                for index in job.pending_files:
-                    if job.job_type is JobType.DOWNLOAD:
-                        await self._download_file(job_id, index)
-                    else:
+                if job.job_type is JobType.DOWNLOAD:
+                    await self._download_files(job_id, job.pending_files)
+                else:
+                    for index in job.pending_files:
                         await self._upload_file(job_id, index)
-            finally:
-                await self._finished_files(job_id)
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    await self._finished_files(job_id)  # the first error is the one told
+                raise
+            await self._finished_files(job_id)
             if job.job_type is JobType.UPLOAD_REPLY:
                 await self._fetch_reply(job_id)
             await self._commit(job_id, cmd.FinishJob())
@@ -876,6 +882,49 @@ class Engine:
         transient = exc.transient and (callback or privilege or is_transient(exc.hresult))
         with contextlib.suppress(JobGone, BitsError):
             await self._commit(job_id, cmd.Fail(error, transient, exc.retry_after))
+
+    async def _download_files(self, job_id: str, pending: Sequence[int]) -> None:
+        """The job's files, started in order. Small files overlap: up to ``file_window``
+        are in flight while every one in flight is small (<= ``small_file``); a large
+        file runs alone, as BITS runs a job's files one after the other. FileTransferred
+        events stay in file order whatever finishes first (see ``_finish_behind``)."""
+        job = self._jobs[job_id]
+        window = self.file_window if not any(f.ranges for f in job.files) else 1
+        order = {index: _Finisher() for index in pending}
+        self._order[job_id] = (list(pending), order)
+        running: dict[int, asyncio.Task[None]] = {}
+        try:
+            for index in pending:
+                while running and (
+                    len(running) >= window
+                    or any(order[i].large for i in running)
+                    or not all(order[i].sized.is_set() for i in running)
+                ):
+                    sizes = [asyncio.create_task(order[i].sized.wait()) for i in running]
+                    await asyncio.wait(
+                        [*running.values(), *sizes], return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for waiter in sizes:
+                        waiter.cancel()
+                    done = [t for t in running.values() if t.done()]
+                    for task in done:
+                        task.result()  # the first failure stops the job's transfer
+                    running = {i: t for i, t in running.items() if not t.done()}
+                task = asyncio.create_task(self._download_file(job_id, index))
+                task.add_done_callback(lambda _t, slot=order[index]: slot.sized.set())
+                running[index] = task
+            for task in running.values():
+                await task
+        finally:
+            for task in running.values():
+                task.cancel()
+            for task in running.values():
+                with contextlib.suppress(BaseException):
+                    await task
+            for slot in order.values():
+                if not hasattr(slot, "task"):
+                    slot.close()  # never got to finishing: nobody may wait for it
+            self._order.pop(job_id, None)
 
     async def _take_over_file(self, job_id: str, index: int) -> None:
         """Resuming bytes another worker (or an engine without leases) checkpointed: copy
@@ -926,6 +975,10 @@ class Engine:
             )
         try:
             remote = download.remote
+            slot = self._order.get(job_id, ((), {}))[1].get(index)
+            if slot is not None:
+                slot.large = remote.size is None or remote.size > self.small_file
+                slot.sized.set()
             if remote.size is None and not job.dynamic_content:
                 raise TransferError(
                     hresult.BG_E_MISSING_FILE_SIZE,
@@ -1104,8 +1157,15 @@ class Engine:
         """Finish a file in the background: sync it, then claim it in the log, after the
         files before it (FileTransferred stays in file order). ``_run_job`` awaits the
         chain before the job is declared transferred."""
-        before = self._finishing.get(job_id)
-        finisher = _Finisher()
+        ordered = self._order.get(job_id)
+        if ordered is not None and index in ordered[1]:
+            indexes, slots = ordered
+            at = indexes.index(index)
+            before = slots[indexes[at - 1]] if at > 0 else None
+            finisher = slots[index]
+        else:
+            before = self._finishing.get(job_id)
+            finisher = _Finisher()
 
         async def finish() -> None:
             try:
@@ -1121,26 +1181,33 @@ class Engine:
                     os.close(fd)
                 if before is not None:
                     await before.enqueued.wait()
-                    if before.task.done() and before.task.exception() is not None:
+                    if before.failed:
                         raise JobGone(job_id)  # an earlier file failed: its error is reported
                 await self._keep_security(job_id, index)
                 future = self._enqueue(job_id, cmd.FinishFile(index, size, digest))
                 finisher.enqueued.set()
                 await future
             except BitsError as exc:
+                finisher.failed = True
                 raise JobGone(str(exc)) from exc
+            except BaseException:
+                finisher.failed = True
+                raise
             finally:
                 finisher.enqueued.set()
 
         finisher.task = asyncio.create_task(finish())
-        self._finishing[job_id] = finisher
+        self._finishing.setdefault(job_id, [])  # type: ignore[arg-type]
+        self._finishing[job_id].append(finisher)  # type: ignore[attr-defined]
         return finisher
 
     async def _finished_files(self, job_id: str) -> None:
-        """Wait for the files still finishing in the background (raises their error)."""
-        last = self._finishing.pop(job_id, None)
-        if last is not None:
-            await last.task
+        """Wait for the files still finishing in the background (raises the first error)."""
+        finishers = self._finishing.pop(job_id, [])
+        results = await asyncio.gather(*(f.task for f in finishers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _check_size(self, job: Job, position: int) -> None:
         limit = job.max_download_size
@@ -1381,11 +1448,21 @@ _POLICED = frozenset(
 
 class _Finisher:
     """A file finishing in the background: ``enqueued`` is set once its FileTransferred
-    is decided (or it failed), so the next file's follows it in the log."""
+    is decided (or it failed), so the next file's follows it in the log. ``large``: its
+    size is over the small-file limit (no other file of the job overlaps it)."""
 
     def __init__(self) -> None:
         self.enqueued = asyncio.Event()
         self.task: asyncio.Task[None]
+        self.failed = False
+        self.large = False
+        self.sized = asyncio.Event()  # the file's size is known (or its transfer ended)
+
+    def close(self) -> None:
+        """The file's transfer ended without finishing: later files must not wait."""
+        if not self.enqueued.is_set():
+            self.failed = True
+            self.enqueued.set()
 
 
 def _take_over(source: Path, target: Path, length: int) -> None:

@@ -1079,6 +1079,8 @@ class Engine:
             sock = getattr(download, "socket", None) if background else None
             if sock is not None:
                 self._bg_sockets.add(sock)
+                if self.yielder is not None:
+                    self.yielder.loopback = _is_loopback(sock)
             async for chunk in download:
                 try:
                     os.pwrite(fd, chunk, position)
@@ -1493,6 +1495,16 @@ def _take_over(source: Path, target: Path, length: int) -> None:
             context=ErrorContext.LOCAL_FILE,
             transient=True,
         )
+
+
+def _is_loopback(sock: Any) -> bool:
+    import ipaddress
+
+    try:
+        host = sock.getpeername()[0]
+        return ipaddress.ip_address(host).is_loopback
+    except (OSError, ValueError, IndexError, TypeError):
+        return False
 
 
 def _queued(sockets: set[Any]) -> int:

@@ -58,23 +58,77 @@ Errors
     500 ``HRESULT_FROM_WIN32(ERROR_DISK_FULL)`` when the disk is full, and the back-end's own
     status with ``BG_E_HTTP_ERROR_<status>`` and context 0x7 when the application fails (408 +
     ``0x80070112`` when it times out, 502 when it cannot be reached). The 416 resync carries
-    no error code (MC-BUP <4>). Not done: authentication, per-user session limits.
+    no error code (MC-BUP <4>).
+
+Security (bits-upload.md §9)
+    Paths come from the request URL only (never ``Content-Name``): every segment is checked
+    (no ``..``, ``.``, empty segments, ``\\ / : * ? " < > |``, control characters), the
+    parent directory is resolved and must lie inside the virtual directory's root (a symlink
+    leading out is 403), ``BITS-Sessions`` is never a destination, and a destination that is a
+    directory or a symlink is refused. The final rename is done relative to a directory handle
+    opened component by component from the root with ``O_NOFOLLOW``, so a directory swapped
+    for a symlink after the check makes the commit fail (403) instead of writing outside.
+    An existing file is never opened for writing: the upload is assembled in the session
+    directory and published with ``os.link`` (refused overwrite: the file stays as it was) or
+    ``os.replace`` (atomic).
+
+    One active session per destination: only one session at a time may receive bytes for a
+    destination file. A Create-Session for a destination whose session is active (a request of
+    it is being handled, or it received one in the last ``claim_timeout`` seconds, 30 by
+    default) is refused with ``409 Conflict`` + ``HRESULT_FROM_WIN32(ERROR_SHARING_VIOLATION)``
+    (``0x80070020``, transient for BITS clients: they retry later); the SDK docs list 409 for a
+    Create-Session whose destination is taken. A session idle for longer is superseded by the
+    new one: it is cancelled (partial upload deleted, tombstone kept until its own timeout), so
+    its client gets BG_E_SESSION_NOT_FOUND and starts over, and meets the 409 while the new
+    session is active. (Refusing until the old session's timeout, 14 days by default, would
+    lock a destination for that long after a client vanished.) The destination is free again
+    once its session committed, was closed, cancelled or expired.
+
+    ``UploadServerConfig.max_sessions`` bounds the live sessions of the server (IIS has
+    ``BITSNumberOfSessionsLimit`` per user, §5.2/§7; the spec names no error for it): beyond
+    it Create-Session gets ``503 Service Unavailable`` + ``BG_E_HTTP_ERROR_503``
+    (``0x801901F7``, transient: the 5xx rule of §6.3) with ``Retry-After``. Sessions count
+    from Create-Session until Close-Session, Cancel-Session or their timeout. Both checks
+    keep their index in memory (rebuilt from the session directory at start-up): several
+    server processes must not share one ``session_dir``.
+
+    Limits: a header value above 4 KB or a request head (request line and headers) above
+    ``max_header_bytes`` (16 KiB, http.sys's MaxRequestBytes) is 400 ``E_INVALIDARG``; the
+    parser itself refuses lines above 8190 bytes and more than 128 header lines (a plain 400
+    and the connection is closed); fragment bodies above ``max_fragment_size`` are 413.
+
+    Authentication: HTTP Basic (``BasicAuth``, users with plain or ``{SHA}`` passwords, e.g.
+    from an nginx-style password file), for the whole server (``UploadServerConfig.auth``) or
+    per virtual directory (``VirtualDirectory.auth``, which wins). Without valid credentials
+    every request (BITS_POST and the GET/HEAD of replies) gets ``401`` with
+    ``WWW-Authenticate: Basic realm="..."`` and, on BITS_POST, ``BITS-Packet-Type: Ack``
+    without an error code (IIS answers 401 before its BITS extension runs); the handler never
+    reads the body of an unauthenticated request and the connection is closed after the answer
+    (aiohttp's lingering close discards what the client still sends, for at most 10 s, so that
+    the client gets to read the 401 before the socket is reset). A session belongs to the
+    user who created it: another user naming it gets BG_E_SESSION_NOT_FOUND. Basic sends the
+    password in clear: serve over HTTPS (``ssl_context``) beyond loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import enum
 import errno
+import hashlib
+import hmac
 import json
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 import aiohttp
@@ -87,6 +141,7 @@ from backhaul.core import hresult as hr
 
 __all__ = [
     "UPLOAD_SERVER",
+    "BasicAuth",
     "BitsAppRunner",
     "BitsRequestHandler",
     "NotificationType",
@@ -109,6 +164,10 @@ DEFAULT_NOTIFICATION_TIMEOUT: Final = 300.0  # MC-BUP back-end timers: 5 minutes
 DEFAULT_FALLBACK_TIMEOUT: Final = 86_400  # BITSHostIdFallbackTimeout: 1 day
 NOTIFICATION_TIMEOUT_CODE: Final = 0x80070112  # MC-BUP 3.3.6's literal value, context 0x7
 MAX_HEADER_VALUE: Final = 4096
+DEFAULT_MAX_HEADER_BYTES: Final = 16 * 1024  # http.sys MaxRequestBytes: request line + headers
+DEFAULT_CLAIM_TIMEOUT: Final = 30.0
+SESSION_BUSY: Final = hr.hresult_from_win32(hr.ERROR_SHARING_VIOLATION)  # 409: 0x80070020
+TOO_MANY_SESSIONS: Final = hr.BG_E_HTTP_ERROR_503  # 503: 0x801901F7
 MAX_REPLY_URL: Final = 2200
 DISK_FULL: Final = hr.hresult_from_win32(hr.ERROR_DISK_FULL)
 PATH_NOT_FOUND: Final = hr.hresult_from_win32(hr.ERROR_PATH_NOT_FOUND)
@@ -142,6 +201,84 @@ class NotificationType(enum.IntEnum):
     BY_VALUE = 2
 
 
+class BasicAuth:
+    """HTTP Basic authentication: ``users`` maps a user name to its password, in plain text
+    or as ``{SHA}<base64 SHA-1>`` (``htpasswd -s``, nginx). ``realm`` goes into
+    ``WWW-Authenticate``. Never printed with the passwords."""
+
+    __slots__ = ("_users", "realm")
+
+    def __init__(self, users: Mapping[str, str], realm: str = "BITS uploads") -> None:
+        if not users:
+            raise ValueError("BasicAuth needs at least one user")
+        if '"' in realm or "\\" in realm or not realm.isprintable():
+            raise ValueError(f"bad realm {realm!r}")
+        for user, secret in users.items():
+            if not user or ":" in user or not user.isprintable():
+                raise ValueError(f"bad user name {user!r}")
+            if secret.startswith(("$", "{")) and not secret.startswith(("{SHA}", "{PLAIN}")):
+                raise ValueError(f"user {user!r}: only plain and {{SHA}} passwords are supported")
+        self._users: Mapping[str, str] = MappingProxyType(dict(users))
+        self.realm = realm
+
+    def __repr__(self) -> str:
+        return f"BasicAuth(<{len(self._users)} users>, realm={self.realm!r})"
+
+    @classmethod
+    def from_lines(cls, lines: Iterable[str], realm: str = "BITS uploads") -> BasicAuth:
+        """``user:password`` lines (``#`` comments and blank lines ignored)."""
+        users: dict[str, str] = {}
+        for number, line in enumerate(lines, 1):
+            text = line.rstrip("\r\n")
+            if not text.strip() or text.lstrip().startswith("#"):
+                continue
+            user, sep, secret = text.partition(":")
+            if not sep:
+                raise ValueError(f"line {number}: want user:password")
+            users[user.strip()] = secret
+        return cls(users, realm)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], realm: str = "BITS uploads") -> BasicAuth:
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_lines(fh, realm)
+
+    @property
+    def challenge(self) -> str:
+        return f'Basic realm="{self.realm}", charset="UTF-8"'
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """The user an ``Authorization`` header proves, else None."""
+        if authorization is None:
+            return None
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            raw = base64.b64decode(token.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        user, sep, password = text.partition(":")
+        if not sep:
+            return None
+        secret = self._users.get(user)
+        ok = _password_matches(secret if secret is not None else "{PLAIN}\0", password)
+        return user if ok and secret is not None else None
+
+
+def _password_matches(secret: str, password: str) -> bool:
+    given = password.encode("utf-8")
+    if secret.startswith("{SHA}"):
+        digest = base64.b64encode(hashlib.sha1(given).digest()).decode()
+        return hmac.compare_digest(digest.encode(), secret[5:].encode())
+    expected = secret.removeprefix("{PLAIN}").encode("utf-8")
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
+
+
 def _prefix(value: str) -> str:
     parts = [p for p in value.split("/") if p]
     if any(p in (".", "..") or _BAD_SEGMENT.search(p) for p in parts):
@@ -158,7 +295,7 @@ class VirtualDirectory:
     ``session_timeout`` BITSSessionTimeout (seconds); ``notification`` /
     ``notification_url`` BITSServerNotificationType / URL (relative URLs resolve against the
     upload URL); ``host_id`` / ``host_id_fallback_timeout`` BITSHostId /
-    BITSHostIdFallbackTimeout.
+    BITSHostIdFallbackTimeout. ``auth``: HTTP Basic for this directory (else the server's).
     """
 
     prefix: str = attrs.field(converter=_prefix)
@@ -173,6 +310,7 @@ class VirtualDirectory:
     notification_url: str | None = None
     host_id: str | None = None
     host_id_fallback_timeout: int = DEFAULT_FALLBACK_TIMEOUT
+    auth: BasicAuth | None = attrs.field(default=None, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if self.notification != NotificationType.NONE and not self.notification_url:
@@ -196,6 +334,11 @@ class UploadServerConfig:
     ``max_fragment_size``: the largest request body (IIS's maxAllowedContentLength); a bigger
     fragment gets 413 and the client shrinks its fragments. ``fsync``: flush every fragment
     before acknowledging it. ``clock``: wall-clock seconds (session timeouts survive restarts).
+    ``auth``: HTTP Basic for every virtual directory without its own. ``max_sessions``: live
+    sessions at most (None: no limit), beyond it Create-Session is 503. ``max_header_bytes``:
+    the largest request head (request line and headers), beyond it 400. ``claim_timeout``:
+    seconds after its last request during which a session keeps its destination from a new
+    Create-Session (409); after that a new session supersedes it.
     """
 
     session_dir: Path = attrs.field(converter=Path)
@@ -205,6 +348,10 @@ class UploadServerConfig:
     notification_timeout: float = DEFAULT_NOTIFICATION_TIMEOUT
     fsync: bool = True
     clock: Callable[[], float] = attrs.field(default=time.time, eq=False)
+    auth: BasicAuth | None = attrs.field(default=None, eq=False)
+    max_sessions: int | None = None
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT
 
     def __attrs_post_init__(self) -> None:
         prefixes = [v.prefix for v in self.vdirs]
@@ -212,6 +359,12 @@ class UploadServerConfig:
             raise ValueError("virtual directory prefixes must be unique")
         if self.max_fragment_size <= 0 or self.cleanup_interval <= 0:
             raise ValueError("max_fragment_size and cleanup_interval must be positive")
+        if self.max_sessions is not None and self.max_sessions <= 0:
+            raise ValueError("max_sessions must be positive (or None)")
+        if self.max_header_bytes < 1024:
+            raise ValueError("max_header_bytes must be at least 1024")
+        if self.claim_timeout < 0:
+            raise ValueError("claim_timeout must not be negative")
 
 
 # =================================================================================================
@@ -318,6 +471,7 @@ class _Session:
     received: int = 0
     state: str = RECEIVING
     reply: str | None = None  # "file" (reply.bin) or an absolute static URL
+    owner: str | None = None  # the authenticated user who created it (None: no auth)
 
     @property
     def guid(self) -> str:
@@ -354,8 +508,8 @@ class _Store:
 
     def create(self, session: _Session) -> None:
         folder = self.directory(session)
-        folder.mkdir(parents=True)
-        self.data(session).touch()
+        folder.mkdir(parents=True, mode=0o700)
+        self.data(session).touch(mode=0o600)
         self.save(session)
 
     def save(self, session: _Session) -> None:
@@ -387,6 +541,21 @@ class _Store:
         return found
 
 
+def _write_all(fd: int, chunks: list[bytes | memoryview], offset: int) -> int:
+    """``os.pwritev`` until every byte of ``chunks`` is at ``offset``; returns the count."""
+    views = [memoryview(c) for c in chunks]
+    total = 0
+    while views:
+        n = os.pwritev(fd, views, offset + total)
+        total += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
 def _fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -395,35 +564,65 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _place(source: Path, dest: Path, *, overwrite: bool, durable: bool) -> None:
-    """Move ``source`` to ``dest`` atomically: ``os.replace`` when overwriting, else
-    ``os.link`` (fails if ``dest`` exists, no window). Across file systems the data is first
-    copied to a temp file beside ``dest``. Raises FileExistsError."""
-
-    def publish(path: Path) -> None:
-        if overwrite:
-            os.replace(path, dest)
-        else:
-            os.link(path, dest)
-            path.unlink()
-
+def _open_directory(root: Path, parts: tuple[str, ...]) -> int:
+    """A handle on ``root/parts...``, opened one component at a time with ``O_NOFOLLOW``: a
+    component that is (now) a symlink fails with ELOOP, one that is not a directory with
+    ENOTDIR."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(root, flags)
     try:
-        publish(source)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        temp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.bits-tmp")
+        for part in parts:
+            inner = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _place(
+    source: Path, root: Path, parts: tuple[str, ...], name: str, *, overwrite: bool, durable: bool
+) -> None:
+    """Move ``source`` to ``root/parts.../name`` atomically, relative to a directory handle
+    opened without following symlinks (``_open_directory``): ``os.replace`` when overwriting,
+    else ``os.link`` (fails if the name exists, even as a dangling symlink; no window). Across
+    file systems the data is first copied to a temp file beside the destination. Raises
+    FileExistsError, or OSError ELOOP / ENOTDIR when a directory was swapped for a symlink."""
+    directory = _open_directory(root, parts)
+    try:
+
+        def publish(path: str, path_dir: int | None) -> None:
+            if overwrite:
+                os.replace(path, name, src_dir_fd=path_dir, dst_dir_fd=directory)
+            else:
+                os.link(path, name, src_dir_fd=path_dir, dst_dir_fd=directory)
+                os.unlink(path, dir_fd=path_dir)
+
         try:
-            shutil.copyfile(source, temp)
-            if durable:
-                with open(temp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            publish(temp)
-        finally:
-            temp.unlink(missing_ok=True)
-        source.unlink(missing_ok=True)
-    if durable:
-        _fsync_directory(dest.parent)
+            publish(str(source), None)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            temp = f".{name}.{uuid.uuid4().hex[:12]}.bits-tmp"
+            out = os.open(
+                temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory
+            )
+            try:
+                with open(out, "wb") as dst, open(source, "rb") as src:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+                    dst.flush()
+                    if durable:
+                        os.fsync(dst.fileno())
+                publish(temp, directory)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp, dir_fd=directory)
+            source.unlink(missing_ok=True)
+        if durable:
+            os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 # =================================================================================================
@@ -434,11 +633,26 @@ def _place(source: Path, dest: Path, *, overwrite: bool, durable: bool) -> None:
 class _Refusal(Exception):
     """A BITS error response, raised inside the handlers."""
 
-    def __init__(self, status: int, code: int | None, context: int = CONTEXT_SERVER) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: int | None,
+        context: int = CONTEXT_SERVER,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(status, code)
         self.status = status
         self.code = code
         self.context = context
+        self.headers = dict(headers or {})
+
+
+class _Unauthorized(Exception):
+    """No valid credentials for a directory that wants them."""
+
+    def __init__(self, auth: BasicAuth) -> None:
+        super().__init__(auth.realm)
+        self.auth = auth
 
 
 def _ack(status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -449,7 +663,7 @@ def _ack(status: int = 200, headers: Mapping[str, str] | None = None) -> web.Res
 
 
 def _refusal(refusal: _Refusal, session_id: str | None) -> web.Response:
-    headers = {}
+    headers = dict(refusal.headers)
     if refusal.code is not None:
         headers["BITS-Error-Code"] = f"0x{refusal.code:08X}"
         headers["BITS-Error-Context"] = f"0x{refusal.context:X}"
@@ -483,11 +697,16 @@ class UploadServer:
         self.store = _Store(config.session_dir, config.fsync)
         self._locks: dict[str, asyncio.Lock] = {}
         self._client: aiohttp.ClientSession | None = None
+        # In memory, rebuilt from the session directory at start-up (module docstring):
+        self._live: set[str] = set()  # GUIDs of sessions counted against max_sessions
+        self._claims: dict[str, str] = {}  # destination path -> GUID of the session writing it
+        self._claim_of: dict[str, str] = {}  # GUID -> its destination path
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def _context(self, app: web.Application) -> AsyncIterator[None]:
-        self.config.session_dir.mkdir(parents=True, exist_ok=True)
+        self.config.session_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._rebuild_index()
         self._client = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.notification_timeout),
             headers={"User-Agent": "BITSExts 1.5 (backhaul)"},
@@ -518,8 +737,73 @@ class UploadServer:
                 if session is None or self._expired(session, now):
                     self.store.remove(guid)
                     self._locks.pop(guid, None)
+                    self._forget(guid)
                     removed += 1
         return removed
+
+    # -- the in-memory index: live sessions and the destinations they hold ------------------------
+
+    def _rebuild_index(self) -> None:
+        self._live.clear()
+        self._claims.clear()
+        self._claim_of.clear()
+        now = self.config.clock()
+        for guid, session in self.store.all():
+            if session is None or session.state not in _LIVE or self._expired(session, now):
+                continue
+            self._live.add(guid)
+            vdir = self._vdir_named(session.vdir)
+            if session.state in (RECEIVING, RECEIVED) and vdir is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._claim(guid, self._physical(vdir, session.relative))
+
+    @staticmethod
+    def _physical(vdir: VirtualDirectory, relative: str) -> str:
+        """The destination as ``_destination`` computes it: the resolved parent + the name."""
+        path = vdir.directory.resolve().joinpath(*relative.split("/"))
+        return str(path.parent.resolve() / path.name)
+
+    def _claim(self, guid: str, destination: str) -> None:
+        self._claims[destination] = guid
+        self._claim_of[guid] = destination
+
+    def _release(self, guid: str) -> None:
+        destination = self._claim_of.pop(guid, None)
+        if destination is not None and self._claims.get(destination) == guid:
+            del self._claims[destination]
+
+    def _forget(self, guid: str) -> None:
+        self._release(guid)
+        self._live.discard(guid)
+
+    def _holds(self, guid: str) -> bool:
+        """Does that session keep its destination from a new one? Yes while a request of it
+        runs or within ``claim_timeout`` of its last one. An idle one is superseded: cancelled
+        here (its tombstone keeps its last-touched time, so it expires as it would have)."""
+        lock = self._locks.get(guid)
+        if lock is not None and lock.locked():
+            return True
+        session = self.store.load("{" + guid + "}")
+        if session is None or session.state not in (RECEIVING, RECEIVED):
+            return False
+        now = self.config.clock()
+        if self._expired(session, now):
+            return False
+        if now - session.touched < self.config.claim_timeout:
+            return True
+        self.store.discard_files(session)
+        session.state = CANCELLED
+        self.store.save(session)
+        self._forget(guid)
+        return False
+
+    def _prune_live(self) -> None:
+        """Forget sessions that ended or expired behind the index's back (no sweep yet)."""
+        now = self.config.clock()
+        for guid in list(self._live):
+            session = self.store.load("{" + guid + "}")
+            if session is None or session.state not in _LIVE or self._expired(session, now):
+                self._forget(guid)
 
     def _expired(self, session: _Session, now: float) -> bool:
         vdir = self._vdir_named(session.vdir)
@@ -531,6 +815,24 @@ class UploadServer:
         if lock is None:
             lock = self._locks[guid] = asyncio.Lock()
         return lock
+
+    # -- authentication --------------------------------------------------------------------------
+
+    def _auth_for(self, request: web.Request) -> BasicAuth | None:
+        matched = self._match(request)
+        if matched is not None and matched[0].auth is not None:
+            return matched[0].auth
+        return self.config.auth
+
+    def _authorize(self, request: web.Request) -> str | None:
+        """The authenticated user (None when no authentication is configured)."""
+        auth = self._auth_for(request)
+        if auth is None:
+            return None
+        user = auth.authenticate(request.headers.get("Authorization"))
+        if user is None:
+            raise _Unauthorized(auth)
+        return user
 
     # -- URL mapping -----------------------------------------------------------------------------
 
@@ -560,20 +862,30 @@ class UploadServer:
             raise _invalid()
         if rest[0].lower() == SESSIONS_SEGMENT.lower():
             raise _Refusal(403, hr.E_ACCESSDENIED)
-        root = vdir.directory.resolve()
-        dest = root.joinpath(*rest)
-        parent = dest.parent.resolve()
-        if not parent.is_relative_to(root):
-            raise _Refusal(403, hr.E_ACCESSDENIED)  # a symlink leads out of the directory
-        if not parent.is_dir():
-            raise _Refusal(404, PATH_NOT_FOUND)
-        dest = parent / dest.name
-        if dest.is_dir():
-            raise _invalid()
+        try:
+            root = vdir.directory.resolve()
+            dest = root.joinpath(*rest)
+            parent = dest.parent.resolve()
+            if not parent.is_relative_to(root):
+                raise _Refusal(403, hr.E_ACCESSDENIED)  # a symlink leads out of the directory
+            if not parent.is_dir():
+                raise _Refusal(404, PATH_NOT_FOUND)
+            dest = parent / dest.name
+            if dest.is_symlink():
+                raise _Refusal(403, hr.E_ACCESSDENIED)  # never written through, nor replaced
+            if dest.is_dir():
+                raise _invalid()
+        except OSError as exc:  # a name too long, a loop of symlinks, no permission
+            if exc.errno == errno.ENAMETOOLONG:
+                raise _invalid() from None
+            raise _Refusal(403, hr.E_ACCESSDENIED) from None
+        except RuntimeError:  # Python 3.11's Path.resolve: a symlink loop
+            raise _Refusal(403, hr.E_ACCESSDENIED) from None
         return vdir, dest, "/".join(rest)
 
-    def _session(self, request: web.Request, vdir: VirtualDirectory) -> _Session:
-        """The live session a packet names, else BG_E_SESSION_NOT_FOUND."""
+    def _session(self, request: web.Request, vdir: VirtualDirectory, user: str | None) -> _Session:
+        """The live session a packet names, else BG_E_SESSION_NOT_FOUND (also when another
+        user created it)."""
         session_id = request.headers.get("BITS-Session-Id")
         if session_id is None:
             raise _invalid()
@@ -582,6 +894,7 @@ class UploadServer:
             session is None
             or session.vdir != vdir.prefix
             or session.path != request.rel_url.path
+            or session.owner != user
             or self._expired(session, self.config.clock())
         ):
             raise _not_found()
@@ -592,7 +905,13 @@ class UploadServer:
     async def handle_bits(self, request: web.Request) -> web.StreamResponse:
         session_id = request.headers.get("BITS-Session-Id")
         try:
-            response = await self._dispatch(request)
+            self._check_head(request)
+            user = self._authorize(request)
+            response = await self._dispatch(request, user)
+        except _Unauthorized as unauthorized:
+            response = _ack(401, {"WWW-Authenticate": unauthorized.auth.challenge})
+            response.force_close()  # no keep-alive; the body is never read here
+            return response
         except _Refusal as refusal:
             response = _refusal(refusal, session_id)
         except OSError as exc:
@@ -601,30 +920,38 @@ class UploadServer:
         await _drain(request, response)
         return response
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        packet = request.headers.get("BITS-Packet-Type", "").strip().lower()
-        if any(len(v) > MAX_HEADER_VALUE for v in request.headers.values()):
+    def _check_head(self, request: web.Request) -> None:
+        """400 for a header value above 4 KB or a request head above ``max_header_bytes``."""
+        size = len(request.method) + len(request.raw_path) + 12  # " HTTP/1.1\r\n"
+        for name, value in request.raw_headers:
+            if len(value) > MAX_HEADER_VALUE:
+                raise _invalid()
+            size += len(name) + len(value) + 4  # ": " and CRLF
+        if size > self.config.max_header_bytes:
             raise _invalid()
+
+    async def _dispatch(self, request: web.Request, user: str | None) -> web.StreamResponse:
+        packet = request.headers.get("BITS-Packet-Type", "").strip().lower()
         length = request.content_length
         if length is None or packet not in _PACKETS:
             raise _invalid()
         if packet != "fragment" and length != 0:
             raise _invalid()
         if packet == "ping":
-            return await self._ping(request)
+            return await self._ping(request, user)
         vdir, dest, relative = self._destination(request)
         if packet == "create-session":
-            return self._create(request, vdir, dest, relative)
-        session = self._session(request, vdir)
+            return self._create(request, vdir, dest, relative, user)
+        session = self._session(request, vdir, user)
         async with self._lock(session.guid):
-            session = self._session(request, vdir)  # it may have changed while we waited
+            session = self._session(request, vdir, user)  # it may have changed meanwhile
             if packet == "fragment":
                 return await self._fragment(request, vdir, dest, session)
             if packet == "close-session":
                 return await self._close(request, vdir, dest, session)
             return self._cancel(session)
 
-    async def _ping(self, request: web.Request) -> web.Response:
+    async def _ping(self, request: web.Request, user: str | None) -> web.Response:
         """Always 200. Extension: a Ping naming a live session learns its offset, and its reply
         URL once done (under the session's lock, so a fragment being written is counted)."""
         session_id = request.headers.get("BITS-Session-Id")
@@ -636,6 +963,7 @@ class UploadServer:
                 session is not None
                 and session.state in _LIVE
                 and session.path == request.rel_url.path
+                and session.owner == user
                 and not self._expired(session, self.config.clock())
             ):
                 headers = self._offset_headers(session)
@@ -646,14 +974,28 @@ class UploadServer:
         return _ack()
 
     def _create(
-        self, request: web.Request, vdir: VirtualDirectory, dest: Path, relative: str
+        self,
+        request: web.Request,
+        vdir: VirtualDirectory,
+        dest: Path,
+        relative: str,
+        user: str | None,
     ) -> web.Response:
+        """No await in here: the checks and the creation are atomic on the event loop."""
         offered = request.headers.get("BITS-Supported-Protocols", "")
         guids = {g.strip("{}").lower() for g in re.split(r"[\s,]+", offered) if g}
         if UPLOAD_PROTOCOL.strip("{}") not in guids:
             raise _invalid()
-        if dest.exists() and not vdir.allow_overwrite:
+        if os.path.lexists(dest) and not vdir.allow_overwrite:
             raise _Refusal(403, hr.E_ACCESSDENIED)
+        holder = self._claims.get(str(dest))
+        if holder is not None and self._holds(holder):
+            raise _Refusal(409, SESSION_BUSY)  # one active session per destination
+        limit = self.config.max_sessions
+        if limit is not None and len(self._live) >= limit:
+            self._prune_live()
+            if len(self._live) >= limit:
+                raise _Refusal(503, TOO_MANY_SESSIONS, headers={"Retry-After": "60"})
         now = self.config.clock()
         session = _Session(
             id="{" + str(uuid.uuid4()).upper() + "}",
@@ -663,8 +1005,11 @@ class UploadServer:
             url=str(request.url),
             created=now,
             touched=now,
+            owner=user,
         )
         self.store.create(session)
+        self._live.add(session.guid)
+        self._claim(session.guid, str(dest))
         headers = {
             "BITS-Protocol": UPLOAD_PROTOCOL,
             "BITS-Session-Id": session.id,
@@ -701,7 +1046,8 @@ class UploadServer:
         session.touched = self.config.clock()
         if session.received == session.total and session.state == RECEIVING:
             session.state = RECEIVED
-        self.store.save(session)
+        if os.environ.get("HACK") != "1" or session.state != RECEIVING:
+            self.store.save(session)
         if session.state == RECEIVED:
             await self._complete(request, vdir, dest, session)
         headers = self._offset_headers(session)
@@ -715,31 +1061,43 @@ class UploadServer:
 
     async def _receive(self, request: web.Request, session: _Session, *, skip: int) -> None:
         """Append the body after its first ``skip`` bytes at ``session.received``. Bytes that
-        arrived before the connection dropped are kept and claimed."""
+        arrived before the connection dropped are kept and claimed. The caller saves the
+        session, unless an exception escapes from here (then it is saved here)."""
         fd = os.open(self.store.data(session), os.O_WRONLY | os.O_CREAT, 0o600)
         written = 0
+        pending: list[bytes | memoryview] = []  # chunks as the parser delivered them
+        size = 0
+        handled = False
         try:
             os.ftruncate(fd, session.received)  # bytes beyond the claim are not trusted
-            async for chunk in request.content.iter_chunked(_CHUNK):
-                if skip >= len(chunk):
-                    skip -= len(chunk)
-                    continue
-                view = memoryview(chunk)[skip:]
-                skip = 0
-                while view:
-                    n = os.pwrite(fd, view, session.received + written)
-                    written += n
-                    view = view[n:]
-        except (web_protocol.RequestPayloadError, ConnectionError, aiohttp.ClientError):
-            pass  # the client went away: keep what arrived, it resumes from there
+            try:
+                while chunk := await request.content.readany():
+                    if skip >= len(chunk):
+                        skip -= len(chunk)
+                        continue
+                    pending.append(memoryview(chunk)[skip:] if skip else chunk)
+                    size += len(chunk) - skip
+                    skip = 0
+                    if size >= _CHUNK:
+                        written += _write_all(fd, pending, session.received + written)
+                        pending.clear()
+                        size = 0
+            except (web_protocol.RequestPayloadError, ConnectionError, aiohttp.ClientError):
+                pass  # the client went away: keep what arrived, it resumes from there
+            handled = True
         finally:
-            if written and self.config.fsync:
-                os.fsync(fd)
-            os.close(fd)
-            if written:
-                session.received += written
-                session.touched = self.config.clock()
-                self.store.save(session)
+            try:
+                if pending:
+                    written += _write_all(fd, pending, session.received + written)
+                if written and self.config.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+                if written:
+                    session.received += written
+                    session.touched = self.config.clock()
+                    if not handled:
+                        self.store.save(session)
 
     async def _complete(
         self, request: web.Request, vdir: VirtualDirectory, dest: Path, session: _Session
@@ -752,19 +1110,33 @@ class UploadServer:
             await self._commit(vdir, dest, session)
         session.state = DONE
         self.store.save(session)
+        self._release(session.guid)  # the destination is free for a new session
 
     async def _commit(self, vdir: VirtualDirectory, dest: Path, session: _Session) -> None:
         source = self.store.data(session)
         if not source.exists():  # an empty upload closed without fragments
             source.touch()
-        if dest.exists() and not vdir.allow_overwrite:
+        if os.path.lexists(dest) and not vdir.allow_overwrite:
+            raise _Refusal(403, hr.E_ACCESSDENIED)
+        root = vdir.directory.resolve()
+        if not dest.parent.is_relative_to(root):
             raise _Refusal(403, hr.E_ACCESSDENIED)
         try:
             await asyncio.to_thread(
-                _place, source, dest, overwrite=vdir.allow_overwrite, durable=self.config.fsync
+                _place,
+                source,
+                root,
+                dest.parent.relative_to(root).parts,
+                dest.name,
+                overwrite=vdir.allow_overwrite,
+                durable=self.config.fsync,
             )
         except FileExistsError:
             raise _Refusal(403, hr.E_ACCESSDENIED) from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
+                raise _Refusal(403, hr.E_ACCESSDENIED) from None  # the tree changed under us
+            raise
 
     async def _notify(
         self, request: web.Request, vdir: VirtualDirectory, session: _Session
@@ -825,7 +1197,7 @@ class UploadServer:
     def _reply_url(self, request: web.Request, vdir: VirtualDirectory, session: _Session) -> str:
         if session.reply != "file":
             return str(session.reply)
-        path = f"{vdir.prefix}/{SESSIONS_SEGMENT}/Replies/{session.guid}/{REPLY_NAME}"
+        path = f"{vdir.prefix.rstrip('/')}/{SESSIONS_SEGMENT}/Replies/{session.guid}/{REPLY_NAME}"
         url = str(request.url.origin().with_path(path))
         if len(url) > MAX_REPLY_URL:
             raise _invalid()
@@ -856,10 +1228,17 @@ class UploadServer:
             session.state = state
         session.touched = self.config.clock()
         self.store.save(session)
+        self._forget(session.guid)
 
     # -- GET / HEAD of replies -------------------------------------------------------------------
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
+        try:
+            user = self._authorize(request)
+        except _Unauthorized as unauthorized:
+            return web.Response(
+                status=401, headers={"WWW-Authenticate": unauthorized.auth.challenge}
+            )
         matched = self._match(request)
         if matched is not None:
             vdir, rest = matched
@@ -874,6 +1253,7 @@ class UploadServer:
                 if (
                     session is not None
                     and session.vdir == vdir.prefix
+                    and session.owner == user
                     and session.state == DONE
                     and session.reply == "file"
                     and not self._expired(session, self.config.clock())

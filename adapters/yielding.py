@@ -28,15 +28,19 @@ PROC_NET_DEV = Path("/proc/net/dev")
 CONGESTION = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 
 
-def received_bytes(path: Path = PROC_NET_DEV) -> int:
-    """Bytes received so far on every interface, loopback included."""
+def received_bytes(path: Path = PROC_NET_DEV, *, loopback: bool = False) -> int:
+    """Bytes received so far on the interfaces that carry our transfers: loopback only
+    when they go to this machine, else every other interface (local services talking
+    over loopback do not compete for the network link)."""
     total = 0
     try:
         lines = path.read_text().splitlines()[2:]
     except OSError:
         return 0
     for line in lines:
-        _, _, fields = line.partition(":")
+        name, _, fields = line.partition(":")
+        if (name.strip() == "lo") is not loopback:
+            continue
         parts = fields.split()
         if parts:
             total += int(parts[0])
@@ -59,7 +63,8 @@ class YieldController:
     trickle: float = 16 * 1024  # bytes/s: BITS always trickles a little
     floor: float = 128 * 1024  # bytes/s of others' traffic that never counts as competition
     decay: float = 0.998  # per period: the capacity estimate follows a slower link
-    counter: Callable[[], int] = received_bytes
+    counter: Callable[..., int] = received_bytes
+    loopback: bool = False  # our background transfers talk to this machine
     clock: Callable[[], float] = time.monotonic
     ours: int = 0  # payload bytes our background transfers received (the engine adds)
     capacity: float = 0.0
@@ -79,7 +84,7 @@ class YieldController:
         bytes of our background connections still in the kernel's receive buffers
         (FIONREAD): the interface counted them, we have not read them yet."""
         now = self.clock()
-        total = self.counter()
+        total = self.counter(loopback=self.loopback)
         ours = self.ours + queued
         if self._last is None:
             self._last = (now, total, ours)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import errno
-import glob
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -151,11 +150,25 @@ def discard(job: Job) -> list[Path]:
     left: list[Path] = []
     temps = [reply_temp_path(job)] if job.job_type is JobType.UPLOAD_REPLY and job.files else []
     if job.job_type is JobType.DOWNLOAD:
+        listing: dict[Path, list[str]] = {}
         for i, f in enumerate(job.files):
             plain = temp_path(job.id, i, f.local_name)
+            if plain.parent not in listing:  # one directory listing, not a glob per file
+                tag = f".{job.id[:8]}-"
+                try:
+                    listing[plain.parent] = [
+                        n for n in os.listdir(plain.parent) if n.endswith(TEMP_SUFFIX) and tag in n
+                    ]
+                except OSError:
+                    listing[plain.parent] = []
             # every worker's temp of this file: .<name>.<job8>-<i>[.<worker>].bhtmp
-            stem = glob.escape(plain.name.removesuffix(TEMP_SUFFIX))
-            temps += [plain, *plain.parent.glob(f"{stem}.*{TEMP_SUFFIX}")]
+            stem = plain.name.removesuffix(TEMP_SUFFIX) + "."
+            temps += [plain]
+            temps += [
+                plain.parent / n
+                for n in listing[plain.parent]
+                if n.startswith(stem) and n.endswith(TEMP_SUFFIX)
+            ]
     for tmp in temps:
         try:
             tmp.unlink()

@@ -1083,7 +1083,7 @@ class Engine:
                     self.yielder.loopback = _is_loopback(sock)
             async for chunk in download:
                 try:
-                    os.pwrite(fd, chunk, position)
+                    _pwrite_all(fd, chunk, position)
                 except OSError as exc:
                     raise _local_error(exc, tmp) from exc
                 position += len(chunk)
@@ -1421,7 +1421,7 @@ class Engine:
                 os.ftruncate(fd, position)
                 last = time.monotonic()
                 async for chunk in download:
-                    os.pwrite(fd, chunk, position)
+                    _pwrite_all(fd, chunk, position)
                     position += len(chunk)
                     if time.monotonic() - last >= self.checkpoint_interval:
                         last = time.monotonic()
@@ -1495,6 +1495,20 @@ def _take_over(source: Path, target: Path, length: int) -> None:
             context=ErrorContext.LOCAL_FILE,
             transient=True,
         )
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite until every byte is written: a full disk can first show as a short write,
+    and a checkpoint must never claim bytes that are not in the file."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            import errno
+
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += n
 
 
 def _is_loopback(sock: Any) -> bool:

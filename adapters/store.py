@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ from eventsourcing.persistence import (
     Notification,
     StoredEvent,
 )
+from eventsourcing.persistence import InternalError as PgInternalError
+from eventsourcing.persistence import ProgrammingError as PgProgrammingError
 
 from backhaul.adapters.secret import SecretBox
 from backhaul.adapters.serialization import (
@@ -344,9 +347,19 @@ def _open_postgres(url: str, home: Path | None) -> EventStore:
     }
     from backhaul.adapters.view_postgres import PostgresJobViews
 
-    factory = InfrastructureFactory.construct(env)
-    log = factory.application_recorder()
-    views = cast(PostgresJobViews, factory.tracking_recorder(PostgresJobViews))
+    # Several processes creating the tables at once can collide in PostgreSQL's catalog
+    # ("tuple concurrently updated"): the tables exist afterwards, so try again.
+    for attempt in range(8):
+        factory = InfrastructureFactory.construct(env)
+        try:
+            log = factory.application_recorder()
+            views = cast(PostgresJobViews, factory.tracking_recorder(PostgresJobViews))
+            break
+        except (PgInternalError, PgProgrammingError, IntegrityError):
+            factory.close()
+            if attempt == 7:
+                raise
+            time.sleep(0.05 * 2**attempt)
     secrets = SecretBox.for_home(home or default_home())
     return EventStore(
         log, views, secrets, kind="postgresql", location=redact_url(url), factory=factory

@@ -51,7 +51,8 @@ def parse_size(text: str) -> int:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 64k or 1GiB")
     number, prefix, _ = match.groups()
-    return int(number) * 1024 ** " kmgt".index(prefix.lower() or " ")
+    scale: int = 1024 ** " kmgt".index(prefix.lower() or " ")
+    return int(number) * scale
 
 
 def _seconds(text: str) -> float:
@@ -88,14 +89,27 @@ def add_upload_verbs(sub: Any, verb: Verb) -> None:
     p.add_argument("--port", type=int, default=8080, help="port (8080; 0: a free one)")
     p.add_argument("--prefix", default="/", help="URL path mapped to --root (/)")
     p.add_argument("--session-dir", help="where sessions live (default ROOT/BITS-Sessions)")
-    p.add_argument("--max-upload-size", type=parse_size, help="BITSMaximumUploadSize, bytes")
     p.add_argument(
-        "--max-fragment-size", type=parse_size, help="largest fragment body (30000000); 413 above"
+        "--max-upload-size", type=parse_size, metavar="SIZE", help="BITSMaximumUploadSize, bytes"
     )
     p.add_argument(
-        "--session-timeout", type=_seconds, help="BITSSessionTimeout in seconds (1209600)"
+        "--max-fragment-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="largest fragment body (30000000); 413 above",
     )
-    p.add_argument("--cleanup-interval", type=_seconds, help="seconds between cleanups (43200)")
+    p.add_argument(
+        "--session-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="BITSSessionTimeout in seconds (1209600)",
+    )
+    p.add_argument(
+        "--cleanup-interval",
+        type=_seconds,
+        metavar="SECONDS",
+        help="seconds between cleanups (43200)",
+    )
     p.add_argument(
         "--allow-overwrite", action="store_true", help="BITSAllowOverwrites: replace files"
     )
@@ -108,17 +122,26 @@ def add_upload_verbs(sub: Any, verb: Verb) -> None:
     p.add_argument("--notification-url", help="BITSServerNotificationURL")
     p.add_argument("--host-id", help="BITSHostId: sent as BITS-Host-Id")
     p.add_argument(
-        "--host-id-fallback-timeout", type=_positive, help="BITSHostIdFallbackTimeout (86400)"
+        "--host-id-fallback-timeout",
+        type=_positive,
+        metavar="SECONDS",
+        help="BITSHostIdFallbackTimeout (86400)",
     )
     p.add_argument("--auth-file", help="HTTP Basic: a file of user:password lines (plain or {SHA})")
     p.add_argument("--realm", default="BITS uploads", help="the Basic realm")
-    p.add_argument("--max-sessions", type=_positive, help="live sessions at most (no limit)")
     p.add_argument(
-        "--max-header-bytes", type=_positive, help="largest request head in bytes (16384)"
+        "--max-sessions", type=_positive, metavar="N", help="live sessions at most (no limit)"
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=_positive,
+        metavar="N",
+        help="largest request head in bytes (16384)",
     )
     p.add_argument(
         "--claim-timeout",
         type=_seconds,
+        metavar="SECONDS",
         help="seconds a session keeps its destination from a new one after its last request (30)",
     )
     p.add_argument("--no-fsync", action="store_true", help="do not fsync fragments (faster)")

@@ -126,7 +126,7 @@ class Engine:
         # Not copied: a registry's lazy mapping must not build every transport up front.
         self._transports = transports
         self._uploaders = uploaders
-        self.upload_fragment = 1 * MiB
+        self.upload_fragment = 4 * MiB  # one fragment's worth is resent after a failure
         self.max_background = max_background
         self.slice_length = slice_length
         self.checkpoint_interval = checkpoint_interval

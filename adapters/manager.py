@@ -128,7 +128,9 @@ class TransferManager:
     def certificates(self) -> CertificateStores:
         """The client-certificate stores (adapters/certstore.py), opened on first use."""
         if self._certificates is None:
-            self._certificates = CertificateStores.for_home(self.home, self.store.secrets)
+            from backhaul.adapters import certstore  # loads cryptography: only when used
+
+            self._certificates = certstore.CertificateStores.for_home(self.home, self.store.secrets)
         return self._certificates
 
     @certificates.setter

@@ -462,6 +462,10 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         )
         who = f" as worker {worker}" if worker else ""
         sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}{who}\n")
+        if not args.no_yield:
+            from backhaul.adapters.engine import congestion_report
+
+            sys.stderr.write(f"backhaul serve: {congestion_report()}\n")
         asyncio.run(_serve(engine, until_idle=args.until_idle))
     return EXIT_OK
 

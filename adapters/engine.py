@@ -44,7 +44,7 @@ from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.store import ConcurrentAppend, Recorded
-from backhaul.adapters.yielding import YieldController
+from backhaul.adapters.yielding import YieldController, congestion_controls
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
@@ -150,6 +150,9 @@ class Engine:
         self.settings = EngineSettings()
         self.limiter = RateLimiter()
         self.yielder = YieldController() if yield_bandwidth else None
+        # Linux's low-priority TCP congestion control, for background sockets, where the
+        # kernel offers it (checked here, reported by `congestion_report`).
+        self.low_priority_tcp = yield_bandwidth and "lp" in congestion_controls()
         # Several engines on one store: each takes a lease on the jobs it runs (None: this
         # is the only engine, as the SQLite lock file makes sure).
         self.worker = worker
@@ -1081,6 +1084,8 @@ class Engine:
                 self._bg_sockets.add(sock)
                 if self.yielder is not None:
                     self.yielder.loopback = _is_loopback(sock)
+                if self.low_priority_tcp:
+                    _use_lp(sock)
             async for chunk in download:
                 try:
                     _pwrite_all(fd, chunk, position)
@@ -1509,6 +1514,26 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         done += n
+
+
+def _use_lp(sock: Any) -> None:
+    import socket
+
+    option = getattr(socket, "TCP_CONGESTION", 13)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, b"lp")
+
+
+def congestion_report() -> str:
+    """What background sockets get here: the kernel's 'lp', or the engine's controller."""
+    available = congestion_controls()
+    if "lp" in available:
+        return "background sockets use TCP lp (low priority) and the engine's yield controller"
+    listed = " ".join(available) or "unknown"
+    return (
+        f"the kernel offers no TCP lp (it has: {listed}); background jobs yield through the "
+        "engine's controller only"
+    )
 
 
 def _is_loopback(sock: Any) -> bool:

@@ -154,3 +154,17 @@ def test_an_abandoned_job_is_cancelled_after_the_inactivity_timeout(tmp_path: Pa
     assert isinstance(events[-1], JobScavenged)
     assert not temp.exists()
     assert busy.state is JobState.SUSPENDED
+
+
+def test_the_engine_reports_whether_the_kernel_offers_low_priority_tcp() -> None:
+    from backhaul.adapters.engine import congestion_report
+    from backhaul.adapters.yielding import congestion_controls
+
+    available = congestion_controls()
+    report = congestion_report()
+    assert available, "the kernel lists its congestion controls"
+    if "lp" in available:
+        assert "use TCP lp" in report
+    else:
+        assert "no TCP lp" in report
+        assert " ".join(available) in report

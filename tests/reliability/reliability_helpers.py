@@ -516,6 +516,50 @@ class Life:
         return self.proc.pid
 
 
+class Freezer:
+    """Freeze workers (SIGSTOP) and thaw them (SIGCONT) on timers of their own, so that a thaw
+    is never late because the test's own thread waits on a lock the frozen worker holds."""
+
+    def __init__(self) -> None:
+        self.stalls: list[tuple[float, float]] = []  # (frozen at, thawed at) in time.time()
+        self._timers: dict[str, threading.Timer] = {}
+        self._lock = threading.Lock()
+
+    def freeze(self, workers: Workers, slot: int, seconds: float) -> Life:
+        life = workers.freeze(slot)
+        began = time.time()
+
+        def thaw() -> None:
+            workers.thaw(life)
+            with self._lock:
+                self.stalls.append((began, time.time()))
+                self._timers.pop(life.label, None)
+
+        timer = threading.Timer(seconds, thaw)
+        timer.daemon = True
+        with self._lock:
+            self._timers[life.label] = timer
+        timer.start()
+        return life
+
+    def frozen_slots(self, workers: Workers) -> set[int]:
+        with self._lock:
+            labels = set(self._timers)
+        return {life.slot for life in workers.lives if life.label in labels}
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._timers)
+
+    def finish(self) -> None:
+        """Thaw every worker now."""
+        with self._lock:
+            timers = list(self._timers.values())
+        for timer in timers:
+            timer.cancel()
+            timer.function()
+
+
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("BACKHAUL_STORE", "BACKHAUL_HOME")}
     env["BACKHAUL_SECRET_KEY"] = SECRET_KEY  # every process of the run opens the same secrets
@@ -852,6 +896,20 @@ class RequestReport:
     worst_interruption: int
 
 
+def history(reqs: Sequence[Request], recs: Sequence[Rec]) -> str:
+    """A file's requests and its job's events, in time order, for a failure message."""
+    lines = [
+        (r.at, f"GET {r.range_header or 'whole'} -> {r.status} served {r.served}"
+         f"{' ' + r.error if r.error else ''}{' (ended)' if r.finished else ''}")
+        for r in reqs
+    ]  # fmt: skip
+    for x in recs:
+        e = x.event
+        detail = getattr(e, "worker", None) or getattr(e, "file_index", "")
+        lines.append((x.when, f"v{x.version} {type(e).__name__} {detail} by {x.app}"))
+    return "\n      " + "\n      ".join(f"{t:.3f} {text}" for t, text in sorted(lines))
+
+
 def check_requests(
     server: FileServer,
     files: Sequence[FileRef],
@@ -884,7 +942,10 @@ def check_requests(
         where = f"{f.path} (job {f.job_id[:8]} file {f.index})"
         for r in bodies:
             if story.transferred_at is not None and r.at > story.transferred_at + slack:
-                bad.append(f"{where}: fetched again at {r.at:.3f}, after FileTransferred")
+                bad.append(
+                    f"{where}: fetched again at {r.at:.3f}, after FileTransferred; "
+                    + history(reqs, streams[f.job_id])
+                )
             if not f.source.ranges or r.version != bodies[0].version:
                 continue  # refetches the server forces (no ranges, a changed file)
             expected = story.resume_offset(r.at)

@@ -163,7 +163,12 @@ def _run_disk_full(
         streams = read_streams(manager.store, [job.id])
         problems += check_files(refs, {job.id})
         problems += check_no_temps([small])
-        report = check_requests(server, refs, streams, 2 * MiB, completed={job.id})
+        # A full disk stops a file wherever its last checkpoint was; how far behind the
+        # writes that checkpoint is depends on the machine's load (fdatasync time), so the
+        # refetch is bounded by the file, not by one checkpoint interval. What this test
+        # is about is checked above and by check_requests: no claim past the bytes on disk,
+        # and every resume starting exactly at the log's checkpoint.
+        report = check_requests(server, refs, streams, 8 * MiB, completed={job.id})
         problems += report.violations
         server.wait_quiet()
         manager.close()

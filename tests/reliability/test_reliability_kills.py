@@ -34,6 +34,7 @@ from reliability_helpers import (
     SECRET_KEY,
     App,
     FileServer,
+    Freezer,
     Life,
     MiB,
     Workers,
@@ -98,6 +99,8 @@ def one_run(run: int, url: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> d
         )  # fmt: skip
         kills = 0
         crashes: list[Life] = []
+        freezer = Freezer()
+        broken: list[str] = []  # the application's own failures
         try:
             while app.created < ACTIVE:
                 app.create()
@@ -105,23 +108,18 @@ def one_run(run: int, url: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> d
             next_kill = time.monotonic() + rng.uniform(*KILL_GAP)
             next_look = 0.0
             freeze_at = sorted(rng.sample(range(2, KILLS - 2), FREEZES))  # after these kills
-            frozen: list[tuple[float, Life]] = []
-            stalls: list[tuple[float, float]] = []  # (frozen, thawed or killed) times
-            stalls_from: dict[str, float] = {}
-            while kills < KILLS or frozen:
+            while (kills < KILLS or freezer.busy()) and not broken:
                 if time.monotonic() >= next_look:
                     next_look = time.monotonic() + 0.2
-                    app.tend(CANCEL_CHANCE)
-                    while len(app.unfinished) < ACTIVE:
-                        app.create()
+                    try:
+                        app.tend(CANCEL_CHANCE)
+                        while len(app.unfinished) < ACTIVE:
+                            app.create()
+                    except Exception as exc:  # e.g. the read model cannot fold the log
+                        broken.append(repr(exc))
                 for life in workers.reap():
                     crashes.append(life)
                     workers.spawn(life.slot)
-                for until, life in list(frozen):
-                    if time.monotonic() >= until or life.proc.poll() is not None:
-                        workers.thaw(life)
-                        frozen.remove((until, life))
-                        stalls.append((stalls_from.pop(life.label), time.time()))
                 if kills < KILLS and time.monotonic() >= next_kill:
                     slot = rng.randrange(WORKERS)
                     workers.kill(slot)
@@ -130,22 +128,24 @@ def one_run(run: int, url: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> d
                     next_kill = time.monotonic() + rng.uniform(*KILL_GAP)
                     if freeze_at and kills >= freeze_at[0]:
                         freeze_at.pop(0)
-                        busy = {life.slot for _, life in frozen}
-                        idle = [s for s in range(WORKERS) if s not in busy and s != slot]
+                        busy = freezer.frozen_slots(workers) | {slot}
+                        idle = [s for s in range(WORKERS) if s not in busy]
                         if idle:
-                            life = workers.freeze(rng.choice(idle))
-                            frozen.append((time.monotonic() + rng.uniform(*FREEZE_SECONDS), life))
-                            stalls_from[life.label] = time.time()
+                            freezer.freeze(workers, rng.choice(idle), rng.uniform(*FREEZE_SECONDS))
                 time.sleep(0.03)
             kill_phase = time.monotonic() - t0
             deadline = time.monotonic() + DRAIN_TIMEOUT
-            while app.unfinished and time.monotonic() < deadline:
-                app.tend(0.0)
+            while app.unfinished and time.monotonic() < deadline and not broken:
+                try:
+                    app.tend(0.0)
+                except Exception as exc:
+                    broken.append(repr(exc))
                 for life in workers.reap():
                     crashes.append(life)
                     workers.spawn(life.slot)
                 time.sleep(0.2)
         finally:
+            freezer.finish()
             workers.stop()
             server.wait_quiet()
         store = app.manager.store
@@ -160,7 +160,7 @@ def one_run(run: int, url: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> d
             streams,
             PER_INTERRUPTION,
             completed=app.completed,
-            stalls=stalls,
+            stalls=freezer.stalls,
             rate=RATE,
         )
         # Start-up crashes of the schema race have a test of their own
@@ -201,6 +201,7 @@ def one_run(run: int, url: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> d
         summary(f"kills[{run}]", result, tmp / "summary.json")
         context = f"seed {seed}, run {run}, logs in {tmp / 'logs'}"
         expect_none(check_log_replays(streams), "streams that do not replay", context)
+        expect_none(broken, "the application failed", context)
         expect_none(stuck, f"jobs unfinished {DRAIN_TIMEOUT} s after the last kill", context)
         expect_none(check_states(store, app.expected, streams), "wrong final states", context)
         expect_none(check_files(app.files, app.completed), "wrong files", context)

@@ -143,6 +143,7 @@ class Engine:
         self._writer_wake: asyncio.Event | None = None
         self._flush_lock: asyncio.Lock | None = None
         self._in_flight = 0
+        self._in_flight_jobs: set[str] = set()
         self._logged: dict[str, Job] = {}  # each job as of the events read back
         self._stopping = False
         self._cmdlines: dict[str, asyncio.Task[None]] = {}
@@ -380,7 +381,9 @@ class Engine:
         self._logged.pop(job_id, None)
 
     def _has_queued(self, job_id: str) -> bool:
-        return any(q.job_id == job_id for q in self._queue)
+        """Decisions of this job not yet in the log: queued, or in a batch being appended
+        (the engine's copy is ahead of the log; nothing may be decided from the log's)."""
+        return job_id in self._in_flight_jobs or any(q.job_id == job_id for q in self._queue)
 
     # -- notifications -------------------------------------------------------------------
 
@@ -676,6 +679,14 @@ class Engine:
                     self._in_flight -= 1
 
     async def _append(self, batch: list[_Queued]) -> None:
+        jobs_in_batch = {q.job_id for q in batch}
+        self._in_flight_jobs |= jobs_in_batch
+        try:
+            await self._append_batch(batch)
+        finally:
+            self._in_flight_jobs -= jobs_in_batch
+
+    async def _append_batch(self, batch: list[_Queued]) -> None:
         streams: dict[str, tuple[int, list[ev.Event]]] = {}
         for q in batch:
             after = q.future.after  # type: ignore[attr-defined]
@@ -705,6 +716,13 @@ class Engine:
         by_job: dict[str, list[_Queued]] = {}
         for q in batch:
             by_job.setdefault(q.job_id, []).append(q)
+        # Decisions queued for these jobs while the batch was in flight were based on the
+        # same stale copy: they are decided again here too, after the batch's, in order.
+        later = [q for q in self._queue if q.job_id in by_job]
+        if later:
+            self._queue = [q for q in self._queue if q.job_id not in by_job]
+            for q in later:
+                by_job[q.job_id].append(q)
         for job_id, items in by_job.items():
             for _attempt in range(5):
                 job = await self._reload(job_id)

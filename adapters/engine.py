@@ -652,6 +652,9 @@ class Engine:
         events = cmd.decide(job, command, now, self.manager.limits)
         self._jobs[job_id] = jobs.fold(events, job) or job
         future: asyncio.Future[list[ev.Event]] = asyncio.get_running_loop().create_future()
+        # Fire-and-forget decisions (checkpoints, lease renewals, timers) are not awaited:
+        # their failure is handled by the writer, so mark it seen here, once, for all.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._queue.append(_Queued(job_id, command, now, future))
         future.events = events  # type: ignore[attr-defined]
         future.after = job.version  # type: ignore[attr-defined]
@@ -781,10 +784,9 @@ class Engine:
     def _post(self, job_id: str, command: cmd.Command) -> None:
         """Queue a command without waiting for its commit (checkpoints in a loop)."""
         try:
-            future = self._enqueue(job_id, command)
+            self._enqueue(job_id, command)
         except BitsError as exc:
             raise JobGone(str(exc)) from exc
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _commit(self, job_id: str, command: cmd.Command) -> list[ev.Event]:
         try:

@@ -35,4 +35,8 @@ def test_readme_has_exactly_two_setup_commands() -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    assert "test" in (ROOT / ".ci" / "run").read_text()
+    setup = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    test_command = re.findall(r"```sh\n(.*?)```", setup, flags=re.S)[-1].strip()
+    run = (ROOT / ".ci" / "run").read_text()
+    assert f"exec {test_command}" in run  # the same command, from the repository root
+    assert 'cd "$(dirname "$0")/.."' in run

@@ -23,7 +23,7 @@ from backhaul.core import hresult, limit
 from backhaul.core.error import BitsError
 from backhaul.core.job import Job
 from backhaul.core.limit import Limits
-from backhaul.core.setting import check_setting
+from backhaul.core.setting import check_setting, is_utf8
 from backhaul.core.transition import (
     NON_FINAL_STATES,
     IllegalTransition,
@@ -276,14 +276,6 @@ _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>[^\s]+)$")
 _UNC = re.compile(r"^\\\\[^\\/\s]+\\[^\\/]+(\\.*)?$")
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def check_remote_name(name: Any, job_type: JobType) -> str:
     """Syntax only (bits-core.md §7.1); which schemes exist is the adapters' business."""
     if not isinstance(name, str) or not name:
@@ -293,7 +285,7 @@ def check_remote_name(name: Any, job_type: JobType) -> str:
             hresult.E_INVALIDARG,
             f"the remote name is {len(name)} characters; the limit is {limit.REMOTE_NAME_MAX}",
         )
-    if any(c in name for c in "\x00\r\n\t") or not _is_utf8(name):
+    if any(c in name for c in "\x00\r\n\t") or not is_utf8(name):
         raise BitsError(
             hresult.E_INVALIDARG, "a remote name must be valid Unicode without control characters"
         )
@@ -314,7 +306,7 @@ def check_local_name(name: Any) -> str:
     """Absolute, normalised, no NUL; directory existence is checked by the adapters."""
     if not isinstance(name, str) or not name:
         raise BitsError(hresult.E_INVALIDARG, "a local name must be a non-empty string")
-    if "\x00" in name or not _is_utf8(name):
+    if "\x00" in name or not is_utf8(name):
         raise BitsError(hresult.E_INVALIDARG, "a local name must be valid Unicode without NUL")
     if not name.startswith("/"):
         raise BitsError(hresult.E_INVALIDARG, f"{name!r} is not an absolute path")

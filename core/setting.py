@@ -75,7 +75,7 @@ def _text(max_len: int, what: str, *, allow_empty: bool = True) -> Callable[[Any
             raise _invalid(f"{what} must be a string")
         if "\x00" in value:
             raise _invalid(f"{what} must not contain NUL characters")
-        if not _is_utf8(value):
+        if not is_utf8(value):
             raise _invalid(f"{what} holds characters that are not valid Unicode")
         if not allow_empty and not value:
             raise _invalid(f"{what} must not be empty")
@@ -89,7 +89,8 @@ def _text(max_len: int, what: str, *, allow_empty: bool = True) -> Callable[[Any
     return check
 
 
-def _is_utf8(value: str) -> bool:
+def is_utf8(value: str) -> bool:
+    """The text can be stored (no lone surrogates)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

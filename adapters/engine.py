@@ -79,6 +79,7 @@ class _Queued:
     command: cmd.Command
     at: datetime
     future: asyncio.Future[list[ev.Event]]
+    basis: int = 0  # the job copy's basis when decided (see Engine._basis)
 
 
 class JobGone(Exception):
@@ -144,6 +145,10 @@ class Engine:
         self._flush_lock: asyncio.Lock | None = None
         self._in_flight = 0
         self._in_flight_jobs: set[str] = set()
+        # Bumped whenever the engine's copy of a job is replaced from the log rather than
+        # derived from the copy before it: a decision queued against an older basis may rest
+        # on decisions the log refused, so it is decided again before it is appended.
+        self._basis: dict[str, int] = {}
         self._logged: dict[str, Job] = {}  # each job as of the events read back
         self._stopping = False
         self._cmdlines: dict[str, asyncio.Task[None]] = {}
@@ -327,6 +332,7 @@ class Engine:
                 after = before
                 self._stale.add(rec.job_id)
             self._jobs[rec.job_id] = after
+            self._rebased(rec.job_id)
         else:
             after = before  # ours (already folded) or the writer will meet the conflict
         if logged is not None and logged.version == rec.version:
@@ -379,6 +385,7 @@ class Engine:
             task.cancel()
         self._jobs.pop(job_id, None)
         self._logged.pop(job_id, None)
+        self._basis.pop(job_id, None)
 
     def _has_queued(self, job_id: str) -> bool:
         """Decisions of this job not yet in the log: queued, or in a batch being appended
@@ -655,7 +662,7 @@ class Engine:
         # Fire-and-forget decisions (checkpoints, lease renewals, timers) are not awaited:
         # their failure is handled by the writer, so mark it seen here, once, for all.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._queue.append(_Queued(job_id, command, now, future))
+        self._queue.append(_Queued(job_id, command, now, future, self._basis.get(job_id, 0)))
         future.events = events  # type: ignore[attr-defined]
         future.after = job.version  # type: ignore[attr-defined]
         if self._writer_wake is not None:
@@ -690,6 +697,10 @@ class Engine:
             self._in_flight_jobs -= jobs_in_batch
 
     async def _append_batch(self, batch: list[_Queued]) -> None:
+        stale = {q.job_id for q in batch if q.basis != self._basis.get(q.job_id, 0)}
+        if stale:
+            await self._append_one_by_one([q for q in batch if q.job_id in stale])
+            batch = [q for q in batch if q.job_id not in stale]
         streams: dict[str, tuple[int, list[ev.Event]]] = {}
         for q in batch:
             after = q.future.after  # type: ignore[attr-defined]
@@ -754,6 +765,7 @@ class Engine:
                     continue
                 if current is not None:
                     self._jobs[job_id] = current
+                    self._rebased(job_id)
                 for q, new in decided:
                     if not q.future.done():
                         q.future.set_result(new)
@@ -777,9 +789,13 @@ class Engine:
             self._jobs.pop(job_id, None)
             return None
         self._jobs[job_id] = job
+        self._rebased(job_id)
         if job.version >= self._logged.get(job_id, job).version:
             self._logged[job_id] = job
         return job
+
+    def _rebased(self, job_id: str) -> None:
+        self._basis[job_id] = self._basis.get(job_id, 0) + 1
 
     def _post(self, job_id: str, command: cmd.Command) -> None:
         """Queue a command without waiting for its commit (checkpoints in a loop)."""

@@ -3,6 +3,8 @@
 The store is ``--store URL`` / ``$BACKHAUL_STORE``, else SQLite in ``--home DIR`` /
 ``$BACKHAUL_HOME`` (default ``~/.local/share/backhaul``); the command and the daemon
 share it. A job is named by its id (or a unique prefix of it) or by its display name.
+BITS's limits (200 files per job, 60 jobs per owner, 300 jobs, 500 ranges per file) apply
+unless ``--unlimited`` / ``$BACKHAUL_UNLIMITED=1`` lifts them.
 
 Exit codes: 0 success; 1 the job ended in ERROR or a call was refused (the BITS error is
 printed); 2 bad usage; 3 the job was cancelled; 130 interrupted.
@@ -29,7 +31,7 @@ from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import default_home
 from backhaul.core import hresult
 from backhaul.core.error import BackhaulError, BitsError
-from backhaul.core.limit import Limits
+from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.policy import why_waiting
 from backhaul.core.value import FileSpec
 from backhaul.core.vocabulary import JobPriority, JobPropertyId, JobState, JobType, NotifyFlags
@@ -51,9 +53,19 @@ def _home(args: argparse.Namespace) -> Path:
     return Path(args.home).expanduser() if args.home else default_home()
 
 
+UNLIMITED_ENV = "BACKHAUL_UNLIMITED"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """BITS's limits, or none with ``--unlimited`` or ``$BACKHAUL_UNLIMITED=1`` (true, yes
+    and on also count; any other value keeps the limits)."""
+    lifted = args.unlimited or os.environ.get(UNLIMITED_ENV, "").strip().lower() in _TRUE
+    return UNLIMITED if lifted else DEFAULT_LIMITS
+
+
 def _manager(args: argparse.Namespace) -> TransferManager:
-    limits = Limits() if not getattr(args, "unlimited", False) else Limits(None, None, None, None)
-    return TransferManager(args.store, home=_home(args), limits=limits)
+    return TransferManager(args.store, home=_home(args), limits=_limits(args))
 
 
 def _priority(text: str) -> JobPriority:
@@ -683,6 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--home", help="backhaul home for the SQLite store (default $BACKHAUL_HOME)")
     p.add_argument("--store", help="store URL (default $BACKHAUL_STORE, else SQLite in the home)")
+    p.add_argument(
+        "--unlimited",
+        action="store_true",
+        help=f"lift BITS's per-job file limit ({DEFAULT_LIMITS.max_files_per_job}) and "
+        f"per-owner job limit ({DEFAULT_LIMITS.max_jobs_per_owner}), and with them the "
+        f"{DEFAULT_LIMITS.max_jobs} jobs per store and {DEFAULT_LIMITS.max_ranges_per_file} "
+        "ranges per file (default: $BACKHAUL_UNLIMITED=1)",
+    )
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(

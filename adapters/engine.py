@@ -31,13 +31,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from backhaul.adapters import localfile, registry
+from backhaul.adapters.jobtable import JobTable
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.network import network_up, system_cost
 from backhaul.adapters.notify import Callbacks, command_line_due, wants
@@ -120,6 +121,7 @@ class Engine:
         worker: str | None = None,
         lease_seconds: float = 30.0,
         inactivity_timeout: timedelta = timedelta(days=90),
+        idle_scan_interval: float = 60.0,
     ) -> None:
         self.manager = manager
         self.store = manager.store
@@ -135,7 +137,12 @@ class Engine:
         self.poll_interval = poll_interval
         self.callbacks = Callbacks()
         self._connections = asyncio.Semaphore(max_connections)
-        self._jobs: dict[str, Job] = {}
+        # The jobs that can move: SUSPENDED jobs are loaded when an event of theirs is read.
+        self._jobs = JobTable()
+        self._idle_scan = float("-inf")
+        self._gone: dict[
+            str, None
+        ] = {}  # jobs seen final (oldest first; a bounded set)  # monotonic time of the last scan of unloaded jobs
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._turn_since: dict[str, datetime] = {}
         self._queue: list[_Queued] = []
@@ -166,6 +173,7 @@ class Engine:
         # JobInactivityTimeout (bits-core.md §16): a job nobody touched for this long is
         # cancelled by the engine (JobScavenged), its temp files deleted.
         self.inactivity_timeout = inactivity_timeout
+        self.idle_scan_interval = idle_scan_interval  # seconds between looks at unloaded jobs
         self._renewed = 0.0
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
@@ -226,7 +234,14 @@ class Engine:
         self.settings = await asyncio.to_thread(self.manager.settings)
         await asyncio.to_thread(self.manager.refresh_views)
         self._position = self.store.views.position()
-        for row in self.store.views.select(None, include_final=False, with_doc=True):
+        rows = await asyncio.to_thread(
+            self.store.views.select,
+            None,
+            include_final=False,
+            with_doc=True,
+            exclude_states=[JobState.SUSPENDED],
+        )
+        for row in rows:
             self._jobs[row.job_id] = self._logged[row.job_id] = job_of(row)
         await self._follow()
         now = self.clock.now()
@@ -272,18 +287,17 @@ class Engine:
         if self._position < self.store.head():
             return False  # our last events are not read back (and notified) yet
         busy = (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
-        return not any(
-            j.state in busy or (j.state is JobState.TRANSIENT_ERROR and j.blocked_by is None)
-            for j in self._jobs.values()
+        if any(self._jobs.count(state) for state in busy):
+            return False
+        return all(
+            j.blocked_by is not None for j in self._jobs.in_states([JobState.TRANSIENT_ERROR])
         )
 
     async def _sleep(self) -> None:
         assert self._wake is not None
         timeout = self.poll_interval
         now = self.clock.now()
-        for job in self._jobs.values():
-            if job.state not in _TIMED:
-                continue
+        for job in self._jobs.in_states(_TIMED):
             due = next_timer(job, now)
             if due is not None:
                 timeout = min(timeout, max((due[1] - now).total_seconds(), 0.0))
@@ -300,12 +314,46 @@ class Engine:
                 await self._reload(job_id)
         records = await asyncio.to_thread(self.store.read, self._position, 5000)
         while records:
+            await self._load_unknown(records)
             for rec in records:
                 self._observe(rec)
             self._position = records[-1].position
             if len(records) < 5000:
                 break
             records = await asyncio.to_thread(self.store.read, self._position, 5000)
+
+    async def _load_unknown(self, records: Sequence[Recorded]) -> None:
+        """Load the jobs these records change that the engine has not loaded (SUSPENDED at
+        start-up), each as it was just before its first record here, so that observing the
+        records then works as for any other job."""
+        first: dict[str, int] = {}
+        created: set[str] = set()
+        for rec in records:
+            job_id = rec.job_id
+            if isinstance(rec.event, ev.JobCreated):
+                created.add(job_id)
+            elif not (
+                job_id == POLICY_STREAM
+                or job_id in self._jobs
+                or job_id in first
+                or job_id in created
+                or job_id in self._gone
+            ):
+                first[job_id] = rec.version
+        for job_id, version in first.items():
+            job = await asyncio.to_thread(self._load_before, job_id, version)
+            if job is None or job.is_final:
+                self._gone[job_id] = None  # final before the engine started
+                continue
+            self._jobs[job_id] = self._logged[job_id] = job
+
+    def _load_before(self, job_id: str, version: int) -> Job | None:
+        """The job as of ``version - 1``: its read-model snapshot (when not newer) and the
+        events after it."""
+        row = self.store.views.get(job_id)
+        job = job_of(row) if row is not None and row.version < version else None
+        tail = self.store.stream(job_id, job.version if job is not None else 0)
+        return jobs.fold((a.event for a in tail if a.version < version), job) or job
 
     def _observe(self, rec: Recorded) -> None:
         if rec.job_id == POLICY_STREAM:
@@ -380,6 +428,9 @@ class Engine:
         localfile.discard(job)
 
     def _forget(self, job_id: str) -> None:
+        if len(self._gone) >= 100_000:
+            del self._gone[next(iter(self._gone))]
+        self._gone[job_id] = None
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
@@ -433,7 +484,7 @@ class Engine:
 
     def _run_command_lines(self) -> None:
         now = self.clock.now()
-        for job in list(self._jobs.values()):
+        for job in self._jobs.in_states(_NOTIFIED):
             if job.notify_cmdline is None or job.id in self._cmdlines:
                 continue
             reason = command_line_due(job, now)
@@ -508,11 +559,9 @@ class Engine:
         for priority in (JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW):
             limits = policy.priority_limits.get(int(priority), ())
             self.limiter.set_rate(f"priority:{int(priority)}", current_limit(limits, local) or None)
-        for job in list(self._jobs.values()):
+        for job in self._jobs.in_states(_POLICED):
             state = job.state
-            if state not in _POLICED or (
-                state is JobState.TRANSIENT_ERROR and job.blocked_by is None and up
-            ):
+            if state is JobState.TRANSIENT_ERROR and job.blocked_by is None and up:
                 continue  # nothing to block or release
             if job.max_rate is not None or self.limiter.rate(f"job:{job.id}") is not None:
                 self.limiter.set_rate(f"job:{job.id}", job.max_rate)
@@ -549,16 +598,10 @@ class Engine:
 
     async def _fire_timers(self) -> None:
         now = self.clock.now()
-        for job in list(self._jobs.values()):
-            if now - job.modified_at >= self.inactivity_timeout and not job.leased_by_other(
-                self.worker, now
-            ):
-                await self._stop_task(job.id)
-                with contextlib.suppress(BitsError, JobGone):
-                    self._enqueue(job.id, cmd.Scavenge())
-                continue
-            if job.state not in _TIMED:
-                continue
+        await self._scavenge(now)
+        for job in self._jobs.in_states(_TIMED):
+            if self._jobs.get(job.id) is not job:
+                continue  # scavenged above
             due = next_timer(job, now)
             if due is None or due[1] > now:
                 continue
@@ -573,11 +616,47 @@ class Engine:
             with contextlib.suppress(BitsError, JobGone):
                 self._enqueue(job.id, command)
 
+    async def _scavenge(self, now: datetime) -> None:
+        """JobInactivityTimeout: cancel the jobs nobody changed for that long (BITS's
+        abandoned jobs). Loaded jobs come from the table's heap; the SUSPENDED jobs the engine
+        has not loaded are looked up in the read model now and then."""
+        cutoff = now - self.inactivity_timeout
+        if self.clock.monotonic() - self._idle_scan >= self.idle_scan_interval:
+            self._idle_scan = self.clock.monotonic()
+            await self._load_idle_unloaded(cutoff)
+        again = []
+        for job in self._jobs.idle_before(cutoff):
+            if job.leased_by_other(self.worker, now):
+                again.append(job)  # its holder's events will move it on
+                continue
+            await self._stop_task(job.id)
+            try:
+                self._enqueue(job.id, cmd.Scavenge())
+            except (BitsError, JobGone):
+                if job.id in self._jobs:
+                    again.append(self._jobs[job.id])
+        for job in again:
+            if self._jobs.get(job.id) is job:
+                self._jobs.remind(job)
+
+    async def _load_idle_unloaded(self, cutoff: datetime) -> None:
+        rows = await asyncio.to_thread(
+            self.store.views.select,
+            None,
+            include_final=False,
+            with_doc=True,
+            states=[JobState.SUSPENDED],
+            modified_before=cutoff.astimezone(UTC).isoformat(),
+        )
+        for row in rows:
+            if row.job_id not in self._jobs:
+                await self._reload(row.job_id)
+
     async def _schedule(self) -> None:
         now = self.clock.now()
         self._renew_leases(now)
         elsewhere = []
-        for job in list(self._jobs.values()):
+        for job in self._jobs.in_states(_RUNNING):
             if job.leased_by_other(self.worker, now):
                 if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
                     elsewhere.append(job.priority)  # another worker runs it
@@ -590,11 +669,12 @@ class Engine:
                 with contextlib.suppress(BitsError, JobGone):
                     self._enqueue(job.id, cmd.EndSlice())
         candidates = []
-        for job in self._jobs.values():
+        for job in self._jobs.ordered(
+            [j.id for j in self._jobs.in_states([JobState.QUEUED]) if j.id not in self._tasks]
+            + [j for j in self._tasks if j in self._jobs]
+        ):
             running = job.id in self._tasks
-            if not running and (
-                job.state is not JobState.QUEUED or job.leased_by_other(self.worker, now)
-            ):
+            if not running and job.leased_by_other(self.worker, now):
                 continue
             since = self._turn_since.get(job.id, job.modified_at)
             candidates.append(Candidate(job.id, job.priority, running, since))
@@ -655,6 +735,14 @@ class Engine:
         job = self._jobs.get(job_id)
         if job is None:
             raise JobGone(job_id)
+        if (
+            self.worker is not None
+            and isinstance(command, _TRANSFER_COMMANDS)
+            and job.lease_worker != self.worker
+        ):
+            # The copy already shows another worker's lease (read from the log while this
+            # transfer, or a file finishing behind it, had not yet seen its cancellation).
+            raise JobGone(f"job {job_id} is leased by {job.lease_worker}")
         now = self.clock.now()
         events = cmd.decide(job, command, now, self.manager.limits)
         self._jobs[job_id] = jobs.fold(events, job) or job
@@ -1484,6 +1572,21 @@ class Engine:
 # States in which a job has timers (retry, no-progress, maximum download time), and in
 # which policies can block or release it: the engine's per-tick scans skip the rest.
 _TIMED = frozenset({JobState.TRANSIENT_ERROR, JobState.CONNECTING, JobState.TRANSFERRING})
+_RUNNING = (JobState.CONNECTING, JobState.TRANSFERRING)
+# The decisions of a transfer: with leases, only the lease holder's copy may make them.
+_TRANSFER_COMMANDS = (
+    cmd.StartTransfer,
+    cmd.Connect,
+    cmd.Checkpoint,
+    cmd.FinishFile,
+    cmd.RestartFile,
+    cmd.FinishJob,
+    cmd.Fail,
+    cmd.OpenUploadSession,
+    cmd.LocateReply,
+    cmd.ProgressReply,
+)
+_NOTIFIED = (JobState.TRANSFERRED, JobState.ERROR)  # the states a notify command line is for
 _POLICED = frozenset(
     {JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING, JobState.TRANSIENT_ERROR}
 )

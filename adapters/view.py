@@ -86,9 +86,18 @@ class JobViews:
         raise NotImplementedError
 
     def select(
-        self, owner: str | None, *, include_final: bool, with_doc: bool = False
+        self,
+        owner: str | None,
+        *,
+        include_final: bool,
+        with_doc: bool = False,
+        states: Iterable[int] | None = None,
+        exclude_states: Iterable[int] = (),
+        modified_before: str | None = None,
     ) -> list[ViewRow]:
-        """Rows ordered by creation; ``doc`` is empty unless ``with_doc``."""
+        """Rows ordered by creation; ``doc`` is empty unless ``with_doc``. ``states`` /
+        ``exclude_states`` filter by BG_JOB_STATE; ``modified_before`` (an ISO time in UTC,
+        as the rows hold it) keeps rows last modified before it."""
         raise NotImplementedError
 
     def count_live(self, owner: str | None) -> int:
@@ -164,9 +173,31 @@ class _SqlViews(JobViews):
         return _row(self._tuple(rows[0])) if rows else None
 
     def select(
-        self, owner: str | None, *, include_final: bool, with_doc: bool = False
+        self,
+        owner: str | None,
+        *,
+        include_final: bool,
+        with_doc: bool = False,
+        states: Iterable[int] | None = None,
+        exclude_states: Iterable[int] = (),
+        modified_before: str | None = None,
     ) -> list[ViewRow]:
         where, params = self._where(owner, include_final)
+        extra, more = [], []
+        if states is not None:
+            wanted = [int(x) for x in states] or [-1]
+            extra.append(f"state IN ({', '.join([self.mark] * len(wanted))})")
+            more += wanted
+        excluded = [int(x) for x in exclude_states]
+        if excluded:
+            extra.append(f"state NOT IN ({', '.join([self.mark] * len(excluded))})")
+            more += excluded
+        if modified_before is not None:
+            extra.append(f"modified_at < {self.mark}")
+            more.append(modified_before)
+        if extra:
+            where = (where + " AND " if where else " WHERE ") + " AND ".join(extra)
+            params = [*params, *more]
         head = _SELECT if with_doc else _SELECT_LIST
         rows = self._fetch(f"{head}{where} ORDER BY created_at, job_id", params)
         return [_row(self._tuple(r)) for r in rows]
@@ -223,10 +254,25 @@ class MemoryJobViews(JobViews):
         return self._rows.get(job_id)
 
     def select(
-        self, owner: str | None, *, include_final: bool, with_doc: bool = False
+        self,
+        owner: str | None,
+        *,
+        include_final: bool,
+        with_doc: bool = False,
+        states: Iterable[int] | None = None,
+        exclude_states: Iterable[int] = (),
+        modified_before: str | None = None,
     ) -> list[ViewRow]:
+        wanted = None if states is None else {int(x) for x in states}
+        excluded = {int(x) for x in exclude_states}
         rows = sorted(
-            (r for r in _matching(self._rows.values(), owner, include_final)),
+            (
+                r
+                for r in _matching(self._rows.values(), owner, include_final)
+                if (wanted is None or r.state in wanted)
+                and r.state not in excluded
+                and (modified_before is None or r.modified_at < modified_before)
+            ),
             key=lambda r: (r.created_at, r.job_id),
         )
         return rows if with_doc else [attrs.evolve(r, doc="") for r in rows]

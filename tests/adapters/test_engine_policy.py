@@ -13,7 +13,7 @@ from pathlib import Path
 from test_engine import FaultServer, Served, make_engine, new_job, running, sha256, trickle, until
 
 from backhaul.adapters.cli import main as cli_main
-from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import hresult
 from backhaul.core.bandwidth import BandwidthPolicy, Limit, parse_window
 from backhaul.core.vocabulary import CostFlags, JobPriority, JobPropertyId, JobState
@@ -154,6 +154,45 @@ def test_an_abandoned_job_is_cancelled_after_the_inactivity_timeout(tmp_path: Pa
     assert isinstance(events[-1], JobScavenged)
     assert not temp.exists()
     assert busy.state is JobState.SUSPENDED
+
+
+def test_a_running_engine_scavenges_loaded_and_unloaded_jobs_when_their_time_comes(
+    tmp_path: Path,
+) -> None:
+    """While the engine runs: a TRANSFERRED job (loaded: its deadline is in the engine's heap)
+    and a SUSPENDED job the engine never loaded (found in the read model) are both cancelled
+    once nobody changed them for JobInactivityTimeout; a job changed meanwhile is not."""
+    from datetime import timedelta
+
+    from backhaul.adapters.clock import ManualClock
+
+    clock = ManualClock()
+    data = os.urandom(48 * KiB)
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(data)}) as server:
+            manager = TransferManager(home=tmp_path / "home", clock=clock)
+            done = new_job(manager, [(server.url("/f"), tmp_path / "done.bin")])
+            asleep = new_job(manager, [(server.url("/f"), tmp_path / "asleep.bin")], start=False)
+            kept = new_job(manager, [(server.url("/f"), tmp_path / "kept.bin")], start=False)
+            engine = make_engine(manager)  # the manager's clock
+            async with running(engine):
+                await until(lambda: done.state is JobState.TRANSFERRED, "the transfer")
+                assert asleep.id not in engine._jobs
+                clock.advance(timedelta(days=89))
+                kept.description = "still wanted"
+                await asyncio.sleep(0.1)
+                assert done.state is JobState.TRANSFERRED, "scavenged before its time"
+                clock.advance(timedelta(days=2))
+                await until(lambda: done.snapshot().state is JobState.CANCELLED, "done scavenged")
+                await until(lambda: asleep.snapshot().state is JobState.CANCELLED, "scavenged")
+                await asyncio.sleep(0.1)
+            return kept
+
+    kept = asyncio.run(main())
+    assert kept.state is JobState.SUSPENDED
+    assert not (tmp_path / "done.bin").exists()
+    assert not list(tmp_path.glob(".*.bhtmp")), "a scavenged job left its temp file"
 
 
 def test_the_engine_reports_whether_the_kernel_offers_low_priority_tcp() -> None:

@@ -189,6 +189,48 @@ def test_suspend_while_transferring_stops_the_transfer_and_resume_continues_at_t
     assert (tmp_path / "f").read_bytes() == data
 
 
+def test_a_job_suspended_when_the_engine_started_is_loaded_by_its_next_event_and_runs(
+    tmp_path: Path,
+) -> None:
+    """The engine does not load SUSPENDED jobs at start (with 100,000 of them that was its
+    whole start-up): an event of such a job loads it, from its read-model snapshot plus the
+    events after it, and a Resume then runs it as usual."""
+    data = os.urandom(96 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    client = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(data)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")], start=False)
+            job.description = "before the engine"
+            manager.refresh_views()
+            engine = make_engine(manager)
+            streams: list[tuple[str, int]] = []
+            stream = engine.store.stream
+
+            def counted(job_id: str, after_version: int = 0):  # type: ignore[no-untyped-def]
+                streams.append((job_id, after_version))
+                return stream(job_id, after_version)
+
+            engine.store.stream = counted  # type: ignore[method-assign]
+            async with running(engine):
+                await asyncio.sleep(0.1)
+                assert job.id not in engine._jobs, "a SUSPENDED job was loaded at start"
+                client.get_job(job.id).priority = JobPriority.HIGH
+                await until(lambda: job.id in engine._jobs, "the changed job to be loaded")
+                assert engine._jobs[job.id].priority is JobPriority.HIGH
+                assert engine._jobs[job.id].description == "before the engine"
+                assert (job.id, 0) not in streams, "the job was replayed from its first event"
+                await stays(lambda: not srv.hits, "a SUSPENDED job does not run")
+                client.get_job(job.id).resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job
+
+    job = asyncio.run(main())
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data
+
+
 def test_cancel_while_transferring_deletes_the_temp_file(tmp_path: Path) -> None:
     data = os.urandom(768 * KiB)
     dest = tmp_path / "dest"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ def test_a_decision_made_while_a_refused_batch_is_reloaded_is_decided_again(
         taken = engine._enqueue(job.id, cmd.TakeLease("worker-a", 0.01))
         await engine._flush()
         await taken
-        time.sleep(0.05)  # A's lease runs out; B takes the job behind A's back
+        await asyncio.sleep(0.05)  # A's lease runs out; B takes the job behind A's back
         manager.execute(job.id, cmd.TakeLease("worker-b", 30))
 
         reloading, go_on = threading.Event(), threading.Event()

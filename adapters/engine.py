@@ -138,7 +138,7 @@ class Engine:
         self.callbacks = Callbacks()
         self._connections = asyncio.Semaphore(max_connections)
         # The jobs that can move: SUSPENDED jobs are loaded when an event of theirs is read.
-        self._jobs = JobTable()
+        self._jobs = JobTable(deadline=_deadline)
         self._idle_scan = float("-inf")
         self._gone: dict[
             str, None
@@ -289,18 +289,15 @@ class Engine:
         busy = (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
         if any(self._jobs.count(state) for state in busy):
             return False
-        return all(
-            j.blocked_by is not None for j in self._jobs.in_states([JobState.TRANSIENT_ERROR])
-        )
+        # Waiting for a retry is not idle; blocked by a policy is.
+        return self._jobs.count(JobState.TRANSIENT_ERROR) == self._jobs.count_blocked()
 
     async def _sleep(self) -> None:
         assert self._wake is not None
         timeout = self.poll_interval
-        now = self.clock.now()
-        for job in self._jobs.in_states(_TIMED):
-            due = next_timer(job, now)
-            if due is not None:
-                timeout = min(timeout, max((due[1] - now).total_seconds(), 0.0))
+        due = self._jobs.next_due()
+        if due is not None:
+            timeout = min(timeout, max((due - self.clock.now()).total_seconds(), 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
@@ -559,7 +556,9 @@ class Engine:
         for priority in (JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW):
             limits = policy.priority_limits.get(int(priority), ())
             self.limiter.set_rate(f"priority:{int(priority)}", current_limit(limits, local) or None)
-        for job in self._jobs.in_states(_POLICED):
+        # While the network is up, a TRANSIENT_ERROR job matters only if a policy blocks it.
+        waiting = self._jobs.in_states([JobState.TRANSIENT_ERROR]) if not up else []
+        for job in self._jobs.in_states(_UNBLOCKED) + waiting + self._jobs.blocked():
             state = job.state
             if state is JobState.TRANSIENT_ERROR and job.blocked_by is None and up:
                 continue  # nothing to block or release
@@ -599,7 +598,8 @@ class Engine:
     async def _fire_timers(self) -> None:
         now = self.clock.now()
         await self._scavenge(now)
-        for job in self._jobs.in_states(_TIMED):
+        again = []
+        for job in self._jobs.due_before(now):
             if self._jobs.get(job.id) is not job:
                 continue  # scavenged above
             due = next_timer(job, now)
@@ -613,8 +613,13 @@ class Engine:
                 Timer.NO_PROGRESS: cmd.TimeOutNoProgress,
                 Timer.MAX_DOWNLOAD_TIME: cmd.ExceedMaxDownloadTime,
             }[timer]()
-            with contextlib.suppress(BitsError, JobGone):
+            try:
                 self._enqueue(job.id, command)
+            except (BitsError, JobGone):
+                again.append(job)  # tried again next loop, as long as it is due
+        for job in again:
+            if self._jobs.get(job.id) is job:
+                self._jobs.remind_timer(job)
 
     async def _scavenge(self, now: datetime) -> None:
         """JobInactivityTimeout: cancel the jobs nobody changed for that long (BITS's
@@ -1084,6 +1089,17 @@ class Engine:
             exc.protocol = "file" if spec.remote_name.startswith(("smb", "\\\\")) else "http"  # type: ignore[attr-defined]
             raise
 
+    def _hold_lease(self, job_id: str) -> None:
+        """Before a request: with leases, this worker's lease must still run (a worker that
+        was stopped for longer than its lease finds out here, before fetching anything)."""
+        if self.worker is None:
+            return
+        job = self._jobs.get(job_id)
+        if job is None or job.lease_worker != self.worker:
+            raise JobGone(f"job {job_id} is not leased by this worker")
+        if job.lease_expires is not None and job.lease_expires <= self.clock.now():
+            raise JobGone(f"this worker's lease of job {job_id} ran out")
+
     async def _connected(self, job_id: str) -> None:
         if self._jobs[job_id].state is JobState.CONNECTING:
             await self._commit(job_id, cmd.Connect())
@@ -1097,6 +1113,7 @@ class Engine:
         if job.dynamic_content:
             offset = 0  # dynamic content restarts after any interruption (§7.6)
         async with self._connections:
+            self._hold_lease(job_id)
             download = await transport.open(
                 f.remote_name, options, offset=offset, validator=f.validator if offset else None
             )
@@ -1134,6 +1151,7 @@ class Engine:
         job = self._jobs[job_id]
         f = job.files[index]
         async with self._connections:
+            self._hold_lease(job_id)
             remote = await transport.stat(f.remote_name, options)
         if f.validator and remote.validator != f.validator and f.bytes_transferred:
             await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
@@ -1149,6 +1167,7 @@ class Engine:
                 continue
             skip = done - local if done > local else 0
             async with self._connections:
+                self._hold_lease(job_id)
                 download = await transport.open(
                     f.remote_name,
                     options,
@@ -1421,6 +1440,7 @@ class Engine:
             await self._upload_once(job_id, index)
 
     async def _upload_once(self, job_id: str, index: int) -> None:
+        self._hold_lease(job_id)
         job = self._jobs[job_id]
         f = job.files[index]
         uploader = self.uploader_for(f.remote_name)
@@ -1573,6 +1593,15 @@ class Engine:
 # which policies can block or release it: the engine's per-tick scans skip the rest.
 _TIMED = frozenset({JobState.TRANSIENT_ERROR, JobState.CONNECTING, JobState.TRANSFERRING})
 _RUNNING = (JobState.CONNECTING, JobState.TRANSFERRING)
+
+
+def _deadline(job: Job) -> datetime | None:
+    """When the job's next timer fires. Constant between two events of the job: a running
+    job's MaximumDownloadTime deadline is its active start plus the time it has left."""
+    due = next_timer(job, job.modified_at) if job.state in _TIMED else None
+    return None if due is None else due[1]
+
+
 # The decisions of a transfer: with leases, only the lease holder's copy may make them.
 _TRANSFER_COMMANDS = (
     cmd.StartTransfer,
@@ -1587,9 +1616,7 @@ _TRANSFER_COMMANDS = (
     cmd.ProgressReply,
 )
 _NOTIFIED = (JobState.TRANSFERRED, JobState.ERROR)  # the states a notify command line is for
-_POLICED = frozenset(
-    {JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING, JobState.TRANSIENT_ERROR}
-)
+_UNBLOCKED = (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
 
 
 class _Finisher:

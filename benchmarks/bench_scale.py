@@ -23,7 +23,11 @@ new process):
 
 Variants:
 
-* ``live``: N jobs, all SUSPENDED (one file each, never run).
+* ``live``: N jobs, all SUSPENDED (one file each, never run). The engine does not load
+  SUSPENDED jobs at start (an event of one loads it), so this is the cheapest live set.
+* ``waiting``: N jobs, all in TRANSIENT_ERROR with their retry 10 minutes away (resumed,
+  started and failed with a transient error). The engine must load and time every one: the
+  dearest live set that runs nothing.
 * ``90% finished``: N jobs, 90% of them CANCELLED (final). Only N/10 are live: if finished
   jobs leave the live set, this costs what ``live`` at N/10 costs, not what ``live`` at N costs.
 
@@ -52,13 +56,21 @@ from typing import Any
 from backhaul.adapters.engine import Engine
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.store import open_store
+from backhaul.core import command as cmd
+from backhaul.core import hresult
 from backhaul.core.limit import UNLIMITED
-from backhaul.core.vocabulary import CostFlags, JobState
+from backhaul.core.value import JobError
+from backhaul.core.vocabulary import CostFlags, ErrorContext, JobState
 
 OWNER = "bench"
 BATCH = 1000
-VARIANTS = ("live", "finished90")
-LABELS = {"live": "all live (SUSPENDED)", "finished90": "90% finished (CANCELLED)"}
+REFUSED = JobError(ErrorContext.REMOTE_FILE, hresult.http_status_hresult(503), "benchmark: 503")
+VARIANTS = ("live", "waiting", "finished90")
+LABELS = {
+    "live": "all live (SUSPENDED)",
+    "waiting": "all live (TRANSIENT_ERROR, retry due in 10 min)",
+    "finished90": "90% finished (CANCELLED)",
+}
 
 
 def log(message: str) -> None:
@@ -72,7 +84,7 @@ def peak_rss_mib() -> float:
 # -- one case (in a child process) -------------------------------------------------------
 
 
-def build(home: Path, jobs: int, finished_share: float) -> dict[str, Any]:
+def build(home: Path, jobs: int, finished_share: float, waiting: bool = False) -> dict[str, Any]:
     downloads = home / "downloads"
     downloads.mkdir(parents=True)
     manager = TransferManager(home=home, owner=OWNER, limits=UNLIMITED)
@@ -85,6 +97,10 @@ def build(home: Path, jobs: int, finished_share: float) -> dict[str, Any]:
                 job.add_file(f"http://127.0.0.1:1/scale/{i}.bin", downloads / f"{i}.bin")
                 if keep_every and i % keep_every != 0:  # 0.9: 9 of every 10 jobs
                     job.cancel()
+                elif waiting:
+                    job.resume()
+                    manager.execute(job.id, cmd.StartTransfer())
+                    manager.execute(job.id, cmd.Fail(REFUSED, transient=True))
     created = time.perf_counter() - t0
     t0 = time.perf_counter()
     manager.refresh_views()
@@ -113,6 +129,7 @@ async def startup_once(home: Path) -> dict[str, float]:
         marks.setdefault("first_schedule", begin)
         await schedule()
         marks.setdefault("first_schedule_done", time.perf_counter())
+        engine.stop()  # jobs waiting for a retry would keep run(until_idle) going
 
     engine._schedule = timed_schedule  # type: ignore[method-assign]
     t0 = time.perf_counter()
@@ -135,7 +152,7 @@ async def startup_once(home: Path) -> dict[str, float]:
         engine2._idle()
         ticks.append(time.perf_counter() - t1)
     tick = statistics.median(ticks[1:])
-    assert not engine2._tasks, "a job started: the benchmark expects every live job SUSPENDED"
+    assert not engine2._tasks, "a job started: the benchmark expects no live job to run"
     store.close()
     return {
         "startup_to_first_schedule_s": marks["first_schedule"] - t0,
@@ -160,7 +177,7 @@ def run_case(jobs: int, variant: str, runs: int, parent: Path | None) -> dict[st
     share = 0.9 if variant == "finished90" else 0.0
     with tempfile.TemporaryDirectory(prefix="bh-scale.", dir=parent) as tmp:
         home = Path(tmp)
-        built = build(home, jobs, share)
+        built = build(home, jobs, share, waiting=variant == "waiting")
         log(f"{variant} {jobs}: created in {built['create_s']:.1f} s")
         rss_before = peak_rss_mib()
         startups = [asyncio.run(startup_once(home)) for _ in range(runs)]
@@ -174,7 +191,8 @@ def run_case(jobs: int, variant: str, runs: int, parent: Path | None) -> dict[st
     result: dict[str, Any] = {
         "jobs": jobs,
         "variant": variant,
-        "live": states.get(int(JobState.SUSPENDED), 0),
+        "live": states.get(int(JobState.SUSPENDED), 0)
+        + states.get(int(JobState.TRANSIENT_ERROR), 0),
         "finished": states.get(int(JobState.CANCELLED), 0),
         **built,
         "db_bytes": size,

@@ -1255,6 +1255,11 @@ class Engine:
                 elif pending is not None and pending.done():
                     pending.result()
                     pending = None
+                elif pending is not None and now - last >= self.checkpoint_interval * 3:
+                    # The log is behind (a store outage, a stalled disk): stop reading rather
+                    # than receive bytes no checkpoint can claim, which a take-over refetches.
+                    await pending
+                    pending = None
             if pending is not None:
                 await pending
                 pending = None

@@ -6,17 +6,28 @@ fence, before anything of it is appended."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 
 import pytest
-from test_engine import make_engine
+from test_engine import (
+    FaultServer,
+    KiB,
+    checkpointed,
+    make_engine,
+    new_job,
+    running,
+    trickle,
+    until,
+)
 
 from backhaul.adapters.engine import JobGone
-from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core.error import BitsError
+from backhaul.core.vocabulary import JobState
 
 
 def test_a_decision_made_while_a_refused_batch_is_reloaded_is_decided_again(
@@ -70,3 +81,44 @@ def test_a_decision_made_while_a_refused_batch_is_reloaded_is_decided_again(
             after_b = True
         assert not (after_b and e.worker == "worker-a"), f"fenced worker appended {e!r}"
     assert job.snapshot().lease_worker == "worker-b"
+
+
+def test_a_transfer_stops_reading_while_the_log_cannot_take_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back-pressure: while a checkpoint's commit is stuck (a store outage) for more than three
+    checkpoint intervals, the transfer stops reading, so that a take-over refetches at most
+    that much instead of everything received during the outage; it goes on once the log
+    takes the checkpoint, and the file is whole."""
+    data = os.urandom(3 * 1024 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[int, TransferJob]:
+        async with FaultServer({"/f": trickle(data)}) as server:  # about 1.6 MB/s
+            job = new_job(manager, [(server.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager, checkpoint_interval=0.05)
+            async with running(engine):
+                await until(lambda: checkpointed(job) >= 64 * KiB, "a first checkpoint")
+                stuck, go_on = threading.Event(), threading.Event()
+                append_many = engine.store.append_many
+
+                def blocked(*args, **kwargs):  # type: ignore[no-untyped-def]
+                    stuck.set()
+                    go_on.wait(10)
+                    return append_many(*args, **kwargs)
+
+                monkeypatch.setattr(engine.store, "append_many", blocked)
+                await asyncio.to_thread(stuck.wait, 10)
+                began = engine.live_progress[(job.id, 0)]
+                await asyncio.sleep(1.0)  # about 1.6 MB would arrive without back-pressure
+                grown = engine.live_progress[(job.id, 0)] - began
+                monkeypatch.setattr(engine.store, "append_many", append_many)
+                go_on.set()
+                await until(lambda: job.state is JobState.TRANSFERRED, "TRANSFERRED", 30)
+            return grown, job
+
+    grown, job = asyncio.run(main())
+    # Three checkpoint intervals at 1.6 MB/s is about 240 KB; allow the chunks in hand.
+    assert grown < 512 * KiB, f"{grown} bytes received while the log was stuck"
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data

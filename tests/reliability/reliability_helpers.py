@@ -424,6 +424,22 @@ class App:
                 if exc.hresult != hresult.BG_E_INVALID_STATE:
                     raise
 
+    def mid_file_pids(self) -> set[int]:
+        """Pids of the workers leasing a job with a file checkpointed part-way (a kill of
+        one of them makes the next worker resume mid-file)."""
+        from backhaul.adapters.projection import job_of
+
+        rows = self.manager.store.views.select(
+            None, include_final=False, with_doc=True, states=[JobState.TRANSFERRING]
+        )
+        pids = set()
+        for row in rows:
+            job = job_of(row)
+            partial = any(0 < f.bytes_transferred < (f.bytes_total or 0) for f in job.files)
+            if partial and job.lease_worker:
+                pids.add(int(job.lease_worker.rsplit("-", 2)[1]))  # host-pid-nonce
+        return pids
+
     def close(self) -> None:
         self.manager.close()
 

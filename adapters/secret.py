@@ -12,22 +12,41 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
-
-from eventsourcing.cipher import AESCipher
-from eventsourcing.utils import Environment
+from typing import TYPE_CHECKING
 
 from backhaul.core.value import Sealed
+
+if TYPE_CHECKING:
+    from eventsourcing.cipher import AESCipher
 
 KEY_ENV = "BACKHAUL_SECRET_KEY"
 
 
+def _aes() -> type[AESCipher]:
+    # Imported when a secret is first sealed or opened: the cipher's import (pycryptodome,
+    # cffi) costs a tenth of a second or more, which a `backhaul get` without credentials
+    # need not pay.
+    from eventsourcing.cipher import AESCipher
+
+    return AESCipher
+
+
 class SecretBox:
     def __init__(self, key: str) -> None:
-        self._cipher = AESCipher(Environment(env={"CIPHER_KEY": key}))
+        self._key = key
+        self._built: AESCipher | None = None
+
+    @property
+    def _cipher(self) -> AESCipher:
+        if self._built is None:
+            from eventsourcing.utils import Environment
+
+            self._built = _aes()(Environment(env={"CIPHER_KEY": self._key}))
+        return self._built
 
     @classmethod
     def ephemeral(cls) -> SecretBox:
-        return cls(AESCipher.create_key(32))
+        return cls(_aes().create_key(32))
 
     @classmethod
     def for_home(cls, home: Path) -> SecretBox:
@@ -49,7 +68,7 @@ def _key_file(path: Path) -> str:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = AESCipher.create_key(32)
+    key = _aes().create_key(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, key.encode())

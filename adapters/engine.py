@@ -45,6 +45,7 @@ from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.store import ConcurrentAppend, Recorded
+from backhaul.adapters.view import ViewRow
 from backhaul.adapters.yielding import YieldController, congestion_controls
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
@@ -139,10 +140,8 @@ class Engine:
         self._connections = asyncio.Semaphore(max_connections)
         # The jobs that can move: SUSPENDED jobs are loaded when an event of theirs is read.
         self._jobs = JobTable(deadline=_deadline)
-        self._idle_scan = float("-inf")
-        self._gone: dict[
-            str, None
-        ] = {}  # jobs seen final (oldest first; a bounded set)  # monotonic time of the last scan of unloaded jobs
+        self._idle_scan = float("-inf")  # clock.monotonic() of the last look at unloaded jobs
+        self._gone: dict[str, None] = {}  # jobs seen final (oldest first; a bounded set)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._turn_since: dict[str, datetime] = {}
         self._queue: list[_Queued] = []
@@ -234,13 +233,7 @@ class Engine:
         self.settings = await asyncio.to_thread(self.manager.settings)
         await asyncio.to_thread(self.manager.refresh_views)
         self._position = self.store.views.position()
-        rows = await asyncio.to_thread(
-            self.store.views.select,
-            None,
-            include_final=False,
-            with_doc=True,
-            exclude_states=[JobState.SUSPENDED],
-        )
+        rows = await self._live_rows(with_doc=True, exclude_states=[JobState.SUSPENDED])
         for row in rows:
             self._jobs[row.job_id] = self._logged[row.job_id] = job_of(row)
         await self._follow()
@@ -286,8 +279,7 @@ class Engine:
             return False
         if self._position < self.store.head():
             return False  # our last events are not read back (and notified) yet
-        busy = (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
-        if any(self._jobs.count(state) for state in busy):
+        if any(self._jobs.count(state) for state in _UNBLOCKED):
             return False
         # Waiting for a retry is not idle; blocked by a policy is.
         return self._jobs.count(JobState.TRANSIENT_ERROR) == self._jobs.count_blocked()
@@ -645,17 +637,18 @@ class Engine:
                 self._jobs.remind(job)
 
     async def _load_idle_unloaded(self, cutoff: datetime) -> None:
-        rows = await asyncio.to_thread(
-            self.store.views.select,
-            None,
-            include_final=False,
-            with_doc=True,
-            states=[JobState.SUSPENDED],
-            modified_before=cutoff.astimezone(UTC).isoformat(),
+        rows = await self._live_rows(
+            states=[JobState.SUSPENDED], modified_before=cutoff.astimezone(UTC).isoformat()
         )
-        for row in rows:
+        for row in rows:  # ids only: _reload reads the job from the log itself
             if row.job_id not in self._jobs:
                 await self._reload(row.job_id)
+
+    async def _live_rows(self, **filters: Any) -> list[ViewRow]:
+        """The read model's live rows (every owner) matching ``filters`` (JobViews.select)."""
+        return await asyncio.to_thread(
+            self.store.views.select, None, include_final=False, **filters
+        )
 
     async def _schedule(self) -> None:
         now = self.clock.now()
@@ -663,12 +656,9 @@ class Engine:
         elsewhere = []
         for job in self._jobs.in_states(_RUNNING):
             if job.leased_by_other(self.worker, now):
-                if job.state in (JobState.CONNECTING, JobState.TRANSFERRING):
-                    elsewhere.append(job.priority)  # another worker runs it
+                elsewhere.append(job.priority)  # another worker runs it
                 continue
-            if job.state in (JobState.CONNECTING, JobState.TRANSFERRING) and (
-                job.id not in self._tasks and not self._has_queued(job.id)
-            ):
+            if job.id not in self._tasks and not self._has_queued(job.id):
                 # Its transfer ended without a verdict (the log refused a write), or the
                 # worker that ran it lost its lease: requeue.
                 with contextlib.suppress(BitsError, JobGone):
@@ -1594,8 +1584,7 @@ class Engine:
                 await session.close()
 
 
-# States in which a job has timers (retry, no-progress, maximum download time), and in
-# which policies can block or release it: the engine's per-tick scans skip the rest.
+# States in which a job has timers (retry, no-progress, maximum download time).
 _TIMED = frozenset({JobState.TRANSIENT_ERROR, JobState.CONNECTING, JobState.TRANSFERRING})
 _RUNNING = (JobState.CONNECTING, JobState.TRANSFERRING)
 
@@ -1621,7 +1610,8 @@ _TRANSFER_COMMANDS = (
     cmd.ProgressReply,
 )
 _NOTIFIED = (JobState.TRANSFERRED, JobState.ERROR)  # the states a notify command line is for
-_UNBLOCKED = (JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING)
+# States a policy can block (a blocked job waits in TRANSIENT_ERROR with blocked_by set).
+_UNBLOCKED = (JobState.QUEUED, *_RUNNING)
 
 
 class _Finisher:

@@ -30,6 +30,23 @@ from backhaul.core.error import BitsError
 from backhaul.core.vocabulary import JobState
 
 
+def hold(
+    monkeypatch: pytest.MonkeyPatch, obj: object, name: str
+) -> tuple[threading.Event, threading.Event]:
+    """Make ``obj.name`` (called in a worker thread) block until the second event is set;
+    the first is set when a call has begun."""
+    entered, go_on = threading.Event(), threading.Event()
+    real = getattr(obj, name)
+
+    def held(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        go_on.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, held)
+    return entered, go_on
+
+
 def test_a_decision_made_while_a_refused_batch_is_reloaded_is_decided_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -53,15 +70,7 @@ def test_a_decision_made_while_a_refused_batch_is_reloaded_is_decided_again(
         await asyncio.sleep(0.05)  # A's lease runs out; B takes the job behind A's back
         manager.execute(job.id, cmd.TakeLease("worker-b", 30))
 
-        reloading, go_on = threading.Event(), threading.Event()
-        stream = engine.store.stream
-
-        def slow_stream(*args, **kwargs):  # type: ignore[no-untyped-def]
-            reloading.set()
-            go_on.wait(10)
-            return stream(*args, **kwargs)
-
-        monkeypatch.setattr(engine.store, "stream", slow_stream)
+        reloading, go_on = hold(monkeypatch, engine.store, "stream")
         renewal = engine._enqueue(job.id, cmd.TakeLease("worker-a", 30))
         flushing = asyncio.create_task(engine._flush())
         await asyncio.to_thread(reloading.wait, 10)
@@ -99,15 +108,8 @@ def test_a_transfer_stops_reading_while_the_log_cannot_take_its_checkpoint(
             engine = make_engine(manager, checkpoint_interval=0.05)
             async with running(engine):
                 await until(lambda: checkpointed(job) >= 64 * KiB, "a first checkpoint")
-                stuck, go_on = threading.Event(), threading.Event()
                 append_many = engine.store.append_many
-
-                def blocked(*args, **kwargs):  # type: ignore[no-untyped-def]
-                    stuck.set()
-                    go_on.wait(10)
-                    return append_many(*args, **kwargs)
-
-                monkeypatch.setattr(engine.store, "append_many", blocked)
+                stuck, go_on = hold(monkeypatch, engine.store, "append_many")
                 await asyncio.to_thread(stuck.wait, 10)
                 began = engine.live_progress[(job.id, 0)]
                 await asyncio.sleep(1.0)  # about 1.6 MB would arrive without back-pressure

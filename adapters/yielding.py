@@ -70,7 +70,7 @@ class YieldController:
     capacity: float = 0.0
     allowed: float | None = None
     others: float = 0.0
-    _last: tuple[float, int, int] | None = None
+    _last: tuple[float, int, int, bool] | None = None  # (time, total, ours, loopback)
 
     def add(self, amount: int) -> None:
         self.ours += amount
@@ -86,14 +86,19 @@ class YieldController:
         now = self.clock()
         total = self.counter(loopback=self.loopback)
         ours = self.ours + queued
-        if self._last is None:
-            self._last = (now, total, ours)
+        if self._last is None or self._last[3] is not self.loopback:
+            # First look, or the transfers moved between loopback and the other interfaces:
+            # the counters are another interface's, so start measuring again (comparing them
+            # would read as terabytes per second of others' traffic, throttling to a trickle).
+            if self._last is not None:
+                self.capacity, self.allowed = 0.0, None
+            self._last = (now, total, ours, self.loopback)
             return self.allowed
-        then, total_then, ours_then = self._last
+        then, total_then, ours_then, _ = self._last
         elapsed = now - then
         if elapsed < self.period:
             return self.allowed
-        self._last = (now, total, ours)
+        self._last = (now, total, ours, self.loopback)
         total_rate = max(total - total_then, 0) / elapsed
         our_rate = max(ours - ours_then, 0) / elapsed
         self.others = max(total_rate - our_rate * (1 + self.overhead), 0.0)

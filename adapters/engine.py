@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -38,14 +39,14 @@ from typing import Any
 import attrs
 
 from backhaul.adapters import localfile, registry
-from backhaul.adapters.jobtable import JobTable
+from backhaul.adapters.jobtable import JobTable, timer_deadline, wake_at
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.network import network_up, system_cost
 from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.store import ConcurrentAppend, Recorded
-from backhaul.adapters.view import ViewRow
+from backhaul.adapters.view import ViewRow, due_text
 from backhaul.adapters.yielding import YieldController, congestion_controls
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
@@ -139,7 +140,7 @@ class Engine:
         self.callbacks = Callbacks()
         self._connections = asyncio.Semaphore(max_connections)
         # The jobs that can move: SUSPENDED jobs are loaded when an event of theirs is read.
-        self._jobs = JobTable(deadline=_deadline)
+        self._jobs = JobTable(deadline=timer_deadline)
         self._idle_scan = float("-inf")  # clock.monotonic() of the last look at unloaded jobs
         self._gone: dict[str, None] = {}  # jobs seen final (oldest first; a bounded set)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -172,7 +173,11 @@ class Engine:
         # JobInactivityTimeout (bits-core.md §16): a job nobody touched for this long is
         # cancelled by the engine (JobScavenged), its temp files deleted.
         self.inactivity_timeout = inactivity_timeout
-        self.idle_scan_interval = idle_scan_interval  # seconds between looks at unloaded jobs
+        # Seconds between looks at the jobs the engine has not loaded: those whose time
+        # (a retry, a notify command line) comes within two intervals are loaded, and jobs
+        # whose time is further away than four are let go (``_scan_unloaded``).
+        self.idle_scan_interval = idle_scan_interval
+        self._lazy = True  # False: hold every job with a time (``run(until_idle=True)``)
         self._renewed = 0.0
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
@@ -211,6 +216,7 @@ class Engine:
         self._flush_lock = asyncio.Lock()
         writer = asyncio.create_task(self._writer(), name="backhaul-writer")
         try:
+            self._lazy = not until_idle  # until idle: every waiting job counts, so hold them
             await self._start()
             while not self._stopping:
                 await self._follow()
@@ -227,17 +233,28 @@ class Engine:
     def job(self, job_id: str) -> TransferJob:
         return TransferJob(self.manager, job_id)
 
+    def logged(self, job_id: str) -> Job | None:
+        """This engine's copy of a job as of the events it has read back from the log (what
+        a reload would give, without the store read), or None when it does not hold the
+        job. ``live_progress`` adds the bytes received since the last checkpoint."""
+        return self._logged.get(job_id)
+
     # -- start and stop ------------------------------------------------------------------
 
     async def _start(self) -> None:
         self.settings = await asyncio.to_thread(self.manager.settings)
         await asyncio.to_thread(self.manager.refresh_views)
         self._position = self.store.views.position()
-        rows = await self._live_rows(with_doc=True, exclude_states=[JobState.SUSPENDED])
+        now = self.clock.now()
+        # Only the jobs whose time is near: 100,000 jobs waiting for a retry, SUSPENDED or
+        # TRANSFERRED do not make start-up slow. The others come in with their next event,
+        # or when a scan finds their time near (read model's next_due, jobtable.wake_at).
+        rows = await self._live_rows(with_doc=True, due_by=self._horizon(now))
+        if self.callbacks:  # due at start for the jobs waiting in these states (below)
+            rows += await self._live_rows(with_doc=True, states=_NOTIFIED)
         for row in rows:
             self._jobs[row.job_id] = self._logged[row.job_id] = job_of(row)
         await self._follow()
-        now = self.clock.now()
         for job in list(self._jobs.values()):
             if job.state in (JobState.CONNECTING, JobState.TRANSFERRING) and not (
                 job.leased_by_other(self.worker, now)
@@ -615,12 +632,12 @@ class Engine:
 
     async def _scavenge(self, now: datetime) -> None:
         """JobInactivityTimeout: cancel the jobs nobody changed for that long (BITS's
-        abandoned jobs). Loaded jobs come from the table's heap; the SUSPENDED jobs the engine
-        has not loaded are looked up in the read model now and then."""
+        abandoned jobs). Loaded jobs come from the table's heap; the jobs the engine has not
+        loaded are looked up in the read model now and then."""
         cutoff = now - self.inactivity_timeout
         if self.clock.monotonic() - self._idle_scan >= self.idle_scan_interval:
             self._idle_scan = self.clock.monotonic()
-            await self._load_idle_unloaded(cutoff)
+            await self._scan_unloaded(now, cutoff)
         again = []
         for job in self._jobs.idle_before(cutoff):
             if job.leased_by_other(self.worker, now):
@@ -636,13 +653,60 @@ class Engine:
             if self._jobs.get(job.id) is job:
                 self._jobs.remind(job)
 
-    async def _load_idle_unloaded(self, cutoff: datetime) -> None:
-        rows = await self._live_rows(
-            states=[JobState.SUSPENDED], modified_before=cutoff.astimezone(UTC).isoformat()
+    def _horizon(self, now: datetime) -> str:
+        """``due_by`` for the jobs to hold now: those whose time comes before the next scan
+        but one (every job with a time, when not lazy)."""
+        if not self._lazy:
+            return "9999"  # after every due_text
+        return due_text(now + timedelta(seconds=2 * self.idle_scan_interval))
+
+    async def _scan_unloaded(self, now: datetime, cutoff: datetime) -> None:
+        """Load the jobs not loaded whose time is near, or that nobody changed since
+        ``cutoff`` (JobInactivityTimeout); let go of loaded jobs whose time is far."""
+        await asyncio.to_thread(self.manager.refresh_views)
+        rows = await self._live_rows(due_by=self._horizon(now))
+        rows += await self._live_rows(modified_before=cutoff.astimezone(UTC).isoformat())
+        for row in rows:  # ids only: the job is read as a snapshot and the events after it
+            job_id = row.job_id
+            if job_id in self._jobs or job_id in self._gone:
+                continue
+            job = await asyncio.to_thread(self._load_before, job_id, sys.maxsize)
+            if job is None or job.is_final or job_id in self._jobs:
+                continue  # final (its events will say so), or loaded meanwhile
+            self._jobs[job_id] = self._logged[job_id] = job
+        if self._lazy:
+            self._release_far(now + timedelta(seconds=4 * self.idle_scan_interval), cutoff)
+
+    def _release_far(self, far: datetime, cutoff: datetime) -> None:
+        """Let go of the jobs that wait for a time after ``far`` (or for nothing) and that
+        the engine is doing nothing with: its copy is the log's, no decision or task or
+        command line of theirs is pending. An event of theirs, or a scan, loads them
+        again from the read model."""
+        states = [JobState.TRANSIENT_ERROR]
+        if not self.callbacks:
+            states += _NOTIFIED
+        for job in self._jobs.in_states(states):
+            job_id = job.id
+            when = wake_at(job)
+            if when is not None and when <= far:
+                continue
+            if job.modified_at <= cutoff or job.lease_worker is not None:
+                continue  # about to be scavenged, or leased (its holder may be us)
+            logged = self._logged.get(job_id)
+            if logged is None or logged.version != job.version or self._busy(job_id):
+                continue
+            self._jobs.pop(job_id, None)
+            self._logged.pop(job_id, None)
+            self._basis.pop(job_id, None)
+
+    def _busy(self, job_id: str) -> bool:
+        return (
+            job_id in self._tasks
+            or job_id in self._cmdlines
+            or job_id in self._stale
+            or job_id in self._finishing
+            or self._has_queued(job_id)
         )
-        for row in rows:  # ids only: _reload reads the job from the log itself
-            if row.job_id not in self._jobs:
-                await self._reload(row.job_id)
 
     async def _live_rows(self, **filters: Any) -> list[ViewRow]:
         """The read model's live rows (every owner) matching ``filters`` (JobViews.select)."""
@@ -1022,7 +1086,13 @@ class Engine:
                     or any(order[i].large for i in running)
                     or not all(order[i].sized.is_set() for i in running)
                 ):
-                    sizes = [asyncio.create_task(order[i].sized.wait()) for i in running]
+                    # Only the sizes not known yet: waiting on a set event would return at
+                    # once, and this loop would spin until a file finishes.
+                    sizes = [
+                        asyncio.create_task(order[i].sized.wait())
+                        for i in running
+                        if not order[i].sized.is_set()
+                    ]
                     await asyncio.wait(
                         [*running.values(), *sizes], return_when=asyncio.FIRST_COMPLETED
                     )
@@ -1584,16 +1654,7 @@ class Engine:
                 await session.close()
 
 
-# States in which a job has timers (retry, no-progress, maximum download time).
-_TIMED = frozenset({JobState.TRANSIENT_ERROR, JobState.CONNECTING, JobState.TRANSFERRING})
 _RUNNING = (JobState.CONNECTING, JobState.TRANSFERRING)
-
-
-def _deadline(job: Job) -> datetime | None:
-    """When the job's next timer fires. Constant between two events of the job: a running
-    job's MaximumDownloadTime deadline is its active start plus the time it has left."""
-    due = next_timer(job, job.modified_at) if job.state in _TIMED else None
-    return None if due is None else due[1]
 
 
 # The decisions of a transfer: with leases, only the lease holder's copy may make them.

@@ -24,13 +24,49 @@ import itertools
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
+from backhaul.adapters.notify import command_line_due_at
 from backhaul.core.job import Job
+from backhaul.core.policy import next_timer
 from backhaul.core.vocabulary import JobState
 
 _Entry = tuple[datetime, int, str, int]  # (when, first-seen order, job id, job version)
 
 
 def _no_deadline(_job: Job) -> datetime | None:
+    return None
+
+
+# States in which a job has timers (retry, no-progress, maximum download time).
+_TIMED = frozenset({JobState.TRANSIENT_ERROR, JobState.CONNECTING, JobState.TRANSFERRING})
+# States an engine acts on whatever the time: it always holds these jobs.
+_ACTIVE = frozenset({JobState.QUEUED, JobState.CONNECTING, JobState.TRANSFERRING})
+
+
+def timer_deadline(job: Job) -> datetime | None:
+    """When the job's next timer fires. Constant between two events of the job: a running
+    job's MaximumDownloadTime deadline is its active start plus the time it has left."""
+    due = next_timer(job, job.modified_at) if job.state in _TIMED else None
+    return None if due is None else due[1]
+
+
+def wake_at(job: Job) -> datetime | None:
+    """When an engine must next hold this job in memory (the read model's ``next_due``).
+
+    QUEUED, CONNECTING, TRANSFERRING jobs and TRANSIENT_ERROR jobs a policy blocks: always
+    (their ``modified_at``, which is past). Other TRANSIENT_ERROR jobs: at their first timer
+    (the retry, or NoProgressTimeout). TRANSFERRED and ERROR jobs: when their notify
+    command line is due, if they have one. SUSPENDED jobs and the rest: never (None): an
+    event of theirs, or JobInactivityTimeout, brings them in. An engine with 100,000 jobs
+    waiting for a retry thus loads only the ones whose time is near.
+    """
+    if job.state in _ACTIVE or (
+        job.state is JobState.TRANSIENT_ERROR and job.blocked_by is not None
+    ):
+        return job.modified_at
+    if job.state is JobState.TRANSIENT_ERROR:
+        return timer_deadline(job)
+    if job.state in (JobState.TRANSFERRED, JobState.ERROR):
+        return command_line_due_at(job)
     return None
 
 

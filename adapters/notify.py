@@ -88,8 +88,10 @@ class Callbacks:
         return True
 
 
-def command_line_due(job: Job, now: datetime) -> str | None:
-    """The reason to run the job's notify command line now, if it is due."""
+def command_line_due_at(job: Job) -> datetime | None:
+    """When the job's notify command line is next due: as it enters TRANSFERRED or ERROR,
+    and MinimumRetryDelay after a run that did not exit 0. None when the job has no command
+    line, its flags leave this state out, or a run for this state exited 0."""
     reason = REASON_OF_STATE.get(job.state)
     if reason is None or job.notify_cmdline is None:
         return None
@@ -100,6 +102,12 @@ def command_line_due(job: Job, now: datetime) -> str | None:
     runs = [n for n in job.notified if n[0] == reason and n[1] >= job.state_since_version]
     if any(code == 0 for _, _, code in runs):
         return None
-    if runs and now < job.modified_at + timedelta(seconds=job.minimum_retry_delay):
-        return None  # failed run: again after MinimumRetryDelay
-    return reason
+    if runs:
+        return job.modified_at + timedelta(seconds=job.minimum_retry_delay)  # failed run
+    return job.modified_at
+
+
+def command_line_due(job: Job, now: datetime) -> str | None:
+    """The reason to run the job's notify command line now, if it is due."""
+    due = command_line_due_at(job)
+    return REASON_OF_STATE[job.state] if due is not None and now >= due else None

@@ -14,9 +14,10 @@ from collections.abc import Iterable
 
 from eventsourcing.persistence import IntegrityError
 
+from backhaul.adapters.jobtable import wake_at
 from backhaul.adapters.serialization import job_from_dict, job_to_dict
 from backhaul.adapters.store import EventStore, Recorded
-from backhaul.adapters.view import ViewRow
+from backhaul.adapters.view import ViewRow, due_text
 from backhaul.core import job as jobs
 from backhaul.core.event import POLICY_STREAM
 from backhaul.core.job import Job
@@ -27,6 +28,7 @@ BATCH = 5000
 def view_row(job: Job) -> ViewRow:
     sizes = [f.bytes_total for f in job.files]
     total = None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+    due = wake_at(job)
     return ViewRow(
         job_id=job.id,
         owner=job.owner,
@@ -45,6 +47,7 @@ def view_row(job: Job) -> ViewRow:
         files_transferred=job.files_transferred,
         error_hresult=job.error.hresult if job.error else None,
         error_count=job.error_count,
+        next_due=None if due is None else due_text(due),
         doc=json.dumps(job_to_dict(job), separators=(",", ":")),
     )
 

@@ -307,6 +307,7 @@ def _open_sqlite(path: Path, home: Path) -> EventStore:
     factory = InfrastructureFactory.construct(env)
     log = factory.application_recorder()
     views = cast(SQLiteJobViews, factory.tracking_recorder(SQLiteJobViews))
+    views.upgrade()
     _private(path)
     return EventStore(
         log,
@@ -354,6 +355,7 @@ def _open_postgres(url: str, home: Path | None) -> EventStore:
         try:
             log = factory.application_recorder()
             views = cast(PostgresJobViews, factory.tracking_recorder(PostgresJobViews))
+            views.upgrade()
             break
         except (PgInternalError, PgProgrammingError, IntegrityError):
             factory.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -38,6 +39,7 @@ COLUMNS = (
     "files_transferred",
     "error_hresult",
     "error_count",
+    "next_due",
     "doc",
 )
 
@@ -61,10 +63,17 @@ class ViewRow:
     files_transferred: int
     error_hresult: int | None
     error_count: int
+    next_due: str | None  # when an engine must hold the job (jobtable.wake_at), due_text
     doc: str
 
     def values(self) -> tuple[Any, ...]:
         return attrs.astuple(self, recurse=False)
+
+
+def due_text(when: datetime) -> str:
+    """A time as ``next_due`` holds it: UTC, always with microseconds, so that the text
+    sorts as the time does."""
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _row(values: Sequence[Any]) -> ViewRow:
@@ -94,10 +103,12 @@ class JobViews:
         states: Iterable[int] | None = None,
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
+        due_by: str | None = None,
     ) -> list[ViewRow]:
         """Rows ordered by creation; ``doc`` is empty unless ``with_doc``. ``states`` /
         ``exclude_states`` filter by BG_JOB_STATE; ``modified_before`` (an ISO time in UTC,
-        as the rows hold it) keeps rows last modified before it."""
+        as the rows hold it) keeps rows last modified before it; ``due_by`` (``due_text``)
+        keeps rows whose ``next_due`` is set and not after it."""
         raise NotImplementedError
 
     def count_live(self, owner: str | None) -> int:
@@ -105,6 +116,9 @@ class JobViews:
 
     def clear(self) -> None:
         raise NotImplementedError
+
+    def upgrade(self) -> None:
+        """Bring a read model written by an older backhaul to this schema."""
 
 
 def _create_sql(text_type: str, big: str) -> list[str]:
@@ -116,10 +130,15 @@ def _create_sql(text_type: str, big: str) -> list[str]:
         f"created_at {text_type} NOT NULL, modified_at {text_type} NOT NULL, "
         f"completed_at {text_type}, bytes_total {big}, bytes_transferred {big} NOT NULL, "
         "files_total INTEGER NOT NULL, files_transferred INTEGER NOT NULL, "
-        f"error_hresult {big}, error_count INTEGER NOT NULL, doc {text_type} NOT NULL)",
+        f"error_hresult {big}, error_count INTEGER NOT NULL, next_due {text_type}, "
+        f"doc {text_type} NOT NULL)",
         "CREATE INDEX IF NOT EXISTS backhaul_job_views_list "
         "ON backhaul_job_views (live, owner, created_at, job_id)",
     ]
+
+
+# Made by ``upgrade``, after the column exists (a read model from before it lacks it).
+_DUE_INDEX = "CREATE INDEX IF NOT EXISTS backhaul_job_views_due ON backhaul_job_views (next_due)"
 
 
 def _upsert_sql(mark: str) -> str:
@@ -181,6 +200,7 @@ class _SqlViews(JobViews):
         states: Iterable[int] | None = None,
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
+        due_by: str | None = None,
     ) -> list[ViewRow]:
         where, params = self._where(owner, include_final)
         extra, more = [], []
@@ -195,12 +215,37 @@ class _SqlViews(JobViews):
         if modified_before is not None:
             extra.append(f"modified_at < {self.mark}")
             more.append(modified_before)
+        if due_by is not None:
+            extra.append(f"next_due <= {self.mark}")
+            more.append(due_by)
         if extra:
             where = (where + " AND " if where else " WHERE ") + " AND ".join(extra)
             params = [*params, *more]
         head = _SELECT if with_doc else _SELECT_LIST
         rows = self._fetch(f"{head}{where} ORDER BY created_at, job_id", params)
         return [_row(self._tuple(r)) for r in rows]
+
+    def upgrade(self) -> None:
+        """Bring a read model made by an older backhaul to this schema: add ``next_due``
+        and drop the rows and position, so that the next catch-up refolds every job from
+        the log (once). Then the index on ``next_due``."""
+        with self.datastore.transaction(commit=True) as c:
+            if not self._has_next_due(c):
+                c.execute(f"ALTER TABLE backhaul_job_views ADD COLUMN {self._add_if} next_due TEXT")
+                self._clear(c)
+            c.execute(_DUE_INDEX)
+
+    _add_if = ""
+
+    def _has_next_due(self, c: Any) -> bool:
+        raise NotImplementedError
+
+    def _clear(self, c: Any) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            self._clear(c)
 
     def count_live(self, owner: str | None) -> int:
         where, params = self._where(owner, include_final=False)
@@ -228,10 +273,13 @@ class SQLiteJobViews(SQLiteTrackingRecorder, _SqlViews):
     def _max(self) -> int | None:
         return self.max_tracking_id(PROJECTION)
 
-    def clear(self) -> None:
-        with self.datastore.transaction(commit=True) as c:
-            c.execute("DELETE FROM backhaul_job_views")
-            c.execute("DELETE FROM tracking WHERE application_name = ?", [PROJECTION])
+    def _has_next_due(self, c: Any) -> bool:
+        c.execute("PRAGMA table_info(backhaul_job_views)")
+        return any(row[1] == "next_due" for row in c.fetchall())
+
+    def _clear(self, c: Any) -> None:
+        c.execute("DELETE FROM backhaul_job_views")
+        c.execute("DELETE FROM tracking WHERE application_name = ?", [PROJECTION])
 
 
 class MemoryJobViews(JobViews):
@@ -262,6 +310,7 @@ class MemoryJobViews(JobViews):
         states: Iterable[int] | None = None,
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
+        due_by: str | None = None,
     ) -> list[ViewRow]:
         wanted = None if states is None else {int(x) for x in states}
         excluded = {int(x) for x in exclude_states}
@@ -272,6 +321,7 @@ class MemoryJobViews(JobViews):
                 if (wanted is None or r.state in wanted)
                 and r.state not in excluded
                 and (modified_before is None or r.modified_at < modified_before)
+                and (due_by is None or (r.next_due is not None and r.next_due <= due_by))
             ),
             key=lambda r: (r.created_at, r.job_id),
         )

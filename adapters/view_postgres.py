@@ -31,14 +31,23 @@ class PostgresJobViews(PostgresTrackingRecorder, _SqlViews):
         values = tuple(record.values()) if isinstance(record, dict) else tuple(record)
         return tuple(int(v) if _is_decimal(v) else v for v in values)
 
-    def clear(self) -> None:
-        with self.datastore.transaction(commit=True) as c:
-            c.execute("DELETE FROM backhaul_job_views")
-            c.execute(
-                f"DELETE FROM {self.datastore.schema}.{self.tracking_table_name} "
-                "WHERE application_name = %s",
-                [PROJECTION],
-            )
+    _add_if = "IF NOT EXISTS"  # several workers may upgrade one store at once
+
+    def _has_next_due(self, c: Any) -> bool:
+        c.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'backhaul_job_views' AND column_name = 'next_due'",
+            [self.datastore.schema or "public"],
+        )
+        return bool(c.fetchall())
+
+    def _clear(self, c: Any) -> None:
+        c.execute("DELETE FROM backhaul_job_views")
+        c.execute(
+            f"DELETE FROM {self.datastore.schema}.{self.tracking_table_name} "
+            "WHERE application_name = %s",
+            [PROJECTION],
+        )
 
 
 def _is_decimal(value: Any) -> bool:

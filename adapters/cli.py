@@ -574,7 +574,8 @@ def _run_engine(
         try:
             while True:
                 await asyncio.sleep(0.05)
-                snap = m._load(job.id)
+                # The engine's own copy while it holds the job: no store read on its loop.
+                snap = engine.logged(job.id) or m._load(job.id)
                 reporter.show(snap)
                 if snap.state in _DONE:
                     return snap.state

@@ -36,13 +36,8 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from backhaul.adapters.certstore import (
-    CertificateStores,
-    set_client_certificate_by_id,
-    set_client_certificate_by_name,
-)
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import default_home
 from backhaul.core import hresult
@@ -54,6 +49,9 @@ from backhaul.core.vocabulary import (
     ProxyUsage,
     SecurityFlags,
 )
+
+if TYPE_CHECKING:
+    from backhaul.adapters.certstore import CertificateStores
 
 __all__ = ["add_http_verbs"]
 
@@ -69,6 +67,9 @@ def _job(m: TransferManager, ref: str) -> TransferJob:
 
 
 def _stores(args: argparse.Namespace, m: TransferManager) -> CertificateStores:
+    # certstore loads cryptography (about 40 ms): only the certificate verbs pay for it.
+    from backhaul.adapters.certstore import CertificateStores
+
     home = Path(args.home).expanduser() if getattr(args, "home", None) else default_home()
     return CertificateStores.for_home(home, m.store.secrets)
 
@@ -121,6 +122,8 @@ def _null(text: str | None) -> str | None:
 
 def cmd_setclientcertificatebyid(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     job = _job(m, args.job)
+    from backhaul.adapters.certstore import set_client_certificate_by_id
+
     digest = args.hash.replace(" ", "").replace(":", "")
     entry = set_client_certificate_by_id(
         job, _stores(args, m), _location(args.location), args.store, digest
@@ -132,6 +135,8 @@ def cmd_setclientcertificatebyid(args: argparse.Namespace, m: TransferManager, o
 def cmd_setclientcertificatebyname(
     args: argparse.Namespace, m: TransferManager, out: TextIO
 ) -> int:
+    from backhaul.adapters.certstore import set_client_certificate_by_name
+
     job = _job(m, args.job)
     entry = set_client_certificate_by_name(
         job, _stores(args, m), _location(args.location), args.store, args.subject

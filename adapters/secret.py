@@ -31,6 +31,11 @@ def _aes() -> type[AESCipher]:
     return AESCipher
 
 
+def new_key() -> str:
+    """A random 256-bit key in the form the cipher takes (base64), without importing it."""
+    return base64.b64encode(os.urandom(32)).decode("ascii")
+
+
 class SecretBox:
     def __init__(self, key: str) -> None:
         self._key = key
@@ -46,7 +51,7 @@ class SecretBox:
 
     @classmethod
     def ephemeral(cls) -> SecretBox:
-        return cls(_aes().create_key(32))
+        return cls(new_key())
 
     @classmethod
     def for_home(cls, home: Path) -> SecretBox:
@@ -68,7 +73,7 @@ def _key_file(path: Path) -> str:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = _aes().create_key(32)
+    key = new_key()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, key.encode())

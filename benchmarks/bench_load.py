@@ -46,6 +46,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import installed
+
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.store import open_store
 from backhaul.core import event as ev
@@ -78,7 +80,7 @@ def write_random(path: Path, size: int) -> None:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("BACKHAUL_STORE", "BACKHAUL_HOME")}
+    env = installed.child_env(drop=("BACKHAUL_STORE", "BACKHAUL_HOME"))
     env["BACKHAUL_SECRET_KEY"] = SECRET_KEY
     env.update(extra or {})
     return env
@@ -321,6 +323,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, help="parent of the temp dir ($TMPDIR)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    installed.compile_package()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bh-load.", dir=args.dir) as tmp:
         work = Path(tmp)

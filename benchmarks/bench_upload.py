@@ -62,6 +62,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import installed
+
 from backhaul.adapters.engine import Engine
 from backhaul.adapters.manager import TransferManager
 from backhaul.core.vocabulary import JobPriority, JobState, JobType
@@ -285,7 +287,7 @@ class Bench:
     def serve(self, server: Server, name: str) -> tuple[float, float]:
         home = self.home()
         job_id = new_job(home, f"{server.url}/{name}", self.source)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+        env = installed.child_env(drop_prefix="BACKHAUL_")
         argv = [str(BIN / "backhaul"), "--home", str(home), "serve", "--until-idle"]
         result = run_child([*argv, "--poll", "0.05", "--no-yield"], env)
         check_job(home, job_id)
@@ -296,7 +298,7 @@ class Bench:
         module docstring)."""
         home = self.home()
         job_id = new_job(home, f"{server.url}/{name}", self.source)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BACKHAUL_")}
+        env = installed.child_env(drop_prefix="BACKHAUL_")
         argv = ["--home", str(home), "serve", "--until-idle", "--poll", "0.05", "--no-yield"]
         code = f"{MALLOPT}; import sys; from backhaul.adapters.cli import main; sys.exit(main({argv!r}))"
         result = run_child([sys.executable, "-c", code], env)
@@ -404,6 +406,7 @@ def main() -> int:
     for tool in ("curl", "nginx"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is needed")
+    installed.compile_package()
     wanted = {t.strip() for t in args.tools.split(",") if t.strip()}
     wanted.add("curl")  # the reference
     work = Path(tempfile.mkdtemp(prefix="bh-bench-up.", dir=args.dir))

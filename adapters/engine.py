@@ -183,7 +183,8 @@ class Engine:
         self._reply_sessions: dict[str, UploadSession] = {}
         self._validators: dict[str, ServerCertificateValidator] = {}
         self._finishing: dict[str, list[_Finisher]] = {}
-        self._order: dict[str, tuple[list[int], dict[int, _Finisher]]] = {}
+        # A job's files in transfer order: index -> the file before it, and each file's slot.
+        self._order: dict[str, tuple[dict[int, int | None], dict[int, _Finisher]]] = {}
         self.file_window = 8  # small files of one job in flight at once
         self.small_file = 1 * MiB
         self._stale: set[str] = set()  # jobs to reload from the log
@@ -1077,7 +1078,7 @@ class Engine:
         job = self._jobs[job_id]
         window = self.file_window if not any(f.ranges for f in job.files) else 1
         order = {index: _Finisher() for index in pending}
-        self._order[job_id] = (list(pending), order)
+        self._order[job_id] = (dict(zip(pending, [None, *pending[:-1]], strict=True)), order)
         running: dict[int, asyncio.Task[None]] = {}
         try:
             for index in pending:
@@ -1179,7 +1180,7 @@ class Engine:
             )
         try:
             remote = download.remote
-            slot = self._order.get(job_id, ((), {}))[1].get(index)
+            slot = self._order.get(job_id, ({}, {}))[1].get(index)
             if slot is not None:
                 slot.large = remote.size is None or remote.size > self.small_file
                 slot.sized.set()
@@ -1374,9 +1375,9 @@ class Engine:
         chain before the job is declared transferred."""
         ordered = self._order.get(job_id)
         if ordered is not None and index in ordered[1]:
-            indexes, slots = ordered
-            at = indexes.index(index)
-            before = slots[indexes[at - 1]] if at > 0 else None
+            previous, slots = ordered
+            prior = previous[index]
+            before = slots[prior] if prior is not None else None
             finisher = slots[index]
         else:
             before = self._finishing.get(job_id)

@@ -144,23 +144,29 @@ def publish_reply(job: Job) -> None:
         ) from exc
 
 
-def discard(job: Job) -> list[Path]:
+def discard(job: Job, listings: dict[Path, list[str]] | None = None) -> list[Path]:
     """Delete every temp file of the job (and the reply's, for upload-reply jobs);
-    return those that could not be deleted. Upload sources are never touched."""
+    return those that could not be deleted. Upload sources are never touched.
+
+    ``listings``: the temp files of each directory, listed once and shared by the calls of
+    one batch (10,000 jobs completed at once into one directory must not list it 10,000
+    times); a name listed but gone meanwhile is skipped."""
     left: list[Path] = []
     temps = [reply_temp_path(job)] if job.job_type is JobType.UPLOAD_REPLY and job.files else []
     if job.job_type is JobType.DOWNLOAD:
+        shared = listings if listings is not None else {}
         listing: dict[Path, list[str]] = {}
+        tag = f".{job.id[:8]}-"
         for i, f in enumerate(job.files):
             plain = temp_path(job.id, i, f.local_name)
             if plain.parent not in listing:  # one directory listing, not a glob per file
-                tag = f".{job.id[:8]}-"
-                try:
-                    listing[plain.parent] = [
-                        n for n in os.listdir(plain.parent) if n.endswith(TEMP_SUFFIX) and tag in n
-                    ]
-                except OSError:
-                    listing[plain.parent] = []
+                if plain.parent not in shared:
+                    try:
+                        names = os.listdir(plain.parent)
+                    except OSError:
+                        names = []
+                    shared[plain.parent] = [n for n in names if n.endswith(TEMP_SUFFIX)]
+                listing[plain.parent] = [n for n in shared[plain.parent] if tag in n]
             # every worker's temp of this file: .<name>.<job8>-<i>[.<worker>].bhtmp
             stem = plain.name.removesuffix(TEMP_SUFFIX) + "."
             temps += [plain]

@@ -121,6 +121,8 @@ class TransferManager:
         self.schemes = None if schemes is None else frozenset(s.lower() for s in schemes)
         self._cache: dict[str, Job] = {}
         self._pending: list[tuple[str, int, list[Event]]] | None = None
+        self._pending_index: dict[str, int] = {}  # job id -> its last entry in _pending
+        self._listings: dict[Path, list[str]] = {}  # temp files by directory, per batch
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
 
@@ -259,6 +261,7 @@ class TransferManager:
             return
         pending: list[tuple[str, int, list[Event]]] = []
         self._pending, self._before_commit, self._after_commit = pending, [], []
+        self._pending_index, self._listings = {}, {}
         try:
             yield
             before, after = self._before_commit, self._after_commit
@@ -275,17 +278,22 @@ class TransferManager:
             raise
         finally:
             self._pending = None
+            self._pending_index, self._listings = {}, {}
             self._before_commit, self._after_commit = [], []
 
     # -- the command path --------------------------------------------------------------
 
     def _record(self, job_id: str, after: int, events: list[Event]) -> None:
         if self._pending is not None:
-            for i, (pid, pafter, pevents) in enumerate(self._pending):
-                if pid == job_id and pafter + len(pevents) == after:
-                    self._pending[i] = (pid, pafter, pevents + events)
+            # Indexed: a batch of 10,000 jobs must not scan its pending list per call.
+            i = self._pending_index.get(job_id)
+            if i is not None:
+                _, pafter, pevents = self._pending[i]
+                if pafter + len(pevents) == after:
+                    pevents.extend(events)
                     return
-            self._pending.append((job_id, after, events))
+            self._pending_index[job_id] = len(self._pending)
+            self._pending.append((job_id, after, list(events)))
             return
         self.store.append(job_id, after, events)
 
@@ -305,7 +313,7 @@ class TransferManager:
         return job
 
     def _has_pending(self, job_id: str) -> bool:
-        return self._pending is not None and any(p[0] == job_id for p in self._pending)
+        return self._pending is not None and job_id in self._pending_index
 
     def _pending_creations(self, owner: str | None) -> int:
         return sum(
@@ -759,7 +767,8 @@ class TransferJob:
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
         self._manager.execute(self.id, cmd.Cancel())
         if self._manager._pending is not None:
-            self._manager._after_commit.append(lambda: localfile.discard(job))
+            listings = self._manager._listings
+            self._manager._after_commit.append(lambda: localfile.discard(job, listings))
             return hresult.S_OK
         left = localfile.discard(job)
         return hresult.BG_S_UNABLE_TO_DELETE_FILES if left else hresult.S_OK
@@ -779,9 +788,13 @@ class TransferJob:
             if job.job_type is JobType.UPLOAD_REPLY:
                 localfile.publish_reply(job)
 
+        # In a batch the jobs share one listing of each directory (taken after every
+        # publish of the batch); alone, the job lists its directories itself.
+        listings = self._manager._listings if self._manager._pending is not None else None
+
         def discard() -> None:
             if job.job_type is JobType.DOWNLOAD:
-                localfile.discard(job)
+                localfile.discard(job, listings)
 
         if self._manager._pending is not None:  # in a batch: files move at its commit
             events = self._manager.execute(self.id, cmd.Complete(kept))

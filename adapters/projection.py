@@ -10,7 +10,7 @@ whole log again; the result always equals a pure fold of each stream.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from eventsourcing.persistence import IntegrityError
 
@@ -78,13 +78,15 @@ def catch_up(store: EventStore) -> int:
             position = page[-1].position
 
 
-def _fold_page(store: EventStore, page: Iterable[Recorded]) -> list[ViewRow]:
+def _fold_page(store: EventStore, page: Sequence[Recorded]) -> list[ViewRow]:
+    ids = {rec.job_id: None for rec in page if rec.job_id != POLICY_STREAM}
+    rows = store.views.get_many(ids)  # the page's rows in a few queries
     touched: dict[str, Job | None] = {}
     for rec in page:
         if rec.job_id == POLICY_STREAM:
             continue  # engine-wide settings, not a job
         if rec.job_id not in touched:
-            row = store.views.get(rec.job_id)
+            row = rows.get(rec.job_id)
             touched[rec.job_id] = job_of(row) if row else None
         current = touched[rec.job_id]
         if current is not None and rec.version <= current.version:

@@ -94,6 +94,15 @@ class JobViews:
     def get(self, job_id: str) -> ViewRow | None:
         raise NotImplementedError
 
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, ViewRow]:
+        """The rows of these jobs (those that have one), by job id."""
+        rows = {}
+        for job_id in job_ids:
+            row = self.get(job_id)
+            if row is not None:
+                rows[job_id] = row
+        return rows
+
     def select(
         self,
         owner: str | None,
@@ -190,6 +199,17 @@ class _SqlViews(JobViews):
     def get(self, job_id: str) -> ViewRow | None:
         rows = self._fetch(f"{_SELECT} WHERE job_id = {self.mark}", [job_id])
         return _row(self._tuple(rows[0])) if rows else None
+
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, ViewRow]:
+        ids = list(job_ids)
+        found: dict[str, ViewRow] = {}
+        for start in range(0, len(ids), 500):  # one query per 500 ids, not one per id
+            chunk = ids[start : start + 500]
+            marks = ", ".join([self.mark] * len(chunk))
+            for record in self._fetch(f"{_SELECT} WHERE job_id IN ({marks})", chunk):
+                row = _row(self._tuple(record))
+                found[row.job_id] = row
+        return found
 
     def select(
         self,

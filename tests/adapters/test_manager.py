@@ -1199,3 +1199,49 @@ def test_add_files_records_the_file_specs_as_given(
     job.add_files([FileSpec(URL, str(tmp_path / "a.bin"), (ByteRange(0, 10),), digest)])
     (only,) = replayed(store, job).files
     assert only.spec == FileSpec(URL, str(tmp_path / "a.bin"), (ByteRange(0, 10),), digest)
+
+
+def test_a_batch_of_cancels_and_completes_deletes_each_jobs_temp_files_only(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """Jobs completed and cancelled in one batch share one listing of their directory: each
+    still deletes all of its own temp files (its workers' too), and nobody else's."""
+    dest = tmp_path / "shared"
+    dest.mkdir()
+
+    def running(name: str, files: int) -> TransferJob:
+        job = manager.create_job(name)
+        for i in range(files):
+            job.add_file(f"https://example.com/{name}/{i}.bin", dest / f"{name}-{i}.bin")
+        job.resume()
+        engine(manager, job, cmd.StartTransfer(), cmd.Connect())
+        return job
+
+    def temps_of(job: TransferJob) -> list[Path]:
+        made = []
+        for i, f in enumerate(job.files()):
+            for worker in (None, "host-7-abc"):  # this engine's, and another worker's
+                temp = localfile.temp_path(job.id, i, f.local_name, worker)
+                temp.write_bytes(b"partial")
+                made.append(temp)
+        return made
+
+    done = [running(f"done{n}", 1) for n in range(3)]
+    for job in done:
+        localfile.temp_path(job.id, 0, job.files()[0].local_name).write_bytes(b"0123456789")
+        engine(manager, job, cmd.FinishFile(0, 10), cmd.FinishJob())
+    partial = [running(f"partial{n}", 2) for n in range(3)]
+    kept = running("kept", 1)
+    temps = {job.id: temps_of(job) for job in [*partial, kept]}
+    with manager.batch():
+        for job in done:
+            assert job.complete() == hresult.S_OK
+        for job in partial:
+            assert job.cancel() == hresult.S_OK
+    for job in partial:
+        assert job.state is JobState.CANCELLED
+        assert not any(t.exists() for t in temps[job.id]), "a cancelled job left a temp file"
+    assert all(t.exists() for t in temps[kept.id]), "another job's temp file was deleted"
+    published = sorted(p.name for p in dest.iterdir() if not p.name.endswith(".bhtmp"))
+    assert published == ["done0-0.bin", "done1-0.bin", "done2-0.bin"]
+    assert all((dest / name).read_bytes() == b"0123456789" for name in published)

@@ -1078,7 +1078,10 @@ class Engine:
         job = self._jobs[job_id]
         window = self.file_window if not any(f.ranges for f in job.files) else 1
         order = {index: _Finisher() for index in pending}
-        self._order[job_id] = (dict(zip(pending, [None, *pending[:-1]], strict=True)), order)
+        previous: dict[int, int | None] = {}
+        for at, index in enumerate(pending):
+            previous[index] = pending[at - 1] if at else None
+        self._order[job_id] = (previous, order)
         running: dict[int, asyncio.Task[None]] = {}
         try:
             for index in pending:

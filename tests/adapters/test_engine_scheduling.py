@@ -313,3 +313,33 @@ def test_a_new_engine_resumes_a_stopped_engines_job_from_its_last_checkpoint(
     assert [h.range_start for h in srv.hits] == [None, kept]
     job.complete()
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_a_job_whose_files_were_all_claimed_before_a_crash_is_declared_transferred(
+    tmp_path: Path,
+) -> None:
+    """An engine that died between the last FileTransferred and JobTransferred leaves a
+    job TRANSFERRING with no file left to fetch: the next engine ends its slice, runs it
+    with nothing pending and declares it TRANSFERRED, without a request."""
+    from backhaul.adapters import localfile
+    from backhaul.core import command as cmd
+
+    data = os.urandom(4 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/f": Served(data)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")])
+            for command in (cmd.StartTransfer(), cmd.Connect()):
+                manager.execute(job.id, command)
+            localfile.temp_path(job.id, 0, str(tmp_path / "f")).write_bytes(data)
+            manager.execute(job.id, cmd.FinishFile(0, len(data)))
+            assert job.state is S.TRANSFERRING and not job.snapshot().pending_files
+            await asyncio.wait_for(make_engine(manager).run(until_idle=True), 10)
+            return job, srv
+
+    job, srv = asyncio.run(main())
+    assert job.state is S.TRANSFERRED, job.error
+    assert not srv.hits
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data

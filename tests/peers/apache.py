@@ -28,7 +28,6 @@ import hashlib
 import http.client
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -36,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peers.nginx import free_port
+from peers.daemon import free_port, tail, terminate
 
 APACHE_ENV = "BACKHAUL_APACHE"
 MODULES_ENV = "BACKHAUL_APACHE_MODULES"
@@ -56,14 +55,6 @@ _MODULES = (
 
 def apache_binary() -> str:
     return os.environ.get(APACHE_ENV) or shutil.which("apache2") or "/usr/sbin/apache2"
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"(no log at {path}: {e})"
-    return "\n".join(text.splitlines()[-lines:]) or f"(empty log {path})"
 
 
 @dataclass
@@ -109,15 +100,7 @@ class ApacheServer:
         10 s; remove the temp dir. Safe to call twice."""
         proc, self._process = self._process, None
         try:
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            terminate(proc, STOP_TIMEOUT_S)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -202,7 +185,7 @@ def _start(d: Path, binary: str, realm: str) -> tuple[subprocess.Popen[bytes], i
     raise RuntimeError(
         f"apache2 failed to start in {d} on 127.0.0.1:{port} "
         f"({'timed out' if rc is None else f'rc={rc}'})\n"
-        f"--- error.log ---\n{_tail(d / 'error.log')}\n--- stdout ---\n{_tail(stdout_log)}"
+        f"--- error.log ---\n{tail(d / 'error.log')}\n--- stdout ---\n{tail(stdout_log)}"
     )
 
 

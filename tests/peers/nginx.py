@@ -36,8 +36,6 @@ import hashlib
 import http.client
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -45,6 +43,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from peers.daemon import free_port, tail, terminate
 
 NGINX_ENV = "BACKHAUL_NGINX"
 START_TIMEOUT_S = 10.0
@@ -68,20 +68,6 @@ def nginx_binary() -> str:
     if explicit:
         return explicit
     return shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"(no log at {path}: {e})"
-    return "\n".join(text.splitlines()[-lines:]) or f"(empty log {path})"
 
 
 @dataclass(frozen=True)
@@ -132,16 +118,7 @@ class NginxServer:
         Safe to call twice."""
         proc, self._process = self._process, None
         try:
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    # The worker is in the master's session (start_new_session): kill both.
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            terminate(proc, STOP_TIMEOUT_S)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -257,7 +234,7 @@ def _start(
     raise RuntimeError(
         f"nginx failed to start in {d} on 127.0.0.1:{port} "
         f"({'timed out' if rc is None else f'rc={rc}'})\n"
-        f"--- {error_log} ---\n{_tail(error_log)}\n--- {stdout_log} ---\n{_tail(stdout_log)}"
+        f"--- {error_log} ---\n{tail(error_log)}\n--- {stdout_log} ---\n{tail(stdout_log)}"
     )
 
 

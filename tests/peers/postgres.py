@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
+
+from peers.daemon import free_port, tail
 
 DEFAULT_PG_BIN = "/usr/lib/postgresql/15/bin"
 PG_BIN_ENV = "BACKHAUL_PG_BIN"
@@ -47,20 +48,6 @@ _ROOT_OS_USER = "postgres"
 
 def pg_bin_dir() -> Path:
     return Path(os.environ.get(PG_BIN_ENV) or DEFAULT_PG_BIN)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"(no log at {path}: {e})"
-    return "\n".join(text.splitlines()[-lines:]) or f"(empty log {path})"
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -171,8 +158,8 @@ class PostgresServer:
             self._kill_leftover_postmaster()
             raise RuntimeError(
                 f"postgres failed to start in {self.dir} on 127.0.0.1:{self.port} "
-                f"({err or f'rc={rc}'})\n--- pg_ctl output ---\n{_tail(out, 10)}\n"
-                f"--- {self.log_path} ---\n{_tail(self.log_path)}"
+                f"({err or f'rc={rc}'})\n--- pg_ctl output ---\n{tail(out, 10)}\n"
+                f"--- {self.log_path} ---\n{tail(self.log_path)}"
             )
         try:
             self.pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
@@ -320,7 +307,7 @@ def _init_cluster(bin_dir: Path, dbname: str) -> PostgresServer:
         ]  # fmt: skip
         rc, err = _run_as_owner(cmd, cwd=d, log=log, timeout=120)
         if rc != 0:
-            raise RuntimeError(f"initdb failed in {d} ({err or f'rc={rc}'}):\n{_tail(log)}")
+            raise RuntimeError(f"initdb failed in {d} ({err or f'rc={rc}'}):\n{tail(log)}")
         server.initdb_seconds = time.monotonic() - t0
         pwfile.unlink()
     except BaseException:
@@ -407,7 +394,7 @@ def running_postgres(dbname: str = "backhaul") -> Iterator[PostgresServer]:
             create_database(server, dbname)
         except Exception as e:
             msg = f"postgres started but CREATE DATABASE {dbname} failed: {e}"
-            raise RuntimeError(f"{msg}\n{_tail(server.log_path)}") from e
+            raise RuntimeError(f"{msg}\n{tail(server.log_path)}") from e
         server.setup_seconds = time.monotonic() - t0
         yield server
     finally:

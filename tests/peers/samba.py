@@ -49,18 +49,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from peers.daemon import free_port, tail
+
 SMB_TEST_USER = "bh-smbtest"
 SHARE = "share"
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 _CHILD_GRACE_S = 2.0
 _PORT_ATTEMPTS = 3  # bind(0) then close is racy: retry with a new port if another process took it
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _binary(name: str) -> str:
@@ -71,14 +67,6 @@ def _binary(name: str) -> str:
         if Path(folder, name).exists():
             return str(Path(folder, name))
     raise RuntimeError(f"{name} is not installed (apt-get install samba smbclient)")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"(no log at {path}: {e})"
-    return "\n".join(text.splitlines()[-lines:]) or f"(empty log {path})"
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -277,7 +265,7 @@ class SambaServer:
         self.stop(remove=False)
         raise RuntimeError(
             f"smbd failed to start in {self.dir} on {self.host}:{self.port} "
-            f"({'timed out' if rc is None else f'rc={rc}'})\n--- {self.log} ---\n{_tail(self.log)}"
+            f"({'timed out' if rc is None else f'rc={rc}'})\n--- {self.log} ---\n{tail(self.log)}"
         )
 
     def stop(self, *, remove: bool = False) -> None:
@@ -462,7 +450,7 @@ def running_samba(user_name: str = SMB_TEST_USER) -> Iterator[SambaServer]:
         assert server is not None
         check = server.smbclient("ls", timeout=30)
         if check.returncode != 0:
-            log = _tail(server.log)
+            log = tail(server.log)
             hint = (
                 "\nvfs_acl_xattr is missing: apt-get install samba-vfs-modules"
                 if "acl_xattr" in log

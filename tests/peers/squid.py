@@ -26,7 +26,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -35,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peers.nginx import free_port
+from peers.daemon import free_port, tail, terminate
 
 SQUID_ENV = "BACKHAUL_SQUID"
 HELPER_ENV = "BACKHAUL_SQUID_BASIC_AUTH"
@@ -46,14 +45,6 @@ _PORT_ATTEMPTS = 3
 
 def squid_binary() -> str:
     return os.environ.get(SQUID_ENV) or shutil.which("squid") or "/usr/sbin/squid"
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"(no log at {path}: {e})"
-    return "\n".join(text.splitlines()[-lines:]) or f"(empty log {path})"
 
 
 @dataclass
@@ -94,15 +85,7 @@ class SquidServer:
     def stop(self) -> None:
         proc, self._process = self._process, None
         try:
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            terminate(proc, STOP_TIMEOUT_S)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -197,7 +180,7 @@ def _start(d: Path, binary: str) -> tuple[subprocess.Popen[bytes], int, int]:
     raise RuntimeError(
         f"squid failed to start in {d} on 127.0.0.1:{port}/{auth_port} "
         f"({'timed out' if rc is None else f'rc={rc}'})\n"
-        f"--- cache.log ---\n{_tail(d / 'cache.log')}\n--- stdout ---\n{_tail(stdout_log)}"
+        f"--- cache.log ---\n{tail(d / 'cache.log')}\n--- stdout ---\n{tail(stdout_log)}"
     )
 
 

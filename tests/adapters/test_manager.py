@@ -427,27 +427,21 @@ def test_get_job_of_an_unknown_id_raises_bg_e_not_found(
     assert code(exc) == "BG_E_NOT_FOUND"
 
 
-def test_get_job_of_a_cancelled_job_raises_bg_e_not_found_unless_include_final(
-    manager: TransferManager, tmp_path: Path
+@pytest.mark.parametrize("final", [JobState.CANCELLED, JobState.ACKNOWLEDGED])
+def test_get_job_of_a_final_job_raises_bg_e_not_found_unless_include_final(
+    manager: TransferManager, tmp_path: Path, final: JobState
 ) -> None:
-    job = download(manager, tmp_path)
-    job.cancel()
+    if final is JobState.CANCELLED:
+        job = download(manager, tmp_path)
+        job.cancel()
+    else:
+        job = transferred(manager, tmp_path)
+        job.complete()
 
     with pytest.raises(BitsError) as exc:
         manager.get_job(job.id)
     assert code(exc) == "BG_E_NOT_FOUND"
-    assert manager.get_job(job.id, include_final=True).state is JobState.CANCELLED
-
-
-def test_get_job_of_an_acknowledged_job_raises_bg_e_not_found(
-    manager: TransferManager, tmp_path: Path
-) -> None:
-    job = transferred(manager, tmp_path)
-    job.complete()
-    with pytest.raises(BitsError) as exc:
-        manager.get_job(job.id)
-    assert code(exc) == "BG_E_NOT_FOUND"
-    assert manager.get_job(job.id, include_final=True).state is JobState.ACKNOWLEDGED
+    assert manager.get_job(job.id, include_final=True).state is final
 
 
 def test_jobs_lists_live_jobs_and_excludes_final_ones(

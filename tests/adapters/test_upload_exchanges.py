@@ -77,6 +77,20 @@ def session_of(answer: Answer) -> str:
     return session
 
 
+async def create_session(port: int) -> str:
+    """Create-Session for /upload/report.bin, as §14.1 opens it; the new session's id."""
+    (created,) = await exchange(
+        port,
+        message(f"""
+            BITS_POST /upload/report.bin HTTP/1.1
+            BITS-Packet-Type: Create-Session
+            BITS-Supported-Protocols: {PROTOCOL}
+            Content-Length: 0
+        """),
+    )
+    return session_of(created)
+
+
 def received_of(config: UploadServerConfig, session: str) -> int | None:
     """The server's offset for the session, as the server reads it from its directory."""
     found = _Store(config.session_dir, fsync=False).load(session)
@@ -256,16 +270,7 @@ def test_14_1_gap_variant_is_416_with_the_servers_offset(tmp_path: Path) -> None
     async def body() -> None:
         async with serve_uploads(config) as base:
             port = port_of(base)
-            (created,) = await exchange(
-                port,
-                message(f"""
-                    BITS_POST /upload/report.bin HTTP/1.1
-                    BITS-Packet-Type: Create-Session
-                    BITS-Supported-Protocols: {PROTOCOL}
-                    Content-Length: 0
-                """),
-            )
-            sid = session_of(created)
+            sid = await create_session(port)
             # The server has 0..81919; the client jumps ahead to 90000-99999.
             *_, gap = await exchange(
                 port,
@@ -294,16 +299,7 @@ def test_14_1_expired_session_is_session_not_found(tmp_path: Path) -> None:
     async def body() -> None:
         async with serve_uploads(config) as base:
             port = port_of(base)
-            (created,) = await exchange(
-                port,
-                message(f"""
-                    BITS_POST /upload/report.bin HTTP/1.1
-                    BITS-Packet-Type: Create-Session
-                    BITS-Supported-Protocols: {PROTOCOL}
-                    Content-Length: 0
-                """),
-            )
-            sid = session_of(created)
+            sid = await create_session(port)
             clock.now += 3601  # the virtual directory's session_timeout
             (expired,) = await exchange(
                 port,

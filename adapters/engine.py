@@ -178,6 +178,9 @@ class Engine:
         # whose time is further away than four are let go (``_scan_unloaded``).
         self.idle_scan_interval = idle_scan_interval
         self._lazy = True  # False: hold every job with a time (``run(until_idle=True)``)
+        # Background QUEUED jobs: the engine holds the longest-waiting ones by priority (a
+        # window), and reads more from the read model as they run (``_queue_head``).
+        self._queue_beyond = False  # the read model may hold queued jobs not loaded
         self._renewed = 0.0
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
@@ -250,7 +253,7 @@ class Engine:
         # Only the jobs whose time is near: 100,000 jobs waiting for a retry, SUSPENDED or
         # TRANSFERRED do not make start-up slow. The others come in with their next event,
         # or when a scan finds their time near (read model's next_due, jobtable.wake_at).
-        rows = await self._live_rows(with_doc=True, due_by=self._horizon(now))
+        rows = await self._rows_to_hold(now, with_doc=True)
         if self.callbacks:  # due at start for the jobs waiting in these states (below)
             rows += await self._live_rows(with_doc=True, states=_NOTIFIED)
         for row in rows:
@@ -661,13 +664,53 @@ class Engine:
             return "9999"  # after every due_text
         return due_text(now + timedelta(seconds=2 * self.idle_scan_interval))
 
-    async def _scan_unloaded(self, now: datetime, cutoff: datetime) -> None:
-        """Load the jobs not loaded whose time is near, or that nobody changed since
-        ``cutoff`` (JobInactivityTimeout); let go of loaded jobs whose time is far."""
+    def queue_window(self) -> int:
+        """How many background QUEUED jobs the engine holds at most (beyond those it runs):
+        the longest waiting by priority; more are read as these start."""
+        return max(32, 4 * self.max_background)
+
+    async def _rows_to_hold(self, now: datetime, *, with_doc: bool = False) -> list[ViewRow]:
+        """The read model's rows of the jobs to hold now: those whose time is near, every
+        FOREGROUND QUEUED job, and the head of the background queue (``queue_window``)."""
+        if not self._lazy:
+            return await self._live_rows(due_by=self._horizon(now), with_doc=with_doc)
+        rows = await self._live_rows(
+            due_by=self._horizon(now), exclude_states=[JobState.QUEUED], with_doc=with_doc
+        )
+        rows += await self._live_rows(
+            states=[JobState.QUEUED], priorities=[JobPriority.FOREGROUND], with_doc=with_doc
+        )
+        return rows + await self._queue_head(with_doc=with_doc)
+
+    async def _queue_head(self, *, with_doc: bool = False) -> list[ViewRow]:
+        window = self.queue_window()
+        rows = await self._live_rows(
+            states=[JobState.QUEUED],
+            priorities=_BACKGROUND,
+            longest_waiting=window,
+            with_doc=with_doc,
+        )
+        self._queue_beyond = len(rows) >= window
+        return rows
+
+    async def _refill_queue(self) -> None:
+        """Hold the next background QUEUED jobs once half of the window has started."""
+        if not (self._lazy and self._queue_beyond):
+            return
+        waiting = sum(
+            1
+            for job in self._jobs.in_states([JobState.QUEUED])
+            if job.priority is not JobPriority.FOREGROUND and job.id not in self._tasks
+        )
+        if waiting >= self.queue_window() // 2:
+            return
         await asyncio.to_thread(self.manager.refresh_views)
-        rows = await self._live_rows(due_by=self._horizon(now))
-        rows += await self._live_rows(modified_before=cutoff.astimezone(UTC).isoformat())
-        for row in rows:  # ids only: the job is read as a snapshot and the events after it
+        await self._adopt(await self._queue_head())
+
+    async def _adopt(self, rows: Sequence[ViewRow]) -> None:
+        """Load the jobs of these rows that the engine does not hold, each as its snapshot
+        and the events after it (ids suffice)."""
+        for row in rows:
             job_id = row.job_id
             if job_id in self._jobs or job_id in self._gone:
                 continue
@@ -675,6 +718,14 @@ class Engine:
             if job is None or job.is_final or job_id in self._jobs:
                 continue  # final (its events will say so), or loaded meanwhile
             self._jobs[job_id] = self._logged[job_id] = job
+
+    async def _scan_unloaded(self, now: datetime, cutoff: datetime) -> None:
+        """Load the jobs not loaded whose time is near, or that nobody changed since
+        ``cutoff`` (JobInactivityTimeout); let go of loaded jobs whose time is far."""
+        await asyncio.to_thread(self.manager.refresh_views)
+        rows = await self._rows_to_hold(now)
+        rows += await self._live_rows(modified_before=cutoff.astimezone(UTC).isoformat())
+        await self._adopt(rows)
         if self._lazy:
             self._release_far(now + timedelta(seconds=4 * self.idle_scan_interval), cutoff)
 
@@ -716,6 +767,7 @@ class Engine:
         )
 
     async def _schedule(self) -> None:
+        await self._refill_queue()
         now = self.clock.now()
         self._renew_leases(now)
         elsewhere = []
@@ -1659,6 +1711,7 @@ class Engine:
 
 
 _RUNNING = (JobState.CONNECTING, JobState.TRANSFERRING)
+_BACKGROUND = (JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW)
 
 
 # The decisions of a transfer: with leases, only the lease holder's copy may make them.

@@ -113,11 +113,15 @@ class JobViews:
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
         due_by: str | None = None,
+        priorities: Iterable[int] | None = None,
+        longest_waiting: int | None = None,
     ) -> list[ViewRow]:
         """Rows ordered by creation; ``doc`` is empty unless ``with_doc``. ``states`` /
         ``exclude_states`` filter by BG_JOB_STATE; ``modified_before`` (an ISO time in UTC,
         as the rows hold it) keeps rows last modified before it; ``due_by`` (``due_text``)
-        keeps rows whose ``next_due`` is set and not after it."""
+        keeps rows whose ``next_due`` is set and not after it; ``priorities`` filters by
+        BG_JOB_PRIORITY. ``longest_waiting=N``: only the first N rows by priority, then by
+        ``modified_at`` (the order the scheduler takes queued jobs in), in that order."""
         raise NotImplementedError
 
     def count_live(self, owner: str | None) -> int:
@@ -148,6 +152,11 @@ def _create_sql(text_type: str, big: str) -> list[str]:
 
 # Made by ``upgrade``, after the column exists (a read model from before it lacks it).
 _DUE_INDEX = "CREATE INDEX IF NOT EXISTS backhaul_job_views_due ON backhaul_job_views (next_due)"
+# The queue: QUEUED jobs by priority, longest waiting first (``longest_waiting``).
+_QUEUE_INDEX = (
+    "CREATE INDEX IF NOT EXISTS backhaul_job_views_queue "
+    "ON backhaul_job_views (state, priority, modified_at)"
+)
 
 
 def _upsert_sql(mark: str) -> str:
@@ -221,6 +230,8 @@ class _SqlViews(JobViews):
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
         due_by: str | None = None,
+        priorities: Iterable[int] | None = None,
+        longest_waiting: int | None = None,
     ) -> list[ViewRow]:
         where, params = self._where(owner, include_final)
         extra, more = [], []
@@ -238,11 +249,18 @@ class _SqlViews(JobViews):
         if due_by is not None:
             extra.append(f"next_due <= {self.mark}")
             more.append(due_by)
+        if priorities is not None:
+            allowed = [int(x) for x in priorities] or [-1]
+            extra.append(f"priority IN ({', '.join([self.mark] * len(allowed))})")
+            more += allowed
         if extra:
             where = (where + " AND " if where else " WHERE ") + " AND ".join(extra)
             params = [*params, *more]
         head = _SELECT if with_doc else _SELECT_LIST
-        rows = self._fetch(f"{head}{where} ORDER BY created_at, job_id", params)
+        order = " ORDER BY created_at, job_id"
+        if longest_waiting is not None:
+            order = f" ORDER BY priority, modified_at, job_id LIMIT {int(longest_waiting)}"
+        rows = self._fetch(f"{head}{where}{order}", params)
         return [_row(self._tuple(r)) for r in rows]
 
     def upgrade(self) -> None:
@@ -254,6 +272,7 @@ class _SqlViews(JobViews):
                 c.execute(f"ALTER TABLE backhaul_job_views ADD COLUMN {self._add_if} next_due TEXT")
                 self._clear(c)
             c.execute(_DUE_INDEX)
+            c.execute(_QUEUE_INDEX)
 
     _add_if = ""
 
@@ -331,6 +350,8 @@ class MemoryJobViews(JobViews):
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
         due_by: str | None = None,
+        priorities: Iterable[int] | None = None,
+        longest_waiting: int | None = None,
     ) -> list[ViewRow]:
         wanted = None if states is None else {int(x) for x in states}
         excluded = {int(x) for x in exclude_states}
@@ -342,9 +363,13 @@ class MemoryJobViews(JobViews):
                 and r.state not in excluded
                 and (modified_before is None or r.modified_at < modified_before)
                 and (due_by is None or (r.next_due is not None and r.next_due <= due_by))
+                and (priorities is None or r.priority in {int(x) for x in priorities})
             ),
             key=lambda r: (r.created_at, r.job_id),
         )
+        if longest_waiting is not None:
+            rows = sorted(rows, key=lambda r: (r.priority, r.modified_at, r.job_id))
+            rows = rows[:longest_waiting]
         return rows if with_doc else [attrs.evolve(r, doc="") for r in rows]
 
     def count_live(self, owner: str | None) -> int:

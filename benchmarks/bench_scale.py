@@ -29,6 +29,8 @@ Variants:
 * ``waiting``: N jobs, all in TRANSIENT_ERROR with their retry 10 minutes away (resumed,
   started and failed with a transient error). ``run()`` loads those whose retry is within two
   scans (2 minutes), i.e. none; ``run(until_idle=True)`` loads and times every one.
+* ``queued``: N jobs, all QUEUED at NORMAL priority (resumed). The engine (run with no
+  background slot, so that nothing starts) holds only its queue window of them (32).
 * ``90% finished``: N jobs, 90% of them CANCELLED (final). Only N/10 are live: if finished
   jobs leave the live set, this costs what ``live`` at N/10 costs, not what ``live`` at N costs.
 
@@ -66,10 +68,11 @@ from backhaul.core.vocabulary import CostFlags, ErrorContext, JobState
 OWNER = "bench"
 BATCH = 1000
 REFUSED = JobError(ErrorContext.REMOTE_FILE, hresult.http_status_hresult(503), "benchmark: 503")
-VARIANTS = ("live", "waiting", "finished90")
+VARIANTS = ("live", "waiting", "queued", "finished90")
 LABELS = {
     "live": "all live (SUSPENDED)",
     "waiting": "all live (TRANSIENT_ERROR, retry due in 10 min)",
+    "queued": "all live (QUEUED, NORMAL priority)",
     "finished90": "90% finished (CANCELLED)",
 }
 
@@ -85,7 +88,9 @@ def peak_rss_mib() -> float:
 # -- one case (in a child process) -------------------------------------------------------
 
 
-def build(home: Path, jobs: int, finished_share: float, waiting: bool = False) -> dict[str, Any]:
+def build(
+    home: Path, jobs: int, finished_share: float, waiting: bool = False, queued: bool = False
+) -> dict[str, Any]:
     downloads = home / "downloads"
     downloads.mkdir(parents=True)
     manager = TransferManager(home=home, owner=OWNER, limits=UNLIMITED)
@@ -98,6 +103,8 @@ def build(home: Path, jobs: int, finished_share: float, waiting: bool = False) -
                 job.add_file(f"http://127.0.0.1:1/scale/{i}.bin", downloads / f"{i}.bin")
                 if keep_every and i % keep_every != 0:  # 0.9: 9 of every 10 jobs
                     job.cancel()
+                elif queued:
+                    job.resume()
                 elif waiting:
                     job.resume()
                     manager.execute(job.id, cmd.StartTransfer())
@@ -112,7 +119,8 @@ def build(home: Path, jobs: int, finished_share: float, waiting: bool = False) -
 
 
 def new_engine(manager: TransferManager) -> Engine:
-    engine = Engine(manager, transports={}, uploaders={}, yield_bandwidth=False)
+    # No background slot: nothing may run here (the "queued" jobs would otherwise start).
+    engine = Engine(manager, transports={}, uploaders={}, yield_bandwidth=False, max_background=0)
     engine.network_probe = lambda: True
     engine.cost_probe = lambda: int(CostFlags.UNRESTRICTED)
     return engine
@@ -198,7 +206,7 @@ def run_case(jobs: int, variant: str, runs: int, parent: Path | None) -> dict[st
     share = 0.9 if variant == "finished90" else 0.0
     with tempfile.TemporaryDirectory(prefix="bh-scale.", dir=parent) as tmp:
         home = Path(tmp)
-        built = build(home, jobs, share, waiting=variant == "waiting")
+        built = build(home, jobs, share, waiting=variant == "waiting", queued=variant == "queued")
         log(f"{variant} {jobs}: created in {built['create_s']:.1f} s")
         rss_before = peak_rss_mib()
         startups = [asyncio.run(startup_once(home)) for _ in range(runs)]
@@ -215,7 +223,8 @@ def run_case(jobs: int, variant: str, runs: int, parent: Path | None) -> dict[st
         "jobs": jobs,
         "variant": variant,
         "live": states.get(int(JobState.SUSPENDED), 0)
-        + states.get(int(JobState.TRANSIENT_ERROR), 0),
+        + states.get(int(JobState.TRANSIENT_ERROR), 0)
+        + states.get(int(JobState.QUEUED), 0),
         "finished": states.get(int(JobState.CANCELLED), 0),
         **built,
         "db_bytes": size,

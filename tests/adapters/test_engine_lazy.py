@@ -232,3 +232,50 @@ def test_a_postgresql_read_model_from_before_next_due_is_upgraded(
     assert row.next_due == due_text(first.get_job(waiting.id).snapshot().modified_at)
     first.close()
     second.close()
+
+
+def test_the_engine_holds_a_window_of_the_background_queue_and_runs_it_in_order(
+    tmp_path: Path,
+) -> None:
+    """With many background jobs QUEUED, a restarted engine loads only the longest waiting
+    ones by priority (its queue window), reads the next ones as those run, and still runs
+    every job, HIGH before NORMAL, each priority oldest first."""
+    from backhaul.core.vocabulary import JobPriority
+
+    data = os.urandom(8 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[list[TransferJob], list[str], int]:
+        async with FaultServer({"/f": Served(data)}) as srv:
+            normal = [
+                new_job(manager, [(srv.url("/f"), tmp_path / f"n{i}")], priority=JobPriority.NORMAL)
+                for i in range(10)
+            ]
+            high = [
+                new_job(manager, [(srv.url("/f"), tmp_path / f"h{i}")], priority=JobPriority.HIGH)
+                for i in range(3)
+            ]
+            manager.refresh_views()
+            engine = make_engine(manager, max_background=1)
+            engine.queue_window = lambda: 4  # type: ignore[method-assign]
+            order: list[str] = []
+            engine.on("job_transferred", lambda job: order.append(job.id))
+            held: list[int] = []
+            start = engine._start
+
+            async def counted_start() -> None:
+                await start()
+                held.append(len(engine._jobs))  # what start-up loaded
+
+            engine._start = counted_start  # type: ignore[method-assign]
+            async with running(engine):
+                jobs = normal + high
+                await until(lambda: all(j.state is S.TRANSFERRED for j in jobs), "every job")
+            return jobs, order, held[0]
+
+    jobs, order, held = asyncio.run(main())
+    assert held == 4, f"the engine held {held} of 13 queued jobs at start, not its window"
+    normal, high = jobs[:10], jobs[10:]
+    assert order == [j.id for j in high] + [j.id for j in normal]
+    for job in jobs:
+        job.complete()

@@ -773,11 +773,11 @@ def profile_case(case: str, bench: Bench, names: dict[str, list[str]], top: int)
 
 @contextlib.contextmanager
 def nginx(docroot: Path) -> Iterator[Any]:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))  # tests/peers, as the tests import it
     try:
-        from tests.peers.nginx import running_nginx
+        from peers.nginx import running_nginx
     finally:
-        sys.path.remove(str(ROOT))
+        sys.path.remove(str(ROOT / "tests"))
     with running_nginx(docroot) as server:
         yield server
 

@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,11 @@ class Engine:
         # Background QUEUED jobs: the engine holds the longest-waiting ones by priority (a
         # window), and reads more from the read model as they run (``_queue_head``).
         self._queue_beyond = False  # the read model may hold queued jobs not loaded
+        self._queue_after: tuple[int, str, str] | None = None  # the last queue row read
+        # Jobs let go of while running (``_release_far``): when each is next due and when it
+        # last changed. The read model is not caught up while the engine runs (that would
+        # cost a fold per changed job), so their rows may be stale: the scans use these.
+        self._released: dict[str, tuple[datetime | None, datetime]] = {}
         self._renewed = 0.0
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
@@ -352,6 +357,7 @@ class Engine:
                 first[job_id] = rec.version
         for job_id, version in first.items():
             job = await asyncio.to_thread(self._load_before, job_id, version)
+            self._released.pop(job_id, None)
             if job is None or job.is_final:
                 self._gone[job_id] = None  # final before the engine started
                 continue
@@ -441,6 +447,7 @@ class Engine:
         if len(self._gone) >= 100_000:
             del self._gone[next(iter(self._gone))]
         self._gone[job_id] = None
+        self._released.pop(job_id, None)
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
@@ -683,13 +690,20 @@ class Engine:
         return rows + await self._queue_head(with_doc=with_doc)
 
     async def _queue_head(self, *, with_doc: bool = False) -> list[ViewRow]:
+        """The next ``queue_window`` background QUEUED rows, after the last ones read. The
+        rows of jobs the engine has not loaded are as of start-up (an event of such a job
+        loads it), so walking the queue in its order once finds each of them once."""
         window = self.queue_window()
         rows = await self._live_rows(
             states=[JobState.QUEUED],
             priorities=_BACKGROUND,
             longest_waiting=window,
+            after=self._queue_after,
             with_doc=with_doc,
         )
+        if rows:
+            last = rows[-1]
+            self._queue_after = (last.priority, last.modified_at, last.job_id)
         self._queue_beyond = len(rows) >= window
         return rows
 
@@ -704,28 +718,42 @@ class Engine:
         )
         if waiting >= self.queue_window() // 2:
             return
-        await asyncio.to_thread(self.manager.refresh_views)
-        await self._adopt(await self._queue_head())
+        await self._adopt([r.job_id for r in await self._queue_head()])
 
-    async def _adopt(self, rows: Sequence[ViewRow]) -> None:
-        """Load the jobs of these rows that the engine does not hold, each as its snapshot
-        and the events after it (ids suffice)."""
-        for row in rows:
-            job_id = row.job_id
+    async def _adopt(self, job_ids: Iterable[str], *, released: bool = False) -> None:
+        """Load these jobs unless the engine holds them, each as its read-model snapshot and
+        the events after it. Rows are stale for released jobs: those are loaded only from
+        ``_released`` (``released=True``)."""
+        for job_id in job_ids:
             if job_id in self._jobs or job_id in self._gone:
                 continue
+            if job_id in self._released and not released:
+                continue
             job = await asyncio.to_thread(self._load_before, job_id, sys.maxsize)
-            if job is None or job.is_final or job_id in self._jobs:
-                continue  # final (its events will say so), or loaded meanwhile
+            if job_id in self._jobs:
+                continue  # loaded meanwhile (an event of its own)
+            self._released.pop(job_id, None)
+            if job is None or job.is_final:
+                self._forget(job_id)  # final: never again from a stale row
+                continue
             self._jobs[job_id] = self._logged[job_id] = job
 
     async def _scan_unloaded(self, now: datetime, cutoff: datetime) -> None:
         """Load the jobs not loaded whose time is near, or that nobody changed since
-        ``cutoff`` (JobInactivityTimeout); let go of loaded jobs whose time is far."""
-        await asyncio.to_thread(self.manager.refresh_views)
-        rows = await self._rows_to_hold(now)
+        ``cutoff`` (JobInactivityTimeout); let go of loaded jobs whose time is far. The rows
+        of jobs never loaded are as of start-up, which is current for them (an event would
+        have loaded them); released jobs are looked up in ``_released``."""
+        horizon = self._horizon(now)
+        queued = [JobState.QUEUED] if self._lazy else []  # the queue is read in order
+        rows = await self._live_rows(due_by=horizon, exclude_states=queued)
         rows += await self._live_rows(modified_before=cutoff.astimezone(UTC).isoformat())
-        await self._adopt(rows)
+        await self._adopt([r.job_id for r in rows])
+        due = [
+            job_id
+            for job_id, (when, modified) in self._released.items()
+            if modified <= cutoff or (when is not None and due_text(when) <= horizon)
+        ]
+        await self._adopt(due, released=True)
         if self._lazy:
             self._release_far(now + timedelta(seconds=4 * self.idle_scan_interval), cutoff)
 
@@ -750,6 +778,7 @@ class Engine:
             self._jobs.pop(job_id, None)
             self._logged.pop(job_id, None)
             self._basis.pop(job_id, None)
+            self._released[job_id] = (when, job.modified_at)
 
     def _busy(self, job_id: str) -> bool:
         return (

@@ -115,13 +115,15 @@ class JobViews:
         due_by: str | None = None,
         priorities: Iterable[int] | None = None,
         longest_waiting: int | None = None,
+        after: tuple[int, str, str] | None = None,
     ) -> list[ViewRow]:
         """Rows ordered by creation; ``doc`` is empty unless ``with_doc``. ``states`` /
         ``exclude_states`` filter by BG_JOB_STATE; ``modified_before`` (an ISO time in UTC,
         as the rows hold it) keeps rows last modified before it; ``due_by`` (``due_text``)
         keeps rows whose ``next_due`` is set and not after it; ``priorities`` filters by
         BG_JOB_PRIORITY. ``longest_waiting=N``: only the first N rows by priority, then by
-        ``modified_at`` (the order the scheduler takes queued jobs in), in that order."""
+        ``modified_at`` (the order the scheduler takes queued jobs in), in that order, and
+        with ``after`` (a row's ``(priority, modified_at, job_id)``) only the rows after it."""
         raise NotImplementedError
 
     def count_live(self, owner: str | None) -> int:
@@ -232,6 +234,7 @@ class _SqlViews(JobViews):
         due_by: str | None = None,
         priorities: Iterable[int] | None = None,
         longest_waiting: int | None = None,
+        after: tuple[int, str, str] | None = None,
     ) -> list[ViewRow]:
         where, params = self._where(owner, include_final)
         extra, more = [], []
@@ -253,6 +256,11 @@ class _SqlViews(JobViews):
             allowed = [int(x) for x in priorities] or [-1]
             extra.append(f"priority IN ({', '.join([self.mark] * len(allowed))})")
             more += allowed
+        if after is not None:
+            extra.append(
+                f"(priority, modified_at, job_id) > ({self.mark}, {self.mark}, {self.mark})"
+            )
+            more += list(after)
         if extra:
             where = (where + " AND " if where else " WHERE ") + " AND ".join(extra)
             params = [*params, *more]
@@ -352,6 +360,7 @@ class MemoryJobViews(JobViews):
         due_by: str | None = None,
         priorities: Iterable[int] | None = None,
         longest_waiting: int | None = None,
+        after: tuple[int, str, str] | None = None,
     ) -> list[ViewRow]:
         wanted = None if states is None else {int(x) for x in states}
         excluded = {int(x) for x in exclude_states}
@@ -367,6 +376,8 @@ class MemoryJobViews(JobViews):
             ),
             key=lambda r: (r.created_at, r.job_id),
         )
+        if after is not None:
+            rows = [r for r in rows if (r.priority, r.modified_at, r.job_id) > after]
         if longest_waiting is not None:
             rows = sorted(rows, key=lambda r: (r.priority, r.modified_at, r.job_id))
             rows = rows[:longest_waiting]

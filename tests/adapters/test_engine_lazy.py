@@ -279,3 +279,50 @@ def test_the_engine_holds_a_window_of_the_background_queue_and_runs_it_in_order(
     assert order == [j.id for j in high] + [j.id for j in normal]
     for job in jobs:
         job.complete()
+
+
+def test_a_released_job_is_retried_on_time_without_catching_the_read_model_up(
+    tmp_path: Path,
+) -> None:
+    """The engine does not fold the log into the read model while it runs (that costs a
+    fold per changed job). A job that failed after start-up has a stale row (QUEUED); once
+    let go of, the engine still brings it back for its retry, from what it noted at release."""
+    clock = ManualClock()
+    data = os.urandom(16 * KiB)
+
+    async def main() -> tuple[TransferJob, int]:
+        async with FaultServer({"/f": Served(data, statuses=[503])}) as srv:
+            manager = TransferManager(home=tmp_path / "home", clock=clock)
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")], minimum_retry_delay=900)
+            manager.refresh_views()  # the row: QUEUED
+            engine = make_engine(manager)
+            catch_ups = 0
+            refresh = manager.refresh_views
+
+            def counted() -> int:
+                nonlocal catch_ups
+                catch_ups += 1
+                return refresh()
+
+            manager.refresh_views = counted  # type: ignore[method-assign]
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "the 503")
+                clock.advance(SCAN)
+                await until(lambda: job.id not in engine._jobs, "the scan to let it go")
+                row = manager.store.views.get(job.id)
+                assert row is not None and row.state == int(S.QUEUED), "the row is stale"
+                for _ in range(10):  # scans while the retry is far: not loaded again
+                    clock.advance(SCAN)
+                    await stays(lambda: job.id not in engine._jobs, "loaded from a stale row", 0.05)
+                assert len(srv.hits_for("/f")) == 1
+                clock.advance(4 * SCAN)  # 900 s after the failure: due
+                await until(lambda: job.state is S.TRANSFERRED, "the retry")
+            assert len(srv.hits_for("/f")) == 2
+            return job, catch_ups
+
+    job, catch_ups = asyncio.run(main())
+    assert catch_ups == 1, (
+        f"the engine caught the read model up {catch_ups} times, not only at start"
+    )
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data

@@ -538,6 +538,7 @@ class Freezer:
 
     def __init__(self) -> None:
         self.stalls: list[tuple[float, float]] = []  # (frozen at, thawed at) in time.time()
+        self.thaws: list[tuple[str, float, float]] = []  # (worker label, frozen at, thawed at)
         self._timers: dict[str, threading.Timer] = {}
         self._lock = threading.Lock()
 
@@ -548,7 +549,9 @@ class Freezer:
         def thaw() -> None:
             workers.thaw(life)
             with self._lock:
-                self.stalls.append((began, time.time()))
+                thawed = time.time()
+                self.stalls.append((began, thawed))
+                self.thaws.append((life.label, began, thawed))
                 self._timers.pop(life.label, None)
 
         timer = threading.Timer(seconds, thaw)
@@ -910,6 +913,42 @@ class RequestReport:
     resumed_mid_file: int
     waste_bytes: int
     worst_interruption: int
+    thawed_fetches: int = 0  # see THAW_GRACE
+
+
+# A worker frozen (SIGSTOP) between its last lease check and the moment its request reaches
+# the socket sends that request when it is thawed, whatever it checked before: no check in a
+# process can run while it is stopped. The engine re-checks its lease before every request
+# (Engine._hold_lease) and cancels the transfer once it sees the lease gone; it can never
+# append for the job again (the fence) nor publish its temp file. So a GET of a file after its
+# FileTransferred is counted apart, not failed, only when all of this holds: the worker that
+# held the job's lease when it was frozen was thawed at most THAW_GRACE seconds before the
+# request, and the request was cancelled (not served to its end). Any other refetch fails.
+THAW_GRACE = 0.5
+
+
+def _lease_holder(recs: Sequence[Rec], at: float) -> str | None:
+    """The label of the worker holding the job's lease at ``at``, by the log."""
+    holder = None
+    for x in sorted(recs, key=lambda r: r.when):
+        if x.when > at:
+            break
+        if isinstance(x.event, ev.LeaseTaken):
+            holder = x.app
+        elif isinstance(x.event, ev.LeaseReleased) and x.app == holder:
+            holder = None
+    return holder
+
+
+def _thawed_fetch(
+    r: Request, recs: Sequence[Rec], thaws: Sequence[tuple[str, float, float]]
+) -> bool:
+    if r.finished:
+        return False
+    return any(
+        thawed <= r.at <= thawed + THAW_GRACE and _lease_holder(recs, frozen) == label
+        for label, frozen, thawed in thaws
+    )
 
 
 def history(reqs: Sequence[Request], recs: Sequence[Rec]) -> str:
@@ -935,15 +974,17 @@ def check_requests(
     completed: set[str] | None = None,
     slack: float = 0.05,
     stalls: Sequence[tuple[float, float]] = (),
+    thaws: Sequence[tuple[str, float, float]] = (),
     rate: float = 0.0,
 ) -> RequestReport:
     """No refetch beyond one checkpoint interval (see the module docstring). ``completed``:
     the jobs that reached TRANSFERRED (their files must have been served to the end).
     ``stalls``: (start, end) windows in which some worker was frozen: a response to a frozen
     worker goes on filling the socket buffers at ``rate`` bytes/s, which nobody can claim, so
-    an interruption during a stall may waste that much more."""
+    an interruption during a stall may waste that much more. ``thaws``: (worker label,
+    frozen at, thawed at), for the fetches of thawed workers (``THAW_GRACE``)."""
     bad: list[str] = []
-    counts = {"requests": 0, "bodies": 0, "mid": 0}
+    counts = {"requests": 0, "bodies": 0, "mid": 0, "thawed": 0}
     waste = worst = 0
     by_job: dict[str, int] = {}
     for f in files:
@@ -956,7 +997,17 @@ def check_requests(
         bodies = [r for r in reqs if r.has_body]
         counts["bodies"] += len(bodies)
         where = f"{f.path} (job {f.job_id[:8]} file {f.index})"
+        late = {
+            id(r)
+            for r in bodies
+            if story.transferred_at is not None
+            and r.at > story.transferred_at + slack
+            and _thawed_fetch(r, streams[f.job_id], thaws)
+        }
+        counts["thawed"] += len(late)
         for r in bodies:
+            if id(r) in late:
+                continue  # a thawed worker's request, cancelled (THAW_GRACE)
             if story.transferred_at is not None and r.at > story.transferred_at + slack:
                 bad.append(
                     f"{where}: fetched again at {r.at:.3f}, after FileTransferred; "
@@ -972,7 +1023,7 @@ def check_requests(
                     f"was {expected}"
                 )
             counts["mid"] += r.start > 0
-        for prev, nxt in itertools.pairwise(bodies):
+        for prev, nxt in itertools.pairwise([r for r in bodies if id(r) not in late]):
             if prev.version != nxt.version:
                 continue
             lost = prev.stop - nxt.start
@@ -988,10 +1039,12 @@ def check_requests(
                         f"{where}: {lost} bytes served again after an interruption (bound {limit})"
                     )
         if completed is not None and f.job_id in completed:
-            last = [r for r in bodies if r.version == f.source.version]
+            last = [r for r in bodies if r.version == f.source.version and id(r) not in late]
             if not last or last[-1].stop != len(f.source.data):
                 bad.append(f"{where}: never served to its end, yet transferred")
-    return RequestReport(bad, counts["requests"], counts["bodies"], counts["mid"], waste, worst)
+    return RequestReport(
+        bad, counts["requests"], counts["bodies"], counts["mid"], waste, worst, counts["thawed"]
+    )
 
 
 def check_log_replays(streams: dict[str, list[Rec]]) -> list[str]:

@@ -90,3 +90,37 @@ def test_temp_files_are_found(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / ".f.bin.12345678-0.bhtmp").write_bytes(b"")
     assert check_no_temps([tmp_path])
+
+
+def test_only_a_thawed_lease_holders_cancelled_request_is_spared(tmp_path: Path) -> None:
+    """A GET after FileTransferred fails the run, except the one a worker sends as it is
+    thawed from a freeze that began while it held the job's lease, and that it cancels
+    (reliability_helpers.THAW_GRACE). The same GET from anyone else, later, or served to the
+    end still fails."""
+    source = Source(b"x" * 1000)
+    ref = FileRef(JOB, 0, "/f", tmp_path / "f", source)
+    recs = [
+        lease(1, 0.0, "a-1-x", "w0.0"),  # w0.0 holds the lease; it is frozen at 1.0
+        lease(2, 3.0, "b-2-y", "w1.0"),  # w1.0 takes over once the lease ran out
+        Rec(3, ev.FileTransferred(at(4.0), 0, 1000), "w1.0", 4.0),
+    ]
+    for rec in recs:
+        rec.inserted = (rec.inserted or 0) + T0.timestamp()
+    streams = {JOB: recs}
+    e = T0.timestamp()
+    whole = Request("/f", 3.1 + e, 200, 0, 1000, None, None, 1, 1000, True)
+    server = FileServer()
+
+    def report(late: Request, thaws: list[tuple[str, float, float]]) -> list[str]:
+        server.requests = [whole, late]
+        result = check_requests(server, [ref], streams, 200, completed={JOB}, thaws=thaws)
+        return result.violations
+
+    cancelled = Request("/f", 5.2 + e, 200, 0, 1000, None, None, 1, 300, False)
+    assert report(cancelled, [("w0.0", 1.0 + e, 5.0 + e)]) == []
+    assert report(cancelled, [("w1.0", 1.0 + e, 5.0 + e)]), "not the frozen lease holder"
+    assert report(cancelled, [("w0.0", 1.0 + e, 4.5 + e)]), "too long after the thaw"
+    assert report(cancelled, []), "nobody was frozen"
+    served = Request("/f", 5.2 + e, 200, 0, 1000, None, None, 1, 1000, True)
+    assert report(served, [("w0.0", 1.0 + e, 5.0 + e)]), "served to its end"
+    server._loop.close()  # never started

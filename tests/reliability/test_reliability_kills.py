@@ -171,6 +171,7 @@ def one_run(run: int, url: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> d
             PER_INTERRUPTION,
             completed=app.completed,
             stalls=freezer.stalls,
+            thaws=freezer.thaws,
             rate=RATE,
         )
         # Start-up crashes of the schema race have a test of their own
@@ -196,6 +197,7 @@ def one_run(run: int, url: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> d
             "takeovers": sum(a.app != b.app for taken in leases for a, b in pairwise(taken)),
             "waste_bytes": report.waste_bytes,
             "worst_interruption": report.worst_interruption,
+            "thawed_fetches": report.thawed_fetches,
             "bound": PER_INTERRUPTION,
             "transient_errors": [
                 f"{r.event.error.hresult:#x} {r.event.error.description}"

@@ -46,7 +46,7 @@ from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.store import ConcurrentAppend, Recorded
-from backhaul.adapters.view import ViewRow, due_text
+from backhaul.adapters.view import ViewRow, due_text, queue_key
 from backhaul.adapters.yielding import YieldController, congestion_controls
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
@@ -366,7 +366,15 @@ class Engine:
     def _load_before(self, job_id: str, version: int) -> Job | None:
         """The job as of ``version - 1``: its read-model snapshot (when not newer) and the
         events after it."""
-        row = self.store.views.get(job_id)
+        return self._fold_after(job_id, self.store.views.get(job_id), version)
+
+    def _load_latest(self, job_ids: Sequence[str]) -> dict[str, Job | None]:
+        """These jobs as the log has them now: their snapshots in a few queries, then each
+        job's events after its snapshot."""
+        rows = self.store.views.get_many(job_ids)
+        return {j: self._fold_after(j, rows.get(j), sys.maxsize) for j in job_ids}
+
+    def _fold_after(self, job_id: str, row: ViewRow | None, version: int) -> Job | None:
         job = job_of(row) if row is not None and row.version < version else None
         tail = self.store.stream(job_id, job.version if job is not None else 0)
         return jobs.fold((a.event for a in tail if a.version < version), job) or job
@@ -451,6 +459,10 @@ class Engine:
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
+        self._unload(job_id)
+
+    def _unload(self, job_id: str) -> None:
+        """Drop the engine's copies of a job (it is final, or let go of)."""
         self._jobs.pop(job_id, None)
         self._logged.pop(job_id, None)
         self._basis.pop(job_id, None)
@@ -702,8 +714,7 @@ class Engine:
             with_doc=with_doc,
         )
         if rows:
-            last = rows[-1]
-            self._queue_after = (last.priority, last.modified_at, last.job_id)
+            self._queue_after = queue_key(rows[-1])
         self._queue_beyond = len(rows) >= window
         return rows
 
@@ -724,12 +735,17 @@ class Engine:
         """Load these jobs unless the engine holds them, each as its read-model snapshot and
         the events after it. Rows are stale for released jobs: those are loaded only from
         ``_released`` (``released=True``)."""
-        for job_id in job_ids:
-            if job_id in self._jobs or job_id in self._gone:
-                continue
-            if job_id in self._released and not released:
-                continue
-            job = await asyncio.to_thread(self._load_before, job_id, sys.maxsize)
+        wanted = [
+            job_id
+            for job_id in dict.fromkeys(job_ids)
+            if job_id not in self._jobs
+            and job_id not in self._gone
+            and (released or job_id not in self._released)
+        ]
+        if not wanted:
+            return
+        loaded = await asyncio.to_thread(self._load_latest, wanted)
+        for job_id, job in loaded.items():
             if job_id in self._jobs:
                 continue  # loaded meanwhile (an event of its own)
             self._released.pop(job_id, None)
@@ -775,9 +791,7 @@ class Engine:
             logged = self._logged.get(job_id)
             if logged is None or logged.version != job.version or self._busy(job_id):
                 continue
-            self._jobs.pop(job_id, None)
-            self._logged.pop(job_id, None)
-            self._basis.pop(job_id, None)
+            self._unload(job_id)
             self._released[job_id] = (when, job.modified_at)
 
     def _busy(self, job_id: str) -> bool:
@@ -1159,9 +1173,7 @@ class Engine:
         job = self._jobs[job_id]
         window = self.file_window if not any(f.ranges for f in job.files) else 1
         order = {index: _Finisher() for index in pending}
-        previous: dict[int, int | None] = {}
-        for at, index in enumerate(pending):
-            previous[index] = pending[at - 1] if at else None
+        previous: dict[int, int | None] = dict(zip(pending, [None, *pending], strict=False))
         self._order[job_id] = (previous, order)
         running: dict[int, asyncio.Task[None]] = {}
         try:

@@ -76,6 +76,12 @@ def due_text(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+def queue_key(row: ViewRow) -> tuple[int, str, str]:
+    """Where a row stands in the queue: by priority, then longest waiting (``longest_waiting``
+    and ``after`` of ``JobViews.select``)."""
+    return (row.priority, row.modified_at, row.job_id)
+
+
 def _row(values: Sequence[Any]) -> ViewRow:
     data = list(values)
     data[3] = bool(data[3])
@@ -364,6 +370,7 @@ class MemoryJobViews(JobViews):
     ) -> list[ViewRow]:
         wanted = None if states is None else {int(x) for x in states}
         excluded = {int(x) for x in exclude_states}
+        allowed = None if priorities is None else {int(x) for x in priorities}
         rows = sorted(
             (
                 r
@@ -372,15 +379,14 @@ class MemoryJobViews(JobViews):
                 and r.state not in excluded
                 and (modified_before is None or r.modified_at < modified_before)
                 and (due_by is None or (r.next_due is not None and r.next_due <= due_by))
-                and (priorities is None or r.priority in {int(x) for x in priorities})
+                and (allowed is None or r.priority in allowed)
             ),
             key=lambda r: (r.created_at, r.job_id),
         )
         if after is not None:
-            rows = [r for r in rows if (r.priority, r.modified_at, r.job_id) > after]
+            rows = [r for r in rows if queue_key(r) > after]
         if longest_waiting is not None:
-            rows = sorted(rows, key=lambda r: (r.priority, r.modified_at, r.job_id))
-            rows = rows[:longest_waiting]
+            rows = sorted(rows, key=queue_key)[:longest_waiting]
         return rows if with_doc else [attrs.evolve(r, doc="") for r in rows]
 
     def count_live(self, owner: str | None) -> int:

@@ -49,7 +49,8 @@ Each round runs every tool of a case once, in an order rotated by one each round
 gives the median over ``--rounds`` (3) rounds, and ratios are medians of the per-round pairs.
 The single-file cases first run every tool ``--warmup`` (1) times uncounted: the first runs
 after the docroot is written were 1.3-2x slower for every tool alike (page cache and writeback
-of the freshly written source). ``sync`` runs between runs, untimed, so that no run pays for the previous one's writeback.
+of the freshly written source). ``sync`` runs between runs, untimed, so that no run pays for
+the previous one's writeback.
 Nothing is deleted while the benchmark runs (deleting many files makes creating files slow for
 minutes on this filesystem). The single-file outputs keep their names and are truncated before
 each run. For the many-file cases every run writes into a new directory, so every tool creates

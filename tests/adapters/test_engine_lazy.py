@@ -15,6 +15,7 @@ from pathlib import Path
 from test_engine import FaultServer, KiB, Served, make_engine, new_job, running, stays, until
 
 from backhaul.adapters.clock import ManualClock
+from backhaul.adapters.engine import Engine
 from backhaul.adapters.jobtable import wake_at
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.projection import catch_up
@@ -23,6 +24,19 @@ from backhaul.core.vocabulary import JobState as S
 from backhaul.core.vocabulary import NotifyFlags
 
 SCAN = 60.0  # the engine's idle_scan_interval here (its default)
+
+
+def after_start(engine: Engine) -> list[int]:
+    """Filled, once the engine's start-up has loaded its jobs, with how many it holds."""
+    held: list[int] = []
+    start = engine._start
+
+    async def counted_start() -> None:
+        await start()
+        held.append(len(engine._jobs))
+
+    engine._start = counted_start  # type: ignore[method-assign]
+    return held
 
 
 async def failed_once(
@@ -69,9 +83,11 @@ def test_a_job_waiting_for_a_far_retry_is_loaded_only_when_its_time_is_near(
             job = await failed_once(manager, srv, tmp_path / "f", retry_delay=600)
             assert len(srv.hits_for("/f")) == 1
             engine = make_engine(manager)
+            started = after_start(engine)
             async with running(engine):
-                await asyncio.sleep(0.1)
-                assert job.id not in engine._jobs, "a job waiting 600 s was loaded at start"
+                await until(lambda: bool(started), "start-up")
+                assert started == [0], "a job waiting 600 s was loaded at start"
+                assert job.id not in engine._jobs
                 clock.advance(600 - 3 * SCAN)  # the retry is 3 scans away: not yet
                 await stays(lambda: job.id not in engine._jobs, "loaded too early")
                 clock.advance(SCAN + 1)  # within two scans now
@@ -260,14 +276,7 @@ def test_the_engine_holds_a_window_of_the_background_queue_and_runs_it_in_order(
             engine.queue_window = lambda: 4  # type: ignore[method-assign]
             order: list[str] = []
             engine.on("job_transferred", lambda job: order.append(job.id))
-            held: list[int] = []
-            start = engine._start
-
-            async def counted_start() -> None:
-                await start()
-                held.append(len(engine._jobs))  # what start-up loaded
-
-            engine._start = counted_start  # type: ignore[method-assign]
+            held = after_start(engine)
             async with running(engine):
                 jobs = normal + high
                 await until(lambda: all(j.state is S.TRANSFERRED for j in jobs), "every job")

@@ -537,7 +537,6 @@ class Freezer:
     is never late because the test's own thread waits on a lock the frozen worker holds."""
 
     def __init__(self) -> None:
-        self.stalls: list[tuple[float, float]] = []  # (frozen at, thawed at) in time.time()
         self.thaws: list[tuple[str, float, float]] = []  # (worker label, frozen at, thawed at)
         self._timers: dict[str, threading.Timer] = {}
         self._lock = threading.Lock()
@@ -549,9 +548,7 @@ class Freezer:
         def thaw() -> None:
             workers.thaw(life)
             with self._lock:
-                thawed = time.time()
-                self.stalls.append((began, thawed))
-                self.thaws.append((life.label, began, thawed))
+                self.thaws.append((life.label, began, time.time()))
                 self._timers.pop(life.label, None)
 
         timer = threading.Timer(seconds, thaw)
@@ -560,6 +557,12 @@ class Freezer:
             self._timers[life.label] = timer
         timer.start()
         return life
+
+    @property
+    def stalls(self) -> list[tuple[float, float]]:
+        """(frozen at, thawed at) in time.time(), whoever was frozen."""
+        with self._lock:
+            return [(began, thawed) for _, began, thawed in self.thaws]
 
     def frozen_slots(self, workers: Workers) -> set[int]:
         with self._lock:
@@ -997,17 +1000,17 @@ def check_requests(
         bodies = [r for r in reqs if r.has_body]
         counts["bodies"] += len(bodies)
         where = f"{f.path} (job {f.job_id[:8]} file {f.index})"
-        late = {
-            id(r)
+        # A thawed worker's request, cancelled (THAW_GRACE): counted apart, checked no further.
+        thawed = [
+            r
             for r in bodies
             if story.transferred_at is not None
             and r.at > story.transferred_at + slack
             and _thawed_fetch(r, streams[f.job_id], thaws)
-        }
-        counts["thawed"] += len(late)
+        ]
+        counts["thawed"] += len(thawed)
+        bodies = [r for r in bodies if not any(r is t for t in thawed)]
         for r in bodies:
-            if id(r) in late:
-                continue  # a thawed worker's request, cancelled (THAW_GRACE)
             if story.transferred_at is not None and r.at > story.transferred_at + slack:
                 bad.append(
                     f"{where}: fetched again at {r.at:.3f}, after FileTransferred; "
@@ -1023,7 +1026,7 @@ def check_requests(
                     f"was {expected}"
                 )
             counts["mid"] += r.start > 0
-        for prev, nxt in itertools.pairwise([r for r in bodies if id(r) not in late]):
+        for prev, nxt in itertools.pairwise(bodies):
             if prev.version != nxt.version:
                 continue
             lost = prev.stop - nxt.start
@@ -1039,7 +1042,7 @@ def check_requests(
                         f"{where}: {lost} bytes served again after an interruption (bound {limit})"
                     )
         if completed is not None and f.job_id in completed:
-            last = [r for r in bodies if r.version == f.source.version and id(r) not in late]
+            last = [r for r in bodies if r.version == f.source.version]
             if not last or last[-1].stop != len(f.source.data):
                 bad.append(f"{where}: never served to its end, yet transferred")
     return RequestReport(

@@ -44,7 +44,7 @@ from backhaul.core import job as jobs
 from backhaul.core import projection as proj
 from backhaul.core.error import BitsError
 from backhaul.core.event import Event, JobCreated
-from backhaul.core.job import Job
+from backhaul.core.job import FileList, Job
 from backhaul.core.value import Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget
 
@@ -91,7 +91,7 @@ def plain(value: Any) -> Any:
         return redact_text(value)
     if attrs.has(type(value)):
         return {f.name: plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | FileList):
         return [plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}

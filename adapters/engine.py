@@ -194,6 +194,8 @@ class Engine:
         # A job's files in transfer order: index -> the file before it, and each file's slot.
         self._order: dict[str, tuple[dict[int, int | None], dict[int, _Finisher]]] = {}
         self.file_window = 8  # small files of one job in flight at once
+        # Files that finish together are synced together (one syncfs per batch).
+        self.group_sync = localfile.GroupSync()
         self.small_file = 1 * MiB
         self._stale: set[str] = set()  # jobs to reload from the log
         self.network_probe: Callable[[], bool] = network_up
@@ -1482,7 +1484,7 @@ class Engine:
         async def finish() -> None:
             try:
                 try:
-                    await asyncio.to_thread(os.fdatasync, fd)
+                    await self.group_sync.sync(fd)
                     if last_modified is not None:
                         stamp = last_modified.timestamp()
                         with contextlib.suppress(OSError):

@@ -6,13 +6,17 @@
   engine recorded them transferred), then fsyncs each directory once, so a crash leaves
   either the old name or the whole new file.
 - Cancel deletes every temp file; files already published by Complete are not touched.
+- ``GroupSync`` makes the bytes of files that finish together durable with one call: a
+  ``syncfs(2)`` of their filesystem (one journal commit) instead of an ``fdatasync`` each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from backhaul.core import hresult
@@ -81,6 +85,104 @@ def check_local_names(job_type: JobType, local_names: Iterable[str]) -> None:
     check = check_destination if job_type is JobType.DOWNLOAD else check_source
     for name in local_names:
         check(name)
+
+
+class GroupSync:
+    """Group commit for file data. ``await sync(fd)`` returns once the bytes written to
+    ``fd`` are on disk. Callers that come while a batch is being synced wait for the
+    next batch, so one call serves all the files that finished meanwhile (the small
+    files of a many-file job finish about every 0.1 ms, an ``fdatasync`` each costs a
+    journal commit, and those commits also stall every file creation behind them).
+
+    A batch of one file on a filesystem is an ``fdatasync``. Two or more on one
+    filesystem are one ``syncfs(2)`` (Linux): it flushes everything dirty on that
+    filesystem, so it may also write other files' pages early, never later. When
+    ``syncfs`` fails (an earlier writeback error anywhere on the filesystem), each file
+    of the batch is ``fdatasync``ed, so that every caller gets its own file's answer."""
+
+    def __init__(self, syncfs: Callable[[int], None] | None = None, *, lookup: bool = True) -> None:
+        # Without a ``syncfs``: libc's, looked up at the first batch that needs one, unless
+        # ``lookup`` is False (then every file gets its own fdatasync).
+        self._syncfs = syncfs
+        self._lookup = syncfs is None and lookup
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self._drain: asyncio.Task[None] | None = None
+        self.batches = 0  # syncfs calls, for the benchmarks and tests
+        self.files = 0
+
+    async def sync(self, fd: int) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((fd, future))
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.create_task(self._run())
+        await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                errors = await asyncio.to_thread(self._sync_all, [fd for fd, _ in batch])
+            except BaseException as exc:  # cancelled, or a bug: nobody may hang
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                raise
+            for (_, future), error in zip(batch, errors, strict=True):
+                if future.done():
+                    continue
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    def _sync_all(self, fds: Sequence[int]) -> list[OSError | None]:
+        """In a worker thread: each fd's error (None: synced)."""
+        by_device: dict[int, list[int]] = {}
+        errors: dict[int, OSError | None] = {}
+        for fd in fds:
+            try:
+                by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
+            except OSError as exc:
+                errors[fd] = exc
+        if self._lookup and any(len(group) > 1 for group in by_device.values()):
+            self._syncfs, self._lookup = _syncfs(), False
+        for group in by_device.values():
+            if len(group) > 1 and self._syncfs is not None:
+                try:
+                    self._syncfs(group[0])
+                except OSError:
+                    pass  # find out whose: one fdatasync each, below
+                else:
+                    self.batches += 1
+                    self.files += len(group)
+                    errors.update(dict.fromkeys(group))
+                    continue
+            for fd in group:
+                try:
+                    os.fdatasync(fd)
+                    errors[fd] = None
+                except OSError as exc:
+                    errors[fd] = exc
+        return [errors[fd] for fd in fds]
+
+
+def _syncfs() -> Callable[[int], None] | None:
+    """libc's ``syncfs(2)``, or None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+    def syncfs(fd: int) -> None:
+        if call(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return syncfs
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -27,7 +27,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
 from backhaul.core import event as ev
-from backhaul.core.job import Job
+from backhaul.core.job import FileList, FileState, Job
 from backhaul.core.value import Sealed
 
 HASH_KEY: Final = "h"
@@ -38,6 +38,13 @@ converter.register_unstructure_hook(datetime, lambda d: d.isoformat())
 converter.register_structure_hook(datetime, lambda s, _: datetime.fromisoformat(s))
 converter.register_unstructure_hook(Sealed, lambda s: {"sealed": s.token})
 converter.register_structure_hook(Sealed, lambda d, _: Sealed(d["sealed"]))
+# A job's files: stored as the list they always were.
+converter.register_unstructure_hook(
+    FileList, lambda files: [converter.unstructure(f, FileState) for f in files]
+)
+converter.register_structure_hook(
+    FileList, lambda data, _: FileList(converter.structure(f, FileState) for f in data)
+)
 
 EVENT_CLASSES: Mapping[str, type[ev.Event]] = MappingProxyType(
     {cls.__name__: cls for cls in ev.EVENT_TYPES}

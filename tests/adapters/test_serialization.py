@@ -38,7 +38,7 @@ from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core.command import SetSetting
-from backhaul.core.job import Job, fold
+from backhaul.core.job import FileList, Job, fold
 from backhaul.core.value import (
     ByteRange,
     ClientCertificate,
@@ -257,6 +257,9 @@ def test_a_folded_job_survives_the_round_trip_through_a_dict(tmp_path: Path) -> 
     assert job.proxy == ProxySettings(int(ProxyUsage.OVERRIDE), "http=proxy:8080", "<local>")
     assert job_from_dict(job_to_dict(job)) == job
     assert json_round_trip(job) == job
+    # The files are stored as the plain list they always were, and come back as a FileList.
+    assert isinstance(job_to_dict(job)["files"], list)
+    assert type(json_round_trip(job).files) is FileList
 
 
 @settings(max_examples=60, deadline=None)

@@ -249,8 +249,16 @@ class LazyTransports(Mapping[str, P], Generic[P]):
     def __init__(self, registry: TransportRegistry | None = None) -> None:
         self.registry = registry if registry is not None else default_registry()
         self._made: dict[str, P] = {}  # by object path
+        self._by_scheme: dict[str, P] = {}  # by scheme as asked (the registry never changes)
 
     def __getitem__(self, scheme: str) -> P:
+        made = self._by_scheme.get(scheme)
+        if made is not None:
+            return made
+        made = self._by_scheme[scheme] = self._build(scheme)
+        return made
+
+    def _build(self, scheme: str) -> P:
         scheme = scheme.lower()
         if scheme not in self.registry.schemes():
             raise KeyError(scheme)

@@ -192,6 +192,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import os
@@ -1169,6 +1170,11 @@ def _digits(text: str) -> bool:
 def _http_date(value: str | None) -> datetime | None:
     if not value:
         return None
+    return _parsed_date(value)
+
+
+@functools.lru_cache(maxsize=256)  # files served together share their Last-Modified
+def _parsed_date(value: str) -> datetime | None:
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -1646,6 +1652,16 @@ class HttpTransport:
         proxy: URL | None,
     ) -> aiohttp.ClientResponse:
         credentials = options.credentials
+        if proxy is None and not credentials:
+            # Nothing to send first and no challenge we could answer: the one exchange the
+            # loop below would make (a custom Proxy-Authorization goes to nobody).
+            return await self._current_session().request(
+                method,
+                target,
+                headers=[(n, v) for n, v in headers if n.lower() != "proxy-authorization"],
+                ssl=tls if tls is not None else True,
+                allow_redirects=False,
+            )
         spaces = self._digest_spaces
         server = _Authenticator(
             AuthTarget.SERVER, credentials if answer_server else (), spaces, str(target.origin())

@@ -216,6 +216,27 @@ async def tls_origin(pki: Pki, seen: list[Mapping[str, str]]) -> AsyncIterator[s
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("with_credentials", [False, True])
+def test_a_custom_proxy_authorization_goes_to_nobody_without_a_proxy(
+    pki: Pki, with_credentials: bool
+) -> None:
+    seen: list[Mapping[str, str]] = []
+    server = PlainCredentials(int(AuthTarget.SERVER), int(AuthScheme.BASIC), "u", "p")
+    options = RequestOptions(
+        custom_headers=(("Proxy-Authorization", "Basic c2VjcmV0OnNlY3JldA=="), ("X-Job", "42")),
+        credentials=(server,) if with_credentials else (),
+    )
+
+    async def body(t: HttpTransport) -> bytes:
+        async with tls_origin(pki, seen) as url:
+            return await read_all(await t.open(url, options))
+
+    assert run(body, ca_bundle=pki.ca_pem) == b"origin\n"
+    received = {k.lower(): v for k, v in seen[0].items()}
+    assert received["x-job"] == "42" and "proxy-authorization" not in received
+    assert ("authorization" in received) is with_credentials
+
+
 def test_proxy_credentials_never_travel_inside_the_tunnel(
     squid_server: SquidServer, pki: Pki
 ) -> None:

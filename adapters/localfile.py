@@ -193,11 +193,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def publish(job: Job, indexes: Iterable[int]) -> list[int]:
+def publish(job: Job, indexes: Iterable[int], dirs: set[Path] | None = None) -> list[int]:
     """Rename the whole files into place. Raises BitsError on the first failure; the
-    files renamed before it stay renamed (BITS keeps them available too)."""
+    files renamed before it stay renamed (BITS keeps them available too). ``dirs``: a
+    batch's set of directories to fsync once after all its renames (``sync_dirs``);
+    without it, the directories of this job are fsynced here."""
     done: list[int] = []
-    dirs: set[Path] = set()
+    own = dirs is None
+    dirs = set() if dirs is None else dirs
     for i in indexes:
         f = job.files[i]
         tmp = file_temp(job, i)
@@ -215,9 +218,15 @@ def publish(job: Job, indexes: Iterable[int]) -> list[int]:
             raise BitsError(os_hresult(exc), f"cannot publish {target}: {exc.strerror}") from exc
         done.append(i)
         dirs.add(target.parent)
+    if own:
+        sync_dirs(dirs)
+    return done
+
+
+def sync_dirs(dirs: Iterable[Path]) -> None:
+    """Make the renames in these directories durable (one fsync each)."""
     for d in dirs:
         _fsync_dir(d)
-    return done
 
 
 def _already_published(target: Path, f: FileState) -> bool:

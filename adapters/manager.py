@@ -123,6 +123,7 @@ class TransferManager:
         self._pending: list[tuple[str, int, list[Event]]] | None = None
         self._pending_index: dict[str, int] = {}  # job id -> its last entry in _pending
         self._listings: dict[Path, list[str]] = {}  # temp files by directory, per batch
+        self._renamed_dirs: set[Path] = set()  # directories a batch's Completes renamed in
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
 
@@ -261,13 +262,14 @@ class TransferManager:
             return
         pending: list[tuple[str, int, list[Event]]] = []
         self._pending, self._before_commit, self._after_commit = pending, [], []
-        self._pending_index, self._listings = {}, {}
+        self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
         try:
             yield
             before, after = self._before_commit, self._after_commit
             self._pending = None
             for action in before:
                 action()  # Complete publishes its files before its event is appended
+            localfile.sync_dirs(self._renamed_dirs)  # once per directory for the batch
             if pending:
                 self.store.append_many(pending)
             for action in after:
@@ -278,7 +280,7 @@ class TransferManager:
             raise
         finally:
             self._pending = None
-            self._pending_index, self._listings = {}, {}
+            self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
             self._before_commit, self._after_commit = [], []
 
     # -- the command path --------------------------------------------------------------
@@ -782,21 +784,25 @@ class TransferJob:
         decided = cmd.decide(job, cmd.Complete(), self._manager.clock.now(), self._manager.limits)
         kept = decided[0].files_kept  # type: ignore[attr-defined]
 
+        batched = self._manager._pending is not None
+        # In a batch, each directory is fsynced once, after every rename of the batch.
+        dirs = self._manager._renamed_dirs if batched else None
+
         def publish() -> None:
             if job.job_type is JobType.DOWNLOAD:
-                localfile.publish(job, kept)
+                localfile.publish(job, kept, dirs)
             if job.job_type is JobType.UPLOAD_REPLY:
                 localfile.publish_reply(job)
 
         # In a batch the jobs share one listing of each directory (taken after every
         # publish of the batch); alone, the job lists its directories itself.
-        listings = self._manager._listings if self._manager._pending is not None else None
+        listings = self._manager._listings if batched else None
 
         def discard() -> None:
             if job.job_type is JobType.DOWNLOAD:
                 localfile.discard(job, listings)
 
-        if self._manager._pending is not None:  # in a batch: files move at its commit
+        if batched:  # in a batch: files move at its commit
             events = self._manager.execute(self.id, cmd.Complete(kept))
             self._manager._before_commit.append(publish)
             self._manager._after_commit.append(discard)

@@ -1196,10 +1196,11 @@ def test_add_files_records_the_file_specs_as_given(
 
 
 def test_a_batch_of_cancels_and_completes_deletes_each_jobs_temp_files_only(
-    manager: TransferManager, tmp_path: Path
+    manager: TransferManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Jobs completed and cancelled in one batch share one listing of their directory: each
-    still deletes all of its own temp files (its workers' too), and nobody else's."""
+    still deletes all of its own temp files (its workers' too), and nobody else's. Their
+    directory is fsynced once for the batch, after the renames and before the events."""
     dest = tmp_path / "shared"
     dest.mkdir()
 
@@ -1227,6 +1228,12 @@ def test_a_batch_of_cancels_and_completes_deletes_each_jobs_temp_files_only(
     partial = [running(f"partial{n}", 2) for n in range(3)]
     kept = running("kept", 1)
     temps = {job.id: temps_of(job) for job in [*partial, kept]}
+    synced: list[tuple[Path, str]] = []
+
+    def last_stored(job: TransferJob) -> str:
+        return type(list(manager.store.stream(job.id))[-1].event).__name__
+
+    monkeypatch.setattr(localfile, "_fsync_dir", lambda d: synced.append((d, last_stored(done[0]))))
     with manager.batch():
         for job in done:
             assert job.complete() == hresult.S_OK
@@ -1239,3 +1246,4 @@ def test_a_batch_of_cancels_and_completes_deletes_each_jobs_temp_files_only(
     published = sorted(p.name for p in dest.iterdir() if not p.name.endswith(".bhtmp"))
     assert published == ["done0-0.bin", "done1-0.bin", "done2-0.bin"]
     assert all((dest / name).read_bytes() == b"0123456789" for name in published)
+    assert synced == [(dest, "JobTransferred")]  # once, before JobCompleted was stored

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -190,9 +190,8 @@ class Engine:
         self._bg_sockets: set[Any] = set()
         self._reply_sessions: dict[str, UploadSession] = {}
         self._validators: dict[str, ServerCertificateValidator] = {}
-        self._finishing: dict[str, list[_Finisher]] = {}
-        # A job's files in transfer order: index -> the file before it, and each file's slot.
-        self._order: dict[str, tuple[dict[int, int | None], dict[int, _Finisher]]] = {}
+        self._finishing: dict[str, asyncio.Task[None]] = {}  # each job's claimer
+        self._order: dict[str, _FileRun] = {}  # each downloading job's files in flight
         self.file_window = 8  # small files of one job in flight at once
         # Files that finish together are synced together (one syncfs per batch).
         self.group_sync = localfile.GroupSync()
@@ -1171,38 +1170,30 @@ class Engine:
         """The job's files, started in order. Small files overlap: up to ``file_window``
         are in flight while every one in flight is small (<= ``small_file``); a large
         file runs alone, as BITS runs a job's files one after the other. FileTransferred
-        events stay in file order whatever finishes first (see ``_finish_behind``)."""
+        events stay in file order whatever finishes first (see ``_claim_files``)."""
         job = self._jobs[job_id]
         window = self.file_window if not any(f.ranges for f in job.files) else 1
-        order = {index: _Finisher() for index in pending}
-        previous: dict[int, int | None] = dict(zip(pending, [None, *pending], strict=False))
-        self._order[job_id] = (previous, order)
+        run = _FileRun(pending)
+        self._order[job_id] = run
+        claimer = asyncio.create_task(self._claim_files(job_id, run))
+        self._finishing[job_id] = claimer
         running: dict[int, asyncio.Task[None]] = {}
         try:
             for index in pending:
                 while running and (
                     len(running) >= window
-                    or any(order[i].large for i in running)
-                    or not all(order[i].sized.is_set() for i in running)
+                    or not run.large.isdisjoint(running)
+                    or not run.unsized.isdisjoint(running)
                 ):
-                    # Only the sizes not known yet: waiting on a set event would return at
-                    # once, and this loop would spin until a file finishes.
-                    sizes = [
-                        asyncio.create_task(order[i].sized.wait())
-                        for i in running
-                        if not order[i].sized.is_set()
-                    ]
-                    await asyncio.wait(
-                        [*running.values(), *sizes], return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for waiter in sizes:
-                        waiter.cancel()
-                    done = [t for t in running.values() if t.done()]
-                    for task in done:
-                        task.result()  # the first failure stops the job's transfer
-                    running = {i: t for i, t in running.items() if not t.done()}
+                    run.changed.clear()
+                    await run.changed.wait()  # a file in flight got its size, or ended
+                    for i in [i for i, t in running.items() if t.done()]:
+                        running.pop(i).result()  # the first failure stops the job's transfer
+                if claimer.done():
+                    break  # claiming failed: _finished_files tells why
+                run.unsized.add(index)
                 task = asyncio.create_task(self._download_file(job_id, index))
-                task.add_done_callback(lambda _t, slot=order[index]: slot.sized.set())
+                task.add_done_callback(lambda _t, i=index: run.ended(i))
                 running[index] = task
             for task in running.values():
                 await task
@@ -1212,10 +1203,69 @@ class Engine:
             for task in running.values():
                 with contextlib.suppress(BaseException):
                     await task
-            for slot in order.values():
-                if not hasattr(slot, "task"):
-                    slot.close()  # never got to finishing: nobody may wait for it
+            run.close()  # the files that never finished: the claiming stops at the first
             self._order.pop(job_id, None)
+
+    async def _claim_files(self, job_id: str, run: _FileRun) -> None:
+        """Claim the files of ``run`` in file order, whatever order they finish in: a
+        batch at a time, every finished file from the next one to claim on. A batch is
+        synced together (one ``syncfs``, ``GroupSync``), then each file gets its time
+        stamp, its ACLs and its FileTransferred. Claiming stops at the first file that
+        ended without finishing (the files after it keep their temp files, unclaimed),
+        or at the first error, which ``_finished_files`` raises."""
+        futures: list[asyncio.Future[list[ev.Event]]] = []
+        try:
+            while True:
+                batch = run.take()
+                if not batch:
+                    if run.blocked():
+                        break  # done, or the next file ended without finishing
+                    run.ready.clear()
+                    await run.ready.wait()
+                    continue
+                try:
+                    errors = await self.group_sync.sync_many(
+                        [f.fd for f in batch],
+                        [f.last_modified.timestamp() if f.last_modified else None for f in batch],
+                    )
+                    for f, error in zip(batch, errors, strict=True):
+                        f.close()
+                        if error is not None:
+                            raise _local_error(error, f.tmp)
+                        await self._keep_security(job_id, f.index)
+                        try:
+                            command = cmd.FinishFile(f.index, f.size, f.digest)
+                            futures.append(self._enqueue(job_id, command))
+                        except BitsError as exc:
+                            raise JobGone(str(exc)) from exc
+                        run.claimed(f.index)
+                finally:
+                    for f in batch:
+                        f.close()
+                # A failed append stops the claiming (the writer has reloaded the job).
+                for future in futures:
+                    if future.done():
+                        _committed(future)
+                futures = [f for f in futures if not f.done()]
+        finally:
+            run.stop()
+        for future in futures:
+            await asyncio.wait([future])
+            _committed(future)
+
+    async def _claimed_before(self, job_id: str, index: int) -> None:
+        """Wait until the files before ``index`` are claimed (``index`` claims itself)."""
+        run = self._order.get(job_id)
+        if run is None:
+            return
+        while not run.reached(index):
+            run.advanced.clear()
+            await run.advanced.wait()
+        claimer = self._finishing.get(job_id)
+        if claimer is not None and claimer.done():
+            claimer.result()  # claiming stopped with an error: tell it
+        if run.cursor < run.position[index]:
+            raise JobGone(f"an earlier file of job {job_id} did not finish")
 
     async def _take_over_file(self, job_id: str, index: int) -> None:
         """Resuming bytes another worker (or an engine without leases) checkpointed: copy
@@ -1278,10 +1328,9 @@ class Engine:
             )
         try:
             remote = download.remote
-            slot = self._order.get(job_id, ({}, {}))[1].get(index)
-            if slot is not None:
-                slot.large = remote.size is None or remote.size > self.small_file
-                slot.sized.set()
+            run = self._order.get(job_id)
+            if run is not None:
+                run.sized(index, large=remote.size is None or remote.size > self.small_file)
             if remote.size is None and not job.dynamic_content:
                 raise TransferError(
                     hresult.BG_E_MISSING_FILE_SIZE,
@@ -1349,9 +1398,12 @@ class Engine:
                 await download.aclose()
             local += length
             done = local
-        await self._finished_files(job_id)  # the files before this one are claimed first
+        await self._claimed_before(job_id, index)  # FileTransferred stays in file order
         await self._keep_security(job_id, index)
         await self._finish_file(job_id, index, total, None)
+        run = self._order.get(job_id)
+        if run is not None:
+            run.claimed(index)
 
     async def _receive(
         self,
@@ -1365,16 +1417,18 @@ class Engine:
         """Stream the body into the temp file at ``position`` (local offset)."""
         job = self._jobs[job_id]
         f = job.files[index]
-        tmp = localfile.temp_path(job_id, index, f.local_name, self.worker)
+        tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
         total = range_end[1] if range_end else remote.size
         digest = _hasher(f.spec.expected_digest) if range_end is None else None
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666)
+            # From byte 0 the open truncates; from a checkpoint the bytes after it go.
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if position else os.O_TRUNC), 0o666)
         except OSError as exc:
             raise _local_error(exc, tmp) from exc
         pending: asyncio.Task[None] | None = None
         try:
-            os.ftruncate(fd, position)
+            if position:
+                os.ftruncate(fd, position)
             if digest is not None and position:
                 await asyncio.to_thread(_hash_prefix, fd, position, digest)
             synced, last = position, time.monotonic()
@@ -1433,16 +1487,17 @@ class Engine:
                 )
             if digest is not None:
                 self._verify(f.spec.expected_digest, digest, f.remote_name)
-            # The rest (fdatasync, timestamps, ACLs, FileTransferred) runs behind the next
-            # file's transfer; the file's fd goes with it.
-            finisher = self._finish_behind(
-                job_id,
-                index,
-                fd,
-                tmp,
-                position,
-                f"{digest.name}:{digest.hexdigest()}" if digest else None,
-                remote.last_modified,
+            # The rest (sync, time stamp, ACLs, FileTransferred) is the claimer's, behind
+            # the next files' transfers; the file's fd goes with it.
+            self._order[job_id].finish(
+                _Finished(
+                    index,
+                    fd,
+                    tmp,
+                    position,
+                    f"{digest.name}:{digest.hexdigest()}" if digest else None,
+                    remote.last_modified,
+                )
             )
             fd = -1
         finally:
@@ -1456,72 +1511,12 @@ class Engine:
                 os.close(fd)
             self.live_progress.pop((job_id, index), None)
             self._bg_sockets.discard(getattr(download, "socket", None))
-        del finisher  # it runs on; _run_job waits for the chain
-
-    def _finish_behind(
-        self,
-        job_id: str,
-        index: int,
-        fd: int,
-        tmp: Path,
-        size: int,
-        digest: str | None,
-        last_modified: datetime | None,
-    ) -> _Finisher:
-        """Finish a file in the background: sync it, then claim it in the log, after the
-        files before it (FileTransferred stays in file order). ``_run_job`` awaits the
-        chain before the job is declared transferred."""
-        ordered = self._order.get(job_id)
-        if ordered is not None and index in ordered[1]:
-            previous, slots = ordered
-            prior = previous[index]
-            before = slots[prior] if prior is not None else None
-            finisher = slots[index]
-        else:
-            before = self._finishing.get(job_id)
-            finisher = _Finisher()
-
-        async def finish() -> None:
-            try:
-                try:
-                    await self.group_sync.sync(fd)
-                    if last_modified is not None:
-                        stamp = last_modified.timestamp()
-                        with contextlib.suppress(OSError):
-                            os.utime(tmp, (stamp, stamp))
-                except OSError as exc:
-                    raise _local_error(exc, tmp) from exc
-                finally:
-                    os.close(fd)
-                if before is not None:
-                    await before.enqueued.wait()
-                    if before.failed:
-                        raise JobGone(job_id)  # an earlier file failed: its error is reported
-                await self._keep_security(job_id, index)
-                future = self._enqueue(job_id, cmd.FinishFile(index, size, digest))
-                finisher.enqueued.set()
-                await future
-            except BitsError as exc:
-                finisher.failed = True
-                raise JobGone(str(exc)) from exc
-            except BaseException:
-                finisher.failed = True
-                raise
-            finally:
-                finisher.enqueued.set()
-
-        finisher.task = asyncio.create_task(finish())
-        self._finishing.setdefault(job_id, [])  # type: ignore[arg-type]
-        self._finishing[job_id].append(finisher)  # type: ignore[attr-defined]
-        return finisher
 
     async def _finished_files(self, job_id: str) -> None:
-        """Wait for the files still finishing in the background (raises the first error)."""
-        finishers = self._finishing.pop(job_id, [])
-        results = await asyncio.gather(*(f.task for f in finishers), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        """Wait for the claiming of the files that finished (raises its first error)."""
+        claimer = self._finishing.pop(job_id, None)
+        if claimer is not None:
+            await claimer
 
     def _check_size(self, job: Job, position: int) -> None:
         limit = job.max_download_size
@@ -1775,23 +1770,127 @@ _NOTIFIED = (JobState.TRANSFERRED, JobState.ERROR)  # the states a notify comman
 _UNBLOCKED = (JobState.QUEUED, *_RUNNING)
 
 
-class _Finisher:
-    """A file finishing in the background: ``enqueued`` is set once its FileTransferred
-    is decided (or it failed), so the next file's follows it in the log. ``large``: its
-    size is over the small-file limit (no other file of the job overlaps it)."""
+def _committed(future: asyncio.Future[list[ev.Event]]) -> None:
+    """A claimed file's append is done: raise its failure (a refused FileTransferred means
+    the job moved on: JobGone)."""
+    try:
+        future.result()
+    except BitsError as exc:
+        raise JobGone(str(exc)) from exc
 
-    def __init__(self) -> None:
-        self.enqueued = asyncio.Event()
-        self.task: asyncio.Task[None]
-        self.failed = False
-        self.large = False
-        self.sized = asyncio.Event()  # the file's size is known (or its transfer ended)
+
+@attrs.define(eq=False)
+class _Finished:
+    """A file whose bytes are all written, waiting to be claimed: its fd is still open."""
+
+    index: int
+    fd: int
+    tmp: str
+    size: int
+    digest: str | None
+    last_modified: datetime | None
 
     def close(self) -> None:
-        """The file's transfer ended without finishing: later files must not wait."""
-        if not self.enqueued.is_set():
-            self.failed = True
-            self.enqueued.set()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+_ENDED: Final = None  # a file whose transfer ended without finishing
+_TAKEN: Final = "taken"  # finished, and in the claimer's hands
+_CLAIMED: Final = "claimed"  # its FileTransferred is decided
+
+
+class _FileRun:
+    """One ``_download_files`` of a job: the window's view of the files in flight (which
+    are large, which have no size yet), and the files that finished, which the claimer
+    takes in file order."""
+
+    def __init__(self, order: Sequence[int]) -> None:
+        self.order = list(order)
+        self.position = {index: i for i, index in enumerate(self.order)}
+        self.large: set[int] = set()
+        self.unsized: set[int] = set()  # in flight, no size yet
+        self.changed = asyncio.Event()  # a file in flight got its size, or ended
+        self.done: dict[int, _Finished | str | None] = {}
+        self.cursor = 0  # position in ``order`` of the next file to claim
+        self.ready = asyncio.Event()  # a file finished or ended: the claimer may go on
+        self.advanced = asyncio.Event()  # the cursor moved, or the claiming stopped
+        self.stopped = False
+
+    # -- the window ----------------------------------------------------------------------
+
+    def sized(self, index: int, *, large: bool) -> None:
+        self.unsized.discard(index)
+        if large:
+            self.large.add(index)
+        self.changed.set()
+
+    def ended(self, index: int) -> None:
+        """The file's task is over: finished, claimed by itself, or not."""
+        self.unsized.discard(index)
+        self.large.discard(index)
+        self.changed.set()
+        if index not in self.done:
+            self.done[index] = _ENDED
+            self.ready.set()
+
+    def close(self) -> None:
+        """The run is over: the files that never finished ended."""
+        for index in self.order:
+            self.done.setdefault(index, _ENDED)
+        self.ready.set()
+        self.changed.set()
+
+    # -- claiming ------------------------------------------------------------------------
+
+    def finish(self, finished: _Finished) -> None:
+        if self.stopped:
+            finished.close()  # nobody claims it any more: its temp file stays, unclaimed
+            return
+        self.done[finished.index] = finished
+        self.ready.set()
+
+    def take(self) -> list[_Finished]:
+        """The finished files from the cursor on, in order: now the claimer's."""
+        batch: list[_Finished] = []
+        for at in range(self.cursor, len(self.order)):
+            index = self.order[at]
+            entry = self.done.get(index)
+            if not isinstance(entry, _Finished):
+                break
+            self.done[index] = _TAKEN
+            batch.append(entry)
+        return batch
+
+    def claimed(self, index: int) -> None:
+        """``index`` has its FileTransferred decided: the cursor moves past it (and past
+        the files after it that claimed themselves)."""
+        self.done[index] = _CLAIMED
+        while self.cursor < len(self.order) and (
+            self.done.get(self.order[self.cursor]) == _CLAIMED
+        ):
+            self.cursor += 1
+        self.advanced.set()
+        self.ready.set()
+
+    def blocked(self) -> bool:
+        """Nothing more to claim: every file is claimed, or the next one ended."""
+        if self.cursor >= len(self.order):
+            return True
+        index = self.order[self.cursor]
+        return index in self.done and self.done[index] is _ENDED
+
+    def reached(self, index: int) -> bool:
+        return self.stopped or self.cursor >= self.position[index]
+
+    def stop(self) -> None:
+        self.stopped = True
+        for index, entry in list(self.done.items()):
+            if isinstance(entry, _Finished):
+                entry.close()
+                self.done[index] = _ENDED
+        self.advanced.set()
 
 
 def _take_over(source: Path, target: Path, length: int) -> None:
@@ -1938,7 +2037,7 @@ def _hash_prefix(fd: int, length: int, digest: Any) -> None:
         done += len(block)
 
 
-def _local_error(exc: OSError, path: Path) -> TransferError:
+def _local_error(exc: OSError, path: Path | str) -> TransferError:
     import errno
 
     transient = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import sys
@@ -32,9 +33,14 @@ def temp_path(job_id: str, index: int, local_name: str, worker: str | None = Non
     """The file's temp name. With several engines on one store (leases), each worker
     writes its own temp file, so a worker that lost its lease can never touch the bytes
     of the one that took over; ``worker`` is then part of the name."""
-    path = Path(local_name)
+    return Path(temp_name(job_id, index, local_name, worker))
+
+
+def temp_name(job_id: str, index: int, local_name: str, worker: str | None = None) -> str:
+    """``temp_path`` as a string (no Path object: the engine's per-file path)."""
+    directory, name = os.path.split(local_name)
     tag = f".{_safe(worker)}" if worker else ""
-    return path.with_name(f".{path.name}.{job_id[:8]}-{index}{tag}{TEMP_SUFFIX}")
+    return os.path.join(directory, f".{name}.{job_id[:8]}-{index}{tag}{TEMP_SUFFIX}")
 
 
 def file_temp(job: Job, index: int) -> Path:
@@ -105,38 +111,60 @@ class GroupSync:
         # ``lookup`` is False (then every file gets its own fdatasync).
         self._syncfs = syncfs
         self._lookup = syncfs is None and lookup
-        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiting: list[
+            tuple[Sequence[int], Sequence[float | None], asyncio.Future[list[OSError | None]]]
+        ] = []
         self._drain: asyncio.Task[None] | None = None
         self.batches = 0  # syncfs calls, for the benchmarks and tests
         self.files = 0
 
     async def sync(self, fd: int) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((fd, future))
+        error = (await self.sync_many([fd]))[0]
+        if error is not None:
+            raise error
+
+    async def sync_many(
+        self, fds: Sequence[int], stamps: Sequence[float | None] | None = None
+    ) -> list[OSError | None]:
+        """Sync these files (with whatever else is waiting); each one's error, or None.
+        ``stamps``: a modification time to give each file once synced (None: leave it), in
+        the same worker thread; a file whose time cannot be set keeps the one it has."""
+        future: asyncio.Future[list[OSError | None]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((fds, stamps or [None] * len(fds), future))
         if self._drain is None or self._drain.done():
             self._drain = asyncio.create_task(self._run())
-        await future
+        return await future
 
     async def _run(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
+            fds = [fd for group, _, _ in batch for fd in group]
+            stamps = [stamp for _, times, _ in batch for stamp in times]
             try:
-                errors = await asyncio.to_thread(self._sync_all, [fd for fd, _ in batch])
+                errors = await asyncio.to_thread(self._sync_all, fds, stamps)
             except BaseException as exc:  # cancelled, or a bug: nobody may hang
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 raise
-            for (_, future), error in zip(batch, errors, strict=True):
-                if future.done():
-                    continue
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
+            start = 0
+            for group, _, future in batch:
+                if not future.done():
+                    future.set_result(errors[start : start + len(group)])
+                start += len(group)
 
-    def _sync_all(self, fds: Sequence[int]) -> list[OSError | None]:
-        """In a worker thread: each fd's error (None: synced)."""
+    def _sync_all(
+        self, fds: Sequence[int], stamps: Sequence[float | None] | None = None
+    ) -> list[OSError | None]:
+        """In a worker thread: each fd's error (None: synced), then the time stamps."""
+        errors = self._sync_each(fds)
+        for fd, stamp, error in zip(fds, stamps or (), errors, strict=False):
+            if stamp is not None and error is None:
+                with contextlib.suppress(OSError):
+                    os.utime(fd, (stamp, stamp))
+        return errors
+
+    def _sync_each(self, fds: Sequence[int]) -> list[OSError | None]:
         by_device: dict[int, list[int]] = {}
         errors: dict[int, OSError | None] = {}
         for fd in fds:

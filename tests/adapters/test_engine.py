@@ -355,6 +355,77 @@ def trickle(data: bytes, **options: Any) -> Served:
     return Served(data, **options)
 
 
+def open_temp_files(directory: Path) -> list[str]:
+    """The temp files under ``directory`` this process holds open."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)) and target.endswith(localfile.TEMP_SUFFIX):
+                held.append(target)
+    return held
+
+
+# =================================================================================================
+# Small files in flight together: claimed in file order
+# =================================================================================================
+
+
+def test_small_files_that_finish_out_of_order_are_claimed_in_file_order(tmp_path: Path) -> None:
+    """The first file trickles while the five after it finish: FileTransferred still goes
+    0, 1, ... 5 in the log, and every file comes out whole."""
+    bodies = [os.urandom(64 * KiB)] + [os.urandom(4 * KiB) for _ in range(5)]
+    files = {"/f0": trickle(bodies[0], step=4 * KiB, delay=0.03)}
+    files.update({f"/f{i}": Served(bodies[i]) for i in range(1, 6)})
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer(files) as srv:
+            dests = [(srv.url(f"/f{i}"), tmp_path / f"f{i}.bin") for i in range(6)]
+            job = new_job(manager, dests)
+            await make_engine(manager).run(until_idle=True)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    done = of_type(events_of(manager, job.id), ev.FileTransferred)
+    assert [e.file_index for e in done] == list(range(6))
+    assert open_temp_files(tmp_path) == []
+    job.complete()
+    assert [(tmp_path / f"f{i}.bin").read_bytes() for i in range(6)] == bodies
+
+
+def test_claiming_stops_at_a_file_that_failed_and_leaves_no_file_open(tmp_path: Path) -> None:
+    """File 2 trickles, then its connection drops; files 3 to 5 finish meanwhile. Files 0
+    and 1 are claimed, nothing from the failed file on is, no temp file stays open, and the
+    retry claims the rest in order."""
+    bodies = [os.urandom(4 * KiB) for _ in range(6)]
+    bodies[2] = os.urandom(64 * KiB)
+    files = {f"/f{i}": Served(bodies[i]) for i in range(6)}
+    files["/f2"] = trickle(bodies[2], step=4 * KiB, delay=0.03, drop_after=32 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer(files) as srv:
+            dests = [(srv.url(f"/f{i}"), tmp_path / f"f{i}.bin") for i in range(6)]
+            job = new_job(manager, dests)
+            async with running(make_engine(manager)):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                done = of_type(events_of(manager, job.id), ev.FileTransferred)
+                assert [e.file_index for e in done] == [0, 1]
+                assert all(srv.hits_for(f"/f{i}") for i in range(3, 6)), "3-5 never ran"
+                assert open_temp_files(tmp_path) == []
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job
+
+    job = asyncio.run(main())
+    done = of_type(events_of(manager, job.id), ev.FileTransferred)
+    assert [e.file_index for e in done] == list(range(6))
+    job.complete()
+    assert [(tmp_path / f"f{i}.bin").read_bytes() for i in range(6)] == bodies
+
+
 # =================================================================================================
 # A job's life against nginx
 # =================================================================================================

@@ -294,26 +294,22 @@ def discard(job: Job, listings: dict[Path, list[str]] | None = None) -> list[Pat
     temps = [reply_temp_path(job)] if job.job_type is JobType.UPLOAD_REPLY and job.files else []
     if job.job_type is JobType.DOWNLOAD:
         shared = listings if listings is not None else {}
-        listing: dict[Path, list[str]] = {}
+        by_stem: dict[Path, dict[str, list[str]]] = {}
         tag = f".{job.id[:8]}-"
         for i, f in enumerate(job.files):
             plain = temp_path(job.id, i, f.local_name)
-            if plain.parent not in listing:  # one directory listing, not a glob per file
+            if plain.parent not in by_stem:  # one directory listing, not a glob per file
                 if plain.parent not in shared:
                     try:
                         names = os.listdir(plain.parent)
                     except OSError:
                         names = []
                     shared[plain.parent] = [n for n in names if n.endswith(TEMP_SUFFIX)]
-                listing[plain.parent] = [n for n in shared[plain.parent] if tag in n]
+                by_stem[plain.parent] = _temps_by_stem(shared[plain.parent], tag)
             # every worker's temp of this file: .<name>.<job8>-<i>[.<worker>].bhtmp
             stem = plain.name.removesuffix(TEMP_SUFFIX) + "."
             temps += [plain]
-            temps += [
-                plain.parent / n
-                for n in listing[plain.parent]
-                if n.startswith(stem) and n.endswith(TEMP_SUFFIX)
-            ]
+            temps += [plain.parent / n for n in by_stem[plain.parent].get(stem, ())]
     for tmp in temps:
         try:
             tmp.unlink()
@@ -322,6 +318,23 @@ def discard(job: Job, listings: dict[Path, list[str]] | None = None) -> list[Pat
         except OSError:
             left.append(tmp)
     return left
+
+
+def _temps_by_stem(names: Iterable[str], tag: str) -> dict[str, list[str]]:
+    """This job's temp names (``tag``: ``.<job8>-``) by the stem they start with,
+    ``.<name>.<job8>-<i>.``: the lookup of a job's 10,000 files is one pass, not a scan of
+    the listing per file. A worker's name has no dot (``_safe``), so the stem ends at the
+    first dot after the index."""
+    stems: dict[str, list[str]] = {}
+    for name in names:
+        at = name.rfind(tag)
+        if at < 0:
+            continue
+        end = name.find(".", at + len(tag))
+        if end < 0:
+            continue
+        stems.setdefault(name[: end + 1], []).append(name)
+    return stems
 
 
 def os_hresult(exc: OSError) -> int:

@@ -374,7 +374,8 @@ def _resumed(job: Job, e: ev.JobResumed) -> dict[str, Any]:
 
 
 def _completed(job: Job, e: ev.JobCompleted) -> dict[str, Any]:
-    files = FileList(attrs.evolve(f, completed=i in e.files_kept) for i, f in enumerate(job.files))
+    kept = frozenset(e.files_kept)  # a job may hold 10,000 files: no scan per file
+    files = FileList(attrs.evolve(f, completed=i in kept) for i, f in enumerate(job.files))
     return {"files": files, "result": e.result}
 
 

@@ -31,10 +31,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 
@@ -73,7 +73,9 @@ from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobTyp
 
 log = logging.getLogger("backhaul.engine")
 
+KiB = 1024
 MiB = 1024 * 1024
+T = TypeVar("T")
 
 
 @attrs.define
@@ -196,6 +198,7 @@ class Engine:
         # Files that finish together are synced together (one syncfs per batch).
         self.group_sync = localfile.GroupSync()
         self.small_file = 1 * MiB
+        self.buffer_body = 256 * KiB  # small bodies of a known size: written by the claimer
         self._stale: set[str] = set()  # jobs to reload from the log
         self.network_probe: Callable[[], bool] = network_up
         self.cost_probe: Callable[[], int] = system_cost
@@ -1224,14 +1227,11 @@ class Engine:
                     await run.ready.wait()
                     continue
                 try:
-                    errors = await self.group_sync.sync_many(
-                        [f.fd for f in batch],
-                        [f.last_modified.timestamp() if f.last_modified else None for f in batch],
-                    )
+                    errors = await _to_the_end(self.group_sync.finish(batch))
                     for f, error in zip(batch, errors, strict=True):
                         f.close()
                         if error is not None:
-                            raise _local_error(error, f.tmp)
+                            raise _local_error(error, f.path)
                         await self._keep_security(job_id, f.index)
                         try:
                             command = cmd.FinishFile(f.index, f.size, f.digest)
@@ -1420,11 +1420,21 @@ class Engine:
         tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
         total = range_end[1] if range_end else remote.size
         digest = _hasher(f.spec.expected_digest) if range_end is None else None
-        try:
-            # From byte 0 the open truncates; from a checkpoint the bytes after it go.
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | (0 if position else os.O_TRUNC), 0o666)
-        except OSError as exc:
-            raise _local_error(exc, tmp) from exc
+        # A small body of a known size is kept in memory: the claimer creates and writes its
+        # temp file in a worker thread, with the batch's sync, so the loop does no file I/O
+        # for it. One still arriving after a checkpoint interval goes to its temp file and
+        # is checkpointed from then on, like any other.
+        body: list[bytes] | None = None
+        fd = -1
+        if range_end is None and not position and 0 < (remote.size or 0) <= self.buffer_body:
+            body = []
+        else:
+            try:
+                # From byte 0 the open truncates; from a checkpoint the bytes after it go.
+                flags = os.O_RDWR | os.O_CREAT | (0 if position else os.O_TRUNC)
+                fd = os.open(tmp, flags, 0o666)
+            except OSError as exc:
+                raise _local_error(exc, tmp) from exc
         pending: asyncio.Task[None] | None = None
         try:
             if position:
@@ -1443,10 +1453,16 @@ class Engine:
                 if self.low_priority_tcp:
                     _use_lp(sock)
             async for chunk in download:
-                try:
-                    _pwrite_all(fd, chunk, position)
-                except OSError as exc:
-                    raise _local_error(exc, tmp) from exc
+                if body is not None:
+                    body.append(chunk)  # no more than its Content-Length (aiohttp stops there)
+                    if time.monotonic() - last >= self.checkpoint_interval:
+                        fd = _spill(tmp, body)  # a slow body: to its file, checkpointed
+                        body = None
+                else:
+                    try:
+                        _pwrite_all(fd, chunk, position)
+                    except OSError as exc:
+                        raise _local_error(exc, tmp) from exc
                 position += len(chunk)
                 if background:
                     self.yielder.add(len(chunk))  # type: ignore[union-attr]
@@ -1457,6 +1473,8 @@ class Engine:
                     digest.update(chunk)
                 self._check_size(job, position)
                 now = time.monotonic()
+                if body is not None:
+                    continue  # in memory: nothing to checkpoint
                 if pending is None and (
                     now - last >= self.checkpoint_interval
                     or position - synced >= self.checkpoint_bytes
@@ -1491,12 +1509,13 @@ class Engine:
             # the next files' transfers; the file's fd goes with it.
             self._order[job_id].finish(
                 _Finished(
-                    index,
-                    fd,
                     tmp,
-                    position,
-                    f"{digest.name}:{digest.hexdigest()}" if digest else None,
-                    remote.last_modified,
+                    fd,
+                    b"".join(body) if body is not None else None,
+                    remote.last_modified.timestamp() if remote.last_modified else None,
+                    index=index,
+                    size=position,
+                    digest=f"{digest.name}:{digest.hexdigest()}" if digest else None,
                 )
             )
             fd = -1
@@ -1770,6 +1789,32 @@ _NOTIFIED = (JobState.TRANSFERRED, JobState.ERROR)  # the states a notify comman
 _UNBLOCKED = (JobState.QUEUED, *_RUNNING)
 
 
+def _spill(tmp: str, body: list[bytes]) -> int:
+    """The temp file, created with the bytes kept in memory so far: its descriptor."""
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    except OSError as exc:
+        raise _local_error(exc, tmp) from exc
+    try:
+        _pwrite_all(fd, b"".join(body), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise _local_error(exc, tmp) from exc
+    return fd
+
+
+async def _to_the_end(work: Awaitable[T]) -> T:
+    """Await work that runs on in a worker thread: cancelled, wait for it to end before the
+    cancellation goes on, so that no descriptor it uses is closed under it."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait([future])
+        raise
+
+
 def _committed(future: asyncio.Future[list[ev.Event]]) -> None:
     """A claimed file's append is done: raise its failure (a refused FileTransferred means
     the job moved on: JobGone)."""
@@ -1780,20 +1825,12 @@ def _committed(future: asyncio.Future[list[ev.Event]]) -> None:
 
 
 @attrs.define(eq=False)
-class _Finished:
-    """A file whose bytes are all written, waiting to be claimed: its fd is still open."""
+class _Finished(localfile.FinishedFile):
+    """A file of a run whose bytes have all arrived, waiting to be claimed."""
 
-    index: int
-    fd: int
-    tmp: str
-    size: int
-    digest: str | None
-    last_modified: datetime | None
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    index: int = attrs.field(kw_only=True)
+    size: int = attrs.field(kw_only=True)
+    digest: str | None = attrs.field(kw_only=True)
 
 
 _ENDED: Final = None  # a file whose transfer ended without finishing

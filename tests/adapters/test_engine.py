@@ -426,6 +426,34 @@ def test_claiming_stops_at_a_file_that_failed_and_leaves_no_file_open(tmp_path: 
     assert [(tmp_path / f"f{i}.bin").read_bytes() for i in range(6)] == bodies
 
 
+def test_ranged_and_whole_files_of_one_job_are_claimed_in_file_order(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """A ranged file claims itself once the files before it are claimed; the whole files
+    around it go through the claimer: FileTransferred 0, 1, 2, 3 and every file right."""
+    server, docroot = engine_nginx
+    source = (docroot / "one.bin").read_bytes()
+    manager = TransferManager(home=tmp_path / "home")
+    job = manager.create_job("mixed")
+    job.add_file(f"{server.url}/one.bin", tmp_path / "w0.bin")
+    job.add_file(f"{server.url}/one.bin", tmp_path / "r1.bin", ranges=[(10, 20), (0, 5)])
+    job.add_file(f"{server.url}/two.bin", tmp_path / "w2.bin")
+    job.add_file(f"{server.url}/one.bin", tmp_path / "r3.bin", ranges=[(50, 1)])
+    job.resume()
+
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+    assert job.state is S.TRANSFERRED
+    done = of_type(events_of(manager, job.id), ev.FileTransferred)
+    assert [e.file_index for e in done] == [0, 1, 2, 3]
+    assert open_temp_files(tmp_path) == []
+    job.complete()
+    assert (tmp_path / "w0.bin").read_bytes() == source
+    assert (tmp_path / "r1.bin").read_bytes() == source[10:30] + source[:5]
+    assert (tmp_path / "w2.bin").read_bytes() == (docroot / "two.bin").read_bytes()
+    assert (tmp_path / "r3.bin").read_bytes() == source[50:51]
+
+
 # =================================================================================================
 # A job's life against nginx
 # =================================================================================================

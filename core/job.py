@@ -8,6 +8,7 @@ current error object, the error count, NoProgressTimeout and MaximumDownloadTime
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import chain
@@ -301,9 +302,22 @@ def evolve(job: Job, event: ev.Event) -> Job:
     changes.update(_clock_changes(job, new_state, event, trigger))
     if new_state is not job.state:
         changes["state_since_version"] = job.version + 1
-    return attrs.evolve(
-        job, state=new_state, version=job.version + 1, modified_at=event.at, **changes
-    )
+    changes.update(state=new_state, version=job.version + 1, modified_at=event.at)
+    return replaced(job, changes)
+
+
+_JOB_FIELDS: Final = tuple(a.name for a in attrs.fields(Job))
+_JOB_VALUES: Final = operator.attrgetter(*_JOB_FIELDS)
+_JOB_POSITION: Final = {name: i for i, name in enumerate(_JOB_FIELDS)}
+
+
+def replaced(job: Job, changes: Mapping[str, Any]) -> Job:
+    """``attrs.evolve(job, **changes)`` at half the cost (every event of every job goes
+    through it): all the fields in one C call, then the constructor by position."""
+    values = list(_JOB_VALUES(job))
+    for name, value in changes.items():
+        values[_JOB_POSITION[name]] = value
+    return Job(*values)
 
 
 def _clock_changes(

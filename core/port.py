@@ -5,13 +5,18 @@ Adapters implement them; the core and the transports only see these Protocols.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 import attrs
 
+from backhaul.core import hresult
+from backhaul.core.error import TransferError
 from backhaul.core.value import ClientCertificate, ProxySettings
+from backhaul.core.vocabulary import ErrorContext
 
 
 class Clock(Protocol):
@@ -171,6 +176,33 @@ class Uploader(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+_PART_TOKEN: Final = re.compile(r"[0-9a-f]{16}")
+
+
+def begin_upload(scheme: str, *, size: int, token: str | None, reply: bool) -> str:
+    """What ``Uploader.begin`` of a family without upload-reply checks first, for plugins
+    (the ``file`` uploader and the FTP example use it): a ``reply`` job or a negative
+    ``size`` is a fatal E_INVALIDARG. Returns the session's part token: ``token`` when it
+    is one this helper made (16 hex digits), else a new one."""
+    if reply:
+        raise TransferError(
+            hresult.E_INVALIDARG,
+            f"upload-reply jobs need an HTTP server, not {scheme}://",
+            context=ErrorContext.REMOTE_FILE,
+            transient=False,
+        )
+    if size < 0:
+        raise TransferError(
+            hresult.E_INVALIDARG,
+            f"bad upload size {size}",
+            context=ErrorContext.REMOTE_FILE,
+            transient=False,
+        )
+    if token is not None and _PART_TOKEN.fullmatch(token):
+        return token
+    return secrets.token_hex(8)
 
 
 class SecurityTransport(Protocol):

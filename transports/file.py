@@ -32,8 +32,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import re
-import secrets
 import stat as stat_module
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -52,6 +50,7 @@ from backhaul.core.port import (
     Transport,
     Uploader,
     UploadSession,
+    begin_upload,
 )
 from backhaul.core.vocabulary import ErrorContext
 
@@ -69,7 +68,6 @@ DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
 PART_SUFFIX: Final = ".bhpart"
 CAPABILITIES: Final = frozenset({"ranges", "validators", "upload"})
 _LOCAL_HOSTS: Final = frozenset({"", "localhost"})
-_TOKEN: Final = re.compile(r"[0-9a-f]{16}")
 _R = ErrorContext.REMOTE_FILE
 
 NOT_FOUND: Final = hr.hresult_from_win32(hr.ERROR_FILE_NOT_FOUND)
@@ -318,13 +316,8 @@ class FileTransport:
         token: str | None = None,
         reply: bool = False,
     ) -> FileUploadSession:
-        if reply:
-            raise _error(hr.E_INVALIDARG, "upload-reply jobs need an HTTP server, not file://")
-        if size < 0:
-            raise _error(hr.E_INVALIDARG, f"bad upload size {size}")
+        token = begin_upload("file", size=size, token=token, reply=reply)
         target = Path(path_of(url))
-        if token is None or not _TOKEN.fullmatch(token):
-            token = secrets.token_hex(8)
         part = target.with_name(f".{target.name}.{token}{PART_SUFFIX}")
 
         def work() -> int:

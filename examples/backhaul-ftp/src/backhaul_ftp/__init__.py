@@ -30,7 +30,6 @@ import ftplib
 import io
 import posixpath
 import re
-import secrets
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -47,6 +46,7 @@ from backhaul.core.port import (
     Transport,
     Uploader,
     UploadSession,
+    begin_upload,
 )
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext
 
@@ -56,7 +56,6 @@ __version__ = "0.1.0"
 DEFAULT_TIMEOUT: Final = 30.0
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 PART_SUFFIX: Final = ".bhpart"
-_TOKEN: Final = re.compile(r"[0-9a-f]{16}")
 _MDTM: Final = re.compile(r"213 (\d{14})(?:\.\d+)?")
 
 _T = ErrorContext.GENERAL_TRANSPORT
@@ -396,13 +395,8 @@ class FtpTransport:
         token: str | None = None,
         reply: bool = False,
     ) -> FtpUploadSession:
-        if reply:
-            raise _error(hr.E_INVALIDARG, "upload-reply jobs need an HTTP server, not ftp://")
-        if size < 0:
-            raise _error(hr.E_INVALIDARG, f"bad upload size {size}")
+        token = begin_upload("ftp", size=size, token=token, reply=reply)
         target = _Target(url, options)
-        if token is None or not _TOKEN.fullmatch(token):
-            token = secrets.token_hex(8)
         directory, name = posixpath.split(target.path)
         part = posixpath.join(directory, f".{name}.{token}{PART_SUFFIX}")
 

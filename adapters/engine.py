@@ -199,6 +199,9 @@ class Engine:
         self.group_sync = localfile.GroupSync()
         self.small_file = 1 * MiB
         self.buffer_body = 256 * KiB  # small bodies of a known size: written by the claimer
+        # No new file starts while a job's finished bodies waiting in memory for the claimer
+        # pass this (a claimer slower than the transfers: ACL reads, a slow disk).
+        self.held_bodies = 16 * MiB
         self._stale: set[str] = set()  # jobs to reload from the log
         self.network_probe: Callable[[], bool] = network_up
         self.cost_probe: Callable[[], int] = system_cost
@@ -1192,6 +1195,9 @@ class Engine:
                     await run.changed.wait()  # a file in flight got its size, or ended
                     for i in [i for i, t in running.items() if t.done()]:
                         running.pop(i).result()  # the first failure stops the job's transfer
+                while run.held > self.held_bodies and not claimer.done():
+                    run.released.clear()
+                    await run.released.wait()  # the claimer is behind: let it catch up
                 if claimer.done():
                     break  # claiming failed: _finished_files tells why
                 run.unsized.add(index)
@@ -1854,6 +1860,8 @@ class _FileRun:
         self.ready = asyncio.Event()  # a file finished or ended: the claimer may go on
         self.advanced = asyncio.Event()  # the cursor moved, or the claiming stopped
         self.stopped = False
+        self.held = 0  # bytes of finished bodies in memory that the claimer has not taken
+        self.released = asyncio.Event()  # the claimer took some of them, or stopped
 
     # -- the window ----------------------------------------------------------------------
 
@@ -1886,6 +1894,7 @@ class _FileRun:
             finished.close()  # nobody claims it any more: its temp file stays, unclaimed
             return
         self.done[finished.index] = finished
+        self.held += len(finished.body or b"")
         self.ready.set()
 
     def take(self) -> list[_Finished]:
@@ -1898,6 +1907,8 @@ class _FileRun:
                 break
             self.done[index] = _TAKEN
             batch.append(entry)
+            self.held -= len(entry.body or b"")
+        self.released.set()
         return batch
 
     def claimed(self, index: int) -> None:
@@ -1923,6 +1934,8 @@ class _FileRun:
 
     def stop(self) -> None:
         self.stopped = True
+        self.held = 0
+        self.released.set()
         for index, entry in list(self.done.items()):
             if isinstance(entry, _Finished):
                 entry.close()

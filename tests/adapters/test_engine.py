@@ -426,6 +426,46 @@ def test_claiming_stops_at_a_file_that_failed_and_leaves_no_file_open(tmp_path: 
     assert [(tmp_path / f"f{i}.bin").read_bytes() for i in range(6)] == bodies
 
 
+def test_no_new_file_starts_while_the_claimer_is_far_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small bodies wait in memory for the claimer; when it is slow (here 20 ms a file),
+    the transfers stop starting new files once ``held_bodies`` bytes wait, so memory stays
+    bounded by that plus the files in flight."""
+    from backhaul.adapters import engine as engine_module
+
+    bodies = [os.urandom(16 * KiB) for _ in range(40)]
+    files = {f"/f{i}": Served(bodies[i]) for i in range(40)}
+    manager = TransferManager(home=tmp_path / "home")
+    held: list[int] = []
+    finish = engine_module._FileRun.finish
+
+    def counted(self: Any, finished: Any) -> None:
+        finish(self, finished)
+        held.append(self.held)
+
+    async def slow_claims(self: Engine, job_id: str, index: int) -> None:
+        await asyncio.sleep(0.02)
+
+    monkeypatch.setattr(engine_module._FileRun, "finish", counted)
+    monkeypatch.setattr(Engine, "_keep_security", slow_claims)
+
+    async def main() -> TransferJob:
+        async with FaultServer(files) as srv:
+            job = new_job(manager, [(srv.url(f"/f{i}"), tmp_path / f"f{i}") for i in range(40)])
+            engine = make_engine(manager)
+            engine.held_bodies = 32 * KiB
+            await engine.run(until_idle=True)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    assert len(held) == 40
+    assert max(held) <= 32 * KiB + 8 * 16 * KiB  # the limit, plus the window in flight
+    job.complete()
+    assert [(tmp_path / f"f{i}").read_bytes() for i in range(40)] == bodies
+
+
 def test_ranged_and_whole_files_of_one_job_are_claimed_in_file_order(
     tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
 ) -> None:

@@ -1538,10 +1538,12 @@ class Engine:
             self._bg_sockets.discard(getattr(download, "socket", None))
 
     async def _finished_files(self, job_id: str) -> None:
-        """Wait for the claiming of the files that finished (raises its first error)."""
+        """Wait for the claiming of the files that finished (raises its first error).
+        Cancelled, it still waits for the claimer to end: a transfer is over only once no
+        temp file can appear any more (Cancel deletes them after it, ``_discard_after``)."""
         claimer = self._finishing.pop(job_id, None)
         if claimer is not None:
-            await claimer
+            await _to_the_end(claimer)
 
     def _check_size(self, job: Job, position: int) -> None:
         limit = job.max_download_size

@@ -1235,7 +1235,6 @@ class Engine:
                 try:
                     errors = await _to_the_end(self.group_sync.finish(batch))
                     for f, error in zip(batch, errors, strict=True):
-                        f.close()
                         if error is not None:
                             raise _local_error(error, f.path)
                         await self._keep_security(job_id, f.index)
@@ -1247,7 +1246,7 @@ class Engine:
                         run.claimed(f.index)
                 finally:
                     for f in batch:
-                        f.close()
+                        f.close()  # GroupSync closed them, unless it never ran
                 # A failed append stops the claiming (the writer has reloaded the job).
                 for future in futures:
                     if future.done():
@@ -1466,7 +1465,7 @@ class Engine:
                         body = None
                 else:
                     try:
-                        _pwrite_all(fd, chunk, position)
+                        localfile.pwrite_all(fd, chunk, position)
                     except OSError as exc:
                         raise _local_error(exc, tmp) from exc
                 position += len(chunk)
@@ -1756,7 +1755,7 @@ class Engine:
                 os.ftruncate(fd, position)
                 last = time.monotonic()
                 async for chunk in download:
-                    _pwrite_all(fd, chunk, position)
+                    localfile.pwrite_all(fd, chunk, position)
                     position += len(chunk)
                     if time.monotonic() - last >= self.checkpoint_interval:
                         last = time.monotonic()
@@ -1800,15 +1799,9 @@ _UNBLOCKED = (JobState.QUEUED, *_RUNNING)
 def _spill(tmp: str, body: list[bytes]) -> int:
     """The temp file, created with the bytes kept in memory so far: its descriptor."""
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        return localfile.create_written(tmp, b"".join(body))
     except OSError as exc:
         raise _local_error(exc, tmp) from exc
-    try:
-        _pwrite_all(fd, b"".join(body), 0)
-    except OSError as exc:
-        os.close(fd)
-        raise _local_error(exc, tmp) from exc
-    return fd
 
 
 async def _to_the_end(work: Awaitable[T]) -> T:
@@ -1973,20 +1966,6 @@ def _take_over(source: Path, target: Path, length: int) -> None:
             context=ErrorContext.LOCAL_FILE,
             transient=True,
         )
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """pwrite until every byte is written: a full disk can first show as a short write,
-    and a checkpoint must never claim bytes that are not in the file."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            import errno
-
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        done += n
 
 
 def _use_lp(sock: Any) -> None:

@@ -217,13 +217,33 @@ def _create(f: FinishedFile) -> OSError | None:
     """Create ``f``'s temp file with the bytes kept in memory (they leave memory)."""
     body, f.body = f.body or b"", None
     try:
-        f.fd = os.open(f.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-        view, done = memoryview(body), 0
-        while done < len(body):
-            done += os.pwrite(f.fd, view[done:], done)
+        f.fd = create_written(f.path, body)
     except OSError as exc:
         return exc
     return None
+
+
+def create_written(path: str, data: bytes) -> int:
+    """Create (or truncate) ``path`` with ``data`` in it: its open descriptor."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        pwrite_all(fd, data, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite until every byte is written: a full disk can first show as a short write,
+    and a checkpoint must never claim bytes that are not in the file."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += n
 
 
 def _syncfs() -> Callable[[int], None] | None:

@@ -75,6 +75,7 @@ async def durable_pipeline(urls: Sequence[str], out: Path) -> None:
     store.append_many([(job_id, 0, [created])])
     version = 1
     finished: dict[int, FinishedFile] = {}
+    sizes: dict[int, int] = {}
     ready = asyncio.Event()
     following = iter(range(len(urls)))
 
@@ -83,7 +84,9 @@ async def durable_pipeline(urls: Sequence[str], out: Path) -> None:
             download = await transport.open(urls[i], options)
             parts = [chunk async for chunk in download]
             await download.aclose()
-            finished[i] = FinishedFile(str(out / f"{i}.bin"), body=b"".join(parts))
+            body = b"".join(parts)
+            sizes[i] = len(body)
+            finished[i] = FinishedFile(str(out / f"{i}.bin"), body=body)
             ready.set()
 
     async def claim() -> None:
@@ -101,7 +104,7 @@ async def durable_pipeline(urls: Sequence[str], out: Path) -> None:
             errors = await group.finish([f for _, f in batch])
             assert not any(errors), errors
             now = datetime.now(UTC)
-            events = [ev.FileTransferred(now, i, os.stat(f.path).st_size) for i, f in batch]
+            events = [ev.FileTransferred(now, i, sizes.pop(i)) for i, _ in batch]
             await asyncio.to_thread(store.append_many, [(job_id, version, events)])
             version += len(events)
 

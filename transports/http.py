@@ -1652,13 +1652,17 @@ class HttpTransport:
         proxy: URL | None,
     ) -> aiohttp.ClientResponse:
         credentials = options.credentials
+        # A custom Proxy-Authorization is for the proxy (on the CONNECT, never through the
+        # tunnel; without a proxy, nobody's), and our credentials replace it.
+        own_proxy_auth = next((v for n, v in headers if n.lower() == "proxy-authorization"), None)
+        headers = [(n, v) for n, v in headers if n.lower() != "proxy-authorization"]
         if proxy is None and not credentials:
             # Nothing to send first and no challenge we could answer: the one exchange the
-            # loop below would make (a custom Proxy-Authorization goes to nobody).
+            # loop below would make.
             return await self._current_session().request(
                 method,
                 target,
-                headers=[(n, v) for n, v in headers if n.lower() != "proxy-authorization"],
+                headers=headers,
                 ssl=tls if tls is not None else True,
                 allow_redirects=False,
             )
@@ -1677,10 +1681,6 @@ class HttpTransport:
         by_proxy.first(proxy_method, proxy_uri)
         host = target.raw_host or ""
         resp: aiohttp.ClientResponse | None = None
-        # A custom Proxy-Authorization is for the proxy (on the CONNECT, never through the
-        # tunnel; without a proxy, nobody's), and our credentials replace it.
-        own_proxy_auth = next((v for n, v in headers if n.lower() == "proxy-authorization"), None)
-        headers = [(n, v) for n, v in headers if n.lower() != "proxy-authorization"]
         if proxy is None:
             own_proxy_auth = None
         for _ in range(_AUTH_ROUNDS):

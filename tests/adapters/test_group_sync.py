@@ -6,11 +6,25 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from backhaul.adapters import localfile
 from backhaul.adapters.localfile import FinishedFile, GroupSync
+
+
+def recording(calls: list[int]) -> Callable[[int], None]:
+    """libc's syncfs, recording the descriptor of each call."""
+    real = localfile._syncfs()
+    assert real is not None
+
+    def syncfs(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    return syncfs
 
 
 def _written(tmp_path: Path, count: int) -> list[FinishedFile]:
@@ -25,7 +39,7 @@ def _written(tmp_path: Path, count: int) -> list[FinishedFile]:
 
 def test_files_that_finish_together_share_one_syncfs(tmp_path: Path) -> None:
     calls: list[int] = []
-    group = GroupSync(calls.append)
+    group = GroupSync(recording(calls))
     files = _written(tmp_path, 5)
     fds = [f.fd for f in files]
 
@@ -43,7 +57,7 @@ def test_files_that_finish_together_share_one_syncfs(tmp_path: Path) -> None:
 
 def test_files_finishing_while_a_batch_syncs_wait_for_the_next_batch(tmp_path: Path) -> None:
     calls: list[int] = []
-    group = GroupSync(calls.append)
+    group = GroupSync(recording(calls))
     files = _written(tmp_path, 4)
 
     async def main() -> None:
@@ -105,7 +119,7 @@ def test_a_failed_syncfs_falls_back_to_each_files_own_fdatasync(tmp_path: Path) 
 
 @pytest.mark.parametrize("count", [1, 2])
 def test_a_cancelled_waiter_does_not_stop_the_others(tmp_path: Path, count: int) -> None:
-    group = GroupSync(lambda fd: None)
+    group = GroupSync()
     files = _written(tmp_path, count + 1)
 
     async def main() -> None:

@@ -265,7 +265,7 @@ def _syncfs() -> Callable[[int], None] | None:
     return syncfs
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: str | Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -273,7 +273,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def publish(job: Job, indexes: Iterable[int], dirs: set[Path] | None = None) -> list[int]:
+def publish(job: Job, indexes: Iterable[int], dirs: set[str] | None = None) -> list[int]:
     """Rename the whole files into place. Raises BitsError on the first failure; the
     files renamed before it stay renamed (BITS keeps them available too). ``dirs``: a
     batch's set of directories to fsync once after all its renames (``sync_dirs``);
@@ -283,35 +283,40 @@ def publish(job: Job, indexes: Iterable[int], dirs: set[Path] | None = None) -> 
     dirs = set() if dirs is None else dirs
     for i in indexes:
         f = job.files[i]
-        tmp = file_temp(job, i)
-        target = Path(f.local_name)
+        tmp = temp_name(job.id, i, f.local_name, f.temp_worker)
+        target = f.local_name
         try:
-            if not tmp.exists() and _is_empty(f):
-                tmp.touch()
-            elif not tmp.exists() and _already_published(target, f):
-                done.append(i)  # an earlier Complete renamed it before failing later
-                continue
             # No fsync of the file here: the engine synced its bytes before it recorded
             # FileTransferred. The rename, and the directory's fsync below, make it durable.
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:
+                if _is_empty(f) and not os.path.exists(tmp):
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644))
+                    os.replace(tmp, target)
+                elif not os.path.exists(tmp) and _already_published(target, f):
+                    done.append(i)  # an earlier Complete renamed it before failing later
+                    continue
+                else:
+                    raise
         except OSError as exc:
             raise BitsError(os_hresult(exc), f"cannot publish {target}: {exc.strerror}") from exc
         done.append(i)
-        dirs.add(target.parent)
+        dirs.add(os.path.dirname(target))
     if own:
         sync_dirs(dirs)
     return done
 
 
-def sync_dirs(dirs: Iterable[Path]) -> None:
+def sync_dirs(dirs: Iterable[str | Path]) -> None:
     """Make the renames in these directories durable (one fsync each)."""
     for d in dirs:
         _fsync_dir(d)
 
 
-def _already_published(target: Path, f: FileState) -> bool:
+def _already_published(target: str, f: FileState) -> bool:
     try:
-        return f.bytes_total is not None and target.stat().st_size == f.bytes_total
+        return f.bytes_total is not None and os.stat(target).st_size == f.bytes_total
     except OSError:
         return False
 
@@ -335,40 +340,44 @@ def publish_reply(job: Job) -> None:
         ) from exc
 
 
-def discard(job: Job, listings: dict[Path, list[str]] | None = None) -> list[Path]:
+def discard(job: Job, listings: dict[str, list[str]] | None = None) -> list[Path]:
     """Delete every temp file of the job (and the reply's, for upload-reply jobs);
     return those that could not be deleted. Upload sources are never touched.
 
     ``listings``: the temp files of each directory, listed once and shared by the calls of
     one batch (10,000 jobs completed at once into one directory must not list it 10,000
     times); a name listed but gone meanwhile is skipped."""
-    left: list[Path] = []
-    temps = [reply_temp_path(job)] if job.job_type is JobType.UPLOAD_REPLY and job.files else []
+    temps: list[str] = []
+    if job.job_type is JobType.UPLOAD_REPLY and job.files:
+        temps.append(str(reply_temp_path(job)))
     if job.job_type is JobType.DOWNLOAD:
         shared = listings if listings is not None else {}
-        by_stem: dict[Path, dict[str, list[str]]] = {}
+        by_stem: dict[str, dict[str, list[str]]] = {}
         tag = f".{job.id[:8]}-"
         for i, f in enumerate(job.files):
-            plain = temp_path(job.id, i, f.local_name)
-            if plain.parent not in by_stem:  # one directory listing, not a glob per file
-                if plain.parent not in shared:
+            plain = temp_name(job.id, i, f.local_name)
+            directory, name = os.path.split(plain)
+            stems = by_stem.get(directory)
+            if stems is None:  # one directory listing, not a glob per file
+                if directory not in shared:
                     try:
-                        names = os.listdir(plain.parent)
+                        names = os.listdir(directory)
                     except OSError:
                         names = []
-                    shared[plain.parent] = [n for n in names if n.endswith(TEMP_SUFFIX)]
-                by_stem[plain.parent] = _temps_by_stem(shared[plain.parent], tag)
-            # every worker's temp of this file: .<name>.<job8>-<i>[.<worker>].bhtmp
-            stem = plain.name.removesuffix(TEMP_SUFFIX) + "."
-            temps += [plain]
-            temps += [plain.parent / n for n in by_stem[plain.parent].get(stem, ())]
+                    shared[directory] = [n for n in names if n.endswith(TEMP_SUFFIX)]
+                stems = by_stem[directory] = _temps_by_stem(shared[directory], tag)
+            # every worker's temp of this file: .<name>.<job8>-<i>[.<worker>].bhtmp; the
+            # listing holds each of them, the plain one included
+            stem = name.removesuffix(TEMP_SUFFIX) + "."
+            temps += [os.path.join(directory, n) for n in stems.get(stem, ())]
+    left: list[Path] = []
     for tmp in temps:
         try:
-            tmp.unlink()
+            os.unlink(tmp)
         except FileNotFoundError:
             continue
         except OSError:
-            left.append(tmp)
+            left.append(Path(tmp))
     return left
 
 

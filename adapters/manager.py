@@ -122,8 +122,9 @@ class TransferManager:
         self._cache: dict[str, Job] = {}
         self._pending: list[tuple[str, int, list[Event]]] | None = None
         self._pending_index: dict[str, int] = {}  # job id -> its last entry in _pending
-        self._listings: dict[Path, list[str]] = {}  # temp files by directory, per batch
-        self._renamed_dirs: set[Path] = set()  # directories a batch's Completes renamed in
+        self._read_in_batch: set[str] = set()  # jobs read from the store in this batch
+        self._listings: dict[str, list[str]] = {}  # temp files by directory, per batch
+        self._renamed_dirs: set[str] = set()  # directories a batch's Completes renamed in
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
 
@@ -256,13 +257,18 @@ class TransferManager:
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Group commit: every call inside the block is decided at once but appended in
-        ONE transaction at the end (nothing is appended if the block raises)."""
+        ONE transaction at the end (nothing is appended if the block raises).
+
+        Inside the block a job is read from the store once, at its first use; later reads
+        see that state plus the block's own calls. A change another process appends
+        meanwhile fails the commit (ConcurrentAppend) as it would have anyway."""
         if self._pending is not None:
             yield
             return
         pending: list[tuple[str, int, list[Event]]] = []
         self._pending, self._before_commit, self._after_commit = pending, [], []
         self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
+        self._read_in_batch = set()
         try:
             yield
             before, after = self._before_commit, self._after_commit
@@ -281,6 +287,7 @@ class TransferManager:
         finally:
             self._pending = None
             self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
+            self._read_in_batch = set()
             self._before_commit, self._after_commit = [], []
 
     # -- the command path --------------------------------------------------------------
@@ -304,18 +311,19 @@ class TransferManager:
         if job is None:
             row = self.store.views.get(job_id)
             job = job_of(row) if row is not None else None
-        if job is not None and self._has_pending(job_id):
-            return job  # inside a batch the cache is ahead of the store
+        in_batch = self._pending is not None
+        known = job_id in self._read_in_batch or job_id in self._pending_index
+        if in_batch and job is not None and known:
+            return job  # inside a batch: read once, then ahead of the store
         after = job.version if job else 0
         newer = self.store.stream(job_id, after)
         job = jobs.fold((a.event for a in newer), job)
         if job is None:
             raise BitsError(hresult.BG_E_NOT_FOUND, f"no job {job_id}")
         self._cache[job_id] = job
+        if in_batch:
+            self._read_in_batch.add(job_id)
         return job
-
-    def _has_pending(self, job_id: str) -> bool:
-        return self._pending is not None and job_id in self._pending_index
 
     def _pending_creations(self, owner: str | None) -> int:
         return sum(

@@ -60,13 +60,16 @@ def catch_up(store: EventStore) -> int:
     """Bring the read models up to the head of the log; returns the new position."""
     with store.lock:
         position = store.views.position()
+        # The jobs of the last page saved, as saved: a job whose events span several pages
+        # (10,000 files' FileTransferred) is read back from its row once, not once per page.
+        saved: dict[str, Job] = {}
         while True:
             page = store.read(position, BATCH)
             if not page:
                 return position
-            rows = _fold_page(store, page)
+            folded = _fold_page(store, page, saved)
             try:
-                store.views.save(rows, page[-1].position)
+                store.views.save([view_row(job) for job in folded], page[-1].position)
             except IntegrityError:
                 # Another process on the same store saved this page first: go on from
                 # the position it recorded (its rows hold the same fold).
@@ -74,25 +77,34 @@ def catch_up(store: EventStore) -> int:
                 if recorded <= position:
                     raise
                 position = recorded
+                saved.clear()
                 continue
+            saved = {job.id: job for job in folded}
             position = page[-1].position
 
 
-def _fold_page(store: EventStore, page: Sequence[Recorded]) -> list[ViewRow]:
-    ids = {rec.job_id: None for rec in page if rec.job_id != POLICY_STREAM}
+def _fold_page(store: EventStore, page: Sequence[Recorded], saved: dict[str, Job]) -> list[Job]:
+    """The page's jobs folded; ``saved``: rows this catch-up saved (read from the store
+    only for the others)."""
+    ids = {
+        rec.job_id: None for rec in page if rec.job_id != POLICY_STREAM and rec.job_id not in saved
+    }
     rows = store.views.get_many(ids)  # the page's rows in a few queries
     touched: dict[str, Job | None] = {}
     for rec in page:
         if rec.job_id == POLICY_STREAM:
             continue  # engine-wide settings, not a job
         if rec.job_id not in touched:
-            row = rows.get(rec.job_id)
-            touched[rec.job_id] = job_of(row) if row else None
+            if rec.job_id in saved:
+                touched[rec.job_id] = saved[rec.job_id]
+            else:
+                row = rows.get(rec.job_id)
+                touched[rec.job_id] = job_of(row) if row else None
         current = touched[rec.job_id]
         if current is not None and rec.version <= current.version:
             continue  # already folded into this row
         touched[rec.job_id] = jobs.fold([rec.event], current)
-    return [view_row(job) for job in touched.values() if job is not None]
+    return [job for job in touched.values() if job is not None]
 
 
 def rebuild(store: EventStore) -> int:

@@ -21,7 +21,7 @@ from backhaul.adapters import localfile
 from backhaul.adapters import manager as manager_module
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferJob, TransferManager
-from backhaul.adapters.store import EventStore, open_store
+from backhaul.adapters.store import ConcurrentAppend, EventStore, open_store
 from backhaul.core import command as cmd
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
@@ -916,6 +916,33 @@ def test_complete_after_an_error_keeps_the_whole_files_and_deletes_the_rest(
     assert not second.exists()
 
 
+def test_complete_publishes_an_empty_file_and_resumes_a_complete_that_failed_half_way(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """An empty file has no temp file to rename: Complete creates it. A file an earlier
+    Complete already renamed (it failed on a later file) counts as published; a missing
+    temp file that was never published fails the Complete with ERROR_FILE_NOT_FOUND."""
+    job = transferring(manager, tmp_path, files=3)
+    temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1, 2)]
+    temps[0].write_bytes(b"whole")
+    engine(manager, job, cmd.FinishFile(0, 5), cmd.FinishFile(1, 0), cmd.FinishFile(2, 3))
+    engine(manager, job, cmd.FinishJob())
+    assert job.state is JobState.TRANSFERRED
+
+    with pytest.raises(BitsError) as failed:
+        job.complete()  # file 2's temp file is gone
+    assert failed.value.hresult == hresult.hresult_from_win32(hresult.ERROR_FILE_NOT_FOUND)
+    assert "file-2.bin" in str(failed.value)
+    assert job.state is JobState.TRANSFERRED
+    assert (tmp_path / "file-0.bin").read_bytes() == b"whole"  # renamed before the failure
+    assert (tmp_path / "file-1.bin").read_bytes() == b""
+
+    temps[2].write_bytes(b"abc")
+    assert job.complete() == hresult.S_OK
+    assert [(tmp_path / f"file-{i}.bin").read_bytes() for i in (0, 1, 2)] == [b"whole", b"", b"abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"file-{i}.bin" for i in (0, 1, 2)]
+
+
 def test_cancel_deletes_the_temp_files(manager: TransferManager, tmp_path: Path) -> None:
     job = transferring(manager, tmp_path, files=2)
     temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1)]
@@ -1143,6 +1170,51 @@ def test_batch_reads_the_live_job_when_its_view_row_is_behind(
     assert job.description == "written after the views were refreshed"
 
 
+def test_a_batch_reads_each_job_from_the_store_once(
+    store: EventStore,
+    clock: ManualClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Completing 1,000 jobs must not read each one four times: inside a batch a job is read
+    at its first use; a change another process appends after that fails the commit, and
+    nothing of the batch is written."""
+    writer = TransferManager(store, owner=OWNER, clock=clock)
+    ids = [download(writer, tmp_path).id for _ in range(3)]
+    reads: list[str] = []
+    stream = store.stream
+
+    def counted(job_id: str, after: int = 0) -> Any:
+        reads.append(job_id)
+        return stream(job_id, after)
+
+    monkeypatch.setattr(store, "stream", counted)
+    reader = TransferManager(store, owner=OWNER, clock=clock)
+    with reader.batch():
+        for job_id in ids:
+            handle = reader.get_job(job_id)
+            assert handle.state is JobState.SUSPENDED
+            handle.description = "batched"
+            handle.resume()
+            assert handle.state is JobState.QUEUED
+    assert sorted(reads) == sorted(ids)
+    assert [writer.get_job(i).description for i in ids] == ["batched"] * 3
+
+    head = store.head()
+
+    def raced() -> None:
+        with reader.batch():
+            reader.get_job(ids[0]).priority = JobPriority.HIGH
+            writer.get_job(ids[0]).description = "another process, meanwhile"
+            reader.get_job(ids[1]).suspend()
+
+    with pytest.raises(ConcurrentAppend):
+        raced()
+    assert store.head() == head + 1  # only the other process's change
+    assert writer.get_job(ids[0]).priority is not JobPriority.HIGH
+    assert writer.get_job(ids[1]).state is JobState.QUEUED
+
+
 def test_cancel_inside_an_abandoned_batch_keeps_the_temp_files(
     manager: TransferManager, store: EventStore, tmp_path: Path
 ) -> None:
@@ -1233,7 +1305,9 @@ def test_a_batch_of_cancels_and_completes_deletes_each_jobs_temp_files_only(
     def last_stored(job: TransferJob) -> str:
         return type(list(manager.store.stream(job.id))[-1].event).__name__
 
-    monkeypatch.setattr(localfile, "_fsync_dir", lambda d: synced.append((d, last_stored(done[0]))))
+    monkeypatch.setattr(
+        localfile, "_fsync_dir", lambda d: synced.append((Path(d), last_stored(done[0])))
+    )
     with manager.batch():
         for job in done:
             assert job.complete() == hresult.S_OK

@@ -311,6 +311,39 @@ class StoreContract:
             k: v for k, v in before.items() if k != ids[1]
         }
 
+    def test_catch_up_in_small_pages_reads_a_spanning_job_once(
+        self,
+        store: EventStore,
+        manager: TransferManager,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A job whose events span several pages is carried from page to page, not read
+        back from the row it just saved; the rows still equal a pure fold."""
+        import backhaul.adapters.projection as projection
+
+        ids = make_jobs(manager, tmp_path, count=4)
+        long = manager.get_job(ids[1])
+        for i in range(9):
+            long.description = f"edit {i}"
+        monkeypatch.setattr(projection, "BATCH", 2)
+        asked: list[str] = []
+        get_many = store.views.get_many
+
+        def recorded(job_ids: dict[str, None]) -> dict[str, ViewRow]:
+            asked.extend(job_ids)
+            return get_many(job_ids)
+
+        monkeypatch.setattr(store.views, "get_many", recorded)
+
+        assert catch_up(store) == store.head()
+
+        for job_id in ids:
+            job = fold(a.event for a in store.stream(job_id))
+            assert job is not None
+            assert store.views.get(job_id) == view_row(job)
+        assert asked.count(ids[1]) == 1, asked
+
     def test_rebuild_gives_identical_rows(
         self, store: EventStore, manager: TransferManager, tmp_path: Path
     ) -> None:

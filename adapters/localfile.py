@@ -68,16 +68,21 @@ def reply_path(job: Job) -> Path:
     return upload.with_name(f"{upload.name}.{job.id[:8]}.reply")
 
 
-def check_destination(local_name: str) -> None:
-    """AddFile for downloads: an absolute path in an existing, writable directory."""
-    path = Path(local_name)
-    parent = path.parent
-    if not parent.is_dir():
+def check_destination(local_name: str, good_dirs: set[str] | None = None) -> None:
+    """AddFile for downloads: an absolute path in an existing, writable directory.
+    ``good_dirs``: the directories this AddFileSet already found good, each checked once."""
+    directory, name = os.path.split(local_name)
+    cached = good_dirs is not None and bool(name) and directory in good_dirs
+    parent = None if cached else Path(local_name).parent
+    if parent is not None and not parent.is_dir():
         raise BitsError(hresult.E_INVALIDARG, f"the directory {parent} does not exist")
-    if path.is_dir():
-        raise BitsError(hresult.E_INVALIDARG, f"{path} is a directory, not a file name")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BitsError(hresult.E_ACCESSDENIED, f"the directory {parent} is not writable")
+    if os.path.isdir(local_name):
+        raise BitsError(hresult.E_INVALIDARG, f"{Path(local_name)} is a directory, not a file name")
+    if parent is not None:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise BitsError(hresult.E_ACCESSDENIED, f"the directory {parent} is not writable")
+        if good_dirs is not None and name:
+            good_dirs.add(directory)
 
 
 def check_source(local_name: str) -> None:
@@ -90,9 +95,13 @@ def check_source(local_name: str) -> None:
 
 
 def check_local_names(job_type: JobType, local_names: Iterable[str]) -> None:
-    check = check_destination if job_type is JobType.DOWNLOAD else check_source
+    if job_type is not JobType.DOWNLOAD:
+        for name in local_names:
+            check_source(name)
+        return
+    good_dirs: set[str] = set()  # 10,000 files in one directory: one look at it
     for name in local_names:
-        check(name)
+        check_destination(name, good_dirs)
 
 
 @attrs.define(eq=False)

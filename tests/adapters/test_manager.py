@@ -367,6 +367,24 @@ def test_bad_local_name_raises_e_invalidarg_and_records_nothing(
     assert job.files() == []
 
 
+@pytest.mark.parametrize(
+    "bad", ["{tmp}/sub", "{tmp}/sub/", "{tmp}/sub/missing/file.bin", "{tmp}/sub/."]
+)
+def test_a_file_set_checks_each_name_though_its_directory_is_checked_once(
+    manager: TransferManager, store: EventStore, tmp_path: Path, bad: str
+) -> None:
+    """The set's directories are looked at once each; a name after good names in the same
+    directory is still refused when it is a directory or in a missing one."""
+    (tmp_path / "sub").mkdir()
+    job = manager.create_job("file set")
+    good = [(f"{URL}?{i}", tmp_path / "sub" / f"{i}.bin") for i in range(3)]
+    bad_name = bad.format(tmp=tmp_path)
+    refused(store, hresult.E_INVALIDARG, lambda: job.add_files([*good, (URL, bad_name)]))
+    assert job.files() == []
+    job.add_files(good)
+    assert len(job.files()) == 3
+
+
 @pytest.mark.parametrize("job_type", UPLOAD_TYPES)
 def test_upload_of_a_missing_file_raises_e_invalidarg(
     manager: TransferManager, store: EventStore, tmp_path: Path, job_type: JobType

@@ -23,6 +23,8 @@ from backhaul.core.event import POLICY_STREAM
 from backhaul.core.job import Job
 
 BATCH = 5000
+SAVE_EVENTS = 50_000
+SAVE_JOBS = 10_000
 
 
 def view_row(job: Job) -> ViewRow:
@@ -57,40 +59,57 @@ def job_of(row: ViewRow) -> Job:
 
 
 def catch_up(store: EventStore) -> int:
-    """Bring the read models up to the head of the log; returns the new position."""
+    """Bring the read models up to the head of the log; returns the new position.
+
+    The log is read a page (``BATCH`` events) at a time, but the rows are saved, with the
+    position, only every ``SAVE_EVENTS`` events or ``SAVE_JOBS`` touched jobs: 10,000 jobs
+    that each moved through four states are written once, not once per page they appear
+    in. The jobs just saved are kept for the next pages (not read back from their rows)."""
     with store.lock:
-        position = store.views.position()
-        # The jobs of the last page saved, as saved: a job whose events span several pages
-        # (10,000 files' FileTransferred) is read back from its row once, not once per page.
-        saved: dict[str, Job] = {}
+        position = read_to = store.views.position()
+        saved: dict[str, Job] = {}  # the rows of the last save, as saved
+        touched: dict[str, Job | None] = {}  # folded since that save
+        unsaved = 0
         while True:
-            page = store.read(position, BATCH)
-            if not page:
+            page = store.read(read_to, BATCH)
+            if page:
+                _fold_page(store, page, touched, saved)
+                read_to = page[-1].position
+                unsaved += len(page)
+                if unsaved < SAVE_EVENTS and len(touched) < SAVE_JOBS:
+                    continue
+            if read_to == position:
                 return position
-            folded = _fold_page(store, page, saved)
+            folded = [job for job in touched.values() if job is not None]
             try:
-                store.views.save([view_row(job) for job in folded], page[-1].position)
+                store.views.save([view_row(job) for job in folded], read_to)
             except IntegrityError:
-                # Another process on the same store saved this page first: go on from
-                # the position it recorded (its rows hold the same fold).
+                # Another process on the same store saved up to this position first: go on
+                # from the position it recorded (its rows hold the same fold).
                 recorded = store.views.position()
                 if recorded <= position:
                     raise
-                position = recorded
-                saved.clear()
+                position = read_to = recorded
+                saved, touched, unsaved = {}, {}, 0
                 continue
-            saved = {job.id: job for job in folded}
-            position = page[-1].position
+            position = read_to
+            saved, touched, unsaved = {job.id: job for job in folded}, {}, 0
 
 
-def _fold_page(store: EventStore, page: Sequence[Recorded], saved: dict[str, Job]) -> list[Job]:
-    """The page's jobs folded; ``saved``: rows this catch-up saved (read from the store
-    only for the others)."""
+def _fold_page(
+    store: EventStore,
+    page: Sequence[Recorded],
+    touched: dict[str, Job | None],
+    saved: dict[str, Job],
+) -> None:
+    """Fold the page into ``touched``; a job not in it yet starts from ``saved`` (rows
+    this catch-up just saved), else from its row in the store."""
     ids = {
-        rec.job_id: None for rec in page if rec.job_id != POLICY_STREAM and rec.job_id not in saved
+        rec.job_id: None
+        for rec in page
+        if rec.job_id != POLICY_STREAM and rec.job_id not in touched and rec.job_id not in saved
     }
     rows = store.views.get_many(ids)  # the page's rows in a few queries
-    touched: dict[str, Job | None] = {}
     for rec in page:
         if rec.job_id == POLICY_STREAM:
             continue  # engine-wide settings, not a job
@@ -104,7 +123,6 @@ def _fold_page(store: EventStore, page: Sequence[Recorded], saved: dict[str, Job
         if current is not None and rec.version <= current.version:
             continue  # already folded into this row
         touched[rec.job_id] = jobs.fold([rec.event], current)
-    return [job for job in touched.values() if job is not None]
 
 
 def rebuild(store: EventStore) -> int:

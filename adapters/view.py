@@ -171,9 +171,11 @@ def _upsert_sql(mark: str) -> str:
     cols = ", ".join(COLUMNS)
     marks = ", ".join([mark] * len(COLUMNS))
     updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "job_id")
+    # A row never goes back: another process that caught up further first keeps its rows.
     return (
         f"INSERT INTO backhaul_job_views ({cols}) VALUES ({marks}) "
-        f"ON CONFLICT (job_id) DO UPDATE SET {updates}"
+        f"ON CONFLICT (job_id) DO UPDATE SET {updates} "
+        "WHERE excluded.version >= backhaul_job_views.version"
     )
 
 
@@ -345,7 +347,10 @@ class MemoryJobViews(JobViews):
         with self._views_lock:
             if position < self._position:
                 raise ValueError("the view position cannot go back")
-            self._rows.update((r.job_id, r) for r in rows)
+            for r in rows:  # a row never goes back (see _upsert_sql)
+                old = self._rows.get(r.job_id)
+                if old is None or r.version >= old.version:
+                    self._rows[r.job_id] = r
             self._position = position
 
     def position(self) -> int:

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from backhaul.adapters import projection
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.projection import catch_up, rebuild, view_row
@@ -80,6 +81,14 @@ def make_jobs(manager: TransferManager, tmp: Path, count: int = 3) -> list[str]:
         ids.append(job.id)
     manager.get_job(ids[0]).cancel()
     return ids
+
+
+def assert_rows_are_folds(store: EventStore, ids: list[str]) -> None:
+    """Each job's row is the pure fold of its stream."""
+    for job_id in ids:
+        job = fold(a.event for a in store.stream(job_id))
+        assert job is not None
+        assert store.views.get(job_id) == view_row(job)
 
 
 class StoreContract:
@@ -318,15 +327,14 @@ class StoreContract:
         tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """A job whose events span several pages is carried from page to page, not read
-        back from the row it just saved; the rows still equal a pure fold."""
-        import backhaul.adapters.projection as projection
-
+        """A job whose events span several saves is carried from one to the next, not
+        read back from the row it just saved; the rows still equal a pure fold."""
         ids = make_jobs(manager, tmp_path, count=4)
         long = manager.get_job(ids[1])
         for i in range(9):
             long.description = f"edit {i}"
         monkeypatch.setattr(projection, "BATCH", 2)
+        monkeypatch.setattr(projection, "SAVE_EVENTS", 2)  # a save after every page
         asked: list[str] = []
         get_many = store.views.get_many
 
@@ -338,11 +346,53 @@ class StoreContract:
 
         assert catch_up(store) == store.head()
 
-        for job_id in ids:
-            job = fold(a.event for a in store.stream(job_id))
-            assert job is not None
-            assert store.views.get(job_id) == view_row(job)
+        assert_rows_are_folds(store, ids)
         assert asked.count(ids[1]) == 1, asked
+
+    def test_catch_up_saves_rows_once_per_several_pages(
+        self,
+        store: EventStore,
+        manager: TransferManager,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Jobs that appear in page after page (every job moving through its states) are
+        written once per save, and a save comes every SAVE_EVENTS events, not per page."""
+        ids = make_jobs(manager, tmp_path, count=6)
+        for job_id in ids[1:]:
+            manager.get_job(job_id).description = "edited after all were created"
+        events = store.head() - store.views.position()
+        monkeypatch.setattr(projection, "BATCH", 3)
+        monkeypatch.setattr(projection, "SAVE_EVENTS", 12)
+        saves: list[tuple[int, int]] = []
+        save = store.views.save
+
+        def recorded(rows: list[ViewRow], position: int) -> None:
+            saves.append((len(rows), position))
+            save(rows, position)
+
+        monkeypatch.setattr(store.views, "save", recorded)
+
+        assert catch_up(store) == store.head()
+
+        assert len(saves) == -(-events // 12), saves
+        assert saves[-1][1] == store.head()
+        assert [p for _, p in saves] == sorted(p for _, p in saves)
+        assert sum(n for n, _ in saves) < events
+        assert_rows_are_folds(store, ids)
+
+    def test_a_row_never_goes_back_to_an_older_version(
+        self, store: EventStore, manager: TransferManager, tmp_path: Path
+    ) -> None:
+        """Another process that caught up further first keeps its newer row."""
+        job_id = make_jobs(manager, tmp_path, count=1)[0]
+        stream = [a.event for a in store.stream(job_id)]
+        newer, older = fold(stream), fold(stream[:-1])
+        assert newer is not None and older is not None
+        head = store.head()
+        store.views.save([view_row(newer)], head)
+        store.views.save([view_row(older)], head + 1)
+        assert store.views.get(job_id) == view_row(newer)
 
     def test_rebuild_gives_identical_rows(
         self, store: EventStore, manager: TransferManager, tmp_path: Path

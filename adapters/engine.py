@@ -876,9 +876,16 @@ class Engine:
         if self.worker is None or time.monotonic() - self._renewed < self.lease_seconds / 3:
             return
         self._renewed = time.monotonic()
+        now = self.clock.now()
         for job_id in list(self._tasks):
             job = self._jobs.get(job_id)
-            if job is not None and job.lease_worker == self.worker:
+            # A lease that ran out is not renewed: another worker may hold the job now (its
+            # transfer stops, _renew_leases), and this copy must keep saying so.
+            if (
+                job is not None
+                and job.lease_worker == self.worker
+                and (job.lease_expires is None or job.lease_expires > now)
+            ):
                 with contextlib.suppress(BitsError, JobGone):
                     self._post(job_id, cmd.TakeLease(self.worker, self.lease_seconds))
 
@@ -1233,6 +1240,10 @@ class Engine:
                     await run.ready.wait()
                     continue
                 try:
+                    # The temp files of bodies held in memory are created only now: a worker
+                    # that stalled past its lease (another may have finished the job and
+                    # Complete cleaned up since) must not leave new ones behind.
+                    self._hold_lease(job_id)
                     errors = await _to_the_end(self.group_sync.finish(batch))
                     for f, error in zip(batch, errors, strict=True):
                         if error is not None:
@@ -1461,6 +1472,7 @@ class Engine:
                 if body is not None:
                     body.append(chunk)  # no more than its Content-Length (aiohttp stops there)
                     if time.monotonic() - last >= self.checkpoint_interval:
+                        self._hold_lease(job_id)  # as for the claimer's files
                         fd = _spill(tmp, body)  # a slow body: to its file, checkpointed
                         body = None
                 else:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from test_engine import FaultServer, make_engine, new_job, sha256, trickle, until
+from test_engine import FaultServer, Served, make_engine, new_job, sha256, trickle, until
 
 from backhaul.adapters import localfile
 from backhaul.adapters.manager import TransferManager
@@ -18,7 +20,9 @@ from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core.error import BitsError
 from backhaul.core.limit import UNLIMITED
+from backhaul.core.port import Download
 from backhaul.core.vocabulary import JobPriority, JobState
+from backhaul.transports.http import HttpTransport
 
 KiB = 1024
 pytestmark = pytest.mark.peer
@@ -122,5 +126,93 @@ def test_a_stalled_worker_loses_its_job_and_is_fenced(postgres_url: str, tmp_pat
             # A's own temp file was never published, and cancel/complete cleaned it.
             a_temp = localfile.temp_path(job.id, 0, str(tmp_path / "f.bin"), "worker-a")
             assert not a_temp.exists()
+
+    asyncio.run(main())
+
+
+class _HeldAtTheEnd:
+    """A download whose last step (the end of its body) waits for ``gate``."""
+
+    def __init__(self, inner: Download, gate: asyncio.Event) -> None:
+        self._inner, self._gate = inner, gate
+        self.remote, self.offset = inner.remote, inner.offset
+        self.held = False
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+        async for chunk in self._inner:
+            yield chunk
+        self.held = True
+        await self._gate.wait()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _Gated(HttpTransport):
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.opened: list[_HeldAtTheEnd] = []
+
+    async def open(self, *args: Any, **options: Any) -> Any:
+        download = _HeldAtTheEnd(await super().open(*args, **options), self.gate)
+        self.opened.append(download)
+        return download
+
+
+def test_a_worker_that_stalled_past_its_lease_creates_no_temp_file_after_it(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A small body is kept in memory and its temp file created when it is claimed. Worker
+    A stalls with the whole body received (no lease renewal, no scheduling, no reading of
+    the log); B takes the job over and finishes it, and the client completes it, which
+    deletes every temp file there is. When A wakes up and its body ends, A must not create
+    its temp file: nothing would ever delete it."""
+    data = os.urandom(48 * KiB)
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        async with FaultServer({"/f": Served(data)}) as server:
+            first, second = managers(postgres_url, 2)
+            job = new_job(
+                first, [(server.url("/f"), tmp_path / "f.bin")], priority=JobPriority.FOREGROUND
+            )
+            gated = _Gated(gate)
+            a = make_engine(
+                first,
+                worker="worker-a",
+                lease_seconds=1.0,
+                checkpoint_interval=30.0,
+                transports={"http": gated},
+            )
+            run_a = asyncio.create_task(a.run())
+            await until(lambda: any(d.held for d in gated.opened), "A received the body")
+            task_a = a._tasks[job.id]
+
+            async def stalled() -> None:
+                return None
+
+            a._follow = a._schedule = stalled  # type: ignore[method-assign]
+            await asyncio.sleep(1.2)  # A's lease runs out
+            a._renewed = float("-inf")
+            a._extend_leases()  # what A's first scheduling pass after waking up does
+            expires = a._jobs[job.id].lease_expires
+            assert expires is not None and expires <= a.clock.now(), "a lapsed lease renewed"
+            b = make_engine(second, worker="worker-b", lease_seconds=5.0)
+            await asyncio.wait_for(b.run(until_idle=True), 30)
+            assert job.complete() == 0
+            assert sha256(tmp_path / "f.bin") == sha256(data)
+            assert not list(tmp_path.glob("*.bhtmp"))
+
+            gate.set()  # A wakes up: its body ends, and its claimer runs
+            await until(task_a.done, "A's transfer ends")
+            a.stop()
+            await asyncio.wait_for(run_a, 15)
+            assert not list(tmp_path.glob("*.bhtmp")), "A left a temp file"
+            assert sha256(tmp_path / "f.bin") == sha256(data)
+            assert "worker-a" not in lease_holders(first, job.id)[1:]
 
     asyncio.run(main())

@@ -435,9 +435,12 @@ class Engine:
         cancels its sessions on the server (Cancel-Session)."""
         task = self._tasks.get(job.id)
         self._forget(job.id)
-        if job.state is JobState.CANCELLED and job.job_type is JobType.DOWNLOAD:
+        stopped_late = job.state is JobState.ACKNOWLEDGED and task is not None
+        if job.job_type is JobType.DOWNLOAD and (job.state is JobState.CANCELLED or stopped_late):
             # Cancelled by the client, or scavenged by JobInactivityTimeout: no temp file
-            # may stay (the engine deletes them once the transfer stopped).
+            # may stay (the engine deletes them once the transfer stopped). Completed while
+            # this engine still ran a transfer of it (a worker that stalled past its lease
+            # and woke up after another finished the job): what it still wrote is garbage.
             key = f"discard-{job.id}"
             if key not in self._cmdlines:
                 cleanup = asyncio.create_task(self._discard_after(task, job))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from test_engine import FaultServer, Served, make_engine, new_job, sha256, trickle, until
 
 from backhaul.adapters import localfile
+from backhaul.adapters.localfile import FinishedFile, GroupSync
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.store import open_store
 from backhaul.core import command as cmd
@@ -163,14 +164,31 @@ class _Gated(HttpTransport):
         return download
 
 
-def test_a_worker_that_stalled_past_its_lease_creates_no_temp_file_after_it(
-    postgres_url: str, tmp_path: Path
+class _HeldSync(GroupSync):
+    """A GroupSync that makes a batch's files only once ``gate`` is set."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.held = False
+
+    async def finish(self, files: Sequence[FinishedFile]) -> list[OSError | None]:
+        self.held = True
+        await self.gate.wait()
+        return await super().finish(files)
+
+
+@pytest.mark.parametrize("stall", ["body", "claim"])
+def test_a_worker_that_stalled_past_its_lease_leaves_no_temp_file_behind(
+    postgres_url: str, tmp_path: Path, stall: str
 ) -> None:
-    """A small body is kept in memory and its temp file created when it is claimed. Worker
-    A stalls with the whole body received (no lease renewal, no scheduling, no reading of
-    the log); B takes the job over and finishes it, and the client completes it, which
-    deletes every temp file there is. When A wakes up and its body ends, A must not create
-    its temp file: nothing would ever delete it."""
+    """A small body is kept in memory and its temp file made when it is claimed. Worker A
+    stalls past its lease (no renewal, no scheduling, no reading of the log), either with
+    the whole body received (``body``) or inside the claim, after its lease check
+    (``claim``). B takes the job over and finishes it, and the client completes it, which
+    deletes every temp file there is. When A wakes up, it must make no temp file (body), or
+    delete the one it made once it learns the job was completed (claim): nothing else would
+    ever delete it."""
     data = os.urandom(48 * KiB)
 
     async def main() -> None:
@@ -180,16 +198,18 @@ def test_a_worker_that_stalled_past_its_lease_creates_no_temp_file_after_it(
             job = new_job(
                 first, [(server.url("/f"), tmp_path / "f.bin")], priority=JobPriority.FOREGROUND
             )
-            gated = _Gated(gate)
+            gated, held_sync = _Gated(gate), _HeldSync(gate)
             a = make_engine(
                 first,
                 worker="worker-a",
                 lease_seconds=1.0,
                 checkpoint_interval=30.0,
-                transports={"http": gated},
+                transports={"http": gated if stall == "body" else HttpTransport()},
             )
+            if stall == "claim":
+                a.group_sync = held_sync
             run_a = asyncio.create_task(a.run())
-            await until(lambda: any(d.held for d in gated.opened), "A received the body")
+            await until(lambda: held_sync.held or any(d.held for d in gated.opened), "A stalls")
             task_a = a._tasks[job.id]
 
             async def stalled() -> None:
@@ -207,8 +227,9 @@ def test_a_worker_that_stalled_past_its_lease_creates_no_temp_file_after_it(
             assert sha256(tmp_path / "f.bin") == sha256(data)
             assert not list(tmp_path.glob("*.bhtmp"))
 
-            gate.set()  # A wakes up: its body ends, and its claimer runs
+            gate.set()  # A wakes up
             await until(task_a.done, "A's transfer ends")
+            await until(lambda: not a._cmdlines, "A's clean-up ends")
             a.stop()
             await asyncio.wait_for(run_a, 15)
             assert not list(tmp_path.glob("*.bhtmp")), "A left a temp file"

@@ -226,3 +226,36 @@ def test_reading_a_stream_remembers_its_last_link(tmp_path: Path) -> None:
     finally:
         writer.close()
         reader.close()
+
+
+def test_reading_the_log_remembers_each_streams_last_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catch-up reads the log just before a batch of Completes appends to every stream it
+    read: those appends chain without reading the log again, and the chain is right."""
+    url = f"sqlite://{tmp_path / 'chain.db'}"
+    ids = [new_id() for _ in range(3)]
+    writer, reader = open_store(url), open_store(url)
+    try:
+        for n, job_id in enumerate(ids):
+            writer.append(job_id, 0, stream_of(job_id, 2 + n))
+        assert len(reader.read(0, 1000)) == 2 + 3 + 4
+        reads: list[object] = []
+        select = reader.log.select_events
+
+        def counting(*args: object, **kwargs: object) -> object:
+            reads.append(kwargs)
+            return select(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(reader.log, "select_events", counting)
+        reader.append_many(
+            [(job_id, 2 + n, stream_of(job_id, 1, start=3 + n)) for n, job_id in enumerate(ids)]
+        )
+        assert reads == []
+        monkeypatch.undo()
+        for job_id in ids:
+            assert stored_links(reader, job_id) == expected_links(reader, job_id)
+        assert audit.verify(reader) == []
+    finally:
+        writer.close()
+        reader.close()

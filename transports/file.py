@@ -33,11 +33,10 @@ import asyncio
 import errno
 import os
 import stat as stat_module
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from backhaul.core import hresult as hr
@@ -53,6 +52,7 @@ from backhaul.core.port import (
     begin_upload,
 )
 from backhaul.core.vocabulary import ErrorContext
+from backhaul.transports.blocking import BlockingDownload
 
 __all__ = [
     "CAPABILITIES",
@@ -146,73 +146,34 @@ def _open_regular(path: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-class FileDownload:
-    """An open read of a local file (a ``core.port.Download``). Iterate once; always
-    ``aclose`` (or use it as an async context manager)."""
+class FileDownload(BlockingDownload):
+    """An open read of a local file (a ``core.port.Download``): ``os.pread`` in worker
+    threads. Iterate once; always ``aclose`` (or use it as an async context manager)."""
 
     def __init__(self, fd: int, remote: RemoteFile, offset: int, end: int, chunk_size: int) -> None:
-        self.remote = remote
-        self.offset = offset
-        self._fd: int | None = fd
-        self._end = end
-        self._chunk_size = chunk_size
-        self._chunks: AsyncGenerator[bytes, None] | None = None
-        self._reading: asyncio.Future[bytes] | None = None
+        super().__init__(remote, offset, end, chunk_size)
+        self._fd = fd
 
     def __repr__(self) -> str:
-        return f"<FileDownload {self.remote.url} offset={self.offset} end={self._end}>"
+        return f"<FileDownload {self.remote.url} offset={self.offset} end={self.end}>"
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._chunks is not None or self._fd is None:
-            raise RuntimeError("a Download can be iterated only once, and not after aclose")
-        self._chunks = self._read()
-        return self._chunks
+    def read_blocking(self, want: int, position: int) -> bytes:
+        return os.pread(self._fd, want, position)
 
-    async def _read(self) -> AsyncGenerator[bytes, None]:
-        loop = asyncio.get_running_loop()
-        position = self.offset
-        while position < self._end:
-            fd = self._fd
-            if fd is None:
-                return
-            want = min(self._chunk_size, self._end - position)
-            self._reading = loop.run_in_executor(None, os.pread, fd, want, position)
-            try:
-                chunk = await self._reading
-            except OSError as exc:
-                raise _os_error(exc, f"reading {self.remote.url}") from exc
-            if not chunk:
-                raise TransferError(
-                    hr.BG_E_CONNECTION_CLOSED,
-                    f"{self.remote.url} shrank to {position} bytes while being read",
-                    context=_R,
-                    transient=is_transient(hr.BG_E_CONNECTION_CLOSED),
-                )
-            position += len(chunk)
-            yield chunk
+    def failed(self, exc: BaseException) -> TransferError:
+        assert isinstance(exc, OSError)
+        return _os_error(exc, f"reading {self.remote.url}")
 
-    async def aclose(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        if self._chunks is not None:
-            await self._chunks.aclose()
-        reading = self._reading
-        if reading is not None and not reading.done():
-            # a cancelled read still runs in its thread: let it end before the fd is reused
-            await asyncio.wait([reading])
-        os.close(fd)
+    def ended_early(self, position: int) -> TransferError:
+        return TransferError(
+            hr.BG_E_CONNECTION_CLOSED,
+            f"{self.remote.url} shrank to {position} bytes while being read",
+            context=_R,
+            transient=is_transient(hr.BG_E_CONNECTION_CLOSED),
+        )
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    def release(self) -> None:
+        os.close(self._fd)
 
 
 async def _in_thread(func: Callable[[], T], cleanup: Callable[[T], object]) -> T:

@@ -31,10 +31,9 @@ import io
 import posixpath
 import re
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from backhaul.core import hresult as hr
@@ -49,6 +48,7 @@ from backhaul.core.port import (
     begin_upload,
 )
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext
+from backhaul.transports.blocking import BlockingDownload
 
 __all__ = ["FtpDownload", "FtpTransport", "FtpUploadSession"]
 __version__ = "0.1.0"
@@ -220,84 +220,50 @@ class _Opened:
         _close_quietly(self.ftp, self.conn)
 
 
-class FtpDownload:
-    """An open ``RETR`` (a ``Download``). Iterate once; always ``aclose``."""
+class FtpDownload(BlockingDownload):
+    """An open ``RETR`` (a ``Download``): ``recv`` in worker threads, one data chunk per hop.
+    Iterate once; always ``aclose``."""
+
+    errors = _TRANSLATED
 
     def __init__(self, opened: _Opened, where: str, chunk_size: int) -> None:
-        self.remote = opened.remote
-        self.offset = opened.offset
-        self._opened: _Opened | None = opened
+        super().__init__(opened.remote, opened.offset, opened.end, chunk_size)
+        self._opened = opened
         self._where = where
-        self._chunk_size = chunk_size
-        self._chunks: AsyncGenerator[bytes, None] | None = None
-        self._pending: asyncio.Future[object] | None = None
 
     def __repr__(self) -> str:
         return f"<FtpDownload {self._where} offset={self.offset}>"
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._chunks is not None or self._opened is None:
-            raise RuntimeError("a Download can be iterated only once, and not after aclose")
-        self._chunks = self._read(self._opened)
-        return self._chunks
+    def read_blocking(self, want: int, position: int) -> bytes:
+        conn = self._opened.conn
+        assert conn is not None  # a download with nothing to read has end == offset
+        return conn.recv(want, socket.MSG_WAITALL)
 
-    async def _read(self, opened: _Opened) -> AsyncGenerator[bytes, None]:
-        loop = asyncio.get_running_loop()
-        conn, position = opened.conn, opened.offset
-        while conn is not None and position < opened.end:
-            want = min(self._chunk_size, opened.end - position)
-            self._pending = loop.run_in_executor(None, conn.recv, want, socket.MSG_WAITALL)
-            try:
-                chunk = await self._pending
-            except OSError as exc:
-                raise _translate(exc, self._where) from exc
-            if not isinstance(chunk, bytes) or not chunk:
-                raise _error(
-                    hr.BG_E_CONNECTION_CLOSED,
-                    f"the data connection closed at byte {position} of {opened.end} "
-                    f"({self._where})",
-                    _T,
-                    transient=True,
-                )
-            position += len(chunk)
-            yield chunk
-        if conn is not None and opened.ftp is not None and opened.end == opened.remote.size:
-            ftp = opened.ftp
+    def failed(self, exc: BaseException) -> TransferError:
+        return _translate(exc, self._where)
 
-            def complete() -> None:  # the server confirms the whole transfer (226)
-                conn.close()
-                ftp.voidresp()
+    def ended_early(self, position: int) -> TransferError:
+        return _error(
+            hr.BG_E_CONNECTION_CLOSED,
+            f"the data connection closed at byte {position} of {self.end} ({self._where})",
+            _T,
+            transient=True,
+        )
 
-            self._pending = loop.run_in_executor(None, complete)
-            try:
-                await self._pending
-            except _TRANSLATED as exc:
-                raise _translate(exc, self._where) from exc
+    def finish_blocking(self) -> None:
+        """The whole file was read: the server confirms the transfer (226)."""
+        opened = self._opened
+        if opened.conn is not None and opened.ftp is not None and self.end == self.remote.size:
+            opened.conn.close()
+            opened.ftp.voidresp()
 
-    async def aclose(self) -> None:
-        opened, self._opened = self._opened, None
-        if opened is None:
-            return
-        if opened.conn is not None:
+    def interrupt(self) -> None:
+        if self._opened.conn is not None:
             with contextlib.suppress(OSError):
-                opened.conn.shutdown(socket.SHUT_RDWR)
-        if self._chunks is not None:
-            await self._chunks.aclose()
-        pending = self._pending
-        if pending is not None and not pending.done():
-            await asyncio.wait([pending])  # the thread must leave the socket before it closes
-        opened.close()
+                self._opened.conn.shutdown(socket.SHUT_RDWR)  # wakes a thread in recv
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    def release(self) -> None:
+        self._opened.close()
 
 
 class FtpTransport:

@@ -56,9 +56,10 @@ def wake_at(job: Job) -> datetime | None:
     (their ``modified_at``, which is past); of the background QUEUED jobs an engine holds only
     the longest waiting by priority (``Engine.queue_window``), and reads more as they start.
     Other TRANSIENT_ERROR jobs: at their first timer (the retry, or NoProgressTimeout).
-    TRANSFERRED and ERROR jobs: when their notify command line is due, if they have one. SUSPENDED jobs and the rest: never (None): an
-    event of theirs, or JobInactivityTimeout, brings them in. An engine with 100,000 jobs
-    waiting for a retry thus loads only the ones whose time is near.
+    TRANSFERRED and ERROR jobs: when their notify command line is due, if they have one.
+    SUSPENDED jobs and the rest: never (None): an event of theirs, or JobInactivityTimeout,
+    brings them in. An engine with 100,000 jobs waiting for a retry thus loads only the ones
+    whose time is near.
     """
     if job.state in _ACTIVE or (
         job.state is JobState.TRANSIENT_ERROR and job.blocked_by is not None

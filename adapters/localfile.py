@@ -300,10 +300,12 @@ def publish(job: Job, indexes: Iterable[int], dirs: set[str] | None = None) -> l
             try:
                 os.replace(tmp, target)
             except FileNotFoundError:
-                if _is_empty(f) and not os.path.exists(tmp):
+                if os.path.exists(tmp):
+                    raise  # the temp file is there: the target's directory is not
+                if _is_empty(f):
                     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644))
                     os.replace(tmp, target)
-                elif not os.path.exists(tmp) and _already_published(target, f):
+                elif _already_published(target, f):
                     done.append(i)  # an earlier Complete renamed it before failing later
                     continue
                 else:

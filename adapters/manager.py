@@ -122,7 +122,7 @@ class TransferManager:
         self._cache: dict[str, Job] = {}
         self._pending: list[tuple[str, int, list[Event]]] | None = None
         self._pending_index: dict[str, int] = {}  # job id -> its last entry in _pending
-        self._read_in_batch: set[str] = set()  # jobs read from the store in this batch
+        self._fresh: set[str] = set()  # in a batch: jobs read, or changed, in it
         self._listings: dict[str, list[str]] = {}  # temp files by directory, per batch
         self._renamed_dirs: set[str] = set()  # directories a batch's Completes renamed in
         self._before_commit: list[Callable[[], object]] = []
@@ -268,7 +268,7 @@ class TransferManager:
         pending: list[tuple[str, int, list[Event]]] = []
         self._pending, self._before_commit, self._after_commit = pending, [], []
         self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
-        self._read_in_batch = set()
+        self._fresh = set()
         try:
             yield
             before, after = self._before_commit, self._after_commit
@@ -287,7 +287,7 @@ class TransferManager:
         finally:
             self._pending = None
             self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
-            self._read_in_batch = set()
+            self._fresh = set()
             self._before_commit, self._after_commit = [], []
 
     # -- the command path --------------------------------------------------------------
@@ -303,6 +303,7 @@ class TransferManager:
                     return
             self._pending_index[job_id] = len(self._pending)
             self._pending.append((job_id, after, list(events)))
+            self._fresh.add(job_id)
             return
         self.store.append(job_id, after, events)
 
@@ -311,9 +312,7 @@ class TransferManager:
         if job is None:
             row = self.store.views.get(job_id)
             job = job_of(row) if row is not None else None
-        in_batch = self._pending is not None
-        known = job_id in self._read_in_batch or job_id in self._pending_index
-        if in_batch and job is not None and known:
+        if job is not None and job_id in self._fresh:
             return job  # inside a batch: read once, then ahead of the store
         after = job.version if job else 0
         newer = self.store.stream(job_id, after)
@@ -321,8 +320,8 @@ class TransferManager:
         if job is None:
             raise BitsError(hresult.BG_E_NOT_FOUND, f"no job {job_id}")
         self._cache[job_id] = job
-        if in_batch:
-            self._read_in_batch.add(job_id)
+        if self._pending is not None:
+            self._fresh.add(job_id)
         return job
 
     def _pending_creations(self, owner: str | None) -> int:

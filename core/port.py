@@ -9,7 +9,8 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Final, Protocol
+from types import TracebackType
+from typing import Final, Protocol, Self
 
 import attrs
 
@@ -101,6 +102,24 @@ class Download(Protocol):
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
     async def aclose(self) -> None: ...
+
+
+class ClosedOnExit:
+    """``async with`` for a Download: ``aclose()`` on the way out, whatever happened."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 class Transport(Protocol):

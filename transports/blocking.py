@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from backhaul.core.error import TransferError
-from backhaul.core.port import RemoteFile
+from backhaul.core.port import ClosedOnExit, RemoteFile
 
 __all__ = ["BlockingDownload"]
 
 
-class BlockingDownload:
+class BlockingDownload(ClosedOnExit):
     """Bytes ``offset`` to ``end`` of a remote file, ``chunk_size`` at a time (a
     ``core.port.Download``). Iterate once; always ``aclose`` (or use ``async with``)."""
 
@@ -105,14 +104,3 @@ class BlockingDownload:
         if pending is not None and not pending.done():
             await asyncio.wait([pending])  # its thread must be done with what release() closes
         self.release()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

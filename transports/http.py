@@ -212,8 +212,7 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -225,6 +224,7 @@ from backhaul.core.error import TransferError
 from backhaul.core.failure import is_transient
 from backhaul.core.port import (
     ClientIdentity,
+    ClosedOnExit,
     Download,
     PlainCredentials,
     RemoteFile,
@@ -1300,7 +1300,7 @@ async def _discard(resp: aiohttp.ClientResponse) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-class HttpDownload:
+class HttpDownload(ClosedOnExit):
     """An open GET (a ``core.port.Download``). Iterate once for the body; always ``aclose``
     (or use it as an async context manager)."""
 
@@ -1375,17 +1375,6 @@ class HttpDownload:
             self._response.release()
         else:
             self._response.close()  # an unread body: the connection cannot be reused
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class HttpTransport:

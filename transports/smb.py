@@ -75,8 +75,8 @@ import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote, unquote
 
 import attrs
@@ -113,6 +113,7 @@ from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
 from backhaul.core.failure import is_transient
 from backhaul.core.port import (
+    ClosedOnExit,
     Download,
     PlainCredentials,
     RemoteFile,
@@ -1167,7 +1168,7 @@ def _end_in(executor: concurrent.futures.ThreadPoolExecutor, lease: _Lease) -> N
         executor.submit(lease.end)
 
 
-class SmbDownload:
+class SmbDownload(ClosedOnExit):
     """A sequential read from ``offset`` with ``read_ahead`` 1 MiB requests in flight."""
 
     def __init__(
@@ -1273,17 +1274,6 @@ class SmbDownload:
         if self._chunks is not None:
             await self._chunks.aclose()
         await self._release()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 # -------------------------------------------------------------------------------------------------

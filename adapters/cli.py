@@ -34,7 +34,14 @@ from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.policy import why_waiting
 from backhaul.core.value import FileSpec
-from backhaul.core.vocabulary import JobPriority, JobPropertyId, JobState, JobType, NotifyFlags
+from backhaul.core.vocabulary import (
+    FilePropertyId,
+    JobPriority,
+    JobPropertyId,
+    JobState,
+    JobType,
+    NotifyFlags,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 LOCK_FILE = "serve.lock"
@@ -370,6 +377,22 @@ def cmd_setproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -
     if raw.lower() not in ("true", "false", "null"):
         value = int(raw, 0)
     job.set_property(prop, value)
+    return EXIT_OK
+
+
+def cmd_getfileproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyFile5::GetProperty: HTTP_RESPONSE_HEADERS prints the header block of
+    the file's last response, one header a line (nothing before its first response)."""
+    job = find_job(m, args.job)
+    try:
+        prop = FilePropertyId.from_bits_name(args.property)
+    except (KeyError, ValueError):
+        raise BitsError(
+            hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown file property {args.property!r}"
+        ) from None
+    value = job.get_file_property(args.index, prop)
+    if value is not None:
+        out.write("".join(f"{line}\n" for line in value.split("\r\n") if line))
     return EXIT_OK
 
 
@@ -772,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("setproperty", cmd_setproperty, "IBackgroundCopyJob5::SetProperty")
     sp.add_argument("property", help="e.g. DYNAMIC_CONTENT, COST_FLAGS")
     sp.add_argument("value", help="true/false, an integer, or null")
+    gf = verb("getfileproperty", cmd_getfileproperty, "IBackgroundCopyFile5::GetProperty")
+    gf.add_argument("index", type=int, help="the file's index (see `files`)")
+    gf.add_argument("property", help="HTTP_RESPONSE_HEADERS")
     mo = verb("monitor", cmd_monitor, "a live table of jobs", job=False)
     mo.add_argument("--interval", type=float, default=1.0)
     mo.add_argument("--count", type=int)

@@ -68,7 +68,7 @@ from backhaul.core.port import (
     Uploader,
     UploadSession,
 )
-from backhaul.core.value import ByteRange, JobError
+from backhaul.core.value import ByteRange, JobError, Sealed
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
 
 log = logging.getLogger("backhaul.engine")
@@ -1253,7 +1253,7 @@ class Engine:
                             raise _local_error(error, f.path)
                         await self._keep_security(job_id, f.index)
                         try:
-                            command = cmd.FinishFile(f.index, f.size, f.digest)
+                            command = cmd.FinishFile(f.index, f.size, f.digest, f.headers)
                             futures.append(self._enqueue(job_id, command))
                         except BitsError as exc:
                             raise JobGone(str(exc)) from exc
@@ -1439,6 +1439,9 @@ class Engine:
         tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
         total = range_end[1] if range_end else remote.size
         digest = _hasher(f.spec.expected_digest) if range_end is None else None
+        # HTTP_RESPONSE_HEADERS: this response's header block goes with the file's first
+        # event after it (a checkpoint, or its FileTransferred).
+        headers = self._recorded_headers(download.remote.headers)
         # A small body of a known size is kept in memory: the claimer creates and writes its
         # temp file in a worker thread, with the batch's sync, so the loop does no file I/O
         # for it. One still arriving after a checkpoint interval goes to its temp file and
@@ -1500,9 +1503,11 @@ class Engine:
                     or position - synced >= self.checkpoint_bytes
                 ):
                     pending = asyncio.create_task(
-                        self._checkpoint(job_id, index, fd, position, total, remote.validator)
+                        self._checkpoint(
+                            job_id, index, fd, position, total, remote.validator, headers
+                        )
                     )
-                    synced, last = position, now
+                    synced, last, headers = position, now, None
                 elif pending is not None and pending.done():
                     pending.result()
                     pending = None
@@ -1515,7 +1520,9 @@ class Engine:
                 await pending
                 pending = None
             if range_end is not None:
-                await self._checkpoint(job_id, index, fd, position, total, remote.validator)
+                await self._checkpoint(
+                    job_id, index, fd, position, total, remote.validator, headers
+                )
                 return
             if remote.size is not None and position != remote.size:
                 raise TransferError(
@@ -1536,6 +1543,7 @@ class Engine:
                     index=index,
                     size=position,
                     digest=f"{digest.name}:{digest.hexdigest()}" if digest else None,
+                    headers=headers,
                 )
             )
             fd = -1
@@ -1589,10 +1597,21 @@ class Engine:
         position: int,
         total: int | None,
         validator: str | None,
+        headers: str | Sealed | None = None,
     ) -> None:
         """Make ``position`` bytes durable, then claim them in the log."""
         await asyncio.to_thread(os.fdatasync, fd)
-        await self._commit(job_id, cmd.Checkpoint(index, position, total, validator))
+        await self._commit(job_id, cmd.Checkpoint(index, position, total, validator, headers))
+
+    def _recorded_headers(self, block: str | None) -> str | Sealed | None:
+        """A response's header block as the log keeps it: sealed when a header in it can
+        carry a secret (a session cookie), else as it is."""
+        if block is None:
+            return None
+        lowered = block.lower()
+        if any(name in lowered for name in _SECRET_RESPONSE_HEADERS):
+            return self.store.secrets.seal(block)
+        return block
 
     async def _keep_security(self, job_id: str, index: int) -> None:
         """ACL flags on a download (bits-core.md §13), as the file completes: keep the
@@ -1847,8 +1866,15 @@ class _Finished(localfile.FinishedFile):
     index: int = attrs.field(kw_only=True)
     size: int = attrs.field(kw_only=True)
     digest: str | None = attrs.field(kw_only=True)
+    headers: str | Sealed | None = attrs.field(kw_only=True, default=None)
 
 
+# Response headers that can carry a secret: a header block holding one is sealed in the log.
+_SECRET_RESPONSE_HEADERS: Final = (
+    "\nset-cookie",
+    "\nauthentication-info",
+    "\nproxy-authentication-info",
+)
 _ENDED: Final = None  # a file whose transfer ended without finishing
 _TAKEN: Final = "taken"  # finished, and in the claimer's hands
 _CLAIMED: Final = "claimed"  # its FileTransferred is decided

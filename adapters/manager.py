@@ -42,6 +42,7 @@ from backhaul.core.value import (
     FileSpec,
     NotifyCommandLine,
     ProxySettings,
+    Sealed,
 )
 from backhaul.core.vocabulary import (
     AuthScheme,
@@ -745,7 +746,12 @@ class TransferJob:
             raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {index}")
         if prop != FilePropertyId.HTTP_RESPONSE_HEADERS:
             raise BitsError(hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown file property {prop!r}")
-        return None
+        # The raw header block (status line, header lines, an empty line; CR LF each) of the
+        # last response whose body this file received; None before the first one.
+        headers = job.files[index].response_headers
+        if isinstance(headers, Sealed):  # it holds a cookie: the log keeps it sealed
+            return self._manager.store.secrets.open(headers)
+        return headers
 
     def set_remote_name(self, index: int, remote_name: str) -> None:
         """IBackgroundCopyFile2::SetRemoteName (download jobs); credentials in an ``smb://``

@@ -38,6 +38,17 @@ converter.register_unstructure_hook(datetime, lambda d: d.isoformat())
 converter.register_structure_hook(datetime, lambda s, _: datetime.fromisoformat(s))
 converter.register_unstructure_hook(Sealed, lambda s: {"sealed": s.token})
 converter.register_structure_hook(Sealed, lambda d, _: Sealed(d["sealed"]))
+
+
+def _text_or_sealed(value: Any, _: Any) -> str | Sealed | None:
+    """A value that is plain text unless it holds a secret (the response headers)."""
+    if value is None or isinstance(value, str):
+        return value
+    return Sealed(value["sealed"])
+
+
+converter.register_structure_hook(str | Sealed | None, _text_or_sealed)
+converter.register_structure_hook(str | Sealed, _text_or_sealed)
 # A job's files: stored as the list they always were.
 converter.register_unstructure_hook(
     FileList, lambda files: [converter.unstructure(f, FileState) for f in files]

@@ -132,6 +132,7 @@ class Checkpoint(Command):
     bytes_transferred: int
     bytes_total: int | None
     validator: str | None = None
+    response_headers: str | Sealed | None = None
 
 
 @attrs.frozen
@@ -139,6 +140,7 @@ class FinishFile(Command):
     file_index: int
     bytes_total: int
     digest: str | None = None
+    response_headers: str | Sealed | None = None
 
 
 @attrs.frozen
@@ -507,14 +509,21 @@ def _checkpoint(job: Job, cmd: Checkpoint, now: datetime, limits: Limits) -> lis
     ):
         raise BitsError(hresult.E_INVALIDARG, "a checkpoint must lie within the file")
     event = ev.BytesCheckpointed(
-        now, cmd.file_index, cmd.bytes_transferred, cmd.bytes_total, cmd.validator
+        now,
+        cmd.file_index,
+        cmd.bytes_transferred,
+        cmd.bytes_total,
+        cmd.validator,
+        cmd.response_headers,
     )
     return _transition(job, Trigger.DATA_RECEIVED, event)
 
 
 def _finish_file(job: Job, cmd: FinishFile, now: datetime, limits: Limits) -> list[ev.Event]:
     _file_in_job(job, cmd.file_index)
-    event = ev.FileTransferred(now, cmd.file_index, cmd.bytes_total, cmd.digest)
+    event = ev.FileTransferred(
+        now, cmd.file_index, cmd.bytes_total, cmd.digest, cmd.response_headers
+    )
     return _transition(job, Trigger.DATA_RECEIVED, event)
 
 

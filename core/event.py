@@ -130,6 +130,9 @@ class BytesCheckpointed(Event):
     bytes_transferred: int
     bytes_total: int | None
     validator: str | None = None
+    # The header block of the response these bytes came in, on the file's first event after
+    # each response (None: unchanged). Sealed when it carries a secret.
+    response_headers: str | Sealed | None = None
     trigger = Trigger.DATA_RECEIVED
 
 
@@ -138,6 +141,7 @@ class FileTransferred(Event):
     file_index: int
     bytes_total: int
     digest: str | None = None
+    response_headers: str | Sealed | None = None  # as in BytesCheckpointed
     trigger = Trigger.DATA_RECEIVED
 
 

@@ -69,6 +69,9 @@ class FileState:
     digest: str | None = None
     upload_token: str | None = None
     temp_worker: str | None = None  # whose temp file holds the checkpointed bytes
+    # BITS_FILE_PROPERTY_ID_HTTP_RESPONSE_HEADERS: the raw header block of the last response
+    # whose body this file received; sealed when it carries a secret (a Set-Cookie).
+    response_headers: str | Sealed | None = None
 
     @property
     def remote_name(self) -> str:
@@ -403,6 +406,7 @@ def _checkpointed(job: Job, e: ev.BytesCheckpointed) -> dict[str, Any]:
             bytes_total=e.bytes_total,
             validator=e.validator if e.validator is not None else old.validator,
             temp_worker=job.lease_worker,
+            response_headers=e.response_headers or old.response_headers,
         ),
         "error": None,
     }
@@ -420,6 +424,7 @@ def _file_transferred(job: Job, e: ev.FileTransferred) -> dict[str, Any]:
         transferred=True,
         digest=e.digest,
         temp_worker=job.lease_worker,
+        response_headers=e.response_headers or job.files[e.file_index].response_headers,
     )
     return {"files": files, "error": None, "no_progress_since": None}
 

@@ -184,7 +184,7 @@ class Served:
     the body ``step`` bytes at a time with ``delay`` seconds between writes (a trickle);
     ``drop_after``: once, close the connection when this offset of the file was sent;
     ``statuses``: answer these statuses first, one per request (with ``retry_after``);
-    ``header_delay``: wait this long before answering."""
+    ``header_delay``: wait this long before answering; ``headers``: sent with every answer."""
 
     data: bytes
     etag: str | None = '"v1"'
@@ -196,6 +196,7 @@ class Served:
     statuses: list[int] = attrs.field(factory=list)
     retry_after: str | None = None
     header_delay: float = 0.0
+    headers: dict[str, str] = attrs.field(factory=dict)
 
 
 class FaultServer:
@@ -304,7 +305,7 @@ class FaultServer:
             extra = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
             return web.Response(status=status, text="not now", headers=extra)
         size = len(f.data)
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = dict(f.headers)
         if f.etag is not None:
             headers["ETag"] = f.etag
         if f.ranges:

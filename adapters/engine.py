@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -159,6 +160,10 @@ class Engine:
         # on decisions the log refused, so it is decided again before it is appended.
         self._basis: dict[str, int] = {}
         self._logged: dict[str, Job] = {}  # each job as of the events read back
+        # The events this engine appended, by log position, with the job as its copy had it
+        # after the last event of each command: observed from here instead of read back and
+        # folded again (``_follow``), when no other writer's event lies between.
+        self._appended: dict[int, tuple[Recorded, Job | None]] = {}
         self._stopping = False
         self._cmdlines: dict[str, asyncio.Task[None]] = {}
         self.live_progress: dict[tuple[str, int], int] = {}
@@ -334,15 +339,36 @@ class Engine:
             self._stale.discard(job_id)
             if not self._has_queued(job_id):
                 await self._reload(job_id)
+        self._observe_appended()
         records = await asyncio.to_thread(self.store.read, self._position, 5000)
         while records:
             await self._load_unknown(records)
             for rec in records:
-                self._observe(rec)
+                mine = self._appended.pop(rec.position, None)
+                self._observe(rec, mine[1] if mine is not None else None)
             self._position = records[-1].position
+            self._observe_appended()
             if len(records) < 5000:
                 break
             records = await asyncio.to_thread(self.store.read, self._position, 5000)
+
+    def _observe_appended(self) -> None:
+        """Observe this engine's own events that come next in the log from memory: the same
+        records a read would give, without decoding them or folding the job again. A gap
+        (another writer's event, a position the database skipped) ends it: ``store.read``
+        reads from there."""
+        appended = self._appended
+        while appended:
+            mine = appended.get(self._position + 1)
+            if mine is None:
+                if len(appended) > _APPENDED_KEPT:  # never read back: the read covers them
+                    appended.clear()
+                return
+            if mine[0].job_id not in self._jobs:
+                return  # let go of meanwhile: the read path loads it first (_load_unknown)
+            del appended[self._position + 1]
+            self._observe(*mine)
+            self._position += 1
 
     async def _load_unknown(self, records: Sequence[Recorded]) -> None:
         """Load the jobs these records change that the engine has not loaded (SUSPENDED at
@@ -386,7 +412,9 @@ class Engine:
         tail = self.store.stream(job_id, job.version if job is not None else 0)
         return jobs.fold((a.event for a in tail if a.version < version), job) or job
 
-    def _observe(self, rec: Recorded) -> None:
+    def _observe(self, rec: Recorded, folded: Job | None = None) -> None:
+        """React to one event of the log. ``folded``: the job after it, when this engine
+        appended it and its copy already holds that fold."""
         if rec.job_id == POLICY_STREAM:
             if isinstance(rec.event, ev.PolicyChanged):
                 self.settings = self.settings.evolve(rec.event.name, rec.event.value)
@@ -401,7 +429,9 @@ class Engine:
             return  # a job that was final when we started
         logged = self._logged.get(rec.job_id)
         if logged is not None and rec.version == logged.version + 1:
-            logged = self._logged[rec.job_id] = jobs.evolve(logged, rec.event)
+            if folded is None or folded.version != rec.version:
+                folded = jobs.evolve(logged, rec.event)
+            logged = self._logged[rec.job_id] = folded
         if rec.version > before.version and not self._has_queued(rec.job_id):
             # Someone else's event: the log's own fold is the truth (our copy may hold
             # decisions whose append is failing right now; the writer reconciles those).
@@ -917,7 +947,7 @@ class Engine:
             raise JobGone(f"job {job_id} is leased by {job.lease_worker}")
         now = self.clock.now()
         events = cmd.decide(job, command, now, self.manager.limits)
-        self._jobs[job_id] = jobs.fold(events, job) or job
+        folded = self._jobs[job_id] = jobs.fold(events, job) or job
         future: asyncio.Future[list[ev.Event]] = asyncio.get_running_loop().create_future()
         # Fire-and-forget decisions (checkpoints, lease renewals, timers) are not awaited:
         # their failure is handled by the writer, so mark it seen here, once, for all.
@@ -925,6 +955,7 @@ class Engine:
         self._queue.append(_Queued(job_id, command, now, future, self._basis.get(job_id, 0)))
         future.events = events  # type: ignore[attr-defined]
         future.after = job.version  # type: ignore[attr-defined]
+        future.folded = folded  # type: ignore[attr-defined]
         if self._writer_wake is not None:
             self._writer_wake.set()
         return future
@@ -968,7 +999,7 @@ class Engine:
                 streams[q.job_id] = (after, [])
             streams[q.job_id][1].extend(q.future.events)  # type: ignore[attr-defined]
         try:
-            await asyncio.to_thread(
+            positions = await asyncio.to_thread(
                 self.store.append_many, [(j, a, e) for j, (a, e) in streams.items() if e]
             )
         except ConcurrentAppend:
@@ -982,9 +1013,34 @@ class Engine:
             for job_id in streams:
                 await self._reload(job_id)
             return
+        self._keep_appended(batch, streams, positions)
         for q in batch:
             if not q.future.done():
                 q.future.set_result(q.future.events)  # type: ignore[attr-defined]
+
+    def _keep_appended(
+        self,
+        batch: list[_Queued],
+        streams: dict[str, tuple[int, list[ev.Event]]],
+        positions: Sequence[int],
+    ) -> None:
+        """Keep what ``_observe_appended`` needs of a batch the log took: each event at its
+        position (the store gives them in the order appended: by stream, then version),
+        and the engine's fold after each command's last event."""
+        appended = [
+            (job_id, after + i, event)
+            for job_id, (after, events) in streams.items()
+            for i, event in enumerate(events, 1)
+        ]
+        if len(positions) != len(appended) or any(a >= b for a, b in pairwise(positions)):
+            return  # a store that does not tell them in order: read them back
+        folds = {}
+        for q in batch:
+            folded: Job = q.future.folded  # type: ignore[attr-defined]
+            folds[(q.job_id, folded.version)] = folded
+        for position, (job_id, version, event) in zip(positions, appended, strict=True):
+            rec = Recorded(position, job_id, version, event)
+            self._appended[position] = (rec, folds.get((job_id, version)))
 
     async def _append_one_by_one(self, batch: list[_Queued]) -> None:
         by_job: dict[str, list[_Queued]] = {}
@@ -1875,6 +1931,7 @@ _SECRET_RESPONSE_HEADERS: Final = (
     "\nauthentication-info",
     "\nproxy-authentication-info",
 )
+_APPENDED_KEPT: Final = 100_000  # own events kept for observing at most (Engine._appended)
 _ENDED: Final = None  # a file whose transfer ended without finishing
 _TAKEN: Final = "taken"  # finished, and in the claimer's hands
 _CLAIMED: Final = "claimed"  # its FileTransferred is decided

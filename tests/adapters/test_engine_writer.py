@@ -27,7 +27,7 @@ from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core.error import BitsError
-from backhaul.core.vocabulary import JobState
+from backhaul.core.vocabulary import JobState, NotifyFlags
 
 
 def hold(
@@ -124,3 +124,50 @@ def test_a_transfer_stops_reading_while_the_log_cannot_take_its_checkpoint(
     assert grown < 512 * KiB, f"{grown} bytes received while the log was stuck"
     job.complete()
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_the_engine_observes_its_own_appends_without_reading_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the engine appended is observed from memory, in log order: its notifications
+    still fire, and a change another writer makes in the middle is read from the log."""
+    manager = TransferManager(home=tmp_path / "home")
+    files = {f"/f{i}": trickle(os.urandom(64 * KiB), step=8 * KiB, delay=0.02) for i in range(3)}
+    read_back: list[ev.Event] = []
+    real_read = manager.store.read
+
+    def read(after: int = 0, limit: int = 1000) -> list:  # type: ignore[type-arg]
+        records = real_read(after, limit)
+        read_back.extend(r.event for r in records)
+        return records
+
+    monkeypatch.setattr(manager.store, "read", read)
+
+    async def main() -> tuple[TransferJob, list[str]]:
+        async with FaultServer(files) as srv:
+            flags = int(NotifyFlags.JOB_TRANSFERRED | NotifyFlags.FILE_TRANSFERRED)
+            job = new_job(
+                manager, [(srv.url(p), tmp_path / p[1:]) for p in files], notify_flags=flags
+            )
+            engine = make_engine(manager)
+            told: list[str] = []
+            engine.on("file_transferred", lambda _job, info: told.append(info.local_name))
+            async with running(engine):
+                await until(lambda: job.state is JobState.TRANSFERRING, "TRANSFERRING")
+                job.description = "changed while it runs"  # another writer's event
+                await until(lambda: len(told) == 3, "three files told")
+                await until(
+                    lambda: (
+                        getattr(engine.logged(job.id), "description", None)
+                        == "changed while it runs"
+                    ),
+                    "the engine's copy has the other writer's change",
+                )
+            return job, told
+
+    job, told = asyncio.run(main())
+    assert job.state is JobState.TRANSFERRED
+    assert told == [str(tmp_path / p[1:]) for p in files]
+    assert any(isinstance(e, ev.PropertySet) for e in read_back)
+    engine_events = (ev.TransferStarted, ev.Connected, ev.FileTransferred, ev.JobTransferred)
+    assert not [e for e in read_back if isinstance(e, engine_events)]

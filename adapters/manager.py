@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 BUILTIN_SCHEMES = frozenset({"http", "https", "smb", "file"})
 """backhaul's own schemes. The manager's default is every installed one (adapters/registry)."""
 _RETRIES = 8
+CACHE_FROM_CATCH_UP = 20_000  # jobs a refresh_views keeps as copies, at most
 
 
 def current_owner() -> str:
@@ -210,8 +211,18 @@ class TransferManager:
             yield TransferJob(self, row.job_id)
 
     def refresh_views(self) -> int:
-        """Bring the read models up to date with the log (also done by every listing)."""
-        return catch_up(self.store)
+        """Bring the read models up to date with the log (also done by every listing).
+        The jobs it folded are kept as this manager's copies (a later ``_load`` reads only
+        their newer events, not their rows), up to ``CACHE_FROM_CATCH_UP`` jobs a call."""
+        folded: dict[str, Job] = {}
+        position = catch_up(self.store, folded)
+        if self._pending is None and len(folded) <= CACHE_FROM_CATCH_UP:
+            cache = self._cache
+            for job_id, job in folded.items():
+                mine = cache.get(job_id)
+                if mine is None or mine.version < job.version:
+                    cache[job_id] = job
+        return position
 
     # -- engine-wide policy (one stream of its own) ------------------------------------
 

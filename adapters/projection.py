@@ -58,13 +58,14 @@ def job_of(row: ViewRow) -> Job:
     return job_from_dict(json.loads(row.doc))
 
 
-def catch_up(store: EventStore) -> int:
+def catch_up(store: EventStore, folded_into: dict[str, Job] | None = None) -> int:
     """Bring the read models up to the head of the log; returns the new position.
 
     The log is read a page (``BATCH`` events) at a time, but the rows are saved, with the
     position, only every ``SAVE_EVENTS`` events or ``SAVE_JOBS`` touched jobs: 10,000 jobs
     that each moved through four states are written once, not once per page they appear
-    in. The jobs just saved are kept for the next pages (not read back from their rows)."""
+    in. The jobs just saved are kept for the next pages (not read back from their rows).
+    ``folded_into`` gets every job this call saved, as saved (their rows, unread)."""
     with store.lock:
         position = read_to = store.views.position()
         saved: dict[str, Job] = {}  # the rows of the last save, as saved
@@ -94,6 +95,8 @@ def catch_up(store: EventStore) -> int:
                 continue
             position = read_to
             saved, touched, unsaved = {job.id: job for job in folded}, {}, 0
+            if folded_into is not None:
+                folded_into.update(saved)
 
 
 def _fold_page(

@@ -1233,6 +1233,43 @@ def test_a_batch_reads_each_job_from_the_store_once(
     assert writer.get_job(ids[1]).state is JobState.QUEUED
 
 
+def test_refresh_views_keeps_the_jobs_it_folded_so_no_row_is_read_again(
+    store: EventStore,
+    clock: ManualClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A manager that caught the read model up holds those jobs: reading one after that
+    reads only its newer events (none of its row). Inside a batch the jobs the batch
+    changed stay as the batch has them."""
+    writer = TransferManager(store, owner=OWNER, clock=clock)
+    ids = [download(writer, tmp_path).id for _ in range(3)]
+    for job_id in ids:
+        writer.get_job(job_id).description = "before the catch-up"
+    assert store.views.position() < store.head()  # the read model has not folded them yet
+    reader = TransferManager(store, owner=OWNER, clock=clock)
+    reader.refresh_views()
+    rows: list[str] = []
+    get = store.views.get
+
+    def counted(job_id: str) -> Any:
+        rows.append(job_id)
+        return get(job_id)
+
+    monkeypatch.setattr(store.views, "get", counted)
+    writer.get_job(ids[0]).description = "after the catch-up"  # a newer event: still seen
+    assert [reader.get_job(i).state for i in ids] == [JobState.SUSPENDED] * 3
+    assert reader.get_job(ids[0]).description == "after the catch-up"
+    assert rows == []
+
+    writer.get_job(ids[1]).description = "before the batch"  # the next catch-up folds it
+    with reader.batch():
+        reader.get_job(ids[1]).resume()
+        reader.refresh_views()  # folds the description, not the resume (not in the log yet)
+        assert reader.get_job(ids[1]).state is JobState.QUEUED
+    assert writer.get_job(ids[1]).state is JobState.QUEUED
+
+
 def test_cancel_inside_an_abandoned_batch_keeps_the_temp_files(
     manager: TransferManager, store: EventStore, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 
@@ -122,6 +122,10 @@ class TransferManager:
         # None: every scheme an installed transport (uploader, for upload jobs) serves
         self.schemes = None if schemes is None else frozenset(s.lower() for s in schemes)
         self._cache: dict[str, Job] = {}
+        # This manager's last appends, while they are one run of log positions: (the
+        # position before them, the last one, each job's version after them). The next
+        # refresh_views saves their rows from the copies, without reading them back.
+        self._appended: tuple[int, int, dict[str, int]] | None = None
         self._pending: list[tuple[str, int, list[Event]]] | None = None
         self._pending_index: dict[str, int] = {}  # job id -> its last entry in _pending
         self._fresh: set[str] = set()  # in a batch: jobs read, or changed, in it
@@ -215,7 +219,15 @@ class TransferManager:
         The jobs it folded are kept as this manager's copies (a later ``_load`` reads only
         their newer events, not their rows), up to ``CACHE_FROM_CATCH_UP`` jobs a call."""
         folded: dict[str, Job] = {}
-        position = catch_up(self.store, folded)
+        mine, self._appended = self._appended, None
+        known = None
+        if mine is not None and self._pending is None:
+            copies = {job_id: self._cache.get(job_id) for job_id in mine[2]}
+            if all(
+                job is not None and job.version == mine[2][job_id] for job_id, job in copies.items()
+            ):
+                known = (mine[0], mine[1], cast(dict[str, Job], copies))
+        position = catch_up(self.store, folded, known)
         if self._pending is None and len(folded) <= CACHE_FROM_CATCH_UP:
             cache = self._cache
             for job_id, job in folded.items():
@@ -289,7 +301,8 @@ class TransferManager:
                 action()  # Complete publishes its files before its event is appended
             localfile.sync_dirs(self._renamed_dirs)  # once per directory for the batch
             if pending:
-                self.store.append_many(pending)
+                positions = self.store.append_many(pending)
+                self._note_appended(positions, pending)
             for action in after:
                 action()  # Cancel deletes temp files once its event is appended
         except BaseException:
@@ -317,7 +330,24 @@ class TransferManager:
             self._pending.append((job_id, after, list(events)))
             self._fresh.add(job_id)
             return
-        self.store.append(job_id, after, events)
+        positions = self.store.append(job_id, after, events)
+        self._note_appended(positions, [(job_id, after, events)])
+
+    def _note_appended(
+        self, positions: Sequence[int], appended: Sequence[tuple[str, int, Sequence[Event]]]
+    ) -> None:
+        """Remember an append for ``refresh_views``, while this manager's appends make one
+        run of positions (another writer in between, or a gap, ends it)."""
+        run = self._appended
+        if not positions or positions[-1] - positions[0] + 1 != len(positions):
+            self._appended = None
+            return
+        if run is None or run[1] + 1 != positions[0]:
+            run = (positions[0] - 1, positions[-1], {})
+        versions = run[2]
+        for job_id, after, events in appended:
+            versions[job_id] = max(versions.get(job_id, 0), after + len(events))
+        self._appended = (run[0], positions[-1], versions)
 
     def _load(self, job_id: str) -> Job:
         job = self._cache.get(job_id)

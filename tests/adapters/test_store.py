@@ -24,7 +24,7 @@ from backhaul.adapters import projection
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.projection import catch_up, rebuild, view_row
-from backhaul.adapters.store import ConcurrentAppend, EventStore, open_store
+from backhaul.adapters.store import ConcurrentAppend, EventStore, Recorded, open_store
 from backhaul.adapters.view import ViewRow
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
@@ -379,6 +379,47 @@ class StoreContract:
         assert saves[-1][1] == store.head()
         assert [p for _, p in saves] == sorted(p for _, p in saves)
         assert sum(n for n, _ in saves) < events
+        assert_rows_are_folds(store, ids)
+
+    def test_a_managers_own_appends_are_saved_from_its_copies_not_read_back(
+        self,
+        store: EventStore,
+        manager: TransferManager,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """After this manager's own appends, refresh_views saves their rows from its copies
+        and reads none of them back; another writer's event in between ends the shortcut.
+        Either way the rows equal a pure fold."""
+        manager.refresh_views()
+        with manager.batch():
+            ids = []
+            for i in range(3):
+                job = manager.create_job(f"batched {i}")
+                job.add_file(f"https://example.com/{i}.bin", tmp_path / f"b{i}.bin")
+                job.resume()
+                ids.append(job.id)
+        manager.get_job(ids[0]).description = "one more, still this manager's"
+        read_back: list[str] = []
+        read = store.read
+
+        def recorded(after: int = 0, limit: int = 1000) -> list[Recorded]:
+            records = read(after, limit)
+            read_back.extend(r.job_id for r in records)
+            return records
+
+        monkeypatch.setattr(store, "read", recorded)
+
+        assert manager.refresh_views() == store.head()
+        assert read_back == []
+        assert_rows_are_folds(store, ids)
+
+        other = TransferManager(store, owner="contract-owner", clock=ManualClock())
+        manager.get_job(ids[1]).description = "before the other writer"
+        other.get_job(ids[2]).description = "the other writer"
+        manager.get_job(ids[1]).description = "after the other writer"
+        assert manager.refresh_views() == store.head()
+        assert read_back.count(ids[2]) == 1
         assert_rows_are_folds(store, ids)
 
     def test_a_row_never_goes_back_to_an_older_version(

@@ -1270,6 +1270,43 @@ def test_refresh_views_keeps_the_jobs_it_folded_so_no_row_is_read_again(
     assert writer.get_job(ids[1]).state is JobState.QUEUED
 
 
+def test_a_batch_right_after_refresh_views_reads_none_of_the_jobs_it_folded(
+    store: EventStore,
+    clock: ManualClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Complete many jobs right after a refresh: while the log has not moved, a batch takes
+    the refreshed copies as they are; once it moved, each job is read again."""
+    writer = TransferManager(store, owner=OWNER, clock=clock)
+    ids = [download(writer, tmp_path).id for _ in range(3)]
+    for job_id in ids:
+        writer.get_job(job_id).description = "folded by the refresh"
+    reader = TransferManager(store, owner=OWNER, clock=clock)
+    reader.refresh_views()
+    reads: list[str] = []
+    stream = store.stream
+
+    def counted(job_id: str, after: int = 0) -> Any:
+        reads.append(job_id)
+        return stream(job_id, after)
+
+    monkeypatch.setattr(store, "stream", counted)
+    with reader.batch():
+        for job_id in ids:
+            reader.get_job(job_id).resume()
+    assert reads == []
+    assert [writer.get_job(i).state for i in ids] == [JobState.QUEUED] * 3
+
+    reader.refresh_views()
+    writer.get_job(ids[1]).description = "moved the log after the refresh"
+    reads.clear()
+    with reader.batch():
+        assert reader.get_job(ids[1]).description == "moved the log after the refresh"
+        reader.get_job(ids[2]).suspend()
+    assert sorted(reads) == sorted(ids[1:])
+
+
 def test_cancel_inside_an_abandoned_batch_keeps_the_temp_files(
     manager: TransferManager, store: EventStore, tmp_path: Path
 ) -> None:

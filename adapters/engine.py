@@ -195,6 +195,7 @@ class Engine:
         self._released: dict[str, tuple[datetime | None, datetime]] = {}
         self._renewed = 0.0
         self._bg_sockets: set[Any] = set()
+        self._rated_jobs: set[str] = set()  # jobs whose "job:<id>" bucket has a rate
         self._reply_sessions: dict[str, UploadSession] = {}
         self._validators: dict[str, ServerCertificateValidator] = {}
         self._finishing: dict[str, asyncio.Task[None]] = {}  # each job's claimer
@@ -600,13 +601,26 @@ class Engine:
             self._network = (now, up, cost)
         return self._network[1], self._network[2]
 
-    def why_blocked(self, job: Job, up: bool, cost: int, now: datetime) -> int | None:
-        """The BITS code that holds this job back now, if any (None: it may run)."""
+    def why_blocked(
+        self,
+        job: Job,
+        up: bool,
+        cost: int,
+        now: datetime,
+        by_priority: Mapping[JobPriority, bool] | None = None,
+    ) -> int | None:
+        """The BITS code that holds this job back now, if any (None: it may run).
+        ``by_priority``: whether the bandwidth policy blocks each priority now (one pass
+        over thousands of jobs asks the policy once per priority, not once per job)."""
         if not up:
             return hresult.BG_E_NETWORK_DISCONNECTED
         if not cost_allows(job.cost_flags, cost):
             return hresult.BG_E_BLOCKED_BY_COST_TRANSFER_POLICY
-        if policy_blocks(self.settings.bandwidth, job.priority, now.astimezone()):
+        if by_priority is not None:
+            blocked = by_priority[job.priority]
+        else:
+            blocked = policy_blocks(self.settings.bandwidth, job.priority, now.astimezone())
+        if blocked:
             return hresult.BG_E_BLOCKED_BY_POLICY
         return None
 
@@ -628,15 +642,21 @@ class Engine:
         for priority in (JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW):
             limits = policy.priority_limits.get(int(priority), ())
             self.limiter.set_rate(f"priority:{int(priority)}", current_limit(limits, local) or None)
+        by_priority = {p: policy_blocks(policy, p, local) for p in JobPriority}
+        rated = self._rated_jobs
         # While the network is up, a TRANSIENT_ERROR job matters only if a policy blocks it.
         waiting = self._jobs.in_states([JobState.TRANSIENT_ERROR]) if not up else []
         for job in self._jobs.in_states(_UNBLOCKED) + waiting + self._jobs.blocked():
             state = job.state
             if state is JobState.TRANSIENT_ERROR and job.blocked_by is None and up:
                 continue  # nothing to block or release
-            if job.max_rate is not None or self.limiter.rate(f"job:{job.id}") is not None:
+            if job.max_rate is not None or job.id in rated:
                 self.limiter.set_rate(f"job:{job.id}", job.max_rate)
-            code = self.why_blocked(job, up, cost, now)
+                if job.max_rate is None:
+                    rated.discard(job.id)
+                else:
+                    rated.add(job.id)
+            code = self.why_blocked(job, up, cost, now, by_priority)
             if code is not None and state in (
                 JobState.QUEUED,
                 JobState.CONNECTING,
@@ -864,9 +884,17 @@ class Engine:
                 with contextlib.suppress(BitsError, JobGone):
                     self._enqueue(job.id, cmd.EndSlice())
         candidates = []
-        for job in self._jobs.ordered(
-            [j.id for j in self._jobs.in_states([JobState.QUEUED]) if j.id not in self._tasks]
-            + [j for j in self._tasks if j in self._jobs]
+        # A FOREGROUND job that runs has nothing to gain or lose from a plan (foreground
+        # jobs are never pre-empted nor sliced): with thousands of them running, a pass
+        # considers only the queued jobs and the background jobs that run.
+        jobs_now = self._jobs
+        for job in jobs_now.ordered(
+            [j.id for j in jobs_now.in_states([JobState.QUEUED]) if j.id not in self._tasks]
+            + [
+                j
+                for j in self._tasks
+                if j in jobs_now and jobs_now[j].priority is not JobPriority.FOREGROUND
+            ]
         ):
             running = job.id in self._tasks
             if not running and job.leased_by_other(self.worker, now):

@@ -19,6 +19,7 @@ from backhaul.core.bandwidth import BandwidthPolicy, Limit, parse_window
 from backhaul.core.vocabulary import CostFlags, JobPriority, JobPropertyId, JobState
 
 KiB = 1024
+MiB = 1024 * KiB
 ALWAYS = parse_window("all 00:00-24:00")
 
 
@@ -126,6 +127,31 @@ def test_a_per_job_rate_set_from_the_cli_limits_the_transfer(tmp_path: Path) -> 
     elapsed = asyncio.run(main())
     # 600 KiB at 400 kB/s takes ~1.3 s after the first burst (the bucket holds 0.25 s).
     assert elapsed > 1.0
+
+
+def test_a_per_job_rate_removed_mid_transfer_frees_it_at_once(tmp_path: Path) -> None:
+    """The engine syncs each job's rate every pass: lowering it slows the transfer, and
+    removing it (None) lifts the limit for the rest of the file."""
+    data = os.urandom(4 * MiB)
+
+    async def main() -> float:
+        async with FaultServer({"/f": Served(data)}) as server:
+            manager = TransferManager(home=tmp_path / "home")
+            job = new_job(
+                manager, [(server.url("/f"), tmp_path / "f.bin")], priority=JobPriority.FOREGROUND
+            )
+            job.max_rate = 100_000  # 4 MiB would take about 40 s
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: engine.live_progress.get((job.id, 0), 0) > 0, "started")
+                await asyncio.sleep(0.5)
+                assert job.state is JobState.TRANSFERRING  # held back by the limit
+                job.max_rate = None
+                lifted = asyncio.get_running_loop().time()
+                await until(lambda: job.state is JobState.TRANSFERRED, "transferred", 15)
+                return asyncio.get_running_loop().time() - lifted
+
+    assert asyncio.run(main()) < 5.0
 
 
 def test_an_abandoned_job_is_cancelled_after_the_inactivity_timeout(tmp_path: Path) -> None:

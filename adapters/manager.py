@@ -223,20 +223,20 @@ class TransferManager:
         The jobs it folded are kept as this manager's copies (a later ``_load`` reads only
         their newer events, not their rows), up to ``CACHE_FROM_CATCH_UP`` jobs a call."""
         folded: dict[str, Job] = {}
-        mine, self._appended = self._appended, None
+        run, self._appended = self._appended, None
         known = None
-        if mine is not None and self._pending is None:
-            copies = {job_id: self._cache.get(job_id) for job_id in mine[2]}
+        if run is not None and self._pending is None:
+            copies = {job_id: self._cache.get(job_id) for job_id in run[2]}
             if all(
-                job is not None and job.version == mine[2][job_id] for job_id, job in copies.items()
+                job is not None and job.version == run[2][job_id] for job_id, job in copies.items()
             ):
-                known = (mine[0], mine[1], cast(dict[str, Job], copies))
+                known = (run[0], run[1], cast(dict[str, Job], copies))
         position = catch_up(self.store, folded, known)
         if self._pending is None and len(folded) <= CACHE_FROM_CATCH_UP:
             cache = self._cache
             for job_id, job in folded.items():
-                mine = cache.get(job_id)
-                if mine is None or mine.version < job.version:
+                cached = cache.get(job_id)
+                if cached is None or cached.version < job.version:
                     cache[job_id] = job
             self._caught_up = (position, {j: job for j, job in folded.items() if cache[j] is job})
         return position

@@ -601,13 +601,9 @@ class Engine:
             self._network = (now, up, cost)
         return self._network[1], self._network[2]
 
+    @staticmethod
     def why_blocked(
-        self,
-        job: Job,
-        up: bool,
-        cost: int,
-        now: datetime,
-        by_priority: Mapping[JobPriority, bool] | None = None,
+        job: Job, up: bool, cost: int, by_priority: Mapping[JobPriority, bool]
     ) -> int | None:
         """The BITS code that holds this job back now, if any (None: it may run).
         ``by_priority``: whether the bandwidth policy blocks each priority now (one pass
@@ -616,11 +612,7 @@ class Engine:
             return hresult.BG_E_NETWORK_DISCONNECTED
         if not cost_allows(job.cost_flags, cost):
             return hresult.BG_E_BLOCKED_BY_COST_TRANSFER_POLICY
-        if by_priority is not None:
-            blocked = by_priority[job.priority]
-        else:
-            blocked = policy_blocks(self.settings.bandwidth, job.priority, now.astimezone())
-        if blocked:
+        if by_priority[job.priority]:
             return hresult.BG_E_BLOCKED_BY_POLICY
         return None
 
@@ -656,7 +648,7 @@ class Engine:
                     rated.discard(job.id)
                 else:
                     rated.add(job.id)
-            code = self.why_blocked(job, up, cost, now, by_priority)
+            code = self.why_blocked(job, up, cost, by_priority)
             if code is not None and state in (
                 JobState.QUEUED,
                 JobState.CONNECTING,

@@ -48,7 +48,6 @@ def _text_or_sealed(value: Any, _: Any) -> str | Sealed | None:
 
 
 converter.register_structure_hook(str | Sealed | None, _text_or_sealed)
-converter.register_structure_hook(str | Sealed, _text_or_sealed)
 # A job's files: stored as the list they always were.
 converter.register_unstructure_hook(
     FileList, lambda files: [converter.unstructure(f, FileState) for f in files]

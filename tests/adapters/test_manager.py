@@ -1188,6 +1188,19 @@ def test_batch_reads_the_live_job_when_its_view_row_is_behind(
     assert job.description == "written after the views were refreshed"
 
 
+def job_ids_asked(monkeypatch: pytest.MonkeyPatch, reader: object, name: str) -> list[str]:
+    """Record the job id of every call of ``reader.name(job_id, ...)`` from now on."""
+    asked: list[str] = []
+    real = getattr(reader, name)
+
+    def counted(job_id: str, *args: Any) -> Any:
+        asked.append(job_id)
+        return real(job_id, *args)
+
+    monkeypatch.setattr(reader, name, counted)
+    return asked
+
+
 def test_a_batch_reads_each_job_from_the_store_once(
     store: EventStore,
     clock: ManualClock,
@@ -1199,14 +1212,7 @@ def test_a_batch_reads_each_job_from_the_store_once(
     nothing of the batch is written."""
     writer = TransferManager(store, owner=OWNER, clock=clock)
     ids = [download(writer, tmp_path).id for _ in range(3)]
-    reads: list[str] = []
-    stream = store.stream
-
-    def counted(job_id: str, after: int = 0) -> Any:
-        reads.append(job_id)
-        return stream(job_id, after)
-
-    monkeypatch.setattr(store, "stream", counted)
+    reads = job_ids_asked(monkeypatch, store, "stream")
     reader = TransferManager(store, owner=OWNER, clock=clock)
     with reader.batch():
         for job_id in ids:
@@ -1249,14 +1255,7 @@ def test_refresh_views_keeps_the_jobs_it_folded_so_no_row_is_read_again(
     assert store.views.position() < store.head()  # the read model has not folded them yet
     reader = TransferManager(store, owner=OWNER, clock=clock)
     reader.refresh_views()
-    rows: list[str] = []
-    get = store.views.get
-
-    def counted(job_id: str) -> Any:
-        rows.append(job_id)
-        return get(job_id)
-
-    monkeypatch.setattr(store.views, "get", counted)
+    rows = job_ids_asked(monkeypatch, store.views, "get")
     writer.get_job(ids[0]).description = "after the catch-up"  # a newer event: still seen
     assert [reader.get_job(i).state for i in ids] == [JobState.SUSPENDED] * 3
     assert reader.get_job(ids[0]).description == "after the catch-up"
@@ -1284,14 +1283,7 @@ def test_a_batch_right_after_refresh_views_reads_none_of_the_jobs_it_folded(
         writer.get_job(job_id).description = "folded by the refresh"
     reader = TransferManager(store, owner=OWNER, clock=clock)
     reader.refresh_views()
-    reads: list[str] = []
-    stream = store.stream
-
-    def counted(job_id: str, after: int = 0) -> Any:
-        reads.append(job_id)
-        return stream(job_id, after)
-
-    monkeypatch.setattr(store, "stream", counted)
+    reads = job_ids_asked(monkeypatch, store, "stream")
     with reader.batch():
         for job_id in ids:
             reader.get_job(job_id).resume()

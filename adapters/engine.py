@@ -1255,8 +1255,11 @@ class Engine:
         # TRANSIENT_ERROR in BITS (bits-core.md §13), though a plain denial is fatal.
         privilege = exc.hresult == hresult.E_ACCESSDENIED
         transient = exc.transient and (callback or privilege or is_transient(exc.hresult))
+        # The failed response's header block is the file's HTTP_RESPONSE_HEADERS from now.
+        block = exc.response_headers if error.file_index is not None else None
+        failed = cmd.Fail(error, transient, exc.retry_after, self._recorded_headers(block))
         with contextlib.suppress(JobGone, BitsError):
-            await self._commit(job_id, cmd.Fail(error, transient, exc.retry_after))
+            await self._commit(job_id, failed)
 
     async def _download_files(self, job_id: str, pending: Sequence[int]) -> None:
         """The job's files, started in order. Small files overlap: up to ``file_window``
@@ -1433,6 +1436,7 @@ class Engine:
                     "download content without one",
                     context=ErrorContext.REMOTE_FILE,
                     transient=False,
+                    response_headers=remote.headers,
                 )
             if download.offset != offset:
                 reason = (
@@ -1485,6 +1489,7 @@ class Engine:
                         "the server did not honour the requested range",
                         context=ErrorContext.REMOTE_FILE,
                         transient=False,
+                        response_headers=download.remote.headers,
                     )
                 await self._receive(
                     job_id, index, download, local + skip, remote, (local + length, total)

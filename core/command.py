@@ -159,6 +159,7 @@ class Fail(Command):
     error: JobError
     transient: bool
     retry_after: float | None = None
+    response_headers: str | Sealed | None = None  # of the failed response, for its file
 
 
 @attrs.frozen
@@ -534,7 +535,11 @@ def _restart_file(job: Job, cmd: RestartFile, now: datetime, limits: Limits) -> 
 
 
 def _fail(job: Job, cmd: Fail, now: datetime, limits: Limits) -> list[ev.Event]:
-    event = ev.ErrorOccurred(now, cmd.error, cmd.transient, cmd.retry_after)
+    if cmd.response_headers is not None:
+        if cmd.error.file_index is None:
+            raise BitsError(hresult.E_INVALIDARG, "response headers belong to a file")
+        _file_in_job(job, cmd.error.file_index)
+    event = ev.ErrorOccurred(now, cmd.error, cmd.transient, cmd.retry_after, cmd.response_headers)
     return _transition(job, event.trigger_of(), event)
 
 

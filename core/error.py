@@ -30,7 +30,11 @@ class BitsError(BackhaulError):
 
 
 class TransferError(BackhaulError):
-    """A transfer failed. ``transient`` says whether BITS would retry it."""
+    """A transfer failed. ``transient`` says whether BITS would retry it.
+
+    ``response_headers``: the raw header block of the server's response that failed (status
+    line, header lines, empty line; CR LF each), when a response came. The engine keeps it
+    as the file's HTTP_RESPONSE_HEADERS, which holds the last response whatever it was."""
 
     def __init__(
         self,
@@ -40,8 +44,10 @@ class TransferError(BackhaulError):
         context: ErrorContext = ErrorContext.GENERAL_TRANSPORT,
         transient: bool,
         retry_after: float | None = None,
+        response_headers: str | None = None,
     ) -> None:
         super().__init__(code, message)
         self.context = context
         self.transient = transient
         self.retry_after = retry_after
+        self.response_headers = response_headers

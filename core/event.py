@@ -160,11 +160,15 @@ class JobTransferred(Event):
 
 @attrs.frozen
 class ErrorOccurred(Event):
-    """``retry_after``: seconds the server asked us to wait (Retry-After), if any."""
+    """``retry_after``: seconds the server asked us to wait (Retry-After), if any.
+    ``response_headers``: the header block of the response that failed (an HTTP 404 or 503,
+    say), which becomes the HTTP_RESPONSE_HEADERS of ``error.file_index``; None when no
+    response came or the error names no file."""
 
     error: JobError
     transient: bool
     retry_after: float | None = None
+    response_headers: str | Sealed | None = None
 
     def trigger_of(self) -> Trigger:
         return Trigger.TRANSIENT_FAILURE if self.transient else Trigger.FATAL_FAILURE

@@ -454,7 +454,7 @@ def _error(job: Job, e: ev.ErrorOccurred) -> dict[str, Any]:
     retried = e.transient and facts.retries_allowed
     since = job.no_progress_since if job.no_progress_since is not None else e.at
     retry_after = timedelta(seconds=e.retry_after) if e.retry_after else None
-    return {
+    changes: dict[str, Any] = {
         "error": e.error,
         "error_count": job.error_count + 1,
         "error_at": e.at,
@@ -462,6 +462,13 @@ def _error(job: Job, e: ev.ErrorOccurred) -> dict[str, Any]:
         "no_progress_since": since if retried else None,
         "blocked_by": None,
     }
+    if e.response_headers is not None and e.error.file_index is not None:
+        # HTTP_RESPONSE_HEADERS is the file's last response, a failed one too (a 503's
+        # Retry-After, a 404's body type).
+        changes["files"] = _replace_file(
+            job, e.error.file_index, response_headers=e.response_headers
+        )
+    return changes
 
 
 def _connected(job: Job, e: ev.Connected) -> dict[str, Any]:

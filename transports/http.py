@@ -422,6 +422,7 @@ def _status_error(resp: aiohttp.ClientResponse, *, code: int | None = None) -> T
         context=ErrorContext.REMOTE_FILE,
         transient=_is_transient(code),
         retry_after=retry_after,
+        response_headers=_header_block(resp),
     )
 
 
@@ -432,6 +433,7 @@ def _protocol_error(resp: aiohttp.ClientResponse, why: str) -> TransferError:
         f"{why} (HTTP {resp.status} from {_redact(resp.url)})",
         context=ErrorContext.REMOTE_FILE,
         transient=_is_transient(code),
+        response_headers=_header_block(resp),
     )
 
 
@@ -1848,7 +1850,11 @@ class HttpTransport:
 def _refused(redirect: TransferError, why: str) -> TransferError:
     """A redirect the policy forbids: the redirect's status code, always fatal."""
     return TransferError(
-        redirect.hresult, f"{why} ({redirect.message})", context=redirect.context, transient=False
+        redirect.hresult,
+        f"{why} ({redirect.message})",
+        context=redirect.context,
+        transient=False,
+        response_headers=redirect.response_headers,
     )
 
 

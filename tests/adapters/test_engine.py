@@ -184,7 +184,8 @@ class Served:
     the body ``step`` bytes at a time with ``delay`` seconds between writes (a trickle);
     ``drop_after``: once, close the connection when this offset of the file was sent;
     ``statuses``: answer these statuses first, one per request (with ``retry_after``);
-    ``header_delay``: wait this long before answering; ``headers``: sent with every answer."""
+    ``header_delay``: wait this long before answering; ``headers``: sent with every answer
+    (the ``statuses`` too)."""
 
     data: bytes
     etag: str | None = '"v1"'
@@ -303,7 +304,7 @@ class FaultServer:
         if f.statuses:
             status = f.statuses.pop(0)
             extra = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
-            return web.Response(status=status, text="not now", headers=extra)
+            return web.Response(status=status, text="not now", headers={**f.headers, **extra})
         size = len(f.data)
         headers: dict[str, str] = dict(f.headers)
         if f.etag is not None:

@@ -1,11 +1,12 @@
-"""BITS_FILE_PROPERTY_ID_HTTP_RESPONSE_HEADERS: each file keeps the raw header block of the
-last response whose body it received (bits-core.md §10), read with
+"""BITS_FILE_PROPERTY_ID_HTTP_RESPONSE_HEADERS: each file keeps the raw header block of its
+last response, a failed one too (bits-core.md §10), read with
 ``TransferJob.get_file_property`` or ``backhaul getfileproperty``.
 
-Against the real nginx of the engine tests: whole files and AddFileWithRanges. Against a
-FaultServer: a trickled body checkpointed several times, a resume after a dropped connection
-(the 206 replaces the 200), and a response with a Set-Cookie, which the log and the read model
-hold only sealed.
+Against the real nginx of the engine tests: whole files, AddFileWithRanges, and a 404 (a
+failed response is the file's last response too). Against a FaultServer: a trickled body
+checkpointed several times, a resume after a dropped connection (the 206 replaces the 200), a
+503 with Retry-After and then the file, and responses with a Set-Cookie, which the log and the
+read model hold only sealed.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from peers.nginx import NginxServer
 from test_engine import (
     FaultServer,
     KiB,
     S,
+    Served,
     events_of,
     make_engine,
     new_job,
@@ -30,7 +34,7 @@ from test_engine import (
 )
 
 from backhaul.adapters.cli import main
-from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core.value import ByteRange, FileSpec, Sealed
 from backhaul.core.vocabulary import FilePropertyId
@@ -45,6 +49,20 @@ def header_lines(block: str) -> dict[str, str]:
         name.strip().lower(): value.strip()
         for name, _, value in (line.partition(":") for line in lines[1:-2])
     }
+
+
+def run_served(tmp_path: Path, files: dict[str, Served]) -> tuple[TransferManager, TransferJob]:
+    """One job of ``files`` (each to its name under tmp_path), run until idle."""
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main_() -> str:
+        async with FaultServer(files) as srv:
+            pairs = [(srv.url(path), tmp_path / path.strip("/")) for path in files]
+            job = new_job(manager, pairs)
+            await make_engine(manager).run(until_idle=True)
+        return job.id
+
+    return manager, manager.get_job(asyncio.run(main_()))
 
 
 def test_each_file_keeps_the_headers_of_its_last_response_from_nginx(
@@ -82,15 +100,7 @@ def test_a_checkpointed_file_records_its_headers_once_per_response(tmp_path: Pat
     of checkpoints does not depend on the machine's speed): its block goes with the first
     checkpoint only."""
     served = trickle(os.urandom(512 * KiB), headers={"X-Served": "trickle"})
-    manager = TransferManager(home=tmp_path / "home")
-
-    async def main_() -> str:
-        async with FaultServer({"/f": served}) as srv:
-            job = new_job(manager, [(srv.url("/f"), tmp_path / "f.bin")])
-            await make_engine(manager).run(until_idle=True)
-        return job.id
-
-    job = manager.get_job(asyncio.run(main_()))
+    manager, job = run_served(tmp_path, {"/f": served})
     assert job.state is S.TRANSFERRED
     events = events_of(manager, job.id)
     checkpoints = of_type(events, ev.BytesCheckpointed)
@@ -123,24 +133,55 @@ def test_ranges_keep_the_headers_of_the_last_range_request(
     assert header_lines(block)["content-range"] == f"bytes {size - 500}-{size - 1}/{size}"
 
 
-def test_a_resumed_file_keeps_the_206_that_finished_it(tmp_path: Path) -> None:
-    data = os.urandom(512 * KiB)
-    served = trickle(data, drop_after=256 * KiB, headers={"X-Served": "fault"})
+@pytest.mark.parametrize(
+    ("served", "while_waiting", "at_the_end", "retry_after"),
+    [
+        # A body cut short: no response came with the error, so the 200 stays; the 206 of
+        # the resume replaces it.
+        (
+            lambda: trickle(os.urandom(512 * KiB), drop_after=256 * KiB),
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 206 Partial Content",
+            None,
+        ),
+        # A 503 with Retry-After is the file's last response until the 200 comes.
+        (
+            lambda: trickle(os.urandom(64 * KiB), statuses=[503], retry_after="7"),
+            "HTTP/1.1 503 Service Unavailable",
+            "HTTP/1.1 200 OK",
+            "7",
+        ),
+    ],
+    ids=["dropped-then-206", "503-then-200"],
+)
+def test_a_retried_file_shows_its_last_response_at_each_step(
+    tmp_path: Path,
+    served: Callable[[], Served],
+    while_waiting: str,
+    at_the_end: str,
+    retry_after: str | None,
+) -> None:
+    fault = served()
+    fault.headers["X-Served"] = "fault"
     manager = TransferManager(home=tmp_path / "home")
 
     async def main_() -> None:
-        async with FaultServer({"/f": served}) as srv:
+        async with FaultServer({"/f": fault}) as srv:
             job = new_job(manager, [(srv.url("/f"), tmp_path / "f.bin")], minimum_retry_delay=5)
             async with running(make_engine(manager)):
                 await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
-                first = job.get_file_property(0, HEADERS)
-                assert first.startswith("HTTP/1.1 200 OK\r\n")
+                block = job.get_file_property(0, HEADERS)
+                assert block.startswith(while_waiting + "\r\n")
+                assert header_lines(block)["x-served"] == "fault"
+                assert header_lines(block).get("retry-after") == retry_after
                 job.resume()
                 await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
             block = job.get_file_property(0, HEADERS)
-            assert block.startswith("HTTP/1.1 206 Partial Content\r\n")
+            assert block.startswith(at_the_end + "\r\n")
             assert header_lines(block)["x-served"] == "fault"
-            assert header_lines(block)["content-range"].startswith("bytes ")
+            assert "retry-after" not in header_lines(block)
+            if at_the_end.startswith("HTTP/1.1 206"):
+                assert header_lines(block)["content-range"].startswith("bytes ")
 
     asyncio.run(main_())
 
@@ -151,19 +192,7 @@ def test_a_block_with_a_cookie_is_sealed_in_the_log_and_the_read_model(tmp_path:
         "/plain": trickle(os.urandom(64 * KiB)),
         "/cookie": trickle(os.urandom(64 * KiB), headers={"Set-Cookie": cookie}),
     }
-    manager = TransferManager(home=tmp_path / "home")
-
-    async def main_() -> str:
-        async with FaultServer(files) as srv:
-            job = new_job(
-                manager,
-                [(srv.url("/plain"), tmp_path / "p.bin"), (srv.url("/cookie"), tmp_path / "c.bin")],
-            )
-            await make_engine(manager).run(until_idle=True)
-        return job.id
-
-    job_id = asyncio.run(main_())
-    job = manager.get_job(job_id)
+    manager, job = run_served(tmp_path, files)
     assert job.state is S.TRANSFERRED
     assert header_lines(job.get_file_property(1, HEADERS))["set-cookie"] == cookie
     files_now = job.snapshot().files
@@ -175,3 +204,47 @@ def test_a_block_with_a_cookie_is_sealed_in_the_log_and_the_read_model(tmp_path:
     raw = b"".join(p.read_bytes() for p in (tmp_path / "home").iterdir() if p.is_file())
     assert b"Accept-Ranges: bytes" in raw  # the plain file's block, as it is
     assert cookie.encode() not in raw
+
+
+def test_a_404_from_nginx_is_the_files_last_response(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """BITS keeps "the server's last HTTP response" for the file: a failed one too."""
+    server, _ = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    job = new_job(
+        manager,
+        [(f"{server.url}/one.bin", tmp_path / "one.bin"), (f"{server.url}/gone", tmp_path / "g")],
+    )
+
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+    assert job.state is S.ERROR
+    assert job.error is not None and job.error.file_index == 1
+    block = job.get_file_property(1, HEADERS)
+    assert isinstance(block, str) and block.startswith("HTTP/1.1 404 Not Found\r\n")
+    assert header_lines(block)["server"].startswith("nginx")
+    assert job.get_file_property(0, HEADERS).startswith("HTTP/1.1 200 OK\r\n")  # its own
+    error = of_type(events_of(manager, job.id), ev.ErrorOccurred)[0]
+    assert error.response_headers == block
+    # A fresh manager reads the same from the log and from the read model.
+    manager.close()
+    again = TransferManager(home=tmp_path / "home")
+    assert again.get_job(job.id).get_file_property(1, HEADERS) == block
+    again.refresh_views()
+    assert again.store.views.get(job.id) is not None
+    assert again.get_job(job.id).snapshot().files[1].response_headers == block
+
+
+def test_a_failed_response_with_a_cookie_is_sealed(tmp_path: Path) -> None:
+    cookie = "session=c00kie-" + os.urandom(8).hex()
+    served = trickle(os.urandom(4 * KiB), statuses=[403], headers={"Set-Cookie": cookie})
+    manager, job = run_served(tmp_path, {"/f": served})
+    assert job.state is S.ERROR
+    assert header_lines(job.get_file_property(0, HEADERS))["set-cookie"] == cookie
+    assert isinstance(job.snapshot().files[0].response_headers, Sealed)
+    manager.refresh_views()
+    manager.close()
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "home").iterdir() if p.is_file())
+    assert cookie.encode() not in raw
+    assert b"HTTP/1.1 403" not in raw  # the block is sealed whole (the description says 403)

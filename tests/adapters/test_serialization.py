@@ -238,7 +238,12 @@ def rich_folded_job(tmp: Path) -> Job:
             cmd.Connect(),
             cmd.Checkpoint(0, 50, 100, validator='"etag-1"'),
             cmd.FinishFile(0, 100, digest="sha256:" + "0" * 64),
-            cmd.Fail(JobError(ErrorContext.REMOTE_FILE, hresult.BG_E_CONNECT_FAILURE), True),
+            cmd.Fail(
+                JobError(ErrorContext.REMOTE_FILE, hresult.http_status_hresult(503), file_index=1),
+                True,
+                retry_after=30.0,
+                response_headers="HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30\r\n\r\n",
+            ),
         ):
             clock.advance(7)
             manager.execute(job.id, command)
@@ -254,6 +259,7 @@ def test_a_folded_job_survives_the_round_trip_through_a_dict(tmp_path: Path) -> 
     assert job.credentials
     assert job.custom_headers is not None
     assert job.error is not None
+    assert job.files[1].response_headers.startswith("HTTP/1.1 503")  # the failed response's
     assert job.proxy == ProxySettings(int(ProxyUsage.OVERRIDE), "http=proxy:8080", "<local>")
     assert job_from_dict(job_to_dict(job)) == job
     assert json_round_trip(job) == job

@@ -337,6 +337,25 @@ def test_a_transient_failure_is_retried_by_default(state: JobState) -> None:
     assert after.error_count == job.error_count + 1
 
 
+def test_a_failure_with_response_headers_keeps_them_as_its_files_last_response() -> None:
+    job = reach(S.TRANSFERRING)
+    block = "HTTP/1.1 404 Not Found\r\nServer: x\r\n\r\n"
+    failed = Fail(attrs.evolve(FATAL, file_index=0), transient=False, response_headers=block)
+    after = fold(decide(job, failed, at(job.version), DEFAULT_LIMITS), job)
+    assert after is not None and after.state is S.ERROR
+    assert after.files[0].response_headers == block
+    # Without headers the file keeps what it had; headers need a file of the job.
+    plain = fold(decide(job, Fail(FATAL, transient=False), at(job.version), DEFAULT_LIMITS), job)
+    assert plain is not None and plain.files[0].response_headers is None
+    for error, code in (
+        (FATAL, hresult.E_INVALIDARG),
+        (attrs.evolve(FATAL, file_index=9), hresult.BG_E_FILE_NOT_FOUND),
+    ):
+        with pytest.raises(BitsError) as refused:
+            decide(job, Fail(error, False, response_headers=block), at(job.version), DEFAULT_LIMITS)
+        assert refused.value.hresult == code
+
+
 @pytest.mark.parametrize("state", [S.CONNECTING, S.TRANSFERRING], ids=lambda s: s.name)
 def test_no_progress_timeout_zero_makes_a_transient_failure_land_in_error(
     state: JobState,

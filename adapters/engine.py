@@ -1732,12 +1732,16 @@ class Engine:
         local file must not change meanwhile (BG_E_LOCAL_FILE_CHANGED, fatal). A server
         that lost the session (BG_E_SESSION_NOT_FOUND) gets a new one, from byte 0."""
         try:
-            await self._upload_once(job_id, index)
+            try:
+                await self._upload_once(job_id, index)
+            except TransferError as exc:
+                if exc.hresult != hresult.BG_E_SESSION_NOT_FOUND:
+                    raise
+                await self._commit(job_id, cmd.RestartFile(index, "the server lost the session"))
+                await self._upload_once(job_id, index)
         except TransferError as exc:
-            if exc.hresult != hresult.BG_E_SESSION_NOT_FOUND:
-                raise
-            await self._commit(job_id, cmd.RestartFile(index, "the server lost the session"))
-            await self._upload_once(job_id, index)
+            exc.file_index = index  # type: ignore[attr-defined]
+            raise
 
     async def _upload_once(self, job_id: str, index: int) -> None:
         self._hold_lease(job_id)
@@ -1805,7 +1809,10 @@ class Engine:
             os.close(fd)
             self.live_progress.pop((job_id, index), None)
         await self._commit(job_id, cmd.Checkpoint(index, size, size, version))
-        await self._commit(job_id, cmd.FinishFile(index, size))
+        # HTTP_RESPONSE_HEADERS of an upload: the session's last reply (the final Ack, or the
+        # Close-Session's), for sessions that keep one.
+        block = self._recorded_headers(getattr(session, "response_headers", None))
+        await self._commit(job_id, cmd.FinishFile(index, size, response_headers=block))
         if reply:
             if not reply_url:
                 raise TransferError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Final, Protocol, Self
@@ -122,6 +122,20 @@ class ClosedOnExit:
         await self.aclose()
 
 
+def header_block(
+    version: tuple[int, int], status: int, reason: str, raw: Iterable[tuple[bytes, bytes]]
+) -> str:
+    """A response's raw header block as WinHTTP gives it (WINHTTP_QUERY_RAW_HEADERS_CRLF, what
+    BITS's HTTP_RESPONSE_HEADERS holds): status line, header lines, empty line; CR LF each.
+    ``raw``: the header lines as received, in order (aiohttp's ``raw_headers``)."""
+    status_line = f"HTTP/{version[0]}.{version[1]} {status} {reason}".rstrip()
+    lines = "".join(
+        f"{name.decode('utf-8', 'replace')}: {value.decode('utf-8', 'replace')}\r\n"
+        for name, value in raw
+    )
+    return f"{status_line}\r\n{lines}\r\n"
+
+
 class Transport(Protocol):
     """A wire family, keyed by URL scheme. Raises only ``TransferError``."""
 
@@ -151,7 +165,9 @@ class UploadSession(Protocol):
     ``token`` identifies the session on the remote side (a BITS-Session-Id, a temp name
     on an SMB share) and is recorded in the log, so that after a crash ``Uploader.begin``
     can pick the same session up again. ``offset`` is how many bytes the remote side
-    holds: the next fragment starts there.
+    holds: the next fragment starts there. A session over HTTP may also keep
+    ``response_headers``, the raw header block of its last reply (``header_block``): the
+    engine records it as the file's HTTP_RESPONSE_HEADERS when the file is done.
     """
 
     token: str

@@ -107,7 +107,13 @@ from yarl import URL
 from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
 from backhaul.core.failure import is_transient
-from backhaul.core.port import PlainCredentials, RequestOptions, Uploader, UploadSession
+from backhaul.core.port import (
+    PlainCredentials,
+    RequestOptions,
+    Uploader,
+    UploadSession,
+    header_block,
+)
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext
 
 __all__ = [
@@ -225,8 +231,14 @@ def _translated(url: str | URL, packet: str) -> Iterator[None]:
         raise _translate(exc, url, packet) from exc
 
 
-def _error(code: int, message: str, context: ErrorContext = _R) -> TransferError:
-    return TransferError(code, message, context=context, transient=is_transient(code))
+def _error(
+    code: int, message: str, context: ErrorContext = _R, reply: _Reply | None = None
+) -> TransferError:
+    """``reply``: the response the error is about (its block is the file's last response)."""
+    block = reply.block if reply is not None else None
+    return TransferError(
+        code, message, context=context, transient=is_transient(code), response_headers=block
+    )
 
 
 def _usage(message: str) -> TransferError:
@@ -240,18 +252,26 @@ def _usage(message: str) -> TransferError:
 
 
 class _Reply:
-    """What came back for one packet: status and headers (an Ack has no body)."""
+    """What came back for one packet: status and headers (an Ack has no body). ``block``: the
+    raw header block (HTTP_RESPONSE_HEADERS)."""
 
-    __slots__ = ("headers", "packet", "reason", "status", "url")
+    __slots__ = ("block", "headers", "packet", "reason", "status", "url")
 
     def __init__(
-        self, packet: str, status: int, reason: str, headers: CIMultiDictProxy[str], url: URL
+        self,
+        packet: str,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        url: URL,
+        block: str,
     ) -> None:
         self.packet = packet
         self.status = status
         self.reason = reason
         self.headers = headers
         self.url = url
+        self.block = block
 
     @property
     def ok(self) -> bool:
@@ -291,11 +311,11 @@ def _error_of(reply: _Reply) -> TransferError:
         detail = f" with BITS error {hr.name_of(code)} {hr.format_hresult(code)}"
     if code == hr.BG_E_SESSION_NOT_FOUND:
         detail += " (the server does not know the session: begin a new one)"
-    return _error(code, reply.where() + detail, context)
+    return _error(code, reply.where() + detail, context, reply)
 
 
 def _protocol_error(reply: _Reply, why: str) -> TransferError:
-    return _error(hr.BG_E_INVALID_SERVER_RESPONSE, f"{why} ({reply.where()})")
+    return _error(hr.BG_E_INVALID_SERVER_RESPONSE, f"{why} ({reply.where()})", reply=reply)
 
 
 def _require_ack(reply: _Reply) -> None:
@@ -381,6 +401,7 @@ class BitsUploadSession:
         self.offset = offset
         self.offset_known = offset_known
         self.reply_url: str | None = None
+        self.response_headers: str | None = None  # of the last reply (HTTP_RESPONSE_HEADERS)
         self.fragment_size = uploader.fragment_size
         self._last_progress = time.monotonic()
         self._closed = False
@@ -413,10 +434,14 @@ class BitsUploadSession:
     ) -> _Reply:
         headers = [(SESSION_ID, self.session_id), *extra] if with_id else list(extra)
         try:
-            return await self._uploader._exchange(self.target, self._options, packet, headers, body)
+            reply = await self._uploader._exchange(
+                self.target, self._options, packet, headers, body
+            )
         except TransferError as exc:
             self._failed(exc)
             raise
+        self.response_headers = reply.block
+        return reply
 
     def _failed(self, error: TransferError) -> TransferError:
         """An error while on a host-id node: after the fallback timeout without progress, the
@@ -666,7 +691,12 @@ class BitsUploader:
                     read += len(chunk)
                 else:
                     resp.close()  # a big error body: do not reuse the connection
-                return _Reply(packet, resp.status, resp.reason or "", resp.headers, resp.url)
+                version = resp.version or aiohttp.HttpVersion11
+                reason = resp.reason or ""
+                block = header_block(
+                    (version.major, version.minor), resp.status, reason, resp.raw_headers
+                )
+                return _Reply(packet, resp.status, reason, resp.headers, resp.url, block)
 
     async def begin(
         self,
@@ -715,6 +745,7 @@ class BitsUploader:
             raise _error(
                 hr.BG_E_CLIENT_SERVER_PROTOCOL_MISMATCH,
                 f"the server chose the unknown upload protocol {protocol!r} ({created.where()})",
+                reply=created,
             )
         host_id = created.headers.get(HOST_ID, "").strip() or None
         fallback_text = created.headers.get(HOST_ID_FALLBACK, "").strip()
@@ -724,6 +755,7 @@ class BitsUploader:
         if host_id is not None and not re.fullmatch(r"[A-Za-z0-9.\-:\[\]%]+", host_id):
             host_id = None  # not a host name or address: ignore it, stay on the original host
         session = self._session_for(target, options, size, reply, session_id, host_id)
+        session.response_headers = created.block
         session._fallback = fallback if host_id is not None else None
         session.token = format_token(session_id, host_id, session._fallback)
         if host_id is not None:

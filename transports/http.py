@@ -231,6 +231,7 @@ from backhaul.core.port import (
     RequestOptions,
     ServerCertificateValidator,
     Transport,
+    header_block,
 )
 from backhaul.core.value import ClientCertificate
 from backhaul.core.vocabulary import (
@@ -1205,15 +1206,11 @@ def _retry_after(value: str | None, date: str | None) -> float | None:
 
 
 def _header_block(resp: aiohttp.ClientResponse) -> str:
-    """The response's raw header block as WinHTTP gives it (WINHTTP_QUERY_RAW_HEADERS_CRLF, what
-    BITS's HTTP_RESPONSE_HEADERS holds): status line, header lines, empty line; CR LF each."""
+    """The response's raw header block (HTTP_RESPONSE_HEADERS; ``core.port.header_block``)."""
     version = resp.version or aiohttp.HttpVersion11
-    status = f"HTTP/{version.major}.{version.minor} {resp.status} {resp.reason or ''}".rstrip()
-    lines = "".join(
-        f"{name.decode('utf-8', 'replace')}: {value.decode('utf-8', 'replace')}\r\n"
-        for name, value in resp.raw_headers
+    return header_block(
+        (version.major, version.minor), resp.status, resp.reason or "", resp.raw_headers
     )
-    return f"{status}\r\n{lines}\r\n"
 
 
 def _validator(resp: aiohttp.ClientResponse) -> str | None:

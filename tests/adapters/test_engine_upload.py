@@ -21,8 +21,13 @@ from backhaul.adapters.upload_server import (
     serve_uploads,
 )
 from backhaul.core import hresult
-from backhaul.core.event import FileTransferred, ReplyLocated, UploadSessionOpened
-from backhaul.core.vocabulary import JobState, JobType
+from backhaul.core.event import (
+    ErrorOccurred,
+    FileTransferred,
+    ReplyLocated,
+    UploadSessionOpened,
+)
+from backhaul.core.vocabulary import FilePropertyId, JobState, JobType
 
 
 @contextlib.asynccontextmanager
@@ -76,6 +81,53 @@ def test_an_upload_job_puts_the_file_on_the_server(tmp_path: Path) -> None:
             assert job.files()[0].progress.completed
             events = [a.event for a in manager.store.stream(job.id)]
             assert any(isinstance(e, UploadSessionOpened) for e in events)
+
+    asyncio.run(body())
+
+
+def header_names(block: str) -> dict[str, str]:
+    lines = block.split("\r\n")[1:-2]
+    return {n.strip().lower(): v.strip() for n, _, v in (line.partition(":") for line in lines)}
+
+
+def test_an_upload_keeps_the_last_reply_as_http_response_headers(tmp_path: Path) -> None:
+    """HTTP_RESPONSE_HEADERS of an upload's file: the server's last reply. A finished plain
+    upload's is the Ack of its Close-Session; a refused one's is the refusal, with the BITS
+    error the server put in it."""
+    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    small.write_bytes(os.urandom(1000))
+    big.write_bytes(os.urandom(5000))
+
+    async def body() -> None:
+        async with upload_server(tmp_path, max_upload_size=4096) as (url, _www):
+            manager = TransferManager(home=tmp_path / "home")
+            ok = manager.create_job("fits", JobType.UPLOAD)
+            ok.add_file(f"{url}/small.bin", small)
+            refused = manager.create_job("too big", JobType.UPLOAD)
+            refused.add_file(f"{url}/big.bin", big)
+            assert ok.get_file_property(0, FilePropertyId.HTTP_RESPONSE_HEADERS) is None
+            ok.resume()
+            refused.resume()
+            await Engine(manager, poll_interval=0.05).run(until_idle=True)
+
+            assert ok.state is JobState.TRANSFERRED
+            block = ok.get_file_property(0, FilePropertyId.HTTP_RESPONSE_HEADERS)
+            assert block.startswith("HTTP/1.1 200 OK\r\n") and block.endswith("\r\n\r\n")
+            assert header_names(block)["bits-packet-type"].lower() == "ack"
+            session = ok.snapshot().files[0].upload_token
+            assert session is not None and header_names(block)["bits-session-id"] in session
+
+            assert refused.state is JobState.ERROR
+            error = refused.error
+            assert error is not None and error.file_index == 0
+            block = refused.get_file_property(0, FilePropertyId.HTTP_RESPONSE_HEADERS)
+            # The server refuses the first fragment of a file over its limit (500 with
+            # BG_E_TOO_LARGE in BITS-Error-Code): that reply is the file's last response.
+            assert block.startswith("HTTP/1.1 500 ")
+            assert error.hresult == hresult.BG_E_TOO_LARGE
+            assert int(header_names(block)["bits-error-code"], 16) == hresult.BG_E_TOO_LARGE
+            failed = [a.event for a in manager.store.stream(refused.id)]
+            assert [e.response_headers for e in failed if isinstance(e, ErrorOccurred)] == [block]
 
     asyncio.run(body())
 

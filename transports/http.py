@@ -1443,9 +1443,10 @@ class HttpTransport:
     # -- sessions --------------------------------------------------------------------------------
 
     def _new_session(self, limit: int, limit_per_host: int) -> aiohttp.ClientSession:
-        connector = _Connector(
-            ssl=self._default_context(), limit=limit, limit_per_host=limit_per_host
-        )
+        # Every https request passes its own context (``_tls_for``), so the connector's
+        # default serves plain http only: not loading the system CAs for it saves a plain-http
+        # process about 30 ms.
+        connector = _Connector(ssl=True, limit=limit, limit_per_host=limit_per_host)
         return aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(

@@ -6,6 +6,7 @@ mid-transfer leaves a job that the next engine resumes from its last checkpoint.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import os
@@ -32,7 +33,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     trickle,
 )
 
-from backhaul.adapters.cli import LOCK_FILE, main, serve_lock
+from backhaul.adapters.cli import GC_YOUNG_THRESHOLD, LOCK_FILE, main, serve_lock
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core.vocabulary import JobPriority, JobState
@@ -262,3 +263,19 @@ def test_a_killed_serve_leaves_a_job_the_next_engine_resumes_from_its_last_check
         assert srv.hits[-1].if_range == '"v1"'
     job.complete()
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_the_command_collects_young_objects_less_often(tmp_path: Path) -> None:
+    """Every verb raises the young generation's threshold (the gain is measured in
+    benchmarks/RESULTS-download.md run 8); a higher setting of its own is kept."""
+    saved = gc.get_threshold()
+    home = str(tmp_path / "home")
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert main(["--home", home, "list"], io.StringIO()) == 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(50_000, 5, 5)
+        assert main(["--home", home, "list"], io.StringIO()) == 0
+        assert gc.get_threshold() == (50_000, 5, 5)
+    finally:
+        gc.set_threshold(*saved)

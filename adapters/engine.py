@@ -1392,8 +1392,7 @@ class Engine:
             else:
                 await self._download_whole(job_id, index, transport, options)
         except TransferError as exc:
-            exc.file_index = index  # type: ignore[attr-defined]
-            exc.protocol = "file" if spec.remote_name.startswith(("smb", "\\\\")) else "http"  # type: ignore[attr-defined]
+            _name_file(exc, index, spec.remote_name)
             raise
 
     def _hold_lease(self, job_id: str) -> None:
@@ -1731,6 +1730,7 @@ class Engine:
         """Send the local file in fragments from the offset the server holds; the
         local file must not change meanwhile (BG_E_LOCAL_FILE_CHANGED, fatal). A server
         that lost the session (BG_E_SESSION_NOT_FOUND) gets a new one, from byte 0."""
+        remote_name = self._jobs[job_id].files[index].remote_name
         try:
             try:
                 await self._upload_once(job_id, index)
@@ -1740,7 +1740,7 @@ class Engine:
                 await self._commit(job_id, cmd.RestartFile(index, "the server lost the session"))
                 await self._upload_once(job_id, index)
         except TransferError as exc:
-            exc.file_index = index  # type: ignore[attr-defined]
+            _name_file(exc, index, remote_name)
             raise
 
     async def _upload_once(self, job_id: str, index: int) -> None:
@@ -2147,6 +2147,15 @@ def _queued(sockets: set[Any]) -> int:
 def _local_version(fd: int) -> tuple[int, str]:
     st = os.fstat(fd)
     return st.st_size, f"size={st.st_size};mtime_ns={st.st_mtime_ns}"
+
+
+def _name_file(exc: TransferError, index: int, remote_name: str) -> None:
+    """The file a transfer error is about, and its protocol (what BITS's
+    IBackgroundCopyError::GetFile and GetProtocol give): "file" for SMB, UNC and file://
+    names, else "http"."""
+    exc.file_index = index  # type: ignore[attr-defined]
+    local = remote_name.startswith(("smb", "\\\\", "file:"))
+    exc.protocol = "file" if local else "http"  # type: ignore[attr-defined]
 
 
 def _local_changed(path: str) -> TransferError:

@@ -42,6 +42,7 @@ from backhaul.core.vocabulary import (
     JobState,
     NotifyFlags,
 )
+from backhaul.transports.file import FileTransport
 from backhaul.transports.http import HttpTransport
 
 KiB = 1024
@@ -561,6 +562,26 @@ def test_a_multi_file_job_goes_through_its_states_and_files_appear_only_at_compl
         (["GET", f"/{n}"], "200") for n in NGINX_FILES
     ]
     assert [int(x["body_bytes_sent"]) for x in lines] == sizes
+
+
+def test_a_missing_file_url_names_its_file_and_the_file_protocol(tmp_path: Path) -> None:
+    """IBackgroundCopyError::GetFile and GetProtocol: the failing file, and "file" for a
+    file:// (or SMB) name."""
+    (tmp_path / "here.bin").write_bytes(b"x" * 100)
+    manager = TransferManager(home=tmp_path / "home")
+    job = new_job(
+        manager,
+        [
+            ((tmp_path / "here.bin").as_uri(), tmp_path / "a"),
+            ((tmp_path / "gone.bin").as_uri(), tmp_path / "b"),
+        ],
+    )
+    asyncio.run(make_engine(manager, transports={"file": FileTransport()}).run(until_idle=True))
+    assert job.state is S.ERROR
+    error = job.error
+    assert error is not None
+    assert error.hresult == hr.hresult_from_win32(hr.ERROR_FILE_NOT_FOUND)
+    assert (error.file_index, error.protocol) == (1, "file")
 
 
 def test_404_is_fatal_with_the_http_error_on_the_remote_file_and_one_job_error_callback(

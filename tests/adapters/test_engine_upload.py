@@ -119,7 +119,7 @@ def test_an_upload_keeps_the_last_reply_as_http_response_headers(tmp_path: Path)
 
             assert refused.state is JobState.ERROR
             error = refused.error
-            assert error is not None and error.file_index == 0
+            assert error is not None and (error.file_index, error.protocol) == (0, "http")
             block = refused.get_file_property(0, FilePropertyId.HTTP_RESPONSE_HEADERS)
             # The server refuses the first fragment of a file over its limit (500 with
             # BG_E_TOO_LARGE in BITS-Error-Code): that reply is the file's last response.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import sys
@@ -41,7 +42,7 @@ import attrs
 
 from backhaul.adapters import localfile, registry
 from backhaul.adapters.jobtable import JobTable, timer_deadline, wake_at
-from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.manager import FileInfo, TransferJob, TransferManager
 from backhaul.adapters.network import network_up, system_cost
 from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
@@ -77,6 +78,9 @@ log = logging.getLogger("backhaul.engine")
 KiB = 1024
 MiB = 1024 * 1024
 T = TypeVar("T")
+
+
+UrlRefresher = Callable[[TransferJob, FileInfo, int], "str | Awaitable[str | None] | None"]
 
 
 @attrs.define
@@ -213,6 +217,12 @@ class Engine:
         self.cost_probe: Callable[[], int] = system_cost
         self.network_check_interval = 1.0
         self._network: tuple[float, bool, int] | None = None
+        # Expiring (signed) URLs: see set_url_refresher.
+        self.url_refresher: UrlRefresher | None = None
+        self.url_refresh_codes: frozenset[int] = frozenset(
+            hresult.http_status_hresult(s) for s in (401, 403, 410)
+        )
+        self.url_refreshes = 3  # new URLs tried per file before its error stands
 
     # -- public --------------------------------------------------------------------------
 
@@ -220,6 +230,20 @@ class Engine:
         """Register a callback: job_transferred, job_error, job_modification,
         file_transferred, file_ranges_transferred (see adapters/notify.py)."""
         self.callbacks.register(kind, callback)
+
+    def set_url_refresher(
+        self, refresher: UrlRefresher | None, statuses: Iterable[int] = (401, 403, 410)
+    ) -> None:
+        """Beyond BITS: when a download's server refuses its URL with one of ``statuses``
+        (an expired pre-signed or CDN-signed URL), call ``refresher(job, file, hresult)``
+        (a TransferJob, its FileInfo, the HTTP error's HRESULT). A new URL it returns (or an
+        awaitable's result) is recorded as SetRemoteName records it, and the file goes on
+        from its checkpoint at once (If-Range keeps the resume safe); None, the same URL, or
+        an exception leaves the error to the retry rules as before. At most
+        ``url_refreshes`` (3) new URLs per file and attempt. It runs in the engine's loop:
+        make it quick, or a coroutine. Like the certificate callback, it is not persisted."""
+        self.url_refresher = refresher
+        self.url_refresh_codes = frozenset(hresult.http_status_hresult(s) for s in statuses)
 
     def stop(self) -> None:
         self._stopping = True
@@ -1382,18 +1406,50 @@ class Engine:
 
     async def _download_file(self, job_id: str, index: int) -> None:
         await self._take_over_file(job_id, index)
-        job = self._jobs[job_id]
-        spec = job.files[index].spec
-        transport = self.transport_for(spec.remote_name)
-        options = self._options(job)
+        refreshed = 0
+        while True:
+            job = self._jobs[job_id]
+            spec = job.files[index].spec
+            try:
+                transport = self.transport_for(spec.remote_name)
+                options = self._options(job)
+                if spec.ranges:
+                    await self._download_ranges(job_id, index, transport, options)
+                else:
+                    await self._download_whole(job_id, index, transport, options)
+                return
+            except TransferError as exc:
+                _name_file(exc, index, spec.remote_name)
+                if refreshed < self.url_refreshes and await self._refresh_url(job_id, index, exc):
+                    refreshed += 1
+                    continue  # the same file from its checkpoint, at its new URL
+                raise
+
+    async def _refresh_url(self, job_id: str, index: int, exc: TransferError) -> bool:
+        """Ask the application's URL refresher for a new URL of a file whose server refused
+        it (an expired signed URL: 401, 403 or 410 by default). True once a new name is
+        recorded (RemoteNameChanged, as SetRemoteName records it)."""
+        refresher = self.url_refresher
+        if refresher is None or exc.hresult not in self.url_refresh_codes:
+            return False
+        handle = self.job(job_id)
+        old = self._jobs[job_id].files[index].remote_name
         try:
-            if spec.ranges:
-                await self._download_ranges(job_id, index, transport, options)
-            else:
-                await self._download_whole(job_id, index, transport, options)
-        except TransferError as exc:
-            _name_file(exc, index, spec.remote_name)
-            raise
+            answer = refresher(handle, handle.files()[index], exc.hresult)
+            if inspect.isawaitable(answer):
+                answer = await answer
+        except Exception:  # a refresher that raises does not stop the engine: the error stands
+            log.exception("the URL refresher failed for file %d of job %s", index, job_id)
+            return False
+        if not answer or answer == old:
+            return False
+        try:
+            await self._commit(job_id, cmd.SetRemoteName(index, str(answer)))
+        except BitsError as refused:
+            log.warning("the URL refresher's answer for job %s was refused: %s", job_id, refused)
+            return False
+        log.info("job %s file %d: new URL after %s", job_id, index, hresult.name_of(exc.hresult))
+        return True
 
     def _hold_lease(self, job_id: str) -> None:
         """Before a request: with leases, this worker's lease must still run (a worker that
@@ -2245,6 +2301,12 @@ class EngineThread:
 
     def on(self, kind: str, callback: Callable[..., Any]) -> None:
         self.engine.on(kind, callback)
+
+    def set_url_refresher(
+        self, refresher: UrlRefresher | None, statuses: Iterable[int] = (401, 403, 410)
+    ) -> None:
+        """``Engine.set_url_refresher``; the refresher runs in the engine's thread."""
+        self.engine.set_url_refresher(refresher, statuses)
 
     def _main(self) -> None:
         self._loop = asyncio.new_event_loop()

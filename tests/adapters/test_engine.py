@@ -168,6 +168,7 @@ class Hit:
     path: str
     range: str | None
     if_range: str | None
+    query: str = ""
 
     @property
     def range_start(self) -> int | None:
@@ -186,7 +187,8 @@ class Served:
     ``drop_after``: once, close the connection when this offset of the file was sent;
     ``statuses``: answer these statuses first, one per request (with ``retry_after``);
     ``header_delay``: wait this long before answering; ``headers``: sent with every answer
-    (the ``statuses`` too)."""
+    (the ``statuses`` too); ``token``: a signed URL's signature, the ``sig`` query parameter
+    every request must carry (else 403, as for an expired signature)."""
 
     data: bytes
     etag: str | None = '"v1"'
@@ -199,6 +201,7 @@ class Served:
     retry_after: str | None = None
     header_delay: float = 0.0
     headers: dict[str, str] = attrs.field(factory=dict)
+    token: str | None = None
 
 
 class FaultServer:
@@ -284,6 +287,7 @@ class FaultServer:
                 request.path,
                 request.headers.get("Range"),
                 request.headers.get("If-Range"),
+                request.query_string,
             )
         )
         self.active += 1
@@ -302,6 +306,8 @@ class FaultServer:
     async def _answer(self, request: web.Request, f: Served) -> web.StreamResponse:
         if f.header_delay:
             await asyncio.sleep(f.header_delay)
+        if f.token is not None and request.query.get("sig") != f.token:
+            return web.Response(status=403, text="signature expired", headers=f.headers)
         if f.statuses:
             status = f.statuses.pop(0)
             extra = {"Retry-After": f.retry_after} if f.retry_after is not None else {}

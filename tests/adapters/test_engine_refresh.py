@@ -1,0 +1,170 @@
+"""Expiring URLs (beyond BITS): ``Engine.set_url_refresher``. When a server refuses a
+download's URL with 401, 403 or 410 (an expired pre-signed or CDN-signed URL), the engine asks
+the application's refresher for a new URL, records it as SetRemoteName does
+(RemoteNameChanged), and goes on from the file's checkpoint.
+
+The FaultServer plays the signing CDN: a file with a ``token`` answers 403 to any request whose
+``sig`` query parameter is not the current token; the tests change the token to expire URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from test_engine import (
+    FaultServer,
+    KiB,
+    S,
+    Served,
+    events_of,
+    make_engine,
+    new_job,
+    of_type,
+    running,
+    trickle,
+    until,
+)
+
+from backhaul.adapters.engine import UrlRefresher
+from backhaul.adapters.manager import FileInfo, TransferJob, TransferManager
+from backhaul.core import event as ev
+from backhaul.core import hresult as hr
+
+FORBIDDEN = hr.http_status_hresult(403)
+
+
+class Signer:
+    """A refresher that signs the file's path with the server's current token."""
+
+    def __init__(self, served: Served, base: str) -> None:
+        self.served, self.base = served, base
+        self.calls: list[tuple[str, str, int]] = []
+
+    def __call__(self, job: TransferJob, file: FileInfo, code: int) -> str | None:
+        self.calls.append((job.id, file.remote_name, code))
+        return f"{self.base}/f?sig={self.served.token}"
+
+
+def test_an_expired_url_is_refreshed_and_the_file_resumes_from_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(512 * KiB)
+    served = trickle(data, drop_after=256 * KiB, token="t1")
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main_() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            signer = Signer(served, srv.base)
+            job = new_job(
+                manager, [(srv.url("/f?sig=t1"), tmp_path / "f.bin")], minimum_retry_delay=5
+            )
+            engine = make_engine(manager)
+            engine.set_url_refresher(signer)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "the dropped connection")
+                checkpoint = job.snapshot().files[0].bytes_transferred
+                assert checkpoint > 0
+                served.token = "t2"  # the signature expires while the job waits
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            assert signer.calls == [(job.id, srv.url("/f?sig=t1"), FORBIDDEN)]
+            gets = srv.hits_for("/f")
+            assert [h.query for h in gets] == ["sig=t1", "sig=t1", "sig=t2"]
+            assert gets[1].range_start == checkpoint  # refused at the checkpoint
+            assert gets[2].range_start == checkpoint  # and resumed there at the new URL
+            assert gets[2].if_range == '"v1"'
+        return job
+
+    job = asyncio.run(main_())
+    job.complete()
+    assert (tmp_path / "f.bin").read_bytes() == data
+    events = events_of(manager, job.id)
+    renamed = of_type(events, ev.RemoteNameChanged)
+    assert [(e.file_index, e.remote_name.endswith("/f?sig=t2")) for e in renamed] == [(0, True)]
+    # The refusal was answered, not recorded: one error, the dropped connection.
+    assert [e.error.hresult for e in of_type(events, ev.ErrorOccurred)] == [
+        hr.BG_E_CONNECTION_CLOSED
+    ]
+    assert job.files()[0].remote_name.endswith("/f?sig=t2")
+
+
+def run_refused(
+    tmp_path: Path, refresher: UrlRefresher, statuses: tuple[int, ...] = (401, 403, 410)
+) -> tuple[TransferManager, TransferJob, TransferJob, FaultServer]:
+    """A job of a file whose URL was never valid, and a job of a plain file, run until idle
+    by one engine with ``refresher``."""
+    files = {"/f": Served(os.urandom(64 * KiB), token="good"), "/ok": Served(b"ok" * 1000)}
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main_() -> tuple[TransferJob, TransferJob, FaultServer]:
+        async with FaultServer(files) as srv:
+            job = new_job(manager, [(srv.url("/f?sig=old"), tmp_path / "f.bin")])
+            other = new_job(manager, [(srv.url("/ok"), tmp_path / "ok.bin")])
+            engine = make_engine(manager)
+            engine.set_url_refresher(refresher, statuses)
+            await engine.run(until_idle=True)
+        return job, other, srv
+
+    job, other, srv = asyncio.run(main_())
+    return manager, job, other, srv
+
+
+@pytest.mark.parametrize(
+    ("answer", "statuses"),
+    [(None, (401, 403, 410)), ("same", (401, 403, 410)), ("good", (401, 410))],
+    ids=["no-new-url", "the-same-url", "403-not-asked-for"],
+)
+def test_without_a_new_url_the_refusal_stands(
+    tmp_path: Path, answer: str | None, statuses: tuple[int, ...]
+) -> None:
+    calls: list[int] = []
+
+    def refresher(job: TransferJob, file: FileInfo, code: int) -> str | None:
+        calls.append(code)
+        if answer == "same":
+            return file.remote_name
+        return None if answer is None else file.remote_name.replace("sig=old", "sig=good")
+
+    manager, job, _other, srv = run_refused(tmp_path, refresher, statuses)
+    assert job.state is S.ERROR
+    assert job.error is not None and job.error.hresult == FORBIDDEN
+    assert calls == ([] if 403 not in statuses else [FORBIDDEN])
+    assert not of_type(events_of(manager, job.id), ev.RemoteNameChanged)
+    assert [h.query for h in srv.hits_for("/f")] == ["sig=old"]
+
+
+def test_new_urls_are_tried_at_most_three_times_per_file(tmp_path: Path) -> None:
+    tried = iter(range(100))
+
+    def refresher(job: TransferJob, file: FileInfo, code: int) -> str:
+        return file.remote_name.split("?")[0] + f"?sig=bad{next(tried)}"
+
+    manager, job, _other, srv = run_refused(tmp_path, refresher)
+    assert job.state is S.ERROR
+    assert job.error is not None and job.error.hresult == FORBIDDEN
+    assert [h.query for h in srv.hits_for("/f")] == ["sig=old", "sig=bad0", "sig=bad1", "sig=bad2"]
+    assert len(of_type(events_of(manager, job.id), ev.RemoteNameChanged)) == 3
+
+
+def test_an_async_refresher_is_awaited(tmp_path: Path) -> None:
+    async def refresher(job: TransferJob, file: FileInfo, code: int) -> str:
+        await asyncio.sleep(0.01)
+        return file.remote_name.replace("sig=old", "sig=good")
+
+    _manager, job, _other, srv = run_refused(tmp_path, refresher)
+    assert job.state is S.TRANSFERRED
+    assert [h.query for h in srv.hits_for("/f")] == ["sig=old", "sig=good"]
+
+
+def test_a_refresher_that_raises_leaves_the_error_and_the_engine_runs_on(tmp_path: Path) -> None:
+    def refresher(job: TransferJob, file: FileInfo, code: int) -> str:
+        raise RuntimeError("the signing service is down")
+
+    manager, job, other, _srv = run_refused(tmp_path, refresher)
+    assert job.state is S.ERROR
+    assert job.error is not None and job.error.hresult == FORBIDDEN
+    assert not of_type(events_of(manager, job.id), ev.RemoteNameChanged)
+    assert other.state is S.TRANSFERRED

@@ -19,13 +19,14 @@ import fcntl
 import gc
 import json
 import os
+import shlex
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.manager import TransferJob, TransferManager
@@ -43,6 +44,9 @@ from backhaul.core.vocabulary import (
     JobType,
     NotifyFlags,
 )
+
+if TYPE_CHECKING:
+    from backhaul.adapters.engine import Engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 LOCK_FILE = "serve.lock"
@@ -510,6 +514,7 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
             worker=worker,
             lease_seconds=args.lease_seconds,
         )
+        _with_url_refresher(engine, args)
         who = f" as worker {worker}" if worker else ""
         sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}{who}\n")
         if not args.no_yield:
@@ -605,6 +610,7 @@ def _run_engine(
         yield_bandwidth=not args.no_yield,
         worker=worker_name() if _shared_store(args) else None,
     )
+    _with_url_refresher(engine, args)
     reporter = _Reporter(job, args, out, engine)
 
     async def main() -> JobState:
@@ -728,6 +734,24 @@ def cmd_monitor(args: argparse.Namespace, m: TransferManager, out: TextIO) -> in
 # -- parser ----------------------------------------------------------------------------------
 
 
+def _url_refresher_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url-refresher",
+        metavar="COMMAND",
+        type=shlex.split,
+        help="program (and arguments; no shell) asked for a new URL when a server refuses one "
+        "with 401, 403 or 410: JSON on its stdin, the new URL on its stdout",
+    )
+
+
+def _with_url_refresher(engine: Engine, args: argparse.Namespace) -> Engine:
+    if args.url_refresher:
+        from backhaul.adapters.engine import command_refresher
+
+        engine.set_url_refresher(command_refresher(args.url_refresher))
+    return engine
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="backhaul", description="Background, resumable transfers (the BITS job model)."
@@ -774,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
     g.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
     g.add_argument("--no-yield", action="store_true", help="a background --priority does not yield")
+    _url_refresher_option(g)
 
     c = verb("create", cmd_create, "create a suspended job; prints its id", job=False)
     c.add_argument("name")
@@ -867,6 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--poll", type=float, default=0.2)
     s.add_argument("--until-idle", action="store_true", help="stop once no job is left to run")
+    _url_refresher_option(s)
     from backhaul.adapters.cli_http import add_http_verbs
 
     add_http_verbs(sub, verb)

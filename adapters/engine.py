@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import json
 import logging
 import os
 import sys
@@ -2281,6 +2282,53 @@ def run_until_idle(manager: TransferManager, **options: Any) -> None:
     asyncio.run(Engine(manager, **options).run(until_idle=True))
 
 
+def command_refresher(argv: Sequence[str], timeout: float = 30.0) -> UrlRefresher:
+    """A URL refresher that runs a program (an argument vector, never through a shell): it
+    gets one JSON object on stdin (``job_id``, ``file_index``, ``remote_name``,
+    ``local_name``, ``hresult`` as "0x80190193", ``http_status``) and prints the new URL on
+    its first line of output. Exit status non-zero, no output, or ``timeout`` seconds without
+    an answer: no new URL. The URL travels on stdin, not in the argument list, where other
+    users of the machine could read a signature."""
+    program = list(argv)
+    if not program:
+        raise ValueError("the URL refresher needs a program to run")
+
+    async def refresh(job: TransferJob, file: FileInfo, code: int) -> str | None:
+        request = {
+            "job_id": job.id,
+            "file_index": file.index,
+            "remote_name": file.remote_name,
+            "local_name": file.local_name,
+            "hresult": hresult.format_hresult(code),
+            "http_status": hresult.http_status_of(code),
+        }
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *program,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "BACKHAUL_JOB_ID": job.id},
+            )
+        except OSError as exc:
+            log.warning("the URL refresher %s failed to start: %s", program[0], exc)
+            return None
+        try:
+            out, _ = await asyncio.wait_for(
+                proc.communicate(json.dumps(request).encode() + b"\n"), timeout
+            )
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.warning("the URL refresher %s gave no answer in %s s", program[0], timeout)
+            return None
+        lines = out.decode("utf-8", "replace").splitlines()
+        if proc.returncode != 0 or not lines or not lines[0].strip():
+            return None
+        return lines[0].strip()
+
+    return refresh
+
+
 class EngineThread:
     """An engine in a background thread with its own event loop, for applications that
     have no asyncio loop. Callbacks run in that thread.
@@ -2344,4 +2392,11 @@ class EngineThread:
         self.stop()
 
 
-__all__ = ["Engine", "EngineThread", "JobPriority", "run_until_idle"]
+__all__ = [
+    "Engine",
+    "EngineThread",
+    "JobPriority",
+    "UrlRefresher",
+    "command_refresher",
+    "run_until_idle",
+]

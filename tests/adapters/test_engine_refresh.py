@@ -10,7 +10,9 @@ The FaultServer plays the signing CDN: a file with a ``token`` answers 403 to an
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,8 @@ from test_engine import (
     until,
 )
 
-from backhaul.adapters.engine import UrlRefresher
+from backhaul.adapters.cli import main
+from backhaul.adapters.engine import UrlRefresher, command_refresher
 from backhaul.adapters.manager import FileInfo, TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core import hresult as hr
@@ -168,3 +171,59 @@ def test_a_refresher_that_raises_leaves_the_error_and_the_engine_runs_on(tmp_pat
     assert job.error is not None and job.error.hresult == FORBIDDEN
     assert not of_type(events_of(manager, job.id), ev.RemoteNameChanged)
     assert other.state is S.TRANSFERRED
+
+
+@pytest.mark.parametrize("verb", ["get", "serve"])
+def test_the_command_asks_a_refresher_program(tmp_path: Path, verb: str) -> None:
+    """``--url-refresher COMMAND`` (get and serve): the program gets the request as JSON on
+    stdin (the URL is not in its arguments) and prints the new URL."""
+    data = os.urandom(64 * KiB)
+    asked = tmp_path / "asked.json"
+    script = tmp_path / "sign.py"
+    script.write_text(
+        "import json, sys\n"
+        "request = json.load(sys.stdin)\n"
+        f"open({str(asked)!r}, 'w').write(json.dumps(request))\n"
+        "print(request['remote_name'].replace('sig=old', 'sig=good'))\n"
+    )
+    server = FaultServer({"/f": Served(data, token="good")})
+    dest, home = tmp_path / "f.bin", str(tmp_path / "home")
+    refresher = ["--url-refresher", f"{sys.executable} {script}"]
+    with server.threaded():
+        url = server.url("/f?sig=old")
+        if verb == "get":
+            assert main(["--home", home, "get", "--quiet", *refresher, url, str(dest)]) == 0
+        else:
+            with TransferManager(home=tmp_path / "home") as manager:
+                job = new_job(manager, [(url, dest)])
+            assert main(["--home", home, "serve", "--until-idle", *refresher]) == 0
+            with TransferManager(home=tmp_path / "home") as manager:
+                assert manager.get_job(job.id).complete() == hr.S_OK
+    assert dest.read_bytes() == data
+    request = json.loads(asked.read_text())
+    assert request["remote_name"] == server.url("/f?sig=old")
+    assert (request["file_index"], request["local_name"]) == (0, str(dest))
+    assert (request["http_status"], request["hresult"]) == (403, "0x80190193")
+    assert [h.query for h in server.hits_for("/f")] == ["sig=old", "sig=good"]
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import sys; sys.exit(1)",  # refuses
+        "pass",  # prints nothing
+        "import time; time.sleep(30)",  # no answer in time
+        None,  # cannot start
+    ],
+    ids=["exit-1", "silent", "too-slow", "missing"],
+)
+def test_a_refresher_program_without_an_answer_gives_no_url(
+    tmp_path: Path, program: str | None
+) -> None:
+    argv = [sys.executable, "-c", program] if program else [str(tmp_path / "no-such-program")]
+    refresh = command_refresher(argv, timeout=0.5)
+    with TransferManager("memory:") as manager:
+        job = manager.create_job("signed")
+        job.add_file("https://cdn.example/f?sig=old", tmp_path / "f.bin")
+        answer = refresh(job, job.files()[0], FORBIDDEN)
+        assert asyncio.run(answer) is None  # type: ignore[arg-type]

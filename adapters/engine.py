@@ -366,7 +366,8 @@ class Engine:
             if not self._has_queued(job_id):
                 await self._reload(job_id)
         self._observe_appended()
-        records = await asyncio.to_thread(self.store.read, self._position, 5000)
+        limit = self._read_limit()
+        records = await asyncio.to_thread(self.store.read, self._position, limit)
         while records:
             await self._load_unknown(records)
             for rec in records:
@@ -374,9 +375,20 @@ class Engine:
                 self._observe(rec, mine[1] if mine is not None else None)
             self._position = records[-1].position
             self._observe_appended()
-            if len(records) < 5000:
+            if len(records) < limit:
                 break
-            records = await asyncio.to_thread(self.store.read, self._position, 5000)
+            limit = self._read_limit()
+            records = await asyncio.to_thread(self.store.read, self._position, limit)
+
+    def _read_limit(self) -> int:
+        """How many records to read after the engine's position: when one of its own events
+        is known to come later, only the gap before it (another writer's events), so that
+        its own events after the gap are observed from memory, not read back and decoded."""
+        if self._appended:
+            gap = next(iter(self._appended)) - self._position - 1
+            if gap > 0:
+                return min(gap, _READ_BATCH)
+        return _READ_BATCH
 
     def _observe_appended(self) -> None:
         """Observe this engine's own events that come next in the log from memory: the same
@@ -2021,6 +2033,7 @@ _SECRET_RESPONSE_HEADERS: Final = (
     "\nproxy-authentication-info",
 )
 _APPENDED_KEPT: Final = 100_000  # own events kept for observing at most (Engine._appended)
+_READ_BATCH: Final = 5000  # records per read of the log
 _ENDED: Final = None  # a file whose transfer ended without finishing
 _TAKEN: Final = "taken"  # finished, and in the claimer's hands
 _CLAIMED: Final = "claimed"  # its FileTransferred is decided

@@ -35,6 +35,7 @@ from backhaul.adapters.engine import UrlRefresher, command_refresher
 from backhaul.adapters.manager import FileInfo, TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core import hresult as hr
+from backhaul.core.value import ByteRange, FileSpec
 
 FORBIDDEN = hr.http_status_hresult(403)
 
@@ -227,3 +228,33 @@ def test_a_refresher_program_without_an_answer_gives_no_url(
         job.add_file("https://cdn.example/f?sig=old", tmp_path / "f.bin")
         answer = refresh(job, job.files()[0], FORBIDDEN)
         assert asyncio.run(answer) is None  # type: ignore[arg-type]
+
+
+def test_a_file_with_ranges_is_refreshed_too(tmp_path: Path) -> None:
+    """AddFileWithRanges: the size request is refused, then both ranges come from the new
+    URL."""
+    data = os.urandom(256 * KiB)
+    served = Served(data, token="good")
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main_() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/f": served}) as srv:
+            job = manager.create_job("ranges")
+            ranges = (ByteRange(1000, 5000), ByteRange(200 * KiB, None))
+            job.add_files([FileSpec(srv.url("/f?sig=old"), str(tmp_path / "r.bin"), ranges)])
+            job.resume()
+            engine = make_engine(manager)
+            engine.set_url_refresher(
+                lambda job, file, code: file.remote_name.replace("sig=old", "sig=good")
+            )
+            await engine.run(until_idle=True)
+        return job, srv
+
+    job, srv = asyncio.run(main_())
+    assert job.state is S.TRANSFERRED
+    job.complete()
+    assert (tmp_path / "r.bin").read_bytes() == data[1000:6000] + data[200 * KiB :]
+    first, *rest = [(h.method, h.query) for h in srv.hits if h.path == "/f"]
+    assert first == ("HEAD", "sig=old")  # the size request, refused
+    assert rest[0] == ("HEAD", "sig=good")
+    assert [q for m, q in rest[1:] if m == "GET"] == ["sig=good", "sig=good"]  # the two ranges

@@ -744,12 +744,11 @@ def _url_refresher_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _with_url_refresher(engine: Engine, args: argparse.Namespace) -> Engine:
+def _with_url_refresher(engine: Engine, args: argparse.Namespace) -> None:
     if args.url_refresher:
         from backhaul.adapters.engine import command_refresher
 
         engine.set_url_refresher(command_refresher(args.url_refresher))
-    return engine
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,7 @@ T = TypeVar("T")
 
 
 UrlRefresher = Callable[[TransferJob, FileInfo, int], "str | Awaitable[str | None] | None"]
+URL_REFRESH_STATUSES: Final = (401, 403, 410)  # refusals an expired signed URL gets
 
 
 @attrs.define
@@ -220,9 +221,7 @@ class Engine:
         self._network: tuple[float, bool, int] | None = None
         # Expiring (signed) URLs: see set_url_refresher.
         self.url_refresher: UrlRefresher | None = None
-        self.url_refresh_codes: frozenset[int] = frozenset(
-            hresult.http_status_hresult(s) for s in (401, 403, 410)
-        )
+        self.url_refresh_codes = _refresh_codes(URL_REFRESH_STATUSES)
         self.url_refreshes = 3  # new URLs tried per file before its error stands
 
     # -- public --------------------------------------------------------------------------
@@ -233,7 +232,7 @@ class Engine:
         self.callbacks.register(kind, callback)
 
     def set_url_refresher(
-        self, refresher: UrlRefresher | None, statuses: Iterable[int] = (401, 403, 410)
+        self, refresher: UrlRefresher | None, statuses: Iterable[int] = URL_REFRESH_STATUSES
     ) -> None:
         """Beyond BITS: when a download's server refuses its URL with one of ``statuses``
         (an expired pre-signed or CDN-signed URL), call ``refresher(job, file, hresult)``
@@ -244,7 +243,7 @@ class Engine:
         ``url_refreshes`` (3) new URLs per file and attempt. It runs in the engine's loop:
         make it quick, or a coroutine. Like the certificate callback, it is not persisted."""
         self.url_refresher = refresher
-        self.url_refresh_codes = frozenset(hresult.http_status_hresult(s) for s in statuses)
+        self.url_refresh_codes = _refresh_codes(statuses)
 
     def stop(self) -> None:
         self._stopping = True
@@ -558,7 +557,7 @@ class Engine:
         event = rec.event
         handle = self.job(rec.job_id)
         if isinstance(event, ev.FileTransferred) and wants(job, "file_transferred"):
-            self.callbacks.call("file_transferred", handle, handle.files()[event.file_index])
+            self.callbacks.call("file_transferred", handle, handle.file(event.file_index))
         if isinstance(event, ev.JobTransferred) and wants(job, "job_transferred"):
             self.callbacks.call("job_transferred", handle)
             return
@@ -572,7 +571,7 @@ class Engine:
             and job.files[event.file_index].ranges
             and wants(job, "file_ranges_transferred")
         ):
-            info = handle.files()[event.file_index]
+            info = handle.file(event.file_index)
             self.callbacks.call("file_ranges_transferred", handle, info, info.ranges)
         if wants(job, "job_modification") and self.callbacks.modification_due(
             job, self.clock.monotonic()
@@ -1448,7 +1447,7 @@ class Engine:
         handle = self.job(job_id)
         old = self._jobs[job_id].files[index].remote_name
         try:
-            answer = refresher(handle, handle.files()[index], exc.hresult)
+            answer = refresher(handle, handle.file(index), exc.hresult)
             if inspect.isawaitable(answer):
                 answer = await answer
         except Exception:  # a refresher that raises does not stop the engine: the error stands
@@ -2219,6 +2218,10 @@ def _local_version(fd: int) -> tuple[int, str]:
     return st.st_size, f"size={st.st_size};mtime_ns={st.st_mtime_ns}"
 
 
+def _refresh_codes(statuses: Iterable[int]) -> frozenset[int]:
+    return frozenset(hresult.http_status_hresult(s) for s in statuses)
+
+
 def _name_file(exc: TransferError, index: int, remote_name: str) -> None:
     """The file a transfer error is about, and its protocol (what BITS's
     IBackgroundCopyError::GetFile and GetProtocol give): "file" for SMB, UNC and file://
@@ -2364,7 +2367,7 @@ class EngineThread:
         self.engine.on(kind, callback)
 
     def set_url_refresher(
-        self, refresher: UrlRefresher | None, statuses: Iterable[int] = (401, 403, 410)
+        self, refresher: UrlRefresher | None, statuses: Iterable[int] = URL_REFRESH_STATUSES
     ) -> None:
         """``Engine.set_url_refresher``; the refresher runs in the engine's thread."""
         self.engine.set_url_refresher(refresher, statuses)

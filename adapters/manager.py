@@ -432,6 +432,23 @@ def _seconds(value: timedelta | float) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+def _file_info(job: Job, i: int) -> FileInfo:
+    f = job.files[i]
+    temp = None
+    if job.job_type is JobType.DOWNLOAD and not f.completed:
+        temp = str(localfile.file_temp(job, i))
+    return FileInfo(
+        i,
+        f.remote_name,
+        f.local_name,
+        f.ranges,
+        proj.file_progress(job, i),
+        temp,
+        f.validator,
+        f.digest,
+    )
+
+
 class TransferJob:
     """A handle on one job. Reads are live; every setter is a recorded, checked call."""
 
@@ -785,24 +802,14 @@ class TransferJob:
     def files(self) -> list[FileInfo]:
         """EnumFiles: a snapshot of the file list with live progress."""
         job = self.snapshot()
-        infos = []
-        for i, f in enumerate(job.files):
-            temp = None
-            if job.job_type is JobType.DOWNLOAD and not f.completed:
-                temp = str(localfile.file_temp(job, i))
-            infos.append(
-                FileInfo(
-                    i,
-                    f.remote_name,
-                    f.local_name,
-                    f.ranges,
-                    proj.file_progress(job, i),
-                    temp,
-                    f.validator,
-                    f.digest,
-                )
-            )
-        return infos
+        return [_file_info(job, i) for i in range(len(job.files))]
+
+    def file(self, index: int) -> FileInfo:
+        """One file of ``files()``, without building the others (a job may hold 10,000)."""
+        job = self.snapshot()
+        if not 0 <= index < len(job.files):
+            raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {index}")
+        return _file_info(job, index)
 
     def get_file_property(self, index: int, prop: FilePropertyId) -> Any:
         job = self.snapshot()

@@ -123,12 +123,17 @@ class ClosedOnExit:
 
 
 def header_block(
-    version: tuple[int, int], status: int, reason: str, raw: Iterable[tuple[bytes, bytes]]
+    version: tuple[int, int] | None,
+    status: int,
+    reason: str | None,
+    raw: Iterable[tuple[bytes, bytes]],
 ) -> str:
     """A response's raw header block as WinHTTP gives it (WINHTTP_QUERY_RAW_HEADERS_CRLF, what
     BITS's HTTP_RESPONSE_HEADERS holds): status line, header lines, empty line; CR LF each.
-    ``raw``: the header lines as received, in order (aiohttp's ``raw_headers``)."""
-    status_line = f"HTTP/{version[0]}.{version[1]} {status} {reason}".rstrip()
+    The arguments are what aiohttp's response gives (``version``, None: HTTP/1.1;
+    ``reason``; ``raw_headers``, the header lines as received, in order)."""
+    major, minor = version or (1, 1)
+    status_line = f"HTTP/{major}.{minor} {status} {reason or ''}".rstrip()
     lines = "".join(
         f"{name.decode('utf-8', 'replace')}: {value.decode('utf-8', 'replace')}\r\n"
         for name, value in raw

@@ -691,12 +691,8 @@ class BitsUploader:
                     read += len(chunk)
                 else:
                     resp.close()  # a big error body: do not reuse the connection
-                version = resp.version or aiohttp.HttpVersion11
-                reason = resp.reason or ""
-                block = header_block(
-                    (version.major, version.minor), resp.status, reason, resp.raw_headers
-                )
-                return _Reply(packet, resp.status, reason, resp.headers, resp.url, block)
+                block = header_block(resp.version, resp.status, resp.reason, resp.raw_headers)
+                return _Reply(packet, resp.status, resp.reason or "", resp.headers, resp.url, block)
 
     async def begin(
         self,

@@ -254,6 +254,17 @@ def test_add_file_set_on_a_download_job_adds_all_files_in_one_event(
     assert [f.local_name for f in job.files()] == [str(tmp_path / f"f{i}") for i in range(3)]
 
 
+def test_one_file_is_the_same_as_in_the_whole_list(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    job = manager.create_job("download")
+    job.add_files([(f"https://example.com/{i}", tmp_path / f"f{i}") for i in range(3)])
+    assert [job.file(i) for i in range(3)] == job.files()
+    with pytest.raises(BitsError) as refused:
+        job.file(3)
+    assert refused.value.hresult == hresult.BG_E_FILE_NOT_FOUND
+
+
 @pytest.mark.parametrize("job_type", UPLOAD_TYPES)
 def test_ranges_on_an_upload_job_raise_e_notimpl(
     manager: TransferManager, store: EventStore, source: Path, job_type: JobType

@@ -42,6 +42,7 @@ from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core import job as jobs
 from backhaul.core import projection as proj
+from backhaul.core.command import url_with_password
 from backhaul.core.error import BitsError
 from backhaul.core.event import Event, JobCreated
 from backhaul.core.job import FileList, Job
@@ -170,7 +171,10 @@ class Entry:
             parts = []
             for f in files:
                 ranges = f" ranges={_short(f['ranges'])}" if f.get("ranges") else ""
-                parts.append(f"{f['remote_name']} -> {f['local_name']}{ranges}")
+                name = f["remote_name"]
+                if f.get("password") is not None:  # sealed: shown where it sat in the URL
+                    name = url_with_password(name, REDACTED)
+                parts.append(f"{name} -> {f['local_name']}{ranges}")
             return f"{len(files)} file(s): " + "; ".join(parts)
         fields = self.fields()
         if isinstance(event, ev.ErrorOccurred):

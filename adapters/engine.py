@@ -59,7 +59,7 @@ from backhaul.core.bandwidth import EngineSettings, cost_allows, current_limit, 
 from backhaul.core.error import BitsError, TransferError
 from backhaul.core.event import POLICY_STREAM
 from backhaul.core.failure import is_transient
-from backhaul.core.job import Job
+from backhaul.core.job import FileState, Job
 from backhaul.core.policy import Candidate, Timer, next_timer, plan
 from backhaul.core.port import (
     Download,
@@ -1189,6 +1189,13 @@ class Engine:
             self._transports = default_transports()
         return registry.transport_for(self._transports, remote_name)
 
+    def _url(self, f: FileState) -> str:
+        """The URL to request for ``f``: its remote name, with the password that came in it
+        (sealed in the log, ``FileSpec.password``) put back."""
+        if f.spec.password is None:
+            return f.remote_name
+        return cmd.url_with_password(f.remote_name, self.store.secrets.open(f.spec.password))
+
     def _options(self, job: Job) -> RequestOptions:
         secrets = self.store.secrets
         headers: list[tuple[str, str]] = []
@@ -1453,10 +1460,12 @@ class Engine:
         except Exception:  # a refresher that raises does not stop the engine: the error stands
             log.exception("the URL refresher failed for file %d of job %s", index, job_id)
             return False
-        if not answer or answer == old:
+        name, password = cmd.split_url_password(str(answer or ""))
+        if not name or (name == old and password is None):
             return False
+        sealed = self.store.secrets.seal(password) if password is not None else None
         try:
-            await self._commit(job_id, cmd.SetRemoteName(index, str(answer)))
+            await self._commit(job_id, cmd.SetRemoteName(index, name, sealed))
         except BitsError as refused:
             log.warning("the URL refresher's answer for job %s was refused: %s", job_id, refused)
             return False
@@ -1489,7 +1498,7 @@ class Engine:
         async with self._connections:
             self._hold_lease(job_id)
             download = await transport.open(
-                f.remote_name, options, offset=offset, validator=f.validator if offset else None
+                self._url(f), options, offset=offset, validator=f.validator if offset else None
             )
         try:
             remote = download.remote
@@ -1526,7 +1535,7 @@ class Engine:
         f = job.files[index]
         async with self._connections:
             self._hold_lease(job_id)
-            remote = await transport.stat(f.remote_name, options)
+            remote = await transport.stat(self._url(f), options)
         if f.validator and remote.validator != f.validator and f.bytes_transferred:
             await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
         ranges = _resolve(f.ranges, remote)
@@ -1543,7 +1552,7 @@ class Engine:
             async with self._connections:
                 self._hold_lease(job_id)
                 download = await transport.open(
-                    f.remote_name,
+                    self._url(f),
                     options,
                     offset=r.offset + skip,
                     length=length - skip,
@@ -1773,7 +1782,7 @@ class Engine:
         if read is None:
             return
         async with self._connections:
-            descriptor = await read(f.remote_name, self._options(job), job.acl_flags)
+            descriptor = await read(self._url(f), self._options(job), job.acl_flags)
         if descriptor is None:
             return
         from backhaul.adapters import acl  # needs the smb extra: only SMB jobs get here
@@ -1827,7 +1836,7 @@ class Engine:
                 raise _local_changed(f.local_name)
             async with self._connections:
                 session = await uploader.begin(
-                    f.remote_name, self._options(job), size=size, token=f.upload_token, reply=reply
+                    self._url(f), self._options(job), size=size, token=f.upload_token, reply=reply
                 )
             if session.token != f.upload_token:
                 # Recorded before any fragment, so a crash can re-open this session.
@@ -1904,7 +1913,7 @@ class Engine:
                     if size is None:
                         size = os.stat(f.local_name).st_size
                     session = await uploader.begin(
-                        f.remote_name,
+                        self._url(f),
                         self._options(job),
                         size=size,
                         token=f.upload_token,

@@ -775,7 +775,7 @@ class TransferJob:
         become the job's SERVER credentials (specs/smb.md §2)."""
         specs = tuple(f if isinstance(f, FileSpec) else FileSpec(f[0], str(f[1])) for f in files)
         names, login = _split_url_credentials([s.remote_name for s in specs])
-        specs = tuple(attrs.evolve(s, remote_name=n) for s, n in zip(specs, names, strict=True))
+        specs = tuple(self._sealed(s, n) for s, n in zip(specs, names, strict=True))
         job = self.snapshot()
         for spec in specs:
             cmd.check_local_name(spec.local_name)
@@ -786,6 +786,13 @@ class TransferJob:
             if login is not None:
                 self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)
             self._do(cmd.AddFiles(specs))
+
+    def _sealed(self, spec: FileSpec, remote_name: str) -> FileSpec:
+        """``spec`` named ``remote_name``, a password inside that URL moved out and sealed."""
+        name, password = cmd.split_url_password(remote_name)
+        if password is None:
+            return attrs.evolve(spec, remote_name=name)
+        return attrs.evolve(spec, remote_name=name, password=self._manager.seal(password))
 
     def _check_scheme(self, remote_name: str, job_type: JobType | None = None) -> None:
         """E_INVALIDARG for a scheme no transport serves (nothing is imported)."""
@@ -826,17 +833,24 @@ class TransferJob:
 
     def set_remote_name(self, index: int, remote_name: str) -> None:
         """IBackgroundCopyFile2::SetRemoteName (download jobs); credentials in an ``smb://``
-        URL are moved out as in ``add_files``."""
+        URL are moved out as in ``add_files``, and a password in another URL is sealed.
+        A new URL without a password keeps the file's own while it names the same user,
+        host and port."""
         (remote_name,), login = _split_url_credentials([remote_name])
+        remote_name, password = cmd.split_url_password(remote_name)
         self._check_scheme(remote_name)
+        sealed = self._manager.seal(password) if password is not None else None
         with self._manager.batch():
             if login is not None:
                 self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)
-            self._do(cmd.SetRemoteName(index, remote_name))
+            self._do(cmd.SetRemoteName(index, remote_name, sealed))
 
     def replace_remote_prefix(self, old_prefix: str, new_prefix: str) -> bool:
-        """ReplaceRemotePrefix: True (S_OK) if any name changed, False (S_FALSE) if none."""
-        return bool(self._do(cmd.ReplaceRemotePrefix(old_prefix, new_prefix)))
+        """ReplaceRemotePrefix: True (S_OK) if any name changed, False (S_FALSE) if none.
+        A password in ``new_prefix`` is sealed and given to every name it changes."""
+        new_prefix, password = cmd.split_url_password(new_prefix)
+        sealed = self._manager.seal(password) if password is not None else None
+        return bool(self._do(cmd.ReplaceRemotePrefix(old_prefix, new_prefix, sealed)))
 
     # -- the four state-changing calls -------------------------------------------------
 

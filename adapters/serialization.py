@@ -24,11 +24,11 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import cattrs
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from backhaul.core import event as ev
 from backhaul.core.job import FileList, FileState, Job
-from backhaul.core.value import Sealed
+from backhaul.core.value import FileSpec, Sealed
 
 HASH_KEY: Final = "h"
 VERSION_KEY: Final = "v"
@@ -48,6 +48,12 @@ def _text_or_sealed(value: Any, _: Any) -> str | Sealed | None:
 
 
 converter.register_structure_hook(str | Sealed | None, _text_or_sealed)
+# A file's URL password (FilesAdded v3): the member is left out when there is none, so a
+# file without one is stored as it was in v2, and so is a Job document.
+converter.register_unstructure_hook(
+    FileSpec,
+    make_dict_unstructure_fn(FileSpec, converter, password=override(omit_if_default=True)),
+)
 # A job's files: stored as the list they always were.
 converter.register_unstructure_hook(
     FileList, lambda files: [converter.unstructure(f, FileState) for f in files]
@@ -101,19 +107,29 @@ def _files_added_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "files": _ranges_as_pairs(data["files"])}
 
 
+def _unchanged(data: dict[str, Any]) -> dict[str, Any]:
+    """FilesAdded v2 -> v3 and RemoteNameChanged v1 -> v2: v3 and v2 added a URL's sealed
+    ``password``, absent (None) in every older state."""
+    return data
+
+
 # -- versions, aliases, upcasters ----------------------------------------------------------
 
 # The current schema version of each topic's stored form. Bump one (and add an upcaster)
 # whenever that topic's stored form changes; see specs/event-log.md for the history.
 SCHEMA_VERSION: Mapping[str, int] = MappingProxyType(
-    dict.fromkeys(EVENT_CLASSES, 1) | {"FilesAdded": 2}
+    dict.fromkeys(EVENT_CLASSES, 1) | {"FilesAdded": 3, "RemoteNameChanged": 2}
 )
 # Old topic -> current class name. Add a row (and a test) whenever an event is renamed.
 # Upcasters are keyed by the CURRENT name: an aliased state is upcast like the class's own.
 TOPIC_ALIASES: Mapping[str, str] = MappingProxyType({})
 # (topic, from_version) -> function upgrading the stored dict by one version.
 UPCASTERS: Mapping[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = MappingProxyType(
-    {("FilesAdded", 1): _files_added_v1_to_v2}
+    {
+        ("FilesAdded", 1): _files_added_v1_to_v2,
+        ("FilesAdded", 2): _unchanged,
+        ("RemoteNameChanged", 1): _unchanged,
+    }
 )
 
 

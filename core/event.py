@@ -83,6 +83,7 @@ class CustomHeadersMadeWriteOnly(Event):
 class RemoteNameChanged(Event):
     file_index: int
     remote_name: str
+    password: Sealed | None = None  # the new URL's password, sealed (FileSpec.password)
 
 
 @attrs.frozen

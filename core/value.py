@@ -26,16 +26,6 @@ class ByteRange:
 
 
 @attrs.frozen
-class FileSpec:
-    """What the application asked for: BG_FILE_INFO plus optional ranges and digest."""
-
-    remote_name: str
-    local_name: str
-    ranges: tuple[ByteRange, ...] = ()
-    expected_digest: str | None = None  # "sha256:<hex>"
-
-
-@attrs.frozen
 class Sealed:
     """A secret as the log holds it: an opaque token that only the store's cipher opens.
 
@@ -46,6 +36,21 @@ class Sealed:
 
     def __repr__(self) -> str:
         return "Sealed(<redacted>)"
+
+
+@attrs.frozen
+class FileSpec:
+    """What the application asked for: BG_FILE_INFO plus optional ranges and digest.
+
+    A URL given with a password in it (``https://user:password@host/``) is recorded
+    without it: ``remote_name`` keeps ``user@``, ``password`` holds the password sealed,
+    and the engine puts it back only for the request (``command.url_with_password``)."""
+
+    remote_name: str
+    local_name: str
+    ranges: tuple[ByteRange, ...] = ()
+    expected_digest: str | None = None  # "sha256:<hex>"
+    password: Sealed | None = None
 
 
 @attrs.frozen

@@ -56,7 +56,7 @@ PASSWORD = "pw-Marker-7f3a9c"
 HEADER_SECRET = "hdr-Marker-1b2d4e"
 URL_PASSWORD = "url-Marker-99c1"
 SECRETS = (PASSWORD, HEADER_SECRET, URL_PASSWORD)
-SEALED = (PASSWORD, HEADER_SECRET)  # the ones the API seals (a URL is stored as given)
+SEALED = SECRETS  # the API seals all three (the URL's password too)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_export_is_json_lines_with_a_header_a_line_per_event_and_a_footer(
 
     assert lines[0]["format"] == "backhaul.event-log"
     assert lines[0]["format_version"] == 1
-    assert lines[0]["schema"]["FilesAdded"] == 2
+    assert lines[0]["schema"]["FilesAdded"] == 3
     assert lines[-1]["end"]["events"] == len(events) == manager.store.head()
     assert lines[-1]["end"]["streams"] == 4
     assert [(e["stream"], e["version"]) for e in events] == [
@@ -713,7 +713,7 @@ def test_no_output_and_no_byte_of_the_store_holds_a_planted_secret(
         assert "sealed" not in text, f"{where} shows a sealed token"
     assert outputs["history json " + jobs.rich].count("<redacted>") == 3  # password, headers, URL
     _assert_no_secret(exported, "export", SEALED)
-    assert exported.count('{"sealed":') == 2  # the ciphertext only
+    assert exported.count('{"sealed":') == 3  # the ciphertext only
 
     # the problems a tampered store shows are as clean
     db = home / DB_FILE

@@ -33,7 +33,7 @@ from backhaul.adapters.serialization import (
 )
 from backhaul.core import event as ev
 from backhaul.core import hresult
-from backhaul.core.value import ByteRange, FileSpec
+from backhaul.core.value import ByteRange, FileSpec, Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobPriority, JobState, JobType
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "log-v1.jsonl"
@@ -69,7 +69,8 @@ def test_the_fixture_is_a_version_1_log() -> None:
         {"length": 100, "offset": 0},
         {"length": None, "offset": 200},
     ]
-    assert SCHEMA_VERSION["FilesAdded"] == 2  # what changed since
+    assert SCHEMA_VERSION["FilesAdded"] == 3  # what changed since (v2 ranges, v3 passwords)
+    assert SCHEMA_VERSION["RemoteNameChanged"] == 2
 
 
 def test_importing_the_v1_log_replays_the_jobs_it_recorded(manager: TransferManager) -> None:
@@ -106,7 +107,7 @@ def test_importing_the_v1_log_replays_the_jobs_it_recorded(manager: TransferMana
     assert jobs["upload"].job_type is JobType.UPLOAD
 
 
-def test_the_import_keeps_the_v1_bytes_and_new_events_are_v2(
+def test_the_import_keeps_the_v1_bytes_and_new_events_are_current(
     manager: TransferManager, tmp_path: Path
 ) -> None:
     with FIXTURE.open(encoding="utf-8") as source:
@@ -121,7 +122,7 @@ def test_the_import_keeps_the_v1_bytes_and_new_events_are_v2(
     fresh.add_file("https://example.com/new", tmp_path / "new.bin", ranges=[(0, 10)])
     last = manager.store.raw_stream(fresh.id)[-1]
     document = json.loads(last.state)
-    assert (last.topic, document["v"]) == ("FilesAdded", 2)
+    assert (last.topic, document["v"]) == ("FilesAdded", 3)
     assert document["files"][0]["ranges"] == [[0, 10]]
     assert audit.verify(manager.store) == []  # the new event chains onto the imported ones
 
@@ -132,8 +133,11 @@ def test_files_added_v2_stores_ranges_as_pairs_and_v1_needs_its_upcaster(
     spec = FileSpec("https://example.com/x", "/tmp/x", (ByteRange(0, 10), ByteRange(20)))
     event = ev.FilesAdded(datetime(2026, 1, 1, tzinfo=UTC), (spec,))
     stored = json.loads(event_to_bytes(event))
-    assert stored["v"] == 2
+    assert stored["v"] == 3
     assert stored["files"][0]["ranges"] == [[0, 10], [20, None]]
+    assert "password" not in stored["files"][0]  # v3 stores a file without one as v2 did
+    v2 = json.dumps({**stored, "v": 2}).encode()
+    assert event_from_bytes("FilesAdded", v2) == event
 
     v1 = next(e for e in fixture_lines()[1:-1] if e["topic"] == "FilesAdded")["state"]
     state = json.dumps(v1).encode()
@@ -145,6 +149,24 @@ def test_files_added_v2_stores_ranges_as_pairs_and_v1_needs_its_upcaster(
     monkeypatch.setattr(serialization, "UPCASTERS", {})
     with pytest.raises(ValueError, match="no upcaster for FilesAdded from version 1"):
         event_from_bytes("FilesAdded", state)
+
+
+def test_a_url_password_is_stored_sealed_from_files_added_v3_and_remote_name_changed_v2() -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    spec = FileSpec("https://bob@example.com/x", "/tmp/x", password=Sealed("token-1"))
+    stored = json.loads(event_to_bytes(ev.FilesAdded(at, (spec,))))
+    assert stored["files"][0]["password"] == {"sealed": "token-1"}
+    assert event_from_bytes("FilesAdded", event_to_bytes(ev.FilesAdded(at, (spec,)))).files == (
+        spec,
+    )
+
+    renamed_to = ev.RemoteNameChanged(at, 0, "https://bob@example.org/x", Sealed("token-2"))
+    stored = json.loads(event_to_bytes(renamed_to))
+    assert (stored["v"], stored["password"]) == (2, {"sealed": "token-2"})
+    v1 = {"at": at.isoformat(), "file_index": 0, "remote_name": "https://example.org/x", "v": 1}
+    upcast = event_from_bytes("RemoteNameChanged", json.dumps(v1).encode())
+    assert upcast == ev.RemoteNameChanged(at, 0, "https://example.org/x", None)
+    assert ("RemoteNameChanged", 1) in UPCASTERS
 
 
 def test_a_state_from_a_newer_release_is_refused() -> None:

@@ -1,0 +1,250 @@
+"""A password inside a URL (``http://user:password@host/``) is a secret like any other: the
+log holds it sealed (FilesAdded v3, RemoteNameChanged v2), the remote name is recorded as
+``http://user@host/``, and the engine puts the password back only for the request. Against a
+real nginx with Basic authentication: the file arrives, no byte of the store holds the
+password, and a wrong password is refused by the server (so the one sent is the one given)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from peers.nginx import NginxServer, running_nginx
+from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
+    _no_store_from_the_environment,  # noqa: F401
+    make_engine,
+    new_job,
+    sha256,
+)
+
+from backhaul.adapters import audit
+from backhaul.adapters.cli import main
+from backhaul.adapters.clock import ManualClock
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.store import DB_FILE, open_store
+from backhaul.core import command as cmd
+from backhaul.core import event as ev
+from backhaul.core import hresult
+from backhaul.core.error import BitsError
+from backhaul.core.value import FileSpec, Sealed
+from backhaul.core.vocabulary import JobState
+
+USER, PASSWORD = "alice", "Url-s3cret-Marker-41f7"
+
+
+@pytest.fixture(scope="module")
+def private_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NginxServer, Path]]:
+    """nginx with Basic authentication (USER, PASSWORD) on /private/."""
+    docroot = tmp_path_factory.mktemp("private-www")
+    (docroot / "private").mkdir()
+    (docroot / "private" / "a.bin").write_bytes(os.urandom(300 * 1024))
+    (docroot / "private" / "b.bin").write_bytes(os.urandom(70 * 1024))
+    with running_nginx(docroot, basic_auth=(USER, PASSWORD)) as server:
+        yield server, docroot
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def manager(home: Path) -> Iterator[TransferManager]:
+    m = TransferManager(open_store(home=home))
+    yield m
+    m.close()
+
+
+def with_password(url: str, password: str = PASSWORD) -> str:
+    return url.replace("http://", f"http://{USER}:{password}@", 1)
+
+
+def as_user(url: str) -> str:
+    """``url`` as the job records it: the user kept, no password."""
+    return url.replace("http://", f"http://{USER}@", 1)
+
+
+def store_bytes(home: Path) -> bytes:
+    db = home / DB_FILE
+    files = (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"))
+    return b"".join(p.read_bytes() for p in files if p.exists())
+
+
+def assert_not_in_store(home: Path, secret: str) -> None:
+    raw = store_bytes(home)
+    assert raw, "the store has no bytes to look at"
+    assert secret.encode() not in raw
+    assert secret.encode().hex().encode() not in raw
+
+
+def run(manager: TransferManager) -> None:
+    asyncio.run(make_engine(manager).run(until_idle=True))
+
+
+# -- against nginx ----------------------------------------------------------------------------
+
+
+def test_a_url_password_is_used_for_the_request_and_never_stored(
+    tmp_path: Path,
+    home: Path,
+    manager: TransferManager,
+    private_nginx: tuple[NginxServer, Path],
+) -> None:
+    server, docroot = private_nginx
+    url = f"{server.url}/private/a.bin"
+    job = new_job(manager, [(with_password(url), tmp_path / "a.bin")])
+
+    run(manager)
+    job = manager.get_job(job.id)
+    assert job.state is JobState.TRANSFERRED, job.error
+    job.complete()
+
+    assert sha256(tmp_path / "a.bin") == sha256(docroot / "private" / "a.bin")
+    # The request carried the password: nginx answered 200 to it, and nothing else.
+    statuses = [
+        line["status"] for line in server.access_lines() if "/private/a.bin" in line["request"]
+    ]
+    assert statuses and set(statuses) == {"200"}
+    # What the job shows: the URL without the password, the user kept.
+    assert [f.remote_name for f in job.files()] == [as_user(url)]
+    history = audit.history_to_text(audit.history(manager.store, job.id))
+    assert f"http://{USER}:<redacted>@" in history
+    assert PASSWORD not in history
+    manager.close()
+    assert_not_in_store(home, PASSWORD)
+
+
+def test_a_wrong_url_password_gets_the_servers_401(
+    tmp_path: Path, manager: TransferManager, private_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, _ = private_nginx
+    url = with_password(f"{server.url}/private/b.bin", "not-the-password")
+    job = new_job(manager, [(url, tmp_path / "b.bin")])
+
+    run(manager)
+
+    job = manager.get_job(job.id)
+    assert job.state is JobState.ERROR
+    assert job.error is not None
+    assert job.error.hresult == hresult.http_status_hresult(401)
+    assert "not-the-password" not in job.error.description
+
+
+def test_a_new_url_keeps_the_password_of_the_same_login_and_the_refreshed_file_arrives(
+    tmp_path: Path,
+    home: Path,
+    manager: TransferManager,
+    private_nginx: tuple[NginxServer, Path],
+) -> None:
+    server, docroot = private_nginx
+    job = new_job(
+        manager, [(with_password(f"{server.url}/private/missing.bin"), tmp_path / "b.bin")]
+    )
+    engine = make_engine(manager)
+    asked: list[str] = []
+
+    def refresher(_job: TransferJob, file: object, code: int) -> str:
+        asked.append(file.remote_name)  # type: ignore[attr-defined]
+        return as_user(f"{server.url}/private/b.bin")
+
+    engine.set_url_refresher(refresher, statuses=(404,))
+    asyncio.run(engine.run(until_idle=True))
+
+    job = manager.get_job(job.id)
+    assert job.state is JobState.TRANSFERRED, job.error
+    job.complete()
+    assert sha256(tmp_path / "b.bin") == sha256(docroot / "private" / "b.bin")
+    assert asked == [as_user(f"{server.url}/private/missing.bin")]
+    changed = [e for e in manager.store.stream(job.id) if isinstance(e.event, ev.RemoteNameChanged)]
+    assert len(changed) == 1 and isinstance(changed[0].event.password, Sealed)
+    manager.close()
+    assert_not_in_store(home, PASSWORD)
+
+
+def test_backhaul_get_with_a_url_password(
+    tmp_path: Path, home: Path, private_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = private_nginx
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    url = with_password(f"{server.url}/private/a.bin")
+    out = io.StringIO()
+
+    code = main(["--home", str(home), "get", url, str(dest / "a.bin"), "--json"], out)
+
+    assert code == 0, out.getvalue()
+    assert sha256(dest / "a.bin") == sha256(docroot / "private" / "a.bin")
+    assert PASSWORD not in out.getvalue()
+    assert_not_in_store(home, PASSWORD)
+    with sqlite3.connect(home / DB_FILE) as db:  # the read model too (not only the log)
+        docs = [row[0] for row in db.execute("SELECT doc FROM backhaul_job_views")]
+    assert docs and all(PASSWORD not in doc for doc in docs)
+
+
+# -- the rules, on the store alone --------------------------------------------------------------
+
+
+@pytest.fixture
+def memory() -> Iterator[TransferManager]:
+    m = TransferManager(open_store("memory:"), clock=ManualClock())
+    yield m
+    m.close()
+
+
+def test_set_remote_name_keeps_the_password_only_for_the_same_user_host_and_port(
+    tmp_path: Path, memory: TransferManager
+) -> None:
+    job = memory.create_job("j")
+    job.add_files(
+        [
+            ("http://bob:pw-one@a.example:8080/x", tmp_path / "x"),
+            ("http://bob:pw-one@a.example:8080/y", tmp_path / "y"),
+            ("http://bob:pw-one@a.example:8080/z", tmp_path / "z"),
+        ]
+    )
+    first = job.snapshot().files[0].spec.password
+    assert isinstance(first, Sealed)
+    assert memory.store.secrets.open(first) == "pw-one"
+
+    job.set_remote_name(0, "http://bob@a.example:8080/x2")  # same login: kept
+    job.set_remote_name(1, "http://bob@b.example:8080/y")  # another host: dropped
+    job.set_remote_name(2, "http://bob:pw-two@b.example/z")  # given: the new one
+    files = job.snapshot().files
+    assert [f.remote_name for f in files] == [
+        "http://bob@a.example:8080/x2",
+        "http://bob@b.example:8080/y",
+        "http://bob@b.example/z",
+    ]
+    assert files[0].spec.password == first
+    assert files[1].spec.password is None
+    assert files[2].spec.password is not None
+    assert memory.store.secrets.open(files[2].spec.password) == "pw-two"
+
+    assert job.replace_remote_prefix("http://bob@a.example:8080/", "http://carol:pw-3@c.example/")
+    renamed = job.snapshot().files[0]
+    assert renamed.remote_name == "http://carol@c.example/x2"
+    assert renamed.spec.password is not None
+    assert memory.store.secrets.open(renamed.spec.password) == "pw-3"
+
+
+def test_the_core_refuses_a_remote_name_that_still_holds_a_password(
+    tmp_path: Path, memory: TransferManager
+) -> None:
+    job = memory.create_job("j")
+    job.add_file("http://a.example/x", tmp_path / "x")
+    for command in (
+        cmd.AddFiles((FileSpec("http://u:secret@a.example/y", str(tmp_path / "y")),)),
+        cmd.SetRemoteName(0, "http://u:secret@a.example/x"),
+    ):
+        with pytest.raises(BitsError) as refused:
+            memory.execute(job.id, command)
+        assert refused.value.hresult == hresult.E_INVALIDARG
+        assert "secret" not in str(refused.value)
+    with pytest.raises(BitsError) as refused:
+        memory.execute(job.id, cmd.SetRemoteName(0, "http://a.example/x", Sealed("t")))
+    assert refused.value.hresult == hresult.E_INVALIDARG  # a password needs a user to go with

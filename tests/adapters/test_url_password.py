@@ -27,12 +27,18 @@ from backhaul.adapters.cli import main
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import DB_FILE, open_store
+from backhaul.adapters.upload_server import (
+    BasicAuth,
+    UploadServerConfig,
+    VirtualDirectory,
+    serve_uploads,
+)
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.value import FileSpec, Sealed
-from backhaul.core.vocabulary import JobState
+from backhaul.core.vocabulary import JobState, JobType
 
 USER, PASSWORD = "alice", "Url-s3cret-Marker-41f7"
 
@@ -184,6 +190,36 @@ def test_backhaul_get_with_a_url_password(
     with sqlite3.connect(home / DB_FILE) as db:  # the read model too (not only the log)
         docs = [row[0] for row in db.execute("SELECT doc FROM backhaul_job_views")]
     assert docs and all(PASSWORD not in doc for doc in docs)
+
+
+def test_an_upload_to_a_url_with_a_password_authenticates_and_never_stores_it(
+    tmp_path: Path, home: Path, manager: TransferManager
+) -> None:
+    """The project's BITS upload server with Basic authentication on its directory."""
+    www = tmp_path / "www"
+    www.mkdir()
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(200 * 1024))
+    auth = BasicAuth({USER: PASSWORD})
+    config = UploadServerConfig(
+        session_dir=tmp_path / "sessions", vdirs=[VirtualDirectory("/up", www, auth=auth)]
+    )
+    job = manager.create_job("up", JobType.UPLOAD)
+
+    async def body() -> None:
+        async with serve_uploads(config) as base:
+            job.add_file(with_password(f"{base}/up/put.bin"), source)
+            job.resume()
+            await make_engine(manager).run(until_idle=True)
+
+    asyncio.run(body())
+
+    job = manager.get_job(job.id)
+    assert job.state is JobState.TRANSFERRED, job.error
+    assert (www / "put.bin").read_bytes() == source.read_bytes()
+    assert job.files()[0].remote_name.startswith(f"http://{USER}@127.0.0.1:")
+    manager.close()
+    assert_not_in_store(home, PASSWORD)
 
 
 # -- the rules, on the store alone --------------------------------------------------------------

@@ -42,10 +42,10 @@ from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core import job as jobs
 from backhaul.core import projection as proj
-from backhaul.core.command import url_with_password
 from backhaul.core.error import BitsError
 from backhaul.core.event import Event, JobCreated
 from backhaul.core.job import FileList, Job
+from backhaul.core.url import url_with_password
 from backhaul.core.value import Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget
 

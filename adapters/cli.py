@@ -32,10 +32,10 @@ from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import default_home
 from backhaul.core import hresult
-from backhaul.core.command import split_url_password
 from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.policy import why_waiting
+from backhaul.core.url import secrets_of
 from backhaul.core.value import FileSpec
 from backhaul.core.vocabulary import (
     FilePropertyId,
@@ -542,11 +542,11 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     if len(urls) > 1 or dest.is_dir():
         if not dest.is_dir():
             raise BitsError(hresult.E_INVALIDARG, f"{dest} must be a directory for several URLs")
-        shown = [split_url_password(url)[0] for url in urls]  # no password in a name
+        shown = [secrets_of(url)[0] for url in urls]  # no secret in a name
         locals_ = [dest / (url.rstrip("/").rsplit("/", 1)[-1] or "index.html") for url in shown]
     else:
         locals_ = [dest]
-    job = m.create_job(args.name or f"get {split_url_password(urls[0])[0]}")
+    job = m.create_job(args.name or f"get {secrets_of(urls[0])[0]}")
     job.priority = args.priority
     if args.retry_delay is not None:
         job.minimum_retry_delay = args.retry_delay

@@ -71,6 +71,7 @@ from backhaul.core.port import (
     Uploader,
     UploadSession,
 )
+from backhaul.core.url import request_url, secrets_of
 from backhaul.core.value import ByteRange, JobError, Sealed
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
 
@@ -1190,11 +1191,17 @@ class Engine:
         return registry.transport_for(self._transports, remote_name)
 
     def _url(self, f: FileState) -> str:
-        """The URL to request for ``f``: its remote name, with the password that came in it
-        (sealed in the log, ``FileSpec.password``) put back."""
-        if f.spec.password is None:
-            return f.remote_name
-        return cmd.url_with_password(f.remote_name, self.store.secrets.open(f.spec.password))
+        """The URL to request for ``f``: its remote name with the password and the signed
+        query that came in it (sealed in the log: ``FileSpec.password``, ``.query``)."""
+        spec = f.spec
+        if spec.password is None and spec.query is None:
+            return spec.remote_name
+        secrets = self.store.secrets
+        return request_url(
+            spec.remote_name,
+            None if spec.password is None else secrets.open(spec.password),
+            None if spec.query is None else secrets.open(spec.query),
+        )
 
     def _options(self, job: Job) -> RequestOptions:
         secrets = self.store.secrets
@@ -1460,12 +1467,18 @@ class Engine:
         except Exception:  # a refresher that raises does not stop the engine: the error stands
             log.exception("the URL refresher failed for file %d of job %s", index, job_id)
             return False
-        name, password = cmd.split_url_password(str(answer or ""))
-        if not name or (name == old and password is None):
+        name, password, query = secrets_of(str(answer or ""))
+        if not name or (name == old and password is None and query is None):
             return False
-        sealed = self.store.secrets.seal(password) if password is not None else None
+        seal = self.store.secrets.seal
+        change = cmd.SetRemoteName(
+            index,
+            name,
+            None if password is None else seal(password),
+            None if query is None else seal(query),
+        )
         try:
-            await self._commit(job_id, cmd.SetRemoteName(index, name, sealed))
+            await self._commit(job_id, change)
         except BitsError as refused:
             log.warning("the URL refresher's answer for job %s was refused: %s", job_id, refused)
             return False

@@ -48,11 +48,16 @@ def _text_or_sealed(value: Any, _: Any) -> str | Sealed | None:
 
 
 converter.register_structure_hook(str | Sealed | None, _text_or_sealed)
-# A file's URL password (FilesAdded v3): the member is left out when there is none, so a
-# file without one is stored as it was in v2, and so is a Job document.
+# A file's URL secrets (FilesAdded v3): each member is left out when there is none, so a
+# file without them is stored as it was in v2, and so is a Job document.
 converter.register_unstructure_hook(
     FileSpec,
-    make_dict_unstructure_fn(FileSpec, converter, password=override(omit_if_default=True)),
+    make_dict_unstructure_fn(
+        FileSpec,
+        converter,
+        password=override(omit_if_default=True),
+        query=override(omit_if_default=True),
+    ),
 )
 # A job's files: stored as the list they always were.
 converter.register_unstructure_hook(
@@ -109,7 +114,7 @@ def _files_added_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
 
 def _unchanged(data: dict[str, Any]) -> dict[str, Any]:
     """FilesAdded v2 -> v3 and RemoteNameChanged v1 -> v2: v3 and v2 added a URL's sealed
-    ``password``, absent (None) in every older state."""
+    ``password`` and ``query``, absent (None) in every older state."""
     return data
 
 

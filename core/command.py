@@ -30,6 +30,13 @@ from backhaul.core.transition import (
     Trigger,
     next_state,
 )
+from backhaul.core.url import (
+    same_login,
+    shown_query,
+    split_url_password,
+    split_url_query,
+    url_with_password,
+)
 from backhaul.core.value import ByteRange, FileSpec, JobError, Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState, JobType
 
@@ -81,17 +88,20 @@ class MakeCustomHeadersWriteOnly(Command):
 
 @attrs.frozen
 class SetRemoteName(Command):
-    """``password``: the sealed password of the URL (see ``split_url_password``); None
-    keeps the file's own while the new URL names the same user, host and port."""
+    """``password`` and ``query``: the URL's sealed password and signed query (core/url.py).
+    Without a password, the file keeps its own while the new URL names the same user, host
+    and port; without a query, its own while the new URL shows the same query."""
 
     file_index: int
     remote_name: str
     password: Sealed | None = None
+    query: Sealed | None = None
 
 
 @attrs.frozen
 class ReplaceRemotePrefix(Command):
-    """``password``: the sealed password taken out of ``new_prefix``, as in SetRemoteName."""
+    """``password``: the sealed password taken out of ``new_prefix``, as in SetRemoteName
+    (each file keeps its own signed query while its new name shows the same one)."""
 
     old_prefix: str
     new_prefix: str
@@ -286,50 +296,6 @@ _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>[^\s]+)$")
 _UNC = re.compile(r"^\\\\[^\\/\s]+\\[^\\/]+(\\.*)?$")
 
 
-_AUTHORITY = re.compile(
-    r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<authority>[^/?#]*)(?P<tail>.*)$", re.S
-)
-
-
-def split_url_password(name: str) -> tuple[str, str | None]:
-    """(``name`` without the password of its user info, that password as written), or
-    (``name``, None) when it has none. ``scheme://user:password@host/path`` gives
-    ``scheme://user@host/path``; the user info ends at the authority's last ``@`` (as curl
-    reads ``user:p@ss@host``). ``url_with_password`` puts it back, byte for byte."""
-    match = _AUTHORITY.match(name) if isinstance(name, str) else None
-    if match is None:
-        return name, None
-    authority = match["authority"]
-    at = authority.rfind("@")
-    if at < 0:
-        return name, None
-    user, colon, password = authority[:at].partition(":")
-    if not colon or not password:
-        return name, None
-    return f"{match['head']}{user}{authority[at:]}{match['tail']}", password
-
-
-def url_with_password(name: str, password: str | None) -> str:
-    """``name`` (as ``split_url_password`` left it) with ``password`` back in its user info."""
-    if password is None:
-        return name
-    match = _AUTHORITY.match(name)
-    if match is None or "@" not in match["authority"]:
-        raise ValueError("the URL has no user info to hold a password")
-    authority = match["authority"]
-    at = authority.rfind("@")
-    return f"{match['head']}{authority[:at]}:{password}{authority[at:]}{match['tail']}"
-
-
-def same_login(a: str, b: str) -> bool:
-    """Do the URLs ``a`` and ``b`` name the same scheme, user, host and port (so that the
-    password of one is the password of the other)?"""
-    ma, mb = _AUTHORITY.match(a), _AUTHORITY.match(b)
-    if ma is None or mb is None:
-        return False
-    return (ma["head"].lower(), ma["authority"]) == (mb["head"].lower(), mb["authority"])
-
-
 def check_remote_name(name: Any, job_type: JobType) -> str:
     """Syntax only (bits-core.md §7.1); which schemes exist is the adapters' business."""
     if not isinstance(name, str) or not name:
@@ -350,11 +316,11 @@ def check_remote_name(name: Any, job_type: JobType) -> str:
     match = _URL.match(name)
     if match is None:
         raise BitsError(hresult.E_INVALIDARG, f"{name!r} is neither a URL nor a UNC path")
-    if split_url_password(name)[1] is not None:
+    if split_url_password(name)[1] is not None or split_url_query(name)[1] is not None:
         raise BitsError(
             hresult.E_INVALIDARG,
-            "a password inside a URL is never recorded in plain text: give the URL to "
-            "TransferJob.add_file (which seals it) or set the password with SetCredentials",
+            "a URL's password or signature is never recorded in plain text: give the URL "
+            "to TransferJob.add_file or set_remote_name, which seal them",
         )
     wild = "*?" if match["scheme"].lower() in ("smb", "file") else "*"
     if any(c in match["rest"] for c in wild):
@@ -522,7 +488,8 @@ def _set_remote_name(job: Job, cmd: SetRemoteName, now: datetime, limits: Limits
     check_remote_name(cmd.remote_name, job.job_type)
     spec = job.files[cmd.file_index].spec
     password = _carried_password(spec, cmd.remote_name, cmd.password)
-    return [ev.RemoteNameChanged(now, cmd.file_index, cmd.remote_name, password)]
+    query = _carried_query(spec, cmd.remote_name, cmd.query)
+    return [ev.RemoteNameChanged(now, cmd.file_index, cmd.remote_name, password, query)]
 
 
 def _carried_password(spec: FileSpec, new_name: str, given: Sealed | None) -> Sealed | None:
@@ -539,6 +506,16 @@ def _carried_password(spec: FileSpec, new_name: str, given: Sealed | None) -> Se
     return spec.password if same_login(spec.remote_name, new_name) else None
 
 
+def _carried_query(spec: FileSpec, new_name: str, given: Sealed | None) -> Sealed | None:
+    """A new remote name's signed query: the one given with it, else the file's own while
+    the new name shows the same query (``<redacted>`` values and all), else none."""
+    if given is not None:
+        return given
+    if spec.query is None or shown_query(new_name) != shown_query(spec.remote_name):
+        return None
+    return spec.query
+
+
 def _replace_prefix(
     job: Job, cmd: ReplaceRemotePrefix, now: datetime, limits: Limits
 ) -> list[ev.Event]:
@@ -552,7 +529,8 @@ def _replace_prefix(
             new_name = cmd.new_prefix + f.remote_name[len(cmd.old_prefix) :]
             check_remote_name(new_name, job.job_type)
             password = _carried_password(f.spec, new_name, cmd.password)
-            events.append(ev.RemoteNameChanged(now, i, new_name, password))
+            query = _carried_query(f.spec, new_name, None)
+            events.append(ev.RemoteNameChanged(now, i, new_name, password, query))
     return events
 
 

@@ -84,6 +84,7 @@ class RemoteNameChanged(Event):
     file_index: int
     remote_name: str
     password: Sealed | None = None  # the new URL's password, sealed (FileSpec.password)
+    query: Sealed | None = None  # its signed query, sealed (FileSpec.query)
 
 
 @attrs.frozen

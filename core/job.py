@@ -380,7 +380,10 @@ def _credentials_removed(job: Job, e: ev.CredentialsRemoved) -> dict[str, Any]:
 
 def _remote_name_changed(job: Job, e: ev.RemoteNameChanged) -> dict[str, Any]:
     spec = attrs.evolve(
-        job.files[e.file_index].spec, remote_name=e.remote_name, password=e.password
+        job.files[e.file_index].spec,
+        remote_name=e.remote_name,
+        password=e.password,
+        query=e.query,
     )
     return {"files": _replace_file(job, e.file_index, spec=spec)}
 

@@ -42,15 +42,18 @@ class Sealed:
 class FileSpec:
     """What the application asked for: BG_FILE_INFO plus optional ranges and digest.
 
-    A URL given with a password in it (``https://user:password@host/``) is recorded
-    without it: ``remote_name`` keeps ``user@``, ``password`` holds the password sealed,
-    and the engine puts it back only for the request (``command.url_with_password``)."""
+    A URL's secrets are recorded sealed (core/url.py): with a password in it
+    (``https://user:password@host/``) ``remote_name`` keeps ``user@`` and ``password``
+    holds the password; with a signature in its query (``?X-Amz-Signature=...``)
+    ``remote_name`` shows ``X-Amz-Signature=<redacted>`` and ``query`` holds the whole
+    query. The engine puts them back only for the request (``url.request_url``)."""
 
     remote_name: str
     local_name: str
     ranges: tuple[ByteRange, ...] = ()
     expected_digest: str | None = None  # "sha256:<hex>"
     password: Sealed | None = None
+    query: Sealed | None = None
 
 
 @attrs.frozen

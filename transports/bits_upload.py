@@ -114,6 +114,7 @@ from backhaul.core.port import (
     UploadSession,
     header_block,
 )
+from backhaul.core.url import redact_url
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext
 
 __all__ = [
@@ -202,12 +203,8 @@ _TRANSLATED: Final = tuple(cls for cls, _, _ in _EXCEPTION_TABLE)
 
 
 def _redact(url: str | URL) -> str:
-    """The URL without user:password, for messages."""
-    try:
-        parsed = URL(str(url))
-    except ValueError:
-        return "<invalid URL>"
-    return str(parsed.with_user(None)) if parsed.user or parsed.password else str(parsed)
+    """The URL for messages: no user info, secret query values ``<redacted>``."""
+    return redact_url(str(url))
 
 
 def _translate(exc: BaseException, url: str | URL, packet: str) -> TransferError:

@@ -233,6 +233,7 @@ from backhaul.core.port import (
     Transport,
     header_block,
 )
+from backhaul.core.url import redact_url
 from backhaul.core.value import ClientCertificate
 from backhaul.core.vocabulary import (
     REDIRECT_POLICY_MASK,
@@ -357,12 +358,8 @@ def _is_transient(code: int) -> bool:
 
 
 def _redact(url: str | URL) -> str:
-    """The URL without user:password, for messages."""
-    try:
-        parsed = URL(str(url))
-    except ValueError:
-        return "<invalid URL>"
-    return str(parsed.with_user(None)) if parsed.user or parsed.password else str(parsed)
+    """The URL for messages: no user info, secret query values ``<redacted>``."""
+    return redact_url(str(url))
 
 
 def _certificate_code(exc: BaseException) -> int:

@@ -52,6 +52,11 @@ class Signer:
         return f"{self.base}/f?sig={self.served.token}"
 
 
+def signed(file: FileInfo, token: str) -> str:
+    """The file's URL signed anew (the recorded one shows ``sig=<redacted>``)."""
+    return file.remote_name.split("?")[0] + f"?sig={token}"
+
+
 def test_an_expired_url_is_refreshed_and_the_file_resumes_from_its_checkpoint(
     tmp_path: Path,
 ) -> None:
@@ -74,7 +79,8 @@ def test_an_expired_url_is_refreshed_and_the_file_resumes_from_its_checkpoint(
                 served.token = "t2"  # the signature expires while the job waits
                 job.resume()
                 await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
-            assert signer.calls == [(job.id, srv.url("/f?sig=t1"), FORBIDDEN)]
+            # The refresher sees the URL as the log records it: the signature sealed.
+            assert signer.calls == [(job.id, srv.url("/f?sig=<redacted>"), FORBIDDEN)]
             gets = srv.hits_for("/f")
             assert [h.query for h in gets] == ["sig=t1", "sig=t1", "sig=t2"]
             assert gets[1].range_start == checkpoint  # refused at the checkpoint
@@ -87,12 +93,15 @@ def test_an_expired_url_is_refreshed_and_the_file_resumes_from_its_checkpoint(
     assert (tmp_path / "f.bin").read_bytes() == data
     events = events_of(manager, job.id)
     renamed = of_type(events, ev.RemoteNameChanged)
-    assert [(e.file_index, e.remote_name.endswith("/f?sig=t2")) for e in renamed] == [(0, True)]
+    assert [(e.file_index, e.remote_name.endswith("/f?sig=<redacted>")) for e in renamed] == [
+        (0, True)
+    ]
+    assert renamed[0].query is not None  # "sig=t2", sealed
     # The refusal was answered, not recorded: one error, the dropped connection.
     assert [e.error.hresult for e in of_type(events, ev.ErrorOccurred)] == [
         hr.BG_E_CONNECTION_CLOSED
     ]
-    assert job.files()[0].remote_name.endswith("/f?sig=t2")
+    assert job.files()[0].remote_name.endswith("/f?sig=<redacted>")
 
 
 def run_refused(
@@ -130,7 +139,7 @@ def test_without_a_new_url_the_refusal_stands(
         calls.append(code)
         if answer == "same":
             return file.remote_name
-        return None if answer is None else file.remote_name.replace("sig=old", "sig=good")
+        return None if answer is None else signed(file, "good")
 
     manager, job, _other, srv = run_refused(tmp_path, refresher, statuses)
     assert job.state is S.ERROR
@@ -144,7 +153,7 @@ def test_new_urls_are_tried_at_most_three_times_per_file(tmp_path: Path) -> None
     tried = iter(range(100))
 
     def refresher(job: TransferJob, file: FileInfo, code: int) -> str:
-        return file.remote_name.split("?")[0] + f"?sig=bad{next(tried)}"
+        return signed(file, f"bad{next(tried)}")
 
     manager, job, _other, srv = run_refused(tmp_path, refresher)
     assert job.state is S.ERROR
@@ -156,7 +165,7 @@ def test_new_urls_are_tried_at_most_three_times_per_file(tmp_path: Path) -> None
 def test_an_async_refresher_is_awaited(tmp_path: Path) -> None:
     async def refresher(job: TransferJob, file: FileInfo, code: int) -> str:
         await asyncio.sleep(0.01)
-        return file.remote_name.replace("sig=old", "sig=good")
+        return signed(file, "good")
 
     _manager, job, _other, srv = run_refused(tmp_path, refresher)
     assert job.state is S.TRANSFERRED
@@ -185,7 +194,7 @@ def test_the_command_asks_a_refresher_program(tmp_path: Path, verb: str) -> None
         "import json, sys\n"
         "request = json.load(sys.stdin)\n"
         f"open({str(asked)!r}, 'w').write(json.dumps(request))\n"
-        "print(request['remote_name'].replace('sig=old', 'sig=good'))\n"
+        "print(request['remote_name'].split('?')[0] + '?sig=good')\n"
     )
     server = FaultServer({"/f": Served(data, token="good")})
     dest, home = tmp_path / "f.bin", str(tmp_path / "home")
@@ -202,7 +211,7 @@ def test_the_command_asks_a_refresher_program(tmp_path: Path, verb: str) -> None
                 assert manager.get_job(job.id).complete() == hr.S_OK
     assert dest.read_bytes() == data
     request = json.loads(asked.read_text())
-    assert request["remote_name"] == server.url("/f?sig=old")
+    assert request["remote_name"] == server.url("/f?sig=<redacted>")  # never the signature
     assert (request["file_index"], request["local_name"]) == (0, str(dest))
     assert (request["http_status"], request["hresult"]) == (403, "0x80190193")
     assert [h.query for h in server.hits_for("/f")] == ["sig=old", "sig=good"]
@@ -244,9 +253,7 @@ def test_a_file_with_ranges_is_refreshed_too(tmp_path: Path) -> None:
             job.add_files([FileSpec(srv.url("/f?sig=old"), str(tmp_path / "r.bin"), ranges)])
             job.resume()
             engine = make_engine(manager)
-            engine.set_url_refresher(
-                lambda job, file, code: file.remote_name.replace("sig=old", "sig=good")
-            )
+            engine.set_url_refresher(lambda job, file, code: signed(file, "good"))
             await engine.run(until_idle=True)
         return job, srv
 

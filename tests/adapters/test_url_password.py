@@ -1,8 +1,10 @@
-"""A password inside a URL (``http://user:password@host/``) is a secret like any other: the
-log holds it sealed (FilesAdded v3, RemoteNameChanged v2), the remote name is recorded as
-``http://user@host/``, and the engine puts the password back only for the request. Against a
-real nginx with Basic authentication: the file arrives, no byte of the store holds the
-password, and a wrong password is refused by the server (so the one sent is the one given)."""
+"""A URL's own secrets, its password (``http://user:password@host/``) and a signed URL's
+signature (``?X-Amz-Signature=...``, ``?sig=...``), are secrets like any other: the log holds
+them sealed (FilesAdded v3, RemoteNameChanged v2), the remote name is recorded as
+``http://user@host/...?sig=<redacted>``, and the engine puts them back only for the request.
+Against a real nginx with Basic authentication (and the project's BITS upload server): the
+file arrives, no byte of the store holds the password, and a wrong password is refused by the
+server (so the one sent is the one given). A fault server plays the signing CDN."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 from peers.nginx import NginxServer, running_nginx
 from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
+    FaultServer,
+    Served,
     _no_store_from_the_environment,  # noqa: F401
     make_engine,
     new_job,
@@ -222,6 +226,56 @@ def test_an_upload_to_a_url_with_a_password_authenticates_and_never_stores_it(
     assert_not_in_store(home, PASSWORD)
 
 
+# -- a signed URL ---------------------------------------------------------------------------
+
+SIGNATURE = "Sig-Marker-5d0c9e"
+
+
+def test_a_signed_urls_signature_is_used_for_the_request_and_never_stored(
+    tmp_path: Path, home: Path, manager: TransferManager
+) -> None:
+    """The FaultServer plays the signing CDN: a request without ``sig=SIGNATURE`` gets 403."""
+    data = os.urandom(96 * 1024)
+
+    async def body() -> tuple[TransferJob, list[str], str]:
+        async with FaultServer({"/f": Served(data, token=SIGNATURE)}) as srv:
+            url = srv.url(f"/f?X-Amz-Date=20261126T150000Z&sig={SIGNATURE}&part=1")
+            job = new_job(manager, [(url, tmp_path / "f.bin")])
+            await make_engine(manager).run(until_idle=True)
+            return job, [h.query for h in srv.hits_for("/f")], srv.url("/f")
+
+    job, queries, plain = asyncio.run(body())
+
+    assert job.state is JobState.TRANSFERRED, job.error
+    job.complete()
+    assert (tmp_path / "f.bin").read_bytes() == data
+    assert queries == [f"X-Amz-Date=20261126T150000Z&sig={SIGNATURE}&part=1"]  # as given
+    shown = f"{plain}?X-Amz-Date=20261126T150000Z&sig=<redacted>&part=1"
+    assert [f.remote_name for f in job.files()] == [shown]
+    assert shown in audit.history_to_text(audit.history(manager.store, job.id))
+    manager.close()
+    assert_not_in_store(home, SIGNATURE)
+
+
+def test_the_error_of_a_refused_signed_url_does_not_hold_its_signature(
+    tmp_path: Path, home: Path, manager: TransferManager
+) -> None:
+    async def body() -> TransferJob:
+        async with FaultServer({"/f": Served(b"x" * 1000, token="the-current-one")}) as srv:
+            job = new_job(manager, [(srv.url(f"/f?sig={SIGNATURE}"), tmp_path / "f.bin")])
+            await make_engine(manager).run(until_idle=True)
+            return job
+
+    job = asyncio.run(body())
+
+    assert job.state is JobState.ERROR
+    assert job.error is not None
+    assert job.error.hresult == hresult.http_status_hresult(403)
+    assert "sig=<redacted>" in job.error.description
+    manager.close()
+    assert_not_in_store(home, SIGNATURE)
+
+
 # -- the rules, on the store alone --------------------------------------------------------------
 
 
@@ -266,6 +320,35 @@ def test_set_remote_name_keeps_the_password_only_for_the_same_user_host_and_port
     assert renamed.remote_name == "http://carol@c.example/x2"
     assert renamed.spec.password is not None
     assert memory.store.secrets.open(renamed.spec.password) == "pw-3"
+
+
+def test_a_new_name_keeps_the_signed_query_only_while_it_shows_the_same_one(
+    tmp_path: Path, memory: TransferManager
+) -> None:
+    job = memory.create_job("j")
+    job.add_files(
+        [
+            ("https://a.example/x?X-Amz-Signature=s1&X-Amz-Expires=60", tmp_path / "x"),
+            ("https://a.example/y?sig=s2", tmp_path / "y"),
+            ("https://a.example/z?sig=s3", tmp_path / "z"),
+        ]
+    )
+    opened = memory.store.secrets.open
+    first = job.snapshot().files[0]
+    assert first.remote_name == "https://a.example/x?X-Amz-Signature=<redacted>&X-Amz-Expires=60"
+    assert first.spec.query is not None
+    assert opened(first.spec.query) == "X-Amz-Signature=s1&X-Amz-Expires=60"
+
+    # Another host, the same query shown: a mirror of the same signed object keeps it.
+    assert job.replace_remote_prefix("https://a.example/x", "https://b.example/x")
+    job.set_remote_name(1, "https://a.example/y?sig=s2-new")  # signed anew: the new one
+    job.set_remote_name(2, "https://a.example/z?page=1")  # another query, unsigned: none
+    x, y, z = job.snapshot().files
+    assert x.remote_name == "https://b.example/x?X-Amz-Signature=<redacted>&X-Amz-Expires=60"
+    assert x.spec.query == first.spec.query
+    assert y.remote_name == "https://a.example/y?sig=<redacted>"
+    assert y.spec.query is not None and opened(y.spec.query) == "sig=s2-new"
+    assert (z.remote_name, z.spec.query) == ("https://a.example/z?page=1", None)
 
 
 def test_the_core_refuses_a_remote_name_that_still_holds_a_password(

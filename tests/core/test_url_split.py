@@ -1,6 +1,6 @@
-"""Splitting the password out of a URL and putting it back (core/command.py): the log
-records ``scheme://user@host/...`` and the sealed password; the request gets the URL back
-byte for byte."""
+"""Splitting a URL's secrets out and putting them back (core/url.py): the log records
+``scheme://user@host/path?X-Amz-Signature=<redacted>`` and the sealed password and query;
+the request gets the URL back byte for byte."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backhaul.core.command import (
-    check_remote_name,
-    same_login,
-    split_url_password,
-    url_with_password,
-)
+from backhaul.core.command import check_remote_name
 from backhaul.core.error import BitsError
+from backhaul.core.url import (
+    redact_url,
+    request_url,
+    same_login,
+    secrets_of,
+    shown_query,
+    split_url_password,
+    split_url_query,
+    url_with_password,
+    url_with_query,
+)
 from backhaul.core.vocabulary import JobType
 
 
@@ -75,8 +81,80 @@ def test_a_password_cannot_go_into_a_url_without_user_info() -> None:
         url_with_password("http://host/a", "pw")
 
 
-def test_check_remote_name_refuses_a_password_and_does_not_echo_it() -> None:
-    with pytest.raises(BitsError) as refused:
-        check_remote_name("https://bob:hunter2@host/a", JobType.DOWNLOAD)
-    assert "hunter2" not in str(refused.value)
-    assert check_remote_name("https://bob@host/a", JobType.DOWNLOAD) == "https://bob@host/a"
+S3 = (
+    "https://b.s3.amazonaws.com/k/o.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+    "&X-Amz-Credential=AKIA%2F20261126%2Fus-east-1%2Fs3%2Faws4_request"
+    "&X-Amz-Date=20261126T150000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+    "&X-Amz-Signature=0a1b2c3d"
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "query"),
+    [
+        (
+            S3,
+            "https://b.s3.amazonaws.com/k/o.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            "&X-Amz-Credential=<redacted>&X-Amz-Date=20261126T150000Z&X-Amz-Expires=3600"
+            "&X-Amz-SignedHeaders=host&X-Amz-Signature=<redacted>",
+            S3.split("?", 1)[1],
+        ),
+        (
+            "https://acct.blob.core.windows.net/c/f?sv=2024&se=2026-12-01&sp=r&SIG=abc%2B#top",
+            "https://acct.blob.core.windows.net/c/f?sv=2024&se=2026-12-01&sp=r&SIG=<redacted>#top",
+            "sv=2024&se=2026-12-01&sp=r&SIG=abc%2B",
+        ),
+        (  # the parameter's name is compared decoded
+            "https://h/f?access%5Ftoken=t&page=2",
+            "https://h/f?access%5Ftoken=<redacted>&page=2",
+            "access%5Ftoken=t&page=2",
+        ),
+        ("https://h/f?page=2&sort=a", "https://h/f?page=2&sort=a", None),
+        ("https://h/f?sig=", "https://h/f?sig=", None),  # an empty value: nothing secret
+        ("https://h/f?sig=<redacted>", "https://h/f?sig=<redacted>", None),  # already shown
+        ("https://h/f#sig=abc", "https://h/f#sig=abc", None),  # a fragment is not sent
+        ("\\\\server\\share\\f?sig=a", "\\\\server\\share\\f?sig=a", None),
+    ],
+)
+def test_split_url_query(url: str, shown: str, query: str | None) -> None:
+    assert split_url_query(url) == (shown, query)
+    assert url_with_query(shown, query) == url
+
+
+@given(
+    secret=st.sampled_from(["sig", "X-Amz-Signature", "token", "Key"]),
+    value=st.text(
+        st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="&#"), min_size=1
+    ),
+    before=st.sampled_from(["", "a=1&", "a&"]),
+    after=st.sampled_from(["", "&b=2", "&b"]),
+    fragment=st.sampled_from(["", "#f", "#sig=x"]),
+)
+def test_a_signed_query_comes_out_and_goes_back_byte_for_byte(
+    secret: str, value: str, before: str, after: str, fragment: str
+) -> None:
+    url = f"https://u:pw@h:1/p/a.bin?{before}{secret}={value}{after}{fragment}"
+    recorded, password, query = secrets_of(url)
+    if value == "<redacted>":
+        assert query is None
+        return
+    assert (password, query) == ("pw", f"{before}{secret}={value}{after}")
+    assert recorded == f"https://u@h:1/p/a.bin?{before}{secret}=<redacted>{after}{fragment}"
+    assert request_url(recorded, password, query) == url
+    assert secrets_of(recorded) == (recorded, None, None)
+    assert shown_query(url) == shown_query(recorded) == recorded.split("?", 1)[1].split("#")[0]
+
+
+def test_redact_url_for_messages() -> None:
+    assert redact_url("https://bob:pw@h/a?sig=abc&x=1") == "https://h/a?sig=<redacted>&x=1"
+    assert redact_url("https://h/a") == "https://h/a"
+    assert redact_url("not a url?sig=abc") == "not a url?sig=abc"
+
+
+def test_check_remote_name_refuses_a_password_or_a_signature_and_does_not_echo_them() -> None:
+    for name in ("https://bob:hunter2@host/a", "https://host/a?X-Amz-Signature=hunter2"):
+        with pytest.raises(BitsError) as refused:
+            check_remote_name(name, JobType.DOWNLOAD)
+        assert "hunter2" not in str(refused.value)
+    for name in ("https://bob@host/a", "https://host/a?X-Amz-Signature=<redacted>"):
+        assert check_remote_name(name, JobType.DOWNLOAD) == name

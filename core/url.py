@@ -1,0 +1,166 @@
+"""The secrets a URL can carry, and the URL as the log records it.
+
+Two parts of a URL are credentials: the password of its user info
+(``https://user:password@host/``) and, in a signed URL, the values of its signature
+parameters (``X-Amz-Signature=...``, Azure's ``sig=...``, ``access_token=...``: the names in
+``SECRET_QUERY_PARAMETERS``). The log never holds either in plain text
+(specs/event-log.md §6): the adapters take them out with ``split_url_password`` and
+``split_url_query``, seal them (``FileSpec.password``, ``FileSpec.query``), and record the
+URL as ``https://user@host/path?X-Amz-Signature=<redacted>``; the engine builds the real URL
+for the request only (``url_with_password``, ``url_with_query``). Pure string work: the
+URL is put back byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+from urllib.parse import unquote_plus
+
+REDACTED: Final = "<redacted>"
+
+# Query parameters whose value is a credential (compared without case). A name that is not
+# a secret after all costs nothing but its value shown as <redacted>: the request still gets
+# the real one.
+SECRET_QUERY_PARAMETERS: Final = frozenset(
+    {
+        "x-amz-signature",  # AWS Signature Version 4 (S3 presigned URLs)
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",  # Google Cloud Storage V4
+        "x-goog-credential",
+        "signature",  # AWS V2, Google V2, CloudFront
+        "sig",  # Azure shared access signatures
+        "token",
+        "access_token",
+        "id_token",
+        "refresh_token",
+        "api_key",
+        "apikey",
+        "key",
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+        "auth",
+    }
+)
+
+_AUTHORITY = re.compile(
+    r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<authority>[^/?#]*)(?P<tail>.*)$", re.S
+)
+_QUERY = re.compile(r"^(?P<base>[^?#]*)(?:\?(?P<query>[^#]*))?(?P<fragment>#.*)?$", re.S)
+
+
+# -- the password ---------------------------------------------------------------------------
+
+
+def split_url_password(name: str) -> tuple[str, str | None]:
+    """(``name`` without the password of its user info, that password as written), or
+    (``name``, None) when it has none. ``scheme://user:password@host/path`` gives
+    ``scheme://user@host/path``; the user info ends at the authority's last ``@`` (as curl
+    reads ``user:p@ss@host``). ``url_with_password`` puts it back, byte for byte."""
+    match = _AUTHORITY.match(name) if isinstance(name, str) else None
+    if match is None:
+        return name, None
+    authority = match["authority"]
+    at = authority.rfind("@")
+    if at < 0:
+        return name, None
+    user, colon, password = authority[:at].partition(":")
+    if not colon or not password:
+        return name, None
+    return f"{match['head']}{user}{authority[at:]}{match['tail']}", password
+
+
+def url_with_password(name: str, password: str | None) -> str:
+    """``name`` (as ``split_url_password`` left it) with ``password`` back in its user info."""
+    if password is None:
+        return name
+    match = _AUTHORITY.match(name)
+    if match is None or "@" not in match["authority"]:
+        raise ValueError("the URL has no user info to hold a password")
+    authority = match["authority"]
+    at = authority.rfind("@")
+    return f"{match['head']}{authority[:at]}:{password}{authority[at:]}{match['tail']}"
+
+
+def same_login(a: str, b: str) -> bool:
+    """Do the URLs ``a`` and ``b`` name the same scheme, user, host and port (so that the
+    password of one is the password of the other)?"""
+    ma, mb = _AUTHORITY.match(a), _AUTHORITY.match(b)
+    if ma is None or mb is None:
+        return False
+    return (ma["head"].lower(), ma["authority"]) == (mb["head"].lower(), mb["authority"])
+
+
+# -- the signed query -----------------------------------------------------------------------
+
+
+def _query_of(name: str) -> tuple[str, str | None, str]:
+    """(everything before the query, the query without ``?`` or None, the fragment)."""
+    match = _QUERY.match(name)
+    assert match is not None  # every string matches
+    return match["base"], match["query"], match["fragment"] or ""
+
+
+def _is_secret(parameter: str) -> bool:
+    key, equals, value = parameter.partition("=")
+    if not equals or not value or value == REDACTED:
+        return False
+    return unquote_plus(key).strip().lower() in SECRET_QUERY_PARAMETERS
+
+
+def split_url_query(name: str) -> tuple[str, str | None]:
+    """(``name`` with the value of each secret query parameter shown as ``<redacted>``, the
+    whole query as written), or (``name``, None) when no parameter is a secret. Only URLs
+    (``scheme://``) have one. ``url_with_query`` puts the query back, byte for byte."""
+    if not isinstance(name, str) or _AUTHORITY.match(name) is None:
+        return name, None
+    base, query, fragment = _query_of(name)
+    if not query:
+        return name, None
+    parameters = query.split("&")
+    if not any(_is_secret(p) for p in parameters):
+        return name, None
+    shown = [f"{p.partition('=')[0]}={REDACTED}" if _is_secret(p) else p for p in parameters]
+    return f"{base}?{'&'.join(shown)}{fragment}", query
+
+
+def url_with_query(name: str, query: str | None) -> str:
+    """``name`` with its query replaced by ``query`` (as ``split_url_query`` took it)."""
+    if query is None:
+        return name
+    base, _, fragment = _query_of(name)
+    return f"{base}?{query}{fragment}"
+
+
+def shown_query(name: str) -> str | None:
+    """The query of ``name`` as recorded (secret values ``<redacted>``), or None."""
+    return _query_of(split_url_query(name)[0])[1]
+
+
+# -- for messages ---------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """``url`` as messages show it: no password, secret query values ``<redacted>``."""
+    shown, _ = split_url_query(url)
+    match = _AUTHORITY.match(shown)
+    if match is None:
+        return shown
+    authority = match["authority"]
+    host = authority[authority.rfind("@") + 1 :]
+    return f"{match['head']}{host}{match['tail']}"
+
+
+def secrets_of(name: str) -> tuple[str, str | None, str | None]:
+    """(``name`` as the log records it, its password, its signed query): both splits."""
+    without_password, password = split_url_password(name)
+    recorded, query = split_url_query(without_password)
+    return recorded, password, query
+
+
+def request_url(recorded: str, password: str | None, query: str | None) -> str:
+    """The URL to request: ``recorded`` with its password and its query put back."""
+    return url_with_query(url_with_password(recorded, password), query)

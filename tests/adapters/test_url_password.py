@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -367,3 +368,22 @@ def test_the_core_refuses_a_remote_name_that_still_holds_a_password(
     with pytest.raises(BitsError) as refused:
         memory.execute(job.id, cmd.SetRemoteName(0, "http://a.example/x", Sealed("t")))
     assert refused.value.hresult == hresult.E_INVALIDARG  # a password needs a user to go with
+
+
+def test_the_audit_hides_url_secrets_that_an_older_log_recorded_in_plain_text(
+    tmp_path: Path, memory: TransferManager
+) -> None:
+    """Before FilesAdded v3 a URL's password and signature were stored as given: the audit
+    output still never shows them."""
+    job = memory.create_job("old")
+    name = f"https://bob:{PASSWORD}@a.example/f?X-Amz-Signature={SIGNATURE}&n=1"
+    old = ev.FilesAdded(memory.clock.now(), (FileSpec(name, str(tmp_path / "f")),))
+    memory.store.append(job.id, job.snapshot().version, [old])  # as an older release wrote it
+
+    text = audit.history_to_text(audit.history(memory.store, job.id))
+    state = audit.state_at(memory.store, job.id, version=2)
+    shown = state.to_text() + json.dumps(state.to_dict())
+
+    for output in (text, shown):
+        assert PASSWORD not in output and SIGNATURE not in output
+    assert "https://bob:<redacted>@a.example/f?X-Amz-Signature=<redacted>&n=1" in text

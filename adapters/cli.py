@@ -226,6 +226,44 @@ def cmd_addfile(args: argparse.Namespace, m: TransferManager, out: TextIO) -> in
     return EXIT_OK
 
 
+def cmd_addfilewithranges(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """bitsadmin /addfilewithranges: RANGES is ``offset:length[,offset:length...]``, with
+    ``eof`` for a length that runs to the end of the file."""
+    job = find_job(m, args.job)
+    job.add_file(args.remote, _abs(args.local), ranges=_ranges(args.ranges))
+    return EXIT_OK
+
+
+def _ranges(text: str) -> list[tuple[int, int | None]]:
+    ranges: list[tuple[int, int | None]] = []
+    for item in text.split(","):
+        offset, colon, length = item.strip().partition(":")
+        try:
+            if not colon:
+                raise ValueError(item)
+            ranges.append((int(offset), None if length.lower() == "eof" else int(length)))
+        except ValueError:
+            raise BitsError(
+                hresult.E_INVALIDARG,
+                f"bad range {item.strip()!r}: want offset:length, or offset:eof",
+            ) from None
+    return ranges
+
+
+def cmd_setremotename(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyFile2::SetRemoteName for file INDEX (from 0, as ``files`` numbers
+    them); fixes a job in ERROR before ``resume``."""
+    find_job(m, args.job).set_remote_name(args.index, args.remote)
+    return EXIT_OK
+
+
+def cmd_replaceremoteprefix(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """bitsadmin /replaceremoteprefix: prints S_FALSE when no remote name starts with OLD."""
+    if not find_job(m, args.job).replace_remote_prefix(args.old, args.new):
+        out.write("S_FALSE\n")
+    return EXIT_OK
+
+
 def _abs(local: str) -> str:
     return str(Path(local).expanduser().absolute())
 
@@ -812,6 +850,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sha256")
     af = verb("addfileset", cmd_addfileset, "add the 'REMOTE LOCAL' pairs of a list file")
     af.add_argument("listfile")
+    ar = verb(
+        "addfilewithranges",
+        cmd_addfilewithranges,
+        "add the byte ranges of a remote file (offset:length,..., eof for to the end)",
+    )
+    ar.add_argument("remote")
+    ar.add_argument("local")
+    ar.add_argument("ranges", help="offset:length[,offset:length...]; length eof: to the end")
+    sr = verb("setremotename", cmd_setremotename, "give a file of a job a new remote name")
+    sr.add_argument("index", type=int, help="the file, from 0 (as 'files' lists them)")
+    sr.add_argument("remote")
+    rp = verb(
+        "replaceremoteprefix",
+        cmd_replaceremoteprefix,
+        "replace the start of the job's remote names (prints S_FALSE if none matched)",
+    )
+    rp.add_argument("old")
+    rp.add_argument("new")
     for name in ("resume", "suspend", "cancel", "complete"):
         verb(name, _state_verb(name), f"{name} a job")
     i = verb("info", cmd_info, "show a job")

@@ -90,13 +90,14 @@ def _priority(text: str) -> JobPriority:
         ) from None
 
 
-def find_job(manager: TransferManager, ref: str) -> TransferJob:
-    """A job by id, unique id prefix, or unique display name (bitsadmin's <job>)."""
+def find_job(manager: TransferManager, ref: str, *, all_owners: bool = False) -> TransferJob:
+    """A job by id, unique id prefix, or unique display name (bitsadmin's <job>); by prefix
+    or name among the caller's jobs, or with ``all_owners`` every user's (root only)."""
     with contextlib.suppress(BitsError):
         return manager.get_job(ref)
     matches = [
         j
-        for j in manager.jobs(include_final=False)
+        for j in manager.jobs(include_final=False, all_owners=all_owners)
         if j.id.startswith(ref.lower()) or j.display_name == ref
     ]
     if len(matches) == 1:
@@ -261,6 +262,25 @@ def cmd_replaceremoteprefix(args: argparse.Namespace, m: TransferManager, out: T
     """bitsadmin /replaceremoteprefix: prints S_FALSE when no remote name starts with OLD."""
     if not find_job(m, args.job).replace_remote_prefix(args.old, args.new):
         out.write("S_FALSE\n")
+    return EXIT_OK
+
+
+def cmd_takeownership(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """TakeOwnership (root only): the job becomes this user's, without the old owner's
+    credentials, client certificate, custom headers and notify command line."""
+    find_job(m, args.job, all_owners=True).take_ownership()
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """bitsadmin /reset: cancel every job of this user (``--all``: of every user, root
+    only); prints how many."""
+    cancelled = 0
+    for job in m.jobs(all_owners=args.all):
+        with contextlib.suppress(BitsError):  # one that went final meanwhile
+            job.cancel()
+            cancelled += 1
+    out.write(f"{cancelled} job(s) cancelled\n")
     return EXIT_OK
 
 
@@ -870,6 +890,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("new")
     for name in ("resume", "suspend", "cancel", "complete"):
         verb(name, _state_verb(name), f"{name} a job")
+    verb("takeownership", cmd_takeownership, "make a job yours (root only)")
+    rs = verb("reset", cmd_reset, "cancel all your jobs", job=False)
+    rs.add_argument("--all", action="store_true", help="every user's jobs (root only)")
     i = verb("info", cmd_info, "show a job")
     i.add_argument("--json", action="store_true")
     i.add_argument("--include-final", action="store_true")

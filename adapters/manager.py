@@ -710,6 +710,14 @@ class TransferJob:
     def make_custom_headers_write_only(self) -> None:
         self._do(cmd.MakeCustomHeadersWriteOnly())
 
+    def take_ownership(self) -> None:
+        """TakeOwnership (administrators only): the job becomes this manager's owner's, and
+        loses the old owner's credentials, client certificate, custom headers and notify
+        command line. Cancelling it afterwards may leave files the old owner made."""
+        if not _is_admin():
+            raise BitsError(hresult.E_ACCESSDENIED, "only an administrator takes ownership")
+        self._do(cmd.TakeOwnership(self._manager.owner))
+
     def set_client_certificate_by_id(
         self, location: CertStoreLocation, store_name: str, sha1: bytes | str
     ) -> None:

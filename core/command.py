@@ -87,6 +87,13 @@ class MakeCustomHeadersWriteOnly(Command):
 
 
 @attrs.frozen
+class TakeOwnership(Command):
+    """The job becomes ``owner``'s (the adapters allow it to administrators only)."""
+
+    owner: str
+
+
+@attrs.frozen
 class SetRemoteName(Command):
     """``password`` and ``query``: the URL's sealed password and signed query (core/url.py).
     Without a password, the file keeps its own while the new URL names the same user, host
@@ -471,6 +478,13 @@ def _set_headers(job: Job, cmd: SetCustomHeaders, now: datetime, limits: Limits)
     return [ev.CustomHeadersSet(now, cmd.headers)]
 
 
+def _take_ownership(job: Job, cmd: TakeOwnership, now: datetime, limits: Limits) -> list[ev.Event]:
+    _require_live(job)
+    if not isinstance(cmd.owner, str) or not cmd.owner:
+        raise BitsError(hresult.E_INVALIDARG, "the new owner must be a non-empty name")
+    return [ev.OwnershipTaken(now, cmd.owner)]
+
+
 def _headers_write_only(
     job: Job, cmd: MakeCustomHeadersWriteOnly, now: datetime, limits: Limits
 ) -> list[ev.Event]:
@@ -662,6 +676,7 @@ _DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyT
         RemoveCredentials: _remove_credentials,
         SetCustomHeaders: _set_headers,
         MakeCustomHeadersWriteOnly: _headers_write_only,
+        TakeOwnership: _take_ownership,
         SetRemoteName: _set_remote_name,
         ReplaceRemotePrefix: _replace_prefix,
         Resume: _simple(Trigger.RESUME, ev.JobResumed),

@@ -263,6 +263,14 @@ class LeaseReleased(Event):
 
 
 @attrs.frozen
+class OwnershipTaken(Event):
+    """TakeOwnership: the job is ``owner``'s from now; its credentials, client certificate,
+    custom headers and notify command line are gone (bits-core.md §15)."""
+
+    owner: str
+
+
+@attrs.frozen
 class PolicyChanged(Event):
     """An engine-wide setting changed (``name``: "bandwidth", "network_cost"). These
     live in one stream of their own, ``POLICY_STREAM``, not in a job's."""
@@ -322,6 +330,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     PolicyChanged,
     LeaseTaken,
     LeaseReleased,
+    OwnershipTaken,
 )
 
 # The stream of engine-wide settings (bandwidth policy, network cost); not a job.

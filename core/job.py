@@ -378,6 +378,18 @@ def _credentials_removed(job: Job, e: ev.CredentialsRemoved) -> dict[str, Any]:
     return {"credentials": kept}
 
 
+def _ownership_taken(job: Job, e: ev.OwnershipTaken) -> dict[str, Any]:
+    """BITS strips what belonged to the old owner: credentials, client certificate, custom
+    headers and the notify command line (MakeCustomHeadersWriteOnly stays: irreversible)."""
+    return {
+        "owner": e.owner,
+        "credentials": (),
+        "client_certificate": None,
+        "custom_headers": None,
+        "notify_cmdline": None,
+    }
+
+
 def _remote_name_changed(job: Job, e: ev.RemoteNameChanged) -> dict[str, Any]:
     spec = attrs.evolve(
         job.files[e.file_index].spec,
@@ -539,6 +551,7 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
             "files": _replace_file(job, e.file_index, upload_token=e.token)
         },
         ev.ReplyLocated: lambda job, e: {"reply_url": e.url},
+        ev.OwnershipTaken: _ownership_taken,
         ev.LeaseTaken: lambda job, e: {"lease_worker": e.worker, "lease_expires": e.expires_at},
         ev.LeaseReleased: lambda job, e: {"lease_worker": None, "lease_expires": None},
         ev.CommandLineNotified: lambda job, e: {

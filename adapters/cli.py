@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -265,6 +265,66 @@ def cmd_replaceremoteprefix(args: argparse.Namespace, m: TransferManager, out: T
     return EXIT_OK
 
 
+def cmd_geterror(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyJob::GetError: BG_E_ERROR_INFORMATION_UNAVAILABLE without one."""
+    error = find_job(m, args.job).error
+    if error is None:
+        raise BitsError(hresult.BG_E_ERROR_INFORMATION_UNAVAILABLE, "the job has no error")
+    where = "" if error.file_index is None else f" (file {error.file_index})"
+    out.write(
+        f"{error.hresult_name} ({hresult.format_hresult(error.hresult)}) in "
+        f"{error.context.name}{where}: {error.description}\n"
+    )
+    return EXIT_OK
+
+
+def cmd_gettemporaryname(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyFile3::GetTemporaryName of file INDEX."""
+    files = find_job(m, args.job).files()
+    if not 0 <= args.index < len(files):
+        raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {args.index}")
+    out.write(f"{files[args.index].temporary_name}\n")
+    return EXIT_OK
+
+
+def cmd_setaclflag(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """bitsadmin /setaclflag: any of O (owner), G (group), D (DACL), S (SACL), or a number;
+    the parts of an SMB file's security descriptor kept with the download."""
+    text = args.flags.strip()
+    bits = {"O": 1, "G": 2, "D": 4, "S": 8}
+    if text and all(c in bits for c in text.upper()):
+        value = sum(bits[c] for c in set(text.upper()))
+    else:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise BitsError(
+                hresult.E_INVALIDARG, f"ACL flags {text!r}: want letters of OGDS, or a number"
+            ) from None
+    find_job(m, args.job).acl_flags = value
+    return EXIT_OK
+
+
+def cmd_setreplyfilename(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """SetReplyFileName (upload-reply jobs): where Complete puts the server's reply."""
+    find_job(m, args.job).reply_file_name = _abs(args.path)
+    return EXIT_OK
+
+
+def cmd_getreplyprogress(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    reply = find_job(m, args.job).reply_progress
+    total = "?" if reply.bytes_total is None else reply.bytes_total
+    out.write(f"{reply.bytes_transferred} of {total} bytes\n")
+    return EXIT_OK
+
+
+def cmd_getreplydata(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """GetReplyData: the server's reply as text (undecodable bytes replaced); above 1 MiB,
+    BG_E_TOO_LARGE, and the reply is in the reply file."""
+    out.write(find_job(m, args.job).reply_data().decode("utf-8", "replace"))
+    return EXIT_OK
+
+
 def cmd_takeownership(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """TakeOwnership (root only): the job becomes this user's, without the old owner's
     credentials, client certificate, custom headers and notify command line."""
@@ -392,6 +452,16 @@ _GETTERS = {
     "getowner": "owner",
     "geterrorcount": "error_count",
     "getnotifycmdline": "notify_cmdline",
+    # bitsadmin's one-value getters (``info`` shows them all).
+    "getbytestotal": "progress.bytes_total",
+    "getbytestransferred": "progress.bytes_transferred",
+    "getfilestotal": "progress.files_total",
+    "getfilestransferred": "progress.files_transferred",
+    "getcreationtime": "times.creation_time",
+    "getmodificationtime": "times.modification_time",
+    "getcompletiontime": "times.transfer_completion_time",
+    "getaclflags": "acl_flags",
+    "getreplyfilename": "reply_file_name",
 }
 
 
@@ -413,9 +483,13 @@ def _getter(verb: str) -> Callable[[argparse.Namespace, TransferManager, TextIO]
     attr = _GETTERS[verb]
 
     def run(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
-        value = getattr(find_job(m, args.job), attr)
+        value: Any = find_job(m, args.job)
+        for name in attr.split("."):
+            value = getattr(value, name)
         if isinstance(value, timedelta):
             value = int(value.total_seconds())
+        elif isinstance(value, datetime):
+            value = value.isoformat()
         elif hasattr(value, "name") and not isinstance(value, str):
             value = value.name
         out.write(f"{value}\n")
@@ -900,8 +974,20 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true")
     lst.add_argument("--all", action="store_true", help="every owner's jobs (root only)")
     lst.add_argument("--include-final", action="store_true")
-    f = verb("files", cmd_files, "list a job's files")
-    f.add_argument("--json", action="store_true")
+    for name in ("files", "listfiles"):  # listfiles: bitsadmin's name
+        f = verb(name, cmd_files, "list a job's files")
+        f.add_argument("--json", action="store_true")
+    verb("geterror", cmd_geterror, "the job's error (GetError)")
+    tn = verb("gettemporaryname", cmd_gettemporaryname, "file INDEX's temp file")
+    tn.add_argument("index", type=int)
+    verb("setaclflag", cmd_setaclflag, "ACL parts kept from SMB (letters of OGDS)").add_argument(
+        "flags"
+    )
+    verb("setreplyfilename", cmd_setreplyfilename, "where Complete puts the reply").add_argument(
+        "path"
+    )
+    verb("getreplyprogress", cmd_getreplyprogress, "the reply's bytes so far")
+    verb("getreplydata", cmd_getreplydata, "the server's reply (upload-reply jobs)")
     for name in _SETTERS:
         verb(name, _setter(name), f"{name[3:]}: set it").add_argument("value")
     for name in _GETTERS:

@@ -42,6 +42,13 @@ def run(home: Path, *argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
+def ok(home: Path, *argv: str) -> str:
+    """``run`` of a verb that must succeed: its stdout."""
+    code, out = run(home, *argv)
+    assert code == 0, out
+    return out
+
+
 def create(home: Path, name: str, *options: str) -> str:
     code, out = run(home, *options, "create", name)
     assert code == 0, out

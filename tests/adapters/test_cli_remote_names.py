@@ -11,6 +11,7 @@ import pytest
 from peers.nginx import NginxServer
 from test_cli_limits import (  # the autouse fixture keeps BACKHAUL_* out
     _no_backhaul_environment,  # noqa: F401
+    ok,
     run,
 )
 
@@ -23,12 +24,6 @@ from backhaul.core.vocabulary import JobState
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
-
-
-def ok(home: Path, *argv: str) -> str:
-    code, out = run(home, *argv)
-    assert code == 0, out
-    return out
 
 
 def serve(home: Path) -> None:

@@ -1,0 +1,136 @@
+"""bitsadmin's one-value verbs in the command: the progress and times getters, ``geterror``,
+``gettemporaryname``, ``listfiles``, ``setaclflag``/``getaclflags``, and the upload-reply
+verbs (``setreplyfilename``, ``getreplyfilename``, ``getreplyprogress``, ``getreplydata``),
+against the engine tests' nginx and the project's BITS upload server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from peers.nginx import NginxServer
+from test_cli_limits import (  # the autouse fixture keeps BACKHAUL_* out
+    _no_backhaul_environment,  # noqa: F401
+    ok,
+    run,
+)
+from test_engine_upload import backend, upload_server
+
+from backhaul.adapters.engine import Engine
+from backhaul.adapters.localfile import TEMP_SUFFIX
+from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.upload_server import NotificationType
+from backhaul.core import hresult
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def value(home: Path, *argv: str) -> str:
+    return ok(home, *argv).rstrip("\n")
+
+
+def refused(home: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The error line of a verb that fails."""
+    capsys.readouterr()
+    code, _ = run(home, *argv)
+    assert code != 0
+    return capsys.readouterr().err
+
+
+def test_the_progress_and_time_getters_follow_the_job(
+    tmp_path: Path,
+    home: Path,
+    engine_nginx: tuple[NginxServer, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server, docroot = engine_nginx
+    job = value(home, "create", "getters")
+    value(home, "addfile", job, f"{server.url}/one.bin", str(tmp_path / "one.bin"))
+    value(home, "addfile", job, f"{server.url}/two.bin", str(tmp_path / "two.bin"))
+
+    assert value(home, "getbytestotal", job) == "None"  # not known before the transfer
+    assert value(home, "getfilestotal", job) == "2"
+    assert value(home, "getfilestransferred", job) == "0"
+    assert value(home, "getcompletiontime", job) == "None"
+    created = datetime.fromisoformat(value(home, "getcreationtime", job))
+    temp = Path(value(home, "gettemporaryname", job, "1"))
+    assert temp.parent == tmp_path and temp.name.startswith(".two.bin.")
+    assert temp.name.endswith(TEMP_SUFFIX)
+    assert "BG_E_FILE_NOT_FOUND" in refused(home, capsys, "gettemporaryname", job, "2")
+    assert "BG_E_ERROR_INFORMATION_UNAVAILABLE" in refused(home, capsys, "geterror", job)
+    assert value(home, "listfiles", job) == value(home, "files", job)
+
+    value(home, "resume", job)
+    value(home, "serve", "--until-idle")
+
+    sizes = sum((docroot / n).stat().st_size for n in ("one.bin", "two.bin"))
+    assert value(home, "getbytestotal", job) == value(home, "getbytestransferred", job)
+    assert value(home, "getbytestotal", job) == str(sizes)
+    assert value(home, "getfilestransferred", job) == "2"
+    completed = datetime.fromisoformat(value(home, "getcompletiontime", job))
+    modified = datetime.fromisoformat(value(home, "getmodificationtime", job))
+    assert created <= completed <= modified
+
+
+def test_geterror_names_the_error_and_its_file(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, _ = engine_nginx
+    job = value(home, "create", "broken")
+    value(home, "addfile", job, f"{server.url}/one.bin", str(tmp_path / "one.bin"))
+    value(home, "addfile", job, f"{server.url}/missing.bin", str(tmp_path / "missing.bin"))
+    value(home, "resume", job)
+    value(home, "serve", "--until-idle")
+
+    line = value(home, "geterror", job)
+    assert line.startswith("BG_E_HTTP_ERROR_404 (0x80190194) in REMOTE_FILE (file 1): ")
+    assert "/missing.bin" in line
+
+
+def test_setaclflag_takes_bitsadmins_letters_or_a_number(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = value(home, "create", "acl")
+    value(home, "setaclflag", job, "og")
+    assert value(home, "getaclflags", job) == "3"
+    value(home, "setaclflag", job, "0x4")
+    assert value(home, "getaclflags", job) == "4"
+    assert hresult.format_hresult(hresult.E_INVALIDARG) in refused(
+        home, capsys, "setaclflag", job, "OX"
+    )
+    assert value(home, "getaclflags", job) == "4"
+
+
+def test_the_upload_reply_verbs(tmp_path: Path, home: Path) -> None:
+    source = tmp_path / "query.json"
+    source.write_bytes(b'{"q": 1}')
+    reply = b'{"answer": "' + os.urandom(8).hex().encode() + b'"}'
+    answer = tmp_path / "answer.json"
+
+    async def body() -> None:
+        async with (
+            backend(reply) as notify_url,
+            upload_server(
+                tmp_path, notification=NotificationType.BY_VALUE, notification_url=notify_url
+            ) as (url, _www),
+        ):
+            job = value(home, "create", "ask", "--type", "upload-reply")
+            value(home, "addfile", job, f"{url}/query.json", str(source))
+            value(home, "setreplyfilename", job, str(answer))
+            assert value(home, "getreplyfilename", job) == str(answer)
+            assert value(home, "getreplyprogress", job) == "0 of ? bytes"
+            value(home, "resume", job)
+            with TransferManager(home=home) as manager:
+                await Engine(manager, poll_interval=0.05).run(until_idle=True)
+            assert value(home, "getreplyprogress", job) == f"{len(reply)} of {len(reply)} bytes"
+            assert value(home, "getreplydata", job) == reply.decode()
+            value(home, "complete", job)
+
+    asyncio.run(body())
+    assert answer.read_bytes() == reply

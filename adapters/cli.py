@@ -688,6 +688,35 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
     digest = f"sha256:{args.sha256.lower()}" if args.sha256 else None
     job.add_files([FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)])
+    return _transfer(job, m, args, out)
+
+
+def cmd_put(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """Start-BitsTransfer -TransferType Upload: LOCAL to URL by the BITS upload protocol, as
+    a foreground job followed to its end, then completed; with ``--reply FILE``, an
+    upload-reply job whose reply Complete puts in FILE."""
+    local = _abs(args.local)
+    kind = JobType.UPLOAD if args.reply is None else JobType.UPLOAD_REPLY
+    job = m.create_job(args.name or f"put {secrets_of(args.url)[0]}", kind)
+    try:
+        job.priority = args.priority
+        if args.retry_delay is not None:
+            job.minimum_retry_delay = args.retry_delay
+        if args.no_progress_timeout is not None:
+            job.no_progress_timeout = args.no_progress_timeout
+        job.add_file(args.url, local)
+        if args.reply is not None:
+            job.reply_file_name = _abs(args.reply)
+    except BaseException:
+        with contextlib.suppress(BackhaulError):
+            job.cancel()  # refused: no job left behind
+        raise
+    return _transfer(job, m, args, out)
+
+
+def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO) -> int:
+    """``get`` and ``put``: resume the job, run it (or follow the engine that holds the
+    store), then complete it, or cancel it when it failed for good."""
     job.resume()
     try:
         with _engine_lock(args) as held:
@@ -710,7 +739,13 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
                 {"id": job.id, "state": "ACKNOWLEDGED", "result": hresult.name_of(result)}, out
             )
         elif not args.quiet:
-            sys.stderr.write(f"\ncomplete: {', '.join(f.local_name for f in job.files())}\n")
+            if job.job_type is JobType.DOWNLOAD:
+                done = [f.local_name for f in job.files()]
+            else:
+                done = [f.remote_name for f in job.files()]
+                if job.reply_file_name:
+                    done.append(f"reply in {job.reply_file_name}")
+            sys.stderr.write(f"\ncomplete: {', '.join(done)}\n")
         return EXIT_OK
     if state is JobState.CANCELLED:
         return EXIT_CANCELLED
@@ -726,7 +761,7 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
         job.cancel()
     if args.json:
         _print_json({"id": job.id, "state": state.name, "error": message}, out)
-    sys.stderr.write(f"\nbackhaul get: job {job.id} ended in {state.name}: {message}\n")
+    sys.stderr.write(f"\nbackhaul {args.verb}: job {job.id} ended in {state.name}: {message}\n")
     return EXIT_FAILED
 
 
@@ -868,6 +903,24 @@ def cmd_monitor(args: argparse.Namespace, m: TransferManager, out: TextIO) -> in
 # -- parser ----------------------------------------------------------------------------------
 
 
+def _foreground_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the verbs that run one job to its end (``get``, ``put``)."""
+    parser.add_argument("--json", action="store_true", help="JSON progress lines on stdout")
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="PostgreSQL store: leave the job to the running workers and follow it",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true")
+    parser.add_argument("--priority", type=_priority, default=JobPriority.FOREGROUND)
+    parser.add_argument("--name")
+    parser.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
+    parser.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
+    parser.add_argument(
+        "--no-yield", action="store_true", help="a background --priority does not yield"
+    )
+
+
 def _url_refresher_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url-refresher",
@@ -917,21 +970,22 @@ def build_parser() -> argparse.ArgumentParser:
         job=False,
     )
     g.add_argument("paths", nargs="+", metavar="URL... DEST")
-    g.add_argument("--json", action="store_true", help="JSON progress lines on stdout")
-    g.add_argument(
-        "--follow",
-        action="store_true",
-        help="PostgreSQL store: leave the job to the running workers and follow it",
-    )
-    g.add_argument("--quiet", "-q", action="store_true")
-    g.add_argument("--priority", type=_priority, default=JobPriority.FOREGROUND)
-    g.add_argument("--name")
+    _foreground_options(g)
     g.add_argument("--sha256", help="expected SHA-256 of the (single) file")
     g.add_argument("--dynamic", action="store_true", help="content without size or ranges")
-    g.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
-    g.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
-    g.add_argument("--no-yield", action="store_true", help="a background --priority does not yield")
     _url_refresher_option(g)
+
+    pu = verb(
+        "put",
+        cmd_put,
+        "upload LOCAL to URL (BITS upload protocol) as a foreground job and wait",
+        job=False,
+    )
+    pu.add_argument("local")
+    pu.add_argument("url")
+    pu.add_argument("--reply", metavar="FILE", help="upload-reply: put the server's reply here")
+    _foreground_options(pu)
+    pu.set_defaults(url_refresher=None)  # signed upload URLs are not refreshed
 
     c = verb("create", cmd_create, "create a suspended job; prints its id", job=False)
     c.add_argument("name")

@@ -428,6 +428,15 @@ class JobMachine(RuleBasedStateMachine):
         setter, value = change
         getattr(self, f"set_{setter}")(job_id, value)
 
+    @rule(job_id=jobs)
+    def take_ownership(self, job_id: str) -> None:
+        """TakeOwnership (the tests run as root): BG_E_INVALID_STATE in a final state, else
+        the job is the caller's and holds no credentials or headers; the state stays."""
+        job = self.handle(job_id)
+        if self.set_value(job_id, job.take_ownership, None):
+            assert job.owner == self.manager.owner
+            assert job.credentials == [] and job.custom_headers is None
+
     # -- the engine ----------------------------------------------------------------------
 
     def execute(self, job_id: str, command: cmd.Command) -> Callable[[], Any]:

@@ -679,15 +679,14 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     else:
         locals_ = [dest]
     job = m.create_job(args.name or f"get {secrets_of(urls[0])[0]}")
-    job.priority = args.priority
-    if args.retry_delay is not None:
-        job.minimum_retry_delay = args.retry_delay
-    if args.no_progress_timeout is not None:
-        job.no_progress_timeout = args.no_progress_timeout
-    if args.dynamic:
-        job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
     digest = f"sha256:{args.sha256.lower()}" if args.sha256 else None
-    job.add_files([FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)])
+
+    def add() -> None:
+        if args.dynamic:
+            job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
+        job.add_files([FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)])
+
+    _set_up(job, args, add)
     return _transfer(job, m, args, out)
 
 
@@ -698,20 +697,44 @@ def cmd_put(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     local = _abs(args.local)
     kind = JobType.UPLOAD if args.reply is None else JobType.UPLOAD_REPLY
     job = m.create_job(args.name or f"put {secrets_of(args.url)[0]}", kind)
+
+    def add() -> None:
+        job.add_file(args.url, local)
+        if args.reply is not None:
+            job.reply_file_name = _abs(args.reply)
+
+    _set_up(job, args, add)
+    return _transfer(job, m, args, out)
+
+
+def cmd_transfer(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """bitsadmin /transfer NAME [/download|/upload] [/priority P] REMOTE LOCAL...: create
+    the job, add the pairs, resume, wait; complete it when transferred, cancel it when it
+    failed for good (transient errors are waited out, as bitsadmin does)."""
+    pairs = args.pairs
+    if not pairs or len(pairs) % 2:
+        raise BitsError(hresult.E_INVALIDARG, "give REMOTE LOCAL pairs")
+    kind = JobType.UPLOAD if args.upload else JobType.DOWNLOAD
+    files = [FileSpec(pairs[i], _abs(pairs[i + 1])) for i in range(0, len(pairs), 2)]
+    job = m.create_job(args.name, kind)
+    _set_up(job, args, lambda: job.add_files(files))
+    return _transfer(job, m, args, out)
+
+
+def _set_up(job: TransferJob, args: argparse.Namespace, add: Callable[[], None]) -> None:
+    """A new job of ``get``, ``put`` or ``transfer``: the options, then its files
+    (``add``); refused, the job is cancelled, so that none is left behind."""
     try:
         job.priority = args.priority
         if args.retry_delay is not None:
             job.minimum_retry_delay = args.retry_delay
         if args.no_progress_timeout is not None:
             job.no_progress_timeout = args.no_progress_timeout
-        job.add_file(args.url, local)
-        if args.reply is not None:
-            job.reply_file_name = _abs(args.reply)
+        add()
     except BaseException:
         with contextlib.suppress(BackhaulError):
-            job.cancel()  # refused: no job left behind
+            job.cancel()
         raise
-    return _transfer(job, m, args, out)
 
 
 def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO) -> int:
@@ -903,8 +926,9 @@ def cmd_monitor(args: argparse.Namespace, m: TransferManager, out: TextIO) -> in
 # -- parser ----------------------------------------------------------------------------------
 
 
-def _foreground_options(parser: argparse.ArgumentParser) -> None:
-    """The options of the verbs that run one job to its end (``get``, ``put``)."""
+def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -> None:
+    """The options of the verbs that run one job to its end (``get``, ``put``,
+    ``transfer``, which names its job without ``--name``)."""
     parser.add_argument("--json", action="store_true", help="JSON progress lines on stdout")
     parser.add_argument(
         "--follow",
@@ -913,7 +937,8 @@ def _foreground_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", "-q", action="store_true")
     parser.add_argument("--priority", type=_priority, default=JobPriority.FOREGROUND)
-    parser.add_argument("--name")
+    if name:
+        parser.add_argument("--name")
     parser.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
     parser.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
     parser.add_argument(
@@ -986,6 +1011,20 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--reply", metavar="FILE", help="upload-reply: put the server's reply here")
     _foreground_options(pu)
     pu.set_defaults(url_refresher=None)  # signed upload URLs are not refreshed
+
+    tr = verb(
+        "transfer",
+        cmd_transfer,
+        "bitsadmin /transfer: create, add REMOTE LOCAL pairs, resume and wait",
+        job=False,
+    )
+    tr.add_argument("name")
+    tr.add_argument("pairs", nargs="+", metavar="REMOTE LOCAL")
+    direction = tr.add_mutually_exclusive_group()
+    direction.add_argument("--download", action="store_true", help="the default")
+    direction.add_argument("--upload", action="store_true", help="one pair: LOCAL to REMOTE")
+    _foreground_options(tr, name=False)
+    tr.set_defaults(url_refresher=None)
 
     c = verb("create", cmd_create, "create a suspended job; prints its id", job=False)
     c.add_argument("name")

@@ -125,3 +125,19 @@ def test_a_refused_put_fails_and_cancels_its_job(
     with TransferManager(home=home) as m:
         (job,) = m.jobs(include_final=True)
         assert job.state is JobState.CANCELLED
+
+
+def test_transfer_upload_sends_its_one_pair(tmp_path: Path, home: Path, root: Path) -> None:
+    """bitsadmin /transfer NAME /upload REMOTE LOCAL."""
+    source = tmp_path / "up.bin"
+    source.write_bytes(os.urandom(300 * 1024))
+    with serving("--root", str(root), "--port", "0") as (base, _):
+        out = io.StringIO()
+        argv = ["transfer", "push", "--upload", "-q", f"{base}/inbox/up.bin", str(source)]
+        code = main(["--home", str(home), *argv], out)
+
+    assert code == 0, out.getvalue()
+    assert (root / "inbox" / "up.bin").read_bytes() == source.read_bytes()
+    with TransferManager(home=home) as m:
+        (job,) = m.jobs(include_final=True)
+        assert (job.display_name, job.job_type) == ("push", JobType.UPLOAD)

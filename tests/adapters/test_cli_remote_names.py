@@ -18,7 +18,7 @@ from test_cli_limits import (  # the autouse fixture keeps BACKHAUL_* out
 from backhaul.adapters.manager import TransferManager
 from backhaul.core import hresult
 from backhaul.core.value import ByteRange
-from backhaul.core.vocabulary import JobState
+from backhaul.core.vocabulary import JobPriority, JobState
 
 
 @pytest.fixture
@@ -138,3 +138,31 @@ def test_the_remote_name_verbs_apply_to_download_jobs_only(
         assert hresult.format_hresult(hresult.E_NOTIMPL) in capsys.readouterr().err
     with TransferManager(home=home) as m:
         assert m.get_job(job).files()[0].remote_name == "http://127.0.0.1:1/up/s.bin"
+
+
+def test_transfer_downloads_its_pairs_and_completes_the_job(
+    tmp_path: Path,
+    home: Path,
+    engine_nginx: tuple[NginxServer, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bitsadmin /transfer NAME /download /priority normal REMOTE LOCAL REMOTE LOCAL."""
+    server, docroot = engine_nginx
+    pairs = []
+    for name in ("one.bin", "three.bin"):
+        pairs += [f"{server.url}/{name}", str(tmp_path / name)]
+    ok(home, "transfer", "nightly", "--download", "--priority", "normal", "--quiet", *pairs)
+
+    for name in ("one.bin", "three.bin"):
+        assert (tmp_path / name).read_bytes() == (docroot / name).read_bytes()
+    with TransferManager(home=home) as m:
+        (job,) = m.jobs(include_final=True)
+        assert (job.display_name, job.state) == ("nightly", JobState.ACKNOWLEDGED)
+        assert job.priority is JobPriority.NORMAL
+
+    capsys.readouterr()
+    code, _ = run(home, "transfer", "odd", f"{server.url}/one.bin")
+    assert code != 0
+    assert hresult.format_hresult(hresult.E_INVALIDARG) in capsys.readouterr().err
+    with TransferManager(home=home) as m:
+        assert [j.display_name for j in m.jobs(include_final=True)] == ["nightly"]

@@ -45,7 +45,7 @@ from backhaul.core import projection as proj
 from backhaul.core.error import BitsError
 from backhaul.core.event import Event, JobCreated
 from backhaul.core.job import FileList, Job
-from backhaul.core.url import split_url_query, url_with_password
+from backhaul.core.url import URL_IN_TEXT, split_url_query, url_with_password
 from backhaul.core.value import Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget
 
@@ -56,7 +56,6 @@ IMPORT_BATCH: Final = 1000
 PAGE: Final = 1000
 
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:)[^/@\s]*@")
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 
 
 class AuditError(BitsError):
@@ -79,7 +78,7 @@ def redact_text(text: str) -> str:
     """A password in a URL (``scheme://user:password@host``) becomes ``<redacted>``, and so
     does a signed URL's signature (core/url.py): a log written before both were sealed
     (FilesAdded v3) may hold them in its names and messages."""
-    text = _URL_IN_TEXT.sub(lambda m: split_url_query(m[0])[0], text)
+    text = URL_IN_TEXT.sub(lambda m: split_url_query(m[0])[0], text)
     return _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}@", text)
 
 

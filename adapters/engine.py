@@ -71,7 +71,13 @@ from backhaul.core.port import (
     Uploader,
     UploadSession,
 )
-from backhaul.core.url import request_url, secrets_of
+from backhaul.core.url import (
+    holds_url_secret,
+    request_url,
+    same_origin,
+    secrets_of,
+    with_login_of,
+)
 from backhaul.core.value import ByteRange, JobError, Sealed
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
 
@@ -1779,8 +1785,8 @@ class Engine:
         if block is None:
             return None
         lowered = block.lower()
-        if any(name in lowered for name in _SECRET_RESPONSE_HEADERS):
-            return self.store.secrets.seal(block)
+        if any(name in lowered for name in _SECRET_RESPONSE_HEADERS) or holds_url_secret(block):
+            return self.store.secrets.seal(block)  # a cookie, or a signed URL (BITS-Reply-URL)
         return block
 
     async def _keep_security(self, job_id: str, index: int) -> None:
@@ -1912,7 +1918,11 @@ class Engine:
                     transient=False,
                 )
             self._reply_sessions[job_id] = session
-            await self._commit(job_id, cmd.LocateReply(reply_url))
+            # Recorded without its secrets: a password (joined from the upload URL) is the
+            # file's, put back at the fetch; a signed query is sealed.
+            recorded, _password, query = secrets_of(reply_url)
+            sealed = None if query is None else self.store.secrets.seal(query)
+            await self._commit(job_id, cmd.LocateReply(recorded, sealed))
 
     async def _abort_uploads(self, job: Job) -> None:
         """Cancel of an upload job: tell the server (Cancel-Session), retrying a while."""
@@ -1942,6 +1952,19 @@ class Engine:
                         break
                     await asyncio.sleep(min(2**attempt, 30))
 
+    def _reply_url(self, job: Job, recorded: str) -> str:
+        """The reply URL to request: its sealed query put back, and the upload URL's login
+        (user and password) when the reply is on the same server, as the upload's
+        credentials are the job's for that server."""
+        secrets = self.store.secrets
+        query = None if job.reply_query is None else secrets.open(job.reply_query)
+        spec = job.files[0].spec if job.files else None
+        password = None
+        if spec and spec.password is not None and same_origin(spec.remote_name, recorded):
+            recorded = with_login_of(spec.remote_name, recorded)
+            password = secrets.open(spec.password)
+        return request_url(recorded, password, query)
+
     async def _fetch_reply(self, job_id: str) -> None:
         """Upload-reply: download the reply (ranged, resumable) into the reply temp file."""
         job = self._jobs[job_id]
@@ -1953,6 +1976,7 @@ class Engine:
                 context=ErrorContext.REMOTE_APPLICATION,
                 transient=False,
             )
+        url = self._reply_url(job, url)
         tmp = localfile.reply_temp_path(job)
         offset = job.reply_bytes_transferred if job.reply_bytes_total is not None else 0
         transport = self.transport_for(url)

@@ -244,7 +244,11 @@ class OpenUploadSession(Command):
 
 @attrs.frozen
 class LocateReply(Command):
+    """``url`` as recorded (core/url.py: no password, signature values ``<redacted>``);
+    ``query``: the real query, sealed, when a parameter of it is a secret."""
+
     url: str
+    query: Sealed | None = None
 
 
 @attrs.frozen
@@ -654,7 +658,11 @@ def _locate_reply(job: Job, cmd: LocateReply, now: datetime, limits: Limits) -> 
         raise BitsError(hresult.E_NOTIMPL, "only upload-reply jobs have a reply")
     if job.state not in (JobState.CONNECTING, JobState.TRANSFERRING):
         raise BitsError(hresult.BG_E_INVALID_STATE, f"job {job.id} is {job.state.name}")
-    return [ev.ReplyLocated(now, cmd.url)]
+    if split_url_password(cmd.url)[1] is not None or split_url_query(cmd.url)[1] is not None:
+        raise BitsError(
+            hresult.E_INVALIDARG, "a reply URL's secrets are sealed before it is recorded"
+        )
+    return [ev.ReplyLocated(now, cmd.url, cmd.query)]
 
 
 def _simple(trigger: Trigger, event_type: Callable[[datetime], ev.Event]) -> Callable[..., Any]:

@@ -242,9 +242,12 @@ class UploadSessionOpened(Event):
 
 @attrs.frozen
 class ReplyLocated(Event):
-    """Upload-reply: the server's reply is at ``url`` (BITS-Reply-URL)."""
+    """Upload-reply: the server's reply is at ``url`` (BITS-Reply-URL), recorded without a
+    password (the engine gives it the file's, for the same login) and with the values of
+    its signature parameters ``<redacted>``: ``query`` holds the real query, sealed."""
 
     url: str
+    query: Sealed | None = None
 
 
 @attrs.frozen

@@ -207,6 +207,7 @@ class Job:
     reply_bytes_total: int | None = None
     reply_bytes_transferred: int = 0
     reply_url: str | None = None
+    reply_query: Sealed | None = None  # the reply URL's signed query, sealed (ReplyLocated v2)
     lease_worker: str | None = None
     lease_expires: datetime | None = None
     # Derived bookkeeping.
@@ -550,7 +551,7 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
         ev.UploadSessionOpened: lambda job, e: {
             "files": _replace_file(job, e.file_index, upload_token=e.token)
         },
-        ev.ReplyLocated: lambda job, e: {"reply_url": e.url},
+        ev.ReplyLocated: lambda job, e: {"reply_url": e.url, "reply_query": e.query},
         ev.OwnershipTaken: _ownership_taken,
         ev.LeaseTaken: lambda job, e: {"lease_worker": e.worker, "lease_expires": e.expires_at},
         ev.LeaseReleased: lambda job, e: {"lease_worker": None, "lease_expires": None},

@@ -94,6 +94,27 @@ def same_login(a: str, b: str) -> bool:
     return (ma["head"].lower(), ma["authority"]) == (mb["head"].lower(), mb["authority"])
 
 
+def same_origin(a: str, b: str) -> bool:
+    """Do the URLs ``a`` and ``b`` name the same scheme, host and port, whoever the user?"""
+    ma, mb = _AUTHORITY.match(a), _AUTHORITY.match(b)
+    if ma is None or mb is None:
+        return False
+    host_a = ma["authority"][ma["authority"].rfind("@") + 1 :]
+    host_b = mb["authority"][mb["authority"].rfind("@") + 1 :]
+    return (ma["head"].lower(), host_a.lower()) == (mb["head"].lower(), host_b.lower())
+
+
+def with_login_of(source: str, name: str) -> str:
+    """``name`` with the user info of ``source`` (as recorded: the user, no password)."""
+    ms, mn = _AUTHORITY.match(source), _AUTHORITY.match(name)
+    if ms is None or mn is None:
+        return name
+    at = ms["authority"].rfind("@")
+    user = ms["authority"][: at + 1] if at >= 0 else ""
+    host = mn["authority"][mn["authority"].rfind("@") + 1 :]
+    return f"{mn['head']}{user}{host}{mn['tail']}"
+
+
 # -- the signed query -----------------------------------------------------------------------
 
 
@@ -141,6 +162,17 @@ def shown_query(name: str) -> str | None:
 
 
 # -- for messages ---------------------------------------------------------------------------
+
+URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>]+")
+_QUERY_IN_TEXT = re.compile(r"\?([^\s#\"'<>]+)")
+
+
+def holds_url_secret(text: str) -> bool:
+    """Does ``text`` (a response's header block, a message) hold a URL's password or a
+    secret query parameter, in an absolute URL or a relative one (``/r?sig=...``)?"""
+    if any(split_url_password(m[0])[1] is not None for m in URL_IN_TEXT.finditer(text)):
+        return True
+    return any(any(_is_secret(p) for p in m[1].split("&")) for m in _QUERY_IN_TEXT.finditer(text))
 
 
 def redact_url(url: str) -> str:

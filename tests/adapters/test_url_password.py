@@ -9,14 +9,16 @@ server (so the one sent is the one given). A fault server plays the signing CDN.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from peers.nginx import NginxServer, running_nginx
 from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     FaultServer,
@@ -34,8 +36,10 @@ from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import DB_FILE, open_store
 from backhaul.adapters.upload_server import (
     BasicAuth,
+    NotificationType,
     UploadServerConfig,
     VirtualDirectory,
+    serve_app,
     serve_uploads,
 )
 from backhaul.core import command as cmd
@@ -225,6 +229,87 @@ def test_an_upload_to_a_url_with_a_password_authenticates_and_never_stores_it(
     assert job.files()[0].remote_name.startswith(f"http://{USER}@127.0.0.1:")
     manager.close()
     assert_not_in_store(home, PASSWORD)
+
+
+# -- the reply of an upload-reply job ------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def reply_backend(reply: bytes, static: str | None) -> AsyncIterator[str]:
+    """The application an upload-reply server notifies: it answers ``reply`` by value, or,
+    with ``static``, points the client at ``/reply?sig=SIGNATURE`` on itself
+    (BITS-Static-Response-URL), which answers only with that signature."""
+
+    async def notify(request: web.Request) -> web.Response:
+        await request.read()
+        if static is None:
+            return web.Response(body=reply)
+        base = f"http://{request.host}"
+        return web.Response(headers={"BITS-Static-Response-URL": f"{base}{static}"})
+
+    async def fetch(request: web.Request) -> web.Response:
+        if request.query.get("sig") != SIGNATURE:
+            return web.Response(status=403)
+        return web.Response(body=reply)
+
+    app = web.Application()
+    app.router.add_post("/notify", notify)
+    app.router.add_get("/reply", fetch)
+    async with serve_app(app, "127.0.0.1", 0) as url:
+        yield f"{url}/notify"
+
+
+@pytest.mark.parametrize("where", ["upload-server", "signed-static-url"])
+def test_an_upload_reply_fetches_its_reply_without_storing_the_urls_secrets(
+    tmp_path: Path, home: Path, manager: TransferManager, where: str
+) -> None:
+    """``upload-server``: the reply is on the upload server (Basic auth on its directory),
+    at a URL joined from the upload URL, so with its password; ``signed-static-url``: the
+    application points at a signed URL of its own."""
+    www = tmp_path / "www"
+    www.mkdir()
+    source = tmp_path / "query.json"
+    source.write_bytes(b'{"q": 1}')
+    reply = b'{"a": "' + os.urandom(16).hex().encode() + b'"}'
+    static = f"/reply?sig={SIGNATURE}" if where == "signed-static-url" else None
+    job = manager.create_job("ask", JobType.UPLOAD_REPLY)
+
+    async def body() -> None:
+        async with reply_backend(reply, static) as notify_url:
+            config = UploadServerConfig(
+                session_dir=tmp_path / "sessions",
+                vdirs=[
+                    VirtualDirectory(
+                        "/up",
+                        www,
+                        auth=BasicAuth({USER: PASSWORD}),
+                        notification=NotificationType.BY_VALUE,
+                        notification_url=notify_url,
+                    )
+                ],
+            )
+            async with serve_uploads(config) as base:
+                job.add_file(with_password(f"{base}/up/query.json"), source)
+                job.resume()
+                await make_engine(manager).run(until_idle=True)
+
+    asyncio.run(body())
+
+    assert job.state is JobState.TRANSFERRED, job.error
+    assert job.reply_data() == reply
+    located = [
+        r.event for r in manager.store.stream(job.id) if isinstance(r.event, ev.ReplyLocated)
+    ]
+    assert len(located) == 1
+    if static is None:  # the server's own URL for it: the job gave it the upload's login
+        assert located[0].url.startswith("http://127.0.0.1:")
+        assert located[0].query is None
+    else:
+        assert located[0].url.endswith("/reply?sig=<redacted>")
+        assert located[0].query is not None
+    manager.close()
+    assert_not_in_store(home, PASSWORD)
+    assert_not_in_store(home, SIGNATURE)
 
 
 # -- a signed URL ---------------------------------------------------------------------------

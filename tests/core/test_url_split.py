@@ -11,15 +11,18 @@ from hypothesis import strategies as st
 from backhaul.core.command import check_remote_name
 from backhaul.core.error import BitsError
 from backhaul.core.url import (
+    holds_url_secret,
     redact_url,
     request_url,
     same_login,
+    same_origin,
     secrets_of,
     shown_query,
     split_url_password,
     split_url_query,
     url_with_password,
     url_with_query,
+    with_login_of,
 )
 from backhaul.core.vocabulary import JobType
 
@@ -158,3 +161,21 @@ def test_check_remote_name_refuses_a_password_or_a_signature_and_does_not_echo_t
         assert "hunter2" not in str(refused.value)
     for name in ("https://bob@host/a", "https://host/a?X-Amz-Signature=<redacted>"):
         assert check_remote_name(name, JobType.DOWNLOAD) == name
+
+
+def test_holds_url_secret_finds_a_password_or_a_signature_in_free_text() -> None:
+    block = "HTTP/1.1 200 OK\r\nBITS-Reply-URL: {}\r\nContent-Length: 0\r\n\r\n"
+    assert holds_url_secret(block.format("/r?id=1&sig=abc"))  # relative
+    assert holds_url_secret(block.format("https://h/r?X-Amz-Signature=abc"))
+    assert holds_url_secret(block.format("https://u:pw@h/r"))
+    assert not holds_url_secret(block.format("https://u@h/r?id=1"))
+    assert not holds_url_secret(block.format("/r?sig=<redacted>"))
+    assert not holds_url_secret("no url here, sig=abc")
+
+
+def test_the_login_of_one_url_goes_to_another_on_the_same_server() -> None:
+    assert same_origin("http://bob@H:1/a", "HTTP://h:1/b?x")
+    assert not same_origin("http://bob@h:1/a", "http://h:2/a")
+    assert not same_origin("http://h/a", "https://h/a")
+    assert with_login_of("http://bob@h:1/a", "http://h:1/r/x?q=1") == "http://bob@h:1/r/x?q=1"
+    assert with_login_of("http://h:1/a", "http://eve@h:1/r") == "http://h:1/r"

@@ -279,11 +279,9 @@ def cmd_geterror(args: argparse.Namespace, m: TransferManager, out: TextIO) -> i
 
 
 def cmd_gettemporaryname(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
-    """IBackgroundCopyFile3::GetTemporaryName of file INDEX."""
-    files = find_job(m, args.job).files()
-    if not 0 <= args.index < len(files):
-        raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {args.index}")
-    out.write(f"{files[args.index].temporary_name}\n")
+    """IBackgroundCopyFile3::GetTemporaryName of file INDEX (BG_E_FILE_NOT_FOUND past the
+    last)."""
+    out.write(f"{find_job(m, args.job).file(args.index).temporary_name}\n")
     return EXIT_OK
 
 

@@ -71,13 +71,7 @@ from backhaul.core.port import (
     Uploader,
     UploadSession,
 )
-from backhaul.core.url import (
-    holds_url_secret,
-    request_url,
-    same_origin,
-    secrets_of,
-    with_login_of,
-)
+from backhaul.core.url import holds_url_secret, same_origin, with_login_of
 from backhaul.core.value import ByteRange, JobError, Sealed
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
 
@@ -1202,12 +1196,7 @@ class Engine:
         spec = f.spec
         if spec.password is None and spec.query is None:
             return spec.remote_name
-        secrets = self.store.secrets
-        return request_url(
-            spec.remote_name,
-            None if spec.password is None else secrets.open(spec.password),
-            None if spec.query is None else secrets.open(spec.query),
-        )
+        return self.store.secrets.open_url(spec.remote_name, spec.password, spec.query)
 
     def _options(self, job: Job) -> RequestOptions:
         secrets = self.store.secrets
@@ -1473,18 +1462,11 @@ class Engine:
         except Exception:  # a refresher that raises does not stop the engine: the error stands
             log.exception("the URL refresher failed for file %d of job %s", index, job_id)
             return False
-        name, password, query = secrets_of(str(answer or ""))
+        name, password, query = self.store.secrets.seal_url(str(answer or ""))
         if not name or (name == old and password is None and query is None):
             return False
-        seal = self.store.secrets.seal
-        change = cmd.SetRemoteName(
-            index,
-            name,
-            None if password is None else seal(password),
-            None if query is None else seal(query),
-        )
         try:
-            await self._commit(job_id, change)
+            await self._commit(job_id, cmd.SetRemoteName(index, name, password, query))
         except BitsError as refused:
             log.warning("the URL refresher's answer for job %s was refused: %s", job_id, refused)
             return False
@@ -1552,9 +1534,10 @@ class Engine:
     ) -> None:
         job = self._jobs[job_id]
         f = job.files[index]
+        url = self._url(f)
         async with self._connections:
             self._hold_lease(job_id)
-            remote = await transport.stat(self._url(f), options)
+            remote = await transport.stat(url, options)
         if f.validator and remote.validator != f.validator and f.bytes_transferred:
             await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
         ranges = _resolve(f.ranges, remote)
@@ -1571,7 +1554,7 @@ class Engine:
             async with self._connections:
                 self._hold_lease(job_id)
                 download = await transport.open(
-                    self._url(f),
+                    url,
                     options,
                     offset=r.offset + skip,
                     length=length - skip,
@@ -1919,10 +1902,9 @@ class Engine:
                 )
             self._reply_sessions[job_id] = session
             # Recorded without its secrets: a password (joined from the upload URL) is the
-            # file's, put back at the fetch; a signed query is sealed.
-            recorded, _password, query = secrets_of(reply_url)
-            sealed = None if query is None else self.store.secrets.seal(query)
-            await self._commit(job_id, cmd.LocateReply(recorded, sealed))
+            # file's, put back at the fetch (``_reply_url``); a signed query is sealed.
+            recorded, _password, query = self.store.secrets.seal_url(reply_url)
+            await self._commit(job_id, cmd.LocateReply(recorded, query))
 
     async def _abort_uploads(self, job: Job) -> None:
         """Cancel of an upload job: tell the server (Cancel-Session), retrying a while."""
@@ -1956,14 +1938,12 @@ class Engine:
         """The reply URL to request: its sealed query put back, and the upload URL's login
         (user and password) when the reply is on the same server, as the upload's
         credentials are the job's for that server."""
-        secrets = self.store.secrets
-        query = None if job.reply_query is None else secrets.open(job.reply_query)
         spec = job.files[0].spec if job.files else None
         password = None
         if spec and spec.password is not None and same_origin(spec.remote_name, recorded):
             recorded = with_login_of(spec.remote_name, recorded)
-            password = secrets.open(spec.password)
-        return request_url(recorded, password, query)
+            password = spec.password
+        return self.store.secrets.open_url(recorded, password, job.reply_query)
 
     async def _fetch_reply(self, job_id: str) -> None:
         """Upload-reply: download the reply (ranged, resumable) into the reply temp file."""

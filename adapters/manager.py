@@ -36,7 +36,7 @@ from backhaul.core.job import Job
 from backhaul.core.limit import DEFAULT_LIMITS, Limits
 from backhaul.core.port import Clock
 from backhaul.core.setting import JOB_PROPERTIES, SETTINGS, check_setting
-from backhaul.core.url import secrets_of, split_url_password
+from backhaul.core.url import split_url_password
 from backhaul.core.value import (
     ByteRange,
     ClientCertificate,
@@ -798,13 +798,8 @@ class TransferJob:
 
     def _sealed(self, spec: FileSpec, remote_name: str) -> FileSpec:
         """``spec`` named ``remote_name``, the URL's password and signed query sealed."""
-        name, password, query = secrets_of(remote_name)
-        return attrs.evolve(
-            spec, remote_name=name, password=self._seal(password), query=self._seal(query)
-        )
-
-    def _seal(self, secret: str | None) -> Sealed | None:
-        return None if secret is None else self._manager.seal(secret)
+        name, password, query = self._manager.store.secrets.seal_url(remote_name)
+        return attrs.evolve(spec, remote_name=name, password=password, query=query)
 
     def _check_scheme(self, remote_name: str, job_type: JobType | None = None) -> None:
         """E_INVALIDARG for a scheme no transport serves (nothing is imported)."""
@@ -849,9 +844,9 @@ class TransferJob:
         A new URL without a password keeps the file's own while it names the same user,
         host and port."""
         (remote_name,), login = _split_url_credentials([remote_name])
-        remote_name, password, query = secrets_of(remote_name)
+        remote_name, password, query = self._manager.store.secrets.seal_url(remote_name)
         self._check_scheme(remote_name)
-        change = cmd.SetRemoteName(index, remote_name, self._seal(password), self._seal(query))
+        change = cmd.SetRemoteName(index, remote_name, password, query)
         with self._manager.batch():
             if login is not None:
                 self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)
@@ -861,7 +856,8 @@ class TransferJob:
         """ReplaceRemotePrefix: True (S_OK) if any name changed, False (S_FALSE) if none.
         A password in ``new_prefix`` is sealed and given to every name it changes."""
         new_prefix, password = split_url_password(new_prefix)
-        change = cmd.ReplaceRemotePrefix(old_prefix, new_prefix, self._seal(password))
+        sealed = None if password is None else self._manager.seal(password)
+        change = cmd.ReplaceRemotePrefix(old_prefix, new_prefix, sealed)
         return bool(self._do(change))
 
     # -- the four state-changing calls -------------------------------------------------

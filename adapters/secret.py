@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backhaul.core.url import request_url, secrets_of
 from backhaul.core.value import Sealed
 
 if TYPE_CHECKING:
@@ -65,6 +66,22 @@ class SecretBox:
 
     def open(self, sealed: Sealed) -> str:
         return self._cipher.decrypt(base64.b64decode(sealed.token)).decode()
+
+    def seal_url(self, name: str) -> tuple[str, Sealed | None, Sealed | None]:
+        """(``name`` as the log records it, its password sealed, its signed query sealed):
+        ``core.url.secrets_of``, sealed (None where the URL has none)."""
+        recorded, password, query = secrets_of(name)
+        return recorded, self._seal_if(password), self._seal_if(query)
+
+    def open_url(self, recorded: str, password: Sealed | None, query: Sealed | None) -> str:
+        """The URL to request: ``recorded`` with the sealed password and query put back."""
+        return request_url(recorded, self._open_if(password), self._open_if(query))
+
+    def _seal_if(self, plain: str | None) -> Sealed | None:
+        return None if plain is None else self.seal(plain)
+
+    def _open_if(self, sealed: Sealed | None) -> str | None:
+        return None if sealed is None else self.open(sealed)
 
 
 def _key_file(path: Path) -> str:

@@ -30,13 +30,7 @@ from backhaul.core.transition import (
     Trigger,
     next_state,
 )
-from backhaul.core.url import (
-    same_login,
-    shown_query,
-    split_url_password,
-    split_url_query,
-    url_with_password,
-)
+from backhaul.core.url import has_url_secret, has_user_info, same_login, shown_query
 from backhaul.core.value import ByteRange, FileSpec, JobError, Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState, JobType
 
@@ -327,7 +321,7 @@ def check_remote_name(name: Any, job_type: JobType) -> str:
     match = _URL.match(name)
     if match is None:
         raise BitsError(hresult.E_INVALIDARG, f"{name!r} is neither a URL nor a UNC path")
-    if split_url_password(name)[1] is not None or split_url_query(name)[1] is not None:
+    if has_url_secret(name):
         raise BitsError(
             hresult.E_INVALIDARG,
             "a URL's password or signature is never recorded in plain text: give the URL "
@@ -514,12 +508,10 @@ def _carried_password(spec: FileSpec, new_name: str, given: Sealed | None) -> Se
     """A new remote name's password: the one given with it, else the file's own while the
     new name keeps its scheme, user, host and port (a refreshed signed URL), else none."""
     if given is not None:
-        try:
-            url_with_password(new_name, "")
-        except ValueError:
+        if not has_user_info(new_name):
             raise BitsError(
                 hresult.E_INVALIDARG, f"{new_name} has no user name for the password given"
-            ) from None
+            )
         return given
     return spec.password if same_login(spec.remote_name, new_name) else None
 
@@ -658,7 +650,7 @@ def _locate_reply(job: Job, cmd: LocateReply, now: datetime, limits: Limits) -> 
         raise BitsError(hresult.E_NOTIMPL, "only upload-reply jobs have a reply")
     if job.state not in (JobState.CONNECTING, JobState.TRANSFERRING):
         raise BitsError(hresult.BG_E_INVALID_STATE, f"job {job.id} is {job.state.name}")
-    if split_url_password(cmd.url)[1] is not None or split_url_query(cmd.url)[1] is not None:
+    if has_url_secret(cmd.url):
         raise BitsError(
             hresult.E_INVALIDARG, "a reply URL's secrets are sealed before it is recorded"
         )

@@ -55,64 +55,72 @@ _QUERY = re.compile(r"^(?P<base>[^?#]*)(?:\?(?P<query>[^#]*))?(?P<fragment>#.*)?
 # -- the password ---------------------------------------------------------------------------
 
 
+def _parts(name: str) -> tuple[str, str, str, str] | None:
+    """(``scheme://``, the user info with its ``@`` or "", ``host[:port]``, the rest) of a
+    URL, or None for anything else. The user info ends at the authority's last ``@`` (as
+    curl reads ``user:p@ss@host``)."""
+    match = _AUTHORITY.match(name) if isinstance(name, str) else None
+    if match is None:
+        return None
+    authority = match["authority"]
+    at = authority.rfind("@") + 1
+    return match["head"], authority[:at], authority[at:], match["tail"]
+
+
 def split_url_password(name: str) -> tuple[str, str | None]:
     """(``name`` without the password of its user info, that password as written), or
     (``name``, None) when it has none. ``scheme://user:password@host/path`` gives
-    ``scheme://user@host/path``; the user info ends at the authority's last ``@`` (as curl
-    reads ``user:p@ss@host``). ``url_with_password`` puts it back, byte for byte."""
-    match = _AUTHORITY.match(name) if isinstance(name, str) else None
-    if match is None:
+    ``scheme://user@host/path``; ``url_with_password`` puts it back, byte for byte."""
+    parts = _parts(name)
+    if parts is None:
         return name, None
-    authority = match["authority"]
-    at = authority.rfind("@")
-    if at < 0:
-        return name, None
-    user, colon, password = authority[:at].partition(":")
+    head, userinfo, host, tail = parts
+    user, colon, password = userinfo[:-1].partition(":")
     if not colon or not password:
         return name, None
-    return f"{match['head']}{user}{authority[at:]}{match['tail']}", password
+    return f"{head}{user}@{host}{tail}", password
+
+
+def has_user_info(name: str) -> bool:
+    """Does the URL ``name`` have user info (``scheme://user@host``) to hold a password?"""
+    parts = _parts(name)
+    return parts is not None and bool(parts[1])
 
 
 def url_with_password(name: str, password: str | None) -> str:
     """``name`` (as ``split_url_password`` left it) with ``password`` back in its user info."""
     if password is None:
         return name
-    match = _AUTHORITY.match(name)
-    if match is None or "@" not in match["authority"]:
+    parts = _parts(name)
+    if parts is None or not parts[1]:
         raise ValueError("the URL has no user info to hold a password")
-    authority = match["authority"]
-    at = authority.rfind("@")
-    return f"{match['head']}{authority[:at]}:{password}{authority[at:]}{match['tail']}"
+    head, userinfo, host, tail = parts
+    return f"{head}{userinfo[:-1]}:{password}@{host}{tail}"
 
 
 def same_login(a: str, b: str) -> bool:
     """Do the URLs ``a`` and ``b`` name the same scheme, user, host and port (so that the
     password of one is the password of the other)?"""
-    ma, mb = _AUTHORITY.match(a), _AUTHORITY.match(b)
-    if ma is None or mb is None:
+    pa, pb = _parts(a), _parts(b)
+    if pa is None or pb is None:
         return False
-    return (ma["head"].lower(), ma["authority"]) == (mb["head"].lower(), mb["authority"])
+    return (pa[0].lower(), pa[1], pa[2]) == (pb[0].lower(), pb[1], pb[2])
 
 
 def same_origin(a: str, b: str) -> bool:
     """Do the URLs ``a`` and ``b`` name the same scheme, host and port, whoever the user?"""
-    ma, mb = _AUTHORITY.match(a), _AUTHORITY.match(b)
-    if ma is None or mb is None:
+    pa, pb = _parts(a), _parts(b)
+    if pa is None or pb is None:
         return False
-    host_a = ma["authority"][ma["authority"].rfind("@") + 1 :]
-    host_b = mb["authority"][mb["authority"].rfind("@") + 1 :]
-    return (ma["head"].lower(), host_a.lower()) == (mb["head"].lower(), host_b.lower())
+    return (pa[0].lower(), pa[2].lower()) == (pb[0].lower(), pb[2].lower())
 
 
 def with_login_of(source: str, name: str) -> str:
     """``name`` with the user info of ``source`` (as recorded: the user, no password)."""
-    ms, mn = _AUTHORITY.match(source), _AUTHORITY.match(name)
-    if ms is None or mn is None:
+    ps, pn = _parts(source), _parts(name)
+    if ps is None or pn is None:
         return name
-    at = ms["authority"].rfind("@")
-    user = ms["authority"][: at + 1] if at >= 0 else ""
-    host = mn["authority"][mn["authority"].rfind("@") + 1 :]
-    return f"{mn['head']}{user}{host}{mn['tail']}"
+    return f"{pn[0]}{ps[1]}{pn[2]}{pn[3]}"
 
 
 # -- the signed query -----------------------------------------------------------------------
@@ -176,14 +184,18 @@ def holds_url_secret(text: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """``url`` as messages show it: no password, secret query values ``<redacted>``."""
+    """``url`` as messages show it: no user info, secret query values ``<redacted>``."""
     shown, _ = split_url_query(url)
-    match = _AUTHORITY.match(shown)
-    if match is None:
+    parts = _parts(shown)
+    if parts is None:
         return shown
-    authority = match["authority"]
-    host = authority[authority.rfind("@") + 1 :]
-    return f"{match['head']}{host}{match['tail']}"
+    head, _userinfo, host, tail = parts
+    return f"{head}{host}{tail}"
+
+
+def has_url_secret(name: str) -> bool:
+    """Does the URL ``name`` still hold a password or a signature in plain text?"""
+    return secrets_of(name)[1:] != (None, None)
 
 
 def secrets_of(name: str) -> tuple[str, str | None, str | None]:

@@ -13,11 +13,19 @@ from peers.nginx import NginxServer, running_nginx
 
 MiB = 1024 * 1024
 
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A backhaul home for the test (created by the first store opened in it)."""
+    return tmp_path / "home"
+
+
 # =================================================================================================
 # nginx for the engine tests: one server per test session (tests/peers/nginx.py) serving a docroot
 # of random files of a few MiB (ENGINE_FILES). Tests may add their own files to the docroot. If
 # nginx cannot start, the fixture raises; it never skips.
 # =================================================================================================
+
 
 ENGINE_FILES = {"one.bin": 1 * MiB, "two.bin": 2 * MiB + 123, "three.bin": 3 * MiB - 7}
 

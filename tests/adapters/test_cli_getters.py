@@ -26,11 +26,6 @@ from backhaul.adapters.upload_server import NotificationType
 from backhaul.core import hresult
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
 def value(home: Path, *argv: str) -> str:
     return ok(home, *argv).rstrip("\n")
 

@@ -30,11 +30,6 @@ def _no_backhaul_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
 def run(home: Path, *argv: str) -> tuple[int, str]:
     """``backhaul --home HOME ARGV...`` in this process: the exit code and stdout."""
     out = io.StringIO()

@@ -27,11 +27,6 @@ REPLY = b'{"stored": true, "id": 42}'
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def root(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     (root / "inbox").mkdir(parents=True)

@@ -21,11 +21,6 @@ from backhaul.core.value import ByteRange
 from backhaul.core.vocabulary import JobPriority, JobState
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
 def serve(home: Path) -> None:
     ok(home, "serve", "--until-idle")
 

@@ -50,11 +50,6 @@ def env() -> dict[str, str]:
     return clean
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
 def wait(predicate: Callable[[], bool], what: str, within: float = 15.0) -> None:
     deadline = time.monotonic() + within
     while not predicate():

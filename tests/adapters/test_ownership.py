@@ -16,7 +16,7 @@ from test_cli_limits import (  # the autouse fixture keeps BACKHAUL_* out
 )
 
 from backhaul.adapters import manager as manager_module
-from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.manager import TransferManager, current_owner
 from backhaul.adapters.store import DB_FILE
 from backhaul.core import event as ev
 from backhaul.core import hresult
@@ -24,11 +24,6 @@ from backhaul.core.error import BitsError
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState
 
 HEADER_SECRET = "X-Token: owner-Marker-7f1"
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
 
 
 @pytest.fixture
@@ -103,7 +98,7 @@ def test_the_command_takes_ownership_and_resets(
 
     code, out = run(home, "takeownership", job_id[:8])
     assert code == 0, out
-    assert alice.get_job(job_id, include_final=True).owner != "alice"
+    assert alice.get_job(job_id, include_final=True).owner == current_owner()
 
     assert run(home, "reset") == (0, "1 job(s) cancelled\n")  # the job taken, not alice's
     assert alice.get_job(job_id, include_final=True).state is JobState.CANCELLED

@@ -64,11 +64,6 @@ def private_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ng
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def manager(home: Path) -> Iterator[TransferManager]:
     m = TransferManager(open_store(home=home))
     yield m

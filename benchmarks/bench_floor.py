@@ -9,6 +9,10 @@ docroot. For each set, in this one process, each round runs:
 
 * ``bare aiohttp``: one ClientSession, 16 requests in flight, each body written to a new file.
   No sync, no log: what any Python client pays per file.
+* ``raw asyncio``: no aiohttp: 16 keep-alive connections, each an ``asyncio.Protocol`` that
+  sends a bare GET and cuts the answer at its Content-Length, each body written to a new
+  file. No sync, no log: what the loop pays per file below aiohttp's request machinery (the
+  floor an HTTP path of our own could reach).
 * ``durable pipeline``: backhaul's HttpTransport, 8 requests in flight, bodies kept in memory,
   then created, written, synced (one ``syncfs`` per batch) and closed by ``GroupSync``, and a
   ``FileTransferred`` per file appended in batches to a SQLite event store. The least a
@@ -34,6 +38,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import installed
@@ -47,6 +52,7 @@ from backhaul.core.vocabulary import JobPriority, JobType
 from backhaul.transports.http import HttpTransport
 
 KiB = 1024
+TOOLS = ("raw asyncio", "bare aiohttp", "durable pipeline", "engine")
 
 
 async def bare_aiohttp(urls: Sequence[str], out: Path) -> None:
@@ -63,6 +69,75 @@ async def bare_aiohttp(urls: Sequence[str], out: Path) -> None:
                 os.close(fd)
 
         await asyncio.gather(*(one(i, u) for i, u in enumerate(urls)))
+
+
+class _Exchange(asyncio.Protocol):
+    """One keep-alive connection for ``raw_asyncio``: GET, then the body by Content-Length
+    (nginx's answers to these GETs have one; anything else is an error here)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.answer: asyncio.Future[bytes] | None = None
+        self.length: int | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.length is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end]).lower()
+            del self.buffer[: end + 4]
+            status = head.split(b" ", 2)[1]
+            found = head.find(b"\r\ncontent-length:")
+            if status != b"200" or found < 0:
+                if self.answer is not None and not self.answer.done():
+                    self.answer.set_exception(RuntimeError(f"unexpected answer: {head[:200]!r}"))
+                return
+            self.length = int(head[found + 17 :].split(b"\r\n", 1)[0])
+        if len(self.buffer) >= self.length and self.answer is not None:
+            body = bytes(self.buffer[: self.length])
+            del self.buffer[: self.length]
+            self.length = None
+            self.answer.set_result(body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(ConnectionError("closed"))
+
+    async def get(self, request: bytes) -> bytes:
+        assert self.transport is not None
+        self.answer = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.answer
+
+
+async def raw_asyncio(urls: Sequence[str], out: Path) -> None:
+    first = urlsplit(urls[0])
+    loop = asyncio.get_running_loop()
+    work = iter(enumerate(urls))
+
+    async def connection() -> None:
+        transport, exchange = await loop.create_connection(_Exchange, first.hostname, first.port)
+        try:
+            for i, url in work:
+                path = urlsplit(url).path
+                request = f"GET {path} HTTP/1.1\r\nHost: {first.netloc}\r\n\r\n".encode()
+                body = await exchange.get(request)
+                fd = os.open(out / f"{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, body)
+                finally:
+                    os.close(fd)
+        finally:
+            transport.close()
+
+    await asyncio.gather(*(connection() for _ in range(16)))
 
 
 async def durable_pipeline(urls: Sequence[str], out: Path) -> None:
@@ -156,13 +231,15 @@ def main() -> int:
         for name, (count, _) in sets.items():
             urls = [f"{server.url}/{name.replace(' ', '')}/{i}.bin" for i in range(count)]
             for r in range(args.rounds):
-                for tool in ("bare aiohttp", "durable pipeline", "engine"):
+                for tool in TOOLS:
                     out = work / f"out-{name.replace(' ', '')}-{tool.replace(' ', '-')}-{r}"
                     out.mkdir()
                     if tool == "engine":
                         wall, cpu = engine(urls, out)()
                     elif tool == "bare aiohttp":
                         wall, cpu = timed(lambda u=urls, o=out: bare_aiohttp(u, o))
+                    elif tool == "raw asyncio":
+                        wall, cpu = timed(lambda u=urls, o=out: raw_asyncio(u, o))
                     else:
                         wall, cpu = timed(lambda u=urls, o=out: durable_pipeline(u, o))
                     rows.append((name, tool, wall, cpu, count))
@@ -176,7 +253,7 @@ def main() -> int:
         f"{'files':>16} {'what':18} {'wall s':>7} {'loop CPU us/file':>17}  (median of {args.rounds})"
     )
     for name, (count, _) in sets.items():
-        for tool in ("bare aiohttp", "durable pipeline", "engine"):
+        for tool in TOOLS:
             mine = [r for r in rows if r[0] == name and r[1] == tool]
             wall = statistics.median(r[2] for r in mine)
             cpu = statistics.median(r[3] / r[4] for r in mine) * 1e6

@@ -3,7 +3,8 @@
 Two parts of a URL are credentials: the password of its user info
 (``https://user:password@host/``) and, in a signed URL, the values of its signature
 parameters (``X-Amz-Signature=...``, Azure's ``sig=...``, ``access_token=...``: the names in
-``SECRET_QUERY_PARAMETERS``). The log never holds either in plain text
+``SECRET_QUERY_PARAMETERS``, and any name with a word of ``SECRET_NAME_WORDS`` in it, such
+as ``sessionToken`` or ``X-Upload-Signature``). The log never holds either in plain text
 (specs/event-log.md §6): the adapters take them out with ``split_url_password`` and
 ``split_url_query``, seal them (``FileSpec.password``, ``FileSpec.query``), and record the
 URL as ``https://user@host/path?X-Amz-Signature=<redacted>``; the engine builds the real URL
@@ -45,6 +46,28 @@ SECRET_QUERY_PARAMETERS: Final = frozenset(
         "auth",
     }
 )
+
+# A parameter whose name holds one of these words is a secret too (``X-Api-Key``,
+# ``sessionToken``, ``oauth_signature``, ``SharedAccessSignature``, ``upload-secret``): the
+# name is cut into words at anything but letters and digits and where a capital starts a
+# word, so ``keyword``, ``author`` or ``tokens`` hold none of them.
+SECRET_NAME_WORDS: Final = frozenset(
+    {
+        "sig",
+        "signature",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "credential",
+        "credentials",
+        "apikey",
+        "key",
+        "auth",
+    }
+)
+_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 
 _AUTHORITY = re.compile(
     r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<authority>[^/?#]*)(?P<tail>.*)$", re.S
@@ -137,7 +160,17 @@ def _is_secret(parameter: str) -> bool:
     key, equals, value = parameter.partition("=")
     if not equals or not value or value == REDACTED:
         return False
-    return unquote_plus(key).strip().lower() in SECRET_QUERY_PARAMETERS
+    return is_secret_parameter_name(unquote_plus(key))
+
+
+def is_secret_parameter_name(name: str) -> bool:
+    """Is a query parameter of this (decoded) name a credential? One of
+    ``SECRET_QUERY_PARAMETERS`` (without case), or a name with a word of
+    ``SECRET_NAME_WORDS``."""
+    name = name.strip()
+    if name.lower() in SECRET_QUERY_PARAMETERS:
+        return True
+    return any(word.lower() in SECRET_NAME_WORDS for word in _WORD.findall(name))
 
 
 def split_url_query(name: str) -> tuple[str, str | None]:

@@ -187,8 +187,9 @@ class Served:
     ``drop_after``: once, close the connection when this offset of the file was sent;
     ``statuses``: answer these statuses first, one per request (with ``retry_after``);
     ``header_delay``: wait this long before answering; ``headers``: sent with every answer
-    (the ``statuses`` too); ``token``: a signed URL's signature, the ``sig`` query parameter
-    every request must carry (else 403, as for an expired signature)."""
+    (the ``statuses`` too); ``token``: a signed URL's signature, the query parameter
+    ``token_name`` (``sig``) every request must carry (else 403, as for an expired
+    signature)."""
 
     data: bytes
     etag: str | None = '"v1"'
@@ -202,6 +203,7 @@ class Served:
     header_delay: float = 0.0
     headers: dict[str, str] = attrs.field(factory=dict)
     token: str | None = None
+    token_name: str = "sig"
 
 
 class FaultServer:
@@ -306,7 +308,7 @@ class FaultServer:
     async def _answer(self, request: web.Request, f: Served) -> web.StreamResponse:
         if f.header_delay:
             await asyncio.sleep(f.header_delay)
-        if f.token is not None and request.query.get("sig") != f.token:
+        if f.token is not None and request.query.get(f.token_name) != f.token:
             return web.Response(status=403, text="signature expired", headers=f.headers)
         if f.statuses:
             status = f.statuses.pop(0)

@@ -312,15 +312,17 @@ def test_an_upload_reply_fetches_its_reply_without_storing_the_urls_secrets(
 SIGNATURE = "Sig-Marker-5d0c9e"
 
 
+@pytest.mark.parametrize("sig", ["sig", "X-Upload-Token", "sessionSignature"])
 def test_a_signed_urls_signature_is_used_for_the_request_and_never_stored(
-    tmp_path: Path, home: Path, manager: TransferManager
+    tmp_path: Path, home: Path, manager: TransferManager, sig: str
 ) -> None:
-    """The FaultServer plays the signing CDN: a request without ``sig=SIGNATURE`` gets 403."""
+    """The FaultServer plays the signing CDN: a request without ``sig=SIGNATURE`` gets 403.
+    The parameter may be a listed name or any name with a secret word in it."""
     data = os.urandom(96 * 1024)
 
     async def body() -> tuple[TransferJob, list[str], str]:
-        async with FaultServer({"/f": Served(data, token=SIGNATURE)}) as srv:
-            url = srv.url(f"/f?X-Amz-Date=20261126T150000Z&sig={SIGNATURE}&part=1")
+        async with FaultServer({"/f": Served(data, token=SIGNATURE, token_name=sig)}) as srv:
+            url = srv.url(f"/f?X-Amz-Date=20261126T150000Z&{sig}={SIGNATURE}&part=1")
             job = new_job(manager, [(url, tmp_path / "f.bin")])
             await make_engine(manager).run(until_idle=True)
             return job, [h.query for h in srv.hits_for("/f")], srv.url("/f")
@@ -330,8 +332,8 @@ def test_a_signed_urls_signature_is_used_for_the_request_and_never_stored(
     assert job.state is JobState.TRANSFERRED, job.error
     job.complete()
     assert (tmp_path / "f.bin").read_bytes() == data
-    assert queries == [f"X-Amz-Date=20261126T150000Z&sig={SIGNATURE}&part=1"]  # as given
-    shown = f"{plain}?X-Amz-Date=20261126T150000Z&sig=<redacted>&part=1"
+    assert queries == [f"X-Amz-Date=20261126T150000Z&{sig}={SIGNATURE}&part=1"]  # as given
+    shown = f"{plain}?X-Amz-Date=20261126T150000Z&{sig}=<redacted>&part=1"
     assert [f.remote_name for f in job.files()] == [shown]
     assert shown in audit.history_to_text(audit.history(manager.store, job.id))
     manager.close()

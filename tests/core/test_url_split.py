@@ -12,6 +12,7 @@ from backhaul.core.command import check_remote_name
 from backhaul.core.error import BitsError
 from backhaul.core.url import (
     holds_url_secret,
+    is_secret_parameter_name,
     redact_url,
     request_url,
     same_login,
@@ -112,6 +113,11 @@ S3 = (
             "https://h/f?access%5Ftoken=<redacted>&page=2",
             "access%5Ftoken=t&page=2",
         ),
+        (  # a name with a secret word in it, of any spelling
+            "https://h/f?X-Upload-Token=t1&keyword=k&sessionToken=t2&author=a",
+            "https://h/f?X-Upload-Token=<redacted>&keyword=k&sessionToken=<redacted>&author=a",
+            "X-Upload-Token=t1&keyword=k&sessionToken=t2&author=a",
+        ),
         ("https://h/f?page=2&sort=a", "https://h/f?page=2&sort=a", None),
         ("https://h/f?sig=", "https://h/f?sig=", None),  # an empty value: nothing secret
         ("https://h/f?sig=<redacted>", "https://h/f?sig=<redacted>", None),  # already shown
@@ -124,8 +130,40 @@ def test_split_url_query(url: str, shown: str, query: str | None) -> None:
     assert url_with_query(shown, query) == url
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X-Api-Key",
+        "apiKey",
+        "sessionToken",
+        "pageToken",
+        "oauth_signature",
+        "SharedAccessSignature",
+        "upload-secret",
+        "AWSAccessKeyId",
+        "db.password",
+        "x_auth",
+        "Credentials",
+        "sig2",
+    ],
+)
+def test_a_parameter_named_with_a_secret_word_is_a_secret(name: str) -> None:
+    assert is_secret_parameter_name(name)
+    shown, query = split_url_query(f"https://h/f?a=1&{name}=v")
+    assert (shown, query) == (f"https://h/f?a=1&{name}=<redacted>", f"a=1&{name}=v")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["keyword", "author", "authuser", "tokens", "monkey", "passage", "X-Amz-Date", "sv", "page"],
+)
+def test_a_word_inside_a_longer_word_does_not_make_a_secret(name: str) -> None:
+    assert not is_secret_parameter_name(name)
+    assert split_url_query(f"https://h/f?{name}=v") == (f"https://h/f?{name}=v", None)
+
+
 @given(
-    secret=st.sampled_from(["sig", "X-Amz-Signature", "token", "Key"]),
+    secret=st.sampled_from(["sig", "X-Amz-Signature", "token", "Key", "X-Upload-Token"]),
     value=st.text(
         st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="&#"), min_size=1
     ),

@@ -1008,7 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("url")
     pu.add_argument("--reply", metavar="FILE", help="upload-reply: put the server's reply here")
     _foreground_options(pu)
-    pu.set_defaults(url_refresher=None)  # signed upload URLs are not refreshed
+    _url_refresher_option(pu)
 
     tr = verb(
         "transfer",

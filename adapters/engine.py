@@ -235,11 +235,13 @@ class Engine:
     def set_url_refresher(
         self, refresher: UrlRefresher | None, statuses: Iterable[int] = URL_REFRESH_STATUSES
     ) -> None:
-        """Beyond BITS: when a download's server refuses its URL with one of ``statuses``
+        """Beyond BITS: when a server refuses a file's URL with one of ``statuses``
         (an expired pre-signed or CDN-signed URL), call ``refresher(job, file, hresult)``
         (a TransferJob, its FileInfo, the HTTP error's HRESULT). A new URL it returns (or an
         awaitable's result) is recorded as SetRemoteName records it, and the file goes on
-        from its checkpoint at once (If-Range keeps the resume safe); None, the same URL, or
+        from its checkpoint at once (If-Range keeps the resume safe). An upload's new URL
+        must name the same file (only its login and query may change): its session goes on
+        from the offset the server holds. None, the same URL, or
         an exception leaves the error to the retry rules as before. At most
         ``url_refreshes`` (3) new URLs per file and attempt. It runs in the engine's loop:
         make it quick, or a coroutine. Like the certificate callback, it is not persisted."""
@@ -1466,7 +1468,8 @@ class Engine:
         if not name or (name == old and password is None and query is None):
             return False
         try:
-            await self._commit(job_id, cmd.SetRemoteName(index, name, password, query))
+            refresh = cmd.SetRemoteName(index, name, password, query, refresh=True)
+            await self._enqueue(job_id, refresh)  # not _commit: a refusal is no JobGone
         except BitsError as refused:
             log.warning("the URL refresher's answer for job %s was refused: %s", job_id, refused)
             return False
@@ -1808,19 +1811,28 @@ class Engine:
     async def _upload_file(self, job_id: str, index: int) -> None:
         """Send the local file in fragments from the offset the server holds; the
         local file must not change meanwhile (BG_E_LOCAL_FILE_CHANGED, fatal). A server
-        that lost the session (BG_E_SESSION_NOT_FOUND) gets a new one, from byte 0."""
-        remote_name = self._jobs[job_id].files[index].remote_name
-        try:
+        that lost the session (BG_E_SESSION_NOT_FOUND) gets a new one, from byte 0. A URL
+        the server refuses (an expired signature) goes to the URL refresher, as a download's
+        does; the session goes on at the new URL of the same file."""
+        refreshed = 0
+        while True:
+            remote_name = self._jobs[job_id].files[index].remote_name
             try:
-                await self._upload_once(job_id, index)
+                try:
+                    await self._upload_once(job_id, index)
+                except TransferError as exc:
+                    if exc.hresult != hresult.BG_E_SESSION_NOT_FOUND:
+                        raise
+                    restart = cmd.RestartFile(index, "the server lost the session")
+                    await self._commit(job_id, restart)
+                    await self._upload_once(job_id, index)
+                return
             except TransferError as exc:
-                if exc.hresult != hresult.BG_E_SESSION_NOT_FOUND:
-                    raise
-                await self._commit(job_id, cmd.RestartFile(index, "the server lost the session"))
-                await self._upload_once(job_id, index)
-        except TransferError as exc:
-            _name_file(exc, index, remote_name)
-            raise
+                _name_file(exc, index, remote_name)
+                if refreshed < self.url_refreshes and await self._refresh_url(job_id, index, exc):
+                    refreshed += 1
+                    continue  # the same session from the server's offset, at the new URL
+                raise
 
     async def _upload_once(self, job_id: str, index: int) -> None:
         self._hold_lease(job_id)

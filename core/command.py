@@ -30,7 +30,7 @@ from backhaul.core.transition import (
     Trigger,
     next_state,
 )
-from backhaul.core.url import has_url_secret, has_user_info, same_login, shown_query
+from backhaul.core.url import has_url_secret, has_user_info, same_file, same_login, shown_query
 from backhaul.core.value import ByteRange, FileSpec, JobError, Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState, JobType
 
@@ -91,12 +91,18 @@ class TakeOwnership(Command):
 class SetRemoteName(Command):
     """``password`` and ``query``: the URL's sealed password and signed query (core/url.py).
     Without a password, the file keeps its own while the new URL names the same user, host
-    and port; without a query, its own while the new URL shows the same query."""
+    and port; without a query, its own while the new URL shows the same query.
+
+    ``refresh``: the engine's URL refresher signing the file's URL anew. Download jobs take
+    any new name (as BITS's SetRemoteName); upload and upload-reply jobs take, from the
+    refresher only, a name of the same file (scheme, host, port and path; only the login and
+    the query may change), so that the server's upload session goes on."""
 
     file_index: int
     remote_name: str
     password: Sealed | None = None
     query: Sealed | None = None
+    refresh: bool = False
 
 
 @attrs.frozen
@@ -494,11 +500,17 @@ def _headers_write_only(
 
 def _set_remote_name(job: Job, cmd: SetRemoteName, now: datetime, limits: Limits) -> list[ev.Event]:
     _require_live(job)
-    _download_only(job, "SetRemoteName")
+    if not cmd.refresh:
+        _download_only(job, "SetRemoteName")
     if not 0 <= cmd.file_index < len(job.files):
         raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {cmd.file_index}")
     check_remote_name(cmd.remote_name, job.job_type)
     spec = job.files[cmd.file_index].spec
+    if job.job_type is not JobType.DOWNLOAD and not same_file(spec.remote_name, cmd.remote_name):
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            "a refreshed upload URL must name the same file: only its login and query may change",
+        )
     password = _carried_password(spec, cmd.remote_name, cmd.password)
     query = _carried_query(spec, cmd.remote_name, cmd.query)
     return [ev.RemoteNameChanged(now, cmd.file_index, cmd.remote_name, password, query)]

@@ -138,6 +138,15 @@ def same_origin(a: str, b: str) -> bool:
     return (pa[0].lower(), pa[2].lower()) == (pb[0].lower(), pb[2].lower())
 
 
+def same_file(a: str, b: str) -> bool:
+    """Do the URLs ``a`` and ``b`` name the same file: the same scheme, host, port and path,
+    whatever their user and query (a URL signed anew)?"""
+    pa, pb = _parts(a), _parts(b)
+    if pa is None or pb is None or not same_origin(a, b):
+        return False
+    return _query_of(pa[3])[0] == _query_of(pb[3])[0]
+
+
 def with_login_of(source: str, name: str) -> str:
     """``name`` with the user info of ``source`` (as recorded: the user, no password)."""
     ps, pn = _parts(source), _parts(name)

@@ -149,6 +149,27 @@ def test_without_a_new_url_the_refusal_stands(
     assert [h.query for h in srv.hits_for("/f")] == ["sig=old"]
 
 
+@pytest.mark.parametrize("answer", ["not a url", "http://127.0.0.1/*.bin"])
+def test_an_answer_the_core_refuses_leaves_the_refusal_standing(
+    tmp_path: Path, answer: str
+) -> None:
+    """SetRemoteName refuses the answer (E_INVALIDARG): the refusal is logged, the 403 is
+    the job's error, and the job is not run again."""
+    calls: list[int] = []
+
+    def refresher(job: TransferJob, file: FileInfo, code: int) -> str:
+        calls.append(code)
+        return answer
+
+    manager, job, other, srv = run_refused(tmp_path, refresher)
+    assert job.state is S.ERROR
+    assert job.error is not None and job.error.hresult == FORBIDDEN
+    assert calls == [FORBIDDEN]
+    assert not of_type(events_of(manager, job.id), ev.RemoteNameChanged)
+    assert [h.query for h in srv.hits_for("/f")] == ["sig=old"]
+    assert other.state is S.TRANSFERRED
+
+
 def test_new_urls_are_tried_at_most_three_times_per_file(tmp_path: Path) -> None:
     tried = iter(range(100))
 

@@ -17,8 +17,10 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from peers.nginx import NginxServer, running_nginx
 from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     FaultServer,
@@ -32,13 +34,14 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
 from backhaul.adapters import audit
 from backhaul.adapters.cli import main
 from backhaul.adapters.clock import ManualClock
-from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.manager import FileInfo, TransferJob, TransferManager
 from backhaul.adapters.store import DB_FILE, open_store
 from backhaul.adapters.upload_server import (
     BasicAuth,
     NotificationType,
     UploadServerConfig,
     VirtualDirectory,
+    make_upload_app,
     serve_app,
     serve_uploads,
 )
@@ -357,6 +360,135 @@ def test_the_error_of_a_refused_signed_url_does_not_hold_its_signature(
     assert "sig=<redacted>" in job.error.description
     manager.close()
     assert_not_in_store(home, SIGNATURE)
+
+
+# -- a signed upload URL, refreshed ----------------------------------------------------------
+
+OLD_SIG, NEW_SIG = "Upload-Sig-Old-71c2e4", "Upload-Sig-New-9a03bd"
+FRAGMENT = 64 * 1024
+
+
+@attrs.define
+class SigningGate:
+    """In front of the project's upload server: a request without a valid ``sig`` gets 403.
+    OLD_SIG expires after ``old_fragments`` fragments; NEW_SIG is valid throughout."""
+
+    old_fragments: int
+    valid: set[str] = attrs.field(factory=lambda: {OLD_SIG, NEW_SIG})
+    fragments: list[tuple[str, str, int]] = attrs.field(factory=list)  # sig, session, start
+    refused: int = 0
+
+    @web.middleware
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        sig = request.query.get("sig", "")
+        if sig not in self.valid:
+            self.refused += 1
+            return web.Response(status=403)
+        if request.headers.get("BITS-Packet-Type", "").lower() == "fragment":
+            start = int(request.headers["Content-Range"].split()[1].split("-")[0])
+            self.fragments.append((sig, request.headers["BITS-Session-Id"], start))
+            if sum(f[0] == OLD_SIG for f in self.fragments) >= self.old_fragments:
+                self.valid.discard(OLD_SIG)  # answered, then expired
+        return await handler(request)
+
+
+def run_refreshed_upload(
+    tmp_path: Path, manager: TransferManager, gate: SigningGate, new_path: str
+) -> tuple[TransferJob, bytes, Path]:
+    """An upload of 8 fragments to ``/up/put.bin?sig=OLD_SIG``, with a refresher that answers
+    ``new_path?sig=NEW_SIG``."""
+    www = tmp_path / "www"
+    www.mkdir()
+    source = tmp_path / "source.bin"
+    data = os.urandom(8 * FRAGMENT)
+    source.write_bytes(data)
+    config = UploadServerConfig(
+        session_dir=tmp_path / "sessions", vdirs=[VirtualDirectory("/up", www)]
+    )
+    app = make_upload_app(config)
+    app.middlewares.append(gate.__call__)
+    job = manager.create_job("up", JobType.UPLOAD)
+    asked: list[tuple[str, int]] = []
+
+    async def body() -> None:
+        async with serve_app(app) as base:
+
+            def refresher(handle: TransferJob, file: FileInfo, code: int) -> str:
+                asked.append((file.remote_name, code))
+                return f"{base}{new_path}?sig={NEW_SIG}"
+
+            job.add_file(f"{base}/up/put.bin?sig={OLD_SIG}", source)
+            job.resume()
+            engine = make_engine(manager)
+            engine.upload_fragment = FRAGMENT
+            engine.set_url_refresher(refresher)
+            await engine.run(until_idle=True)
+
+    asyncio.run(body())
+    assert [code for _, code in asked] == [hresult.http_status_hresult(403)]
+    assert asked[0][0].endswith("/up/put.bin?sig=<redacted>")  # the recorded form
+    return manager.get_job(job.id), data, www / "put.bin"
+
+
+def test_an_expired_upload_url_is_refreshed_and_its_session_goes_on(
+    tmp_path: Path, home: Path, manager: TransferManager
+) -> None:
+    gate = SigningGate(old_fragments=3)
+    job, data, placed = run_refreshed_upload(tmp_path, manager, gate, "/up/put.bin")
+
+    assert job.state is JobState.TRANSFERRED, job.error
+    assert placed.read_bytes() == data
+    assert gate.refused >= 1
+    old = [f for f in gate.fragments if f[0] == OLD_SIG]
+    new = [f for f in gate.fragments if f[0] == NEW_SIG]
+    assert [start for _, _, start in old] == [0, FRAGMENT, 2 * FRAGMENT]
+    # one session throughout: the new URL went on where the server was, not from byte 0
+    assert len({session for _, session, _ in gate.fragments}) == 1
+    assert new and 0 < new[0][2] <= 3 * FRAGMENT
+    assert new[-1][2] == 7 * FRAGMENT
+    assert job.files()[0].remote_name.endswith("/up/put.bin?sig=<redacted>")
+    changed = [e for e in manager.store.stream(job.id) if isinstance(e.event, ev.RemoteNameChanged)]
+    assert len(changed) == 1
+    manager.close()
+    for secret in (OLD_SIG, NEW_SIG):
+        assert_not_in_store(home, secret)
+
+
+def test_a_refreshed_upload_url_must_name_the_same_file(
+    tmp_path: Path, home: Path, manager: TransferManager
+) -> None:
+    """A new path would be another file on the server: the refresher's answer is refused
+    and the 403 stands."""
+    gate = SigningGate(old_fragments=3)
+    job, _, placed = run_refreshed_upload(tmp_path, manager, gate, "/up/other.bin")
+
+    assert job.state is JobState.ERROR
+    assert job.error is not None
+    assert job.error.hresult == hresult.http_status_hresult(403)
+    assert not placed.exists()
+    assert {f[0] for f in gate.fragments} == {OLD_SIG}
+    assert job.files()[0].remote_name.endswith("/up/put.bin?sig=<redacted>")
+
+
+def test_set_remote_name_stays_a_download_call_and_a_refresh_keeps_the_file(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    source = tmp_path / "s.bin"
+    source.write_bytes(b"x")
+    job = manager.create_job("up", JobType.UPLOAD)
+    job.add_file("https://h/up/s.bin?sig=a", source)
+    with pytest.raises(BitsError) as refused:
+        job.set_remote_name(0, "https://h/up/s.bin?sig=b")
+    assert refused.value.hresult == hresult.E_NOTIMPL
+    snapshot = job.snapshot()
+    now = manager.clock.now()
+    for other in ("https://h/up/t.bin", "https://g/up/s.bin", "http://h/up/s.bin"):
+        with pytest.raises(BitsError) as refused:
+            cmd.decide(snapshot, cmd.SetRemoteName(0, other, refresh=True), now, manager.limits)
+        assert refused.value.hresult == hresult.E_INVALIDARG
+    same = cmd.SetRemoteName(0, "https://u@H/up/s.bin?sig=<redacted>&v=2", refresh=True)
+    (changed,) = cmd.decide(snapshot, same, now, manager.limits)
+    assert isinstance(changed, ev.RemoteNameChanged)
 
 
 # -- the rules, on the store alone --------------------------------------------------------------

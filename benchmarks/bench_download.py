@@ -336,9 +336,8 @@ def create_jobs(
 
 def complete_jobs(home: Path, ids: Sequence[str]) -> None:
     with TransferManager(home=home, limits=UNLIMITED) as manager:
-        # Catch the read model up first: inside batch(), TransferManager._load returns the
-        # view row of a job it has not cached WITHOUT reading the newer events of its stream,
-        # so after an engine ran, every job would look QUEUED (see RESULTS-download.md).
+        # Catch the read model up first: a batch right after refresh_views reads none of the
+        # jobs it folded again (otherwise one stream read per job to complete).
         manager.refresh_views()
         with manager.batch():
             for job_id in ids:

@@ -848,12 +848,14 @@ class _Reporter:
 
     def show(self, snap: Any) -> None:
         done = sum(f.bytes_transferred for f in snap.files)
-        if self.engine is not None:
+        sizes = [f.bytes_total for f in snap.files]
+        if self.engine is not None:  # what the engine holds that the log does not show yet
             for i in range(len(snap.files)):
                 live = self.engine.live_progress.get((snap.id, i))
                 if live is not None:
                     done += max(live - snap.files[i].bytes_transferred, 0)
-        sizes = [f.bytes_total for f in snap.files]
+                if sizes[i] is None:
+                    sizes[i] = self.engine.live_sizes.get((snap.id, i))
         total = None if None in sizes else sum(s for s in sizes if s is not None)
         now = time.monotonic()
         rate = done / max(now - self.start, 1e-6)

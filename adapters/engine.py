@@ -173,7 +173,11 @@ class Engine:
         self._appended: dict[int, tuple[Recorded, Job | None]] = {}
         self._stopping = False
         self._cmdlines: dict[str, asyncio.Task[None]] = {}
+        # A file's bytes received and its size while the log does not show them yet (a
+        # checkpoint is up to a second behind; a finished file's event, its claiming):
+        # what a progress display adds to the engine's logged copy (``logged``).
         self.live_progress: dict[tuple[str, int], int] = {}
+        self.live_sizes: dict[tuple[str, int], int] = {}
         self.settings = EngineSettings()
         self.limiter = RateLimiter()
         self.yielder = YieldController() if yield_bandwidth else None
@@ -472,6 +476,8 @@ class Engine:
             if folded is None or folded.version != rec.version:
                 folded = jobs.evolve(logged, rec.event)
             logged = self._logged[rec.job_id] = folded
+            if isinstance(rec.event, ev.FileTransferred):
+                self._forget_live(rec.job_id, rec.event.file_index)  # the log shows it now
         if rec.version > before.version and not self._has_queued(rec.job_id):
             # Someone else's event: the log's own fold is the truth (our copy may hold
             # decisions whose append is failing right now; the writer reconciles those).
@@ -546,6 +552,8 @@ class Engine:
         self._jobs.pop(job_id, None)
         self._logged.pop(job_id, None)
         self._basis.pop(job_id, None)
+        for key in [k for k in self.live_progress if k[0] == job_id] if self.live_progress else ():
+            self._forget_live(*key)  # a finished file whose event was never logged
 
     def _has_queued(self, job_id: str) -> bool:
         """Decisions of this job not yet in the log: queued, or in a batch being appended
@@ -1280,12 +1288,21 @@ class Engine:
             )
         finally:
             self._tasks.pop(job_id, None)
+            # A file's progress stays until its FileTransferred is read back (_observe),
+            # unless it will not come: the file did not finish in this run.
             job = self._jobs.get(job_id)
+            for _, index in [k for k in self.live_progress if k[0] == job_id]:
+                if job is None or not job.files[index].transferred:
+                    self._forget_live(job_id, index)
             if self.worker is not None and job is not None and job.lease_worker == self.worker:
                 with contextlib.suppress(BitsError, JobGone):
                     self._post(job_id, cmd.ReleaseLease(self.worker))
             if self._wake is not None:
                 self._wake.set()
+
+    def _forget_live(self, job_id: str, index: int) -> None:
+        self.live_progress.pop((job_id, index), None)
+        self.live_sizes.pop((job_id, index), None)
 
     async def _fail(self, job_id: str, exc: TransferError, index: int | None = None) -> None:
         error = JobError(
@@ -1601,6 +1618,8 @@ class Engine:
         tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
         total = range_end[1] if range_end else remote.size
         digest = _hasher(f.spec.expected_digest) if range_end is None else None
+        if total is not None:
+            self.live_sizes[(job_id, index)] = total
         # HTTP_RESPONSE_HEADERS: this response's header block goes with the file's first
         # event after it (a checkpoint, or its FileTransferred).
         headers = self._recorded_headers(download.remote.headers)
@@ -1620,6 +1639,7 @@ class Engine:
             except OSError as exc:
                 raise _local_error(exc, tmp) from exc
         pending: asyncio.Task[None] | None = None
+        handed = False
         try:
             if position:
                 os.ftruncate(fd, position)
@@ -1708,7 +1728,7 @@ class Engine:
                     headers=headers,
                 )
             )
-            fd = -1
+            fd, handed = -1, True
         finally:
             if pending is not None and not pending.done():
                 with contextlib.suppress(BaseException):
@@ -1718,7 +1738,8 @@ class Engine:
                     pending.result()
             if fd >= 0:
                 os.close(fd)
-            self.live_progress.pop((job_id, index), None)
+            if not handed:  # a finished file's progress stays until its event is logged
+                self._forget_live(job_id, index)
             self._bg_sockets.discard(getattr(download, "socket", None))
 
     async def _finished_files(self, job_id: str) -> None:
@@ -1895,10 +1916,13 @@ class Engine:
                 await apply_security(descriptor, job.acl_flags)
             reply_url = await session.finish()
         except OSError as exc:
+            self._forget_live(job_id, index)
             raise _local_error(exc, Path(f.local_name)) from exc
+        except BaseException:
+            self._forget_live(job_id, index)
+            raise
         finally:
             os.close(fd)
-            self.live_progress.pop((job_id, index), None)
         await self._commit(job_id, cmd.Checkpoint(index, size, size, version))
         # HTTP_RESPONSE_HEADERS of an upload: the session's last reply (the final Ack, or the
         # Close-Session's), for sessions that keep one.

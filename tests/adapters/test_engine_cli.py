@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,51 @@ def test_a_killed_serve_leaves_a_job_the_next_engine_resumes_from_its_last_check
         assert srv.hits[-1].if_range == '"v1"'
     job.complete()
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_the_progress_a_display_sees_never_goes_back_and_knows_the_size_early(
+    tmp_path: Path,
+) -> None:
+    """What `get`'s bar adds up: the engine's logged copy plus ``live_progress`` and
+    ``live_sizes``. A finished file's bytes stay counted until its FileTransferred is logged
+    (they used to drop to the last checkpoint meanwhile), and a file's size shows from its
+    response on, not from its first checkpoint. No checkpoint is made here (60 s interval):
+    one file is held in memory, the other written to its temp file."""
+    small, large = os.urandom(192 * KiB), os.urandom(512 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    seen: list[tuple[int, int | None]] = []
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/s": trickle(small), "/l": trickle(large)}) as srv:
+            job = new_job(
+                manager, [(srv.url("/s"), tmp_path / "s"), (srv.url("/l"), tmp_path / "l")]
+            )
+            engine = make_engine(manager, checkpoint_interval=60.0)
+            task = asyncio.create_task(engine.run(until_idle=True))
+            while not task.done():
+                snap = engine.logged(job.id)
+                if snap is not None:
+                    done, total = 0, 0
+                    for i, f in enumerate(snap.files):
+                        live = engine.live_progress.get((job.id, i), 0)
+                        done += f.bytes_transferred + max(live - f.bytes_transferred, 0)
+                        size = f.bytes_total
+                        size = engine.live_sizes.get((job.id, i)) if size is None else size
+                        total = None if size is None or total is None else total + size
+                    seen.append((done, total))
+                await asyncio.sleep(0)
+            await task
+            assert not engine.live_progress and not engine.live_sizes  # nothing kept after
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    everything = len(small) + len(large)
+    assert seen[-1] == (everything, everything)
+    backwards = [(a, b) for a, b in pairwise(seen) if b[0] < a[0]]
+    assert not backwards, backwards[:3]
+    # the large file's size was known while it was still arriving
+    assert any(len(small) < done < everything and total == everything for done, total in seen)
 
 
 def test_the_command_collects_young_objects_less_often(tmp_path: Path) -> None:

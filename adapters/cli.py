@@ -584,8 +584,13 @@ def cmd_setnetworkcost(args: argparse.Namespace, m: TransferManager, out: TextIO
 
 def cmd_setmaxrate(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     job = find_job(m, args.job)
-    job.max_rate = None if args.value.lower() in ("0", "none", "unlimited") else args.value
+    job.max_rate = _max_rate(args.value)
     return EXIT_OK
+
+
+def _max_rate(text: str) -> str | None:
+    """A rate as ``setmaxrate`` and ``--max-rate`` take it: 0, none or unlimited for none."""
+    return None if text.lower() in ("0", "none", "unlimited") else text
 
 
 def cmd_transports(args: argparse.Namespace, m: TransferManager | None, out: TextIO) -> int:
@@ -728,6 +733,8 @@ def _set_up(job: TransferJob, args: argparse.Namespace, add: Callable[[], None])
             job.minimum_retry_delay = args.retry_delay
         if args.no_progress_timeout is not None:
             job.no_progress_timeout = args.no_progress_timeout
+        if args.max_rate is not None:
+            job.max_rate = _max_rate(args.max_rate)
         add()
     except BaseException:
         with contextlib.suppress(BackhaulError):
@@ -941,6 +948,11 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
         parser.add_argument("--name")
     parser.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
     parser.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
+    parser.add_argument(
+        "--max-rate",
+        metavar="RATE",
+        help="the job's own maximum rate, e.g. 500k or 2MiB (curl's --limit-rate; setmaxrate)",
+    )
     parser.add_argument(
         "--no-yield", action="store_true", help="a background --priority does not yield"
     )

@@ -131,6 +131,32 @@ def test_get_downloads_the_file_and_completes_the_job(
     }
 
 
+def test_get_max_rate_limits_the_job_as_setmaxrate_does(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """`get --max-rate 400k` (curl's --limit-rate): the job's own rate is recorded before
+    the transfer starts, and 1 MiB at 400 kB/s takes over 2 s (about 2.4 s after the
+    bucket's first quarter second); unlimited, the same `get` takes a fraction of that."""
+    server, docroot = engine_nginx
+    dest = tmp_path / "one.bin"
+
+    def timed_get(*options: str) -> float:
+        started = time.monotonic()
+        argv = ["--home", str(home), "get", "-q", *options, f"{server.url}/one.bin", str(dest)]
+        assert main(argv, io.StringIO()) == 0
+        return time.monotonic() - started
+
+    limited = timed_get("--max-rate", "400k")
+    assert sha256(dest) == sha256(docroot / "one.bin")
+    with TransferManager(home=home) as manager:
+        (job,) = manager.jobs(include_final=True)
+        assert (job.max_rate, job.state) == (400_000, S.ACKNOWLEDGED)
+    assert limited > 2.0
+    dest.unlink()
+    assert timed_get() < limited / 2  # the limit, not the machine, set the time above
+    assert main(["--home", str(home), "get", "--max-rate", "fast", "x", str(dest)], io.StringIO())
+
+
 def test_get_of_several_urls_into_a_directory(
     tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
 ) -> None:

@@ -681,13 +681,18 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         locals_ = [dest / (url.rstrip("/").rsplit("/", 1)[-1] or "index.html") for url in shown]
     else:
         locals_ = [dest]
-    job = m.create_job(args.name or f"get {secrets_of(urls[0])[0]}")
     digest = f"sha256:{args.sha256.lower()}" if args.sha256 else None
+    specs = [FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)]
+    earlier = _unfinished(m, args, JobType.DOWNLOAD, specs, dynamic=args.dynamic)
+    if earlier is not None:
+        return _transfer(earlier, m, args, out)
+    job = m.create_job(args.name or f"get {secrets_of(urls[0])[0]}")
 
     def add() -> None:
+        job.description = _made_by(args.verb)
         if args.dynamic:
             job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
-        job.add_files([FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)])
+        job.add_files(specs)
 
     _set_up(job, args, add)
     return _transfer(job, m, args, out)
@@ -699,12 +704,17 @@ def cmd_put(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     upload-reply job whose reply Complete puts in FILE."""
     local = _abs(args.local)
     kind = JobType.UPLOAD if args.reply is None else JobType.UPLOAD_REPLY
+    reply = None if args.reply is None else _abs(args.reply)
+    earlier = _unfinished(m, args, kind, [FileSpec(args.url, local)], reply=reply)
+    if earlier is not None:
+        return _transfer(earlier, m, args, out)
     job = m.create_job(args.name or f"put {secrets_of(args.url)[0]}", kind)
 
     def add() -> None:
+        job.description = _made_by(args.verb)
         job.add_file(args.url, local)
-        if args.reply is not None:
-            job.reply_file_name = _abs(args.reply)
+        if reply is not None:
+            job.reply_file_name = reply
 
     _set_up(job, args, add)
     return _transfer(job, m, args, out)
@@ -728,18 +738,88 @@ def _set_up(job: TransferJob, args: argparse.Namespace, add: Callable[[], None])
     """A new job of ``get``, ``put`` or ``transfer``: the options, then its files
     (``add``); refused, the job is cancelled, so that none is left behind."""
     try:
-        job.priority = args.priority
-        if args.retry_delay is not None:
-            job.minimum_retry_delay = args.retry_delay
-        if args.no_progress_timeout is not None:
-            job.no_progress_timeout = args.no_progress_timeout
-        if args.max_rate is not None:
-            job.max_rate = _max_rate(args.max_rate)
+        _set_options(job, args)
         add()
     except BaseException:
         with contextlib.suppress(BackhaulError):
             job.cancel()
         raise
+
+
+def _set_options(job: TransferJob, args: argparse.Namespace) -> None:
+    job.priority = args.priority
+    if args.retry_delay is not None:
+        job.minimum_retry_delay = args.retry_delay
+    if args.no_progress_timeout is not None:
+        job.no_progress_timeout = args.no_progress_timeout
+    if args.max_rate is not None:
+        job.max_rate = _max_rate(args.max_rate)
+
+
+def _made_by(verb: str) -> str:
+    """The description of the jobs ``get`` and ``put`` make (as PowerShell's
+    Start-BitsTransfer gives its jobs one): how a rerun knows them."""
+    return f"backhaul {verb}: a foreground transfer; rerun the same command to pick it up"
+
+
+def _unfinished(
+    m: TransferManager,
+    args: argparse.Namespace,
+    kind: JobType,
+    specs: Sequence[FileSpec],
+    *,
+    dynamic: bool = False,
+    reply: str | None = None,
+) -> TransferJob | None:
+    """The job an earlier ``get`` or ``put`` of the same files left unfinished (its process
+    was killed, its terminal closed): this one picks it up from its last checkpoint, as
+    ``wget -c`` and aria2c resume, instead of fetching everything again in a new job beside
+    it. The same files means the same remote names (as recorded), local names, ranges and
+    expected digests, in order, and the same dynamic-content flag and reply file; the
+    job is one of the caller's, made by the same verb (its description), not final: a job
+    an application or ``create`` made is never taken. ``--new`` always makes a new job. The picked-up
+    job takes this command's options, and a URL's password or signature given now (a
+    refreshed one) replaces the recorded one."""
+    if args.new:
+        return None
+    wanted = [
+        (secrets_of(s.remote_name)[0], s.local_name, s.ranges, s.expected_digest) for s in specs
+    ]
+    m.refresh_views()
+    for row in m.store.views.select(m.owner, include_final=False):
+        if row.job_type != int(kind) or row.files_total != len(wanted):
+            continue  # from the read model's row: no job is loaded for nothing
+        handle = m.get_job(row.job_id)
+        job = handle.snapshot()
+        if (
+            job.description != _made_by(args.verb)
+            or job.is_final
+            or job.dynamic_content != dynamic
+            or (reply is not None and job.reply_file_name != reply)
+        ):
+            continue
+        files = [
+            (f.spec.remote_name, f.spec.local_name, f.spec.ranges, f.spec.expected_digest)
+            for f in job.files
+        ]
+        if files != wanted:
+            continue
+        _set_options(handle, args)
+        if args.max_rate is None and job.max_rate is not None:
+            handle.max_rate = None  # this run's options: no --max-rate, no limit
+        if kind is JobType.DOWNLOAD:
+            for index, spec in enumerate(specs):
+                if spec.remote_name != wanted[index][0]:  # a secret given afresh
+                    handle.set_remote_name(index, spec.remote_name)
+        if not (args.quiet or args.json):
+            kept = sum(f.bytes_transferred for f in job.files)
+            sys.stderr.write(
+                f"backhaul {args.verb}: picking up job {job.id}, which an earlier "
+                f"{args.verb} of the same files left {job.state.name} "
+                f"({_fmt_size(kept)} kept; --new starts over)\n"
+            )
+        return handle
+    return None
 
 
 def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO) -> int:
@@ -760,8 +840,9 @@ def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, ou
 
 
 def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out: TextIO) -> int:
-    if state is JobState.TRANSFERRED:
-        result = job.complete()
+    if state in (JobState.TRANSFERRED, JobState.ACKNOWLEDGED):
+        # ACKNOWLEDGED: the same job picked up by two commands at once, the other completed
+        result = job.complete() if state is JobState.TRANSFERRED else hresult.S_OK
         if args.json:
             _print_json(
                 {"id": job.id, "state": "ACKNOWLEDGED", "result": hresult.name_of(result)}, out
@@ -956,6 +1037,12 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
     parser.add_argument(
         "--no-yield", action="store_true", help="a background --priority does not yield"
     )
+    if name:  # get and put: a rerun picks up the job an earlier one left unfinished
+        parser.add_argument(
+            "--new",
+            action="store_true",
+            help="a new job even where an earlier run of the same files left one unfinished",
+        )
 
 
 def _url_refresher_option(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from test_cli_limits import _no_backhaul_environment  # noqa: F401
 from test_upload_end_to_end import serving
 from test_url_password import assert_not_in_store
 
-from backhaul.adapters.cli import main
+from backhaul.adapters.cli import _made_by, main
 from backhaul.adapters.manager import TransferManager
 from backhaul.core.vocabulary import JobState, JobType
 
@@ -136,3 +136,26 @@ def test_transfer_upload_sends_its_one_pair(tmp_path: Path, home: Path, root: Pa
     with TransferManager(home=home) as m:
         (job,) = m.jobs(include_final=True)
         assert (job.display_name, job.job_type) == ("push", JobType.UPLOAD)
+
+
+def test_a_rerun_put_picks_up_the_upload_an_earlier_put_left(
+    tmp_path: Path, home: Path, root: Path
+) -> None:
+    """A `put` whose process died leaves its job; the same `put` again runs that job (its
+    session goes on from what the server holds) instead of a second upload beside it."""
+    source = tmp_path / "up.bin"
+    source.write_bytes(os.urandom(300 * 1024))
+    with serving("--root", str(root), "--port", "0") as (base, _):
+        url = f"{base}/inbox/up.bin"
+        with TransferManager(home=home) as m:
+            left = m.create_job("an earlier put", JobType.UPLOAD)
+            left.description = _made_by("put")  # as `put` describes its jobs
+            left.add_file(url, str(source))
+            left_id = left.id
+        code, out = put(home, str(source), url)
+
+    assert code == 0, out
+    assert (root / "inbox" / "up.bin").read_bytes() == source.read_bytes()
+    with TransferManager(home=home) as m:
+        (job,) = m.jobs(include_final=True)
+        assert (job.id, job.state) == (left_id, JobState.ACKNOWLEDGED)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import io
 import json
 import os
@@ -34,7 +35,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     trickle,
 )
 
-from backhaul.adapters.cli import GC_YOUNG_THRESHOLD, LOCK_FILE, main, serve_lock
+from backhaul.adapters.cli import GC_YOUNG_THRESHOLD, LOCK_FILE, _made_by, main, serve_lock
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core.vocabulary import JobPriority, JobState
@@ -155,6 +156,125 @@ def test_get_max_rate_limits_the_job_as_setmaxrate_does(
     dest.unlink()
     assert timed_get() < limited / 2  # the limit, not the machine, set the time above
     assert main(["--home", str(home), "get", "--max-rate", "fast", "x", str(dest)], io.StringIO())
+
+
+def test_a_rerun_of_a_killed_get_picks_up_its_job_from_the_last_checkpoint(
+    tmp_path: Path,
+    home: Path,
+    env: dict[str, str],
+    engine_nginx: tuple[NginxServer, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As `wget -c` or aria2c resume: `get` killed (SIGKILL) mid-transfer, then the same
+    `get` again: it runs the job the first left, asking nginx for the bytes after the last
+    checkpoint only (Range), with this run's options (no --max-rate: no limit); one job,
+    the file byte-identical, no temp file left."""
+    server, docroot = engine_nginx
+    dest = tmp_path / "three.bin"
+    url = f"{server.url}/three.bin"
+
+    def requests_for_it() -> list[dict[str, str]]:
+        return [r for r in server.access_lines() if r["request"].startswith("GET /three.bin ")]
+
+    earlier = len(requests_for_it())  # the nginx is shared by the session's tests
+    first = subprocess.Popen(
+        [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "1M", url, str(dest)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with TransferManager(home=home) as manager:
+
+            def kept() -> int:
+                jobs = list(manager.jobs())  # files come after the job: maybe none yet
+                return sum(f.bytes_transferred for j in jobs for f in j.snapshot().files)
+
+            wait(lambda: kept() > 0, "a checkpoint of the first get")
+    finally:
+        first.kill()
+        first.wait(10)
+    with TransferManager(home=home) as manager:
+        (job,) = manager.jobs()
+        resume_at = checkpointed(job)
+        assert (
+            job.state is not S.TRANSFERRED
+            and 0 < resume_at < (docroot / "three.bin").stat().st_size
+        )
+    # nginx logs the killed request once it notices the closed connection: wait for it
+    wait(lambda: len(requests_for_it()) == earlier + 1, "nginx to log the killed request")
+
+    assert main(["--home", str(home), "get", url, str(dest)], io.StringIO()) == 0
+
+    assert f"picking up job {job.id}" in capsys.readouterr().err
+    assert sha256(dest) == sha256(docroot / "three.bin")
+    assert list(tmp_path.glob(".*.bhtmp")) == []
+    with TransferManager(home=home) as manager:
+        (done,) = manager.jobs(include_final=True)
+        assert (done.id, done.state, done.max_rate) == (job.id, S.ACKNOWLEDGED, None)
+    (request,) = requests_for_it()[earlier + 1 :]
+    assert request["http_range"] == f"bytes={resume_at}-", request
+    size = (docroot / "three.bin").stat().st_size
+    assert int(request["body_bytes_sent"]) == size - resume_at
+
+
+def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """An unfinished job is picked up only by a `get` of the same files and of what shapes
+    them (the digest); a job made through the API (or `create`) with those files is never
+    taken, and `--new` always makes a job of its own."""
+    server, docroot = engine_nginx
+    url, dest = f"{server.url}/one.bin", tmp_path / "one.bin"
+    with TransferManager(home=home) as manager:
+        theirs = manager.create_job("an application's")
+        theirs.add_file(url, str(dest))  # suspended, never resumed
+        left = manager.create_job("an earlier get")  # as a killed `get` leaves its job
+        left.description = _made_by("get")
+        left.add_file(url, str(dest))
+        ids = {theirs.id, left.id}
+
+    def get(*options: str) -> set[str]:
+        argv = ["--home", str(home), "get", "-q", *options, url, str(dest)]
+        assert main(argv, io.StringIO()) == 0
+        with TransferManager(home=home) as manager:
+            jobs = manager.jobs(include_final=True)
+            return {j.id for j in jobs if j.state is S.ACKNOWLEDGED}
+
+    assert len(get("--new") - ids) == 1
+    digest = hashlib.sha256((docroot / "one.bin").read_bytes()).hexdigest()
+    assert len(get("--sha256", digest) - ids) == 2  # another digest: not the same files
+    assert get() & ids == {left.id}  # picked up at last
+    with TransferManager(home=home) as manager:
+        assert len(list(manager.jobs(include_final=True))) == 4
+        assert manager.get_job(theirs.id).state is S.SUSPENDED
+
+
+def test_a_picked_up_get_takes_the_signature_given_now(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """The earlier `get`'s signed URL may have expired: the rerun's own signature (sealed,
+    as any) is what nginx sees, on the same job."""
+    server, docroot = engine_nginx
+    url, dest = f"{server.url}/one.bin", tmp_path / "one.bin"
+    with TransferManager(home=home) as manager:
+        left = manager.create_job("an earlier get")
+        left.description = _made_by("get")
+        left.add_file(f"{url}?sig=expired0", str(dest))
+        left_id = left.id
+    before = len(server.access_lines())
+
+    assert (
+        main(["--home", str(home), "get", "-q", f"{url}?sig=fresh1", str(dest)], io.StringIO()) == 0
+    )
+
+    assert sha256(dest) == sha256(docroot / "one.bin")
+    (request,) = server.access_lines()[before:]
+    assert request["request"].startswith("GET /one.bin?sig=fresh1 "), request
+    with TransferManager(home=home) as manager:
+        (job,) = manager.jobs(include_final=True)
+        assert (job.id, job.state) == (left_id, S.ACKNOWLEDGED)
 
 
 def test_get_of_several_urls_into_a_directory(

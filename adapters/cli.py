@@ -897,7 +897,7 @@ def _run_engine(
             while True:
                 await asyncio.sleep(0.05)
                 # The engine's own copy while it holds the job: no store read on its loop.
-                snap = engine.logged(job.id) or m._load(job.id)
+                snap = engine.current(job.id) or m._load(job.id)
                 reporter.show(snap)
                 if snap.state in _DONE:
                     return snap.state
@@ -937,6 +937,7 @@ class _Reporter:
     def show(self, snap: Any) -> None:
         done = sum(f.bytes_transferred for f in snap.files)
         sizes = [f.bytes_total for f in snap.files]
+        state = snap.state
         if self.engine is not None:  # what the engine holds that the log does not show yet
             for i in range(len(snap.files)):
                 live = self.engine.live_progress.get((snap.id, i))
@@ -948,10 +949,10 @@ class _Reporter:
         now = time.monotonic()
         rate = done / max(now - self.start, 1e-6)
         if self.args.json:
-            if now - self.last >= 0.5 or snap.state in _DONE:
+            if now - self.last >= 0.5 or state in _DONE:
                 _print_json(
                     {
-                        "state": snap.state.name,
+                        "state": state.name,
                         "bytes_transferred": done,
                         "bytes_total": total,
                         "files_transferred": snap.files_transferred,
@@ -969,7 +970,7 @@ class _Reporter:
         pct = f"{frac * 100:5.1f}%" if total else "  ?  "
         sys.stderr.write(
             f"\r[{bar:<{width}}] {pct} {_fmt_size(done)}/{_fmt_size(total)} "
-            f"{_fmt_size(int(rate))}/s {snap.state.name:<15}"
+            f"{_fmt_size(int(rate))}/s {state.name:<15}"
         )
         sys.stderr.flush()
 

@@ -286,6 +286,14 @@ class Engine:
     def job(self, job_id: str) -> TransferJob:
         return TransferJob(self.manager, job_id)
 
+    def current(self, job_id: str) -> Job | None:
+        """This engine's copy of a job with its own decisions folded in before the group
+        commit that appends them (CONNECTING to TRANSFERRING as the first response comes,
+        a file transferred as it is claimed), or None when it does not hold the job: for a
+        display. What the log says is ``logged``; callbacks go by the log. A decision the
+        log refuses is undone when the job is read again."""
+        return self._jobs.get(job_id)
+
     def logged(self, job_id: str) -> Job | None:
         """This engine's copy of a job as of the events it has read back from the log (what
         a reload would give, without the store read), or None when it does not hold the

@@ -410,7 +410,7 @@ def test_a_killed_serve_leaves_a_job_the_next_engine_resumes_from_its_last_check
 def test_the_progress_a_display_sees_never_goes_back_and_knows_the_size_early(
     tmp_path: Path,
 ) -> None:
-    """What `get`'s bar adds up: the engine's logged copy plus ``live_progress`` and
+    """What `get`'s bar adds up: the engine's current copy plus ``live_progress`` and
     ``live_sizes``. A finished file's bytes stay counted until its FileTransferred is logged
     (they used to drop to the last checkpoint meanwhile), and a file's size shows from its
     response on, not from its first checkpoint. No checkpoint is made here (60 s interval):
@@ -418,6 +418,7 @@ def test_the_progress_a_display_sees_never_goes_back_and_knows_the_size_early(
     small, large = os.urandom(192 * KiB), os.urandom(512 * KiB)
     manager = TransferManager(home=tmp_path / "home")
     seen: list[tuple[int, int | None]] = []
+    states: list[tuple[int, S]] = []
 
     async def main() -> TransferJob:
         async with FaultServer({"/s": trickle(small), "/l": trickle(large)}) as srv:
@@ -427,7 +428,7 @@ def test_the_progress_a_display_sees_never_goes_back_and_knows_the_size_early(
             engine = make_engine(manager, checkpoint_interval=60.0)
             task = asyncio.create_task(engine.run(until_idle=True))
             while not task.done():
-                snap = engine.logged(job.id)
+                snap = engine.current(job.id)
                 if snap is not None:
                     done, total = 0, 0
                     for i, f in enumerate(snap.files):
@@ -437,6 +438,7 @@ def test_the_progress_a_display_sees_never_goes_back_and_knows_the_size_early(
                         size = engine.live_sizes.get((job.id, i)) if size is None else size
                         total = None if size is None or total is None else total + size
                     seen.append((done, total))
+                    states.append((done, snap.state))
                 await asyncio.sleep(0)
             await task
             assert not engine.live_progress and not engine.live_sizes  # nothing kept after
@@ -445,6 +447,10 @@ def test_the_progress_a_display_sees_never_goes_back_and_knows_the_size_early(
     job = asyncio.run(main())
     assert job.state is S.TRANSFERRED
     everything = len(small) + len(large)
+    # bytes flowing show as TRANSFERRING at once, not CONNECTING (or QUEUED) until the
+    # engine's own events are read back from the log
+    flowing = {state for done, state in states if 0 < done < everything}
+    assert flowing == {S.TRANSFERRING}, flowing
     assert seen[-1] == (everything, everything)
     backwards = [(a, b) for a, b in pairwise(seen) if b[0] < a[0]]
     assert not backwards, backwards[:3]

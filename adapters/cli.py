@@ -823,8 +823,10 @@ def _unfinished(
 
 
 def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO) -> int:
-    """``get`` and ``put``: resume the job, run it (or follow the engine that holds the
-    store), then complete it, or cancel it when it failed for good."""
+    """``get``, ``put`` and ``transfer``: resume the job, run it (or follow the engine that
+    holds the store), then complete it, or cancel it when it failed for good. Interrupted
+    (Ctrl-C), ``get`` and ``put`` suspend their job, which the same command picks up again
+    (``_unfinished``); ``transfer`` cancels it, as before."""
     job.resume()
     try:
         with _engine_lock(args) as held:
@@ -832,9 +834,17 @@ def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, ou
             run_here = held and not (shared and args.follow)
             state = _run_engine(job, m, args, out) if run_here else _follow(job, m, args, out)
     except KeyboardInterrupt:
+        keep = args.verb in ("get", "put")
         with contextlib.suppress(BackhaulError):
-            job.cancel()
-        sys.stderr.write("\ninterrupted: job cancelled\n")
+            job.suspend() if keep else job.cancel()
+        if keep:
+            kept = sum(f.bytes_transferred for f in job.snapshot().files)
+            sys.stderr.write(
+                f"\ninterrupted: job {job.id} suspended with {_fmt_size(kept)} kept; the same "
+                f"command picks it up (--new starts over), `backhaul cancel {job.id}` drops it\n"
+            )
+        else:
+            sys.stderr.write("\ninterrupted: job cancelled\n")
         return EXIT_INTERRUPTED
     return _finish_get(job, state, args, out)
 

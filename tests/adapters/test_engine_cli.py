@@ -219,6 +219,49 @@ def test_a_rerun_of_a_killed_get_picks_up_its_job_from_the_last_checkpoint(
     assert int(request["body_bytes_sent"]) == size - resume_at
 
 
+def test_an_interrupted_get_suspends_its_job_and_the_next_get_finishes_it(
+    tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """Ctrl-C (SIGINT) on `get`: exit 130, the job SUSPENDED with its checkpointed bytes
+    (not cancelled: nothing fetched is thrown away), and the message says how to go on;
+    the same `get` then completes that job."""
+    server, docroot = engine_nginx
+    dest = tmp_path / "three.bin"
+    url = f"{server.url}/three.bin"
+    first = subprocess.Popen(
+        [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "1M", url, str(dest)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with TransferManager(home=home) as manager:
+
+            def kept() -> int:
+                jobs = list(manager.jobs())
+                return sum(f.bytes_transferred for j in jobs for f in j.snapshot().files)
+
+            wait(lambda: kept() > 0, "a checkpoint of the first get")
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err.decode()
+    with TransferManager(home=home) as manager:
+        (job,) = manager.jobs()
+        assert job.state is S.SUSPENDED and checkpointed(job) > 0
+        job_id = job.id
+    assert f"job {job_id} suspended" in err.decode()
+
+    assert main(["--home", str(home), "get", "-q", url, str(dest)], io.StringIO()) == 0
+    assert sha256(dest) == sha256(docroot / "three.bin")
+    with TransferManager(home=home) as manager:
+        (done,) = manager.jobs(include_final=True)
+        assert (done.id, done.state) == (job_id, S.ACKNOWLEDGED)
+
+
 def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(
     tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
 ) -> None:

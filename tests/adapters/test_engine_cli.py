@@ -158,6 +158,32 @@ def test_get_max_rate_limits_the_job_as_setmaxrate_does(
     assert main(["--home", str(home), "get", "--max-rate", "fast", "x", str(dest)], io.StringIO())
 
 
+def slow_get_past_a_checkpoint(
+    home: Path, env: dict[str, str], url: str, dest: Path
+) -> subprocess.Popen[bytes]:
+    """A `backhaul get --max-rate 1M` process, once the log holds a checkpoint of its job."""
+    proc = subprocess.Popen(
+        [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "1M", url, str(dest)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with TransferManager(home=home) as manager:
+
+            def kept() -> int:
+                jobs = list(manager.jobs())  # files come after the job: maybe none yet
+                return sum(f.bytes_transferred for j in jobs for f in j.snapshot().files)
+
+            wait(lambda: kept() > 0, "a checkpoint of the first get")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc
+
+
 def test_a_rerun_of_a_killed_get_picks_up_its_job_from_the_last_checkpoint(
     tmp_path: Path,
     home: Path,
@@ -177,24 +203,9 @@ def test_a_rerun_of_a_killed_get_picks_up_its_job_from_the_last_checkpoint(
         return [r for r in server.access_lines() if r["request"].startswith("GET /three.bin ")]
 
     earlier = len(requests_for_it())  # the nginx is shared by the session's tests
-    first = subprocess.Popen(
-        [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "1M", url, str(dest)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        with TransferManager(home=home) as manager:
-
-            def kept() -> int:
-                jobs = list(manager.jobs())  # files come after the job: maybe none yet
-                return sum(f.bytes_transferred for j in jobs for f in j.snapshot().files)
-
-            wait(lambda: kept() > 0, "a checkpoint of the first get")
-    finally:
-        first.kill()
-        first.wait(10)
+    first = slow_get_past_a_checkpoint(home, env, url, dest)
+    first.kill()
+    first.wait(10)
     with TransferManager(home=home) as manager:
         (job,) = manager.jobs()
         resume_at = checkpointed(job)
@@ -228,21 +239,8 @@ def test_an_interrupted_get_suspends_its_job_and_the_next_get_finishes_it(
     server, docroot = engine_nginx
     dest = tmp_path / "three.bin"
     url = f"{server.url}/three.bin"
-    first = subprocess.Popen(
-        [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "1M", url, str(dest)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    first = slow_get_past_a_checkpoint(home, env, url, dest)
     try:
-        with TransferManager(home=home) as manager:
-
-            def kept() -> int:
-                jobs = list(manager.jobs())
-                return sum(f.bytes_transferred for j in jobs for f in j.snapshot().files)
-
-            wait(lambda: kept() > 0, "a checkpoint of the first get")
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=30)
     finally:

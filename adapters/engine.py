@@ -1648,6 +1648,7 @@ class Engine:
                 raise _local_error(exc, tmp) from exc
         pending: asyncio.Task[None] | None = None
         handed = False
+        synced = position
         try:
             if position:
                 os.ftruncate(fd, position)
@@ -1737,6 +1738,16 @@ class Engine:
                 )
             )
             fd, handed = -1, True
+        except asyncio.CancelledError:
+            if (
+                self._stopping
+                and fd >= 0
+                and position > synced
+                and (pending is None or pending.done())
+            ):
+                last = cmd.Checkpoint(index, position, total, remote.validator, headers)
+                self._last_checkpoint(job_id, fd, last)
+            raise
         finally:
             if pending is not None and not pending.done():
                 with contextlib.suppress(BaseException):
@@ -1793,6 +1804,19 @@ class Engine:
         """Make ``position`` bytes durable, then claim them in the log."""
         await asyncio.to_thread(os.fdatasync, fd)
         await self._commit(job_id, cmd.Checkpoint(index, position, total, validator, headers))
+
+    def _last_checkpoint(self, job_id: str, fd: int, checkpoint: cmd.Checkpoint) -> None:
+        """The engine stops (``serve`` told to, ``get`` interrupted) in the middle of a file:
+        claim the bytes received since its last checkpoint, so that the next run does not
+        fetch them again. The shutdown appends it with its EndSlice; with leases, only while
+        this worker's lease runs. Not while a checkpoint is still on its way (the two would
+        reach the log out of order)."""
+        try:
+            self._hold_lease(job_id)
+            os.fdatasync(fd)  # on the loop: the engine is stopping; at most one interval
+            self._post(job_id, checkpoint)
+        except (OSError, JobGone) as exc:
+            log.info("no last checkpoint for job %s: %s", job_id, exc)
 
     def _recorded_headers(self, block: str | None) -> str | Sealed | None:
         """A response's header block as the log keeps it: sealed when a header in it can

@@ -1167,3 +1167,32 @@ def test_dynamic_content_restarts_from_zero_after_an_interruption(tmp_path: Path
     assert [h.range for h in srv.hits] == [None, None]  # never a range request
     job.complete()
     assert (tmp_path / "gen.out").read_bytes() == data
+
+
+def test_an_engine_that_stops_mid_file_checkpoints_what_it_received(tmp_path: Path) -> None:
+    """`serve` stopped (SIGTERM) or `get` interrupted in the middle of a file: the bytes
+    received since the last checkpoint are made durable and claimed before the engine
+    ends, so the next engine asks only for the rest. Checkpoints are a minute apart here:
+    without that last one, nothing would be claimed and the next run would start at 0."""
+    data = os.urandom(768 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    kept: list[int] = []
+
+    async def main() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/f": trickle(data)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager, checkpoint_interval=60.0)
+            async with running(engine):
+                await until(lambda: engine.live_progress.get((job.id, 0), 0) >= 128 * KiB, "some")
+            kept.append(checkpointed(job))
+            assert 128 * KiB <= kept[0] < len(data), kept
+            assert temp_of(job, 0).stat().st_size >= kept[0]
+            assert job.state is S.QUEUED  # the slice ended with the engine
+            async with running(make_engine(manager)):
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job, srv
+
+    job, srv = asyncio.run(main())
+    assert [h.range_start for h in srv.hits] == [None, kept[0]]
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data

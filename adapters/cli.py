@@ -588,9 +588,10 @@ def cmd_setmaxrate(args: argparse.Namespace, m: TransferManager, out: TextIO) ->
     return EXIT_OK
 
 
-def _max_rate(text: str) -> str | None:
-    """A rate as ``setmaxrate`` and ``--max-rate`` take it: 0, none or unlimited for none."""
-    return None if text.lower() in ("0", "none", "unlimited") else text
+def _max_rate(text: str | None) -> str | None:
+    """A rate as ``setmaxrate`` and ``--max-rate`` take it: 0, none or unlimited (or no
+    ``--max-rate``) for none."""
+    return None if text is None or text.lower() in ("0", "none", "unlimited") else text
 
 
 def cmd_transports(args: argparse.Namespace, m: TransferManager | None, out: TextIO) -> int:
@@ -609,7 +610,7 @@ def cmd_transports(args: argparse.Namespace, m: TransferManager | None, out: Tex
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Collect young objects every 20,000 allocations instead of 700. A process holding
     thousands of jobs spent much of its time in the cyclic collector: on 10,000 one-file jobs
     in one process, 27 full collections of up to 0.5 s each, 6.4-6.8 s in all (create, run,
@@ -747,13 +748,16 @@ def _set_up(job: TransferJob, args: argparse.Namespace, add: Callable[[], None])
 
 
 def _set_options(job: TransferJob, args: argparse.Namespace) -> None:
+    """This run's options, on a new job or one picked up (``_unfinished``): without
+    ``--max-rate``, the job has no rate of its own."""
     job.priority = args.priority
     if args.retry_delay is not None:
         job.minimum_retry_delay = args.retry_delay
     if args.no_progress_timeout is not None:
         job.no_progress_timeout = args.no_progress_timeout
-    if args.max_rate is not None:
-        job.max_rate = _max_rate(args.max_rate)
+    rate = _max_rate(args.max_rate)
+    if rate is not None or job.max_rate is not None:
+        job.max_rate = rate
 
 
 def _made_by(verb: str) -> str:
@@ -775,11 +779,11 @@ def _unfinished(
     was killed, its terminal closed): this one picks it up from its last checkpoint, as
     ``wget -c`` and aria2c resume, instead of fetching everything again in a new job beside
     it. The same files means the same remote names (as recorded), local names, ranges and
-    expected digests, in order, and the same dynamic-content flag and reply file; the
-    job is one of the caller's, made by the same verb (its description), not final: a job
-    an application or ``create`` made is never taken. ``--new`` always makes a new job. The picked-up
-    job takes this command's options, and a URL's password or signature given now (a
-    refreshed one) replaces the recorded one."""
+    expected digests, in order, and the same dynamic-content flag and reply file; the job
+    is one of the caller's, made by the same verb (its description), not final: a job an
+    application or ``create`` made is never taken. ``--new`` always makes a new job. The
+    picked-up job takes this command's options, and a download URL's password or signature
+    given now (a refreshed one) replaces the recorded one."""
     if args.new:
         return None
     wanted = [
@@ -805,8 +809,6 @@ def _unfinished(
         if files != wanted:
             continue
         _set_options(handle, args)
-        if args.max_rate is None and job.max_rate is not None:
-            handle.max_rate = None  # this run's options: no --max-rate, no limit
         if kind is JobType.DOWNLOAD:
             for index, spec in enumerate(specs):
                 if spec.remote_name != wanted[index][0]:  # a secret given afresh
@@ -834,17 +836,18 @@ def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, ou
             run_here = held and not (shared and args.follow)
             state = _run_engine(job, m, args, out) if run_here else _follow(job, m, args, out)
     except KeyboardInterrupt:
-        keep = args.verb in ("get", "put")
-        with contextlib.suppress(BackhaulError):
-            job.suspend() if keep else job.cancel()
-        if keep:
-            kept = sum(f.bytes_transferred for f in job.snapshot().files)
-            sys.stderr.write(
-                f"\ninterrupted: job {job.id} suspended with {_fmt_size(kept)} kept; the same "
-                f"command picks it up (--new starts over), `backhaul cancel {job.id}` drops it\n"
-            )
-        else:
+        if args.verb not in ("get", "put"):
+            with contextlib.suppress(BackhaulError):
+                job.cancel()
             sys.stderr.write("\ninterrupted: job cancelled\n")
+            return EXIT_INTERRUPTED
+        with contextlib.suppress(BackhaulError):
+            job.suspend()
+        kept = sum(f.bytes_transferred for f in job.snapshot().files)
+        sys.stderr.write(
+            f"\ninterrupted: job {job.id} suspended with {_fmt_size(kept)} kept; the same "
+            f"command picks it up (--new starts over), `backhaul cancel {job.id}` drops it\n"
+        )
         return EXIT_INTERRUPTED
     return _finish_get(job, state, args, out)
 
@@ -1274,7 +1277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    _tune_gc()
+    tune_gc()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

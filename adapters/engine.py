@@ -173,9 +173,10 @@ class Engine:
         self._appended: dict[int, tuple[Recorded, Job | None]] = {}
         self._stopping = False
         self._cmdlines: dict[str, asyncio.Task[None]] = {}
-        # A file's bytes received and its size while the log does not show them yet (a
-        # checkpoint is up to a second behind; a finished file's event, its claiming):
-        # what a progress display adds to the engine's logged copy (``logged``).
+        # A file's bytes received and its size while the engine's copy does not show them
+        # yet (a checkpoint is up to a second behind; a finished file's event, its
+        # claiming): what a progress display adds to ``current``. Forgotten when the log
+        # shows the file transferred (_observe), or when it will not (_forget_live_of).
         self.live_progress: dict[tuple[str, int], int] = {}
         self.live_sizes: dict[tuple[str, int], int] = {}
         self.settings = EngineSettings()
@@ -560,8 +561,7 @@ class Engine:
         self._jobs.pop(job_id, None)
         self._logged.pop(job_id, None)
         self._basis.pop(job_id, None)
-        for key in [k for k in self.live_progress if k[0] == job_id] if self.live_progress else ():
-            self._forget_live(*key)  # a finished file whose event was never logged
+        self._forget_live_of(job_id)
 
     def _has_queued(self, job_id: str) -> bool:
         """Decisions of this job not yet in the log: queued, or in a batch being appended
@@ -1296,12 +1296,8 @@ class Engine:
             )
         finally:
             self._tasks.pop(job_id, None)
-            # A file's progress stays until its FileTransferred is read back (_observe),
-            # unless it will not come: the file did not finish in this run.
             job = self._jobs.get(job_id)
-            for _, index in [k for k in self.live_progress if k[0] == job_id]:
-                if job is None or not job.files[index].transferred:
-                    self._forget_live(job_id, index)
+            self._forget_live_of(job_id, unless_in=job)
             if self.worker is not None and job is not None and job.lease_worker == self.worker:
                 with contextlib.suppress(BitsError, JobGone):
                     self._post(job_id, cmd.ReleaseLease(self.worker))
@@ -1311,6 +1307,14 @@ class Engine:
     def _forget_live(self, job_id: str, index: int) -> None:
         self.live_progress.pop((job_id, index), None)
         self.live_sizes.pop((job_id, index), None)
+
+    def _forget_live_of(self, job_id: str, unless_in: Job | None = None) -> None:
+        """Forget the live progress of the job's files, but for those ``unless_in`` (the
+        engine's copy as a run ends) shows transferred: their FileTransferred is on its way
+        to the log, and ``_observe`` forgets them as it reads it back."""
+        for _, index in [key for key in self.live_progress if key[0] == job_id]:
+            if unless_in is None or not unless_in.files[index].transferred:
+                self._forget_live(job_id, index)
 
     async def _fail(self, job_id: str, exc: TransferError, index: int | None = None) -> None:
         error = JobError(
@@ -1947,11 +1951,10 @@ class Engine:
                     ) from exc
                 await apply_security(descriptor, job.acl_flags)
             reply_url = await session.finish()
-        except OSError as exc:
-            self._forget_live(job_id, index)
-            raise _local_error(exc, Path(f.local_name)) from exc
-        except BaseException:
-            self._forget_live(job_id, index)
+        except BaseException as exc:
+            self._forget_live(job_id, index)  # a finished upload's: when its event is logged
+            if isinstance(exc, OSError):
+                raise _local_error(exc, Path(f.local_name)) from exc
             raise
         finally:
             os.close(fd)

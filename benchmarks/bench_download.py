@@ -42,8 +42,8 @@ serve alone and for the sum. The ``in-process`` rows run the same jobs as an app
 embeds the engine does: created, run by an ``Engine`` (``run(until_idle=True)``) and completed,
 all in this process, each phase opening the store afresh; no ``serve`` child starts. This
 process sets the cyclic collector as the README advises an application holding thousands of
-jobs, and as the ``backhaul`` command does at start (young objects every
-``GC_YOUNG_THRESHOLD`` allocations): without it, 10,000 jobs run in-process took longer than
+jobs, and as the ``backhaul`` command does at start (``backhaul.adapters.cli.tune_gc``: young
+objects every 20,000 allocations): without it, 10,000 jobs run in-process took longer than
 in a ``serve`` child (run V).
 
 Targets (``TARGETS``; ratios of wall times, medians of per-round pairs): 1 GiB ``backhaul
@@ -103,7 +103,7 @@ from typing import Any
 
 import installed
 
-from backhaul.adapters.cli import GC_YOUNG_THRESHOLD
+from backhaul.adapters.cli import tune_gc
 from backhaul.adapters.engine import Engine
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.store import DB_FILE, EventStore, open_store
@@ -842,8 +842,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}: pick from {', '.join(CASES)}")
     installed.compile_package()
-    young, middle, old = gc.get_threshold()  # as the README advises an embedding application
-    gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
+    tune_gc()  # as the README advises an embedding application
     work = Path(tempfile.mkdtemp(prefix="bh-bench-dl.", dir=args.dir))
     log(f"work dir {work}")
     try:

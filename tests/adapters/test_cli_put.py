@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 from test_cli_limits import _no_backhaul_environment  # noqa: F401
+from test_engine_cli import left_by
 from test_upload_end_to_end import serving
 from test_url_password import assert_not_in_store
 
-from backhaul.adapters.cli import _made_by, main
+from backhaul.adapters.cli import main
 from backhaul.adapters.manager import TransferManager
 from backhaul.core.vocabulary import JobState, JobType
 
@@ -147,11 +148,7 @@ def test_a_rerun_put_picks_up_the_upload_an_earlier_put_left(
     source.write_bytes(os.urandom(300 * 1024))
     with serving("--root", str(root), "--port", "0") as (base, _):
         url = f"{base}/inbox/up.bin"
-        with TransferManager(home=home) as m:
-            left = m.create_job("an earlier put", JobType.UPLOAD)
-            left.description = _made_by("put")  # as `put` describes its jobs
-            left.add_file(url, str(source))
-            left_id = left.id
+        left_id = left_by("put", home, url, source, JobType.UPLOAD)
         code, out = put(home, str(source), url)
 
     assert code == 0, out

@@ -38,7 +38,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
 from backhaul.adapters.cli import GC_YOUNG_THRESHOLD, LOCK_FILE, _made_by, main, serve_lock
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
-from backhaul.core.vocabulary import JobPriority, JobState
+from backhaul.core.vocabulary import JobPriority, JobState, JobType
 
 S = JobState
 BACKHAUL = Path(sys.executable).parent / "backhaul"
@@ -158,6 +158,18 @@ def test_get_max_rate_limits_the_job_as_setmaxrate_does(
     assert main(["--home", str(home), "get", "--max-rate", "fast", "x", str(dest)], io.StringIO())
 
 
+def left_by(
+    verb: str, home: Path, remote: str, local: Path, kind: JobType = JobType.DOWNLOAD
+) -> str:
+    """The job a `get` or `put` (``verb``) killed before it ran leaves: described as that
+    command describes its jobs, its file added, SUSPENDED. Its id."""
+    with TransferManager(home=home) as manager:
+        left = manager.create_job(f"an earlier {verb}", kind)
+        left.description = _made_by(verb)
+        left.add_file(remote, str(local))
+        return left.id
+
+
 def slow_get_past_a_checkpoint(
     home: Path, env: dict[str, str], url: str, dest: Path
 ) -> subprocess.Popen[bytes]:
@@ -271,10 +283,8 @@ def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(
     with TransferManager(home=home) as manager:
         theirs = manager.create_job("an application's")
         theirs.add_file(url, str(dest))  # suspended, never resumed
-        left = manager.create_job("an earlier get")  # as a killed `get` leaves its job
-        left.description = _made_by("get")
-        left.add_file(url, str(dest))
-        ids = {theirs.id, left.id}
+    left_id = left_by("get", home, url, dest)
+    ids = {theirs.id, left_id}
 
     def get(*options: str) -> set[str]:
         argv = ["--home", str(home), "get", "-q", *options, url, str(dest)]
@@ -286,7 +296,7 @@ def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(
     assert len(get("--new") - ids) == 1
     digest = hashlib.sha256((docroot / "one.bin").read_bytes()).hexdigest()
     assert len(get("--sha256", digest) - ids) == 2  # another digest: not the same files
-    assert get() & ids == {left.id}  # picked up at last
+    assert get() & ids == {left_id}  # picked up at last
     with TransferManager(home=home) as manager:
         assert len(list(manager.jobs(include_final=True))) == 4
         assert manager.get_job(theirs.id).state is S.SUSPENDED
@@ -299,11 +309,7 @@ def test_a_picked_up_get_takes_the_signature_given_now(
     as any) is what nginx sees, on the same job."""
     server, docroot = engine_nginx
     url, dest = f"{server.url}/one.bin", tmp_path / "one.bin"
-    with TransferManager(home=home) as manager:
-        left = manager.create_job("an earlier get")
-        left.description = _made_by("get")
-        left.add_file(f"{url}?sig=expired0", str(dest))
-        left_id = left.id
+    left_id = left_by("get", home, f"{url}?sig=expired0", dest)
     before = len(server.access_lines())
 
     assert (

@@ -71,6 +71,7 @@ from backhaul.core.port import (
     Uploader,
     UploadSession,
 )
+from backhaul.core.transition import Trigger, rule_for
 from backhaul.core.url import holds_url_secret, same_origin, with_login_of
 from backhaul.core.value import ByteRange, JobError, Sealed
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
@@ -1312,7 +1313,11 @@ class Engine:
         """Forget the live progress of the job's files, but for those ``unless_in`` (the
         engine's copy as a run ends) shows transferred: their FileTransferred is on its way
         to the log, and ``_observe`` forgets them as it reads it back."""
-        for _, index in [key for key in self.live_progress if key[0] == job_id]:
+        if unless_in is None:  # no copy left to list the files: look at every entry
+            indexes = [i for j, i in self.live_progress if j == job_id]
+        else:  # a run of one of 1,000 jobs must not scan the others' entries
+            indexes = [i for i in range(len(unless_in.files)) if (job_id, i) in self.live_progress]
+        for index in indexes:
             if unless_in is None or not unless_in.files[index].transferred:
                 self._forget_live(job_id, index)
 
@@ -1742,15 +1747,22 @@ class Engine:
                 )
             )
             fd, handed = -1, True
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, TransferError) as exc:
+            # Stopped (the engine stops, Suspend, a higher priority or the end of a time
+            # slice took the turn) or cut off (a dropped connection, a stall): what arrived
+            # since the last checkpoint is kept, so that the next turn does not fetch it
+            # again. Not while a checkpoint is still on its way (the two would reach the log
+            # out of order), nor for a fatal error.
             if (
-                self._stopping
-                and fd >= 0
+                fd >= 0
                 and position > synced
                 and (pending is None or pending.done())
+                and (isinstance(exc, asyncio.CancelledError) or exc.transient)
             ):
+                with contextlib.suppress(Exception):
+                    await download.aclose()  # stop receiving first, then sync what came
                 last = cmd.Checkpoint(index, position, total, remote.validator, headers)
-                self._last_checkpoint(job_id, fd, last)
+                await self._last_checkpoint(job_id, fd, last)
             raise
         finally:
             if pending is not None and not pending.done():
@@ -1809,15 +1821,18 @@ class Engine:
         await asyncio.to_thread(os.fdatasync, fd)
         await self._commit(job_id, cmd.Checkpoint(index, position, total, validator, headers))
 
-    def _last_checkpoint(self, job_id: str, fd: int, checkpoint: cmd.Checkpoint) -> None:
-        """The engine stops (``serve`` told to, ``get`` interrupted) in the middle of a file:
-        claim the bytes received since its last checkpoint, so that the next run does not
-        fetch them again. The shutdown appends it with its EndSlice; with leases, only while
-        this worker's lease runs. Not while a checkpoint is still on its way (the two would
-        reach the log out of order)."""
+    async def _last_checkpoint(self, job_id: str, fd: int, checkpoint: cmd.Checkpoint) -> None:
+        """A transfer stops in the middle of a file: claim the bytes it received since the
+        file's last checkpoint. Only where the table takes the bytes (the job still runs, or
+        was suspended: SUSPENDED/data_received) and, with leases, while this worker's lease
+        runs; a cancelled job's temp file is deleted instead. The engine's shutdown appends
+        it with its EndSlice, a Suspend after its JobSuspended, a failure before its error."""
+        job = self._jobs.get(job_id)
+        if job is None or rule_for(job.state, Trigger.DATA_RECEIVED) is None:
+            return
         try:
             self._hold_lease(job_id)
-            os.fdatasync(fd)  # on the loop: the engine is stopping; at most one interval
+            await _to_the_end(asyncio.to_thread(os.fdatasync, fd))
             self._post(job_id, checkpoint)
         except (OSError, JobGone) as exc:
             log.info("no last checkpoint for job %s: %s", job_id, exc)

@@ -138,6 +138,7 @@ TABLE: Mapping[JobState, Mapping[Trigger, Rule]] = MappingProxyType({
         suspend=_to(S.SUSPENDED),
         complete=_COMPLETE_UNLESS_TRANSFERRED,
         add_file=_to(S.SUSPENDED),
+        data_received=_to(S.SUSPENDED),
         **_CALLS_IN_ANY_NON_FINAL,
     ),
     S.QUEUED: _row(
@@ -222,6 +223,13 @@ NON_FINAL_STATES: frozenset[JobState] = frozenset(_NON_FINAL)
 # specs/state-machine.md renders this mapping; a test checks every key is a real cell.
 DECISIONS: Mapping[tuple[JobState, Trigger], str] = MappingProxyType(
     {
+        (S.SUSPENDED, T.DATA_RECEIVED): (
+            "Stays SUSPENDED, with the progress recorded. A transfer stopped by Suspend "
+            "claims what it had written (a last checkpoint), and a file it had finished (its "
+            "FileTransferred), so that Resume goes on from there; BITS keeps a suspended "
+            "job's progress. It stays SUSPENDED even when that was the last file: Resume "
+            "then finds nothing pending and the job goes on to TRANSFERRED."
+        ),
         (S.TRANSFERRED, T.SUSPEND): (
             "Stays TRANSFERRED. Nothing is running, so there is nothing to suspend, and a "
             "TRANSFERRED job is already one of the 'automatically suspended' states "

@@ -693,6 +693,34 @@ def test_a_dropped_connection_is_transient_and_the_retry_resumes_at_the_checkpoi
     assert dest.read_bytes() == data
 
 
+def test_the_bytes_received_before_a_dropped_connection_are_kept(tmp_path: Path) -> None:
+    """A transient failure in the middle of a body claims what had arrived (a last
+    checkpoint, logged before the error): the retry asks for the rest only, even when no
+    checkpoint was due yet (the interval here is longer than the test)."""
+    data = os.urandom(512 * KiB)
+    served = trickle(data, drop_after=256 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager, checkpoint_interval=600.0)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                assert checkpointed(job) == 256 * KiB
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            assert [h.range_start for h in srv.hits] == [None, 256 * KiB]
+            return job
+
+    job = asyncio.run(main())
+    kinds = [type(e) for e in events_of(manager, job.id)]
+    failed = kinds.index(ev.ErrorOccurred)
+    assert kinds[failed - 1] is ev.BytesCheckpointed
+    assert job.complete() == hr.S_OK
+    assert (tmp_path / "f").read_bytes() == data
+
+
 def test_a_resumed_file_with_an_expected_digest_hashes_the_kept_prefix_too(tmp_path: Path) -> None:
     data = os.urandom(512 * KiB)
     served = trickle(data, drop_after=300 * KiB)

@@ -582,6 +582,20 @@ def cmd_setnetworkcost(args: argparse.Namespace, m: TransferManager, out: TextIO
     return EXIT_OK
 
 
+def cmd_setsecretparams(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    m.set_secret_parameters(args.names)
+    return EXIT_OK
+
+
+def cmd_getsecretparams(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    names = list(m.settings().secret_parameters)
+    if args.json:
+        _print_json({"secret_parameters": names}, out)
+    else:
+        out.write("".join(f"{n}\n" for n in names))
+    return EXIT_OK
+
+
 def cmd_setmaxrate(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     job = find_job(m, args.job)
     job.max_rate = _max_rate(args.value)
@@ -1235,6 +1249,19 @@ def build_parser() -> argparse.ArgumentParser:
         job=False,
     )
     nc2.add_argument("state")
+    verb(
+        "setsecretparams",
+        cmd_setsecretparams,
+        "query parameters whose values never reach the log (besides the built-in signature "
+        "names); replaces the list, none clears it",
+        job=False,
+    ).add_argument("names", nargs="*", metavar="NAME")
+    verb(
+        "getsecretparams",
+        cmd_getsecretparams,
+        "list the declared secret query parameters",
+        job=False,
+    ).add_argument("--json", action="store_true")
     verb(
         "setmaxrate", cmd_setmaxrate, "a job's own maximum rate (e.g. 500k; 0 = none)"
     ).add_argument("value")

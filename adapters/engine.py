@@ -72,7 +72,12 @@ from backhaul.core.port import (
     UploadSession,
 )
 from backhaul.core.transition import Trigger, rule_for
-from backhaul.core.url import holds_url_secret, same_origin, with_login_of
+from backhaul.core.url import (
+    declare_secret_parameters,
+    holds_url_secret,
+    same_origin,
+    with_login_of,
+)
 from backhaul.core.value import ByteRange, JobError, Sealed
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState, JobType
 
@@ -306,6 +311,7 @@ class Engine:
 
     async def _start(self) -> None:
         self.settings = await asyncio.to_thread(self.manager.settings)
+        declare_secret_parameters(self.settings.secret_parameters)
         await asyncio.to_thread(self.manager.refresh_views)
         self._position = self.store.views.position()
         now = self.clock.now()
@@ -472,6 +478,7 @@ class Engine:
         if rec.job_id == POLICY_STREAM:
             if isinstance(rec.event, ev.PolicyChanged):
                 self.settings = self.settings.evolve(rec.event.name, rec.event.value)
+                declare_secret_parameters(self.settings.secret_parameters)
                 self._network = None  # re-read the cost now
             return
         before = self._jobs.get(rec.job_id)

@@ -36,7 +36,11 @@ from backhaul.core.job import Job
 from backhaul.core.limit import DEFAULT_LIMITS, Limits
 from backhaul.core.port import Clock
 from backhaul.core.setting import JOB_PROPERTIES, SETTINGS, check_setting
-from backhaul.core.url import split_url_password
+from backhaul.core.url import (
+    check_secret_parameter_name,
+    declare_secret_parameters,
+    split_url_password,
+)
 from backhaul.core.value import (
     ByteRange,
     ClientCertificate,
@@ -133,6 +137,7 @@ class TransferManager:
         self._log_unmoved: bool | None = None  # in a batch: is the log still there?
         self._pending: list[tuple[str, int, list[Event]]] | None = None
         self._pending_index: dict[str, int] = {}  # job id -> its last entry in _pending
+        self.declare_secret_parameters()  # before this manager names a job after a URL
         self._fresh: set[str] = set()  # in a batch: jobs read, or changed, in it
         self._listings: dict[str, list[str]] = {}  # temp files by directory, per batch
         self._renamed_dirs: set[str] = set()  # directories a batch's Completes renamed in
@@ -283,6 +288,27 @@ class TransferManager:
     def set_network_cost(self, cost: int | None) -> None:
         """Declare the network's BITS_COST_STATE_* (None: read it from the system)."""
         self._set_policy("network_cost", check_network_cost(cost))
+
+    def set_secret_parameters(self, names: Iterable[str]) -> None:
+        """Keep these query parameters out of the log, as the built-in signature names are
+        (``?h=...`` of a signed URL whose parameter has no secret word): every manager and
+        engine of this store seals their values from now on. Replaces the list; URLs
+        recorded before stay as they were recorded."""
+        if not _is_admin() and self.owner != current_owner():
+            raise BitsError(hresult.E_ACCESSDENIED, "only the machine's owner sets policy")
+        unique: dict[str, str] = {}  # compared without case: the first spelling given
+        try:
+            for name in names:
+                unique.setdefault(check_secret_parameter_name(name).lower(), name)
+        except ValueError as exc:
+            raise BitsError(hresult.E_INVALIDARG, str(exc)) from None
+        checked = sorted(unique.values(), key=str.lower)
+        declare_secret_parameters(checked)
+        self._set_policy("secret_parameters", checked)
+
+    def declare_secret_parameters(self) -> None:
+        """Read the store's secret query parameters into this process (core.url)."""
+        declare_secret_parameters(self.settings().secret_parameters)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -783,6 +809,8 @@ class TransferJob:
         are moved out before anything is recorded: the URL is recorded without them and they
         become the job's SERVER credentials (specs/smb.md §2)."""
         specs = tuple(f if isinstance(f, FileSpec) else FileSpec(f[0], str(f[1])) for f in files)
+        if any("?" in s.remote_name for s in specs):
+            self._manager.declare_secret_parameters()  # another process may have added one
         names, login = _split_url_credentials([s.remote_name for s in specs])
         specs = tuple(self._sealed(s, n) for s, n in zip(specs, names, strict=True))
         job = self.snapshot()
@@ -843,6 +871,8 @@ class TransferJob:
         URL are moved out as in ``add_files``, and a password in another URL is sealed.
         A new URL without a password keeps the file's own while it names the same user,
         host and port."""
+        if "?" in remote_name:
+            self._manager.declare_secret_parameters()
         (remote_name,), login = _split_url_credentials([remote_name])
         remote_name, password, query = self._manager.store.secrets.seal_url(remote_name)
         self._check_scheme(remote_name)

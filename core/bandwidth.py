@@ -204,9 +204,15 @@ class EngineSettings:
 
     bandwidth: BandwidthPolicy = attrs.field(factory=BandwidthPolicy)
     network_cost: int | None = None  # None: read it from the system
+    # Query parameters to keep out of the log as the built-in signature names are
+    # (core.url.declare_secret_parameters).
+    secret_parameters: tuple[str, ...] = ()
     version: int = 0
 
     def evolve(self, name: str, value: Any) -> EngineSettings:
+        if name == "secret_parameters":
+            names = tuple(str(n) for n in value or ())
+            return attrs.evolve(self, secret_parameters=names, version=self.version + 1)
         if name == "bandwidth":
             return attrs.evolve(
                 self, bandwidth=BandwidthPolicy.from_data(value), version=self.version + 1

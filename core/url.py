@@ -4,7 +4,8 @@ Two parts of a URL are credentials: the password of its user info
 (``https://user:password@host/``) and, in a signed URL, the values of its signature
 parameters (``X-Amz-Signature=...``, Azure's ``sig=...``, ``access_token=...``: the names in
 ``SECRET_QUERY_PARAMETERS``, and any name with a word of ``SECRET_NAME_WORDS`` in it, such
-as ``sessionToken`` or ``X-Upload-Signature``). The log never holds either in plain text
+as ``sessionToken`` or ``X-Upload-Signature``; and the names the application declared
+secret, ``declare_secret_parameters``). The log never holds either in plain text
 (specs/event-log.md §6): the adapters take them out with ``split_url_password`` and
 ``split_url_query``, seal them (``FileSpec.password``, ``FileSpec.query``), and record the
 URL as ``https://user@host/path?X-Amz-Signature=<redacted>``; the engine builds the real URL
@@ -15,6 +16,7 @@ URL is put back byte for byte.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Final
 from urllib.parse import unquote_plus
 
@@ -68,6 +70,29 @@ SECRET_NAME_WORDS: Final = frozenset(
     }
 )
 _WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+# The names an application declared secret (lower case): a signed URL whose signature
+# parameter has no secret word (``?h=...``, ``?X-Foo-Hash=...``). The store keeps them in its
+# engine-wide policy (``TransferManager.set_secret_parameters``); every manager and engine
+# declares them here before it records a URL. The set only grows in a process: a name kept
+# secret that no longer needs to be costs only a value shown as <redacted>, while a name
+# dropped too early would put a credential in the log.
+_DECLARED: set[str] = set()
+_NOT_IN_A_NAME = re.compile(r"[=&?#\s]")
+
+
+def check_secret_parameter_name(name: object) -> str:
+    """A query parameter name as ``declare_secret_parameters`` takes it, or ValueError."""
+    if not isinstance(name, str) or not name or _NOT_IN_A_NAME.search(name):
+        raise ValueError(f"{name!r} is not a query parameter name")
+    return name
+
+
+def declare_secret_parameters(names: Iterable[str]) -> None:
+    """From now on, in this process, treat these query parameters as secrets."""
+    for name in names:
+        _DECLARED.add(check_secret_parameter_name(name).lower())
+
 
 _AUTHORITY = re.compile(
     r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<authority>[^/?#]*)(?P<tail>.*)$", re.S
@@ -174,10 +199,11 @@ def _is_secret(parameter: str) -> bool:
 
 def is_secret_parameter_name(name: str) -> bool:
     """Is a query parameter of this (decoded) name a credential? One of
-    ``SECRET_QUERY_PARAMETERS`` (without case), or a name with a word of
+    ``SECRET_QUERY_PARAMETERS`` or a declared name (without case), or a name with a word of
     ``SECRET_NAME_WORDS``."""
     name = name.strip()
-    if name.lower() in SECRET_QUERY_PARAMETERS:
+    lowered = name.lower()
+    if lowered in SECRET_QUERY_PARAMETERS or lowered in _DECLARED:
         return True
     return any(word.lower() in SECRET_NAME_WORDS for word in _WORD.findall(name))
 

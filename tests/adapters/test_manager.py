@@ -25,6 +25,7 @@ from backhaul.adapters.store import ConcurrentAppend, EventStore, open_store
 from backhaul.core import command as cmd
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
+from backhaul.core.event import POLICY_STREAM
 from backhaul.core.job import fold
 from backhaul.core.limit import DESCRIPTION_MAX, DISPLAY_NAME_MAX, Limits
 from backhaul.core.value import ByteRange, FileSpec, JobError, ProxySettings
@@ -1232,7 +1233,8 @@ def test_a_batch_reads_each_job_from_the_store_once(
             handle.description = "batched"
             handle.resume()
             assert handle.state is JobState.QUEUED
-    assert sorted(reads) == sorted(ids)
+    # (the manager reads the policy stream once as it starts: its secret query parameters)
+    assert sorted(r for r in reads if r != POLICY_STREAM) == sorted(ids)
     assert [writer.get_job(i).description for i in ids] == ["batched"] * 3
 
     head = store.head()

@@ -14,6 +14,8 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -49,6 +51,7 @@ from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
+from backhaul.core.url import secrets_of
 from backhaul.core.value import FileSpec, Sealed
 from backhaul.core.vocabulary import JobState, JobType
 
@@ -315,32 +318,109 @@ def test_an_upload_reply_fetches_its_reply_without_storing_the_urls_secrets(
 SIGNATURE = "Sig-Marker-5d0c9e"
 
 
+def fetch_signed(
+    manager: TransferManager, dest: Path, name: str, query: str
+) -> tuple[TransferJob, str]:
+    """Download ``/f?QUERY`` from a FaultServer that plays the signing CDN (a request without
+    ``NAME=SIGNATURE`` gets 403), complete the job and check the file and the query the
+    server got (as given): the job, and the file's URL without a query."""
+    data = os.urandom(96 * 1024)
+
+    async def body() -> tuple[TransferJob, list[str], str]:
+        async with FaultServer({"/f": Served(data, token=SIGNATURE, token_name=name)}) as srv:
+            job = new_job(manager, [(srv.url(f"/f?{query}"), dest)])
+            await make_engine(manager).run(until_idle=True)
+            return job, [h.query for h in srv.hits_for("/f")], srv.url("/f")
+
+    job, queries, plain = asyncio.run(body())
+    assert job.state is JobState.TRANSFERRED, job.error
+    job.complete()
+    assert dest.read_bytes() == data
+    assert queries == [query]
+    return job, plain
+
+
 @pytest.mark.parametrize("sig", ["sig", "X-Upload-Token", "sessionSignature"])
 def test_a_signed_urls_signature_is_used_for_the_request_and_never_stored(
     tmp_path: Path, home: Path, manager: TransferManager, sig: str
 ) -> None:
     """The FaultServer plays the signing CDN: a request without ``sig=SIGNATURE`` gets 403.
     The parameter may be a listed name or any name with a secret word in it."""
-    data = os.urandom(96 * 1024)
-
-    async def body() -> tuple[TransferJob, list[str], str]:
-        async with FaultServer({"/f": Served(data, token=SIGNATURE, token_name=sig)}) as srv:
-            url = srv.url(f"/f?X-Amz-Date=20261126T150000Z&{sig}={SIGNATURE}&part=1")
-            job = new_job(manager, [(url, tmp_path / "f.bin")])
-            await make_engine(manager).run(until_idle=True)
-            return job, [h.query for h in srv.hits_for("/f")], srv.url("/f")
-
-    job, queries, plain = asyncio.run(body())
-
-    assert job.state is JobState.TRANSFERRED, job.error
-    job.complete()
-    assert (tmp_path / "f.bin").read_bytes() == data
-    assert queries == [f"X-Amz-Date=20261126T150000Z&{sig}={SIGNATURE}&part=1"]  # as given
+    query = f"X-Amz-Date=20261126T150000Z&{sig}={SIGNATURE}&part=1"
+    job, plain = fetch_signed(manager, tmp_path / "f.bin", sig, query)
     shown = f"{plain}?X-Amz-Date=20261126T150000Z&{sig}=<redacted>&part=1"
     assert [f.remote_name for f in job.files()] == [shown]
     assert shown in audit.history_to_text(audit.history(manager.store, job.id))
     manager.close()
     assert_not_in_store(home, SIGNATURE)
+
+
+def declare_in_another_process(home: Path, *names: str) -> None:
+    """``backhaul setsecretparams NAMES`` in a process of its own: what reaches this one
+    comes through the store's policy, not through this process's memory."""
+    argv = [str(Path(sys.executable).parent / "backhaul"), "--home", str(home)]
+    done = subprocess.run([*argv, "setsecretparams", *names], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shown = subprocess.run([*argv, "getsecretparams", "--json"], capture_output=True, text=True)
+    assert json.loads(shown.stdout) == {"secret_parameters": sorted(names, key=str.lower)}
+
+
+def fresh_parameter_name() -> str:
+    """A parameter name with no secret word that this process has not been told about (the
+    declared names only grow in a process)."""
+    return f"edgeh{os.urandom(4).hex()}"
+
+
+def test_a_signature_parameter_without_a_secret_word_is_kept_out_once_declared(
+    tmp_path: Path, home: Path, manager: TransferManager
+) -> None:
+    """A CDN that signs with ``?edgeh...=``: no secret word, so the name must be declared.
+    Declared in another process, the store's policy carries it here; the request still
+    carries the real value (the server refuses a request without it)."""
+    name = fresh_parameter_name()
+    assert secrets_of(f"http://127.0.0.1/f?{name}={SIGNATURE}")[2] is None  # not known yet
+    declare_in_another_process(home, name)
+
+    job, plain = fetch_signed(manager, tmp_path / "f", name, f"part=1&{name}={SIGNATURE}")
+    assert [f.remote_name for f in job.files()] == [f"{plain}?part=1&{name}=<redacted>"]
+    manager.close()
+    assert_not_in_store(home, SIGNATURE)
+
+
+def test_backhaul_get_keeps_a_declared_parameter_out_of_the_log_and_the_job_name(
+    tmp_path: Path, home: Path
+) -> None:
+    name = fresh_parameter_name()
+    data = os.urandom(70 * 1024)
+    declare_in_another_process(home, name)
+    out = io.StringIO()
+    with FaultServer({"/f": Served(data, token=SIGNATURE, token_name=name)}).threaded() as srv:
+        url = srv.url(f"/f?{name}={SIGNATURE}")
+        code = main(["--home", str(home), "get", url, str(tmp_path / "f"), "--json"], out)
+
+    assert code == 0, out.getvalue()
+    assert (tmp_path / "f").read_bytes() == data
+    assert SIGNATURE not in out.getvalue()
+    assert_not_in_store(home, SIGNATURE)
+    with sqlite3.connect(home / DB_FILE) as db:
+        docs = [row[0] for row in db.execute("SELECT doc FROM backhaul_job_views")]
+    assert docs and all(SIGNATURE not in doc for doc in docs)
+    assert any(f"{name}=<redacted>" in doc for doc in docs)  # the job's name and its file
+
+
+def test_secret_parameter_names_are_checked_and_the_list_is_replaced(home: Path) -> None:
+    m = TransferManager(open_store(home=home))
+    try:
+        with pytest.raises(BitsError) as refused:
+            m.set_secret_parameters(["a=b"])
+        assert refused.value.hresult == hresult.E_INVALIDARG
+        assert m.settings().secret_parameters == ()
+        m.set_secret_parameters(["Zeta", "alpha", "zeta"])
+        assert m.settings().secret_parameters == ("alpha", "Zeta")  # compared without case
+        m.set_secret_parameters([])
+        assert m.settings().secret_parameters == ()
+    finally:
+        m.close()
 
 
 def test_the_error_of_a_refused_signed_url_does_not_hold_its_signature(

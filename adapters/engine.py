@@ -685,11 +685,7 @@ class Engine:
         local = now.astimezone()
         policy = self.settings.bandwidth
         if self.yielder is not None:
-            active = any(
-                self._jobs[j].priority is not JobPriority.FOREGROUND
-                for j in self._tasks
-                if j in self._jobs
-            )
+            active = bool(self._jobs.background_among(self._tasks))
             allowed = self.yielder.update(active, _queued(self._bg_sockets))
             self.limiter.set_rate("yield", allowed)
         # A rate of 0 blocks (below); the buckets only enforce positive rates.
@@ -701,6 +697,8 @@ class Engine:
         rated = self._rated_jobs
         # While the network is up, a TRANSIENT_ERROR job matters only if a policy blocks it.
         waiting = self._jobs.in_states([JobState.TRANSIENT_ERROR]) if not up else []
+        # The verdict depends on the job's cost flags and priority only: once per pair.
+        verdicts: dict[tuple[int, JobPriority], int | None] = {}
         for job in self._jobs.in_states(_UNBLOCKED) + waiting + self._jobs.blocked():
             state = job.state
             if state is JobState.TRANSIENT_ERROR and job.blocked_by is None and up:
@@ -711,7 +709,11 @@ class Engine:
                     rated.discard(job.id)
                 else:
                     rated.add(job.id)
-            code = self.why_blocked(job, up, cost, by_priority)
+            key = (job.cost_flags, job.priority)
+            if key in verdicts:
+                code = verdicts[key]
+            else:
+                code = verdicts[key] = self.why_blocked(job, up, cost, by_priority)
             if code is not None and state in (
                 JobState.QUEUED,
                 JobState.CONNECTING,
@@ -929,7 +931,10 @@ class Engine:
         now = self.clock.now()
         self._renew_leases(now)
         elsewhere = []
+        tasks = self._tasks
         for job in self._jobs.in_states(_RUNNING):
+            if job.id in tasks and job.lease_worker in (None, self.worker):
+                continue  # running here, and nobody else's: nothing to note or requeue
             if job.leased_by_other(self.worker, now):
                 elsewhere.append(job.priority)  # another worker runs it
                 continue
@@ -945,11 +950,7 @@ class Engine:
         jobs_now = self._jobs
         for job in jobs_now.ordered(
             [j.id for j in jobs_now.in_states([JobState.QUEUED]) if j.id not in self._tasks]
-            + [
-                j
-                for j in self._tasks
-                if j in jobs_now and jobs_now[j].priority is not JobPriority.FOREGROUND
-            ]
+            + jobs_now.background_among(self._tasks)
         ):
             running = job.id in self._tasks
             if not running and job.leased_by_other(self.worker, now):

@@ -8,6 +8,8 @@ engine's whole cost (RESULTS-scale.md §1). The table keeps:
   (``in_states``); ``ordered`` gives jobs in the order the table first saw them;
 * the TRANSIENT_ERROR jobs that a policy blocks (``blocked``), the only ones of that state the
   policies look at while the network is up;
+* the background jobs (``background``: any priority but FOREGROUND), so that a loop of an
+  engine running 10,000 foreground jobs does not walk them to find the background ones;
 * the timers (retry, no-progress, maximum download time) in a heap by due time (``due_before``,
   ``next_due``), computed by the ``deadline`` function the engine gives;
 * the inactivity deadlines in a heap by ``modified_at`` (``idle_before``): JobInactivityTimeout
@@ -27,7 +29,7 @@ from datetime import datetime
 from backhaul.adapters.notify import command_line_due_at
 from backhaul.core.job import Job
 from backhaul.core.policy import next_timer
-from backhaul.core.vocabulary import JobState
+from backhaul.core.vocabulary import JobPriority, JobState
 
 _Entry = tuple[datetime, int, str, int]  # (when, first-seen order, job id, job version)
 
@@ -84,6 +86,7 @@ class JobTable(dict[str, Job]):
         self._deadline = deadline
         self._by_state: dict[JobState, dict[str, None]] = {s: {} for s in JobState}
         self._blocked: dict[str, None] = {}
+        self._background: dict[str, None] = {}
         self._order: dict[str, int] = {}
         self._seq = itertools.count()
         self._idle: list[_Entry] = []
@@ -102,6 +105,10 @@ class JobTable(dict[str, Job]):
             self._blocked[job_id] = None
         else:
             self._blocked.pop(job_id, None)
+        if job.priority is JobPriority.FOREGROUND:
+            self._background.pop(job_id, None)
+        else:
+            self._background[job_id] = None
         dict.__setitem__(self, job_id, job)
         if old is None or old.version != job.version:
             self.remind(job)
@@ -111,6 +118,7 @@ class JobTable(dict[str, Job]):
         job = dict.pop(self, job_id)
         del self._by_state[job.state][job_id]
         self._blocked.pop(job_id, None)
+        self._background.pop(job_id, None)
         del self._order[job_id]
 
     def pop(self, job_id: str, *default: Job | None) -> Job | None:  # type: ignore[override]
@@ -127,6 +135,7 @@ class JobTable(dict[str, Job]):
         for ids in self._by_state.values():
             ids.clear()
         self._blocked.clear()
+        self._background.clear()
         self._order.clear()
         self._idle.clear()
         self._timers.clear()
@@ -157,6 +166,14 @@ class JobTable(dict[str, Job]):
 
     def count_blocked(self) -> int:
         return len(self._blocked)
+
+    def background_among(self, job_ids: Iterable[str]) -> list[str]:
+        """Those of ``job_ids`` (a dict or set: a membership test is cheap) whose job is a
+        background one, walking the smaller of the two."""
+        ids = job_ids if isinstance(job_ids, dict | set | frozenset) else set(job_ids)
+        if len(self._background) < len(ids):
+            return [j for j in self._background if j in ids]
+        return [j for j in ids if j in self._background]
 
     # -- timers ------------------------------------------------------------------------
 

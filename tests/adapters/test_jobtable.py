@@ -1,6 +1,6 @@
 """The engine's job table (adapters/jobtable.py) against a plain dict: after any sequence of
-assignments and removals, its state index, its blocked index, its timer heap and its
-inactivity heap say what a full scan of the dict says."""
+assignments and removals, its state index, its blocked index, its background index, its timer
+heap and its inactivity heap say what a full scan of the dict says."""
 
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ ops = st.lists(
 
 
 @settings(max_examples=500, deadline=None)
-@given(ops, st.integers(0, 40), st.sampled_from([0, 4, 1024]))
+@given(ops, st.integers(0, 40), st.sampled_from([0, 4, 1024]), st.sets(st.sampled_from(IDS)))
 def test_the_indexes_agree_with_a_scan_of_the_jobs(
-    operations: list[tuple], cutoff_minute: int, slack: int
+    operations: list[tuple], cutoff_minute: int, slack: int, running: set[str]
 ) -> None:
     table = JobTable(deadline=deadline)
     table.stale_slack = slack
@@ -129,6 +129,12 @@ def test_the_indexes_agree_with_a_scan_of_the_jobs(
         if job.state is JobState.TRANSIENT_ERROR and job.blocked_by is not None
     }
     assert table.count_blocked() == len(table.blocked())
+    background = {
+        j for j in running if j in model and model[j].priority is not jobs.JobPriority.FOREGROUND
+    }
+    for ids in (running, dict.fromkeys(running), sorted(running)):  # a set, a dict, a list
+        got = table.background_among(ids)
+        assert sorted(got) == sorted(background), ids
     for job_id in idle_taken:  # remind puts a taken job back
         table.remind(model[job_id])
     for job_id in due_taken:

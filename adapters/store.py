@@ -135,6 +135,7 @@ class EventStore:
         the log. A batch may append to one stream several times, in order."""
         stored: list[StoredEvent] = []
         links: dict[str, tuple[int, str]] = {}  # stream -> its last (version, hash) here
+        self._fetch_links(batches, links)
         for job_id, after_version, events in batches:
             if not events:
                 continue
@@ -157,6 +158,41 @@ class EventStore:
             raise ConcurrentAppend(str(exc)) from exc
         self._remember(links)
         return list(ids or [])
+
+    def _fetch_links(
+        self,
+        batches: Sequence[tuple[str, int, Sequence[Event]]],
+        links: dict[str, tuple[int, str]],
+    ) -> None:
+        """Read into ``links`` the hashes the batch chains to that the cache misses (an
+        engine's first append to 1,000 jobs another process created), on SQLite in one read
+        transaction: one query each, without the recorder's cost per call (about 75 us
+        against 5 here). Elsewhere ``_previous_link`` reads them one by one."""
+        if self.kind != "sqlite":
+            return
+        with self._links_lock:
+            wanted = {}
+            for job_id, after, events in batches:
+                known = self._links.get(job_id)
+                if events and after and (known is None or known[0] != after):
+                    wanted.setdefault(job_id, after)
+        if len(wanted) < 2:
+            return
+        log = cast(Any, self.log)
+        statement = (
+            f"{log.select_events_statement}AND originator_version<=? "
+            "ORDER BY originator_version DESC LIMIT 1"
+        )
+        with log.datastore.transaction(commit=False) as cursor:
+            for job_id, after in wanted.items():
+                try:
+                    key = UUID(job_id).hex
+                except ValueError:
+                    continue  # not a stream the store writes: append_many refuses it
+                cursor.execute(statement, [key, after])
+                rows = cursor.fetchall()
+                if rows and rows[0]["originator_version"] == after:
+                    links[str(UUID(job_id))] = (after, stored_hash(rows[0]["state"]))
 
     def _previous_link(
         self, originator: UUID, stream: str, after: int, links: dict[str, tuple[int, str]]

@@ -126,6 +126,45 @@ def test_a_second_store_object_continues_the_chain_from_the_log(tmp_path: Path) 
         second.close()
 
 
+def test_a_batch_to_streams_another_store_object_wrote_reads_their_links_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine's first append to 50 jobs a manager created: the links it chains to come
+    from the log in one read (on SQLite), none through the recorder's select_events; a
+    stream whose version is not there still conflicts, and the rest of the batch with it."""
+    url = f"sqlite://{tmp_path / 'chain.db'}"
+    ids = [new_id() for _ in range(50)]
+    first, second = open_store(url), open_store(url)
+    try:
+        first.append_many([(j, 0, stream_of(j, 2)) for j in ids])
+        selects: list[object] = []
+        real = second.log.select_events
+
+        def counted(*args: object, **kwargs: object) -> object:
+            selects.append(args)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(second.log, "select_events", counted)
+        second.append_many([(j, 2, stream_of(j, 1, start=3)) for j in ids])
+        assert selects == []
+        for job_id in ids:
+            assert stored_links(first, job_id) == expected_links(first, job_id)
+        assert audit.verify(first) == []
+        stale = [(j, 2, stream_of(j, 1, start=3)) for j in ids[:3]]
+        with pytest.raises(ConcurrentAppend):
+            second.append_many(stale)  # version 3 is taken: the insert conflicts
+        missing = [
+            (ids[0], 3, stream_of(ids[0], 1, start=4)),
+            (ids[1], 7, stream_of(ids[1], 1, start=8)),
+        ]
+        with pytest.raises(ConcurrentAppend, match="no version 7"):
+            second.append_many(missing)
+        assert [r.originator_version for r in first.raw_stream(ids[0])] == [1, 2, 3]
+    finally:
+        first.close()
+        second.close()
+
+
 def test_appending_after_a_version_the_stream_does_not_have_appends_nothing(
     store: EventStore,
 ) -> None:

@@ -126,6 +126,19 @@ def test_a_second_store_object_continues_the_chain_from_the_log(tmp_path: Path) 
         second.close()
 
 
+def count_selects(monkeypatch: pytest.MonkeyPatch, store: EventStore) -> list[object]:
+    """Every ``select_events`` call the store's recorder gets from now on."""
+    calls: list[object] = []
+    select = store.log.select_events
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append((args, kwargs))
+        return select(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.log, "select_events", counting)
+    return calls
+
+
 def test_a_batch_to_streams_another_store_object_wrote_reads_their_links_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -137,14 +150,7 @@ def test_a_batch_to_streams_another_store_object_wrote_reads_their_links_at_once
     first, second = open_store(url), open_store(url)
     try:
         first.append_many([(j, 0, stream_of(j, 2)) for j in ids])
-        selects: list[object] = []
-        real = second.log.select_events
-
-        def counted(*args: object, **kwargs: object) -> object:
-            selects.append(args)
-            return real(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(second.log, "select_events", counted)
+        selects = count_selects(monkeypatch, second)
         second.append_many([(j, 2, stream_of(j, 1, start=3)) for j in ids])
         assert selects == []
         for job_id in ids:
@@ -279,14 +285,7 @@ def test_reading_the_log_remembers_each_streams_last_link(
         for n, job_id in enumerate(ids):
             writer.append(job_id, 0, stream_of(job_id, 2 + n))
         assert len(reader.read(0, 1000)) == 2 + 3 + 4
-        reads: list[object] = []
-        select = reader.log.select_events
-
-        def counting(*args: object, **kwargs: object) -> object:
-            reads.append(kwargs)
-            return select(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(reader.log, "select_events", counting)
+        reads = count_selects(monkeypatch, reader)
         reader.append_many(
             [(job_id, 2 + n, stream_of(job_id, 1, start=3 + n)) for n, job_id in enumerate(ids)]
         )

@@ -670,7 +670,8 @@ class Engine:
     ) -> int | None:
         """The BITS code that holds this job back now, if any (None: it may run).
         ``by_priority``: whether the bandwidth policy blocks each priority now (one pass
-        over thousands of jobs asks the policy once per priority, not once per job)."""
+        over thousands of jobs asks the policy once per priority, not once per job). Of the
+        job it reads only the cost flags and the priority: a pass asks once per such pair."""
         if not up:
             return hresult.BG_E_NETWORK_DISCONNECTED
         if not cost_allows(job.cost_flags, cost):

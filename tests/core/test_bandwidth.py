@@ -142,3 +142,12 @@ def test_a_policy_survives_its_stored_form(
     settings = EngineSettings().evolve("bandwidth", policy.to_data())
     assert settings.bandwidth == policy
     assert settings.version == 1
+
+
+def test_the_secret_parameters_setting_keeps_only_parameter_names() -> None:
+    """The setter checks names; a log edited by hand may hold anything, and a value that is
+    not a name must not stop a manager or an engine from starting."""
+    settings = EngineSettings().evolve("secret_parameters", ["h", "a=b", 3, "", "X-Edge-Hmac"])
+    assert settings.secret_parameters == ("h", "X-Edge-Hmac")
+    assert settings.version == 1
+    assert settings.evolve("secret_parameters", None).secret_parameters == ()

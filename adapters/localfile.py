@@ -94,12 +94,18 @@ def check_source(local_name: str) -> None:
         raise BitsError(hresult.E_ACCESSDENIED, f"{path} is not readable")
 
 
-def check_local_names(job_type: JobType, local_names: Iterable[str]) -> None:
+def check_local_names(
+    job_type: JobType, local_names: Iterable[str], good_dirs: set[str] | None = None
+) -> None:
+    """AddFile's checks of local names. ``good_dirs``: destination directories found good
+    since the caller began (one group commit of 10,000 jobs: one look at their directory);
+    by default, those of this call."""
     if job_type is not JobType.DOWNLOAD:
         for name in local_names:
             check_source(name)
         return
-    good_dirs: set[str] = set()  # 10,000 files in one directory: one look at it
+    if good_dirs is None:
+        good_dirs = set()  # 10,000 files in one directory: one look at it
     for name in local_names:
         check_destination(name, good_dirs)
 

@@ -137,12 +137,14 @@ class TransferManager:
         self._log_unmoved: bool | None = None  # in a batch: is the log still there?
         self._pending: list[tuple[str, int, list[Event]]] | None = None
         self._pending_index: dict[str, int] = {}  # job id -> its last entry in _pending
-        self.declare_secret_parameters()  # before this manager names a job after a URL
         self._fresh: set[str] = set()  # in a batch: jobs read, or changed, in it
         self._listings: dict[str, list[str]] = {}  # temp files by directory, per batch
+        self._good_dirs: set[str] = set()  # destination directories checked, per batch
+        self._secrets_read = False  # the secret query parameters read, in this batch
         self._renamed_dirs: set[str] = set()  # directories a batch's Completes renamed in
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
+        self.declare_secret_parameters()  # before this manager names a job after a URL
 
     @property
     def certificates(self) -> CertificateStores:
@@ -307,8 +309,12 @@ class TransferManager:
         self._set_policy("secret_parameters", checked)
 
     def declare_secret_parameters(self) -> None:
-        """Read the store's secret query parameters into this process (core.url)."""
+        """Read the store's secret query parameters into this process (core.url): once per
+        group commit, inside one."""
+        if self._pending is not None and self._secrets_read:
+            return
         declare_secret_parameters(self.settings().secret_parameters)
+        self._secrets_read = self._pending is not None
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -325,6 +331,7 @@ class TransferManager:
         pending: list[tuple[str, int, list[Event]]] = []
         self._pending, self._before_commit, self._after_commit = pending, [], []
         self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
+        self._good_dirs, self._secrets_read = set(), False
         self._fresh = set()
         self._log_unmoved = None
         try:
@@ -346,6 +353,7 @@ class TransferManager:
         finally:
             self._pending = None
             self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
+            self._good_dirs, self._secrets_read = set(), False
             self._fresh = set()
             self._log_unmoved = None
             self._before_commit, self._after_commit = [], []
@@ -818,7 +826,9 @@ class TransferJob:
             cmd.check_local_name(spec.local_name)
             cmd.check_remote_name(spec.remote_name, job.job_type)
             self._check_scheme(spec.remote_name, job.job_type)
-        localfile.check_local_names(job.job_type, (s.local_name for s in specs))
+        batched = self._manager._pending is not None
+        good_dirs = self._manager._good_dirs if batched else None  # per group commit
+        localfile.check_local_names(job.job_type, (s.local_name for s in specs), good_dirs)
         with self._manager.batch():  # the credentials and the files, or neither
             if login is not None:
                 self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)

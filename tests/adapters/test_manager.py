@@ -1418,3 +1418,39 @@ def test_a_batch_of_cancels_and_completes_deletes_each_jobs_temp_files_only(
     assert published == ["done0-0.bin", "done1-0.bin", "done2-0.bin"]
     assert all((dest / name).read_bytes() == b"0123456789" for name in published)
     assert synced == [(dest, "JobTransferred")]  # once, before JobCompleted was stored
+
+
+def test_a_group_commit_looks_at_a_destination_directory_and_the_policy_once(
+    manager: TransferManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating 1,000 jobs in one batch: one look at their common directory, one read of the
+    store's secret query parameters; outside a batch, each AddFile looks again (the
+    directory may have gone meanwhile)."""
+    looks: list[object] = []
+    real_access = os.access
+
+    def access(path: object, mode: int) -> bool:
+        looks.append(path)
+        return real_access(path, mode)  # type: ignore[arg-type]
+
+    settings_reads = []
+    real_settings = manager.settings
+
+    def settings() -> object:
+        settings_reads.append(1)
+        return real_settings()
+
+    monkeypatch.setattr(localfile.os, "access", access)
+    monkeypatch.setattr(manager, "settings", settings)
+    with manager.batch():
+        for i in range(3):
+            job = manager.create_job(f"batched {i}")
+            job.add_file(f"{URL}?part={i}", tmp_path / f"b{i}.bin")
+    assert (len(looks), len(settings_reads)) == (1, 1)
+    for i in range(2):
+        job = manager.create_job(f"alone {i}")
+        job.add_file(f"{URL}?part={i}", tmp_path / f"a{i}.bin")
+    assert (len(looks), len(settings_reads)) == (3, 3)
+    with manager.batch(), pytest.raises(BitsError) as refused:  # another directory: looked at
+        manager.create_job("elsewhere").add_file(URL, tmp_path / "missing" / "y.bin")
+    assert refused.value.hresult == hresult.E_INVALIDARG

@@ -939,7 +939,7 @@ class Engine:
             if job.leased_by_other(self.worker, now):
                 elsewhere.append(job.priority)  # another worker runs it
                 continue
-            if job.id not in self._tasks and not self._has_queued(job.id):
+            if job.id not in tasks and not self._has_queued(job.id):
                 # Its transfer ended without a verdict (the log refused a write), or the
                 # worker that ran it lost its lease: requeue.
                 with contextlib.suppress(BitsError, JobGone):
@@ -950,10 +950,10 @@ class Engine:
         # considers only the queued jobs and the background jobs that run.
         jobs_now = self._jobs
         for job in jobs_now.ordered(
-            [j.id for j in jobs_now.in_states([JobState.QUEUED]) if j.id not in self._tasks]
-            + jobs_now.background_among(self._tasks)
+            [j.id for j in jobs_now.in_states([JobState.QUEUED]) if j.id not in tasks]
+            + jobs_now.background_among(tasks)
         ):
-            running = job.id in self._tasks
+            running = job.id in tasks
             if not running and job.leased_by_other(self.worker, now):
                 continue
             since = self._turn_since.get(job.id, job.modified_at)
@@ -1323,12 +1323,12 @@ class Engine:
         engine's copy as a run ends) shows transferred: their FileTransferred is on its way
         to the log, and ``_observe`` forgets them as it reads it back."""
         if unless_in is None:  # no copy left to list the files: look at every entry
-            indexes = [i for j, i in self.live_progress if j == job_id]
-        else:  # a run of one of 1,000 jobs must not scan the others' entries
-            indexes = [i for i in range(len(unless_in.files)) if (job_id, i) in self.live_progress]
-        for index in indexes:
-            if unless_in is None or not unless_in.files[index].transferred:
-                self._forget_live(job_id, index)
+            keys = {*self.live_progress, *self.live_sizes}
+            stale = [i for j, i in keys if j == job_id]
+        else:  # the job's own files: a run of one of 1,000 jobs scans none of the others'
+            stale = [i for i, f in enumerate(unless_in.files) if not f.transferred]
+        for index in stale:
+            self._forget_live(job_id, index)
 
     async def _fail(self, job_id: str, exc: TransferError, index: int | None = None) -> None:
         error = JobError(

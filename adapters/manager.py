@@ -316,6 +316,12 @@ class TransferManager:
         declare_secret_parameters(self.settings().secret_parameters)
         self._secrets_read = self._pending is not None
 
+    def _before_sealing(self, remote_names: Iterable[str]) -> None:
+        """Before URLs are sealed for the log: a URL with a query may hold a parameter that
+        another process declared secret since this one last read the list."""
+        if any("?" in name for name in remote_names):
+            self.declare_secret_parameters()
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Group commit: every call inside the block is decided at once but appended in
@@ -817,8 +823,7 @@ class TransferJob:
         are moved out before anything is recorded: the URL is recorded without them and they
         become the job's SERVER credentials (specs/smb.md §2)."""
         specs = tuple(f if isinstance(f, FileSpec) else FileSpec(f[0], str(f[1])) for f in files)
-        if any("?" in s.remote_name for s in specs):
-            self._manager.declare_secret_parameters()  # another process may have added one
+        self._manager._before_sealing(s.remote_name for s in specs)
         names, login = _split_url_credentials([s.remote_name for s in specs])
         specs = tuple(self._sealed(s, n) for s, n in zip(specs, names, strict=True))
         job = self.snapshot()
@@ -881,8 +886,7 @@ class TransferJob:
         URL are moved out as in ``add_files``, and a password in another URL is sealed.
         A new URL without a password keeps the file's own while it names the same user,
         host and port."""
-        if "?" in remote_name:
-            self._manager.declare_secret_parameters()
+        self._manager._before_sealing([remote_name])
         (remote_name,), login = _split_url_credentials([remote_name])
         remote_name, password, query = self._manager.store.secrets.seal_url(remote_name)
         self._check_scheme(remote_name)

@@ -170,12 +170,16 @@ class EventStore:
         against 5 here). Elsewhere ``_previous_link`` reads them one by one."""
         if self.kind != "sqlite":
             return
+        wanted: dict[UUID, int] = {}
         with self._links_lock:
-            wanted = {}
             for job_id, after, events in batches:
-                known = self._links.get(job_id)
+                try:
+                    originator = UUID(job_id)
+                except ValueError:
+                    continue  # not a stream the store writes: append_many refuses it
+                known = self._links.get(str(originator))
                 if events and after and (known is None or known[0] != after):
-                    wanted.setdefault(job_id, after)
+                    wanted.setdefault(originator, after)
         if len(wanted) < 2:
             return
         log = cast(Any, self.log)
@@ -184,15 +188,11 @@ class EventStore:
             "ORDER BY originator_version DESC LIMIT 1"
         )
         with log.datastore.transaction(commit=False) as cursor:
-            for job_id, after in wanted.items():
-                try:
-                    key = UUID(job_id).hex
-                except ValueError:
-                    continue  # not a stream the store writes: append_many refuses it
-                cursor.execute(statement, [key, after])
+            for originator, after in wanted.items():
+                cursor.execute(statement, [originator.hex, after])
                 rows = cursor.fetchall()
                 if rows and rows[0]["originator_version"] == after:
-                    links[str(UUID(job_id))] = (after, stored_hash(rows[0]["state"]))
+                    links[str(originator)] = (after, stored_hash(rows[0]["state"]))
 
     def _previous_link(
         self, originator: UUID, stream: str, after: int, links: dict[str, tuple[int, str]]

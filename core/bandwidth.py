@@ -26,7 +26,7 @@ import attrs
 
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
-from backhaul.core.url import check_secret_parameter_name
+from backhaul.core.url import is_parameter_name
 from backhaul.core.vocabulary import CostFlags, JobPriority
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -214,7 +214,7 @@ class EngineSettings:
         if name == "secret_parameters":
             # Names the setter checked; one that is not a name (a log edited by hand) is
             # left out rather than stop every manager and engine of the store from starting.
-            names = tuple(n for n in value or () if _is_parameter_name(n))
+            names = tuple(n for n in value or () if is_parameter_name(n))
             return attrs.evolve(self, secret_parameters=names, version=self.version + 1)
         if name == "bandwidth":
             return attrs.evolve(
@@ -223,14 +223,6 @@ class EngineSettings:
         if name == "network_cost":
             return attrs.evolve(self, network_cost=value, version=self.version + 1)
         return attrs.evolve(self, version=self.version + 1)
-
-
-def _is_parameter_name(name: object) -> bool:
-    try:
-        check_secret_parameter_name(name)
-    except ValueError:
-        return False
-    return True
 
 
 def check_network_cost(value: int | None) -> int | None:

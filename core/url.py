@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, cast
 from urllib.parse import unquote_plus
 
 REDACTED: Final = "<redacted>"
@@ -81,11 +81,16 @@ _DECLARED: set[str] = set()
 _NOT_IN_A_NAME = re.compile(r"[=&?#\s]")
 
 
+def is_parameter_name(name: object) -> bool:
+    """A query parameter name as ``declare_secret_parameters`` takes it?"""
+    return isinstance(name, str) and bool(name) and not _NOT_IN_A_NAME.search(name)
+
+
 def check_secret_parameter_name(name: object) -> str:
-    """A query parameter name as ``declare_secret_parameters`` takes it, or ValueError."""
-    if not isinstance(name, str) or not name or _NOT_IN_A_NAME.search(name):
+    """``name``, if ``is_parameter_name``; else ValueError."""
+    if not is_parameter_name(name):
         raise ValueError(f"{name!r} is not a query parameter name")
-    return name
+    return cast(str, name)
 
 
 def declare_secret_parameters(names: Iterable[str]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_cli_limits import _no_backhaul_environment  # noqa: F401
-from test_engine_cli import left_by
+from test_engine_cli import left_by, the_only_job
 from test_upload_end_to_end import serving
 from test_url_password import assert_not_in_store
 
@@ -153,6 +153,5 @@ def test_a_rerun_put_picks_up_the_upload_an_earlier_put_left(
 
     assert code == 0, out
     assert (root / "inbox" / "up.bin").read_bytes() == source.read_bytes()
-    with TransferManager(home=home) as m:
-        (job,) = m.jobs(include_final=True)
-        assert (job.id, job.state) == (left_id, JobState.ACKNOWLEDGED)
+    job = the_only_job(home)
+    assert (job.id, job.state) == (left_id, JobState.ACKNOWLEDGED)

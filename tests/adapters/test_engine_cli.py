@@ -38,6 +38,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
 from backhaul.adapters.cli import GC_YOUNG_THRESHOLD, LOCK_FILE, _made_by, main, serve_lock
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
+from backhaul.core.job import Job
 from backhaul.core.vocabulary import JobPriority, JobState, JobType
 
 S = JobState
@@ -149,9 +150,8 @@ def test_get_max_rate_limits_the_job_as_setmaxrate_does(
 
     limited = timed_get("--max-rate", "400k")
     assert sha256(dest) == sha256(docroot / "one.bin")
-    with TransferManager(home=home) as manager:
-        (job,) = manager.jobs(include_final=True)
-        assert (job.max_rate, job.state) == (400_000, S.ACKNOWLEDGED)
+    job = the_only_job(home)
+    assert (job.max_rate, job.state) == (400_000, S.ACKNOWLEDGED)
     assert limited > 2.0
     dest.unlink()
     assert timed_get() < limited / 2  # the limit, not the machine, set the time above
@@ -168,6 +168,13 @@ def left_by(
         left.description = _made_by(verb)
         left.add_file(remote, str(local))
         return left.id
+
+
+def the_only_job(home: Path) -> Job:
+    """The one job of the store (final or not), as it stands now."""
+    with TransferManager(home=home) as manager:
+        (job,) = manager.jobs(include_final=True)
+        return job.snapshot()
 
 
 def slow_get_past_a_checkpoint(
@@ -233,9 +240,8 @@ def test_a_rerun_of_a_killed_get_picks_up_its_job_from_the_last_checkpoint(
     assert f"picking up job {job.id}" in capsys.readouterr().err
     assert sha256(dest) == sha256(docroot / "three.bin")
     assert list(tmp_path.glob(".*.bhtmp")) == []
-    with TransferManager(home=home) as manager:
-        (done,) = manager.jobs(include_final=True)
-        assert (done.id, done.state, done.max_rate) == (job.id, S.ACKNOWLEDGED, None)
+    done = the_only_job(home)
+    assert (done.id, done.state, done.max_rate) == (job.id, S.ACKNOWLEDGED, None)
     (request,) = requests_for_it()[earlier + 1 :]
     assert request["http_range"] == f"bytes={resume_at}-", request
     size = (docroot / "three.bin").stat().st_size
@@ -267,9 +273,8 @@ def test_an_interrupted_get_suspends_its_job_and_the_next_get_finishes_it(
 
     assert main(["--home", str(home), "get", "-q", url, str(dest)], io.StringIO()) == 0
     assert sha256(dest) == sha256(docroot / "three.bin")
-    with TransferManager(home=home) as manager:
-        (done,) = manager.jobs(include_final=True)
-        assert (done.id, done.state) == (job_id, S.ACKNOWLEDGED)
+    done = the_only_job(home)
+    assert (done.id, done.state) == (job_id, S.ACKNOWLEDGED)
 
 
 def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(
@@ -319,9 +324,8 @@ def test_a_picked_up_get_takes_the_signature_given_now(
     assert sha256(dest) == sha256(docroot / "one.bin")
     (request,) = server.access_lines()[before:]
     assert request["request"].startswith("GET /one.bin?sig=fresh1 "), request
-    with TransferManager(home=home) as manager:
-        (job,) = manager.jobs(include_final=True)
-        assert (job.id, job.state) == (left_id, S.ACKNOWLEDGED)
+    job = the_only_job(home)
+    assert (job.id, job.state) == (left_id, S.ACKNOWLEDGED)
 
 
 def test_get_of_several_urls_into_a_directory(

@@ -7,7 +7,9 @@ BITS's limits (200 files per job, 60 jobs per owner, 300 jobs, 500 ranges per fi
 unless ``--unlimited`` / ``$BACKHAUL_UNLIMITED=1`` lifts them.
 
 Exit codes: 0 success; 1 the job ended in ERROR or a call was refused (the BITS error is
-printed); 2 bad usage; 3 the job was cancelled; 130 interrupted.
+printed); 2 bad usage; 3 the job was cancelled; 130 interrupted (Ctrl-C). ``get``, ``put``
+and ``transfer`` take SIGTERM and SIGHUP (``kill``, ``timeout``, a closed terminal) as they
+take Ctrl-C, and exit 128 + the signal's number: 143 and 129.
 """
 
 from __future__ import annotations
@@ -845,25 +847,67 @@ def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, ou
     (``_unfinished``); ``transfer`` cancels it, as before."""
     job.resume()
     try:
-        with _engine_lock(args) as held:
+        with _stop_signals(), _engine_lock(args) as held:
             shared = _shared_store(args)
             run_here = held and not (shared and args.follow)
             state = _run_engine(job, m, args, out) if run_here else _follow(job, m, args, out)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped) as exc:
+        code = 128 + exc.signum if isinstance(exc, _Stopped) else EXIT_INTERRUPTED
         if args.verb not in ("get", "put"):
             with contextlib.suppress(BackhaulError):
                 job.cancel()
-            sys.stderr.write("\ninterrupted: job cancelled\n")
-            return EXIT_INTERRUPTED
+            _tell("\ninterrupted: job cancelled\n")
+            return code
         with contextlib.suppress(BackhaulError):
             job.suspend()
         kept = sum(f.bytes_transferred for f in job.snapshot().files)
-        sys.stderr.write(
+        _tell(
             f"\ninterrupted: job {job.id} suspended with {_fmt_size(kept)} kept; the same "
             f"command picks it up (--new starts over), `backhaul cancel {job.id}` drops it\n"
         )
-        return EXIT_INTERRUPTED
+        return code
     return _finish_get(job, state, args, out)
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP while ``get``, ``put`` or ``transfer`` runs: handled as Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """While a transfer runs here, SIGTERM and SIGHUP stop it as Ctrl-C does (the engine
+    stops cleanly, claiming what it received; the job is suspended, or cancelled by
+    ``transfer``) instead of killing the process where it stands. Outside the engine's
+    loop the signal raises ``_Stopped``; the loop takes it in its own turn
+    (``_run_engine``). Only the main thread can take signals: elsewhere, nothing changes."""
+    try:
+        before = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _tell(text: str) -> None:
+    """A last word on stderr, which a closed terminal (SIGHUP) may have taken away."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out: TextIO) -> int:
@@ -919,10 +963,17 @@ def _run_engine(
     reporter = _Reporter(job, args, out, engine)
 
     async def main() -> JobState:
+        stopped: list[int] = []
+        loop = asyncio.get_running_loop()
+        taken = _take_stop_signals(loop, lambda sig: (stopped.append(sig), engine.stop()))
         task = asyncio.create_task(engine.run())
         try:
             while True:
                 await asyncio.sleep(0.05)
+                if stopped:
+                    engine.stop()
+                    await task
+                    raise _Stopped(stopped[0])
                 # The engine's own copy while it holds the job: no store read on its loop.
                 snap = engine.current(job.id) or m._load(job.id)
                 reporter.show(snap)
@@ -934,8 +985,33 @@ def _run_engine(
         finally:
             engine.stop()
             await task
+            _give_back_stop_signals(loop, taken)
 
     return asyncio.run(main())
+
+
+def _take_stop_signals(
+    loop: asyncio.AbstractEventLoop, on_stop: Callable[[int], object]
+) -> dict[int, Any]:
+    """The engine's loop takes SIGTERM and SIGHUP in its own turn (a handler raising in
+    the middle of a callback could leave a transfer half-recorded): the handlers it
+    replaced, for ``_give_back_stop_signals``."""
+    taken: dict[int, Any] = {}
+    for sig in _STOP_SIGNALS:
+        before = signal.getsignal(sig)
+        try:
+            loop.add_signal_handler(sig, on_stop, int(sig))
+        except (ValueError, RuntimeError, NotImplementedError):
+            continue  # not the main thread, or no signals on this loop
+        taken[sig] = before
+    return taken
+
+
+def _give_back_stop_signals(loop: asyncio.AbstractEventLoop, taken: dict[int, Any]) -> None:
+    for sig, before in taken.items():
+        loop.remove_signal_handler(sig)  # it leaves SIG_DFL behind: put back what was there
+        if before is not None:
+            signal.signal(sig, before)
 
 
 def _follow(

@@ -248,26 +248,38 @@ def test_a_rerun_of_a_killed_get_picks_up_its_job_from_the_last_checkpoint(
     assert int(request["body_bytes_sent"]) == size - resume_at
 
 
+@pytest.mark.parametrize(
+    ("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
 def test_an_interrupted_get_suspends_its_job_and_the_next_get_finishes_it(
-    tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
+    tmp_path: Path,
+    home: Path,
+    env: dict[str, str],
+    engine_nginx: tuple[NginxServer, Path],
+    stop: signal.Signals,
+    code: int,
 ) -> None:
-    """Ctrl-C (SIGINT) on `get`: exit 130, the job SUSPENDED with its checkpointed bytes
-    (not cancelled: nothing fetched is thrown away), and the message says how to go on;
-    the same `get` then completes that job."""
+    """Ctrl-C (SIGINT) on `get`, and SIGTERM (`kill`, `timeout`) or SIGHUP (a closed
+    terminal) alike: exit 128 + the signal, the job SUSPENDED with every byte its temp file
+    holds claimed (the engine stopped cleanly: not a kill, which loses what came since the
+    last checkpoint), nothing cancelled, and the message says how to go on; the same `get`
+    then completes that job."""
     server, docroot = engine_nginx
     dest = tmp_path / "three.bin"
     url = f"{server.url}/three.bin"
     first = slow_get_past_a_checkpoint(home, env, url, dest)
     try:
-        first.send_signal(signal.SIGINT)
+        first.send_signal(stop)
         _, err = first.communicate(timeout=30)
     finally:
         if first.poll() is None:
             first.kill()
-    assert first.returncode == 130, err.decode()
+    assert first.returncode == code, err.decode()
     with TransferManager(home=home) as manager:
         (job,) = manager.jobs()
         assert job.state is S.SUSPENDED and checkpointed(job) > 0
+        (temp,) = tmp_path.glob(".*.bhtmp")
+        assert checkpointed(job) == temp.stat().st_size
         job_id = job.id
     assert f"job {job_id} suspended" in err.decode()
 

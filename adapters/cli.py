@@ -120,6 +120,17 @@ def _fmt_size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _error_json(error: Any) -> dict[str, Any]:
+    """A job's error (``ErrorInfo`` or the core's ``JobError``) as ``info --json`` gives it."""
+    return {
+        "context": error.context.name,
+        "hresult": hresult.format_hresult(error.hresult),
+        "name": hresult.name_of(error.hresult),
+        "description": error.description,
+        "file_index": error.file_index,
+    }
+
+
 def job_info(job: TransferJob) -> dict[str, Any]:
     snap = job.snapshot()
     waiting = why_waiting(snap, job._manager.clock.now())
@@ -138,15 +149,7 @@ def job_info(job: TransferJob) -> dict[str, Any]:
         "bytes_transferred": progress.bytes_transferred,
         "files_total": progress.files_total,
         "files_transferred": progress.files_transferred,
-        "error": None
-        if error is None
-        else {
-            "context": error.context.name,
-            "hresult": hresult.format_hresult(error.hresult),
-            "name": error.hresult_name,
-            "description": error.description,
-            "file_index": error.file_index,
-        },
+        "error": None if error is None else _error_json(error),
         "error_count": snap.error_count,
         "creation_time": times.creation_time.isoformat(),
         "modification_time": times.modification_time.isoformat(),
@@ -1036,6 +1039,8 @@ class _Reporter:
         self.job, self.args, self.out, self.engine = job, args, out, engine
         self.start = time.monotonic()
         self.last = 0.0
+        self.base: int | None = None  # bytes a picked-up job had before this run
+        self.told: tuple[object, ...] | None = None  # the transient error last shown
 
     def show(self, snap: Any) -> None:
         done = sum(f.bytes_transferred for f in snap.files)
@@ -1050,23 +1055,30 @@ class _Reporter:
                     sizes[i] = self.engine.live_sizes.get((snap.id, i))
         total = None if None in sizes else sum(s for s in sizes if s is not None)
         now = time.monotonic()
-        rate = done / max(now - self.start, 1e-6)
+        if self.base is None:
+            self.base = done
+        rate = max(done - self.base, 0) / max(now - self.start, 1e-6)  # this run's bytes
+        waiting = why_waiting(snap, self.job._manager.clock.now())
         if self.args.json:
             if now - self.last >= 0.5 or state in _DONE:
-                _print_json(
-                    {
-                        "state": state.name,
-                        "bytes_transferred": done,
-                        "bytes_total": total,
-                        "files_transferred": snap.files_transferred,
-                        "files_total": len(snap.files),
-                    },
-                    self.out,
-                )
+                line: dict[str, Any] = {
+                    "state": state.name,
+                    "bytes_transferred": done,
+                    "bytes_total": total,
+                    "files_transferred": snap.files_transferred,
+                    "files_total": len(snap.files),
+                }
+                if state is JobState.TRANSIENT_ERROR and snap.error is not None:
+                    line["error"] = _error_json(snap.error)
+                    line["waiting"] = waiting[0] if waiting else None
+                    line["next_try"] = waiting[1].isoformat() if waiting and waiting[1] else None
+                _print_json(line, self.out)
                 self.last = now
             return
         if self.args.quiet:
             return
+        if state is JobState.TRANSIENT_ERROR and snap.error is not None:
+            self._tell_transient(snap, waiting)
         width = 30
         frac = (done / total) if total else 0.0
         bar = "#" * int(frac * width)
@@ -1076,6 +1088,24 @@ class _Reporter:
             f"{_fmt_size(int(rate))}/s {state.name:<15}"
         )
         sys.stderr.flush()
+
+    def _tell_transient(self, snap: Any, waiting: tuple[str, datetime | None] | None) -> None:
+        """A transient error, once per error (as wget says why it retries): what failed
+        and when the job tries again, which the bar alone does not show."""
+        error = snap.error
+        seen = (snap.error_count, error.hresult, error.description, snap.blocked_by)
+        if seen == self.told:
+            return
+        self.told = seen
+        why = f"{error.description} [{hresult.name_of(error.hresult)} "
+        why += f"{hresult.format_hresult(error.hresult)}]"
+        then = ""
+        if waiting is not None:
+            then = f"; {waiting[0]}"
+            if waiting[1] is not None:
+                wait = (waiting[1] - self.job._manager.clock.now()).total_seconds()
+                then += f" at {waiting[1].astimezone():%H:%M:%S} (in {max(wait, 0):.0f} s)"
+        sys.stderr.write(f"\ntransient error: {why}{then}; Ctrl-C suspends the job\n")
 
 
 def cmd_monitor(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:

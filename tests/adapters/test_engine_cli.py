@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     FaultServer,
     KiB,
     MiB,
+    Served,
     _no_store_from_the_environment,  # noqa: F401
     checkpointed,
     events_of,
@@ -364,6 +366,43 @@ def test_get_of_a_missing_file_fails_and_cancels_the_job(
     assert code == 1
     assert the_job(home).state is S.CANCELLED
     assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_get_says_why_it_waits_after_a_transient_error_and_when_it_tries_again(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    """A 503 with Retry-After: the bar alone would only show TRANSIENT_ERROR. `get` says
+    once what failed and when it tries again (a line on stderr; with --json, the progress
+    lines carry the error, the reason and the time), then finishes the file."""
+    data = os.urandom(96 * KiB)
+    served = Served(data, statuses=[503], retry_after="6")  # past the 5 s floor of the delay
+    with FaultServer({"/f": served}).threaded() as srv:
+        dest = tmp_path / "f"
+        json_ = ["--json"] if as_json else []
+        argv = ["--home", str(home), "get", "--retry-delay", "5", *json_, srv.url("/f")]
+        out = io.StringIO()
+        assert main([*argv, str(dest)], out) == 0
+    assert dest.read_bytes() == data
+    err = capsys.readouterr().err
+    if not as_json:
+        (said,) = [line for line in err.splitlines() if line.startswith("transient error:")]
+        assert "[BG_E_HTTP_ERROR_503 0x801901F7]" in said, said
+        assert "the server asked to retry later (Retry-After) at " in said, said
+        return
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    waiting = [line for line in lines if line["state"] == "TRANSIENT_ERROR"]
+    assert waiting, lines
+    assert waiting[0]["error"]["name"] == "BG_E_HTTP_ERROR_503"
+    assert waiting[0]["error"]["context"] == "REMOTE_FILE"
+    assert waiting[0]["waiting"] == "the server asked to retry later (Retry-After)"
+    assert datetime.fromisoformat(waiting[0]["next_try"]) > datetime.now(UTC) - timedelta(
+        seconds=30
+    )
+    progress = [line for line in lines if "bytes_transferred" in line]
+    assert progress[-1]["state"] == "TRANSFERRED" and "error" not in progress[-1]
+    assert lines[-1]["state"] == "ACKNOWLEDGED"  # then Complete's result
+    assert "transient error:" not in err
 
 
 def test_get_follows_the_job_when_another_engine_holds_the_lock(

@@ -850,10 +850,8 @@ def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, ou
     (``_unfinished``); ``transfer`` cancels it, as before."""
     job.resume()
     try:
-        with _stop_signals(), _engine_lock(args) as held:
-            shared = _shared_store(args)
-            run_here = held and not (shared and args.follow)
-            state = _run_engine(job, m, args, out) if run_here else _follow(job, m, args, out)
+        with _stop_signals():
+            state = _run_or_follow(job, m, args, out)
     except (KeyboardInterrupt, _Stopped) as exc:
         code = 128 + exc.signum if isinstance(exc, _Stopped) else EXIT_INTERRUPTED
         if args.verb not in ("get", "put"):
@@ -870,6 +868,40 @@ def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, ou
         )
         return code
     return _finish_get(job, state, args, out)
+
+
+def _run_or_follow(
+    job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO
+) -> JobState:
+    """Run the engine here, or follow the engine that holds the SQLite store (``serve``,
+    another ``get``) while it runs. That engine may stop before this job is done (a ``get``
+    ends with its own job, ``serve`` is stopped): then this command takes the store's lock
+    and runs the job itself. On PostgreSQL, ``--follow`` leaves the job to the workers."""
+    shared = _shared_store(args)
+    while True:
+        with _engine_lock(args) as held:
+            if held and not (shared and args.follow):
+                return _run_engine(job, m, args, out)
+            if shared:
+                return _follow(job, m, args, out)
+        state = _follow(job, m, args, out, engine_gone=lambda: _lock_is_free(args))
+        if state is not None:
+            return state
+
+
+def _lock_is_free(args: argparse.Namespace) -> bool:
+    """Is no engine holding the SQLite store's lock now? (Taken and given back at once;
+    the lock file keeps the holder's pid, which ``serve_lock`` writes.)"""
+    home = _home(args)
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # which gives the lock back
+    return True
 
 
 class _Stopped(Exception):
@@ -1018,15 +1050,27 @@ def _give_back_stop_signals(loop: asyncio.AbstractEventLoop, taken: dict[int, An
 
 
 def _follow(
-    job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO
-) -> JobState:
-    """Another engine (``backhaul serve``) runs the job: watch it through the log."""
+    job: TransferJob,
+    m: TransferManager,
+    args: argparse.Namespace,
+    out: TextIO,
+    *,
+    engine_gone: Callable[[], bool] | None = None,
+) -> JobState | None:
+    """Another engine (``backhaul serve``) runs the job: watch it through the log. None
+    once ``engine_gone`` says that engine stopped with the job still to do."""
     reporter = _Reporter(job, args, out, None)
     while True:
         snap = m._load(job.id)
         reporter.show(snap)
         if snap.state in _DONE:
             return snap.state
+        if engine_gone is not None and engine_gone():
+            snap = m._load(job.id)  # it may have finished the job as it stopped
+            if snap.state in _DONE:
+                reporter.show(snap)
+                return snap.state
+            return None
         time.sleep(0.25)
 
 

@@ -482,6 +482,41 @@ def test_get_next_to_a_running_serve_completes_and_serve_stops_on_sigterm(
     assert daemon.returncode == 0, err.decode()
 
 
+def test_a_get_that_follows_a_serve_runs_its_job_itself_once_that_serve_stops(
+    tmp_path: Path,
+    home: Path,
+    env: dict[str, str],
+    serve: Callable[..., subprocess.Popen[bytes]],
+    engine_nginx: tuple[NginxServer, Path],
+) -> None:
+    """`get` next to a running engine follows it; when that engine stops first (serve
+    stopped, or another get whose own job is done), the get takes the store's lock and
+    finishes its job from where the stopped engine left it, instead of waiting forever."""
+    server, docroot = engine_nginx
+    daemon = serve("--poll", "0.05")
+    dest = tmp_path / "three.bin"
+    url = f"{server.url}/three.bin"
+    before = len(server.access_lines())
+    get = slow_get_past_a_checkpoint(home, env, url, dest)  # checkpointed by serve
+    try:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+        _, err = get.communicate(timeout=60)
+    finally:
+        if get.poll() is None:
+            get.kill()
+    assert get.returncode == 0, err.decode()
+    assert sha256(dest) == sha256(docroot / "three.bin")
+    assert the_job(home).state is S.ACKNOWLEDGED
+    # the get resumed where serve stopped (nginx is shared: other tests' lines may follow)
+    ranges = [
+        r["http_range"]
+        for r in server.access_lines()[before:]
+        if r["request"].startswith("GET /three.bin ")
+    ]
+    assert "" in ranges and any(r.startswith("bytes=") for r in ranges), ranges
+
+
 def test_a_killed_serve_leaves_a_job_the_next_engine_resumes_from_its_last_checkpoint(
     tmp_path: Path, home: Path, serve: Callable[..., subprocess.Popen[bytes]]
 ) -> None:

@@ -976,8 +976,17 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
         job.cancel()
     if args.json:
         _print_json({"id": job.id, "state": state.name, "error": message}, out)
-    sys.stderr.write(f"\nbackhaul {args.verb}: job {job.id} ended in {state.name}: {message}\n")
+    hint = _HINTS.get(error.hresult, {}).get(args.verb, "") if error else ""
+    sys.stderr.write(
+        f"\nbackhaul {args.verb}: job {job.id} ended in {state.name}: {message}{hint}\n"
+    )
     return EXIT_FAILED
+
+
+# What the command's user can do about an error whose description speaks the API's words.
+_HINTS: dict[int, dict[str, str]] = {
+    hresult.BG_E_MISSING_FILE_SIZE: {"get": " (backhaul get --dynamic)"},
+}
 
 
 _DONE = (JobState.TRANSFERRED, JobState.ERROR, JobState.CANCELLED, JobState.ACKNOWLEDGED)

@@ -405,6 +405,27 @@ def test_get_says_why_it_waits_after_a_transient_error_and_when_it_tries_again(
     assert "transient error:" not in err
 
 
+def test_get_of_content_without_a_size_names_dynamic_and_dynamic_fetches_it(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A chunked answer has no size: BITS fails the job (BG_E_MISSING_FILE_SIZE) unless it
+    has the DYNAMIC_CONTENT property; the message names the option that sets it, and
+    `get --dynamic` fetches the content, no temp file left either time."""
+    data = os.urandom(40 * KiB)
+    with FaultServer(
+        {"/gen": Served(data, etag=None, ranges=False, length=False)}
+    ).threaded() as srv:
+        dest = tmp_path / "gen.out"
+        get = ["--home", str(home), "get", "-q", srv.url("/gen"), str(dest)]
+        assert main(get, io.StringIO()) == 1
+        err = capsys.readouterr().err
+        assert "BG_E_MISSING_FILE_SIZE (0x80200011)" in err and "(backhaul get --dynamic)" in err
+        assert list(tmp_path.iterdir()) == [home]
+        assert main([*get, "--dynamic"], io.StringIO()) == 0
+    assert dest.read_bytes() == data
+    assert sorted(tmp_path.iterdir()) == sorted([home, dest])
+
+
 def test_get_follows_the_job_when_another_engine_holds_the_lock(
     tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
 ) -> None:

@@ -495,6 +495,8 @@ def _getter(verb: str) -> Callable[[argparse.Namespace, TransferManager, TextIO]
             value = value.isoformat()
         elif hasattr(value, "name") and not isinstance(value, str):
             value = value.name
+        elif hasattr(value, "program") and hasattr(value, "parameters"):  # a notify command
+            value = shlex.join([value.program, *value.parameters])  # as setnotifycmdline takes it
         out.write(f"{value}\n")
         return EXIT_OK
 

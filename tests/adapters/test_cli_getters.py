@@ -129,3 +129,13 @@ def test_the_upload_reply_verbs(tmp_path: Path, home: Path) -> None:
 
     asyncio.run(body())
     assert answer.read_bytes() == reply
+
+
+def test_getnotifycmdline_prints_the_command_line_as_setnotifycmdline_takes_it(
+    home: Path,
+) -> None:
+    """An argument vector, shell-quoted (the engine runs it without a shell); none: None."""
+    job = value(home, "create", "notify")
+    assert value(home, "getnotifycmdline", job) == "None"
+    value(home, "setnotifycmdline", job, "/usr/bin/printf", "%s\\n", "two words")
+    assert value(home, "getnotifycmdline", job) == "/usr/bin/printf '%s\\n' 'two words'"

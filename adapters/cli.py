@@ -21,6 +21,7 @@ import fcntl
 import gc
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -351,14 +352,21 @@ def _abs(local: str) -> str:
     return str(Path(local).expanduser().absolute())
 
 
+# A name in a list file: "quoted" or 'quoted' (a name with spaces; no escapes inside),
+# else up to the next space (an apostrophe or # inside a URL stays in it).
+_NAME = re.compile(r"""(?<!\S)(?:"([^"]*)"|'([^']*)'|(\S+))(?!\S)""")
+
+
 def cmd_addfileset(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """bitsadmin /addfileset: a 'REMOTE LOCAL' pair per line; blank lines and lines that
+    start with # are skipped; a name with spaces is quoted."""
     job = find_job(m, args.job)
     pairs = []
     for lineno, line in enumerate(Path(args.listfile).read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.split()
+        parts = [next(g for g in m.groups() if g is not None) for m in _NAME.finditer(line)]
         if len(parts) != 2:
             raise BitsError(hresult.E_INVALIDARG, f"{args.listfile}:{lineno}: want 'REMOTE LOCAL'")
         pairs.append(FileSpec(parts[0], _abs(parts[1])))
@@ -1323,7 +1331,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("remote")
     a.add_argument("local")
     a.add_argument("--sha256")
-    af = verb("addfileset", cmd_addfileset, "add the 'REMOTE LOCAL' pairs of a list file")
+    af = verb(
+        "addfileset",
+        cmd_addfileset,
+        "add the 'REMOTE LOCAL' pairs of a list file (one a line; quote names with spaces)",
+    )
     af.add_argument("listfile")
     ar = verb(
         "addfilewithranges",

@@ -1,11 +1,13 @@
 """bitsadmin's one-value verbs in the command: the progress and times getters, ``geterror``,
-``gettemporaryname``, ``listfiles``, ``setaclflag``/``getaclflags``, and the upload-reply
+``gettemporaryname``, ``listfiles``, ``setaclflag``/``getaclflags``, ``getnotifycmdline``,
+``addfileset``'s list file, and the upload-reply
 verbs (``setreplyfilename``, ``getreplyfilename``, ``getreplyprogress``, ``getreplydata``),
 against the engine tests' nginx and the project's BITS upload server."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from datetime import datetime
 from pathlib import Path
@@ -139,3 +141,30 @@ def test_getnotifycmdline_prints_the_command_line_as_setnotifycmdline_takes_it(
     assert value(home, "getnotifycmdline", job) == "None"
     value(home, "setnotifycmdline", job, "/usr/bin/printf", "%s\\n", "two words")
     assert value(home, "getnotifycmdline", job) == "/usr/bin/printf '%s\\n' 'two words'"
+
+
+def test_addfileset_reads_quoted_names_comments_and_urls_as_they_are(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pair a line; blank lines and # lines skipped; a name with spaces in quotes; a URL
+    keeps its fragment and an apostrophe. A line that is not one pair (an unclosed quote
+    too) refuses the whole list: nothing is added."""
+    job = value(home, "create", "set")
+    listing = tmp_path / "list"
+    listing.write_text(
+        "# remote local\n"
+        "\n"
+        f"http://127.0.0.1:1/a.bin   {tmp_path}/a.bin\n"
+        f"\"http://127.0.0.1:1/it's.bin#part\" '{tmp_path}/with space.bin'\n"
+        f'http://127.0.0.1:1/o\'clock.bin "{tmp_path}/b.bin"\n'
+    )
+    value(home, "addfileset", job, str(listing))
+    files = json.loads(value(home, "files", job, "--json"))
+    assert [(f["remote_name"], f["local_name"]) for f in files] == [
+        ("http://127.0.0.1:1/a.bin", f"{tmp_path}/a.bin"),
+        ("http://127.0.0.1:1/it's.bin#part", f"{tmp_path}/with space.bin"),
+        ("http://127.0.0.1:1/o'clock.bin", f"{tmp_path}/b.bin"),
+    ]
+    listing.write_text(f'http://127.0.0.1:1/c.bin {tmp_path}/c.bin\n"http://127.0.0.1:1/d.bin\n')
+    assert "list:2: want 'REMOTE LOCAL'" in refused(home, capsys, "addfileset", job, str(listing))
+    assert len(json.loads(value(home, "files", job, "--json"))) == 3

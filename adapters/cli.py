@@ -958,7 +958,17 @@ def _tell(text: str) -> None:
 def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out: TextIO) -> int:
     if state in (JobState.TRANSFERRED, JobState.ACKNOWLEDGED):
         # ACKNOWLEDGED: the same job picked up by two commands at once, the other completed
-        result = job.complete() if state is JobState.TRANSFERRED else hresult.S_OK
+        try:
+            result = job.complete() if state is JobState.TRANSFERRED else hresult.S_OK
+        except BitsError as exc:  # a destination directory removed meanwhile, say
+            if args.json:
+                _print_json({"id": job.id, "state": job.state.name, "error": str(exc)}, out)
+            sys.stderr.write(
+                f"\nbackhaul {args.verb}: Complete failed: {exc}\njob {job.id} stays "
+                f"{job.state.name}: `backhaul complete {job.id}` tries again (the same command "
+                f"picks it up too), `backhaul cancel {job.id}` drops it\n"
+            )
+            return EXIT_FAILED
         if args.json:
             _print_json(
                 {"id": job.id, "state": "ACKNOWLEDGED", "result": hresult.name_of(result)}, out

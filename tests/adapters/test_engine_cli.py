@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,6 +290,30 @@ def test_an_interrupted_get_suspends_its_job_and_the_next_get_finishes_it(
     assert sha256(dest) == sha256(docroot / "three.bin")
     done = the_only_job(home)
     assert (done.id, done.state) == (job_id, S.ACKNOWLEDGED)
+
+
+def test_get_whose_complete_fails_says_so_on_a_line_of_its_own_and_keeps_the_job(
+    tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """The destination directory removed while the file came (its temp file with it):
+    Complete's rename fails, and as in BITS the job stays TRANSFERRED for another Complete
+    or a Cancel. `get` says so after the bar, on its own line, and exits 1."""
+    server, _ = engine_nginx
+    where = tmp_path / "gone"
+    where.mkdir()
+    first = slow_get_past_a_checkpoint(home, env, f"{server.url}/three.bin", where / "f")
+    try:
+        shutil.rmtree(where)
+        _, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 1, err.decode()
+    job = the_only_job(home)
+    lines = err.decode().replace("\r", "\n").splitlines()
+    assert any(line.startswith("backhaul get: Complete failed: cannot publish ") for line in lines)
+    assert f"job {job.id} stays TRANSFERRED: `backhaul complete {job.id}` tries again" in lines[-1]
+    assert job.state is S.TRANSFERRED
 
 
 def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(

@@ -1830,7 +1830,9 @@ class Engine:
         await asyncio.to_thread(os.fdatasync, fd)
         await self._commit(job_id, cmd.Checkpoint(index, position, total, validator, headers))
 
-    async def _last_checkpoint(self, job_id: str, fd: int, checkpoint: cmd.Checkpoint) -> None:
+    async def _last_checkpoint(
+        self, job_id: str, fd: int | None, checkpoint: cmd.Checkpoint
+    ) -> None:
         """A transfer stops in the middle of a file: claim the bytes it received since the
         file's last checkpoint. Only where the table takes the bytes (the job still runs, or
         was suspended: SUSPENDED/data_received) and, with leases, while this worker's lease
@@ -1841,7 +1843,8 @@ class Engine:
             return
         try:
             self._hold_lease(job_id)
-            await _to_the_end(asyncio.to_thread(os.fdatasync, fd))
+            if fd is not None:  # an upload's bytes are the server's: nothing to sync here
+                await _to_the_end(asyncio.to_thread(os.fdatasync, fd))
             self._post(job_id, checkpoint)
         except (OSError, JobGone) as exc:
             log.info("no last checkpoint for job %s: %s", job_id, exc)
@@ -1925,8 +1928,11 @@ class Engine:
             fd = os.open(f.local_name, os.O_RDONLY)
         except OSError as exc:
             raise _local_error(exc, Path(f.local_name)) from exc
+        key = (job_id, index)
+        position = claimed = f.bytes_transferred
         try:
             size, version = _local_version(fd)
+            self.live_sizes[key] = size  # a display knows it before the first checkpoint
             if f.validator is not None and f.validator != version:
                 raise _local_changed(f.local_name)
             async with self._connections:
@@ -1947,7 +1953,6 @@ class Engine:
                 if position >= size:
                     position = max(size - 64 * 1024, 0)
             last = time.monotonic()
-            key = (job_id, index)
             buckets = self._buckets(job)
             while position < size:
                 data = os.pread(fd, min(self.upload_fragment, size - position), position)
@@ -1958,7 +1963,7 @@ class Engine:
                     await self.limiter.take(buckets, len(data))
                 self.live_progress[key] = position
                 if time.monotonic() - last >= self.checkpoint_interval:
-                    last = time.monotonic()
+                    last, claimed = time.monotonic(), position
                     self._post(job_id, cmd.Checkpoint(index, position, size, version))
             apply_security = getattr(session, "apply_security", None)
             if job.acl_flags and apply_security is not None:  # ACL flags (bits-core.md §13)
@@ -1979,6 +1984,15 @@ class Engine:
             self._forget_live(job_id, index)  # a finished upload's: when its event is logged
             if isinstance(exc, OSError):
                 raise _local_error(exc, Path(f.local_name)) from exc
+            if position > claimed and (
+                isinstance(exc, asyncio.CancelledError)
+                or (isinstance(exc, TransferError) and exc.transient)
+            ):
+                # Stopped or cut off: the server acknowledged ``position`` bytes; claim
+                # them, as a download claims what it received (a display, and a server
+                # that cannot be asked for its offset, start from there).
+                last_one = cmd.Checkpoint(index, position, size, version)
+                await self._last_checkpoint(job_id, None, last_one)
             raise
         finally:
             os.close(fd)

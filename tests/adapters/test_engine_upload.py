@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from backhaul.adapters.engine import Engine
-from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.upload_server import (
     NotificationType,
     UploadServerConfig,
@@ -22,6 +22,7 @@ from backhaul.adapters.upload_server import (
 )
 from backhaul.core import hresult
 from backhaul.core.event import (
+    BytesCheckpointed,
     ErrorOccurred,
     FileTransferred,
     ReplyLocated,
@@ -132,19 +133,30 @@ def test_an_upload_keeps_the_last_reply_as_http_response_headers(tmp_path: Path)
     asyncio.run(body())
 
 
-def test_an_upload_resumes_in_a_new_engine_from_the_servers_offset(tmp_path: Path) -> None:
+def an_upload(tmp_path: Path, url: str, size: int) -> tuple[TransferManager, TransferJob, bytes]:
+    """A new upload job of ``size`` random bytes to ``url``/big.bin (not resumed)."""
     source = tmp_path / "big.bin"
-    data = os.urandom(24 * 1024 * 1024)
+    data = os.urandom(size)
     source.write_bytes(data)
+    manager = TransferManager(home=tmp_path / "home")
+    job = manager.create_job("upload", JobType.UPLOAD)
+    job.add_file(f"{url}/big.bin", source)
+    return manager, job, data
 
+
+def first_engine(manager: TransferManager, checkpoint_interval: float) -> Engine:
+    """An engine that sends 256 KiB fragments: many of them in a short test."""
+    engine = Engine(manager, poll_interval=0.05, checkpoint_interval=checkpoint_interval)
+    engine.upload_fragment = 256 * 1024
+    return engine
+
+
+def test_an_upload_resumes_in_a_new_engine_from_the_servers_offset(tmp_path: Path) -> None:
     async def body() -> None:
         async with upload_server(tmp_path) as (url, www):
-            manager = TransferManager(home=tmp_path / "home")
-            job = manager.create_job("upload", JobType.UPLOAD)
-            job.add_file(f"{url}/big.bin", source)
+            manager, job, data = an_upload(tmp_path, url, 24 * 1024 * 1024)
             job.resume()
-            first = Engine(manager, poll_interval=0.05, checkpoint_interval=0.05)
-            first.upload_fragment = 256 * 1024
+            first = first_engine(manager, 0.05)
             run = asyncio.create_task(first.run())
             while job.snapshot().files[0].upload_token is None or not first.live_progress:
                 await asyncio.sleep(0.01)
@@ -157,6 +169,41 @@ def test_an_upload_resumes_in_a_new_engine_from_the_servers_offset(tmp_path: Pat
             await second.run(until_idle=True)
             assert job.state is JobState.TRANSFERRED
             assert job.snapshot().files[0].upload_token == token  # the same session
+            job.complete()
+            assert (www / "big.bin").read_bytes() == data
+
+    asyncio.run(body())
+
+
+def test_a_stopped_upload_claims_what_the_server_acknowledged_and_shows_its_size(
+    tmp_path: Path,
+) -> None:
+    """No checkpoint falls due before the stop (a minute apart): the stop itself claims
+    the bytes the server acknowledged, as a stopped download claims what it received, so
+    that `info` and the command's "kept" say what the server holds. A display knows the
+    file's size from the start, before any checkpoint."""
+
+    async def body() -> None:
+        async with upload_server(tmp_path) as (url, www):
+            manager, job, data = an_upload(tmp_path, url, 8 * 1024 * 1024)
+            job.max_rate = 2 * 1024 * 1024
+            job.resume()
+            first = first_engine(manager, 60.0)
+            run = asyncio.create_task(first.run())
+            key = (job.id, 0)
+            while first.live_progress.get(key, 0) < 512 * 1024:
+                await asyncio.sleep(0.01)
+            assert first.live_sizes[key] == len(data)
+            seen = first.live_progress[key]
+            first.stop()
+            await run
+            claimed = job.snapshot().files[0].bytes_transferred
+            assert seen <= claimed < len(data) and claimed % (256 * 1024) == 0, claimed
+            logged = [a.event for a in manager.store.stream(job.id)]
+            checkpoints = [e for e in logged if isinstance(e, BytesCheckpointed)]
+            assert [c.bytes_transferred for c in checkpoints] == [claimed]
+            await Engine(manager, poll_interval=0.05).run(until_idle=True)
+            assert job.state is JobState.TRANSFERRED
             job.complete()
             assert (www / "big.bin").read_bytes() == data
 

@@ -1103,6 +1103,9 @@ def _follow(
         time.sleep(0.25)
 
 
+_LOG_LINE_EVERY = 10.0  # seconds between two progress lines when stderr is no terminal
+
+
 class _Reporter:
     """The live progress bar (stderr), or JSON progress lines (stdout) with --json."""
 
@@ -1114,6 +1117,12 @@ class _Reporter:
         self.last = 0.0
         self.base: int | None = None  # bytes a picked-up job had before this run
         self.told: tuple[object, ...] | None = None  # the transient error last shown
+        # Not a terminal (a log file, a pipe): a line now and then, not 20 redraws a second.
+        try:
+            self.redraw = sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            self.redraw = False
+        self.logged: tuple[float, JobState] | None = None
 
     def show(self, snap: Any) -> None:
         done = sum(f.bytes_transferred for f in snap.files)
@@ -1152,14 +1161,21 @@ class _Reporter:
             return
         if state is JobState.TRANSIENT_ERROR and snap.error is not None:
             self._tell_transient(snap, waiting)
+        if not self.redraw:
+            if self.logged is not None and (
+                self.logged[1] is state and now - self.logged[0] < _LOG_LINE_EVERY
+            ):
+                return
+            self.logged = (now, state)
         width = 30
         frac = (done / total) if total else 0.0
         bar = "#" * int(frac * width)
         pct = f"{frac * 100:5.1f}%" if total else "  ?  "
-        sys.stderr.write(
-            f"\r[{bar:<{width}}] {pct} {_fmt_size(done)}/{_fmt_size(total)} "
+        line = (
+            f"[{bar:<{width}}] {pct} {_fmt_size(done)}/{_fmt_size(total)} "
             f"{_fmt_size(int(rate))}/s {state.name:<15}"
         )
+        sys.stderr.write(f"\r{line}" if self.redraw else f"{line.rstrip()}\n")
         sys.stderr.flush()
 
     def _tell_transient(self, snap: Any, waiting: tuple[str, datetime | None] | None) -> None:

@@ -136,6 +136,30 @@ def test_get_downloads_the_file_and_completes_the_job(
     }
 
 
+def test_get_into_a_log_writes_a_progress_line_per_state_not_a_redrawn_bar(
+    tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """stderr is not a terminal (a pipe, a log file): no carriage returns, one line per
+    state (and one every 10 s within a state), the last one the finished file."""
+    server, _ = engine_nginx
+    get = subprocess.run(
+        [str(BACKHAUL), "--home", str(home), "get", f"{server.url}/two.bin", str(tmp_path / "t")],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    err = get.stderr.decode()
+    assert get.returncode == 0, err
+    assert "\r" not in err
+    bars = [line for line in err.splitlines() if line.startswith("[")]
+    states = [line.split()[-1] for line in bars]
+    assert states == list(dict.fromkeys(states)), err  # each state once: no redraws
+    assert bars[-1].startswith("[" + "#" * 30 + "] 100.0% 2.0 MiB/2.0 MiB "), err
+    assert states[-1] == "TRANSFERRED"
+
+
 def test_get_max_rate_limits_the_job_as_setmaxrate_does(
     tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
 ) -> None:

@@ -26,6 +26,7 @@ import shlex
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -708,7 +709,7 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         if not dest.is_dir():
             raise BitsError(hresult.E_INVALIDARG, f"{dest} must be a directory for several URLs")
         shown = [secrets_of(url)[0] for url in urls]  # no secret in a name
-        locals_ = [dest / (url.rstrip("/").rsplit("/", 1)[-1] or "index.html") for url in shown]
+        locals_ = [dest / _name_from_url(url) for url in shown]
     else:
         locals_ = [dest]
     digest = f"sha256:{args.sha256.lower()}" if args.sha256 else None
@@ -726,6 +727,17 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
 
     _set_up(job, args, add)
     return _transfer(job, m, args, out)
+
+
+def _name_from_url(url: str) -> str:
+    """The file name ``get URL... DIR`` gives a URL, as wget does: the last segment of its
+    path, percent-decoded, without the query or the fragment (a signed URL's signature is
+    no part of a name); ``index.html`` for a directory's URL."""
+    raw = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    name = urllib.parse.unquote(raw)
+    if "/" in name or "\0" in name:
+        name = raw  # an encoded slash names no directory here
+    return "index.html" if name in ("", ".", "..") else name
 
 
 def cmd_put(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:

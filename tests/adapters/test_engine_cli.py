@@ -38,7 +38,14 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     trickle,
 )
 
-from backhaul.adapters.cli import GC_YOUNG_THRESHOLD, LOCK_FILE, _made_by, main, serve_lock
+from backhaul.adapters.cli import (
+    GC_YOUNG_THRESHOLD,
+    LOCK_FILE,
+    _made_by,
+    _name_from_url,
+    main,
+    serve_lock,
+)
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core.job import Job
@@ -394,13 +401,30 @@ def test_a_picked_up_get_takes_the_signature_given_now(
 def test_get_of_several_urls_into_a_directory(
     tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
 ) -> None:
+    """Each file is named as wget names it: the last segment of the URL's path, decoded,
+    without a query (a signature) or a fragment."""
     server, docroot = engine_nginx
-    urls = [f"{server.url}/one.bin", f"{server.url}/three.bin"]
+    urls = [
+        f"{server.url}/one.bin?sig=abc&x=1",
+        f"{server.url}/two.bin#part",
+        f"{server.url}/%74hree.bin",
+    ]
+    dest = tmp_path / "into"
+    dest.mkdir()
 
-    assert main(["--home", str(home), "get", *urls, str(tmp_path), "--quiet"]) == 0
+    assert main(["--home", str(home), "get", *urls, str(dest), "--quiet"]) == 0
 
-    for name in ("one.bin", "three.bin"):
-        assert sha256(tmp_path / name) == sha256(docroot / name)
+    assert sorted(p.name for p in dest.iterdir()) == ["one.bin", "three.bin", "two.bin"]
+    for name in ("one.bin", "two.bin", "three.bin"):
+        assert sha256(dest / name) == sha256(docroot / name)
+
+
+def test_the_names_get_gives_urls_in_a_directory() -> None:
+    assert _name_from_url("http://h/d/a%20b.txt?token=1") == "a b.txt"
+    assert _name_from_url("http://h/d/") == "index.html"  # a directory's URL
+    assert _name_from_url("http://h") == "index.html"
+    assert _name_from_url("http://h/d/..") == "index.html"
+    assert _name_from_url("http://h/a%2Fb.bin") == "a%2Fb.bin"  # no directory from a slash
 
 
 def test_get_of_a_missing_file_fails_and_cancels_the_job(

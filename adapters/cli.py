@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import signal
+import sqlite3
 import sys
 import time
 import urllib.parse
@@ -32,9 +33,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from eventsourcing.persistence import PersistenceError
+
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.manager import TransferJob, TransferManager
-from backhaul.adapters.store import default_home
+from backhaul.adapters.store import default_home, store_failure
 from backhaul.core import hresult
 from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
@@ -1525,7 +1528,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if not getattr(args, "needs_store", True):
             return int(args.func(args, None, out))
         with _manager(args) as manager:
-            return int(args.func(args, manager, out))
+            try:
+                return int(args.func(args, manager, out))
+            except (sqlite3.Error, PersistenceError) as exc:  # an append or read that failed
+                store = manager.store
+                directory = Path(store.location).parent if store.kind == "sqlite" else None
+                raise store_failure(exc, store.location, directory) from exc
     except BitsError as exc:
         sys.stderr.write(f"backhaul {args.verb}: {exc}\n")
         return EXIT_FAILED

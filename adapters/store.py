@@ -16,7 +16,10 @@ one transaction (``append_many``): the group commit that keeps the log cheap.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +35,7 @@ from eventsourcing.persistence import (
     InfrastructureFactory,
     IntegrityError,
     Notification,
+    PersistenceError,
     StoredEvent,
 )
 from eventsourcing.persistence import InternalError as PgInternalError
@@ -312,6 +316,34 @@ class EventStore:
             self._factory = None
 
 
+class StoreUnavailable(BitsError):
+    """The store cannot be opened, read or written (a full disk, no permission, a broken
+    database file): nothing was recorded by the call that met it."""
+
+
+def store_failure(
+    exc: BaseException, where: str | Path, directory: Path | None = None
+) -> StoreUnavailable:
+    """``exc`` (SQLite's, the event store library's, or the OS's) as a typed error with its
+    HRESULT: a full disk is ERROR_DISK_FULL (SQLite says only 'disk I/O error' when it
+    cannot make its WAL files: ``directory``, the database's, is then looked at), a refusal
+    E_ACCESSDENIED, anything else E_FAIL. ``where`` names the store (no password in it)."""
+    text = str(exc) or type(exc).__name__
+    code, why = hresult.E_FAIL, ""
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "full" in text.lower()
+    if not full and directory is not None:
+        with contextlib.suppress(OSError):
+            full = os.statvfs(directory).f_bavail == 0
+    if full:
+        code, why = hresult.hresult_from_win32(hresult.ERROR_DISK_FULL), " (the disk is full)"
+    elif getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM) or any(
+        word in text.lower()
+        for word in ("readonly", "read-only", "permission", "authentication failed")
+    ):
+        code = hresult.E_ACCESSDENIED
+    return StoreUnavailable(code, f"the store {where} cannot be used: {text}{why}")
+
+
 def open_store(url: str | None = None, home: Path | None = None) -> EventStore:
     """Open (creating if needed) the store named by ``url`` / environment / home."""
     url = url or os.environ.get(STORE_ENV) or None
@@ -344,6 +376,13 @@ def _open_memory() -> EventStore:
 
 
 def _open_sqlite(path: Path, home: Path) -> EventStore:
+    try:
+        return _open_sqlite_store(path, home)
+    except (sqlite3.Error, PersistenceError, OSError) as exc:
+        raise store_failure(exc, path, path.parent) from exc
+
+
+def _open_sqlite_store(path: Path, home: Path) -> EventStore:
     path.parent.mkdir(parents=True, exist_ok=True)
     env = {
         "PERSISTENCE_MODULE": "eventsourcing.sqlite",
@@ -374,6 +413,25 @@ def _private(path: Path) -> None:
             candidate.chmod(0o600)
 
 
+def _reach_postgres(env: dict[str, str], where: str) -> None:
+    """One connection first, for the server's own words when it cannot be used (no
+    server, a refused login, no such database): the pool would only say, after its
+    timeout, that it got no connection."""
+    import psycopg
+
+    try:
+        psycopg.connect(
+            host=env["POSTGRES_HOST"],
+            port=int(env["POSTGRES_PORT"]),
+            dbname=env["POSTGRES_DBNAME"],
+            user=env["POSTGRES_USER"],
+            password=env["POSTGRES_PASSWORD"],
+            connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
+        ).close()
+    except psycopg.Error as exc:
+        raise store_failure(exc, where) from exc
+
+
 def _open_postgres(url: str, home: Path | None) -> EventStore:
     parts = urlsplit(url)
     if not parts.hostname or not parts.path.strip("/"):
@@ -396,6 +454,7 @@ def _open_postgres(url: str, home: Path | None) -> EventStore:
     }
     from backhaul.adapters.view_postgres import PostgresJobViews
 
+    _reach_postgres(env, redact_url(url))
     # Several processes creating the tables at once can collide in PostgreSQL's catalog
     # ("tuple concurrently updated"): the tables exist afterwards, so try again.
     for attempt in range(8):
@@ -405,11 +464,14 @@ def _open_postgres(url: str, home: Path | None) -> EventStore:
             views = cast(PostgresJobViews, factory.tracking_recorder(PostgresJobViews))
             views.upgrade()
             break
-        except (PgInternalError, PgProgrammingError, IntegrityError):
+        except (PgInternalError, PgProgrammingError, IntegrityError) as exc:
             factory.close()
             if attempt == 7:
-                raise
+                raise store_failure(exc, redact_url(url)) from exc
             time.sleep(0.05 * 2**attempt)
+        except PersistenceError as exc:  # no server there, a refused login, no database
+            factory.close()
+            raise store_failure(exc, redact_url(url)) from exc
     secrets = SecretBox.for_home(home or default_home())
     return EventStore(
         log, views, secrets, kind="postgresql", location=redact_url(url), factory=factory

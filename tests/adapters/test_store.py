@@ -8,11 +8,15 @@ SQLite file or PostgreSQL database), and what the raw database holds at rest.
 
 from __future__ import annotations
 
+import errno
+import io
 import secrets
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 from uuid import uuid4
 
 import attrs
@@ -24,10 +28,18 @@ from backhaul.adapters import projection
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.projection import catch_up, rebuild, view_row
-from backhaul.adapters.store import ConcurrentAppend, EventStore, Recorded, open_store
+from backhaul.adapters.store import (
+    ConcurrentAppend,
+    EventStore,
+    Recorded,
+    StoreUnavailable,
+    open_store,
+    store_failure,
+)
 from backhaul.adapters.view import ViewRow
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
+from backhaul.core import hresult
 from backhaul.core.job import fold
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobType
 
@@ -657,3 +669,54 @@ class TestPostgreSQLStore(SharedStoreContract):
         yield Backend(closing(opened, lambda: open_store(postgres_url, home)), raw)
         for store in opened:
             store.close()
+
+
+def test_a_store_that_cannot_be_used_is_a_typed_error_with_its_hresult(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a database (a broken or foreign file): opening it raises StoreUnavailable, and
+    every command says so in one line with the HRESULT, no traceback, exit 1. A full disk
+    is ERROR_DISK_FULL, a refusal E_ACCESSDENIED."""
+    from backhaul.adapters.cli import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "backhaul.db").write_bytes(b"not a database, " * 512)
+    with pytest.raises(StoreUnavailable) as refused:
+        open_store(home=home)
+    assert refused.value.hresult == hresult.E_FAIL
+    for argv in (["list"], ["create", "x"]):
+        assert main(["--home", str(home), *argv], io.StringIO()) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            f"backhaul {argv[0]}: the store {home / 'backhaul.db'} cannot be used: file is not "
+            "a database [E_FAIL 0x80004005]\n"
+        )
+    full = store_failure(OSError(errno.ENOSPC, "No space left on device"), home)
+    assert full.hresult == hresult.hresult_from_win32(hresult.ERROR_DISK_FULL)
+    assert str(full).endswith("(the disk is full) [HRESULT_FROM_WIN32(ERROR_DISK_FULL) 0x80070070]")
+    readonly = sqlite3.OperationalError("attempt to write a readonly database")
+    assert store_failure(readonly, home).hresult == hresult.E_ACCESSDENIED
+
+
+def test_a_postgresql_store_that_cannot_be_reached_is_a_typed_error_without_its_password(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real server, a database that does not exist, then a wrong password: the command
+    says at once why the store cannot be used, in the server's words, with the URL's
+    password hidden; a refused login is E_ACCESSDENIED."""
+    from backhaul.adapters.cli import main
+
+    parts = urlsplit(postgres_url)
+    assert parts.password
+    missing = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
+    assert main(["--store", missing, "list"], io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("backhaul list: the store postgresql://") and "cannot be used: " in err
+    assert 'database "no_such_database" does not exist' in err and "[E_FAIL 0x80004005]" in err
+    assert parts.password not in err
+    wrong = postgres_url.replace(f":{parts.password}@", ":not-the-password@")
+    assert main(["--store", wrong, "list"], io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert "password authentication failed" in err and "[E_ACCESSDENIED 0x80070005]" in err
+    assert "not-the-password" not in err

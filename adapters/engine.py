@@ -105,6 +105,15 @@ class JobGone(Exception):
     """The job changed under the transfer (suspended, cancelled...): stop quietly."""
 
 
+class StoreDown(Exception):
+    """The log refused an append (its disk is full, its server is gone): the transfer
+    that needed it stops, and its job runs again once the log takes appends."""
+
+
+STORE_RETRY_MAX = 5.0  # seconds: the longest wait between two appends while the log refuses
+STORE_REPORT_EVERY = 60.0  # seconds: at most one line a minute about refused appends
+
+
 def default_transports() -> Mapping[str, Transport]:
     """Every installed transport (entry-point group ``backhaul.transports``), each built the
     first time a job needs its scheme (adapters/registry.py)."""
@@ -167,6 +176,9 @@ class Engine:
         self._writer_wake: asyncio.Event | None = None
         self._flush_lock: asyncio.Lock | None = None
         self._in_flight = 0
+        self._refused = 0  # appends the log refused since it last took one
+        self._retry_in = 0.0  # the writer's wait before the next append, while it refuses
+        self._refusals_told: tuple[float, int] | None = None  # when, and refusals since
         self._in_flight_jobs: set[str] = set()
         # Bumped whenever the engine's copy of a job is replaced from the log rather than
         # derived from the copy before it: a decision queued against an older basis may rest
@@ -639,8 +651,8 @@ class Engine:
             code = -1
         try:
             await self._enqueue(job.id, cmd.RecordNotification(reason, code))
-        except (BitsError, JobGone):
-            pass  # the program completed or cancelled the job itself
+        except (BitsError, JobGone, StoreDown):
+            pass  # the program completed or cancelled the job itself (or the log is down)
         finally:
             self._cmdlines.pop(job.id, None)
 
@@ -1050,7 +1062,10 @@ class Engine:
         while True:
             await self._writer_wake.wait()
             self._writer_wake.clear()
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception:  # the writer must outlive any failure (a reload during an outage)
+                log.exception("the log writer failed; it goes on")
 
     async def _flush(self) -> None:
         """Append everything queued; one batch at a time, so versions never race."""
@@ -1063,6 +1078,8 @@ class Engine:
                     await self._append(batch)
                 finally:
                     self._in_flight -= 1
+                if self._retry_in:  # the log refused that batch: not a loop of refusals
+                    await asyncio.sleep(self._retry_in)
 
     async def _append(self, batch: list[_Queued]) -> None:
         jobs_in_batch = {q.job_id for q in batch}
@@ -1091,17 +1108,46 @@ class Engine:
             await self._append_one_by_one(batch)
             return
         except Exception as exc:  # the store is down: fail the waiters, keep running
-            log.exception("appending to the log failed")
+            self._store_refused(exc)
             for q in batch:
                 if not q.future.done():
-                    q.future.set_exception(exc)
+                    refused = StoreDown(f"the log refused an append: {exc}")
+                    refused.__cause__ = exc
+                    q.future.set_exception(refused)
             for job_id in streams:
                 await self._reload(job_id)
             return
+        if self._refused:
+            if self._refusals_told is not None and self._refusals_told[1] == self._refused:
+                log.warning("the log takes appends again (it refused %d)", self._refused)
+            self._refused, self._retry_in = 0, 0.0
         self._keep_appended(batch, streams, positions)
         for q in batch:
             if not q.future.done():
                 q.future.set_result(q.future.events)  # type: ignore[attr-defined]
+
+    def _store_refused(self, exc: Exception) -> None:
+        """One line for an outage, not one traceback per refused append, and at most one a
+        minute while the log keeps refusing now and then (a disk that is just full takes
+        some appends); the end of a reported outage gets its line. The writer waits longer
+        between appends while the log refuses them (0.1 s, doubling to 5 s)."""
+        self._refused += 1
+        self._retry_in = min(max(0.1, self._retry_in * 2), STORE_RETRY_MAX)
+        told = self._refusals_told
+        now = time.monotonic()
+        if told is None or now - told[0] >= STORE_REPORT_EVERY:
+            since = "" if told is None else f" ({told[1]} refused since the last report)"
+            log.error(
+                "appending to the log failed: %s%s; the transfers that need it stop, and the "
+                "engine tries again",
+                exc,
+                since,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            self._refusals_told = (now, 0)
+        told = self._refusals_told
+        assert told is not None
+        self._refusals_told = (told[0], told[1] + 1)
 
     def _keep_appended(
         self,
@@ -1294,8 +1340,8 @@ class Engine:
             await self._commit(job_id, cmd.FinishJob())
         except TransferError as exc:
             await self._fail(job_id, exc)
-        except JobGone:
-            pass
+        except (JobGone, StoreDown):
+            pass  # StoreDown: nothing can be recorded now; the job runs again later
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not kill the engine: record it on the job
@@ -1348,7 +1394,7 @@ class Engine:
         # The failed response's header block is the file's HTTP_RESPONSE_HEADERS from now.
         block = exc.response_headers if error.file_index is not None else None
         failed = cmd.Fail(error, transient, exc.retry_after, self._recorded_headers(block))
-        with contextlib.suppress(JobGone, BitsError):
+        with contextlib.suppress(JobGone, BitsError, StoreDown):
             await self._commit(job_id, failed)
 
     async def _download_files(self, job_id: str, pending: Sequence[int]) -> None:

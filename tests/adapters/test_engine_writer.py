@@ -6,7 +6,9 @@ fence, before anything of it is appended."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -123,6 +125,52 @@ def test_a_transfer_stops_reading_while_the_log_cannot_take_its_checkpoint(
     grown, job = asyncio.run(main())
     # Three checkpoint intervals at 1.6 MB/s is about 240 KB; allow the chunks in hand.
     assert grown < 512 * KiB, f"{grown} bytes received while the log was stuck"
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_a_log_that_refuses_appends_for_a_while_is_waited_out_without_a_flood(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log's disk fills for a second (SQLite: 'database or disk is full') under a
+    running transfer. The transfer stops without failing its job (nothing could record an
+    error anyway), the writer waits longer between appends while they are refused (0.1 s,
+    doubling) instead of trying hundreds of times a second, the outage is logged once and
+    its end once (no traceback per append), and the job finishes once the log takes
+    appends again."""
+    data = os.urandom(2 * 1024 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    attempts = {"refused": 0}
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": trickle(data)}) as server:
+            job = new_job(manager, [(server.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager, checkpoint_interval=0.05)
+            async with running(engine):
+                await until(lambda: checkpointed(job) >= 64 * KiB, "a first checkpoint")
+                append_many = engine.store.append_many
+
+                def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+                    attempts["refused"] += 1
+                    raise sqlite3.OperationalError("database or disk is full")
+
+                monkeypatch.setattr(engine.store, "append_many", full)
+                await asyncio.sleep(1.0)
+                monkeypatch.setattr(engine.store, "append_many", append_many)
+                await until(lambda: job.state is JobState.TRANSFERRED, "TRANSFERRED", 30)
+            return job
+
+    with caplog.at_level(logging.INFO, logger="backhaul.engine"):
+        job = asyncio.run(main())
+    assert 1 <= attempts["refused"] <= 8, attempts  # 0.1 + 0.2 + 0.4 + ... within 1 s
+    records = [r for r in caplog.records if r.name == "backhaul.engine"]
+    refused = [r for r in records if "appending to the log failed" in r.getMessage()]
+    assert len(refused) == 1 and "database or disk is full" in refused[0].getMessage()
+    assert not refused[0].exc_info  # no traceback
+    back = [r for r in records if "the log takes appends again" in r.getMessage()]
+    assert len(back) == 1 and f"refused {attempts['refused']})" in back[0].getMessage()
+    assert not [r for r in records if "unexpectedly" in r.getMessage()]
+    assert not [e for e in events_of(manager, job.id) if isinstance(e, ev.ErrorOccurred)]
     job.complete()
     assert (tmp_path / "f").read_bytes() == data
 

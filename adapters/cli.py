@@ -715,7 +715,11 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         locals_ = [dest / _name_from_url(url) for url in shown]
     else:
         locals_ = [dest]
-    digest = f"sha256:{args.sha256.lower()}" if args.sha256 else None
+    digest = None
+    if args.sha256 is not None:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
+            raise BitsError(hresult.E_INVALIDARG, "--sha256 wants the 64 hex digits of a SHA-256")
+        digest = f"sha256:{args.sha256.lower()}"
     specs = [FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)]
     earlier = _unfinished(m, args, JobType.DOWNLOAD, specs, dynamic=args.dynamic)
     if earlier is not None:

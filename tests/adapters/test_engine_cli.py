@@ -478,6 +478,19 @@ def test_get_says_why_it_waits_after_a_transient_error_and_when_it_tries_again(
     assert "transient error:" not in err
 
 
+def test_get_refuses_a_sha256_that_is_not_one_before_making_a_job(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for bad in ("abc", "g" * 64, "0" * 63):
+        argv = ["--home", str(home), "get", "--sha256", bad, "http://127.0.0.1:9/f", str(tmp_path)]
+        assert main(argv, io.StringIO()) == 1
+        assert capsys.readouterr().err == (
+            "backhaul get: --sha256 wants the 64 hex digits of a SHA-256 [E_INVALIDARG 0x80070057]\n"
+        )
+    with TransferManager(home=home) as manager:
+        assert list(manager.jobs(include_final=True)) == []
+
+
 def test_get_of_content_without_a_size_names_dynamic_and_dynamic_fetches_it(
     tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -697,7 +697,8 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
 
 async def _serve(engine: Any, *, until_idle: bool) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too (the terminal it ran in closed): a clean stop keeps what was received.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, engine.stop)
     await engine.run(until_idle=until_idle)
 
@@ -1494,7 +1495,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = verb(
         "serve",
         cmd_serve,
-        "run the engine over the store until stopped (SIGINT/SIGTERM)",
+        "run the engine over the store until stopped (SIGINT, SIGTERM, SIGHUP)",
         job=False,
     )
     s.add_argument("--max-background", type=int, default=1)

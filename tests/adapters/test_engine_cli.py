@@ -589,16 +589,19 @@ def test_get_next_to_a_running_serve_completes_and_serve_stops_on_sigterm(
     assert daemon.returncode == 0, err.decode()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_a_get_that_follows_a_serve_runs_its_job_itself_once_that_serve_stops(
     tmp_path: Path,
     home: Path,
     env: dict[str, str],
     serve: Callable[..., subprocess.Popen[bytes]],
     engine_nginx: tuple[NginxServer, Path],
+    stop: signal.Signals,
 ) -> None:
     """`get` next to a running engine follows it; when that engine stops first (serve
     stopped, or another get whose own job is done), the get takes the store's lock and
-    finishes its job from where the stopped engine left it, instead of waiting forever."""
+    finishes its job from where the stopped engine left it, instead of waiting forever.
+    serve stops cleanly (exit 0) on SIGHUP as on SIGTERM."""
     server, docroot = engine_nginx
     daemon = serve("--poll", "0.05")
     dest = tmp_path / "three.bin"
@@ -606,7 +609,7 @@ def test_a_get_that_follows_a_serve_runs_its_job_itself_once_that_serve_stops(
     before = len(server.access_lines())
     get = slow_get_past_a_checkpoint(home, env, url, dest)  # checkpointed by serve
     try:
-        daemon.send_signal(signal.SIGTERM)
+        daemon.send_signal(stop)
         assert daemon.wait(15) == 0
         _, err = get.communicate(timeout=60)
     finally:

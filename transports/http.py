@@ -198,6 +198,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 import ssl
 import sys
 from collections.abc import (
@@ -378,14 +379,25 @@ def _translate(exc: BaseException, url: str | URL) -> TransferError:
         if isinstance(exc, cls):
             if code == SECURE_FAILURE:
                 code = _certificate_code(exc)
-            detail = str(exc) or type(exc).__name__
             return TransferError(
-                code,
-                f"{type(exc).__name__} for {_redact(url)}: {detail}",
-                context=context,
-                transient=_is_transient(code),
+                code, _described(exc, url), context=context, transient=_is_transient(code)
             )
     raise exc
+
+
+def _described(exc: BaseException, url: str | URL) -> str:
+    """The error's description (what ``info`` and ``get`` show): plain words for a
+    connection that could not be made, else the exception's name and text."""
+    tls = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError)
+    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(exc, tls):
+        os_error = exc.os_error  # refused, unreachable, no such host
+        if isinstance(os_error, socket.gaierror) or not os_error.errno:
+            why = os_error.strerror or str(os_error) or type(os_error).__name__
+        else:  # asyncio's text is 'Connect call failed (address)'
+            why = os.strerror(os_error.errno)
+        return f"cannot connect to {exc.host}:{exc.port} for {_redact(url)}: {why}"
+    detail = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__} for {_redact(url)}: {detail}"
 
 
 _TRANSLATED: Final = tuple(cls for cls, _, _ in _EXCEPTION_TABLE)

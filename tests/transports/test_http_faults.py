@@ -486,6 +486,9 @@ def test_a_refused_connection_is_a_transient_connect_failure() -> None:
     assert error.hresult == hr.BG_E_CONNECT_FAILURE
     assert error.transient
     assert error.context == ErrorContext.GENERAL_TRANSPORT
+    assert error.message == (  # plain words, not the client library's
+        f"cannot connect to 127.0.0.1:{port} for http://127.0.0.1:{port}/f: Connection refused"
+    )
 
 
 @pytest.mark.parametrize("url", ["ftp://example.org/f", "http://", "not a url"])

@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import attrs
+from eventsourcing.persistence import PersistenceError
 
 from backhaul.adapters import localfile, registry
 from backhaul.adapters.jobtable import JobTable, timer_deadline, wake_at
@@ -105,13 +107,55 @@ class JobGone(Exception):
     """The job changed under the transfer (suspended, cancelled...): stop quietly."""
 
 
+STORE_RETRY_MAX = 5.0  # seconds: the longest wait between two tries while the log fails
+STORE_REPORT_EVERY = 60.0  # seconds: at most one line a minute about a failing log
+# What a store that cannot be used raises (SQLite's own errors, the event store library's).
+STORE_ERRORS: Final = (sqlite3.Error, PersistenceError)
+
+
+class _Outage:
+    """The log failing one kind of call (appends, reads): how long to wait before the
+    next try (0.1 s, doubling to ``STORE_RETRY_MAX``) and what to log. One line for an
+    outage, not one traceback per failed call, and at most one a minute while the log keeps
+    failing now and then (a disk that is just full takes some appends); the end of an
+    outage that was reported gets its own line."""
+
+    def __init__(self, failing: str, working: str) -> None:
+        self.failing, self.working = failing, working
+        self.count = 0  # failures since the last call that worked
+        self.retry_in = 0.0
+        self.told: tuple[float, int] | None = None  # when the last line was, failures since
+
+    def failed(self, exc: BaseException) -> float:
+        """Count a failure; the seconds to wait before the next try."""
+        self.count += 1
+        self.retry_in = min(max(0.1, self.retry_in * 2), STORE_RETRY_MAX)
+        now = time.monotonic()
+        if self.told is None or now - self.told[0] >= STORE_REPORT_EVERY:
+            since = "" if self.told is None else f" ({self.told[1]} failed since the last report)"
+            log.error(
+                "%s: %s%s; the transfers that need it stop, and the engine tries again",
+                self.failing,
+                exc,
+                since,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            self.told = (now, 0)
+        self.told = (self.told[0], self.told[1] + 1)
+        return self.retry_in
+
+    def ended(self) -> None:
+        """A call worked."""
+        if not self.count:
+            return
+        if self.told is not None and self.told[1] == self.count:  # this outage was reported
+            log.warning("%s (%d failed)", self.working, self.count)
+        self.count, self.retry_in = 0, 0.0
+
+
 class StoreDown(Exception):
     """The log refused an append (its disk is full, its server is gone): the transfer
     that needed it stops, and its job runs again once the log takes appends."""
-
-
-STORE_RETRY_MAX = 5.0  # seconds: the longest wait between two appends while the log refuses
-STORE_REPORT_EVERY = 60.0  # seconds: at most one line a minute about refused appends
 
 
 def default_transports() -> Mapping[str, Transport]:
@@ -176,9 +220,8 @@ class Engine:
         self._writer_wake: asyncio.Event | None = None
         self._flush_lock: asyncio.Lock | None = None
         self._in_flight = 0
-        self._refused = 0  # appends the log refused since it last took one
-        self._retry_in = 0.0  # the writer's wait before the next append, while it refuses
-        self._refusals_told: tuple[float, int] | None = None  # when, and refusals since
+        self._appends = _Outage("appending to the log failed", "the log takes appends again")
+        self._reads = _Outage("reading the log failed", "the log can be read again")
         self._in_flight_jobs: set[str] = set()
         # Bumped whenever the engine's copy of a job is replaced from the log rather than
         # derived from the copy before it: a decision queued against an older basis may rest
@@ -291,10 +334,15 @@ class Engine:
             self._lazy = not until_idle  # until idle: every waiting job counts, so hold them
             await self._start()
             while not self._stopping:
-                await self._follow()
-                await self._apply_policies()
-                await self._fire_timers()
-                await self._schedule()
+                try:
+                    await self._follow()
+                    await self._apply_policies()
+                    await self._fire_timers()
+                    await self._schedule()
+                except STORE_ERRORS as exc:  # the log cannot be read (its server is gone)
+                    await self._sleep(self._reads.failed(exc))
+                    continue
+                self._reads.ended()
                 self._run_command_lines()
                 if until_idle and self._idle():
                     break
@@ -382,8 +430,12 @@ class Engine:
         # Waiting for a retry is not idle; blocked by a policy is.
         return self._jobs.count(JobState.TRANSIENT_ERROR) == self._jobs.count_blocked()
 
-    async def _sleep(self) -> None:
+    async def _sleep(self, at_least: float = 0.0) -> None:
         assert self._wake is not None
+        if at_least:  # no pass before then, whatever wakes the engine
+            await asyncio.sleep(at_least)
+            self._wake.clear()
+            return
         timeout = self.poll_interval
         due = self._jobs.next_due()
         if due is not None:
@@ -396,9 +448,9 @@ class Engine:
 
     async def _follow(self) -> None:
         for job_id in list(self._stale):
-            self._stale.discard(job_id)
             if not self._has_queued(job_id):
-                await self._reload(job_id)
+                await self._reload(job_id)  # a log that cannot be read: it stays stale
+            self._stale.discard(job_id)
         self._observe_appended()
         limit = self._read_limit()
         records = await asyncio.to_thread(self.store.read, self._position, limit)
@@ -1078,8 +1130,8 @@ class Engine:
                     await self._append(batch)
                 finally:
                     self._in_flight -= 1
-                if self._retry_in:  # the log refused that batch: not a loop of refusals
-                    await asyncio.sleep(self._retry_in)
+                if self._appends.retry_in:  # the log refused that batch: no loop of refusals
+                    await asyncio.sleep(self._appends.retry_in)
 
     async def _append(self, batch: list[_Queued]) -> None:
         jobs_in_batch = {q.job_id for q in batch}
@@ -1108,46 +1160,23 @@ class Engine:
             await self._append_one_by_one(batch)
             return
         except Exception as exc:  # the store is down: fail the waiters, keep running
-            self._store_refused(exc)
+            self._appends.failed(exc)
             for q in batch:
                 if not q.future.done():
                     refused = StoreDown(f"the log refused an append: {exc}")
                     refused.__cause__ = exc
                     q.future.set_exception(refused)
             for job_id in streams:
-                await self._reload(job_id)
+                try:
+                    await self._reload(job_id)
+                except Exception:  # the log cannot be read either: reloaded by a later pass
+                    self._stale.add(job_id)
             return
-        if self._refused:
-            if self._refusals_told is not None and self._refusals_told[1] == self._refused:
-                log.warning("the log takes appends again (it refused %d)", self._refused)
-            self._refused, self._retry_in = 0, 0.0
+        self._appends.ended()
         self._keep_appended(batch, streams, positions)
         for q in batch:
             if not q.future.done():
                 q.future.set_result(q.future.events)  # type: ignore[attr-defined]
-
-    def _store_refused(self, exc: Exception) -> None:
-        """One line for an outage, not one traceback per refused append, and at most one a
-        minute while the log keeps refusing now and then (a disk that is just full takes
-        some appends); the end of a reported outage gets its line. The writer waits longer
-        between appends while the log refuses them (0.1 s, doubling to 5 s)."""
-        self._refused += 1
-        self._retry_in = min(max(0.1, self._retry_in * 2), STORE_RETRY_MAX)
-        told = self._refusals_told
-        now = time.monotonic()
-        if told is None or now - told[0] >= STORE_REPORT_EVERY:
-            since = "" if told is None else f" ({told[1]} refused since the last report)"
-            log.error(
-                "appending to the log failed: %s%s; the transfers that need it stop, and the "
-                "engine tries again",
-                exc,
-                since,
-                exc_info=log.isEnabledFor(logging.DEBUG),
-            )
-            self._refusals_told = (now, 0)
-        told = self._refusals_told
-        assert told is not None
-        self._refusals_told = (told[0], told[1] + 1)
 
     def _keep_appended(
         self,

@@ -129,6 +129,48 @@ def test_a_transfer_stops_reading_while_the_log_cannot_take_its_checkpoint(
     assert (tmp_path / "f").read_bytes() == data
 
 
+def through_an_outage(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    call: str,
+    error: Exception,
+    ended: str,
+) -> tuple[TransferManager, TransferJob, bytes, int, list[logging.LogRecord]]:
+    """A transfer under way while the store's ``call`` raises ``error`` for a second; run
+    until the job is TRANSFERRED and the engine has said ``ended``. The manager, the job,
+    its data, how many calls failed, and what the engine logged."""
+    data = os.urandom(2 * 1024 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    failed = [0]
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": trickle(data)}) as server:
+            job = new_job(manager, [(server.url("/f"), tmp_path / "f")])
+            engine = make_engine(manager, checkpoint_interval=0.05)
+            async with running(engine) as task:
+                await until(lambda: checkpointed(job) >= 64 * KiB, "a first checkpoint")
+                working = getattr(engine.store, call)
+
+                def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+                    failed[0] += 1
+                    raise error
+
+                monkeypatch.setattr(engine.store, call, broken)
+                await asyncio.sleep(1.0)
+                assert not task.done()  # the engine outlives it
+                monkeypatch.setattr(engine.store, call, working)
+                await until(lambda: job.state is JobState.TRANSFERRED, "TRANSFERRED", 30)
+                said = lambda: any(ended in r.getMessage() for r in caplog.records)  # noqa: E731
+                await until(said, ended, 10)
+            return job
+
+    with caplog.at_level(logging.INFO, logger="backhaul.engine"):
+        job = asyncio.run(main())
+    records = [r for r in caplog.records if r.name == "backhaul.engine"]
+    return manager, job, data, failed[0], records
+
+
 def test_a_log_that_refuses_appends_for_a_while_is_waited_out_without_a_flood(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -138,39 +180,37 @@ def test_a_log_that_refuses_appends_for_a_while_is_waited_out_without_a_flood(
     doubling) instead of trying hundreds of times a second, the outage is logged once and
     its end once (no traceback per append), and the job finishes once the log takes
     appends again."""
-    data = os.urandom(2 * 1024 * KiB)
-    manager = TransferManager(home=tmp_path / "home")
-    attempts = {"refused": 0}
-
-    async def main() -> TransferJob:
-        async with FaultServer({"/f": trickle(data)}) as server:
-            job = new_job(manager, [(server.url("/f"), tmp_path / "f")])
-            engine = make_engine(manager, checkpoint_interval=0.05)
-            async with running(engine):
-                await until(lambda: checkpointed(job) >= 64 * KiB, "a first checkpoint")
-                append_many = engine.store.append_many
-
-                def full(*args, **kwargs):  # type: ignore[no-untyped-def]
-                    attempts["refused"] += 1
-                    raise sqlite3.OperationalError("database or disk is full")
-
-                monkeypatch.setattr(engine.store, "append_many", full)
-                await asyncio.sleep(1.0)
-                monkeypatch.setattr(engine.store, "append_many", append_many)
-                await until(lambda: job.state is JobState.TRANSFERRED, "TRANSFERRED", 30)
-            return job
-
-    with caplog.at_level(logging.INFO, logger="backhaul.engine"):
-        job = asyncio.run(main())
-    assert 1 <= attempts["refused"] <= 8, attempts  # 0.1 + 0.2 + 0.4 + ... within 1 s
-    records = [r for r in caplog.records if r.name == "backhaul.engine"]
-    refused = [r for r in records if "appending to the log failed" in r.getMessage()]
-    assert len(refused) == 1 and "database or disk is full" in refused[0].getMessage()
-    assert not refused[0].exc_info  # no traceback
-    back = [r for r in records if "the log takes appends again" in r.getMessage()]
-    assert len(back) == 1 and f"refused {attempts['refused']})" in back[0].getMessage()
+    full = sqlite3.OperationalError("database or disk is full")
+    manager, job, data, refused, records = through_an_outage(
+        tmp_path, monkeypatch, caplog, "append_many", full, "takes appends again"
+    )
+    assert 1 <= refused <= 8, refused  # 0.1 + 0.2 + 0.4 + ... within 1 s
+    failures = [r for r in records if "appending to the log failed" in r.getMessage()]
+    assert len(failures) == 1 and "database or disk is full" in failures[0].getMessage()
+    assert not failures[0].exc_info  # no traceback
+    back = [r.getMessage() for r in records if "takes appends again" in r.getMessage()]
+    assert back == [f"the log takes appends again ({refused} failed)"]
     assert not [r for r in records if "unexpectedly" in r.getMessage()]
     assert not [e for e in events_of(manager, job.id) if isinstance(e, ev.ErrorOccurred)]
+    job.complete()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_an_engine_outlives_a_log_it_cannot_read_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log cannot be read for a second (a database server gone, a disk error): the
+    engine's passes fail, and instead of ending the engine (a serve would exit with a
+    traceback) they wait (0.1 s, doubling) and go on; one line each way, and the transfer
+    under way finishes."""
+    broken = sqlite3.OperationalError("disk I/O error")
+    _, job, data, failed, records = through_an_outage(
+        tmp_path, monkeypatch, caplog, "read", broken, "read again"
+    )
+    assert 1 <= failed <= 8, failed
+    lines = [r.getMessage() for r in records]
+    assert len([m for m in lines if m.startswith("reading the log failed: disk I/O error")]) == 1
+    assert lines.count(f"the log can be read again ({failed} failed)") == 1
     job.complete()
     assert (tmp_path / "f").read_bytes() == data
 

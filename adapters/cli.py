@@ -45,6 +45,8 @@ from backhaul.core.policy import why_waiting
 from backhaul.core.url import secrets_of
 from backhaul.core.value import FileSpec
 from backhaul.core.vocabulary import (
+    AuthScheme,
+    AuthTarget,
     FilePropertyId,
     JobPriority,
     JobPropertyId,
@@ -807,6 +809,26 @@ def _set_options(job: TransferJob, args: argparse.Namespace) -> None:
     rate = _max_rate(args.max_rate)
     if rate is not None or job.max_rate is not None:
         job.max_rate = rate
+    if args.user is not None:
+        user, password = _login(args.user)
+        for scheme in (AuthScheme.BASIC, AuthScheme.DIGEST):  # whichever the server asks
+            job.set_credentials(AuthTarget.SERVER, scheme, user, password)
+
+
+def _login(text: str) -> tuple[str, str]:
+    """``--user USER[:PASSWORD]``: without the password, ask for it (no echo on a
+    terminal; otherwise the first line of stdin, for scripts)."""
+    user, colon, password = text.partition(":")
+    if not user:
+        raise BitsError(hresult.E_INVALIDARG, "--user wants USER or USER:PASSWORD")
+    if not colon:
+        if sys.stdin is not None and sys.stdin.isatty():
+            import getpass
+
+            password = getpass.getpass(f"password for {user}: ")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n") if sys.stdin is not None else ""
+    return user, password
 
 
 def _made_by(verb: str) -> str:
@@ -1279,6 +1301,13 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
     )
     parser.add_argument(
         "--no-yield", action="store_true", help="a background --priority does not yield"
+    )
+    parser.add_argument(
+        "--user",
+        "-u",
+        metavar="USER[:PASSWORD]",
+        help="the server's login (curl's -u), answering Basic and Digest challenges; without "
+        ":PASSWORD it is asked for (read from stdin when that is no terminal)",
     )
     if name:  # get and put: a rerun picks up the job an earlier one left unfinished
         parser.add_argument(

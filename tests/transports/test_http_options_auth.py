@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -328,3 +329,43 @@ def test_the_strongest_offered_scheme_with_credentials_is_used_and_wrong_ones_ar
         "GET NTLM leg",
         "GET NTLM refused",
     ]
+
+
+# -- the command's --user ---------------------------------------------------------------------------
+
+
+@pytest.mark.peer
+def test_get_user_logs_in_by_digest_and_basic_and_the_password_stays_sealed(
+    apache_server: ApacheServer,
+    nginx_tls: NginxServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`get --user USER:PASSWORD` (curl's -u) answers apache's Digest challenge; `--user
+    USER` reads the password from stdin when stdin is no terminal, and answers nginx's
+    Basic one; a wrong password is the server's fatal 401. No password reaches the store's
+    files in plain text, nor the messages."""
+    from backhaul.adapters.cli import main
+
+    monkeypatch.delenv("BACKHAUL_STORE", raising=False)
+    home = tmp_path / "home"
+    name = "digest/d-cli.bin"
+    (apache_server.docroot / name).write_bytes(DATA)
+    user, password = apache_server.digest_user, apache_server.digest_password
+    login = f"{user}:{password}"
+    get = ["--home", str(home), "get", "-q"]
+    assert main([*get, "--user", login, f"{apache_server.url}/{name}", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d").read_bytes() == DATA
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{BASIC_PASSWORD}\n"))
+    secret = f"{nginx_tls.url}/private/secret.txt"
+    assert main([*get, "--user", BASIC_USER, secret, str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s").read_text() == "top secret\n"
+
+    assert main([*get, "--user", f"{BASIC_USER}:not-it", secret, str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert "BG_E_HTTP_ERROR_401" in err and "not-it" not in err
+    stored = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("backhaul.db"))
+    for plain in (password, BASIC_PASSWORD, "not-it"):
+        assert plain.encode() not in stored

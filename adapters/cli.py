@@ -708,6 +708,7 @@ async def _serve(engine: Any, *, until_idle: bool) -> None:
 def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """Start-BitsTransfer: a foreground job, followed to its end, then completed."""
     _tune_malloc()
+    _header_block(args)  # refused before a job is made
     urls, dest = args.paths[:-1], Path(args.paths[-1]).expanduser().absolute()
     if not urls:
         raise BitsError(hresult.E_INVALIDARG, "give at least one URL and a destination")
@@ -754,6 +755,7 @@ def cmd_put(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """Start-BitsTransfer -TransferType Upload: LOCAL to URL by the BITS upload protocol, as
     a foreground job followed to its end, then completed; with ``--reply FILE``, an
     upload-reply job whose reply Complete puts in FILE."""
+    _header_block(args)  # refused before a job is made
     local = _abs(args.local)
     kind = JobType.UPLOAD if args.reply is None else JobType.UPLOAD_REPLY
     reply = None if args.reply is None else _abs(args.reply)
@@ -776,6 +778,7 @@ def cmd_transfer(args: argparse.Namespace, m: TransferManager, out: TextIO) -> i
     """bitsadmin /transfer NAME [/download|/upload] [/priority P] REMOTE LOCAL...: create
     the job, add the pairs, resume, wait; complete it when transferred, cancel it when it
     failed for good (transient errors are waited out, as bitsadmin does)."""
+    _header_block(args)  # refused before a job is made
     pairs = args.pairs
     if not pairs or len(pairs) % 2:
         raise BitsError(hresult.E_INVALIDARG, "give REMOTE LOCAL pairs")
@@ -809,10 +812,24 @@ def _set_options(job: TransferJob, args: argparse.Namespace) -> None:
     rate = _max_rate(args.max_rate)
     if rate is not None or job.max_rate is not None:
         job.max_rate = rate
+    if args.header:
+        job.set_custom_headers(_header_block(args))
     if args.user is not None:
         user, password = _login(args.user)
         for scheme in (AuthScheme.BASIC, AuthScheme.DIGEST):  # whichever the server asks
             job.set_credentials(AuthTarget.SERVER, scheme, user, password)
+
+
+def _header_block(args: argparse.Namespace) -> str | None:
+    """``--header``s as SetCustomHeaders takes them; refused (without echoing a value,
+    which may be a token) unless each is 'NAME: VALUE' on one line."""
+    if not args.header:
+        return None
+    for header in args.header:
+        name, colon, _ = header.partition(":")
+        if not colon or not name.strip() or any(c in header for c in "\r\n"):
+            raise BitsError(hresult.E_INVALIDARG, "--header wants 'NAME: VALUE'")
+    return "".join(f"{h}\r\n" for h in args.header)
 
 
 def _login(text: str) -> tuple[str, str]:
@@ -1301,6 +1318,14 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
     )
     parser.add_argument(
         "--no-yield", action="store_true", help="a background --priority does not yield"
+    )
+    parser.add_argument(
+        "--header",
+        "-H",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="a header sent with every request (curl's -H; repeat it; SetCustomHeaders, "
+        "sealed in the log)",
     )
     parser.add_argument(
         "--user",

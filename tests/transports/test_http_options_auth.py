@@ -369,3 +369,34 @@ def test_get_user_logs_in_by_digest_and_basic_and_the_password_stays_sealed(
     stored = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("backhaul.db"))
     for plain in (password, BASIC_PASSWORD, "not-it"):
         assert plain.encode() not in stored
+
+
+@pytest.mark.peer
+def test_get_header_goes_with_every_request_and_stays_sealed(
+    nginx_tls: NginxServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`get -H 'NAME: VALUE'` (curl's -H) is the job's custom headers: nginx's Basic area
+    takes an Authorization header given that way. A header that is not 'NAME: VALUE' is
+    refused before any job is made, without echoing it."""
+    from backhaul.adapters.cli import main
+    from backhaul.adapters.manager import TransferManager
+
+    monkeypatch.delenv("BACKHAUL_STORE", raising=False)
+    home = tmp_path / "home"
+    token = base64.b64encode(f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode()
+    secret = f"{nginx_tls.url}/private/secret.txt"
+    get = ["--home", str(home), "get", "-q"]
+    header = f"Authorization: Basic {token}"
+    assert main([*get, "-H", "X-Trace: 1", "-H", header, secret, str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s").read_text() == "top secret\n"
+    stored = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("backhaul.db"))
+    assert token.encode() not in stored
+    capsys.readouterr()
+    assert main([*get, "-H", f"Bearer{token}", secret, str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "--header wants 'NAME: VALUE'" in err and token not in err
+    with TransferManager(home=home) as manager:
+        assert len(list(manager.jobs(include_final=True))) == 1  # only the first get's

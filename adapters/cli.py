@@ -709,6 +709,11 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """Start-BitsTransfer: a foreground job, followed to its end, then completed."""
     _tune_malloc()
     _header_block(args)  # refused before a job is made
+    if args.paths[-1] == "-":  # curl's and wget's stdout: a job's files are files
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            "get writes files, not standard output: give a path (./- for a file named -)",
+        )
     urls, dest = args.paths[:-1], Path(args.paths[-1]).expanduser().absolute()
     if not urls:
         raise BitsError(hresult.E_INVALIDARG, "give at least one URL and a destination")

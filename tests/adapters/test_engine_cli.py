@@ -478,9 +478,12 @@ def test_get_says_why_it_waits_after_a_transient_error_and_when_it_tries_again(
     assert "transient error:" not in err
 
 
-def test_get_refuses_a_sha256_that_is_not_one_before_making_a_job(
+def test_get_refuses_a_bad_sha256_and_stdout_before_making_a_job(
     tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    argv = ["--home", str(home), "get", "http://127.0.0.1:9/f", "-"]
+    assert main(argv, io.StringIO()) == 1  # curl's stdout: a job's files are files
+    assert "get writes files, not standard output" in capsys.readouterr().err
     for bad in ("abc", "g" * 64, "0" * 63):
         argv = ["--home", str(home), "get", "--sha256", bad, "http://127.0.0.1:9/f", str(tmp_path)]
         assert main(argv, io.StringIO()) == 1

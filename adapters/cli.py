@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from eventsourcing.persistence import PersistenceError
 
 from backhaul.adapters.cli_audit import add_audit_parser
+from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import default_home, store_failure
 from backhaul.core import hresult
@@ -368,7 +369,13 @@ def cmd_addfileset(args: argparse.Namespace, m: TransferManager, out: TextIO) ->
     start with # are skipped; a name with spaces is quoted."""
     job = find_job(m, args.job)
     pairs = []
-    for lineno, line in enumerate(Path(args.listfile).read_text().splitlines(), 1):
+    try:
+        text = Path(args.listfile).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        code = os_hresult(exc) if isinstance(exc, OSError) else hresult.E_INVALIDARG
+        why = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise BitsError(code, f"cannot read the list file {args.listfile}: {why}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -490,6 +497,8 @@ def _setter(verb: str) -> Callable[[argparse.Namespace, TransferManager, TextIO]
             value = parse(args.value)
         except (ValueError, argparse.ArgumentTypeError) as exc:
             raise BitsError(hresult.E_INVALIDARG, f"{verb}: {exc}") from None
+        except OverflowError:
+            raise BitsError(hresult.E_INVALIDARG, f"{verb}: {args.value} is out of range") from None
         setattr(find_job(m, args.job), attr, value)
         return EXIT_OK
 
@@ -528,11 +537,21 @@ def cmd_setnotifycmdline(args: argparse.Namespace, m: TransferManager, out: Text
 
 def cmd_setproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     job = find_job(m, args.job)
-    prop = JobPropertyId.from_bits_name(args.property)
+    try:
+        prop = JobPropertyId.from_bits_name(args.property)
+    except (KeyError, ValueError):
+        raise BitsError(
+            hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown job property {args.property!r}"
+        ) from None
     raw = args.value
     value: Any = {"true": True, "false": False, "null": None}.get(raw.lower())
     if raw.lower() not in ("true", "false", "null"):
-        value = int(raw, 0)
+        try:
+            value = int(raw, 0)
+        except ValueError:
+            raise BitsError(
+                hresult.E_INVALIDARG, f"{raw!r} is not a number, true, false or null"
+            ) from None
     job.set_property(prop, value)
     return EXIT_OK
 
@@ -596,9 +615,14 @@ def cmd_getbandwidth(args: argparse.Namespace, m: TransferManager, out: TextIO) 
 def cmd_setnetworkcost(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     from backhaul.core.vocabulary import CostFlags
 
-    value = (
-        None if args.state.lower() in ("auto", "system") else CostFlags.from_bits_names(args.state)
-    )
+    try:
+        value = (
+            None
+            if args.state.lower() in ("auto", "system")
+            else CostFlags.from_bits_names(args.state)
+        )
+    except ValueError as exc:
+        raise BitsError(hresult.E_INVALIDARG, f"{exc} (BITS_COST_STATE_* names, or auto)") from None
     m.set_network_cost(None if value is None else int(value))
     return EXIT_OK
 

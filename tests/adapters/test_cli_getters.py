@@ -168,3 +168,33 @@ def test_addfileset_reads_quoted_names_comments_and_urls_as_they_are(
     listing.write_text(f'http://127.0.0.1:1/c.bin {tmp_path}/c.bin\n"http://127.0.0.1:1/d.bin\n')
     assert "list:2: want 'REMOTE LOCAL'" in refused(home, capsys, "addfileset", job, str(listing))
     assert len(json.loads(value(home, "files", job, "--json"))) == 3
+
+
+def test_bad_values_of_the_job_verbs_are_typed_errors_not_tracebacks(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of these raised a Python exception to the terminal (found by running every verb
+    with odd arguments): now a one-line BITS error, exit 1, nothing recorded."""
+    job = value(home, "create", "odd")
+    (tmp_path / "binary").write_bytes(bytes(range(256)))
+    cases = [
+        (
+            ("addfileset", job, str(tmp_path / "missing")),
+            "[HRESULT_FROM_WIN32(ERROR_FILE_NOT_FOUND)",
+        ),
+        (("addfileset", job, str(tmp_path / "binary")), "list file"),
+        (("setminretrydelay", job, "9" * 20), "setminretrydelay: " + "9" * 20 + " is out of range"),
+        (("setnoprogresstimeout", job, "1e309"), "[E_INVALIDARG 0x80070057]"),
+        (("setnetworkcost", "bogus"), "unknown CostFlags name: 'bogus'"),
+        (("setproperty", job, "bogus", "1"), "[BG_E_UNKNOWN_PROPERTY_ID 0x80200057]"),
+        (("setproperty", job, "DYNAMIC_CONTENT", "maybe"), "'maybe' is not a number"),
+    ]
+    with TransferManager(home=home) as manager:
+        before = len(list(manager.store.stream(job)))
+    for argv, said in cases:
+        err = refused(home, capsys, *argv)
+        assert said in err and "Traceback" not in err, (argv, err)
+        assert err.startswith(f"backhaul {argv[0]}: ") and err.count("\n") == 1, err
+    with TransferManager(home=home) as manager:
+        assert len(list(manager.store.stream(job))) == before
+        assert manager.settings().network_cost is None

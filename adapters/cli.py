@@ -31,7 +31,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from eventsourcing.persistence import PersistenceError
 
@@ -535,14 +535,22 @@ def cmd_setnotifycmdline(args: argparse.Namespace, m: TransferManager, out: Text
     return EXIT_OK
 
 
-def cmd_setproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
-    job = find_job(m, args.job)
+_P = TypeVar("_P", JobPropertyId, FilePropertyId)
+
+
+def _property(kind: type[_P], name: str, what: str) -> _P:
+    """A property by its BITS name; unknown: BG_E_UNKNOWN_PROPERTY_ID."""
     try:
-        prop = JobPropertyId.from_bits_name(args.property)
+        return kind.from_bits_name(name)
     except (KeyError, ValueError):
         raise BitsError(
-            hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown job property {args.property!r}"
+            hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown {what} property {name!r}"
         ) from None
+
+
+def cmd_setproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    job = find_job(m, args.job)
+    prop = _property(JobPropertyId, args.property, "job")
     raw = args.value
     value: Any = {"true": True, "false": False, "null": None}.get(raw.lower())
     if raw.lower() not in ("true", "false", "null"):
@@ -560,12 +568,7 @@ def cmd_getfileproperty(args: argparse.Namespace, m: TransferManager, out: TextI
     """IBackgroundCopyFile5::GetProperty: HTTP_RESPONSE_HEADERS prints the header block of
     the file's last response, one header a line (nothing before its first response)."""
     job = find_job(m, args.job)
-    try:
-        prop = FilePropertyId.from_bits_name(args.property)
-    except (KeyError, ValueError):
-        raise BitsError(
-            hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown file property {args.property!r}"
-        ) from None
+    prop = _property(FilePropertyId, args.property, "file")
     value = job.get_file_property(args.index, prop)
     if value is not None:
         out.write("".join(f"{line}\n" for line in value.split("\r\n") if line))

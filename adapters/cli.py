@@ -735,7 +735,7 @@ async def _serve(engine: Any, *, until_idle: bool) -> None:
 def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """Start-BitsTransfer: a foreground job, followed to its end, then completed."""
     _tune_malloc()
-    _header_block(args)  # refused before a job is made
+    _check_options(args)  # refused before a job is made
     if args.paths[-1] == "-":  # curl's and wget's stdout: a job's files are files
         raise BitsError(
             hresult.E_INVALIDARG,
@@ -787,7 +787,7 @@ def cmd_put(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """Start-BitsTransfer -TransferType Upload: LOCAL to URL by the BITS upload protocol, as
     a foreground job followed to its end, then completed; with ``--reply FILE``, an
     upload-reply job whose reply Complete puts in FILE."""
-    _header_block(args)  # refused before a job is made
+    _check_options(args)  # refused before a job is made
     local = _abs(args.local)
     kind = JobType.UPLOAD if args.reply is None else JobType.UPLOAD_REPLY
     reply = None if args.reply is None else _abs(args.reply)
@@ -810,7 +810,7 @@ def cmd_transfer(args: argparse.Namespace, m: TransferManager, out: TextIO) -> i
     """bitsadmin /transfer NAME [/download|/upload] [/priority P] REMOTE LOCAL...: create
     the job, add the pairs, resume, wait; complete it when transferred, cancel it when it
     failed for good (transient errors are waited out, as bitsadmin does)."""
-    _header_block(args)  # refused before a job is made
+    _check_options(args)  # refused before a job is made
     pairs = args.pairs
     if not pairs or len(pairs) % 2:
         raise BitsError(hresult.E_INVALIDARG, "give REMOTE LOCAL pairs")
@@ -852,6 +852,13 @@ def _set_options(job: TransferJob, args: argparse.Namespace) -> None:
             job.set_credentials(AuthTarget.SERVER, scheme, user, password)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """The foreground verbs' options that can be refused before a job is made."""
+    _header_block(args)
+    if args.user is not None and not args.user.partition(":")[0]:
+        raise BitsError(hresult.E_INVALIDARG, "--user wants USER or USER:PASSWORD")
+
+
 def _header_block(args: argparse.Namespace) -> str | None:
     """``--header``s as SetCustomHeaders takes them; refused (without echoing a value,
     which may be a token) unless each is 'NAME: VALUE' on one line."""
@@ -867,9 +874,7 @@ def _header_block(args: argparse.Namespace) -> str | None:
 def _login(text: str) -> tuple[str, str]:
     """``--user USER[:PASSWORD]``: without the password, ask for it (no echo on a
     terminal; otherwise the first line of stdin, for scripts)."""
-    user, colon, password = text.partition(":")
-    if not user:
-        raise BitsError(hresult.E_INVALIDARG, "--user wants USER or USER:PASSWORD")
+    user, colon, password = text.partition(":")  # a USER checked by _check_options
     if not colon:
         if sys.stdin is not None and sys.stdin.isatty():
             import getpass

@@ -484,6 +484,9 @@ def test_get_refuses_a_bad_sha256_and_stdout_before_making_a_job(
     argv = ["--home", str(home), "get", "http://127.0.0.1:9/f", "-"]
     assert main(argv, io.StringIO()) == 1  # curl's stdout: a job's files are files
     assert "get writes files, not standard output" in capsys.readouterr().err
+    argv = ["--home", str(home), "get", "--user", ":pw", "http://127.0.0.1:9/f", str(tmp_path)]
+    assert main(argv, io.StringIO()) == 1
+    assert "--user wants USER or USER:PASSWORD" in capsys.readouterr().err
     for bad in ("abc", "g" * 64, "0" * 63):
         argv = ["--home", str(home), "get", "--sha256", bad, "http://127.0.0.1:9/f", str(tmp_path)]
         assert main(argv, io.StringIO()) == 1

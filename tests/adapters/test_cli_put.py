@@ -64,16 +64,24 @@ def put(home: Path, *argv: str) -> tuple[int, str]:
     return main(["--home", str(home), "put", "--quiet", *argv], out), out.getvalue()
 
 
+@pytest.mark.parametrize("login", ["url", "--user"])
 def test_put_uploads_with_the_urls_password_and_completes(
-    tmp_path: Path, home: Path, root: Path
+    tmp_path: Path, home: Path, root: Path, login: str
 ) -> None:
+    """The login in the URL, or given as curl's -u (--user alice:PASSWORD): either way the
+    upload server's Basic challenge is answered and no password reaches the store."""
     users = tmp_path / "users"
     users.write_text(f"alice:{PASSWORD}\n")
     source = tmp_path / "report.bin"
     source.write_bytes(os.urandom(700 * 1024))
     with serving("--root", str(root), "--port", "0", "--auth-file", str(users)) as (base, _):
-        url = f"{base}/inbox/report.bin".replace("http://", f"http://alice:{PASSWORD}@")
-        code, out = put(home, str(source), url, "--json")
+        url = f"{base}/inbox/report.bin"
+        if login == "url":
+            code, out = put(
+                home, str(source), url.replace("http://", f"http://alice:{PASSWORD}@"), "--json"
+            )
+        else:
+            code, out = put(home, str(source), url, "--json", "--user", f"alice:{PASSWORD}")
 
     assert code == 0, out
     assert (root / "inbox" / "report.bin").read_bytes() == source.read_bytes()
@@ -81,7 +89,8 @@ def test_put_uploads_with_the_urls_password_and_completes(
     with TransferManager(home=home) as m:
         (job,) = m.jobs(include_final=True)
         assert job.job_type is JobType.UPLOAD
-        assert job.files()[0].remote_name.startswith("http://alice@127.0.0.1:")
+        user = "alice@" if login == "url" else ""
+        assert job.files()[0].remote_name.startswith(f"http://{user}127.0.0.1:")
     assert_not_in_store(home, PASSWORD)
 
 

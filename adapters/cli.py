@@ -726,9 +726,11 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
 
 async def _serve(engine: Any, *, until_idle: bool) -> None:
     loop = asyncio.get_running_loop()
-    # SIGHUP too (the terminal it ran in closed): a clean stop keeps what was received.
+    # SIGHUP too (the terminal it ran in closed): a clean stop keeps what was received. A
+    # signal the caller ignores (nohup) stays ignored.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, engine.stop)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            loop.add_signal_handler(sig, engine.stop)
     await engine.run(until_idle=until_idle)
 
 
@@ -1033,7 +1035,11 @@ def _stop_signals() -> Iterator[None]:
     loop the signal raises ``_Stopped``; the loop takes it in its own turn
     (``_run_engine``). Only the main thread can take signals: elsewhere, nothing changes."""
     try:
-        before = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
+        before = {
+            sig: signal.signal(sig, _raise_stopped)
+            for sig in _STOP_SIGNALS
+            if signal.getsignal(sig) is not signal.SIG_IGN  # nohup: stays ignored
+        }
     except ValueError:  # not the main thread
         yield
         return
@@ -1159,6 +1165,8 @@ def _take_stop_signals(
     taken: dict[int, Any] = {}
     for sig in _STOP_SIGNALS:
         before = signal.getsignal(sig)
+        if before is signal.SIG_IGN:
+            continue  # nohup: the caller wants it ignored
         try:
             loop.add_signal_handler(sig, on_stop, int(sig))
         except (ValueError, RuntimeError, NotImplementedError):

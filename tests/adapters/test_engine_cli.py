@@ -633,6 +633,51 @@ def test_a_get_that_follows_a_serve_runs_its_job_itself_once_that_serve_stops(
     assert "" in ranges and any(r.startswith("bytes=") for r in ranges), ranges
 
 
+def test_serve_and_get_under_nohup_keep_running_on_sighup(
+    tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """A SIGHUP the caller ignores (nohup) stays ignored: serve and a get started that way
+    outlive their terminal; SIGTERM still stops them cleanly."""
+    server, docroot = engine_nginx
+
+    def ignoring_hup(*argv: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(BACKHAUL), "--home", str(home), *argv],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        )
+
+    daemon = ignoring_hup("serve", "--poll", "0.05")
+    try:
+        wait(
+            lambda: (
+                (home / LOCK_FILE).exists() and (home / LOCK_FILE).read_text() == str(daemon.pid)
+            ),
+            "serve's lock",
+        )
+        daemon.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert daemon.poll() is None
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    dest = tmp_path / "three.bin"
+    get = ignoring_hup("get", "-q", "--max-rate", "2M", f"{server.url}/three.bin", str(dest))
+    try:
+        time.sleep(0.5)
+        get.send_signal(signal.SIGHUP)
+        assert get.wait(30) == 0, get.communicate()[1].decode()
+    finally:
+        if get.poll() is None:
+            get.kill()
+    assert sha256(dest) == sha256(docroot / "three.bin")
+
+
 def test_a_killed_serve_leaves_a_job_the_next_engine_resumes_from_its_last_checkpoint(
     tmp_path: Path, home: Path, serve: Callable[..., subprocess.Popen[bytes]]
 ) -> None:

@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import signal
-import sqlite3
 import sys
 import time
 import urllib.parse
@@ -33,12 +32,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from eventsourcing.persistence import PersistenceError
-
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
-from backhaul.adapters.store import default_home, store_failure
+from backhaul.adapters.store import STORE_ERRORS, default_home, store_failure
 from backhaul.core import hresult
 from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
@@ -185,19 +182,25 @@ def _print_json(data: Any, out: TextIO) -> None:
 @contextlib.contextmanager
 def serve_lock(home: Path) -> Iterator[bool]:
     """Hold the SQLite store's engine lock; yields False if another engine holds it."""
+    fd, held = _try_lock(home)
+    try:
+        if held:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        yield held
+    finally:
+        os.close(fd)  # which gives the lock back
+
+
+def _try_lock(home: Path) -> tuple[int, bool]:
+    """The lock file's descriptor, and whether this process now holds its lock."""
     home.mkdir(parents=True, exist_ok=True)
     fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield True
-    finally:
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return fd, False
+    return fd, True
 
 
 def _shared_store(args: argparse.Namespace) -> bool:
@@ -298,6 +301,14 @@ def cmd_gettemporaryname(args: argparse.Namespace, m: TransferManager, out: Text
     return EXIT_OK
 
 
+def _integer(text: str, refusal: str) -> int:
+    """A number as Python writes it (0x.. too), else E_INVALIDARG with ``refusal``."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise BitsError(hresult.E_INVALIDARG, refusal) from None
+
+
 def cmd_setaclflag(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """bitsadmin /setaclflag: any of O (owner), G (group), D (DACL), S (SACL), or a number;
     the parts of an SMB file's security descriptor kept with the download."""
@@ -306,12 +317,7 @@ def cmd_setaclflag(args: argparse.Namespace, m: TransferManager, out: TextIO) ->
     if text and all(c in bits for c in text.upper()):
         value = sum(bits[c] for c in set(text.upper()))
     else:
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise BitsError(
-                hresult.E_INVALIDARG, f"ACL flags {text!r}: want letters of OGDS, or a number"
-            ) from None
+        value = _integer(text, f"ACL flags {text!r}: want letters of OGDS, or a number")
     find_job(m, args.job).acl_flags = value
     return EXIT_OK
 
@@ -554,12 +560,7 @@ def cmd_setproperty(args: argparse.Namespace, m: TransferManager, out: TextIO) -
     raw = args.value
     value: Any = {"true": True, "false": False, "null": None}.get(raw.lower())
     if raw.lower() not in ("true", "false", "null"):
-        try:
-            value = int(raw, 0)
-        except ValueError:
-            raise BitsError(
-                hresult.E_INVALIDARG, f"{raw!r} is not a number, true, false or null"
-            ) from None
+        value = _integer(raw, f"{raw!r} is not a number, true, false or null")
     job.set_property(prop, value)
     return EXIT_OK
 
@@ -877,14 +878,15 @@ def _login(text: str) -> tuple[str, str]:
     """``--user USER[:PASSWORD]``: without the password, ask for it (no echo on a
     terminal; otherwise the first line of stdin, for scripts)."""
     user, colon, password = text.partition(":")  # a USER checked by _check_options
-    if not colon:
-        if sys.stdin is not None and sys.stdin.isatty():
-            import getpass
+    if colon:
+        return user, password
+    if sys.stdin is None:
+        return user, ""
+    if sys.stdin.isatty():
+        import getpass
 
-            password = getpass.getpass(f"password for {user}: ")
-        else:
-            password = sys.stdin.readline().rstrip("\r\n") if sys.stdin is not None else ""
-    return user, password
+        return user, getpass.getpass(f"password for {user}: ")
+    return user, sys.stdin.readline().rstrip("\r\n")
 
 
 def _made_by(verb: str) -> str:
@@ -998,18 +1000,11 @@ def _run_or_follow(
 
 
 def _lock_is_free(args: argparse.Namespace) -> bool:
-    """Is no engine holding the SQLite store's lock now? (Taken and given back at once;
-    the lock file keeps the holder's pid, which ``serve_lock`` writes.)"""
-    home = _home(args)
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # which gives the lock back
-    return True
+    """Is no engine holding the SQLite store's lock now? (Taken and given back at once,
+    without writing our pid over the holder's, as ``serve_lock`` does.)"""
+    fd, held = _try_lock(_home(args))
+    os.close(fd)
+    return held
 
 
 class _Stopped(Exception):
@@ -1137,9 +1132,7 @@ def _run_engine(
             while True:
                 await asyncio.sleep(0.05)
                 if stopped:
-                    engine.stop()
-                    await task
-                    raise _Stopped(stopped[0])
+                    raise _Stopped(stopped[0])  # the engine stops below, cleanly
                 # The engine's own copy while it holds the job: no store read on its loop.
                 snap = engine.current(job.id) or m._load(job.id)
                 reporter.show(snap)
@@ -1244,7 +1237,8 @@ class _Reporter:
         if self.base is None:
             self.base = done
         rate = max(done - self.base, 0) / max(now - self.start, 1e-6)  # this run's bytes
-        waiting = why_waiting(snap, self.job._manager.clock.now())
+        failing = state is JobState.TRANSIENT_ERROR and snap.error is not None
+        waiting = why_waiting(snap, self.job._manager.clock.now()) if failing else None
         if self.args.json:
             if now - self.last >= 0.5 or state in _DONE:
                 line: dict[str, Any] = {
@@ -1254,7 +1248,7 @@ class _Reporter:
                     "files_transferred": snap.files_transferred,
                     "files_total": len(snap.files),
                 }
-                if state is JobState.TRANSIENT_ERROR and snap.error is not None:
+                if failing:
                     line["error"] = _error_json(snap.error)
                     line["waiting"] = waiting[0] if waiting else None
                     line["next_try"] = waiting[1].isoformat() if waiting and waiting[1] else None
@@ -1263,7 +1257,7 @@ class _Reporter:
             return
         if self.args.quiet:
             return
-        if state is JobState.TRANSIENT_ERROR and snap.error is not None:
+        if failing:
             self._tell_transient(snap, waiting)
         if not self.redraw:
             if self.logged is not None and (
@@ -1634,7 +1628,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         with _manager(args) as manager:
             try:
                 return int(args.func(args, manager, out))
-            except (sqlite3.Error, PersistenceError) as exc:  # an append or read that failed
+            except STORE_ERRORS as exc:  # an append or read that failed
                 store = manager.store
                 directory = Path(store.location).parent if store.kind == "sqlite" else None
                 raise store_failure(exc, store.location, directory) from exc

@@ -31,7 +31,6 @@ import inspect
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -41,7 +40,6 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import attrs
-from eventsourcing.persistence import PersistenceError
 
 from backhaul.adapters import localfile, registry
 from backhaul.adapters.jobtable import JobTable, timer_deadline, wake_at
@@ -50,7 +48,7 @@ from backhaul.adapters.network import network_up, system_cost
 from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
-from backhaul.adapters.store import ConcurrentAppend, Recorded
+from backhaul.adapters.store import STORE_ERRORS, ConcurrentAppend, Recorded
 from backhaul.adapters.view import ViewRow, due_text, queue_key
 from backhaul.adapters.yielding import YieldController, congestion_controls
 from backhaul.core import command as cmd
@@ -109,8 +107,6 @@ class JobGone(Exception):
 
 STORE_RETRY_MAX = 5.0  # seconds: the longest wait between two tries while the log fails
 STORE_REPORT_EVERY = 60.0  # seconds: at most one line a minute about a failing log
-# What a store that cannot be used raises (SQLite's own errors, the event store library's).
-STORE_ERRORS: Final = (sqlite3.Error, PersistenceError)
 
 
 class _Outage:

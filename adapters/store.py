@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
@@ -316,6 +316,11 @@ class EventStore:
             self._factory = None
 
 
+# What a store that cannot be used raises under a call (SQLite's own errors, the event store
+# library's, which wrap PostgreSQL's).
+STORE_ERRORS: Final = (sqlite3.Error, PersistenceError)
+
+
 class StoreUnavailable(BitsError):
     """The store cannot be opened, read or written (a full disk, no permission, a broken
     database file): nothing was recorded by the call that met it."""
@@ -378,7 +383,7 @@ def _open_memory() -> EventStore:
 def _open_sqlite(path: Path, home: Path) -> EventStore:
     try:
         return _open_sqlite_store(path, home)
-    except (sqlite3.Error, PersistenceError, OSError) as exc:
+    except (*STORE_ERRORS, OSError) as exc:
         raise store_failure(exc, path, path.parent) from exc
 
 

@@ -237,6 +237,18 @@ def slow_get_past_a_checkpoint(
     return proc
 
 
+def ended_after(proc: subprocess.Popen[bytes], act: Callable[[], object], timeout: float) -> str:
+    """Do ``act`` to a running command, then wait for it to end: its stderr. A command
+    still running after ``timeout`` is killed (and the test fails on the wait)."""
+    try:
+        act()
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return err.decode()
+
+
 def test_a_rerun_of_a_killed_get_picks_up_its_job_from_the_last_checkpoint(
     tmp_path: Path,
     home: Path,
@@ -302,20 +314,15 @@ def test_an_interrupted_get_suspends_its_job_and_the_next_get_finishes_it(
     dest = tmp_path / "three.bin"
     url = f"{server.url}/three.bin"
     first = slow_get_past_a_checkpoint(home, env, url, dest)
-    try:
-        first.send_signal(stop)
-        _, err = first.communicate(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == code, err.decode()
+    err = ended_after(first, lambda: first.send_signal(stop), 30)
+    assert first.returncode == code, err
     with TransferManager(home=home) as manager:
         (job,) = manager.jobs()
         assert job.state is S.SUSPENDED and checkpointed(job) > 0
         (temp,) = tmp_path.glob(".*.bhtmp")
         assert checkpointed(job) == temp.stat().st_size
         job_id = job.id
-    assert f"job {job_id} suspended" in err.decode()
+    assert f"job {job_id} suspended" in err
 
     assert main(["--home", str(home), "get", "-q", url, str(dest)], io.StringIO()) == 0
     assert sha256(dest) == sha256(docroot / "three.bin")
@@ -333,15 +340,10 @@ def test_get_whose_complete_fails_says_so_on_a_line_of_its_own_and_keeps_the_job
     where = tmp_path / "gone"
     where.mkdir()
     first = slow_get_past_a_checkpoint(home, env, f"{server.url}/three.bin", where / "f")
-    try:
-        shutil.rmtree(where)
-        _, err = first.communicate(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 1, err.decode()
+    err = ended_after(first, lambda: shutil.rmtree(where), 30)
+    assert first.returncode == 1, err
     job = the_only_job(home)
-    lines = err.decode().replace("\r", "\n").splitlines()
+    lines = err.replace("\r", "\n").splitlines()
     assert any(line.startswith("backhaul get: Complete failed: cannot publish ") for line in lines)
     assert f"job {job.id} stays TRANSFERRED: `backhaul complete {job.id}` tries again" in lines[-1]
     assert job.state is S.TRANSFERRED
@@ -614,14 +616,13 @@ def test_a_get_that_follows_a_serve_runs_its_job_itself_once_that_serve_stops(
     url = f"{server.url}/three.bin"
     before = len(server.access_lines())
     get = slow_get_past_a_checkpoint(home, env, url, dest)  # checkpointed by serve
-    try:
+
+    def stop_serve() -> None:
         daemon.send_signal(stop)
         assert daemon.wait(15) == 0
-        _, err = get.communicate(timeout=60)
-    finally:
-        if get.poll() is None:
-            get.kill()
-    assert get.returncode == 0, err.decode()
+
+    err = ended_after(get, stop_serve, 60)
+    assert get.returncode == 0, err
     assert sha256(dest) == sha256(docroot / "three.bin")
     assert the_job(home).state is S.ACKNOWLEDGED
     # the get resumed where serve stopped (nginx is shared: other tests' lines may follow)
@@ -651,30 +652,26 @@ def test_serve_and_get_under_nohup_keep_running_on_sighup(
         )
 
     daemon = ignoring_hup("serve", "--poll", "0.05")
-    try:
-        wait(
-            lambda: (
-                (home / LOCK_FILE).exists() and (home / LOCK_FILE).read_text() == str(daemon.pid)
-            ),
-            "serve's lock",
-        )
+    lock = home / LOCK_FILE
+
+    def hang_up_then_terminate() -> None:
+        wait(lambda: lock.exists() and lock.read_text() == str(daemon.pid), "serve's lock")
         daemon.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         assert daemon.poll() is None
         daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(15) == 0
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
+
+    err = ended_after(daemon, hang_up_then_terminate, 15)
+    assert daemon.returncode == 0, err
     dest = tmp_path / "three.bin"
     get = ignoring_hup("get", "-q", "--max-rate", "2M", f"{server.url}/three.bin", str(dest))
-    try:
+
+    def hang_up() -> None:
         time.sleep(0.5)
         get.send_signal(signal.SIGHUP)
-        assert get.wait(30) == 0, get.communicate()[1].decode()
-    finally:
-        if get.poll() is None:
-            get.kill()
+
+    err = ended_after(get, hang_up, 30)
+    assert get.returncode == 0, err
     assert sha256(dest) == sha256(docroot / "three.bin")
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
-from backhaul.adapters.store import STORE_ERRORS, default_home, store_failure
+from backhaul.adapters.store import STORE_ERRORS, default_home
 from backhaul.core import hresult
 from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
@@ -1628,10 +1628,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         with _manager(args) as manager:
             try:
                 return int(args.func(args, manager, out))
-            except STORE_ERRORS as exc:  # an append or read that failed
-                store = manager.store
-                directory = Path(store.location).parent if store.kind == "sqlite" else None
-                raise store_failure(exc, store.location, directory) from exc
+            except STORE_ERRORS as exc:  # an append or read outside the manager's calls
+                raise manager.store.failure(exc) from exc
     except BitsError as exc:
         sys.stderr.write(f"backhaul {args.verb}: {exc}\n")
         return EXIT_FAILED

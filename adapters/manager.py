@@ -11,20 +11,28 @@ Python names map to BITS names in specs/names.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 
 from backhaul.adapters import localfile, registry
 from backhaul.adapters.clock import SystemClock
 from backhaul.adapters.projection import catch_up, job_of
-from backhaul.adapters.store import ConcurrentAppend, EventStore, default_home, open_store
+from backhaul.adapters.store import (
+    STORE_ERRORS,
+    ConcurrentAppend,
+    EventStore,
+    StoreUnavailable,
+    default_home,
+    open_store,
+)
 from backhaul.core import command as cmd
 from backhaul.core import hresult
 from backhaul.core import job as jobs
@@ -95,6 +103,28 @@ class FileInfo:
     digest: str | None
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _store_call(method: _Method) -> _Method:
+    """A TransferManager step that reads or writes the store. The store's own errors under
+    it (a full disk, a lost database server) come out as StoreUnavailable with their
+    HRESULT, as every other refusal is a BitsError; a closed manager refuses at once."""
+
+    @functools.wraps(method)
+    def call(self: TransferManager, *args: Any, **kwargs: Any) -> Any:
+        if self.closed:
+            raise BitsError(hresult.RPC_E_DISCONNECTED, "this TransferManager is closed")
+        try:
+            return method(self, *args, **kwargs)
+        except StoreUnavailable:
+            raise
+        except STORE_ERRORS as exc:
+            raise self.store.failure(exc) from exc
+
+    return cast(_Method, call)
+
+
 class TransferManager:
     """Opens the store and creates, finds and enumerates jobs.
 
@@ -119,6 +149,7 @@ class TransferManager:
         else:
             self.store = open_store(store, Path(home) if home is not None else None)
             self._owns_store = True
+        self.closed = False
         self.owner = owner or current_owner()
         self.home = Path(home).expanduser() if home is not None else default_home()
         self._certificates: CertificateStores | None = None
@@ -166,6 +197,9 @@ class TransferManager:
         self.close()
 
     def close(self) -> None:
+        """Close the store (when this manager opened it); later calls raise
+        RPC_E_DISCONNECTED, as a released BITS interface does."""
+        self.closed = True
         if self._owns_store:
             self.store.close()
 
@@ -184,6 +218,7 @@ class TransferManager:
         self._cache[job_id] = jobs.start(created)
         return TransferJob(self, job_id)
 
+    @_store_call
     def _check_job_limits(self) -> None:
         if self.limits.max_jobs_per_owner is None and self.limits.max_jobs is None:
             return
@@ -220,12 +255,15 @@ class TransferManager:
             raise BitsError(
                 hresult.E_ACCESSDENIED, "only an administrator lists every owner's jobs"
             )
-        self.refresh_views()
-        owner = None if all_owners else self.owner
-        rows = self.store.views.select(owner, include_final=include_final)
-        for row in rows:
-            yield TransferJob(self, row.job_id)
+        for job_id in self._job_ids(None if all_owners else self.owner, include_final):
+            yield TransferJob(self, job_id)
 
+    @_store_call
+    def _job_ids(self, owner: str | None, include_final: bool) -> list[str]:
+        self.refresh_views()
+        return [row.job_id for row in self.store.views.select(owner, include_final=include_final)]
+
+    @_store_call
     def refresh_views(self) -> int:
         """Bring the read models up to date with the log (also done by every listing).
         The jobs it folded are kept as this manager's copies (a later ``_load`` reads only
@@ -251,6 +289,7 @@ class TransferManager:
 
     # -- engine-wide policy (one stream of its own) ------------------------------------
 
+    @_store_call
     def settings(self) -> EngineSettings:
         """The bandwidth policy and network cost every engine on this store applies."""
         result = EngineSettings()
@@ -260,6 +299,7 @@ class TransferManager:
             result = result.evolve(event.name, event.value)
         return result
 
+    @_store_call
     def _set_policy(self, name: str, value: Any) -> None:
         for _ in range(_RETRIES):
             version = self.settings().version
@@ -348,8 +388,7 @@ class TransferManager:
                 action()  # Complete publishes its files before its event is appended
             localfile.sync_dirs(self._renamed_dirs)  # once per directory for the batch
             if pending:
-                positions = self.store.append_many(pending)
-                self._note_appended(positions, pending)
+                self._append_many(pending)
             for action in after:
                 action()  # Cancel deletes temp files once its event is appended
         except BaseException:
@@ -366,6 +405,11 @@ class TransferManager:
 
     # -- the command path --------------------------------------------------------------
 
+    @_store_call
+    def _append_many(self, pending: list[tuple[str, int, list[Event]]]) -> None:
+        self._note_appended(self.store.append_many(pending), pending)
+
+    @_store_call
     def _record(self, job_id: str, after: int, events: list[Event]) -> None:
         if self._pending is not None:
             # Indexed: a batch of 10,000 jobs must not scan its pending list per call.
@@ -398,6 +442,7 @@ class TransferManager:
             versions[job_id] = max(versions.get(job_id, 0), after + len(events))
         self._appended = (run[0], positions[-1], versions)
 
+    @_store_call
     def _load(self, job_id: str) -> Job:
         job = self._cache.get(job_id)
         if job is None:

@@ -310,6 +310,11 @@ class EventStore:
     def head(self) -> int:
         return self.log.max_notification_id() or 0
 
+    def failure(self, exc: BaseException) -> StoreUnavailable:
+        """``exc``, one of ``STORE_ERRORS`` met under a call, as ``store_failure`` types it."""
+        directory = Path(self.location).parent if self.kind == "sqlite" else None
+        return store_failure(exc, self.location, directory)
+
     def close(self) -> None:
         if self._factory is not None:
             self._factory.close()

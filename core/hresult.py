@@ -39,6 +39,7 @@ E_PENDING: Final = 0x8000000A
 E_ACCESSDENIED: Final = 0x80070005
 E_OUTOFMEMORY: Final = 0x8007000E
 E_INVALIDARG: Final = 0x80070057
+RPC_E_DISCONNECTED: Final = 0x80010108
 CO_E_FAILEDTOIMPERSONATE: Final = 0x80010123
 CRYPT_E_NOT_FOUND: Final = 0x80092004
 
@@ -232,6 +233,7 @@ _HRESULT_DESCRIPTIONS: Final[dict[str, str]] = {
     "E_ACCESSDENIED": "the caller is not allowed to do this",
     "E_OUTOFMEMORY": "ran out of memory",
     "E_INVALIDARG": "an argument is not valid",
+    "RPC_E_DISCONNECTED": "the object invoked has disconnected from its clients (it was closed)",
     "CO_E_FAILEDTOIMPERSONATE": "COM could not impersonate the caller",
     "CRYPT_E_NOT_FOUND": "no certificate matched in the certificate store",
     # BITS success codes

@@ -251,6 +251,8 @@ _QUERY_IN_TEXT = re.compile(r"\?([^\s#\"'<>]+)")
 def holds_url_secret(text: str) -> bool:
     """Does ``text`` (a response's header block, a message) hold a URL's password or a
     secret query parameter, in an absolute URL or a relative one (``/r?sig=...``)?"""
+    if "@" not in text and "?" not in text:
+        return False  # no user info, no query: most header blocks (checked once a file)
     if any(split_url_password(m[0])[1] is not None for m in URL_IN_TEXT.finditer(text)):
         return True
     return any(any(_is_secret(p) for p in m[1].split("&")) for m in _QUERY_IN_TEXT.finditer(text))

@@ -191,7 +191,8 @@ def test_job_modification_without_a_minimum_interval_comes_for_every_change(
     calls: list[tuple[Any, ...]] = []
 
     async def main() -> TransferJob:
-        async with FaultServer({"/f": trickle(data)}) as srv:
+        # About 0.5 s of body: several checkpoints (every 0.03 s) even on a busy machine.
+        async with FaultServer({"/f": trickle(data, delay=0.03)}) as srv:
             job = new_job(
                 manager,
                 [(srv.url("/f"), tmp_path / "f")],

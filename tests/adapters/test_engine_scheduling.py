@@ -319,7 +319,8 @@ def test_a_new_engine_resumes_a_stopped_engines_job_from_its_last_checkpoint(
     manager = TransferManager(home=tmp_path / "home")
 
     async def main() -> tuple[TransferJob, FaultServer, int]:
-        async with FaultServer({"/f": trickle(data)}) as srv:
+        # About 1.5 s of body: stopped after 128 KiB, well before the end on a busy machine.
+        async with FaultServer({"/f": trickle(data, delay=0.03)}) as srv:
             job = new_job(manager, [(srv.url("/f"), tmp_path / "f")])
             engine = make_engine(manager)
             async with running(engine):

@@ -1454,3 +1454,29 @@ def test_a_group_commit_looks_at_a_destination_directory_and_the_policy_once(
     with manager.batch(), pytest.raises(BitsError) as refused:  # another directory: looked at
         manager.create_job("elsewhere").add_file(URL, tmp_path / "missing" / "y.bin")
     assert refused.value.hresult == hresult.E_INVALIDARG
+
+
+def test_a_closed_manager_refuses_every_call_with_rpc_e_disconnected(tmp_path: Path) -> None:
+    """After close (or the end of its ``with`` block) a manager and the job handles it
+    gave out refuse with RPC_E_DISCONNECTED, as a released BITS interface does, instead of
+    the database library's own error about a closed pool."""
+    with TransferManager(home=tmp_path / "home") as manager:
+        job = manager.create_job("kept")
+        job.add_file("http://127.0.0.1:9/a.bin", tmp_path / "a.bin")
+    calls: list[Callable[[], object]] = [
+        lambda: job.state,
+        lambda: job.files(),
+        job.resume,
+        job.cancel,
+        lambda: manager.create_job("new"),
+        lambda: manager.get_job(job.id),
+        lambda: list(manager.jobs()),
+        manager.refresh_views,
+    ]
+    for call in calls:
+        with pytest.raises(BitsError) as refused:
+            call()
+        assert refused.value.hresult == hresult.RPC_E_DISCONNECTED
+        assert "this TransferManager is closed" in str(refused.value)
+    with TransferManager(home=tmp_path / "home") as reopened:  # nothing was recorded
+        assert reopened.get_job(job.id).state is JobState.SUSPENDED

@@ -52,6 +52,7 @@ from reliability_helpers import (
 
 from backhaul.adapters import localfile
 from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.store import StoreUnavailable
 from backhaul.core import hresult
 from backhaul.core.limit import UNLIMITED
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobState
@@ -277,3 +278,42 @@ def test_several_jobs_hit_a_full_disk_and_all_complete_once_space_returns(tmp_pa
         assert full >= 1, "no job hit the full disk: the test did not test it"
         assert sha256(small / "j0.bin") == sha256(refs[0].source.data)
         assert not os.path.exists(filler)
+
+
+def test_the_store_on_a_full_disk_refuses_api_calls_with_a_typed_error(tmp_path: Path) -> None:
+    """The SQLite store itself on a full tmpfs: an application's calls that must append get
+    StoreUnavailable with ERROR_DISK_FULL (not the database library's own exception), what
+    was refused is not in the log, and the same calls work once space returns."""
+    small = tmp_path / "small"
+    with tmpfs(small, TMPFS_SIZE):
+        manager = TransferManager(home=small / "home", limits=UNLIMITED)
+        job = manager.create_job("before")
+        filler = fill(small, 0)
+        added = 0
+
+        def add() -> None:
+            nonlocal added
+            job.add_file(f"http://127.0.0.1:9/{added}.bin", tmp_path / f"{added}.bin")
+            added += 1
+
+        def first_refusal(call: Any) -> StoreUnavailable:
+            for _ in range(500):  # until the log must grow by a page
+                try:
+                    call()
+                except StoreUnavailable as refusal:
+                    return refusal
+            raise AssertionError("the full disk refused none of 500 calls")
+
+        for call in (add, lambda: manager.create_job("x" * 200)):
+            error = first_refusal(call)
+            assert error.hresult == DISK_FULL, error
+            assert str(error).startswith(f"the store {small / 'home' / 'backhaul.db'} cannot be")
+            assert "(the disk is full)" in str(error)
+        filler.unlink()
+        again = TransferManager(home=small / "home", limits=UNLIMITED)  # the log, read afresh
+        assert len(again.get_job(job.id).files()) == added
+        add()
+        assert len(again.get_job(job.id).files()) == added
+        assert manager.create_job("after").display_name == "after"
+        again.close()
+        manager.close()

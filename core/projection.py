@@ -66,6 +66,17 @@ class ErrorInfo:
     def hresult_name(self) -> str:
         return hresult.name_of(self.hresult)
 
+    def __str__(self) -> str:
+        """As a message shows it: ``HTTP 404 Not Found from URL [BG_E_HTTP_ERROR_404
+        0x80190194] (REMOTE_FILE, file 0)``."""
+        where = (
+            self.context.name
+            if self.file_index is None
+            else (f"{self.context.name}, file {self.file_index}")
+        )
+        code = f"{self.hresult_name} {hresult.format_hresult(self.hresult)}"
+        return f"{self.description} [{code}] ({where})"
+
 
 def job_progress(job: Job) -> JobProgress:
     sizes = [f.bytes_total for f in job.files]

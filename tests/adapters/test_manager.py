@@ -1055,6 +1055,12 @@ def test_error_is_none_unless_the_job_is_in_error_or_transient_error(
     assert error.hresult == hresult.BG_E_CONNECT_FAILURE
     assert error.context is ErrorContext.GENERAL_TRANSPORT
     assert error.description
+    assert str(error) == (
+        f"{error.description} [BG_E_CONNECT_FAILURE 0x8020002D] (GENERAL_TRANSPORT)"
+        if error.file_index is None
+        else f"{error.description} [BG_E_CONNECT_FAILURE 0x8020002D] "
+        f"(GENERAL_TRANSPORT, file {error.file_index})"
+    )
     engine(manager, job, cmd.Retry())
     assert job.state is JobState.QUEUED
     assert job.error is None

@@ -141,10 +141,25 @@ def header_block(
     return f"{status_line}\r\n{lines}\r\n"
 
 
+# -- what a transport can do (specs/transport-sdk.md §2) -----------------------------------
+
+RANGES: Final = "ranges"
+"""``open`` honours ``offset`` and ``length``: a resume starts where it was asked to."""
+VALIDATORS: Final = "validators"
+"""``stat`` and ``open`` report a validator that changes when the remote file changes."""
+UPLOAD: Final = "upload"
+"""The object is (also) an ``Uploader``."""
+UPLOAD_REPLY: Final = "upload-reply"
+"""Its upload sessions can return a reply URL (upload-reply jobs)."""
+KNOWN_CAPABILITIES: Final = frozenset({RANGES, VALIDATORS, UPLOAD, UPLOAD_REPLY})
+
+
 class Transport(Protocol):
-    """A wire family, keyed by URL scheme. Raises only ``TransferError``."""
+    """A wire family, keyed by URL scheme. Raises only ``TransferError``. ``capabilities``:
+    a subset of ``KNOWN_CAPABILITIES``, declared on the class."""
 
     schemes: frozenset[str]
+    capabilities: frozenset[str]
 
     async def stat(self, url: str, options: RequestOptions) -> RemoteFile: ...
 

@@ -108,6 +108,8 @@ from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
 from backhaul.core.failure import is_transient
 from backhaul.core.port import (
+    UPLOAD,
+    UPLOAD_REPLY,
     PlainCredentials,
     RequestOptions,
     Uploader,
@@ -605,6 +607,7 @@ class BitsUploader:
     """
 
     schemes: frozenset[str] = frozenset(_HTTP_SCHEMES)
+    capabilities: frozenset[str] = frozenset({UPLOAD, UPLOAD_REPLY})
 
     def __init__(
         self,

@@ -54,7 +54,18 @@ import pytest
 
 from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
-from backhaul.core.port import Download, RemoteFile, RequestOptions, Transport, Uploader
+from backhaul.core.port import (
+    KNOWN_CAPABILITIES,
+    RANGES,
+    UPLOAD,
+    UPLOAD_REPLY,
+    VALIDATORS,
+    Download,
+    RemoteFile,
+    RequestOptions,
+    Transport,
+    Uploader,
+)
 from backhaul.core.vocabulary import ErrorContext
 
 __all__ = [
@@ -72,15 +83,6 @@ __all__ = [
 
 MiB: Final = 1024 * 1024
 
-RANGES: Final = "ranges"
-"""``open`` honours ``offset`` and ``length``: a resume starts where it was asked to."""
-VALIDATORS: Final = "validators"
-"""``stat`` and ``open`` report a validator that changes when the remote file changes."""
-UPLOAD: Final = "upload"
-"""The transport object is also an ``Uploader`` (core.port)."""
-UPLOAD_REPLY: Final = "upload-reply"
-"""Its upload sessions can return a reply URL (upload-reply jobs)."""
-KNOWN_CAPABILITIES: Final = frozenset({RANGES, VALIDATORS, UPLOAD, UPLOAD_REPLY})
 ASSUMED_CAPABILITIES: Final = frozenset({RANGES, VALIDATORS})
 """What a transport that declares no ``capabilities`` attribute is taken to support."""
 

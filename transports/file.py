@@ -43,6 +43,9 @@ from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
 from backhaul.core.failure import is_transient
 from backhaul.core.port import (
+    RANGES,
+    UPLOAD,
+    VALIDATORS,
     Download,
     RemoteFile,
     RequestOptions,
@@ -66,7 +69,7 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
 PART_SUFFIX: Final = ".bhpart"
-CAPABILITIES: Final = frozenset({"ranges", "validators", "upload"})
+CAPABILITIES: Final = frozenset({RANGES, VALIDATORS, UPLOAD})
 _LOCAL_HOSTS: Final = frozenset({"", "localhost"})
 _R = ErrorContext.REMOTE_FILE
 

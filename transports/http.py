@@ -224,6 +224,8 @@ from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
 from backhaul.core.failure import is_transient
 from backhaul.core.port import (
+    RANGES,
+    VALIDATORS,
     ClientIdentity,
     ClosedOnExit,
     Download,
@@ -1397,6 +1399,7 @@ class HttpTransport:
     """
 
     schemes: frozenset[str] = frozenset(_HTTP_SCHEMES)
+    capabilities: frozenset[str] = frozenset({RANGES, VALIDATORS})
 
     def __init__(
         self,

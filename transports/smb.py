@@ -113,6 +113,9 @@ from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
 from backhaul.core.failure import is_transient
 from backhaul.core.port import (
+    RANGES,
+    UPLOAD,
+    VALIDATORS,
     ClosedOnExit,
     Download,
     PlainCredentials,
@@ -159,7 +162,7 @@ DEFAULT_MAX_IDLE: Final = 4
 ENV_USER: Final = "BACKHAUL_SMB_USER"
 ENV_PASSWORD: Final = "BACKHAUL_SMB_PASSWORD"
 TEMP_SUFFIX: Final = ".bhtmp"
-CAPABILITIES: Final = frozenset({"ranges", "validators", "upload"})
+CAPABILITIES: Final = frozenset({RANGES, VALIDATORS, UPLOAD})
 """What the conformance kit (transports/conformance.py) holds this transport to."""
 _CREDIT_UNIT: Final = 64 * 1024  # one SMB2 credit per 64 KiB of payload (multi-credit)
 

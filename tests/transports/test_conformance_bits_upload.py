@@ -22,7 +22,7 @@ from backhaul.adapters.upload_server import (
     serve_uploads,
 )
 from backhaul.transports.bits_upload import BitsUploader
-from backhaul.transports.conformance import UPLOAD, UPLOAD_REPLY, UploadConformance
+from backhaul.transports.conformance import UploadConformance
 
 
 async def _notify(request: web.Request) -> web.Response:
@@ -75,9 +75,6 @@ def upload_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
 
 
 class TestBitsUploadConformance(UploadConformance):
-    # BitsUploader does not declare ``capabilities`` yet (proposed: this same set).
-    declared_capabilities = frozenset({UPLOAD, UPLOAD_REPLY})
-
     @pytest.fixture(autouse=True)
     def _server(self, upload_server: tuple[str, Path]) -> None:
         self.base, self.www = upload_server

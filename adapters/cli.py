@@ -747,8 +747,9 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     urls, dest = args.paths[:-1], Path(args.paths[-1]).expanduser().absolute()
     if not urls:
         raise BitsError(hresult.E_INVALIDARG, "give at least one URL and a destination")
-    if len(urls) > 1 or dest.is_dir():
-        if not dest.is_dir():
+    # os.path: a name too long to look up is "not a directory", not a traceback
+    if len(urls) > 1 or os.path.isdir(dest):
+        if not os.path.isdir(dest):
             raise BitsError(hresult.E_INVALIDARG, f"{dest} must be a directory for several URLs")
         shown = [secrets_of(url)[0] for url in urls]  # no secret in a name
         locals_ = [dest / _name_from_url(url) for url in shown]

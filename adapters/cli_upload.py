@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import ssl
@@ -159,7 +160,7 @@ def build_config(args: argparse.Namespace) -> Any:
     )
 
     root = Path(args.root).expanduser()
-    if not root.is_dir():
+    if not os.path.isdir(root):
         raise ValueError(f"--root {args.root}: not a directory")
     vdir: dict[str, Any] = {
         "allow_overwrite": args.allow_overwrite,

@@ -1,7 +1,8 @@
 """Local files: destination checks, temp names, atomic publication, cleanup.
 
 - A download is written to a temp file in the destination directory (BITS's
-  ``BITxxx.TMP``): ``.<name>.<job8>-<index>.bhtmp``, hidden and unique per job and file.
+  ``BITxxx.TMP``): ``.<name>.<job8>-<index>.bhtmp``, hidden and unique per job and file
+  (a name of over 190 bytes is cut and given a hash there, so the temp name stays legal).
 - Complete publishes whole files with ``os.replace`` (their bytes were synced before the
   engine recorded them transferred), then fsyncs each directory once, so a crash leaves
   either the old name or the whole new file.
@@ -15,16 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Final
 
 import attrs
 
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.job import FileState, Job
+from backhaul.core.limit import LOCAL_NAME_PART_MAX
 from backhaul.core.vocabulary import JobType
 
 TEMP_SUFFIX = ".bhtmp"
@@ -42,7 +46,28 @@ def temp_name(job_id: str, index: int, local_name: str, worker: str | None = Non
     """``temp_path`` as a string (no Path object: the engine's per-file path)."""
     directory, name = os.path.split(local_name)
     tag = f".{_safe(worker)}" if worker else ""
+    name = _fitted(name, _TEMP_ROOM)
     return os.path.join(directory, f".{name}.{job_id[:8]}-{index}{tag}{TEMP_SUFFIX}")
+
+
+# A temp name adds at most 65 bytes to the file's name (".", ".<job8>-", an index of up to 7
+# digits, "." and a worker tag of up to 40, ".bhtmp"); NAME_MAX is 255.
+_TEMP_ROOM: Final = LOCAL_NAME_PART_MAX - 65
+
+
+def _fitted(name: str, room: int) -> str:
+    """``name`` when it has at most ``room`` bytes, else its start and a hash of the whole
+    in ``room`` bytes: a file name that is legal (up to NAME_MAX bytes) gets temp and reply
+    names that are legal too. The same name always gives the same result, whichever
+    worker asks (the temps of one file share a stem: ``discard``)."""
+    if len(name) * 4 <= room:  # UTF-8 takes at most 4 bytes a character
+        return name
+    raw = name.encode()
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: room - len(digest) - 1].decode(errors="ignore")  # whole characters only
+    return f"{head}~{digest}"
 
 
 def file_temp(job: Job, index: int) -> Path:
@@ -52,12 +77,14 @@ def file_temp(job: Job, index: int) -> Path:
 
 
 def _safe(worker: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in worker)[:40]
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in worker)[:40]
 
 
 def reply_temp_path(job: Job) -> Path:
     """Where an upload-reply job's reply is downloaded to before Complete."""
-    return reply_path(job).with_name(f".{reply_path(job).name}.{job.id[:8]}-reply{TEMP_SUFFIX}")
+    reply = reply_path(job)
+    rest = f".{job.id[:8]}-reply{TEMP_SUFFIX}"
+    return reply.with_name(f".{_fitted(reply.name, LOCAL_NAME_PART_MAX - 1 - len(rest))}{rest}")
 
 
 def reply_path(job: Job) -> Path:
@@ -65,7 +92,8 @@ def reply_path(job: Job) -> Path:
     if job.reply_file_name:
         return Path(job.reply_file_name)
     upload = Path(job.files[0].local_name)
-    return upload.with_name(f"{upload.name}.{job.id[:8]}.reply")
+    rest = f".{job.id[:8]}.reply"
+    return upload.with_name(f"{_fitted(upload.name, LOCAL_NAME_PART_MAX - len(rest))}{rest}")
 
 
 def check_destination(local_name: str, good_dirs: set[str] | None = None) -> None:
@@ -74,7 +102,7 @@ def check_destination(local_name: str, good_dirs: set[str] | None = None) -> Non
     directory, name = os.path.split(local_name)
     cached = good_dirs is not None and bool(name) and directory in good_dirs
     parent = None if cached else Path(local_name).parent
-    if parent is not None and not parent.is_dir():
+    if parent is not None and not os.path.isdir(parent):  # a name too long to look up: False
         raise BitsError(hresult.E_INVALIDARG, f"the directory {parent} does not exist")
     if os.path.isdir(local_name):
         raise BitsError(hresult.E_INVALIDARG, f"{Path(local_name)} is a directory, not a file name")
@@ -88,7 +116,7 @@ def check_destination(local_name: str, good_dirs: set[str] | None = None) -> Non
 def check_source(local_name: str) -> None:
     """AddFile for uploads: an existing, readable regular file."""
     path = Path(local_name)
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise BitsError(hresult.E_INVALIDARG, f"{path} is not an existing regular file")
     if not os.access(path, os.R_OK):
         raise BitsError(hresult.E_ACCESSDENIED, f"{path} is not readable")
@@ -345,7 +373,7 @@ def _is_empty(f: FileState) -> bool:
 def publish_reply(job: Job) -> None:
     """Complete of an upload-reply job: the reply file appears under its name."""
     tmp = reply_temp_path(job)
-    if not tmp.exists():
+    if not os.path.exists(tmp):
         return
     target = reply_path(job)
     try:
@@ -422,5 +450,6 @@ def os_hresult(exc: OSError) -> int:
         errno.EPERM: hresult.ERROR_ACCESS_DENIED,
         errno.ENOSPC: hresult.ERROR_DISK_FULL,
         errno.EEXIST: hresult.ERROR_FILE_EXISTS,
+        errno.ENAMETOOLONG: hresult.ERROR_FILENAME_EXCED_RANGE,
     }.get(exc.errno or 0)
     return hresult.hresult_from_win32(win32) if win32 else hresult.E_FAIL

@@ -350,6 +350,15 @@ def check_local_name(name: Any) -> str:
     if len(name) > limit.LOCAL_NAME_MAX:
         raise BitsError(hresult.E_INVALIDARG, "the local name is too long")
     parts = name.split("/")
+    long = next((p for p in parts if len(p.encode()) > limit.LOCAL_NAME_PART_MAX), None)
+    if long is not None:  # no file system here would create it: refused now, not at transfer
+        where = name[: name.index(long)].rstrip("/") or "/"
+        shown = long if len(long) <= 40 else f"{long[:40]}..."
+        raise BitsError(
+            hresult.hresult_from_win32(hresult.ERROR_FILENAME_EXCED_RANGE),
+            f"the name {shown} in {where} is {len(long.encode())} bytes; "
+            f"a directory entry holds at most {limit.LOCAL_NAME_PART_MAX}",
+        )
     if any(p in (".", "..") for p in parts) or name.endswith("/"):
         raise BitsError(hresult.E_INVALIDARG, f"{name!r} must name a file, without . or ..")
     if any(c in name for c in "*?"):

@@ -14,6 +14,7 @@ DISPLAY_NAME_MAX: Final = 256
 DESCRIPTION_MAX: Final = 1024
 REMOTE_NAME_MAX: Final = 2200
 LOCAL_NAME_MAX: Final = 4096  # PATH_MAX on Linux stands in for Windows' MAX_PATH
+LOCAL_NAME_PART_MAX: Final = 255  # NAME_MAX: the bytes of one name in a directory
 CUSTOM_HEADERS_MAX: Final = 16384
 CERT_STORE_NAME_MAX: Final = 256
 CERT_SUBJECT_MAX: Final = 256

@@ -421,6 +421,38 @@ def test_get_of_several_urls_into_a_directory(
         assert sha256(dest / name) == sha256(docroot / name)
 
 
+def test_get_to_a_name_of_255_bytes_works_and_one_of_256_is_refused_at_once(
+    tmp_path: Path,
+    home: Path,
+    engine_nginx: tuple[NginxServer, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A file name may have 255 bytes: before, the temp name beside it (".<name>.<job8>-0
+    .bhtmp") could not be created, so the job failed with E_FAIL after connecting. One of
+    256 bytes can never be created: AddFile refuses it with ERROR_FILENAME_EXCED_RANGE, before
+    any transfer, where looking the name up raised a traceback."""
+    server, docroot = engine_nginx
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    longest = dest / ("é" * 125 + "a" * 5)  # 255 bytes
+    assert main(["--home", str(home), "get", f"{server.url}/two.bin", str(longest), "-q"]) == 0
+    assert sha256(longest) == sha256(docroot / "two.bin")
+    assert list(dest.iterdir()) == [longest]  # no temp file left
+    too_long = dest / ("é" * 125 + "a" * 6)
+    for local in (too_long, too_long / "x.bin"):
+        argv = ["--home", str(home), "get", f"{server.url}/two.bin", str(local), "-q"]
+        assert main(argv, io.StringIO()) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("backhaul get: the name ") and err.endswith(
+            "is 256 bytes; a directory entry holds at most 255 "
+            "[HRESULT_FROM_WIN32(ERROR_FILENAME_EXCED_RANGE) 0x800700CE]\n"
+        )
+    assert list(dest.iterdir()) == [longest]
+    with TransferManager(home=home) as manager:  # the refused ones' jobs, with no file
+        states = sorted(j.state.name for j in manager.jobs(include_final=True))
+        assert states == ["ACKNOWLEDGED", "CANCELLED", "CANCELLED"]
+
+
 def test_the_names_get_gives_urls_in_a_directory() -> None:
     assert _name_from_url("http://h/d/a%20b.txt?token=1") == "a b.txt"
     assert _name_from_url("http://h/d/") == "index.html"  # a directory's URL

@@ -16,6 +16,8 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from backhaul.adapters import localfile
 from backhaul.adapters import manager as manager_module
@@ -1486,3 +1488,73 @@ def test_a_closed_manager_refuses_every_call_with_rpc_e_disconnected(tmp_path: P
         assert "this TransferManager is closed" in str(refused.value)
     with TransferManager(home=tmp_path / "home") as reopened:  # nothing was recorded
         assert reopened.get_job(job.id).state is JobState.SUSPENDED
+
+
+# -- long local names ---------------------------------------------------------------------
+
+
+@given(
+    name=st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
+        min_size=1,
+        max_size=255,
+    ).filter(lambda n: len(n.encode()) <= 255 and n not in (".", "..")),
+    index=st.integers(0, 9_999_999),
+    worker=st.none() | st.text(min_size=1, max_size=60),
+)
+@example(name="a" * 255, index=9_999_999, worker="w" * 60)
+@example(name="é" * 127, index=0, worker=None)
+def test_every_legal_file_name_gets_legal_temp_names_that_share_a_stem(
+    name: str, index: int, worker: str | None
+) -> None:
+    """A name of up to NAME_MAX (255) bytes is legal, so its temp names (any worker's) and
+    its generated reply name must be legal too; and every worker's temp of one file starts
+    with the plain temp's stem, which is how Cancel finds them all."""
+    job_id = str(uuid4())
+    local = f"/d/{name}"
+    plain = os.path.basename(localfile.temp_name(job_id, index, local))
+    tagged = os.path.basename(localfile.temp_name(job_id, index, local, worker))
+    assert len(plain.encode()) <= 255 and len(tagged.encode()) <= 255
+    stem = plain.removesuffix(localfile.TEMP_SUFFIX) + "."
+    assert tagged == plain or tagged.startswith(stem)
+    assert localfile.temp_name(job_id, index, local, worker) == os.path.join("/d", tagged)
+    if len(name.encode()) <= 190:
+        assert plain == f".{name}.{job_id[:8]}-{index}{localfile.TEMP_SUFFIX}"  # as before
+
+
+def test_a_file_name_of_255_bytes_downloads_and_cancels_like_any_other(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """Its temp name is cut and hashed (255 bytes + ".<job8>-0.bhtmp" would not fit a
+    directory entry); Complete publishes it under its own name, Cancel finds every worker's
+    temp of it."""
+    names = [tmp_path / ("a" * 251 + ".bin"), tmp_path / ("b" * 251 + ".bin")]
+    job = manager.create_job("long names")
+    for i, name in enumerate(names):
+        job.add_file(f"https://example.com/files/{i}.bin", name)
+    job.resume()
+    engine(manager, job, cmd.StartTransfer(), cmd.Connect())
+    temp = localfile.temp_path(job.id, 0, str(names[0]))
+    temp.write_bytes(b"0123456789")
+    engine(manager, job, cmd.FinishFile(0, 10))
+    theirs = localfile.temp_path(job.id, 1, str(names[1]), "host-1234-abcdef")
+    theirs.write_bytes(b"part")  # another worker's temp of the second file
+    assert job.complete() == hresult.BG_S_PARTIAL_COMPLETE
+    assert names[0].read_bytes() == b"0123456789"
+    assert not theirs.exists() and not names[1].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [names[0].name]
+
+
+def test_a_name_longer_than_a_directory_entry_is_refused_at_addfile(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """256 bytes (here 128 two-byte characters) cannot be created on any file system here:
+    AddFile refuses it with ERROR_FILENAME_EXCED_RANGE, instead of a transfer failing later
+    with E_FAIL, and nothing is recorded."""
+    job = manager.create_job("too long")
+    for local in (tmp_path / ("é" * 128), tmp_path / ("x" * 256) / "f.bin"):
+        with pytest.raises(BitsError) as refused:
+            job.add_file(URL, local)
+        assert refused.value.hresult == 0x800700CE
+        assert "is 256 bytes; a directory entry holds at most 255" in str(refused.value)
+    assert job.files() == []

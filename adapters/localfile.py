@@ -18,6 +18,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -104,13 +105,46 @@ def check_destination(local_name: str, good_dirs: set[str] | None = None) -> Non
     parent = None if cached else Path(local_name).parent
     if parent is not None and not os.path.isdir(parent):  # a name too long to look up: False
         raise BitsError(hresult.E_INVALIDARG, f"the directory {parent} does not exist")
-    if os.path.isdir(local_name):
+    kind = not_a_file(local_name)
+    if kind == "a directory" or (kind is not None and os.path.isdir(local_name)):
         raise BitsError(hresult.E_INVALIDARG, f"{Path(local_name)} is a directory, not a file name")
+    if kind is not None:  # /dev/null: Complete would replace the device with a file
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"{Path(local_name)} is {kind}, not a regular file: a download is written to a "
+            "temp file and renamed over its destination, which would replace it",
+        )
     if parent is not None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BitsError(hresult.E_ACCESSDENIED, f"the directory {parent} is not writable")
         if good_dirs is not None and name:
             good_dirs.add(directory)
+
+
+_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """What is at ``path`` when it is not a regular file: "a directory", "a character
+    device", "a symbolic link (to ...)"...; None for a regular file or nothing (or a name too
+    long to look up). A link is not followed: a rename would replace the link itself, and
+    /dev/stdout is a link to whatever the process's output is."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link (to {os.readlink(path)})"
+        except OSError:
+            return "a symbolic link"
+    return next((kind for test, kind in _KINDS if test(mode)), None)
 
 
 def check_source(local_name: str) -> None:
@@ -328,6 +362,7 @@ def publish(job: Job, indexes: Iterable[int], dirs: set[str] | None = None) -> l
         f = job.files[i]
         tmp = temp_name(job.id, i, f.local_name, f.temp_worker)
         target = f.local_name
+        _check_replaceable(target)
         try:
             # No fsync of the file here: the engine synced its bytes before it recorded
             # FileTransferred. The rename, and the directory's fsync below, make it durable.
@@ -353,6 +388,17 @@ def publish(job: Job, indexes: Iterable[int], dirs: set[str] | None = None) -> l
     return done
 
 
+def _check_replaceable(target: str | Path) -> None:
+    """Complete renames over a regular file or nothing, never over a device, FIFO, socket
+    or directory made at the name since AddFile looked (MoveFileEx refuses those too)."""
+    kind = not_a_file(target)
+    if kind is not None:
+        raise BitsError(
+            hresult.hresult_from_win32(hresult.ERROR_ACCESS_DENIED),
+            f"cannot publish {target}: it is {kind} now, not a regular file",
+        )
+
+
 def sync_dirs(dirs: Iterable[str | Path]) -> None:
     """Make the renames in these directories durable (one fsync each)."""
     for d in dirs:
@@ -376,6 +422,7 @@ def publish_reply(job: Job) -> None:
     if not os.path.exists(tmp):
         return
     target = reply_path(job)
+    _check_replaceable(target)
     try:
         os.replace(tmp, target)
         _fsync_dir(target.parent)

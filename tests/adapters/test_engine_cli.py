@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -451,6 +452,22 @@ def test_get_to_a_name_of_255_bytes_works_and_one_of_256_is_refused_at_once(
     with TransferManager(home=home) as manager:  # the refused ones' jobs, with no file
         states = sorted(j.state.name for j in manager.jobs(include_final=True))
         assert states == ["ACKNOWLEDGED", "CANCELLED", "CANCELLED"]
+
+
+def test_get_to_dev_null_or_a_symbolic_link_is_refused_and_leaves_them_alone(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """curl -o /dev/null is common; here Complete would rename a regular file over the
+    device (as root), and over /dev/stdout's link. Refused before any transfer."""
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"kept")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    for local, kind in (("/dev/null", "a character device"), (str(link), "a symbolic link")):
+        assert main(["--home", str(home), "get", "http://127.0.0.1:9/f", local, "-q"]) == 1
+        assert f"backhaul get: {local} is {kind}" in capsys.readouterr().err
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+    assert link.is_symlink() and target.read_bytes() == b"kept"
 
 
 def test_the_names_get_gives_urls_in_a_directory() -> None:

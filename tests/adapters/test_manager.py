@@ -9,6 +9,7 @@ and a ManualClock, so every time is known.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -1558,3 +1559,51 @@ def test_a_name_longer_than_a_directory_entry_is_refused_at_addfile(
         assert refused.value.hresult == 0x800700CE
         assert "is 256 bytes; a directory entry holds at most 255" in str(refused.value)
     assert job.files() == []
+
+
+# -- destinations that are not regular files ----------------------------------------------
+
+
+def test_addfile_refuses_a_device_a_fifo_and_a_symbolic_link_as_a_destination(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """Complete renames the temp file over the destination, which would replace /dev/null
+    with a regular file (as root) and /dev/stdout's link with one: refused at AddFile, and
+    nothing is recorded. (Only AddFile is called on /dev/null here.)"""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"kept")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    job = manager.create_job("not files")
+    for local, kind in (
+        (Path("/dev/null"), "a character device"),
+        (fifo, "a FIFO"),
+        (link, f"a symbolic link (to {target})"),
+    ):
+        with pytest.raises(BitsError) as refused:
+            job.add_file(URL, local)
+        assert refused.value.hresult == hresult.E_INVALIDARG
+        assert str(refused.value).startswith(f"{local} is {kind}, not a regular file")
+    assert job.files() == []
+    assert link.is_symlink() and target.read_bytes() == b"kept"
+
+
+def test_complete_does_not_rename_over_a_fifo_made_at_the_name_since_addfile(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """The job stays TRANSFERRED with its temp file (BITS: a Complete that cannot rename
+    fails and may be called again); once the name is free, Complete publishes."""
+    job = transferred(manager, tmp_path)
+    local = tmp_path / "file-0.bin"
+    os.mkfifo(local)
+    with pytest.raises(BitsError) as refused:
+        job.complete()
+    assert refused.value.hresult == hresult.hresult_from_win32(hresult.ERROR_ACCESS_DENIED)
+    assert "it is a FIFO now, not a regular file" in str(refused.value)
+    assert job.state is JobState.TRANSFERRED
+    assert stat.S_ISFIFO(os.lstat(local).st_mode)
+    local.unlink()
+    assert job.complete() == hresult.S_OK
+    assert local.read_bytes() == b"0123456789"

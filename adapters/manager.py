@@ -173,6 +173,7 @@ class TransferManager:
         self._good_dirs: set[str] = set()  # destination directories checked, per batch
         self._secrets_read = False  # the secret query parameters read, in this batch
         self._renamed_dirs: set[str] = set()  # directories a batch's Completes renamed in
+        self._own_files: frozenset[str] | None = None  # the store's files, resolved
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
         self.declare_secret_parameters()  # before this manager names a job after a URL
@@ -483,6 +484,23 @@ class TransferManager:
             if isinstance(e, JobCreated) and (owner is None or e.owner == owner)
         )
 
+    def _check_not_the_store(self, local_names: Iterable[str]) -> None:
+        """A download (or a reply) is renamed over its local name at Complete: never over
+        one of the store's own files (its database, the secret key), which would lose every
+        job or every sealed secret."""
+        if self._own_files is None:
+            self._own_files = frozenset(_resolved(str(f)) for f in self.store.files)
+        if not self._own_files:
+            return
+        bases = {os.path.basename(f) for f in self._own_files}
+        for name in local_names:
+            if os.path.basename(name) in bases and _resolved(name) in self._own_files:
+                raise BitsError(
+                    hresult.E_INVALIDARG,
+                    f"{name} is a file of this store itself: a download renamed over it "
+                    "would destroy the store",
+                )
+
     def _check_access(self, job: Job) -> None:
         if job.owner != self.owner and not _is_admin():
             raise BitsError(hresult.E_ACCESSDENIED, f"job {job.id} belongs to {job.owner}")
@@ -505,6 +523,12 @@ class TransferManager:
 
     def seal(self, secret: str) -> Any:
         return self.store.secrets.seal(secret)
+
+
+def _resolved(name: str) -> str:
+    """``name`` with its directory's links resolved (the name itself may not exist yet)."""
+    directory, base = os.path.split(name)
+    return os.path.join(os.path.realpath(directory), base)
 
 
 def _enum(kind: Any, value: Any, what: str) -> Any:
@@ -727,6 +751,8 @@ class TransferJob:
 
     @reply_file_name.setter
     def reply_file_name(self, value: str | None) -> None:
+        if isinstance(value, str):
+            self._manager._check_not_the_store([value])
         self._set("reply_file_name", value)
 
     def set_property(self, prop: JobPropertyId, value: Any) -> None:
@@ -879,6 +905,8 @@ class TransferJob:
         batched = self._manager._pending is not None
         good_dirs = self._manager._good_dirs if batched else None  # per group commit
         localfile.check_local_names(job.job_type, (s.local_name for s in specs), good_dirs)
+        if job.job_type is JobType.DOWNLOAD:
+            self._manager._check_not_the_store(s.local_name for s in specs)
         with self._manager.batch():  # the credentials and the files, or neither
             if login is not None:
                 self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)

@@ -38,9 +38,10 @@ def new_key() -> str:
 
 
 class SecretBox:
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, file: Path | None = None) -> None:
         self._key = key
         self._built: AESCipher | None = None
+        self.file = file  # where the key is kept, if in a file
 
     @property
     def _cipher(self) -> AESCipher:
@@ -59,7 +60,7 @@ class SecretBox:
         key = os.environ.get(KEY_ENV)
         if key:
             return cls(key)
-        return cls(_key_file(home / "secret.key"))
+        return cls(_key_file(home / "secret.key"), home / "secret.key")
 
     def seal(self, plain: str) -> Sealed:
         return Sealed(base64.b64encode(self._cipher.encrypt(plain.encode())).decode("ascii"))

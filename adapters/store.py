@@ -82,6 +82,9 @@ class Recorded:
     event: Event
 
 
+_SQLITE_FILES: Final = ("", "-wal", "-shm", "-journal")
+
+
 def default_home() -> Path:
     env = os.environ.get(HOME_ENV)
     if env:
@@ -120,6 +123,9 @@ class EventStore:
         self.lock = threading.RLock()
         self._links: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._links_lock = threading.Lock()
+        # The files the store is made of: a download must never be renamed over one.
+        own = [Path(f"{location}{end}") for end in _SQLITE_FILES] if kind == "sqlite" else []
+        self.files: tuple[Path, ...] = (*own, *([secrets.file] if secrets.file else []))
 
     def __repr__(self) -> str:
         return f"EventStore({self.kind}: {self.location})"

@@ -1607,3 +1607,26 @@ def test_complete_does_not_rename_over_a_fifo_made_at_the_name_since_addfile(
     local.unlink()
     assert job.complete() == hresult.S_OK
     assert local.read_bytes() == b"0123456789"
+
+
+def test_a_download_or_reply_over_the_stores_own_files_is_refused(tmp_path: Path) -> None:
+    """Complete would rename the download over the SQLite database (every job lost) or the
+    secret key (every sealed secret lost); found with `get URL $BACKHAUL_HOME/backhaul.db`.
+    Refused at AddFile and SetReplyFileName, through a link to the home too."""
+    home = tmp_path / "home"
+    with TransferManager(home=home) as manager:
+        (tmp_path / "via").symlink_to(home)
+        job = manager.create_job("over the store")
+        own = ["backhaul.db", "backhaul.db-wal", "backhaul.db-shm", "secret.key"]
+        for local in [home / name for name in own] + [tmp_path / "via" / "backhaul.db"]:
+            with pytest.raises(BitsError) as refused:
+                job.add_file(URL, local)
+            assert refused.value.hresult == hresult.E_INVALIDARG
+            assert "is a file of this store itself" in str(refused.value)
+        job.add_file(URL, home / "backhaul.db.copy")  # a name beside them is fine
+        reply = manager.create_job("reply", JobType.UPLOAD_REPLY)
+        with pytest.raises(BitsError):
+            reply.reply_file_name = str(home / "backhaul.db")
+        assert [f.local_name for f in job.files()] == [str(home / "backhaul.db.copy")]
+    with TransferManager(home=home) as reopened:
+        assert reopened.get_job(job.id).display_name == "over the store"

@@ -1253,8 +1253,14 @@ class Engine:
         return job.lease_worker != self.worker
 
     async def _reload(self, job_id: str) -> Job | None:
-        stream = await asyncio.to_thread(self.store.stream, job_id)
-        job = jobs.fold(a.event for a in stream)
+        """The job as the log has it now: this engine's logged copy (the fold of the log up
+        to its version) and the events after it. Another writer's event (a client's
+        SetDescription, another engine's lease) must not make the engine decode a job of
+        5,000 files again from its first event: that stalled every transfer of the job."""
+        base = self._logged.get(job_id)
+        after = base.version if base is not None else 0
+        stream = await asyncio.to_thread(self.store.stream, job_id, after)
+        job = jobs.fold((a.event for a in stream), base)
         if job is None or job.is_final:
             if job is not None and job_id in self._jobs:
                 self._finished(job)

@@ -515,7 +515,8 @@ class TransferManager:
             try:
                 self._record(job_id, job.version, events)
             except ConcurrentAppend:
-                self._cache.pop(job_id, None)
+                # The cached copy is still the log's fold up to its version: the next load
+                # reads only the events after it (a job of 5,000 files is not decoded again).
                 continue
             self._cache[job_id] = jobs.fold(events, job) or job
             return events

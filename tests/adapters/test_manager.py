@@ -1630,3 +1630,44 @@ def test_a_download_or_reply_over_the_stores_own_files_is_refused(tmp_path: Path
         assert [f.local_name for f in job.files()] == [str(home / "backhaul.db.copy")]
     with TransferManager(home=home) as reopened:
         assert reopened.get_job(job.id).display_name == "over the store"
+
+
+def test_a_call_that_lost_a_race_reads_only_the_events_after_its_copy(tmp_path: Path) -> None:
+    """Another writer appends between this manager's read and its append (an engine
+    checkpointing a busy job): the call is decided again on its copy plus the newer events.
+    Before, it dropped its copy and decoded the whole job again from the read model, which
+    for a job of 5,000 files took long enough to lose the next race too ('kept changing')."""
+    home = tmp_path / "home"
+    a = TransferManager(home=home)
+    b = TransferManager(home=home)
+    job = a.create_job("raced")
+    job.add_files([(f"https://example.com/{i}.bin", tmp_path / f"{i}.bin") for i in range(50)])
+    job.description = "loaded"  # a's copy is current
+    append = a.store.append
+    raced: list[int] = []
+    full_reads: list[str] = []
+
+    def append_after_another_writer(job_id: str, after: int, events: Any) -> Any:
+        if not raced:
+            raced.append(after)
+            b.get_job(job_id).display_name = "renamed by b"  # lands first
+        return append(job_id, after, events)
+
+    get, stream = a.store.views.get, a.store.stream
+    a.store.append = append_after_another_writer  # type: ignore[method-assign]
+    a.store.views.get = lambda job_id: full_reads.append("row") or get(job_id)  # type: ignore[method-assign]
+    a.store.stream = lambda job_id, after_version=0: (
+        (  # type: ignore[method-assign]
+            full_reads.append("stream") if not after_version else None
+        )
+        or stream(job_id, after_version)
+    )
+
+    job.description = "after the race"
+
+    assert raced and full_reads == []
+    with TransferManager(home=home) as fresh:
+        again = fresh.get_job(job.id)
+        assert (again.display_name, again.description) == ("renamed by b", "after the race")
+    a.close()
+    b.close()

@@ -30,7 +30,14 @@ from backhaul.core.transition import (
     Trigger,
     next_state,
 )
-from backhaul.core.url import has_url_secret, has_user_info, same_file, same_login, shown_query
+from backhaul.core.url import (
+    has_url_secret,
+    has_user_info,
+    redact_url,
+    same_file,
+    same_login,
+    shown_query,
+)
 from backhaul.core.value import ByteRange, FileSpec, JobError, Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState, JobType
 
@@ -326,7 +333,14 @@ def check_remote_name(name: Any, job_type: JobType) -> str:
         return name
     match = _URL.match(name)
     if match is None:
-        raise BitsError(hresult.E_INVALIDARG, f"{name!r} is neither a URL nor a UNC path")
+        shown = repr(redact_url(name))  # a refused name may hold a password: never shown
+        if " " in name and _URL.match(name.replace(" ", "%20")):
+            raise BitsError(
+                hresult.E_INVALIDARG,
+                f"{shown} holds a space: write it %20 (remote names are taken as they are, "
+                "without escaping, as BITS takes them)",
+            )
+        raise BitsError(hresult.E_INVALIDARG, f"{shown} is neither a URL nor a UNC path")
     if has_url_secret(name):
         raise BitsError(
             hresult.E_INVALIDARG,

@@ -430,6 +430,25 @@ def test_unknown_url_scheme_or_bad_remote_name_raises_e_invalidarg(
     assert job.files() == []
 
 
+def test_a_refused_remote_name_is_shown_without_its_password_and_a_space_is_named(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """The message of a refused name never holds the password or a signature it carries;
+    a space (BITS escapes nothing) gets its own hint."""
+    job = manager.create_job("shown")
+    with pytest.raises(BitsError) as refused_name:
+        job.add_file("http://user:hunter2@127.0.0.1/a b.bin?sig=s3cret", tmp_path / "a")
+    message = str(refused_name.value)
+    assert "hunter2" not in message and "s3cret" not in message
+    assert message.startswith(
+        "'http://127.0.0.1/a b.bin?sig=<redacted>' holds a space: write it %20"
+    )
+    with pytest.raises(BitsError) as refused_name:
+        job.add_file("not a url, hunter2", tmp_path / "a")
+    assert "neither a URL nor a UNC path" in str(refused_name.value)
+    assert job.files() == []
+
+
 def test_a_manager_accepts_only_the_schemes_it_was_given(
     store: EventStore, clock: ManualClock, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import getpass
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
@@ -107,20 +108,22 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def _store_call(method: _Method) -> _Method:
-    """A TransferManager step that reads or writes the store. The store's own errors under
-    it (a full disk, a lost database server) come out as StoreUnavailable with their
+    """A TransferManager step that reads or writes the store. One thread at a time (the
+    manager's lock, which a group commit holds for its whole block); the store's own errors
+    under it (a full disk, a lost database server) come out as StoreUnavailable with their
     HRESULT, as every other refusal is a BitsError; a closed manager refuses at once."""
 
     @functools.wraps(method)
     def call(self: TransferManager, *args: Any, **kwargs: Any) -> Any:
-        if self.closed:
-            raise BitsError(hresult.RPC_E_DISCONNECTED, "this TransferManager is closed")
-        try:
-            return method(self, *args, **kwargs)
-        except StoreUnavailable:
-            raise
-        except STORE_ERRORS as exc:
-            raise self.store.failure(exc) from exc
+        with self._lock:
+            if self.closed:
+                raise BitsError(hresult.RPC_E_DISCONNECTED, "this TransferManager is closed")
+            try:
+                return method(self, *args, **kwargs)
+            except StoreUnavailable:
+                raise
+            except STORE_ERRORS as exc:
+                raise self.store.failure(exc) from exc
 
     return cast(_Method, call)
 
@@ -150,6 +153,11 @@ class TransferManager:
             self.store = open_store(store, Path(home) if home is not None else None)
             self._owns_store = True
         self.closed = False
+        # An application's threads share a manager (an EngineThread's callbacks complete jobs
+        # while the main thread adds more): its store steps take turns, and a group commit
+        # holds the lock for its whole block, so no other thread's call lands in it.
+        self._lock = threading.RLock()
+        self._batch_thread: int | None = None
         self.owner = owner or current_owner()
         self.home = Path(home).expanduser() if home is not None else default_home()
         self._certificates: CertificateStores | None = None
@@ -200,9 +208,10 @@ class TransferManager:
     def close(self) -> None:
         """Close the store (when this manager opened it); later calls raise
         RPC_E_DISCONNECTED, as a released BITS interface does."""
-        self.closed = True
-        if self._owns_store:
-            self.store.close()
+        with self._lock:  # after the call another thread is in
+            self.closed = True
+            if self._owns_store:
+                self.store.close()
 
     # -- IBackgroundCopyManager --------------------------------------------------------
 
@@ -352,10 +361,10 @@ class TransferManager:
     def declare_secret_parameters(self) -> None:
         """Read the store's secret query parameters into this process (core.url): once per
         group commit, inside one."""
-        if self._pending is not None and self._secrets_read:
+        if self._in_batch() and self._secrets_read:
             return
         declare_secret_parameters(self.settings().secret_parameters)
-        self._secrets_read = self._pending is not None
+        self._secrets_read = self._in_batch()
 
     def _before_sealing(self, remote_names: Iterable[str]) -> None:
         """Before URLs are sealed for the log: a URL with a query may hold a parameter that
@@ -363,8 +372,17 @@ class TransferManager:
         if any("?" in name for name in remote_names):
             self.declare_secret_parameters()
 
+    def _in_batch(self) -> bool:
+        """Is this thread inside a group commit (``batch``)?"""
+        return self._pending is not None and self._batch_thread == threading.get_ident()
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
+        with self._lock, self._batch():  # other threads' calls wait for the whole block
+            yield
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
         """Group commit: every call inside the block is decided at once but appended in
         ONE transaction at the end (nothing is appended if the block raises).
 
@@ -376,6 +394,7 @@ class TransferManager:
             yield
             return
         pending: list[tuple[str, int, list[Event]]] = []
+        self._batch_thread = threading.get_ident()
         self._pending, self._before_commit, self._after_commit = pending, [], []
         self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
         self._good_dirs, self._secrets_read = set(), False
@@ -903,7 +922,7 @@ class TransferJob:
             cmd.check_local_name(spec.local_name)
             cmd.check_remote_name(spec.remote_name, job.job_type)
             self._check_scheme(spec.remote_name, job.job_type)
-        batched = self._manager._pending is not None
+        batched = self._manager._in_batch()
         good_dirs = self._manager._good_dirs if batched else None  # per group commit
         localfile.check_local_names(job.job_type, (s.local_name for s in specs), good_dirs)
         if job.job_type is JobType.DOWNLOAD:
@@ -992,7 +1011,7 @@ class TransferJob:
         self._manager._check_access(job)
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
         self._manager.execute(self.id, cmd.Cancel())
-        if self._manager._pending is not None:
+        if self._manager._in_batch():
             listings = self._manager._listings
             self._manager._after_commit.append(lambda: localfile.discard(job, listings))
             return hresult.S_OK
@@ -1008,7 +1027,7 @@ class TransferJob:
         decided = cmd.decide(job, cmd.Complete(), self._manager.clock.now(), self._manager.limits)
         kept = decided[0].files_kept  # type: ignore[attr-defined]
 
-        batched = self._manager._pending is not None
+        batched = self._manager._in_batch()
         # In a batch, each directory is fsynced once, after every rename of the batch.
         dirs = self._manager._renamed_dirs if batched else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +31,7 @@ from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.event import POLICY_STREAM
 from backhaul.core.job import fold
-from backhaul.core.limit import DESCRIPTION_MAX, DISPLAY_NAME_MAX, Limits
+from backhaul.core.limit import DESCRIPTION_MAX, DISPLAY_NAME_MAX, UNLIMITED, Limits
 from backhaul.core.value import ByteRange, FileSpec, JobError, ProxySettings
 from backhaul.core.vocabulary import (
     AuthScheme,
@@ -1690,3 +1691,45 @@ def test_a_call_that_lost_a_race_reads_only_the_events_after_its_copy(tmp_path: 
         assert (again.display_name, again.description) == ("renamed by b", "after the race")
     a.close()
     b.close()
+
+
+def test_threads_sharing_a_manager_lose_no_call_and_no_job(tmp_path: Path) -> None:
+    """An application's threads share one manager (an EngineThread's callbacks complete
+    jobs while the main thread adds more). Before, one thread's group commit (AddFile is
+    one) swallowed another thread's calls: a raw ConcurrentAppend ('no version 1 to append
+    after') escaped, and a job that create_job had returned was never recorded."""
+    home = tmp_path / "home"
+    manager = TransferManager(home=home, limits=UNLIMITED)
+    made: dict[str, JobState] = {}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(60):
+                job = manager.create_job(f"t{k}-{i}")
+                job.add_file(f"https://example.com/{k}/{i}.bin", tmp_path / f"{k}-{i}.bin")
+                job.resume()
+                job.description = f"thread {k}"
+                if i % 3 == 0:
+                    job.cancel()
+                made[job.id] = JobState.CANCELLED if i % 3 == 0 else JobState.QUEUED
+                if i % 5 == 0:
+                    list(manager.jobs())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    manager.close()
+    with TransferManager(home=home, limits=UNLIMITED) as fresh:
+        assert len(made) == 240
+        for job_id, state in made.items():
+            job = fresh.get_job(job_id, include_final=True)
+            assert job.state is state
+            assert job.description.startswith("thread ")
+        listed = {j.id for j in fresh.jobs(include_final=True)}
+        assert listed == set(made)

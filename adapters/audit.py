@@ -54,6 +54,7 @@ EXPORT_FORMAT: Final = "backhaul.event-log"
 EXPORT_FORMAT_VERSION: Final = 1
 IMPORT_BATCH: Final = 1000
 PAGE: Final = 1000
+_FILES_SHOWN: Final = 5  # of an AddFileSet, in a history line
 
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:)[^/@\s]*@")
 
@@ -166,19 +167,22 @@ class Entry:
         }
 
     def summary(self) -> str:
+        """One line: an AddFileSet of 1,000 files shows its first few, not a line of 70 KB."""
         event = self.event
         if event is None:
             return f"!! {self.problem}"
         if isinstance(event, ev.FilesAdded):
             files = plain(event.files)
             parts = []
-            for f in files:
+            for f in files[:_FILES_SHOWN]:
                 ranges = f" ranges={_short(f['ranges'])}" if f.get("ranges") else ""
                 name = f["remote_name"]
                 if f.get("password") is not None:  # sealed: shown where it sat in the URL
                     name = url_with_password(name, REDACTED)
                 parts.append(f"{name} -> {f['local_name']}{ranges}")
-            return f"{len(files)} file(s): " + "; ".join(parts)
+            more = len(files) - len(parts)
+            rest = f"; and {more} more (--json lists them all)" if more else ""
+            return f"{len(files)} file(s): " + "; ".join(parts) + rest
         fields = self.fields()
         if isinstance(event, ev.ErrorOccurred):
             error = event.error

@@ -244,6 +244,23 @@ def test_history_text_is_one_readable_line_per_event(manager: TransferManager, j
     assert "1 file(s): https://user:<redacted>@example.com/a.bin" in text
 
 
+def test_history_shows_the_first_files_of_a_large_addfileset_and_counts_the_rest(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """An AddFileSet of 1,000 files made a history line of 70 KB; --json keeps them all."""
+    job = manager.create_job("many")
+    job.add_files([(f"https://example.com/{i}.bin", tmp_path / f"{i}.bin") for i in range(12)])
+    text = audit.history_to_text(audit.history(manager.store, job.id))
+    line = next(x for x in text.splitlines() if "FilesAdded" in x)
+    assert line.endswith(
+        f"12 file(s): https://example.com/0.bin -> {tmp_path / '0.bin'}; "
+        + "; ".join(f"https://example.com/{i}.bin -> {tmp_path / f'{i}.bin'}" for i in range(1, 5))
+        + "; and 7 more (--json lists them all)"
+    )
+    entry = next(e for e in audit.history(manager.store, job.id) if e.event_type == "FilesAdded")
+    assert len(entry.to_dict()["fields"]["files"]) == 12
+
+
 def test_history_json_has_the_documented_fields(manager: TransferManager, jobs: Jobs) -> None:
     code, out = cli(manager, "history", jobs.rich, "--json")
     data = json.loads(out)

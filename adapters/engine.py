@@ -1077,6 +1077,14 @@ class Engine:
 
     # -- the writer ----------------------------------------------------------------------
 
+    def _job(self, job_id: str) -> Job:
+        """The engine's copy of a job a transfer is working on; JobGone once it is not held
+        any more (a client completed or cancelled it while the transfer awaited something)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobGone(job_id)
+        return job
+
     def _enqueue(self, job_id: str, command: cmd.Command) -> asyncio.Future[list[ev.Event]]:
         """Decide now against the engine's copy; append with the next group commit."""
         job = self._jobs.get(job_id)
@@ -1354,7 +1362,7 @@ class Engine:
                 # conflicts, and re-deciding it finds the job leased.
                 await self._commit(job_id, cmd.TakeLease(self.worker, self.lease_seconds))
             await self._commit(job_id, cmd.StartTransfer())
-            job = self._jobs[job_id]
+            job = self._job(job_id)
             try:
                 if job.job_type is JobType.DOWNLOAD:
                     await self._download_files(job_id, job.pending_files)
@@ -1433,7 +1441,7 @@ class Engine:
         are in flight while every one in flight is small (<= ``small_file``); a large
         file runs alone, as BITS runs a job's files one after the other. FileTransferred
         events stay in file order whatever finishes first (see ``_claim_files``)."""
-        job = self._jobs[job_id]
+        job = self._job(job_id)
         window = self.file_window if not any(f.ranges for f in job.files) else 1
         run = _FileRun(pending)
         self._order[job_id] = run
@@ -1512,6 +1520,10 @@ class Engine:
                     if future.done():
                         _committed(future)
                 futures = [f for f in futures if not f.done()]
+        except JobGone:
+            if job_id in self._jobs:
+                raise
+            return  # completed or cancelled meanwhile: the transfer is being stopped too
         finally:
             run.stop()
         for future in futures:
@@ -1535,7 +1547,7 @@ class Engine:
     async def _take_over_file(self, job_id: str, index: int) -> None:
         """Resuming bytes another worker (or an engine without leases) checkpointed: copy
         them into this worker's temp file; when they cannot be had, restart the file."""
-        job = self._jobs[job_id]
+        job = self._job(job_id)
         f = job.files[index]
         if not f.bytes_transferred or f.temp_worker == self.worker:
             return
@@ -1551,7 +1563,7 @@ class Engine:
         await self._take_over_file(job_id, index)
         refreshed = 0
         while True:
-            job = self._jobs[job_id]
+            job = self._job(job_id)
             spec = job.files[index].spec
             try:
                 transport = self.transport_for(spec.remote_name)
@@ -1576,7 +1588,7 @@ class Engine:
         if refresher is None or exc.hresult not in self.url_refresh_codes:
             return False
         handle = self.job(job_id)
-        old = self._jobs[job_id].files[index].remote_name
+        old = self._job(job_id).files[index].remote_name
         try:
             answer = refresher(handle, handle.file(index), exc.hresult)
             if inspect.isawaitable(answer):
@@ -1608,13 +1620,13 @@ class Engine:
             raise JobGone(f"this worker's lease of job {job_id} ran out")
 
     async def _connected(self, job_id: str) -> None:
-        if self._jobs[job_id].state is JobState.CONNECTING:
+        if self._job(job_id).state is JobState.CONNECTING:
             await self._commit(job_id, cmd.Connect())
 
     async def _download_whole(
         self, job_id: str, index: int, transport: Transport, options: RequestOptions
     ) -> None:
-        job = self._jobs[job_id]
+        job = self._job(job_id)
         f = job.files[index]
         offset = f.bytes_transferred if f.bytes_total is not None else 0
         if job.dynamic_content:
@@ -1655,7 +1667,7 @@ class Engine:
     async def _download_ranges(
         self, job_id: str, index: int, transport: Transport, options: RequestOptions
     ) -> None:
-        job = self._jobs[job_id]
+        job = self._job(job_id)
         f = job.files[index]
         url = self._url(f)
         async with self._connections:
@@ -1666,7 +1678,7 @@ class Engine:
         ranges = _resolve(f.ranges, remote)
         total = sum(r.length or 0 for r in ranges)
         await self._connected(job_id)
-        done = self._jobs[job_id].files[index].bytes_transferred
+        done = self._job(job_id).files[index].bytes_transferred
         local = 0
         for r in ranges:
             length = r.length or 0
@@ -1716,7 +1728,7 @@ class Engine:
         range_end: tuple[int, int] | None,
     ) -> None:
         """Stream the body into the temp file at ``position`` (local offset)."""
-        job = self._jobs[job_id]
+        job = self._job(job_id)
         f = job.files[index]
         tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
         total = range_end[1] if range_end else remote.size
@@ -1940,7 +1952,7 @@ class Engine:
         """ACL flags on a download (bits-core.md §13), as the file completes: keep the
         parts of the remote descriptor the flags name with the temp file (adapters/acl.py).
         Transports without ``security`` (HTTP) ignore the flags, as BITS does."""
-        job = self._jobs[job_id]
+        job = self._job(job_id)
         if not job.acl_flags:
             return
         f = job.files[index]
@@ -1977,7 +1989,7 @@ class Engine:
         does; the session goes on at the new URL of the same file."""
         refreshed = 0
         while True:
-            remote_name = self._jobs[job_id].files[index].remote_name
+            remote_name = self._job(job_id).files[index].remote_name
             try:
                 try:
                     await self._upload_once(job_id, index)
@@ -1997,7 +2009,7 @@ class Engine:
 
     async def _upload_once(self, job_id: str, index: int) -> None:
         self._hold_lease(job_id)
-        job = self._jobs[job_id]
+        job = self._job(job_id)
         f = job.files[index]
         uploader = self.uploader_for(f.remote_name)
         reply = job.job_type is JobType.UPLOAD_REPLY
@@ -2133,7 +2145,7 @@ class Engine:
 
     async def _fetch_reply(self, job_id: str) -> None:
         """Upload-reply: download the reply (ranged, resumable) into the reply temp file."""
-        job = self._jobs[job_id]
+        job = self._job(job_id)
         url = job.reply_url
         if url is None:
             raise TransferError(

@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from peers.nginx import NginxServer
 from backhaul.adapters import localfile
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.engine import Engine
+from backhaul.adapters.localfile import FinishedFile, GroupSync
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core import hresult as hr
@@ -157,6 +158,20 @@ def new_job(
     if start:
         job.resume()
     return job
+
+
+class HeldSync(GroupSync):
+    """A GroupSync that makes a batch's files only once ``gate`` is set."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.held = False
+
+    async def finish(self, files: Sequence[FinishedFile]) -> list[OSError | None]:
+        self.held = True
+        await self.gate.wait()
+        return await super().finish(files)
 
 
 # -- a fault-injecting file server ----------------------------------------------------------------

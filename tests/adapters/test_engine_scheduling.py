@@ -11,9 +11,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from peers.nginx import NginxServer
 from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     FaultServer,
+    HeldSync,
     KiB,
     Served,
     _no_store_from_the_environment,  # noqa: F401
@@ -410,3 +412,41 @@ def test_another_writers_event_is_folded_onto_the_engines_copy_not_reread_from_t
     events = events_of(manager, job.id)
     assert len(of_type(events, ev.PropertySet)) >= 5
     assert whole_reads == []
+
+
+def test_a_complete_while_files_are_being_claimed_stops_the_claim_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found with `backhaul complete` under a running `serve`: the claimer, resuming after
+    the job was completed and let go of, raised KeyError from the engine's job table, and
+    asyncio logged 'Task exception was never retrieved'. Now it stops as for any job that
+    went, and the temp files it made are deleted once the transfer stopped."""
+    files = {f"/f{i}": Served(os.urandom(16 * KiB)) for i in range(6)}
+    manager = TransferManager(home=tmp_path / "home")
+    client = TransferManager(home=tmp_path / "home")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    async def main() -> TransferJob:
+        gate = asyncio.Event()
+        async with FaultServer(files) as srv:
+            job = new_job(manager, [(srv.url(p), dest / p[1:]) for p in files])
+            engine = make_engine(manager)
+            held = engine.group_sync = HeldSync(gate)
+            async with running(engine):
+                await until(lambda: held.held, "a claim to start")
+                assert client.get_job(job.id).complete() == hr.BG_S_PARTIAL_COMPLETE
+                engine.wake()
+                await until(lambda: job.id not in engine._jobs, "the engine to let it go")
+                gate.set()
+                await asyncio.sleep(0.3)
+                await until(lambda: not engine._tasks, "the transfer to stop")
+                await asyncio.sleep(0.2)
+            return job
+
+    with caplog.at_level("ERROR"):
+        job = asyncio.run(main())
+    assert job.state is S.ACKNOWLEDGED
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith(".")) == []

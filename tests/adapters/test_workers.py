@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine import FaultServer, Served, make_engine, new_job, sha256, trickle, until
+from test_engine import (
+    FaultServer,
+    HeldSync,
+    Served,
+    make_engine,
+    new_job,
+    sha256,
+    trickle,
+    until,
+)
 
 from backhaul.adapters import localfile
-from backhaul.adapters.localfile import FinishedFile, GroupSync
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.store import open_store
 from backhaul.core import command as cmd
@@ -164,20 +172,6 @@ class _Gated(HttpTransport):
         return download
 
 
-class _HeldSync(GroupSync):
-    """A GroupSync that makes a batch's files only once ``gate`` is set."""
-
-    def __init__(self, gate: asyncio.Event) -> None:
-        super().__init__()
-        self.gate = gate
-        self.held = False
-
-    async def finish(self, files: Sequence[FinishedFile]) -> list[OSError | None]:
-        self.held = True
-        await self.gate.wait()
-        return await super().finish(files)
-
-
 @pytest.mark.parametrize("stall", ["body", "claim"])
 def test_a_worker_that_stalled_past_its_lease_leaves_no_temp_file_behind(
     postgres_url: str, tmp_path: Path, stall: str
@@ -198,7 +192,7 @@ def test_a_worker_that_stalled_past_its_lease_leaves_no_temp_file_behind(
             job = new_job(
                 first, [(server.url("/f"), tmp_path / "f.bin")], priority=JobPriority.FOREGROUND
             )
-            gated, held_sync = _Gated(gate), _HeldSync(gate)
+            gated, held_sync = _Gated(gate), HeldSync(gate)
             a = make_engine(
                 first,
                 worker="worker-a",

@@ -45,7 +45,7 @@ from backhaul.core import projection as proj
 from backhaul.core.error import BitsError
 from backhaul.core.event import Event, JobCreated
 from backhaul.core.job import FileList, Job
-from backhaul.core.url import URL_IN_TEXT, split_url_query, url_with_password
+from backhaul.core.url import URL_IN_TEXT, one_line, split_url_query, url_with_password
 from backhaul.core.value import Sealed
 from backhaul.core.vocabulary import AuthScheme, AuthTarget
 
@@ -358,12 +358,12 @@ class AsOf:
                         f"{'file ' + str(f['index']):>18}: {f['bytes_transferred']}/"
                         f"{f['bytes_total'] if f['bytes_total'] is not None else '?'} "
                         f"{'transferred' if f['transferred'] else 'pending'}  "
-                        f"{f['remote_name']} -> {f['local_name']}"
+                        f"{one_line(f['remote_name'])} -> {one_line(f['local_name'])}"
                     )
                 continue
             if isinstance(value, dict):
                 value = " ".join(f"{k}={v}" for k, v in value.items())
-            lines.append(f"{key:>18}: {value}")
+            lines.append(f"{key:>18}: {one_line(value)}")
         return "\n".join(lines) + "\n"
 
 

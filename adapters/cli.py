@@ -40,7 +40,7 @@ from backhaul.core import hresult
 from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.policy import why_waiting
-from backhaul.core.url import secrets_of
+from backhaul.core.url import one_line, secrets_of
 from backhaul.core.value import FileSpec
 from backhaul.core.vocabulary import (
     AuthScheme,
@@ -289,7 +289,7 @@ def cmd_geterror(args: argparse.Namespace, m: TransferManager, out: TextIO) -> i
     where = "" if error.file_index is None else f" (file {error.file_index})"
     out.write(
         f"{error.hresult_name} ({hresult.format_hresult(error.hresult)}) in "
-        f"{error.context.name}{where}: {error.description}\n"
+        f"{error.context.name}{where}: {one_line(error.description)}\n"
     )
     return EXIT_OK
 
@@ -415,7 +415,7 @@ def cmd_info(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     for key, value in info.items():
         if key == "error" and value:
             value = f"{value['name']} ({value['hresult']}) in {value['context']}: {value['description']}"
-        out.write(f"{key:>26}: {value}\n")
+        out.write(f"{key:>26}: {one_line(value)}\n")
     return EXIT_OK
 
 
@@ -429,7 +429,8 @@ def cmd_list(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         out.write(
             f"{r['id']}  {r['state']:<15} {r['priority']:<10} "
             f"{r['files_transferred']}/{r['files_total']} files  "
-            f"{_fmt_size(r['bytes_transferred'])}/{_fmt_size(r['bytes_total'])}  {r['display_name']}\n"
+            f"{_fmt_size(r['bytes_transferred'])}/{_fmt_size(r['bytes_total'])}  "
+            f"{one_line(r['display_name'])}\n"
         )
     out.write(f"Listed {len(rows)} job(s).\n")
     return EXIT_OK
@@ -455,7 +456,8 @@ def cmd_files(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     for r in rows:
         out.write(
             f"{r['index']}: {_fmt_size(r['bytes_transferred'])}/{_fmt_size(r['bytes_total'])} "
-            f"{'COMPLETED' if r['completed'] else 'WORKING'}  {r['remote_name']} -> {r['local_name']}\n"
+            f"{'COMPLETED' if r['completed'] else 'WORKING'}  "
+            f"{one_line(r['remote_name'])} -> {one_line(r['local_name'])}\n"
         )
     return EXIT_OK
 
@@ -1085,7 +1087,7 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
     error = job.error
     message = (
         f"{error.hresult_name} ({hresult.format_hresult(error.hresult)}) in {error.context.name}: "
-        f"{error.description}"
+        f"{one_line(error.description)}"
         if error
         else state.name
     )
@@ -1285,7 +1287,7 @@ class _Reporter:
         if seen == self.told:
             return
         self.told = seen
-        why = f"{error.description} [{hresult.name_of(error.hresult)} "
+        why = f"{one_line(error.description)} [{hresult.name_of(error.hresult)} "
         why += f"{hresult.format_hresult(error.hresult)}]"
         then = ""
         if waiting is not None:
@@ -1319,7 +1321,7 @@ def cmd_monitor(args: argparse.Namespace, m: TransferManager, out: TextIO) -> in
                     rate = _fmt_size(int((r["bytes_transferred"] - before[1]) / (now - before[0])))
                     rate += "/s"
                 seen[r["id"]] = (now, r["bytes_transferred"])
-                note = r["display_name"] + (f"  [{r['waiting']}]" if r["waiting"] else "")
+                note = one_line(r["display_name"]) + (f"  [{r['waiting']}]" if r["waiting"] else "")
                 out.write(
                     f"{r['id']:<36}  {r['state']:<15} {r['priority']:<10} {files:>7} "
                     f"{size:>22} {rate:>12}  {note}\n"

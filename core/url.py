@@ -258,6 +258,17 @@ def holds_url_secret(text: str) -> bool:
     return any(any(_is_secret(p) for p in m[1].split("&")) for m in _QUERY_IN_TEXT.finditer(text))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(value: object) -> str:
+    """A value from a job (its names, a server's error text) as one line of a terminal
+    shows it: control characters as Python escapes (\\x1b, \\n), so that a job's name
+    cannot send escape sequences to the terminal of whoever lists it, nor break one line
+    per job. JSON output keeps values as they are (JSON escapes them)."""
+    return _CONTROL.sub(lambda c: c[0].encode("unicode_escape").decode("ascii"), str(value))
+
+
 def redact_url(url: str) -> str:
     """``url`` as messages show it: no user info, secret query values ``<redacted>``."""
     shown, _ = split_url_query(url)

@@ -198,3 +198,31 @@ def test_bad_values_of_the_job_verbs_are_typed_errors_not_tracebacks(
     with TransferManager(home=home) as manager:
         assert len(list(manager.store.stream(job))) == before
         assert manager.settings().network_cost is None
+
+
+def test_a_jobs_control_characters_reach_no_terminal_but_json_keeps_them(tmp_path: Path) -> None:
+    """Found creating a job named with an escape sequence and a newline: `list` (also an
+    administrator's `list --all` of every user's jobs), `info`, `files`, `monitor` and
+    `audit at` printed them raw, so a job's name could recolour or clear the terminal of
+    whoever listed it and break one line per job. Now they show as Python escapes."""
+    home = tmp_path / "home"
+    name = "evil\x1b[2J\x1b[31mred\nsecond line\x9b"
+    job_id = ok(home, "create", name).strip()
+    ok(home, "setdescription", job_id, "bell\x07and\rreturn")
+    ok(home, "addfile", job_id, "https://example.com/a.bin", str(tmp_path / "new\nline.bin"))
+    shown = "evil\\x1b[2J\\x1b[31mred\\nsecond line\\x9b"
+    for argv in (
+        ["list"],
+        ["info", job_id],
+        ["files", job_id],
+        ["monitor", "--count", "1"],
+        ["audit", "at", job_id, "3"],
+    ):
+        out = ok(home, *argv)
+        assert not any(c in out for c in "\x1b\x07\r\x9b"), (argv, out)
+        if argv[0] != "files":
+            assert shown in out, (argv, out)
+    assert "new\\nline.bin" in ok(home, "files", job_id)
+    assert "bell\\x07and\\rreturn" in ok(home, "info", job_id)
+    assert len(ok(home, "list").splitlines()) == 2  # the job's line and the count
+    assert json.loads(ok(home, "info", job_id, "--json"))["display_name"] == name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import fcntl
 import gc
@@ -376,7 +377,10 @@ def cmd_addfileset(args: argparse.Namespace, m: TransferManager, out: TextIO) ->
     job = find_job(m, args.job)
     pairs = []
     try:
-        text = Path(args.listfile).read_text()
+        raw = Path(args.listfile).read_bytes()
+        # Notepad's UTF-8 has a BOM; Windows PowerShell's '>' writes UTF-16 with one.
+        utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         code = os_hresult(exc) if isinstance(exc, OSError) else hresult.E_INVALIDARG
         why = exc.strerror if isinstance(exc, OSError) else "not text"

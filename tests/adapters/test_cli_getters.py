@@ -170,6 +170,30 @@ def test_addfileset_reads_quoted_names_comments_and_urls_as_they_are(
     assert len(json.loads(value(home, "files", job, "--json"))) == 3
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le-bom", "utf-16-be"])
+def test_addfileset_reads_list_files_written_on_windows(
+    tmp_path: Path, home: Path, encoding: str
+) -> None:
+    """Notepad writes UTF-8 with a byte-order mark, and Windows PowerShell's '>' writes
+    UTF-16 with one, with CR LF line ends: found with such a list, refused as
+    "'\\ufeffhttp://...' is neither a URL nor a UNC path"."""
+    job = value(home, "create", "windows list")
+    text = f"http://127.0.0.1:1/a.bin {tmp_path}/a.bin\r\nhttp://127.0.0.1:1/b.bin {tmp_path}/b.bin\r\n"
+    data = {
+        "utf-8-sig": text.encode("utf-8-sig"),
+        "utf-16": text.encode("utf-16"),  # this machine's order, with its mark
+        "utf-16-le-bom": b"\xff\xfe" + text.encode("utf-16-le"),
+        "utf-16-be": b"\xfe\xff" + text.encode("utf-16-be"),
+    }[encoding]
+    (tmp_path / "list").write_bytes(data)
+    value(home, "addfileset", job, str(tmp_path / "list"))
+    files = json.loads(value(home, "files", job, "--json"))
+    assert [(f["remote_name"], f["local_name"]) for f in files] == [
+        ("http://127.0.0.1:1/a.bin", f"{tmp_path}/a.bin"),
+        ("http://127.0.0.1:1/b.bin", f"{tmp_path}/b.bin"),
+    ]
+
+
 def test_bad_values_of_the_job_verbs_are_typed_errors_not_tracebacks(
     tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1113,6 +1113,13 @@ _HINTS: dict[int, dict[str, str]] = {
 }
 
 
+_LIMITS = (
+    hresult.BG_E_TOO_MANY_FILES_IN_JOB,
+    hresult.BG_E_TOO_MANY_JOBS_PER_USER,
+    hresult.BG_E_TOO_MANY_JOBS_PER_MACHINE,
+    hresult.BG_E_TOO_MANY_RANGES_IN_FILE,
+)
+
 _DONE = (JobState.TRANSFERRED, JobState.ERROR, JobState.CANCELLED, JobState.ACKNOWLEDGED)
 
 
@@ -1638,7 +1645,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             except STORE_ERRORS as exc:  # an append or read outside the manager's calls
                 raise manager.store.failure(exc) from exc
     except BitsError as exc:
-        sys.stderr.write(f"backhaul {args.verb}: {exc}\n")
+        hint = " (--unlimited lifts BITS's limits)" if exc.hresult in _LIMITS else ""
+        sys.stderr.write(f"backhaul {args.verb}: {exc}{hint}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -84,9 +84,9 @@ def test_addfileset_of_201_files_is_refused_without_unlimited_and_records_nothin
     code, _ = run(home, "addfileset", job, str(list_file(tmp_path, MAX_FILES + 1)))
 
     assert code == 1
-    assert capsys.readouterr().err.startswith(
+    assert capsys.readouterr().err == (
         "backhaul addfileset: the job would hold 201 files; the limit is 200 "
-        "[BG_E_TOO_MANY_FILES_IN_JOB 0x80200051]"
+        "[BG_E_TOO_MANY_FILES_IN_JOB 0x80200051] (--unlimited lifts BITS's limits)\n"
     )
     assert stream_length(home, job) == before  # all or nothing: no FilesAdded
     assert files_of(home, job) == 0
@@ -123,7 +123,9 @@ def test_the_61st_create_is_refused_without_unlimited_and_accepted_with_it(
     assert (code, out) == (1, "")
     err = capsys.readouterr().err
     assert err.startswith("backhaul create: ")
-    assert err.rstrip().endswith("[BG_E_TOO_MANY_JOBS_PER_USER 0x80200049]")
+    assert err.rstrip().endswith(
+        "[BG_E_TOO_MANY_JOBS_PER_USER 0x80200049] (--unlimited lifts BITS's limits)"
+    )
     assert live_jobs(home) == MAX_JOBS  # nothing recorded
 
     job = create(home, "job 60", "--unlimited")

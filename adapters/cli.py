@@ -38,6 +38,7 @@ from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import STORE_ERRORS, default_home
 from backhaul.core import hresult
+from backhaul.core.command import check_custom_header_names
 from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.policy import why_waiting
@@ -878,6 +879,7 @@ def _header_block(args: argparse.Namespace) -> str | None:
         name, colon, _ = header.partition(":")
         if not colon or not name.strip() or any(c in header for c in "\r\n"):
             raise BitsError(hresult.E_INVALIDARG, "--header wants 'NAME: VALUE'")
+    check_custom_header_names(args.header)
     return "".join(f"{h}\r\n" for h in args.header)
 
 

@@ -826,6 +826,7 @@ class TransferJob:
         for line in headers.split("\r\n"):
             if line and (":" not in line or "\n" in line or "\r" in line):
                 raise BitsError(hresult.E_INVALIDARG, f"malformed header line {line[:40]!r}")
+        cmd.check_custom_header_names(line for line in headers.split("\r\n") if line)
         self._do(cmd.SetCustomHeaders(self._manager.seal(headers), len(headers) + 1))
 
     @property

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -351,6 +351,26 @@ def check_remote_name(name: Any, job_type: JobType) -> str:
     if any(c in match["rest"] for c in wild):
         raise BitsError(hresult.E_INVALIDARG, "wildcards are not allowed in remote names")
     return name
+
+
+# Headers the engine and its transports set themselves: a custom one would fight them (a
+# custom Range made every answer a 206 the engine did not ask for, retried for 14 days).
+_ENGINE_HEADERS: Final = frozenset(
+    {"range", "if-range", "content-range", "content-length", "transfer-encoding", "accept-encoding"}
+)
+
+
+def check_custom_header_names(lines: Iterable[str]) -> None:
+    """SetCustomHeaders: E_INVALIDARG for a header backhaul sets itself (byte ranges for
+    resume and AddFileWithRanges, sizes, identity encoding, the BITS upload protocol's)."""
+    for line in lines:
+        name = line.partition(":")[0].strip()
+        if name.lower() in _ENGINE_HEADERS or name.lower().startswith("bits-"):
+            raise BitsError(
+                hresult.E_INVALIDARG,
+                f"{name} is set by backhaul itself (resume, byte ranges, sizes, the upload "
+                "protocol): it cannot be a custom header",
+            )
 
 
 def check_local_name(name: Any) -> str:

@@ -470,6 +470,16 @@ def test_get_to_dev_null_or_a_symbolic_link_is_refused_and_leaves_them_alone(
     assert link.is_symlink() and target.read_bytes() == b"kept"
 
 
+def test_get_refuses_a_custom_range_header_before_making_a_job(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--home", str(home), "get", "-H", "Range: bytes=0-99", "http://127.0.0.1:9/f"]
+    assert main([*argv, str(tmp_path / "f")], io.StringIO()) == 1
+    assert "backhaul get: Range is set by backhaul itself" in capsys.readouterr().err
+    with TransferManager(home=home) as manager:
+        assert list(manager.jobs(include_final=True)) == []
+
+
 def test_the_names_get_gives_urls_in_a_directory() -> None:
     assert _name_from_url("http://h/d/a%20b.txt?token=1") == "a b.txt"
     assert _name_from_url("http://h/d/") == "index.html"  # a directory's URL

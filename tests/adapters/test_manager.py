@@ -665,6 +665,28 @@ def test_malformed_custom_header_line_raises_e_invalidarg(
     refused(store, hresult.E_INVALIDARG, lambda: job.set_custom_headers("no colon here\r\n"))
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Range: bytes=0-99",
+        "if-range: x",
+        "Content-Length: 5",
+        "Transfer-Encoding: chunked",
+        "Accept-Encoding: gzip",
+        "BITS-Packet-Type: Ping",
+    ],
+)
+def test_a_custom_header_backhaul_sets_itself_is_refused(
+    manager: TransferManager, store: EventStore, line: str
+) -> None:
+    """Found with `get -H 'Range: bytes=0-99'`: every answer was a 206 the engine had not
+    asked for, a transient BG_E_INVALID_SERVER_RESPONSE retried for NoProgressTimeout."""
+    job = manager.create_job("headers")
+    refused(store, hresult.E_INVALIDARG, lambda: job.set_custom_headers(f"X-Ok: 1\r\n{line}\r\n"))
+    job.set_custom_headers("X-Ok: 1\r\nHost: vhost.test\r\n")  # curl's -H 'Host: ...' too
+    assert job.custom_headers == "X-Ok: 1\r\nHost: vhost.test\r\n"
+
+
 def test_remove_credentials_returns_false_when_none_were_set(
     manager: TransferManager, store: EventStore
 ) -> None:

@@ -288,12 +288,18 @@ def cmd_geterror(args: argparse.Namespace, m: TransferManager, out: TextIO) -> i
     error = find_job(m, args.job).error
     if error is None:
         raise BitsError(hresult.BG_E_ERROR_INFORMATION_UNAVAILABLE, "the job has no error")
-    where = "" if error.file_index is None else f" (file {error.file_index})"
-    out.write(
-        f"{error.hresult_name} ({hresult.format_hresult(error.hresult)}) in "
-        f"{error.context.name}{where}: {one_line(error.description)}\n"
-    )
+    out.write(f"{_error_text(error, file=True)}\n")
     return EXIT_OK
+
+
+def _error_text(error: Any, *, file: bool = False) -> str:
+    """A job's error on one line: its HRESULT's name and value, context (and file), and
+    description (control characters escaped)."""
+    where = "" if not file or error.file_index is None else f" (file {error.file_index})"
+    return (
+        f"{error.hresult_name} ({hresult.format_hresult(error.hresult)}) in "
+        f"{error.context.name}{where}: {one_line(error.description)}"
+    )
 
 
 def cmd_gettemporaryname(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
@@ -1091,12 +1097,7 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
     if state is JobState.CANCELLED:
         return EXIT_CANCELLED
     error = job.error
-    message = (
-        f"{error.hresult_name} ({hresult.format_hresult(error.hresult)}) in {error.context.name}: "
-        f"{one_line(error.description)}"
-        if error
-        else state.name
-    )
+    message = _error_text(error) if error else state.name
     # As bitsadmin /transfer: a job that failed for good is cancelled, nothing left behind.
     with contextlib.suppress(BackhaulError):
         job.cancel()

@@ -1087,9 +1087,7 @@ class Engine:
 
     def _enqueue(self, job_id: str, command: cmd.Command) -> asyncio.Future[list[ev.Event]]:
         """Decide now against the engine's copy; append with the next group commit."""
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise JobGone(job_id)
+        job = self._job(job_id)
         if (
             self.worker is not None
             and isinstance(command, _TRANSFER_COMMANDS)

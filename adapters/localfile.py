@@ -106,7 +106,7 @@ def check_destination(local_name: str, good_dirs: set[str] | None = None) -> Non
     if parent is not None and not os.path.isdir(parent):  # a name too long to look up: False
         raise BitsError(hresult.E_INVALIDARG, f"the directory {parent} does not exist")
     kind = not_a_file(local_name)
-    if kind == "a directory" or (kind is not None and os.path.isdir(local_name)):
+    if kind is not None and os.path.isdir(local_name):  # a link to a directory too
         raise BitsError(hresult.E_INVALIDARG, f"{Path(local_name)} is a directory, not a file name")
     if kind is not None:  # /dev/null: Complete would replace the device with a file
         raise BitsError(

@@ -30,7 +30,6 @@ from backhaul.adapters.store import (
     STORE_ERRORS,
     ConcurrentAppend,
     EventStore,
-    StoreUnavailable,
     default_home,
     open_store,
 )
@@ -120,8 +119,6 @@ def _store_call(method: _Method) -> _Method:
                 raise BitsError(hresult.RPC_E_DISCONNECTED, "this TransferManager is closed")
             try:
                 return method(self, *args, **kwargs)
-            except StoreUnavailable:
-                raise
             except STORE_ERRORS as exc:
                 raise self.store.failure(exc) from exc
 
@@ -181,7 +178,8 @@ class TransferManager:
         self._good_dirs: set[str] = set()  # destination directories checked, per batch
         self._secrets_read = False  # the secret query parameters read, in this batch
         self._renamed_dirs: set[str] = set()  # directories a batch's Completes renamed in
-        self._own_files: frozenset[str] | None = None  # the store's files, resolved
+        # The store's files (resolved), by their base names: looked up once.
+        self._own_files: dict[str, set[str]] | None = None
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
         self.declare_secret_parameters()  # before this manager names a job after a URL
@@ -508,12 +506,12 @@ class TransferManager:
         one of the store's own files (its database, the secret key), which would lose every
         job or every sealed secret."""
         if self._own_files is None:
-            self._own_files = frozenset(_resolved(str(f)) for f in self.store.files)
-        if not self._own_files:
-            return
-        bases = {os.path.basename(f) for f in self._own_files}
+            self._own_files = {}
+            for f in self.store.files:
+                self._own_files.setdefault(f.name, set()).add(_resolved(str(f)))
         for name in local_names:
-            if os.path.basename(name) in bases and _resolved(name) in self._own_files:
+            same_base = self._own_files.get(os.path.basename(name))
+            if same_base and _resolved(name) in same_base:
                 raise BitsError(
                     hresult.E_INVALIDARG,
                     f"{name} is a file of this store itself: a download renamed over it "
@@ -823,10 +821,11 @@ class TransferJob:
             return
         if not isinstance(headers, str) or "\x00" in headers:
             raise BitsError(hresult.E_INVALIDARG, "custom headers must be a string")
-        for line in headers.split("\r\n"):
-            if line and (":" not in line or "\n" in line or "\r" in line):
+        lines = [line for line in headers.split("\r\n") if line]
+        for line in lines:
+            if ":" not in line or "\n" in line or "\r" in line:
                 raise BitsError(hresult.E_INVALIDARG, f"malformed header line {line[:40]!r}")
-        cmd.check_custom_header_names(line for line in headers.split("\r\n") if line)
+        cmd.check_custom_header_names(lines)
         self._do(cmd.SetCustomHeaders(self._manager.seal(headers), len(headers) + 1))
 
     @property

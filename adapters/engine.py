@@ -1543,11 +1543,18 @@ class Engine:
             raise JobGone(f"an earlier file of job {job_id} did not finish")
 
     async def _take_over_file(self, job_id: str, index: int) -> None:
-        """Resuming bytes another worker (or an engine without leases) checkpointed: copy
-        them into this worker's temp file; when they cannot be had, restart the file."""
+        """Before resuming a file from its checkpoint: its own temp file must still hold the
+        checkpointed bytes, and bytes another worker (or an engine without leases)
+        checkpointed are copied into this worker's temp file. When they cannot be had, the
+        file restarts (FileRestarted) instead of resuming after a hole."""
         job = self._job(job_id)
         f = job.files[index]
-        if not f.bytes_transferred or f.temp_worker == self.worker:
+        if not f.bytes_transferred:
+            return
+        if f.temp_worker == self.worker:
+            lost = _checkpoint_lost(localfile.file_temp(job, index), f.bytes_transferred)
+            if lost is not None:
+                await self._commit(job_id, cmd.RestartFile(index, lost))
             return
         mine = localfile.temp_path(job_id, index, f.local_name, self.worker)
         try:
@@ -2155,6 +2162,8 @@ class Engine:
         url = self._reply_url(job, url)
         tmp = localfile.reply_temp_path(job)
         offset = job.reply_bytes_transferred if job.reply_bytes_total is not None else 0
+        if offset and _checkpoint_lost(tmp, offset) is not None:
+            offset = 0  # the reply's temp file was deleted or cut: fetch it again whole
         transport = self.transport_for(url)
         async with self._connections:
             download = await transport.open(url, self._options(job), offset=offset)
@@ -2357,6 +2366,21 @@ class _FileRun:
                 entry.close()
                 self.done[index] = _ENDED
         self.advanced.set()
+
+
+def _checkpoint_lost(temp: Path | str, length: int) -> str | None:
+    """Why the first ``length`` bytes checkpointed into ``temp`` are no longer there (the
+    file was deleted or cut short behind the engine's back), or None. Resuming after them
+    would leave a hole of zeros that Complete would publish: the file starts over."""
+    try:
+        size = os.stat(temp).st_size
+    except FileNotFoundError:
+        return f"the temp file {temp} is gone; its {length} checkpointed bytes are lost"
+    except OSError:
+        return None  # unreadable, not lost: opening it fails with the local error
+    if size < length:
+        return f"the temp file {temp} holds {size} of its {length} checkpointed bytes"
+    return None
 
 
 def _take_over(source: Path, target: Path, length: int) -> None:

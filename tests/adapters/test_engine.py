@@ -736,6 +736,43 @@ def test_the_bytes_received_before_a_dropped_connection_are_kept(tmp_path: Path)
     assert (tmp_path / "f").read_bytes() == data
 
 
+@pytest.mark.parametrize("lost", ["deleted", "cut short"])
+def test_a_temp_file_lost_behind_the_engine_restarts_its_file_instead_of_leaving_a_hole(
+    tmp_path: Path, lost: str
+) -> None:
+    """The checkpointed bytes are in the temp file only. When someone deletes it, or cuts it
+    short, while the job waits to retry, a resume after the checkpoint would write the rest
+    after a hole of zeros, and Complete would publish that: the file starts over instead."""
+    data = os.urandom(512 * KiB)
+    served = trickle(data, drop_after=256 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    dest = tmp_path / "f.bin"
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), dest)])
+            engine = make_engine(manager, checkpoint_interval=600.0)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                assert checkpointed(job) == 256 * KiB
+                temp = temp_of(job, 0)
+                if lost == "deleted":
+                    temp.unlink()
+                else:
+                    os.truncate(temp, 100 * KiB)
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            assert [h.range_start for h in srv.hits] == [None, None]
+            return job
+
+    job = asyncio.run(main())
+    restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
+    assert [r.file_index for r in restarts] == [0]
+    assert "gone" in restarts[0].reason if lost == "deleted" else "holds" in restarts[0].reason
+    assert job.complete() == hr.S_OK
+    assert dest.read_bytes() == data
+
+
 def test_a_resumed_file_with_an_expected_digest_hashes_the_kept_prefix_too(tmp_path: Path) -> None:
     data = os.urandom(512 * KiB)
     served = trickle(data, drop_after=300 * KiB)

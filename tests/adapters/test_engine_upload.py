@@ -11,7 +11,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
+    FaultServer,
+    KiB,
+    _no_store_from_the_environment,  # noqa: F401
+    make_engine,
+    running,
+    trickle,
+    until,
+)
 
+from backhaul.adapters import localfile
 from backhaul.adapters.engine import Engine
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.upload_server import (
@@ -44,12 +54,13 @@ async def upload_server(tmp_path: Path, **vdir: object) -> AsyncIterator[tuple[s
 
 
 @contextlib.asynccontextmanager
-async def backend(reply: bytes) -> AsyncIterator[str]:
-    """The server application an upload-reply notifies: it answers with ``reply``."""
+async def backend(reply: bytes, headers: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """The server application an upload-reply notifies: it answers with ``reply`` (and
+    ``headers``)."""
 
     async def notify(request: web.Request) -> web.Response:
         await request.read()
-        return web.Response(body=reply)
+        return web.Response(body=reply, headers=headers)
 
     app = web.Application()
     app.router.add_post("/notify", notify)
@@ -241,6 +252,45 @@ def test_an_upload_reply_job_fetches_the_reply_and_keeps_it_on_complete(tmp_path
             located = [e for e in events if isinstance(e, ReplyLocated)]
             transferred = [i for i, e in enumerate(events) if isinstance(e, FileTransferred)]
             assert located and transferred
+
+    asyncio.run(body())
+
+
+def test_a_reply_temp_file_lost_while_the_job_waits_is_fetched_again_from_zero(
+    tmp_path: Path,
+) -> None:
+    """The reply's checkpointed bytes are in its temp file only: when it is deleted while the
+    job waits to retry, the reply is fetched again whole, not resumed after a hole."""
+    source = tmp_path / "query.xml"
+    source.write_bytes(b"<query/>")
+    reply = os.urandom(512 * KiB)
+    served = trickle(reply, drop_after=256 * KiB)
+
+    async def body() -> None:
+        async with FaultServer({"/reply": served}) as srv:
+            static = {"BITS-Static-Response-URL": srv.url("/reply")}
+            async with (
+                backend(b"", static) as notify_url,
+                upload_server(
+                    tmp_path,
+                    notification=NotificationType.BY_VALUE,
+                    notification_url=notify_url,
+                ) as (url, _www),
+            ):
+                manager = TransferManager(home=tmp_path / "home")
+                job = manager.create_job("ask", JobType.UPLOAD_REPLY)
+                job.add_file(f"{url}/query.xml", source)
+                job.reply_file_name = str(tmp_path / "answer.bin")
+                job.resume()
+                async with running(make_engine(manager)):
+                    await until(lambda: job.state is JobState.TRANSIENT_ERROR, "the reply's drop")
+                    assert job.reply_progress.bytes_transferred > 0
+                    localfile.reply_temp_path(job.snapshot()).unlink()
+                    job.resume()
+                    await until(lambda: job.state is JobState.TRANSFERRED, "TRANSFERRED")
+                assert [h.range_start for h in srv.hits_for("/reply")] == [None, None]
+                job.complete()
+                assert (tmp_path / "answer.bin").read_bytes() == reply
 
     asyncio.run(body())
 

@@ -1641,6 +1641,18 @@ class Engine:
             download = await transport.open(
                 self._url(f), options, offset=offset, validator=f.validator if offset else None
             )
+        if offset and _remote_resized(f.bytes_total, download):
+            # No validator told (or none was sent), but the file's size did: the bytes
+            # before the checkpoint are of another version (BITS restarts the file).
+            await download.aclose()
+            was, now = f.bytes_total, download.remote.size
+            await self._commit(
+                job_id, cmd.RestartFile(index, f"the remote file changed: {was} bytes, now {now}")
+            )
+            offset = 0
+            async with self._connections:
+                self._hold_lease(job_id)
+                download = await transport.open(self._url(f), options)
         try:
             remote = download.remote
             run = self._order.get(job_id)
@@ -1656,11 +1668,11 @@ class Engine:
                     response_headers=remote.headers,
                 )
             if download.offset != offset:
-                reason = (
-                    "the remote file changed"
-                    if f.validator and remote.validator != f.validator
-                    else "the server did not resume at the checkpoint"
-                )
+                reason = "the server did not resume at the checkpoint"
+                if f.validator and remote.validator != f.validator:
+                    reason = "the remote file changed"
+                elif None not in (f.bytes_total, remote.size) and remote.size != f.bytes_total:
+                    reason = f"the remote file changed: {f.bytes_total} bytes, now {remote.size}"
                 if offset:
                     await self._commit(job_id, cmd.RestartFile(index, reason))
                 offset = download.offset
@@ -2366,6 +2378,14 @@ class _FileRun:
                 entry.close()
                 self.done[index] = _ENDED
         self.advanced.set()
+
+
+def _remote_resized(recorded: int | None, download: Download) -> bool:
+    """A resume that the server honoured (``download.offset`` > 0) for a file whose size is
+    not the one recorded: the remote file changed although its validator (if any) did not
+    say so."""
+    size = download.remote.size
+    return bool(download.offset) and None not in (recorded, size) and size != recorded
 
 
 def _checkpoint_lost(temp: Path | str, length: int) -> str | None:

@@ -47,8 +47,9 @@ Rules of this module:
     ``BG_E_INSUFFICIENT_RANGE_SUPPORT`` (fatal).
   - 416 for a length-bounded range: ``BG_E_INVALID_RANGE`` (the range lies outside the file);
     for an open-ended resume at exactly the size (``Content-Range: bytes */<offset>``) an empty
-    body at that offset (every byte is already here); otherwise it stays
-    ``BG_E_HTTP_ERROR_416``.
+    body at that offset (every byte is already here); for one past a smaller size the file
+    changed: it is requested again whole, and ``Download.offset`` is 0 as for a 200; otherwise
+    it stays ``BG_E_HTTP_ERROR_416``.
   - Dynamic content (``options.dynamic``) and custom HTTP methods (``options.http_method`` other
     than GET, which restart from zero in BITS, §10) send no Range: the body starts at 0. The
     custom method is what ``open`` sends (``stat`` still sends HEAD); BITS's other rules for
@@ -1260,6 +1261,14 @@ def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
     return start, end, size
 
 
+def _shorter_than(resp: aiohttp.ClientResponse, offset: int) -> bool:
+    """A 416 whose ``Content-Range: bytes */size`` puts the end of the file before ``offset``."""
+    if resp.status != 416:
+        return False
+    size = _unsatisfied_size(resp)
+    return size is not None and size < offset
+
+
 def _unsatisfied_size(resp: aiohttp.ClientResponse) -> int | None:
     """The size in a 416's ``Content-Range: bytes */size``."""
     value = resp.headers.get("Content-Range", "").strip()
@@ -1798,6 +1807,12 @@ class HttpTransport:
                 extra.append(("If-Range", validator))
         with _translated(url):
             resp = await self._request(method, url, options, extra)
+            if ranged and length is None and _shorter_than(resp, offset):
+                # The file is now shorter than the checkpoint: it changed (its validator, if
+                # any, would have said so too). Fetch it whole, as if the server had sent a 200.
+                await _discard(resp)
+                resp = await self._request(method, url, options, ())
+                ranged, offset = False, 0
             try:
                 return await self._start(resp, ranged, offset, length, validator)
             except BaseException:

@@ -1068,6 +1068,46 @@ def test_a_changed_remote_file_restarts_only_that_file_from_zero(tmp_path: Path)
     assert (tmp_path / "b").read_bytes() == new
 
 
+@pytest.mark.parametrize("new_size", [300 * KiB, 200 * KiB, 700 * KiB])
+def test_a_remote_file_whose_size_changed_restarts_without_a_validator(
+    tmp_path: Path, new_size: int
+) -> None:
+    """A server that sends no ETag and no Last-Modified gets no If-Range: when its file
+    changes size between attempts, the resume's 206 (larger file, or shorter but still past
+    the checkpoint) or 416 (shorter than the checkpoint) shows the new size, and the file
+    restarts from zero instead of joining two versions (or failing with a 416)."""
+    old, new = os.urandom(512 * KiB), os.urandom(new_size)
+    served = trickle(old, etag=None, drop_after=256 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    dest = tmp_path / "f.bin"
+
+    async def main() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), dest)])
+            async with running(make_engine(manager, checkpoint_interval=600.0)):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                assert checkpointed(job) == 256 * KiB
+                served.data = new  # the file changes on the server
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job, srv
+
+    job, srv = asyncio.run(main())
+    hits = srv.hits_for("/f")
+    assert [(h.range_start, h.if_range) for h in hits] == [
+        (None, None),
+        (256 * KiB, None),
+        (None, None),
+    ]
+    restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
+    assert [r.reason for r in restarts] == [
+        f"the remote file changed: {512 * KiB} bytes, now {new_size}"
+    ]
+    assert job.snapshot().files[0].bytes_total == new_size
+    assert job.complete() == hr.S_OK
+    assert dest.read_bytes() == new
+
+
 def test_a_range_request_answered_200_restarts_the_file_from_zero(tmp_path: Path) -> None:
     data = os.urandom(512 * KiB)
     served = trickle(data, ranges=False, drop_after=256 * KiB)

@@ -1095,6 +1095,12 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
             sys.stderr.write(f"\ncomplete: {', '.join(done)}\n")
         return EXIT_OK
     if state is JobState.CANCELLED:
+        if args.json:
+            _print_json({"id": job.id, "state": state.name}, out)
+        sys.stderr.write(
+            f"\nbackhaul {args.verb}: job {job.id} was cancelled by another command or "
+            "application\n"
+        )
         return EXIT_CANCELLED
     error = job.error
     message = _error_text(error) if error else state.name

@@ -1729,6 +1729,16 @@ class Engine:
             local += length
             done = local
         await self._claimed_before(job_id, index)  # FileTransferred stays in file order
+        lost = _checkpoint_lost(
+            localfile.temp_name(job_id, index, f.local_name, self.worker), total
+        )
+        if lost is not None:  # deleted while it was written: Complete could not find it
+            raise TransferError(
+                hresult.hresult_from_win32(hresult.ERROR_FILE_NOT_FOUND),
+                lost,
+                context=ErrorContext.LOCAL_FILE,
+                transient=False,
+            )
         await self._keep_security(job_id, index)
         await self._finish_file(job_id, index, total, None)
         run = self._order.get(job_id)

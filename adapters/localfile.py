@@ -265,9 +265,16 @@ class GroupSync:
         errors: dict[int, OSError | None] = {}
         for fd in fds:
             try:
-                by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
+                st = os.fstat(fd)
             except OSError as exc:
                 errors[fd] = exc
+                continue
+            if st.st_nlink == 0:
+                # Deleted while it was written (its directory removed, say): syncing the
+                # bytes would claim a file that Complete cannot find.
+                errors[fd] = FileNotFoundError(errno.ENOENT, "deleted while it was written")
+                continue
+            by_device.setdefault(st.st_dev, []).append(fd)
         if self._lookup and any(len(group) > 1 for group in by_device.values()):
             self._syncfs, self._lookup = _syncfs(), False
         for group in by_device.values():

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import hashlib
 import os
+import shutil
 import socket
 import threading
 import time
@@ -769,6 +770,48 @@ def test_a_temp_file_lost_behind_the_engine_restarts_its_file_instead_of_leaving
     restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
     assert [r.file_index for r in restarts] == [0]
     assert "gone" in restarts[0].reason if lost == "deleted" else "holds" in restarts[0].reason
+    assert job.complete() == hr.S_OK
+    assert dest.read_bytes() == data
+
+
+@pytest.mark.parametrize("ranged", [False, True])
+def test_a_temp_file_deleted_while_it_is_written_is_an_error_and_the_resume_refetches_it(
+    tmp_path: Path, ranged: bool
+) -> None:
+    """Its directory removed mid-transfer, say: the engine's descriptor still writes, but to
+    a file no one can find. It must not count as transferred (Complete could never publish
+    it): the job ends in ERROR, and once the directory is back, Resume fetches the file
+    again from byte 0."""
+    data = os.urandom(512 * KiB)
+    served = trickle(data)
+    manager = TransferManager(home=tmp_path / "home")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    dest = folder / "f.bin"
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = manager.create_job("deleted")
+            job.add_file(srv.url("/f"), dest, ranges=[(0, 10), (10, None)] if ranged else None)
+            job.resume()
+            async with running(make_engine(manager)):
+                await until(lambda: checkpointed(job) > 0, "a first checkpoint")
+                shutil.rmtree(folder)
+                await until(lambda: job.state is S.ERROR, "ERROR")
+                error = job.error
+                assert error is not None
+                assert error.hresult == hr.hresult_from_win32(hr.ERROR_FILE_NOT_FOUND)
+                assert error.context is ErrorContext.LOCAL_FILE
+                assert job.snapshot().files[0].transferred is False
+                folder.mkdir()
+                before = len(srv.hits_for("/f"))
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            assert srv.hits_for("/f")[before].range_start in (None, 0)  # from byte 0 again
+            return job
+
+    job = asyncio.run(main())
+    assert of_type(events_of(manager, job.id), ev.FileRestarted)
     assert job.complete() == hr.S_OK
     assert dest.read_bytes() == data
 

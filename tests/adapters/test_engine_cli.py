@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -334,20 +333,41 @@ def test_an_interrupted_get_suspends_its_job_and_the_next_get_finishes_it(
 def test_get_whose_complete_fails_says_so_on_a_line_of_its_own_and_keeps_the_job(
     tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
 ) -> None:
-    """The destination directory removed while the file came (its temp file with it):
-    Complete's rename fails, and as in BITS the job stays TRANSFERRED for another Complete
-    or a Cancel. `get` says so after the bar, on its own line, and exits 1."""
+    """A directory made at the destination's name while the file came: Complete's rename
+    fails, and as in BITS the job stays TRANSFERRED for another Complete or a Cancel. `get`
+    says so after the bar, on its own line, and exits 1."""
     server, _ = engine_nginx
-    where = tmp_path / "gone"
-    where.mkdir()
-    first = slow_get_past_a_checkpoint(home, env, f"{server.url}/three.bin", where / "f")
-    err = ended_after(first, lambda: shutil.rmtree(where), 30)
+    dest = tmp_path / "f"
+    first = slow_get_past_a_checkpoint(home, env, f"{server.url}/three.bin", dest)
+    err = ended_after(first, dest.mkdir, 30)
     assert first.returncode == 1, err
     job = the_only_job(home)
     lines = err.replace("\r", "\n").splitlines()
     assert any(line.startswith("backhaul get: Complete failed: cannot publish ") for line in lines)
     assert f"job {job.id} stays TRANSFERRED: `backhaul complete {job.id}` tries again" in lines[-1]
     assert job.state is S.TRANSFERRED
+
+
+def test_get_whose_job_another_command_cancels_says_so_and_exits_3(
+    tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """`backhaul cancel` (or the application) cancels the job a `get` runs: the `get` ends
+    with exit status 3 and a line that says what happened, not silently."""
+    server, _ = engine_nginx
+    dest = tmp_path / "f"
+    first = slow_get_past_a_checkpoint(home, env, f"{server.url}/three.bin", dest)
+    job = the_only_job(home)
+
+    def cancel() -> None:
+        assert main(["--home", str(home), "cancel", job.id], io.StringIO()) == 0
+
+    err = ended_after(first, cancel, 30)
+    assert first.returncode == 3, err
+    lines = err.replace("\r", "\n").splitlines()
+    assert lines[-1] == (
+        f"backhaul get: job {job.id} was cancelled by another command or application"
+    )
+    assert not dest.exists() and not list(tmp_path.glob(".*.bhtmp"))
 
 
 def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(

@@ -130,3 +130,21 @@ def test_a_cancelled_waiter_does_not_stop_the_others(tmp_path: Path, count: int)
         assert await asyncio.gather(*others) == [[None]] * count
 
     asyncio.run(main())
+
+
+def test_a_file_deleted_while_it_was_written_is_an_error_for_its_caller_only(
+    tmp_path: Path,
+) -> None:
+    """Its directory was removed (or the temp file itself): syncing it would let the engine
+    claim a file that Complete can never find."""
+    calls: list[int] = []
+    group = GroupSync(recording(calls))
+    files = _written(tmp_path, 3)
+    os.unlink(files[1].path)
+
+    results = asyncio.run(group.finish(files))
+
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], FileNotFoundError) and results[1].errno == errno.ENOENT
+    assert len(calls) == 1  # the other two still share one syncfs
+    assert all(f.fd == -1 for f in files)

@@ -1265,6 +1265,7 @@ class _Reporter:
         if self.args.json:
             if now - self.last >= 0.5 or state in _DONE:
                 line: dict[str, Any] = {
+                    "id": snap.id,
                     "state": state.name,
                     "bytes_transferred": done,
                     "bytes_total": total,

@@ -555,6 +555,7 @@ def test_get_says_why_it_waits_after_a_transient_error_and_when_it_tries_again(
     )
     progress = [line for line in lines if "bytes_transferred" in line]
     assert progress[-1]["state"] == "TRANSFERRED" and "error" not in progress[-1]
+    assert {line["id"] for line in lines} == {lines[-1]["id"]}  # every line names the job
     assert lines[-1]["state"] == "ACKNOWLEDGED"  # then Complete's result
     assert "transient error:" not in err
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import os
 import stat
 import sys
@@ -29,7 +28,7 @@ import attrs
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.job import FileState, Job
-from backhaul.core.limit import LOCAL_NAME_PART_MAX
+from backhaul.core.limit import LOCAL_NAME_PART_MAX, fit_name
 from backhaul.core.vocabulary import JobType
 
 TEMP_SUFFIX = ".bhtmp"
@@ -47,28 +46,13 @@ def temp_name(job_id: str, index: int, local_name: str, worker: str | None = Non
     """``temp_path`` as a string (no Path object: the engine's per-file path)."""
     directory, name = os.path.split(local_name)
     tag = f".{_safe(worker)}" if worker else ""
-    name = _fitted(name, _TEMP_ROOM)
+    name = fit_name(name, _TEMP_ROOM)
     return os.path.join(directory, f".{name}.{job_id[:8]}-{index}{tag}{TEMP_SUFFIX}")
 
 
 # A temp name adds at most 65 bytes to the file's name (".", ".<job8>-", an index of up to 7
 # digits, "." and a worker tag of up to 40, ".bhtmp"); NAME_MAX is 255.
 _TEMP_ROOM: Final = LOCAL_NAME_PART_MAX - 65
-
-
-def _fitted(name: str, room: int) -> str:
-    """``name`` when it has at most ``room`` bytes, else its start and a hash of the whole
-    in ``room`` bytes: a file name that is legal (up to NAME_MAX bytes) gets temp and reply
-    names that are legal too. The same name always gives the same result, whichever
-    worker asks (the temps of one file share a stem: ``discard``)."""
-    if len(name) * 4 <= room:  # UTF-8 takes at most 4 bytes a character
-        return name
-    raw = name.encode()
-    if len(raw) <= room:
-        return name
-    digest = hashlib.sha256(raw).hexdigest()[:16]
-    head = raw[: room - len(digest) - 1].decode(errors="ignore")  # whole characters only
-    return f"{head}~{digest}"
 
 
 def file_temp(job: Job, index: int) -> Path:
@@ -85,7 +69,7 @@ def reply_temp_path(job: Job) -> Path:
     """Where an upload-reply job's reply is downloaded to before Complete."""
     reply = reply_path(job)
     rest = f".{job.id[:8]}-reply{TEMP_SUFFIX}"
-    return reply.with_name(f".{_fitted(reply.name, LOCAL_NAME_PART_MAX - 1 - len(rest))}{rest}")
+    return reply.with_name(f".{fit_name(reply.name, LOCAL_NAME_PART_MAX - 1 - len(rest))}{rest}")
 
 
 def reply_path(job: Job) -> Path:
@@ -94,7 +78,7 @@ def reply_path(job: Job) -> Path:
         return Path(job.reply_file_name)
     upload = Path(job.files[0].local_name)
     rest = f".{job.id[:8]}.reply"
-    return upload.with_name(f"{_fitted(upload.name, LOCAL_NAME_PART_MAX - len(rest))}{rest}")
+    return upload.with_name(f"{fit_name(upload.name, LOCAL_NAME_PART_MAX - len(rest))}{rest}")
 
 
 def check_destination(local_name: str, good_dirs: set[str] | None = None) -> None:

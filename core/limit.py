@@ -6,6 +6,7 @@ constants here too, so that one table names every limit the API enforces.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 import attrs
@@ -25,6 +26,22 @@ NOTIFY_PARAMETERS_MAX: Final = 4000
 PROXY_LIST_MAX: Final = 32000
 HTTP_METHOD_MAX: Final = 64
 MINIMUM_RETRY_DELAY_FLOOR: Final = 5  # seconds; smaller values are raised to this
+
+
+def fit_name(name: str, room: int) -> str:
+    """``name`` when its UTF-8 form has at most ``room`` bytes, else its start and a hash of
+    the whole in ``room`` bytes: a file name that is legal (up to NAME_MAX bytes) gets temp
+    and reply names that are legal too (on an SMB share as well: 255 UTF-16 code units
+    never hold more characters than 255 bytes). The same name always gives the same result,
+    so whoever asks again finds the same name."""
+    if len(name) * 4 <= room:  # UTF-8 takes at most 4 bytes a character
+        return name
+    raw = name.encode()
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: room - len(digest) - 1].decode(errors="ignore")  # whole characters only
+    return f"{head}~{digest}"
 
 
 @attrs.frozen

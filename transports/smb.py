@@ -33,8 +33,9 @@ Rules of this module:
 * Stalls: a read or write whose answer does not come within ``stall_timeout`` seconds fails with
   ``ERROR_SEM_TIMEOUT`` (transient) and its connection is dropped. A whole request must be
   answered in that time, so ``chunk_size / stall_timeout`` is the slowest link served.
-* Uploads: ``begin`` picks a temp name beside the destination, ``.<name>.<12 hex>.bhtmp``,
-  which is the session token (``begin(token=...)`` accepts only such a name for the same
+* Uploads: ``begin`` picks a temp name beside the destination, ``.<name>.<12 hex>.bhtmp``
+  (a name of more than 235 bytes is cut there and given a hash, so the temp name stays within
+  255), which is the session token (``begin(token=...)`` accepts only such a name for the same
   file). The temp is created on the first write. ``send`` never writes past what the temp
   holds (it returns that offset instead, as the file transport does), so no hole can appear,
   even when a lost connection is replaced between fragments and the temp turns out shorter
@@ -112,6 +113,7 @@ from smbprotocol.tree import TreeConnect  # type: ignore[import-untyped]
 from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
 from backhaul.core.failure import is_transient
+from backhaul.core.limit import LOCAL_NAME_PART_MAX, fit_name
 from backhaul.core.port import (
     RANGES,
     UPLOAD,
@@ -1288,7 +1290,13 @@ _WRITE: Final = Access.FILE_WRITE_DATA | Access.FILE_READ_ATTRIBUTES | Access.SY
 
 
 def _temp_name(name: str) -> str:
-    return f".{name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    return f".{_temp_stem(name)}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+
+
+def _temp_stem(name: str) -> str:
+    """The destination's name as its temp names hold it: cut (and given a hash) so that a
+    temp name of a legal name is legal too (at most 255 bytes; the rest takes 20)."""
+    return fit_name(name, LOCAL_NAME_PART_MAX - 20)
 
 
 class SmbUploadSession:
@@ -1770,7 +1778,7 @@ class SmbTransport:
                 self, name, login, _temp_name(name.name), 0, size, truncate=True
             )
         match = _TOKEN.match(token)
-        if match is None or match["name"] != name.name:
+        if match is None or match["name"] != _temp_stem(name.name):
             raise _invalid(f"{token!r} is not an upload token for {name.display}")
         temp = name.sibling(token)
 

@@ -348,6 +348,35 @@ def test_upload_writes_a_temp_name_then_renames_it_into_place(samba: SambaServer
     assert token not in os.listdir(folder)
 
 
+def test_an_upload_of_a_255_byte_name_uses_a_legal_temp_name_and_resumes_by_it(
+    samba: SambaServer,
+) -> None:
+    """Samba keeps names of up to 255 bytes (the disk's NAME_MAX): the temp name of such a
+    name is cut to fit and given a hash, and a new session with its token finds it."""
+    stem = unique("long")
+    name = stem + "é" * ((255 - len(stem)) // 2) + "x" * ((255 - len(stem)) % 2)
+    assert len(name.encode()) == 255
+    data = os.urandom(2 * MiB)
+    url = samba.url(name)
+    folder = samba.share_path
+
+    async def body(t: SmbTransport) -> tuple[str, list[str]]:
+        session = await t.begin(url, login(samba), size=len(data))
+        await session.send(data[:MiB], 0)
+        during = [n for n in os.listdir(folder) if n.endswith(TEMP_SUFFIX)]
+        resumed = await t.begin(url, login(samba), size=len(data), token=session.token)
+        assert resumed.offset == MiB
+        await resumed.send(data[MiB:], MiB)
+        await resumed.finish()
+        return session.token, during
+
+    token, during = run(body)
+    assert token in during and len(token.encode()) <= 255
+    assert token.startswith(f".{stem}")
+    assert (folder / name).read_bytes() == data
+    assert token not in os.listdir(folder)
+
+
 def test_upload_replaces_an_existing_file(samba: SambaServer) -> None:
     name = unique("replace")
     url = samba.put(name, b"old contents")

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backhaul.core import hresult
+from backhaul.core.error import BitsError
 from backhaul.core.url import request_url, secrets_of
 from backhaul.core.value import Sealed
 
@@ -86,17 +89,35 @@ class SecretBox:
 
 
 def _key_file(path: Path) -> str:
+    """The home's key, made on first use. It appears whole or not at all (written and
+    synced under a temp name, then linked in place, which fails if another process was
+    first: its key is then read), so a command started at the same moment never reads a
+    half-written key, and no crash leaves an empty one."""
     try:
-        return path.read_text().strip()
+        return _read_key(path)
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     key = new_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, key.encode())
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
+        try:
+            os.write(fd, key.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return _read_key(path)  # another process made it first
+    finally:
+        os.unlink(temp)
+    return key
+
+
+def _read_key(path: Path) -> str:
+    key = path.read_text().strip()
+    if not key:
+        raise BitsError(hresult.E_FAIL, f"the key file {path} is empty: restore it from a backup")
     return key

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import sqlite3
 import threading
@@ -398,8 +399,27 @@ def _open_sqlite(path: Path, home: Path) -> EventStore:
         raise store_failure(exc, path, path.parent) from exc
 
 
+@contextlib.contextmanager
+def _setting_up(directory: Path) -> Iterator[None]:
+    """One process at a time opens (and so may create) a store in ``directory``: commands
+    started together on a new home (``xargs -P``) raced in eventsourcing's table creation
+    ("Failed to record tracking for __migration__ 1") and its switch to WAL ("database is
+    locked"). An flock on the directory itself: no file of its own, given back on close."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _open_sqlite_store(path: Path, home: Path) -> EventStore:
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _setting_up(path.parent):
+        return _set_up_sqlite_store(path, home)
+
+
+def _set_up_sqlite_store(path: Path, home: Path) -> EventStore:
     env = {
         "PERSISTENCE_MODULE": "eventsourcing.sqlite",
         "SQLITE_DBNAME": str(path),

@@ -12,7 +12,10 @@ import errno
 import io
 import secrets
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +31,7 @@ from backhaul.adapters import projection
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.projection import catch_up, rebuild, view_row
+from backhaul.adapters.secret import SecretBox
 from backhaul.adapters.store import (
     ConcurrentAppend,
     EventStore,
@@ -720,3 +724,82 @@ def test_a_postgresql_store_that_cannot_be_reached_is_a_typed_error_without_its_
     err = capsys.readouterr().err
     assert "password authentication failed" in err and "[E_ACCESSDENIED 0x80070005]" in err
     assert "not-the-password" not in err
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from backhaul.adapters.manager import TransferManager
+home, start = Path(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(start - time.time(), 0))
+with TransferManager(home=home) as manager:
+    job = manager.create_job("together")
+    job.add_file("http://127.0.0.1:9/f?X-Amz-Signature=s3cret", home.parent / f"{job.id}.bin")
+    assert manager.store.secrets.open_url(*manager.store.secrets.seal_url("http://h/?a=b")) == "http://h/?a=b"
+print(job.id)
+"""
+
+
+def test_commands_started_together_on_a_new_home_all_open_one_store_with_one_key(
+    tmp_path: Path,
+) -> None:
+    """`xargs -P 20 backhaul get` on a home that does not exist yet: every process opens
+    the same new store (eventsourcing's table creation and its switch to WAL raced: some
+    failed with "database is locked" or "Failed to record tracking for __migration__ 1"),
+    and all of them use the one key the first one made (one read it half-written)."""
+    for round_ in range(3):
+        home = tmp_path / f"home{round_}"
+        start = time.time() + 1.5  # every interpreter is up by then: they open at once
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _OPEN_AT_ONCE, str(home), str(start)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(16)
+        ]
+        outputs = [p.communicate(timeout=60) for p in procs]
+        failed = [err for p, (_, err) in zip(procs, outputs, strict=True) if p.returncode]
+        assert not failed, failed[0]
+        ids = {out.strip() for out, _ in outputs}
+        with TransferManager(home=home) as manager:
+            assert {job.id for job in manager.jobs()} == ids and len(ids) == 16
+            for job in manager.jobs():  # each sealed its signature with the one key
+                assert (
+                    manager.store.secrets.open(job.snapshot().files[0].spec.query)
+                    == "X-Amz-Signature=s3cret"
+                )
+        assert [p.name for p in home.iterdir() if p.name.startswith(".secret.key")] == []
+
+
+def _key_of(home: Path, barrier: threading.Barrier, keys: list[str], errors: list[object]) -> None:
+    barrier.wait()
+    try:
+        box = SecretBox.for_home(home)
+        assert box.open(box.seal("x")) == "x"
+        keys.append((home / "secret.key").read_text())
+    except BaseException as exc:  # the test reports it
+        errors.append(exc)
+
+
+def test_threads_making_the_homes_key_at_once_all_get_the_one_key_written(
+    tmp_path: Path,
+) -> None:
+    """The key file appears whole or not at all: one that reads it while another writes it
+    gets the whole key, never an empty one or a FileExistsError."""
+    for round_ in range(20):
+        home = tmp_path / f"home{round_}"
+        keys: list[str] = []
+        errors: list[object] = []
+        barrier = threading.Barrier(8)
+        threads = [
+            threading.Thread(target=_key_of, args=(home, barrier, keys, errors)) for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        assert len(set(keys)) == 1 and keys[0]
+        assert sorted(p.name for p in home.iterdir()) == ["secret.key"]

@@ -35,6 +35,7 @@ import attrs
 from eventsourcing.persistence import StoredEvent
 
 from backhaul.adapters import projection, serialization
+from backhaul.adapters.secret import SealedUnreadable
 from backhaul.adapters.serialization import chain_hash, event_from_bytes, split_state, utf8
 from backhaul.adapters.store import EventStore
 from backhaul.adapters.view import ViewRow
@@ -482,6 +483,8 @@ class ImportSummary:
     streams: int
     digest: str
     rows: int  # read-model rows after the rebuild
+    unreadable: int = 0  # sealed secrets of live jobs this store's key cannot open
+    unreadable_jobs: int = 0
 
 
 def import_(store: EventStore, in_stream: IO[str]) -> ImportSummary:
@@ -515,7 +518,42 @@ def import_(store: EventStore, in_stream: IO[str]) -> ImportSummary:
         store.insert_stored(batch)
     projection.rebuild(store)
     rows = len(store.views.select(None, include_final=True))
-    return ImportSummary(events, len(heads), heads_digest(heads), rows)
+    unreadable = [
+        _unreadable_secrets(store, row.job_id)
+        for row in store.views.select(None, include_final=False)
+    ]
+    return ImportSummary(
+        events,
+        len(heads),
+        heads_digest(heads),
+        rows,
+        sum(unreadable),
+        sum(1 for n in unreadable if n),
+    )
+
+
+def _unreadable_secrets(store: EventStore, job_id: str) -> int:
+    """How many of a job's sealed values this store's key cannot open (an export imported
+    without the exporting home's key): told at the import, not first when the job runs."""
+    job = jobs.fold(a.event for a in store.stream(job_id))
+    count = 0
+    for sealed in _sealed_in(job):
+        try:
+            store.secrets.open(sealed)
+        except SealedUnreadable:
+            count += 1
+    return count
+
+
+def _sealed_in(value: object) -> Iterator[Sealed]:
+    if isinstance(value, Sealed):
+        yield value
+    elif attrs.has(type(value)):
+        for field in attrs.fields(type(value)):
+            yield from _sealed_in(getattr(value, field.name))
+    elif isinstance(value, (tuple, list, FileList)):
+        for item in value:
+            yield from _sealed_in(item)
 
 
 @contextlib.contextmanager

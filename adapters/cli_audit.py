@@ -131,6 +131,14 @@ def cmd_import(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int
         f"imported {summary.events} event(s) of {summary.streams} stream(s); "
         f"read models rebuilt: {summary.rows} job(s); log digest {summary.digest}\n"
     )
+    if summary.unreadable:
+        key = m.store.secrets.file or "BACKHAUL_SECRET_KEY"
+        sys.stderr.write(
+            f"backhaul audit import: warning: {summary.unreadable} sealed secret(s) of "
+            f"{summary.unreadable_jobs} unfinished job(s) cannot be opened with the key in "
+            f"{key}: put the exporting home's secret.key there (or set BACKHAUL_SECRET_KEY) "
+            "before those jobs run, or they end in ERROR (NTE_BAD_KEY)\n"
+        )
     return EXIT_OK
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backhaul.core import hresult
-from backhaul.core.error import BitsError
+from backhaul.core.error import BitsError, TransferError
 from backhaul.core.url import request_url, secrets_of
 from backhaul.core.value import Sealed
+from backhaul.core.vocabulary import ErrorContext
 
 if TYPE_CHECKING:
     from eventsourcing.cipher import AESCipher
@@ -33,6 +34,10 @@ def _aes() -> type[AESCipher]:
     from eventsourcing.cipher import AESCipher
 
     return AESCipher
+
+
+class SealedUnreadable(TransferError):
+    """A sealed value this store's key cannot open (``SecretBox.open``)."""
 
 
 def new_key() -> str:
@@ -69,7 +74,20 @@ class SecretBox:
         return Sealed(base64.b64encode(self._cipher.encrypt(plain.encode())).decode("ascii"))
 
     def open(self, sealed: Sealed) -> str:
-        return self._cipher.decrypt(base64.b64decode(sealed.token)).decode()
+        """The plain text. A value sealed with another key (a store imported without its
+        key) raises ``SealedUnreadable``, NTE_BAD_KEY: fatal, as no retry can open it."""
+        try:
+            return self._cipher.decrypt(base64.b64decode(sealed.token)).decode()
+        except ValueError as exc:  # the MAC check failed (binascii.Error is a ValueError)
+            where = f"the key in {self.file}" if self.file else f"the key in {KEY_ENV}"
+            raise SealedUnreadable(
+                hresult.NTE_BAD_KEY,
+                f"a sealed secret cannot be opened with {where}: it was sealed with another "
+                "key (a store imported without its secret.key?). Put that key in place, or "
+                "give the job its credentials, headers or URL again",
+                context=ErrorContext.GENERAL_QUEUE_MANAGER,
+                transient=False,
+            ) from exc
 
     def seal_url(self, name: str) -> tuple[str, Sealed | None, Sealed | None]:
         """(``name`` as the log records it, its password sealed, its signed query sealed):

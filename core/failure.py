@@ -71,6 +71,7 @@ TRANSIENT: Mapping[int, bool] = MappingProxyType(
         hr.hresult_from_win32(hr.ERROR_WINHTTP_SECURE_CERT_REV_FAILED): False,
         hr.hresult_from_win32(hr.ERROR_WINHTTP_CLIENT_CERT_NO_ACCESS_PRIVATE_KEY): False,
         hr.CRYPT_E_NOT_FOUND: False,
+        hr.NTE_BAD_KEY: False,
     }
 )
 

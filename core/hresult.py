@@ -42,6 +42,7 @@ E_INVALIDARG: Final = 0x80070057
 RPC_E_DISCONNECTED: Final = 0x80010108
 CO_E_FAILEDTOIMPERSONATE: Final = 0x80010123
 CRYPT_E_NOT_FOUND: Final = 0x80092004
+NTE_BAD_KEY: Final = 0x80090003
 
 # -------------------------------------------------------------------------------------------------
 # BITS success codes (bits-core.md §6.3)
@@ -237,6 +238,7 @@ _HRESULT_DESCRIPTIONS: Final[dict[str, str]] = {
     "RPC_E_DISCONNECTED": "the object invoked has disconnected from its clients (it was closed)",
     "CO_E_FAILEDTOIMPERSONATE": "COM could not impersonate the caller",
     "CRYPT_E_NOT_FOUND": "no certificate matched in the certificate store",
+    "NTE_BAD_KEY": "the key cannot open this sealed data: it was sealed with another key",
     # BITS success codes
     "BG_S_ERROR_CONTEXT_NONE": "no error has occurred",
     "BG_S_PARTIAL_COMPLETE": (

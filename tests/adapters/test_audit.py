@@ -35,6 +35,7 @@ from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.projection import view_row
+from backhaul.adapters.secret import SealedUnreadable
 from backhaul.adapters.store import DB_FILE, EventStore
 from backhaul.adapters.view import ViewRow
 from backhaul.core import command as cmd
@@ -499,9 +500,27 @@ def test_a_sealed_secret_survives_an_import_with_the_same_key(
     other.mkdir()
     (other / "secret.key").write_bytes((home / "secret.key").read_bytes())
     with reopen(other) as copy:
-        import_text(copy.store, export_text(manager.store))
+        summary = import_text(copy.store, export_text(manager.store))
+        assert (summary.unreadable, summary.unreadable_jobs) == (0, 0)
         job = copy.get_job(jobs.rich)
         assert job.custom_headers == f"X-Api-Key: {HEADER_SECRET}\r\n"
+
+
+def test_an_import_without_the_exporting_key_warns_of_the_secrets_it_cannot_open(
+    jobs: Jobs, manager: TransferManager, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Told at the import, not first when the job runs (and ends in ERROR, NTE_BAD_KEY)."""
+    target = tmp_path / "log.jsonl"
+    assert cli(manager, "export", str(target))[0] == 0
+    with reopen(tmp_path / "elsewhere") as copy:
+        code, out = cli(copy, "import", str(target))
+        assert code == 0 and "read models rebuilt: 4 job(s)" in out
+        warning = capsys.readouterr().err
+        key = tmp_path / "elsewhere" / "secret.key"
+        assert f"1 unfinished job(s) cannot be opened with the key in {key}" in warning
+        with pytest.raises(SealedUnreadable) as caught:
+            copy.get_job(jobs.rich).custom_headers  # noqa: B018
+        assert caught.value.hresult == hresult.NTE_BAD_KEY
 
 
 # -- rebuild ---------------------------------------------------------------------------------

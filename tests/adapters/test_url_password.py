@@ -135,6 +135,42 @@ def test_a_url_password_is_used_for_the_request_and_never_stored(
     assert_not_in_store(home, PASSWORD)
 
 
+def test_a_password_sealed_with_another_key_is_a_fatal_nte_bad_key_until_the_key_is_back(
+    tmp_path: Path, home: Path, private_nginx: tuple[NginxServer, Path]
+) -> None:
+    """A store moved (or imported) without its secret.key: the job's password cannot be
+    opened. That is a fatal error that names the key file (it was an internal error, retried
+    for 14 days, with a traceback in the log); with the key back, Resume carries on."""
+    server, docroot = private_nginx
+    url = f"{server.url}/private/b.bin"
+    with TransferManager(open_store(home=home)) as first:
+        job_id = new_job(first, [(with_password(url), tmp_path / "b.bin")]).id
+    key = home / "secret.key"
+    kept = key.read_bytes()
+    key.unlink()  # the home opened next makes a new key
+
+    with TransferManager(open_store(home=home)) as manager:
+        # Bounded: a transient error would keep the engine busy with its retries.
+        asyncio.run(asyncio.wait_for(make_engine(manager).run(until_idle=True), 30))
+        job = manager.get_job(job_id)
+        assert job.state is JobState.ERROR
+        error = job.error
+        assert error is not None
+        assert error.hresult == hresult.NTE_BAD_KEY == 0x80090003
+        assert error.context.name == "GENERAL_QUEUE_MANAGER"
+        assert str(key) in error.description
+        assert not any("/private/b.bin" in line["request"] for line in server.access_lines())
+
+    key.write_bytes(kept)
+    with TransferManager(open_store(home=home)) as manager:
+        job = manager.get_job(job_id)
+        job.resume()
+        run(manager)
+        assert job.state is JobState.TRANSFERRED, job.error
+        job.complete()
+    assert sha256(tmp_path / "b.bin") == sha256(docroot / "private" / "b.bin")
+
+
 def test_a_wrong_url_password_gets_the_servers_401(
     tmp_path: Path, manager: TransferManager, private_nginx: tuple[NginxServer, Path]
 ) -> None:

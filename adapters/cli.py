@@ -1117,8 +1117,14 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
 
 
 # What the command's user can do about an error whose description speaks the API's words.
+_NO_BITS_UPLOADS = (
+    " (the server does not take BITS uploads (BITS_POST): it needs the BITS upload protocol, "
+    "as IIS's BITS server extension or `backhaul upload-server` speak it)"
+)
 _HINTS: dict[int, dict[str, str]] = {
     hresult.BG_E_MISSING_FILE_SIZE: {"get": " (backhaul get --dynamic)"},
+    hresult.BG_E_HTTP_ERROR_405: {"put": _NO_BITS_UPLOADS},
+    hresult.BG_E_HTTP_ERROR_501: {"put": _NO_BITS_UPLOADS},
 }
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peers.nginx import running_nginx
 from test_cli_limits import _no_backhaul_environment  # noqa: F401
 from test_engine_cli import left_by, the_only_job
 from test_upload_end_to_end import serving
@@ -130,6 +131,25 @@ def test_a_refused_put_fails_and_cancels_its_job(
     with TransferManager(home=home) as m:
         (job,) = m.jobs(include_final=True)
         assert job.state is JobState.CANCELLED
+
+
+def test_a_put_to_a_server_without_bits_uploads_says_what_the_server_lacks(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain web server (nginx) answers BITS_POST with 405: the message says that the
+    server does not take BITS uploads, not only the status."""
+    source = tmp_path / "x.bin"
+    source.write_bytes(b"x" * 1000)
+    docroot = tmp_path / "www"
+    docroot.mkdir()
+    with running_nginx(docroot) as server:
+        code, _out = put(home, str(source), f"{server.url}/x.bin")
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "BG_E_HTTP_ERROR_405" in err
+    assert "the server does not take BITS uploads (BITS_POST)" in err
+    assert "`backhaul upload-server`" in err
 
 
 def test_transfer_upload_sends_its_one_pair(tmp_path: Path, home: Path, root: Path) -> None:

@@ -31,7 +31,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.localfile import os_hresult
@@ -43,7 +43,7 @@ from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.policy import why_waiting
 from backhaul.core.url import one_line, secrets_of
-from backhaul.core.value import FileSpec
+from backhaul.core.value import FileSpec, ProxySettings
 from backhaul.core.vocabulary import (
     AuthScheme,
     AuthTarget,
@@ -53,6 +53,8 @@ from backhaul.core.vocabulary import (
     JobState,
     JobType,
     NotifyFlags,
+    ProxyUsage,
+    SecurityFlags,
 )
 
 if TYPE_CHECKING:
@@ -867,6 +869,30 @@ def _set_options(job: TransferJob, args: argparse.Namespace) -> None:
         user, password = _login(args.user)
         for scheme in (AuthScheme.BASIC, AuthScheme.DIGEST):  # whichever the server asks
             job.set_credentials(AuthTarget.SERVER, scheme, user, password)
+    bundle = _abs(args.cacert) if args.cacert else None
+    if bundle != job.ca_bundle:
+        job.ca_bundle = bundle
+    flags = int(job.security_flags)
+    wanted = flags | _IGNORE_CERTIFICATE if args.insecure else flags & ~_IGNORE_CERTIFICATE
+    if wanted != flags:
+        job.security_flags = wanted
+    if args.proxy is None:
+        proxy = ProxySettings(int(ProxyUsage.PRECONFIG))
+    elif args.proxy.lower() == "none":
+        proxy = ProxySettings(int(ProxyUsage.NO_PROXY))
+    else:
+        proxy = ProxySettings(int(ProxyUsage.OVERRIDE), args.proxy)
+    if proxy != job.proxy_settings:
+        job.set_proxy_settings(ProxyUsage(proxy.usage), proxy.proxy_list, proxy.bypass_list)
+
+
+# curl's -k: every certificate check that BITS's security flags can turn off.
+_IGNORE_CERTIFICATE: Final = int(
+    SecurityFlags.IGNORE_CERT_CN_INVALID
+    | SecurityFlags.IGNORE_CERT_DATE_INVALID
+    | SecurityFlags.IGNORE_UNKNOWN_CA
+    | SecurityFlags.IGNORE_CERT_WRONG_USAGE
+)
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -874,6 +900,8 @@ def _check_options(args: argparse.Namespace) -> None:
     _header_block(args)
     if args.user is not None and not args.user.partition(":")[0]:
         raise BitsError(hresult.E_INVALIDARG, "--user wants USER or USER:PASSWORD")
+    if args.cacert and not os.path.isfile(_abs(args.cacert)):
+        raise BitsError(hresult.E_INVALIDARG, f"--cacert {args.cacert}: no such file")
 
 
 def _header_block(args: argparse.Namespace) -> str | None:
@@ -1125,6 +1153,9 @@ _HINTS: dict[int, dict[str, str]] = {
     hresult.BG_E_MISSING_FILE_SIZE: {"get": " (backhaul get --dynamic)"},
     hresult.BG_E_HTTP_ERROR_405: {"put": _NO_BITS_UPLOADS},
     hresult.BG_E_HTTP_ERROR_501: {"put": _NO_BITS_UPLOADS},
+    hresult.hresult_from_win32(hresult.ERROR_WINHTTP_SECURE_FAILURE): dict.fromkeys(
+        ("get", "put"), " (--cacert FILE trusts the CAs in FILE; -k skips the checks)"
+    ),
 }
 
 
@@ -1402,6 +1433,25 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
         metavar="USER[:PASSWORD]",
         help="the server's login (curl's -u), answering Basic and Digest challenges; without "
         ":PASSWORD it is asked for (read from stdin when that is no terminal)",
+    )
+    parser.add_argument(
+        "--cacert",
+        metavar="FILE",
+        help="trust the CAs in this PEM file instead of the system's (curl's --cacert; the "
+        "ca_bundle property)",
+    )
+    parser.add_argument(
+        "--insecure",
+        "-k",
+        action="store_true",
+        help="HTTPS without certificate checks (curl's -k; the BG_SSL_IGNORE_* security flags)",
+    )
+    parser.add_argument(
+        "--proxy",
+        "-x",
+        metavar="[SCHEME://]HOST[:PORT]",
+        help="this proxy, not the environment's (curl's -x; SetProxySettings OVERRIDE); "
+        "none: no proxy",
     )
     if name:  # get and put: a rerun picks up the job an earlier one left unfinished
         parser.add_argument(

@@ -78,6 +78,7 @@ class NginxTls:
     certificate: Path
     key: Path
     client_ca: Path
+    require_client: bool = True  # False: a client certificate is optional
 
 
 @dataclass
@@ -151,7 +152,7 @@ def _config(
     ssl_certificate {tls.certificate};
     ssl_certificate_key {tls.key};
     ssl_client_certificate {tls.client_ca};
-    ssl_verify_client on;
+    ssl_verify_client {"on" if tls.require_client else "optional"};
     ssl_verify_depth 3;
     add_header X-Client-DN $ssl_client_s_dn always;
 {private}  }}

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import gc
 import json
+import logging
 import os
 import re
 import shlex
@@ -730,6 +731,7 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
             lease_seconds=args.lease_seconds,
         )
         _with_url_refresher(engine, args)
+        _log_jobs(quiet=args.quiet)
         who = f" as worker {worker}" if worker else ""
         sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}{who}\n")
         if not args.no_yield:
@@ -738,6 +740,18 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
             sys.stderr.write(f"backhaul serve: {congestion_report()}\n")
         asyncio.run(_serve(engine, until_idle=args.until_idle))
     return EXIT_OK
+
+
+def _log_jobs(*, quiet: bool) -> None:
+    """serve's log on stderr: a line when a job transfers, fails (for good, or for now, with
+    its next try) or ends, with its time; --quiet leaves only the warnings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s backhaul serve: %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+    )
+    logger = logging.getLogger("backhaul")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 async def _serve(engine: Any, *, until_idle: bool) -> None:
@@ -1683,6 +1697,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--poll", type=float, default=0.2)
     s.add_argument("--until-idle", action="store_true", help="stop once no job is left to run")
+    s.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no line per job (transferred, failed, ended); warnings only",
+    )
     _url_refresher_option(s)
     from backhaul.adapters.cli_http import add_http_verbs
 

@@ -60,7 +60,7 @@ from backhaul.core.error import BitsError, TransferError
 from backhaul.core.event import POLICY_STREAM
 from backhaul.core.failure import is_transient
 from backhaul.core.job import FileState, Job
-from backhaul.core.policy import Candidate, Timer, next_timer, plan
+from backhaul.core.policy import Candidate, Timer, next_timer, plan, why_waiting
 from backhaul.core.port import (
     Download,
     PlainCredentials,
@@ -71,10 +71,12 @@ from backhaul.core.port import (
     Uploader,
     UploadSession,
 )
+from backhaul.core.projection import job_error
 from backhaul.core.transition import Trigger, rule_for
 from backhaul.core.url import (
     declare_secret_parameters,
     holds_url_secret,
+    one_line,
     same_origin,
     with_login_of,
 )
@@ -639,9 +641,11 @@ class Engine:
     # -- notifications -------------------------------------------------------------------
 
     def _dispatch(self, rec: Recorded, _before: Job | None, job: Job) -> None:
+        event = rec.event
+        if isinstance(event, _TOLD) and log.isEnabledFor(logging.INFO):
+            self._tell(job, event)
         if not self.callbacks:
             return
-        event = rec.event
         handle = self.job(rec.job_id)
         if isinstance(event, ev.FileTransferred) and wants(job, "file_transferred"):
             self.callbacks.call("file_transferred", handle, handle.file(event.file_index))
@@ -664,6 +668,24 @@ class Engine:
             job, self.clock.monotonic()
         ):
             self.callbacks.call("job_modification", handle)
+
+    def _tell(self, job: Job, event: ev.Event) -> None:
+        """A line in the log (``serve`` prints them): a job transferred, failed, or ended."""
+        who = f'job {job.id} "{one_line(job.display_name)}"'
+        if isinstance(event, ev.JobTransferred):
+            size = sum(f.bytes_transferred for f in job.files)
+            log.info("%s: TRANSFERRED, %d file(s), %d byte(s)", who, len(job.files), size)
+        elif isinstance(event, ev.JobCancelled | ev.JobCompleted):
+            log.info("%s: %s", who, job.state.name)
+        elif (error := job_error(job)) is None:
+            return
+        elif job.state is JobState.ERROR:
+            log.info("%s: ERROR: %s", who, one_line(str(error)))
+        else:
+            waiting = why_waiting(job, self.clock.now())
+            when = waiting[1] if waiting else None
+            after = f"; next try at {when.isoformat(timespec='seconds')}" if when else ""
+            log.info("%s: transient error: %s%s", who, one_line(str(error)), after)
 
     def _notify_state(self, job: Job) -> None:
         """At start: callbacks are due at least once for jobs waiting in these states."""
@@ -2218,6 +2240,15 @@ class Engine:
 
 
 _RUNNING = (JobState.CONNECTING, JobState.TRANSFERRING)
+# The events whose job gets a line in the log (Engine._tell).
+_TOLD = (
+    ev.JobTransferred,
+    ev.ErrorOccurred,
+    ev.NoProgressTimedOut,
+    ev.MaxDownloadTimeExceeded,
+    ev.JobCancelled,
+    ev.JobCompleted,
+)
 _BACKGROUND = (JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW)
 
 

@@ -557,6 +557,7 @@ class Bench:
                     phases["engine"] = run_engine_inprocess(home, ids)
                 else:
                     argv = [BACKHAUL, "--home", str(home), "--unlimited", "serve", "--until-idle"]
+                    argv.append("--quiet")  # no line per job: quietened as aria2c's output is
                     c = run_child(argv, self.work, env=child_env())
                     phases["serve"], extra["serve_cpu"], rss = c.wall, c.cpu, c.rss_kib
                 start = time.perf_counter()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -675,6 +676,51 @@ def test_get_next_to_a_running_serve_completes_and_serve_stops_on_sigterm(
     daemon.send_signal(signal.SIGTERM)
     _, err = daemon.communicate(timeout=15)
     assert daemon.returncode == 0, err.decode()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_serve_logs_a_line_when_a_job_transfers_fails_or_ends(
+    tmp_path: Path,
+    home: Path,
+    env: dict[str, str],
+    serve: Callable[..., subprocess.Popen[bytes]],
+    engine_nginx: tuple[NginxServer, Path],
+    quiet: bool,
+) -> None:
+    """An operator reads what serve did: a line, with its time, when a job transfers, fails
+    for good or for now (with its next try), is cancelled or completed; --quiet: none."""
+    server, _ = engine_nginx
+    with TransferManager(home=home) as m:
+        ok = new_job(m, [(f"{server.url}/one.bin", tmp_path / "one.bin")], name="ok")
+        gone = new_job(m, [(f"{server.url}/missing.bin", tmp_path / "m.bin")], name="gone")
+        down = new_job(m, [("http://127.0.0.1:9/x", tmp_path / "x.bin")], name="down")
+        daemon = serve("--poll", "0.05", *(["--quiet"] if quiet else []))
+        wait(lambda: ok.state is S.TRANSFERRED and down.state is S.TRANSIENT_ERROR, "the runs")
+        wait(lambda: gone.state is S.ERROR, "the 404")
+        ok.complete()
+        down.cancel()
+        time.sleep(0.5)  # serve reads the client's events within its poll
+    daemon.send_signal(signal.SIGTERM)
+    _, raw = daemon.communicate(timeout=15)
+    lines = [line for line in raw.decode().splitlines() if '"' in line]
+    if quiet:
+        assert lines == []
+        return
+    said = {line.split('"')[1]: [] for line in lines}
+    for line in lines:
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} backhaul serve: job ", line)
+        said[line.split('"')[1]].append(line.split('": ', 1)[1])
+    assert said["ok"] == ["TRANSFERRED, 1 file(s), 1048576 byte(s)", "ACKNOWLEDGED"]
+    assert said["gone"] == [
+        f"ERROR: HTTP 404 Not Found from {server.url}/missing.bin [BG_E_HTTP_ERROR_404 "
+        "0x80190194] (REMOTE_FILE, file 0)"
+    ]
+    assert said["down"][0].startswith("transient error: cannot connect to 127.0.0.1:9 ")
+    assert (
+        "[BG_E_CONNECT_FAILURE 0x8020002D] (GENERAL_TRANSPORT, file 0); next try at "
+        in (said["down"][0])
+    )
+    assert said["down"][1:] == ["CANCELLED"]
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from backhaul.adapters.engine import Engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE, as a shell reports a pipeline's cat cut short
 LOCK_FILE = "serve.lock"
 
 _TYPES = {
@@ -1724,18 +1725,26 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_USAGE if exc.code else EXIT_OK
     try:
         if not getattr(args, "needs_store", True):
-            return int(args.func(args, None, out))
-        with _manager(args) as manager:
-            try:
-                return int(args.func(args, manager, out))
-            except STORE_ERRORS as exc:  # an append or read outside the manager's calls
-                raise manager.store.failure(exc) from exc
-    except BitsError as exc:
+            code = int(args.func(args, None, out))
+        else:
+            with _manager(args) as manager:
+                try:
+                    code = int(args.func(args, manager, out))
+                except STORE_ERRORS as exc:  # an append or read outside the manager's calls
+                    raise manager.store.failure(exc) from exc
+        out.flush()  # here, where a reader that left (EPIPE) is caught below
+        return code
+    except BackhaulError as exc:
         hint = " (--unlimited lifts BITS's limits)" if exc.hresult in _LIMITS else ""
         sys.stderr.write(f"backhaul {args.verb}: {exc}{hint}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `backhaul list | head`: the reader left. As cat does: no traceback, no word, and
+        # no second error when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 __all__ = ["NotifyFlags", "main"]

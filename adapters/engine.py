@@ -48,6 +48,7 @@ from backhaul.adapters.network import network_up, system_cost
 from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
+from backhaul.adapters.secret import SealedUnreadable
 from backhaul.adapters.store import STORE_ERRORS, ConcurrentAppend, Recorded
 from backhaul.adapters.view import ViewRow, due_text, queue_key
 from backhaul.adapters.yielding import YieldController, congestion_controls
@@ -1399,6 +1400,11 @@ class Engine:
             await self._commit(job_id, cmd.FinishJob())
         except TransferError as exc:
             await self._fail(job_id, exc)
+        except SealedUnreadable as exc:  # a store moved without its key: no retry helps
+            context = ErrorContext.GENERAL_QUEUE_MANAGER
+            await self._fail(
+                job_id, TransferError(exc.hresult, exc.message, context=context, transient=False)
+            )
         except (JobGone, StoreDown):
             pass  # StoreDown: nothing can be recorded now; the job runs again later
         except asyncio.CancelledError:

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backhaul.core import hresult
-from backhaul.core.error import BitsError, TransferError
+from backhaul.core.error import BitsError
 from backhaul.core.url import request_url, secrets_of
 from backhaul.core.value import Sealed
-from backhaul.core.vocabulary import ErrorContext
 
 if TYPE_CHECKING:
     from eventsourcing.cipher import AESCipher
@@ -36,8 +35,9 @@ def _aes() -> type[AESCipher]:
     return AESCipher
 
 
-class SealedUnreadable(TransferError):
-    """A sealed value this store's key cannot open (``SecretBox.open``)."""
+class SealedUnreadable(BitsError):
+    """A sealed value this store's key cannot open (``SecretBox.open``). The engine records
+    it as the job's error: fatal, context GENERAL_QUEUE_MANAGER."""
 
 
 def new_key() -> str:
@@ -85,8 +85,6 @@ class SecretBox:
                 f"a sealed secret cannot be opened with {where}: it was sealed with another "
                 "key (a store imported without its secret.key?). Put that key in place, or "
                 "give the job its credentials, headers or URL again",
-                context=ErrorContext.GENERAL_QUEUE_MANAGER,
-                transient=False,
             ) from exc
 
     def seal_url(self, name: str) -> tuple[str, Sealed | None, Sealed | None]:

@@ -639,6 +639,31 @@ def test_get_follows_the_job_when_another_engine_holds_the_lock(
 # =================================================================================================
 
 
+@pytest.mark.parametrize("verb", [["list"], ["info", "job"], ["audit", "export"]])
+def test_a_reader_that_left_ends_the_command_quietly_with_sigpipes_status(
+    home: Path, env: dict[str, str], verb: list[str]
+) -> None:
+    """`backhaul list | head -1`: once the reader has gone, the command stops without a
+    traceback (a BrokenPipeError before), with status 141 as cat would have."""
+    with TransferManager(home=home) as m:
+        m.create_job("job")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run(
+            [str(BACKHAUL), "--home", str(home), *verb],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr.decode()) == (141, "")
+
+
 def test_serve_refuses_to_start_while_another_engine_holds_the_lock(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1493,10 +1493,25 @@ def _with_url_refresher(engine: Engine, args: argparse.Namespace) -> None:
         engine.set_url_refresher(command_refresher(args.url_refresher))
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version on stdout (looked up only when
+    asked: the metadata lookup is not free)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print backhaul's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"backhaul {version('backhaul')}\n")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="backhaul", description="Background, resumable transfers (the BITS job model)."
     )
+    p.add_argument("--version", action=_Version)
     p.add_argument("--home", help="backhaul home for the SQLite store (default $BACKHAUL_HOME)")
     p.add_argument("--store", help="store URL (default $BACKHAUL_STORE, else SQLite in the home)")
     p.add_argument(

@@ -639,6 +639,13 @@ def test_get_follows_the_job_when_another_engine_holds_the_lock(
 # =================================================================================================
 
 
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"backhaul {version('backhaul')}\n"
+
+
 @pytest.mark.parametrize("verb", [["list"], ["info", "job"], ["audit", "export"]])
 def test_a_reader_that_left_ends_the_command_quietly_with_sigpipes_status(
     home: Path, env: dict[str, str], verb: list[str]

@@ -732,27 +732,35 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
             lease_seconds=args.lease_seconds,
         )
         _with_url_refresher(engine, args)
-        _log_jobs(quiet=args.quiet)
         who = f" as worker {worker}" if worker else ""
         sys.stderr.write(f"backhaul serve: running jobs of {m.store!r}{who}\n")
         if not args.no_yield:
             from backhaul.adapters.engine import congestion_report
 
             sys.stderr.write(f"backhaul serve: {congestion_report()}\n")
-        asyncio.run(_serve(engine, until_idle=args.until_idle))
+        with _job_log(quiet=args.quiet):
+            asyncio.run(_serve(engine, until_idle=args.until_idle))
     return EXIT_OK
 
 
-def _log_jobs(*, quiet: bool) -> None:
-    """serve's log on stderr: a line when a job transfers, fails (for good, or for now, with
-    its next try) or ends, with its time; --quiet leaves only the warnings."""
+@contextlib.contextmanager
+def _job_log(*, quiet: bool) -> Iterator[None]:
+    """serve's log on stderr while it runs: a line when a job transfers, fails (for good,
+    or for now, with its next try) or ends, with its time; --quiet leaves only the
+    warnings. Taken down after (``main`` may run again in the same process)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s backhaul serve: %(message)s", "%Y-%m-%dT%H:%M:%S%z")
     )
     logger = logging.getLogger("backhaul")
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 async def _serve(engine: Any, *, until_idle: bool) -> None:

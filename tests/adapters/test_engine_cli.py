@@ -10,6 +10,7 @@ import gc
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -679,6 +680,9 @@ def test_serve_refuses_to_start_while_another_engine_holds_the_lock(
         assert main(["--home", str(home), "serve", "--until-idle"]) == 1
     assert "another engine already runs" in capsys.readouterr().err
     assert main(["--home", str(home), "serve", "--until-idle"]) == 0  # the lock is free again
+    # Its log's handler is taken down with it: a later command in this process (or a test)
+    # must not write to the stderr this one had.
+    assert logging.getLogger("backhaul").handlers == []
 
 
 def test_get_next_to_a_running_serve_completes_and_serve_stops_on_sigterm(

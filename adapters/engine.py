@@ -1673,10 +1673,8 @@ class Engine:
             # No validator told (or none was sent), but the file's size did: the bytes
             # before the checkpoint are of another version (BITS restarts the file).
             await download.aclose()
-            was, now = f.bytes_total, download.remote.size
-            await self._commit(
-                job_id, cmd.RestartFile(index, f"the remote file changed: {was} bytes, now {now}")
-            )
+            resized = _resized(f.bytes_total, download.remote.size)
+            await self._commit(job_id, cmd.RestartFile(index, resized))
             offset = 0
             async with self._connections:
                 self._hold_lease(job_id)
@@ -1700,7 +1698,7 @@ class Engine:
                 if f.validator and remote.validator != f.validator:
                     reason = "the remote file changed"
                 elif None not in (f.bytes_total, remote.size) and remote.size != f.bytes_total:
-                    reason = f"the remote file changed: {f.bytes_total} bytes, now {remote.size}"
+                    reason = _resized(f.bytes_total, remote.size)
                 if offset:
                     await self._commit(job_id, cmd.RestartFile(index, reason))
                 offset = download.offset
@@ -2433,6 +2431,10 @@ def _remote_resized(recorded: int | None, download: Download) -> bool:
     say so."""
     size = download.remote.size
     return bool(download.offset) and None not in (recorded, size) and size != recorded
+
+
+def _resized(was: int | None, now: int | None) -> str:
+    return f"the remote file changed: {was} bytes, now {now}"
 
 
 def _checkpoint_lost(temp: Path | str, length: int) -> str | None:

@@ -1010,11 +1010,18 @@ class TransferJob:
         job = self.snapshot()
         self._manager._check_access(job)
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
-        self._manager.execute(self.id, cmd.Cancel())
-        if self._manager._in_batch():
+        if self._manager._in_batch():  # at the commit: nothing of an abandoned batch happens
+            self._manager.execute(self.id, cmd.Cancel())
             listings = self._manager._listings
             self._manager._after_commit.append(lambda: localfile.discard(job, listings))
             return hresult.S_OK
+        # Alone, the temp files go first: a process killed once the log says CANCELLED
+        # would leave them for good (no engine looks at a final job again). Killed before,
+        # the job is still live, and its next run restarts the files whose bytes are gone.
+        localfile.discard(job)
+        self._manager.execute(self.id, cmd.Cancel())
+        # Again after: what a running engine made meanwhile (it deletes them too, once it
+        # sees the Cancel).
         left = localfile.discard(job)
         return hresult.BG_S_UNABLE_TO_DELETE_FILES if left else hresult.S_OK
 

@@ -1032,6 +1032,30 @@ def test_cancel_deletes_the_temp_files(manager: TransferManager, tmp_path: Path)
     assert not (tmp_path / "file-0.bin").exists()
 
 
+def test_a_cancel_killed_after_its_event_leaves_no_temp_file(
+    manager: TransferManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed the moment the log says CANCELLED (a SIGKILL, a power cut): no engine looks
+    at a final job again, so the temp files must be gone already."""
+    job = transferring(manager, tmp_path, files=2)
+    temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1)]
+    temps[0].write_bytes(b"whole")
+    temps[1].write_bytes(b"part")
+    engine(manager, job, cmd.FinishFile(0, 5), cmd.Checkpoint(1, 4, 10))
+    execute = manager.execute
+
+    def killed_after(job_id: str, command: cmd.Command) -> object:
+        execute(job_id, command)
+        raise KeyboardInterrupt  # stands for the kill: nothing after the append runs
+
+    monkeypatch.setattr(manager, "execute", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        job.cancel()
+
+    assert job.state is JobState.CANCELLED
+    assert not any(t.exists() for t in temps)
+
+
 # -- times -------------------------------------------------------------------------------
 
 

@@ -1058,6 +1058,9 @@ class TransferJob:
             self._manager._after_commit.append(discard)
             return int(events[0].result)  # type: ignore[attr-defined]
         publish()
+        # The unfinished files' temps go before the event too, as Cancel's do (killed
+        # after it, they would stay for good); and again after, for a running engine's.
+        discard()
         events = self._manager.execute(self.id, cmd.Complete(kept))
         discard()
         return int(events[0].result)  # type: ignore[attr-defined]

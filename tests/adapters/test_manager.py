@@ -1056,6 +1056,29 @@ def test_a_cancel_killed_after_its_event_leaves_no_temp_file(
     assert not any(t.exists() for t in temps)
 
 
+def test_a_partial_complete_killed_after_its_event_leaves_no_temp_file(
+    manager: TransferManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = transferring(manager, tmp_path, files=2)
+    temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1)]
+    temps[0].write_bytes(b"whole")
+    temps[1].write_bytes(b"part")
+    engine(manager, job, cmd.FinishFile(0, 5), cmd.Checkpoint(1, 4, 10))
+    execute = manager.execute
+
+    def killed_after(job_id: str, command: cmd.Command) -> object:
+        execute(job_id, command)
+        raise KeyboardInterrupt  # stands for the kill: nothing after the append runs
+
+    monkeypatch.setattr(manager, "execute", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        job.complete()
+
+    assert job.state is JobState.ACKNOWLEDGED
+    assert (tmp_path / "file-0.bin").read_bytes() == b"whole"
+    assert not any(t.exists() for t in temps)
+
+
 # -- times -------------------------------------------------------------------------------
 
 

@@ -123,6 +123,10 @@ def not_a_file(path: str | Path) -> str | None:
         mode = os.lstat(path).st_mode
     except (OSError, ValueError):
         return None
+    return _kind(path, mode)
+
+
+def _kind(path: str | Path, mode: int) -> str | None:
     if stat.S_ISLNK(mode):
         try:
             return f"a symbolic link (to {os.readlink(path)})"
@@ -353,17 +357,19 @@ def publish(job: Job, indexes: Iterable[int], dirs: set[str] | None = None) -> l
         f = job.files[i]
         tmp = temp_name(job.id, i, f.local_name, f.temp_worker)
         target = f.local_name
-        _check_replaceable(target)
+        replaced = _check_replaceable(target)
         try:
             # No fsync of the file here: the engine synced its bytes before it recorded
             # FileTransferred. The rename, and the directory's fsync below, make it durable.
             try:
+                _keep_mode(tmp, replaced)
                 os.replace(tmp, target)
             except FileNotFoundError:
                 if os.path.exists(tmp):
                     raise  # the temp file is there: the target's directory is not
                 if _is_empty(f):
                     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644))
+                    _keep_mode(tmp, replaced)
                     os.replace(tmp, target)
                 elif _already_published(target, f):
                     done.append(i)  # an earlier Complete renamed it before failing later
@@ -379,15 +385,34 @@ def publish(job: Job, indexes: Iterable[int], dirs: set[str] | None = None) -> l
     return done
 
 
-def _check_replaceable(target: str | Path) -> None:
+def _check_replaceable(target: str | Path) -> os.stat_result | None:
     """Complete renames over a regular file or nothing, never over a device, FIFO, socket
-    or directory made at the name since AddFile looked (MoveFileEx refuses those too)."""
-    kind = not_a_file(target)
+    or directory made at the name since AddFile looked (MoveFileEx refuses those too).
+    The file it replaces, if any."""
+    try:
+        found = os.lstat(target)
+    except (OSError, ValueError):
+        return None
+    kind = _kind(target, found.st_mode)
     if kind is not None:
         raise BitsError(
             hresult.hresult_from_win32(hresult.ERROR_ACCESS_DENIED),
             f"cannot publish {target}: it is {kind} now, not a regular file",
         )
+    return found
+
+
+def _keep_mode(tmp: str, replaced: os.stat_result | None) -> None:
+    """A file that replaces another keeps the other's permission bits (and, for root, its
+    owner and group), as curl -o and wget keep them by writing in place: a private file
+    (0600) must not turn readable by all (0644) because a new version came over it."""
+    if replaced is None:
+        return
+    with contextlib.suppress(OSError):  # not ours to change: the temp file's stay
+        if os.geteuid() == 0:
+            os.chown(tmp, replaced.st_uid, replaced.st_gid)
+        # The read, write and execute bits only: no set-user-ID bit carried over to new bytes.
+        os.chmod(tmp, replaced.st_mode & 0o777)
 
 
 def sync_dirs(dirs: Iterable[str | Path]) -> None:

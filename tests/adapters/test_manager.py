@@ -972,6 +972,37 @@ def test_complete_publishes_the_temp_file_into_place_atomically(
     assert done.files()[0].temporary_name is None
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o4755])
+def test_a_file_published_over_another_keeps_its_permissions_and_owner(
+    manager: TransferManager, tmp_path: Path, mode: int
+) -> None:
+    """As curl -o and wget (which write in place) keep them: a private file stays private
+    when a new version comes over it; no set-user-ID bit goes to the new bytes. A new
+    name gets the usual mode (umask)."""
+    kept, new = tmp_path / "kept.bin", tmp_path / "new.bin"
+    kept.write_bytes(b"old version")
+    os.chmod(kept, mode)
+    os.chown(kept, 65534, 65534)  # the tests run as root: another owner's file
+    job = manager.create_job("over")
+    job.add_files([(URL, kept), (URL + "?2", new)])
+    job.resume()
+    temps = [localfile.temp_path(job.id, i, str(p)) for i, p in enumerate((kept, new))]
+    for temp in temps:
+        temp.write_bytes(b"new version")
+    engine(manager, job, cmd.StartTransfer(), cmd.Connect())
+    engine(manager, job, cmd.FinishFile(0, 11), cmd.FinishFile(1, 11), cmd.FinishJob())
+
+    assert job.complete() == hresult.S_OK
+
+    assert kept.read_bytes() == b"new version"
+    st = kept.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode & 0o777, 65534, 65534)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+    assert new.stat().st_uid == os.geteuid()
+
+
 def test_complete_after_an_error_keeps_the_whole_files_and_deletes_the_rest(
     manager: TransferManager, tmp_path: Path
 ) -> None:

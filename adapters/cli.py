@@ -883,6 +883,8 @@ def _set_options(job: TransferJob, args: argparse.Namespace) -> None:
         job.minimum_retry_delay = args.retry_delay
     if args.no_progress_timeout is not None:
         job.no_progress_timeout = args.no_progress_timeout
+    if args.max_time is not None:
+        job.maximum_download_time = args.max_time
     rate = _max_rate(args.max_rate)
     if rate is not None or job.max_rate is not None:
         job.max_rate = rate
@@ -1434,6 +1436,13 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
         parser.add_argument("--name")
     parser.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
     parser.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
+    parser.add_argument(
+        "--max-time",
+        type=float,
+        metavar="SECONDS",
+        help="MaximumDownloadTime: fail (BG_E_MAXDOWNLOAD_TIMEOUT) after this long connecting "
+        "and transferring (curl's -m; the default is 90 days)",
+    )
     parser.add_argument(
         "--max-rate",
         metavar="RATE",

@@ -350,6 +350,23 @@ def test_get_whose_complete_fails_says_so_on_a_line_of_its_own_and_keeps_the_job
     assert job.state is S.TRANSFERRED
 
 
+def test_get_max_time_ends_a_slow_download_with_maxdownload_timeout(
+    tmp_path: Path,
+    home: Path,
+    engine_nginx: tuple[NginxServer, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """curl's -m: MaximumDownloadTime, counted while connecting and transferring."""
+    server, _ = engine_nginx
+    dest = tmp_path / "f"
+    argv = ["--home", str(home), "get", "-q", "--max-time", "1", "--max-rate", "1M"]
+    started = time.monotonic()
+    assert main([*argv, f"{server.url}/three.bin", str(dest)], io.StringIO()) == 1
+    assert 1.0 <= time.monotonic() - started < 10
+    assert "ended in ERROR: BG_E_MAXDOWNLOAD_TIMEOUT (0x80200054)" in capsys.readouterr().err
+    assert not dest.exists()
+
+
 def test_get_whose_job_another_command_cancels_says_so_and_exits_3(
     tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
 ) -> None:

@@ -1710,18 +1710,62 @@ class Engine:
     async def _download_ranges(
         self, job_id: str, index: int, transport: Transport, options: RequestOptions
     ) -> None:
-        job = self._job(job_id)
-        f = job.files[index]
+        f = self._job(job_id).files[index]
         url = self._url(f)
-        async with self._connections:
-            self._hold_lease(job_id)
-            remote = await transport.stat(url, options)
-        if f.validator and remote.validator != f.validator and f.bytes_transferred:
+        for _ in range(_CHANGES_MET):
+            f = self._job(job_id).files[index]
+            async with self._connections:
+                self._hold_lease(job_id)
+                remote = await transport.stat(url, options)
+            if f.validator and remote.validator != f.validator and f.bytes_transferred:
+                await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
+            total = await self._fetch_ranges(job_id, index, transport, options, url, remote)
+            if total is not None:
+                break
+            # A range came from a newer version than the stat saw: the ranges kept so far
+            # are of the old one, so the file starts over from the new one's.
             await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
+        else:
+            raise TransferError(
+                hresult.BG_E_REMOTE_FILE_CHANGED,
+                f"the remote file changed {_CHANGES_MET} times while its ranges were fetched",
+                context=ErrorContext.REMOTE_FILE,
+                transient=False,
+            )
+        await self._claimed_before(job_id, index)  # FileTransferred stays in file order
+        lost = _checkpoint_lost(
+            localfile.temp_name(job_id, index, f.local_name, self.worker), total
+        )
+        if lost is not None:  # deleted while it was written: Complete could not find it
+            raise TransferError(
+                hresult.hresult_from_win32(hresult.ERROR_FILE_NOT_FOUND),
+                lost,
+                context=ErrorContext.LOCAL_FILE,
+                transient=False,
+            )
+        await self._keep_security(job_id, index)
+        await self._finish_file(job_id, index, total, None)
+        run = self._order.get(job_id)
+        if run is not None:
+            run.claimed(index)
+
+    async def _fetch_ranges(
+        self,
+        job_id: str,
+        index: int,
+        transport: Transport,
+        options: RequestOptions,
+        url: str,
+        remote: RemoteFile,
+    ) -> int | None:
+        """Fetch the ranges not yet checkpointed, in order, into the temp file: their total
+        length, or None when a range's answer came from another version of the file (its
+        If-Range did not match: a 200 with a new validator)."""
+        f = self._job(job_id).files[index]
         ranges = _resolve(f.ranges, remote)
         total = sum(r.length or 0 for r in ranges)
         await self._connected(job_id)
-        done = self._job(job_id).files[index].bytes_transferred
+        done = f.bytes_transferred
         local = 0
         for r in ranges:
             length = r.length or 0
@@ -1740,6 +1784,8 @@ class Engine:
                 )
             try:
                 if download.offset != r.offset + skip:
+                    if download.remote.validator not in (None, remote.validator):
+                        return None  # the file changed since the stat
                     raise TransferError(
                         hresult.BG_E_INSUFFICIENT_RANGE_SUPPORT,
                         "the server did not honour the requested range",
@@ -1754,22 +1800,7 @@ class Engine:
                 await download.aclose()
             local += length
             done = local
-        await self._claimed_before(job_id, index)  # FileTransferred stays in file order
-        lost = _checkpoint_lost(
-            localfile.temp_name(job_id, index, f.local_name, self.worker), total
-        )
-        if lost is not None:  # deleted while it was written: Complete could not find it
-            raise TransferError(
-                hresult.hresult_from_win32(hresult.ERROR_FILE_NOT_FOUND),
-                lost,
-                context=ErrorContext.LOCAL_FILE,
-                transient=False,
-            )
-        await self._keep_security(job_id, index)
-        await self._finish_file(job_id, index, total, None)
-        run = self._order.get(job_id)
-        if run is not None:
-            run.claimed(index)
+        return total
 
     async def _receive(
         self,
@@ -2244,6 +2275,9 @@ class Engine:
 
 
 _RUNNING = (JobState.CONNECTING, JobState.TRANSFERRING)
+# A ranged file whose remote changes this many times while its ranges are fetched fails
+# with BG_E_REMOTE_FILE_CHANGED (fatal: BITS's message says to Resume).
+_CHANGES_MET: Final = 3
 # The events whose job gets a line in the log (Engine._tell).
 _TOLD = (
     ev.JobTransferred,

@@ -1,9 +1,10 @@
 """A property of the download path as a whole: whatever a server does across attempts
 (drops a connection mid-body, ignores Range, sends a Content-Range that starts elsewhere,
-answers 503, or replaces the file with a new version, with or without an ETag), a job that
-reaches TRANSFERRED holds, after Complete, exactly the version the server holds last.
-Hypothesis writes the server's script, one step per GET; the real engine and HttpTransport
-run it against an aiohttp server on 127.0.0.1, on a manual clock for the retry timers."""
+answers 503, or 429 with Retry-After, redirects, or replaces the file with a new version,
+with or without an ETag), a job that reaches TRANSFERRED holds, after Complete, exactly
+the version the server holds last. Hypothesis writes the server's script, one step per
+GET; the real engine and HttpTransport run it against an aiohttp server on 127.0.0.1, on a
+manual clock for the retry timers."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from backhaul.core import hresult as hr
 from backhaul.core.vocabulary import JobState
 
 S = JobState
-STEPS = ("ok", "drop", "whole", "bad-start", "503", "change")
+STEPS = ("ok", "drop", "whole", "bad-start", "503", "429", "redirect", "change")
 
 
 @attrs.define
@@ -46,6 +47,11 @@ class Script:
         self.seen.append(f"{step} {request.headers.get('Range')} {request.headers.get('If-Range')}")
         if step == "503":
             return web.Response(status=503, text="not now")
+        if step == "429":  # the manual clock moves 10 s a turn: past this wait
+            return web.Response(status=429, text="slow down", headers={"Retry-After": "3"})
+        if step == "redirect":  # to the same file under another name
+            hops = int(request.query.get("hop", "0")) + 1
+            raise web.HTTPFound(f"/f?hop={hops}")
         if step == "change" and self.current + 1 < len(self.versions):
             self.current += 1
         data = self.versions[self.current]

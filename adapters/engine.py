@@ -2120,10 +2120,16 @@ class Engine:
                 position = session.offset
             else:
                 # The server cannot be asked: send from our checkpoint (the server's
-                # Ack corrects us); when we think all is sent, resend the tail to get the
-                # final Ack (and the reply URL) again.
+                # Ack corrects us). When every byte was acknowledged, an upload has only
+                # Close-Session left (perhaps sent already, its answer lost: the server
+                # answers a repeated one 200, where a fragment of the closed session would
+                # be "session not found" and start the upload over); an upload-reply
+                # resends the tail to get the final Ack, and the reply URL, again.
                 position = f.bytes_transferred if f.upload_token == session.token else 0
-                if position >= size:
+                told = getattr(session, "acknowledged", None)
+                if position >= size and not reply and told is not None:
+                    told(size)
+                elif position >= size:
                     position = max(size - 64 * 1024, 0)
             last = time.monotonic()
             buckets = self._buckets(job)

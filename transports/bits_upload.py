@@ -40,7 +40,8 @@ Rules of this module:
   Ack tells the truth; that first fragment is at most 64 KiB, so a duplicate costs little. A
   re-opened session whose offset is unknown cannot ``finish()``: send (again) at least the
   file's last bytes first; the server acknowledges duplicates, and for upload-reply that Ack
-  carries the reply URL again.
+  carries the reply URL again. A caller whose log holds the Ack of every byte says so with
+  ``session.acknowledged(size)`` and finishes (a plain upload: only Close-Session is left).
 * ``token`` is the ``BITS-Session-Id``; when the server pinned the session to a node with
   ``BITS-Host-Id`` (web farms, §8) it is ``"<session-id> host=<host-id>"`` (plus
   `` fallback=<seconds>``), so a re-opened session goes back to that node. All packets after
@@ -530,6 +531,16 @@ class BitsUploadSession:
                 raise _protocol_error(reply, f"bad {REPLY_URL} {value!r}") from None
         elif self.reply and self.reply_url is None:
             raise _protocol_error(reply, f"the final Ack of an upload-reply has no {REPLY_URL}")
+
+    def acknowledged(self, offset: int) -> None:
+        """The caller holds the server's Ack of ``offset`` bytes of this session (its own
+        log recorded it): a re-opened session whose offset the server did not tell may then
+        finish without sending the last bytes again. A plain upload whose every byte was
+        acknowledged has only Close-Session left, perhaps sent before with its answer lost;
+        the server answers a repeated one 200, where a fragment of the closed session would
+        be "session not found" and start the upload over."""
+        if not self.offset_known or offset > self.offset:
+            self.offset, self.offset_known = offset, True
 
     async def finish(self) -> str | None:
         """Plain upload: Close-Session, returns None. Upload-reply: returns the reply URL and

@@ -23,7 +23,8 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
 )
 
 from backhaul.adapters.clock import ManualClock
-from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.engine import Engine
+from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import hresult as hr
 from backhaul.core.vocabulary import JobState
 
@@ -125,21 +126,27 @@ async def run_to_the_end(
         engine = make_engine(manager)  # on the manager's (manual) clock
         if not in_memory:  # every body to its temp file: a drop leaves a checkpoint
             engine.buffer_body = 0
-        task = asyncio.create_task(engine.run())
-        try:
-            for _ in range(300):
-                await asyncio.sleep(0.01)
-                if job.state in (S.TRANSFERRED, S.ERROR):
-                    break
-                if job.state is S.TRANSIENT_ERROR:
-                    clock.advance(10)  # past MinimumRetryDelay
-                    engine.wake()
-        finally:
-            engine.stop()
-            await asyncio.wait_for(task, 15)
+        await drive(engine, job, clock)
         return manager, job.id
     finally:
         await runner.cleanup()
+
+
+async def drive(engine: Engine, job: TransferJob, clock: ManualClock) -> None:
+    """Run ``engine`` until ``job`` is TRANSFERRED or in ERROR (at most about 3 s), moving
+    the manual clock past MinimumRetryDelay at each TRANSIENT_ERROR."""
+    task = asyncio.create_task(engine.run())
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if job.state in (S.TRANSFERRED, S.ERROR):
+                break
+            if job.state is S.TRANSIENT_ERROR:
+                clock.advance(10)
+                engine.wake()
+    finally:
+        engine.stop()
+        await asyncio.wait_for(task, 15)
 
 
 def _version(index: int, kib: int) -> bytes:

@@ -21,6 +21,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     _no_store_from_the_environment,  # noqa: F401
     make_engine,
 )
+from test_engine_fault_scripts import drive
 
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferManager
@@ -84,18 +85,7 @@ async def upload(data: bytes, script: list[str], fragment: int) -> tuple[str, by
             job.resume()
             engine = make_engine(manager)  # on the manager's (manual) clock
             engine.upload_fragment = fragment
-            task = asyncio.create_task(engine.run())
-            try:
-                for _ in range(300):
-                    await asyncio.sleep(0.01)
-                    if job.state in (S.TRANSFERRED, S.ERROR):
-                        break
-                    if job.state is S.TRANSIENT_ERROR:
-                        clock.advance(10)  # past MinimumRetryDelay
-                        engine.wake()
-            finally:
-                engine.stop()
-                await asyncio.wait_for(task, 15)
+            await drive(engine, job, clock)
             outcome = f"{job.state.name} {job.error} {seen}"
             if job.state is not S.TRANSFERRED:
                 return outcome, None

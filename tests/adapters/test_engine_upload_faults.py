@@ -1,14 +1,16 @@
 """A property of uploads as a whole: whatever the network does to the BITS upload exchange
 (a 503 instead of an answer, the connection dropped before the server took a packet, or
 dropped after it took it, so that the client never hears the answer), an upload job that
-reaches TRANSFERRED has put, after Complete, exactly the local file on the server. The
-project's own upload server (adapters/upload_server.py) runs on 127.0.0.1 behind a
-middleware that plays a script written by hypothesis, one step per BITS_POST; the real
-engine and BitsUploader run the job on a manual clock, in small fragments."""
+reaches TRANSFERRED has put, after Complete, exactly the local file on the server, and an
+upload-reply job holds exactly the back-end application's answer. The project's own upload
+server (adapters/upload_server.py) runs on 127.0.0.1 behind a middleware that plays a
+script written by hypothesis, one step per BITS_POST; the real engine and BitsUploader run
+the job on a manual clock, in small fragments."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,10 +24,12 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     make_engine,
 )
 from test_engine_fault_scripts import drive
+from test_engine_upload import backend
 
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.upload_server import (
+    NotificationType,
     UploadServerConfig,
     VirtualDirectory,
     make_upload_app,
@@ -60,7 +64,16 @@ def faulty(script: list[str], seen: list[str]) -> Callable[..., Awaitable[web.St
     return middleware
 
 
-async def upload(data: bytes, script: list[str], fragment: int) -> tuple[str, bytes | None]:
+def _answer(data: bytes) -> bytes:
+    """What the back-end application answers an upload-reply of ``data`` with."""
+    return b"answer to " + hashlib.sha256(data).hexdigest().encode()
+
+
+async def upload(
+    data: bytes, script: list[str], fragment: int, *, reply: bool
+) -> tuple[str, bytes | None]:
+    """Run the upload (an upload-reply with ``reply``) to its end: what the server then
+    holds (the reply file, for an upload-reply), or None, and what happened."""
     seen: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -68,30 +81,36 @@ async def upload(data: bytes, script: list[str], fragment: int) -> tuple[str, by
         source = root / "source.bin"
         source.write_bytes(data)
         clock = ManualClock()
-        config = UploadServerConfig(
-            session_dir=root / "sessions",
-            vdirs=(VirtualDirectory("/up", root / "www"),),
-            # The server's clock is the engine's: a session whose Create-Session answer was
-            # lost keeps its destination for claim_timeout (30 s), which retries pass.
-            clock=lambda: clock.now().timestamp(),
-        )
-        app = make_upload_app(config)
-        app.middlewares.append(faulty(script, seen))
-        manager = TransferManager("memory:", clock=clock)
-        async with serve_app(app) as base:
-            job = manager.create_job("scripted upload", JobType.UPLOAD)
-            job.minimum_retry_delay = 5
-            job.add_file(f"{base}/up/put.bin", source)
-            job.resume()
-            engine = make_engine(manager)  # on the manager's (manual) clock
-            engine.upload_fragment = fragment
-            await drive(engine, job, clock)
-            outcome = f"{job.state.name} {job.error} {seen}"
-            if job.state is not S.TRANSFERRED:
-                return outcome, None
-            assert job.complete() == hr.S_OK
-            uploaded = root / "www" / "put.bin"
-            return outcome, uploaded.read_bytes() if uploaded.exists() else None
+        async with backend(_answer(data)) as notify_url:
+            notified = {"notification": NotificationType.BY_VALUE, "notification_url": notify_url}
+            config = UploadServerConfig(
+                session_dir=root / "sessions",
+                vdirs=(VirtualDirectory("/up", root / "www", **(notified if reply else {})),),
+                # The server's clock is the engine's: a session whose Create-Session answer
+                # was lost keeps its destination for claim_timeout (30 s), which retries pass.
+                clock=lambda: clock.now().timestamp(),
+            )
+            app = make_upload_app(config)
+            app.middlewares.append(faulty(script, seen))
+            manager = TransferManager("memory:", clock=clock)
+            async with serve_app(app) as base:
+                job = manager.create_job(
+                    "scripted", JobType.UPLOAD_REPLY if reply else JobType.UPLOAD
+                )
+                job.minimum_retry_delay = 5
+                job.add_file(f"{base}/up/put.bin", source)
+                if reply:
+                    job.reply_file_name = str(root / "reply.bin")
+                job.resume()
+                engine = make_engine(manager)  # on the manager's (manual) clock
+                engine.upload_fragment = fragment
+                await drive(engine, job, clock)
+                outcome = f"{job.state.name} {job.error} {seen}"
+                if job.state is not S.TRANSFERRED:
+                    return outcome, None
+                assert job.complete() == hr.S_OK
+                held = root / ("reply.bin" if reply else "www/put.bin")
+                return outcome, held.read_bytes() if held.exists() else None
 
 
 @settings(
@@ -104,15 +123,19 @@ async def upload(data: bytes, script: list[str], fragment: int) -> tuple[str, by
     size=st.integers(1, 96 * KiB),
     fragment=st.sampled_from((4 * KiB, 16 * KiB, 64 * KiB)),
     script=st.lists(st.sampled_from(STEPS), max_size=12),
+    reply=st.booleans(),
 )
 # Always among them: the first fragment taken but its answer lost, then a 503; and a
 # Close-Session taken twice with its answer lost, then a 503 (the next try must close the
 # session, not send a fragment of it: the server closed it, and would say "not found").
-@example(40 * KiB, 16 * KiB, ["ok", "drop-after", "503", "drop-before"])
-@example(40 * KiB, 16 * KiB, ["ok", "ok", "ok", "ok", "ok", "drop-after", "drop-after", "503"])
-def test_an_uploaded_file_is_exactly_the_local_file(
-    size: int, fragment: int, script: list[str]
+@example(40 * KiB, 16 * KiB, ["ok", "drop-after", "503", "drop-before"], False)
+@example(
+    40 * KiB, 16 * KiB, ["ok", "ok", "ok", "ok", "ok", "drop-after", "drop-after", "503"], False
+)
+@example(40 * KiB, 16 * KiB, ["ok", "ok", "ok", "drop-after", "503", "drop-after"], True)
+def test_an_upload_puts_exactly_the_local_file_and_a_reply_comes_back_whole(
+    size: int, fragment: int, script: list[str], reply: bool
 ) -> None:
     data = bytes((i * 7 + size) % 256 for i in range(size))
-    outcome, uploaded = asyncio.run(upload(data, list(script), fragment))
-    assert uploaded == data, outcome
+    outcome, held = asyncio.run(upload(data, list(script), fragment, reply=reply))
+    assert held == (_answer(data) if reply else data), outcome

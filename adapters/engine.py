@@ -1386,6 +1386,8 @@ class Engine:
             job = self._job(job_id)
             try:
                 if job.job_type is JobType.DOWNLOAD:
+                    await self._recheck_transferred(job_id)
+                    job = self._job(job_id)
                     await self._download_files(job_id, job.pending_files)
                 else:
                     for index in job.pending_files:
@@ -1569,6 +1571,28 @@ class Engine:
             claimer.result()  # claiming stopped with an error: tell it
         if run.cursor < run.position[index]:
             raise JobGone(f"an earlier file of job {job_id} did not finish")
+
+    async def _recheck_transferred(self, job_id: str) -> None:
+        """A job that runs again (after an error, a Suspend, a new file) may hold files
+        already transferred whose temp files someone deleted or cut short meanwhile:
+        Complete would fail on them for good, or publish them short. Those files restart
+        (FileRestarted) and are fetched again with the others. A stat per such file, at
+        the start of a run only."""
+        job = self._job(job_id)
+        for index, f in enumerate(job.files):
+            if not f.transferred or not f.bytes_total:
+                continue  # an empty file needs no temp file (Complete makes it)
+            temp = localfile.file_temp(job, index)
+            try:
+                size = os.stat(temp).st_size
+            except FileNotFoundError:
+                size = -1
+            except OSError:
+                continue  # unreadable, not lost: Complete reports it
+            if size != f.bytes_total:
+                held = "is gone" if size < 0 else f"holds {size} of its {f.bytes_total} bytes"
+                reason = f"the temp file {temp} of a transferred file {held}"
+                await self._commit(job_id, cmd.RestartFile(index, reason))
 
     async def _take_over_file(self, job_id: str, index: int) -> None:
         """Before resuming a file from its checkpoint: its own temp file must still hold the

@@ -9,9 +9,12 @@ manual clock for the retry timers."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import attrs
 from aiohttp import web
@@ -24,6 +27,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
 
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.engine import Engine
+from backhaul.adapters.localfile import TEMP_SUFFIX
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import hresult as hr
 from backhaul.core.vocabulary import JobState
@@ -112,7 +116,11 @@ Ranges = list[tuple[int, int | None]]
 
 
 async def run_to_the_end(
-    scripts: list[Script], files: list[tuple[Path, Ranges]], *, in_memory: bool
+    scripts: list[Script],
+    files: list[tuple[Path, Ranges]],
+    *,
+    in_memory: bool,
+    losses: list[str],
 ) -> tuple[TransferManager, str]:
     clock = ManualClock()
     manager = TransferManager("memory:", clock=clock)
@@ -126,15 +134,20 @@ async def run_to_the_end(
         engine = make_engine(manager)  # on the manager's (manual) clock
         if not in_memory:  # every body to its temp file: a drop leaves a checkpoint
             engine.buffer_body = 0
-        await drive(engine, job, clock)
+        await drive(engine, job, clock, lambda: _lose(files[0][0].parent, losses))
         return manager, job.id
     finally:
         await runner.cleanup()
 
 
-async def drive(engine: Engine, job: TransferJob, clock: ManualClock) -> None:
+async def drive(
+    engine: Engine,
+    job: TransferJob,
+    clock: ManualClock,
+    at_retry: Callable[[], None] = lambda: None,
+) -> None:
     """Run ``engine`` until ``job`` is TRANSFERRED or in ERROR (at most about 3 s), moving
-    the manual clock past MinimumRetryDelay at each TRANSIENT_ERROR."""
+    the manual clock past MinimumRetryDelay at each TRANSIENT_ERROR (after ``at_retry``)."""
     task = asyncio.create_task(engine.run())
     try:
         for _ in range(300):
@@ -142,11 +155,23 @@ async def drive(engine: Engine, job: TransferJob, clock: ManualClock) -> None:
             if job.state in (S.TRANSFERRED, S.ERROR):
                 break
             if job.state is S.TRANSIENT_ERROR:
+                at_retry()
                 clock.advance(10)
                 engine.wake()
     finally:
         engine.stop()
         await asyncio.wait_for(task, 15)
+
+
+def _lose(directory: Path, losses: list[str]) -> None:
+    """While the job waits to retry, someone deletes its temp files, or cuts each to half
+    (the next of ``losses``; "keep" leaves them)."""
+    loss = losses.pop(0) if losses else "keep"
+    for temp in directory.glob(f"*{TEMP_SUFFIX}"):
+        if loss == "delete":
+            temp.unlink()
+        elif loss == "cut":
+            os.truncate(temp, temp.stat().st_size // 2)
 
 
 def _version(index: int, kib: int) -> bytes:
@@ -185,11 +210,12 @@ def _possible(case: Case) -> bool:
 cases = st.tuples(versions, steps, st.booleans(), st.booleans()).filter(_possible)
 
 
-def check(cases: list[Case], in_memory: bool) -> None:
+def check(cases: list[Case], in_memory: bool, losses: list[str]) -> None:
     scripts = [Script(versions, list(steps), etag) for versions, steps, etag, _ in cases]
     with tempfile.TemporaryDirectory() as tmp:
         files = [(Path(tmp) / f"f{i}.bin", _ranges_of(case)) for i, case in enumerate(cases)]
-        manager, job_id = asyncio.run(run_to_the_end(scripts, files, in_memory=in_memory))
+        run = run_to_the_end(scripts, files, in_memory=in_memory, losses=list(losses))
+        manager, job_id = asyncio.run(run)
         job = manager.get_job(job_id)
         seen = [script.seen for script in scripts]
         assert job.state is S.TRANSFERRED, (job.error, seen)
@@ -209,24 +235,55 @@ SETTINGS = settings(
 ONE_FILE, SEVERAL_FILES = settings(SETTINGS, max_examples=300), settings(SETTINGS, max_examples=100)
 
 
+losses = st.lists(st.sampled_from(("keep", "keep", "delete", "cut")), max_size=4)
+
+
 @ONE_FILE
-@given(case=cases, in_memory=st.booleans())
+@given(case=cases, in_memory=st.booleans(), losses=losses)
 # Always among them: a checkpoint, then at the resume a new version shorter than the
 # checkpoint (416) and one longer than the first (a 206 of the wrong size), with no ETag;
-# and a ranged file whose second range request meets a new version.
-@example(([_version(0, 96), _version(1, 8)], [("drop", 0.9), ("change", 0.5)], False, False), False)
-@example(([_version(0, 8), _version(1, 96)], [("drop", 0.5), ("change", 0.5)], False, False), False)
-@example(([_version(0, 8), _version(1, 8)], [("ok", 0.5), ("change", 0.5)], True, True), False)
+# a ranged file whose second range request meets a new version; and a checkpoint whose temp
+# file is cut short, then deleted, while the job waits.
+@example(
+    case=([_version(0, 96), _version(1, 8)], [("drop", 0.9), ("change", 0.5)], False, False),
+    in_memory=False,
+    losses=[],
+)
+@example(
+    case=([_version(0, 8), _version(1, 96)], [("drop", 0.5), ("change", 0.5)], False, False),
+    in_memory=False,
+    losses=[],
+)
+@example(
+    case=([_version(0, 8), _version(1, 8)], [("ok", 0.5), ("change", 0.5)], True, True),
+    in_memory=False,
+    losses=[],
+)
+@example(
+    case=([_version(0, 64)], [("drop", 0.6), ("drop", 0.5)], True, False),
+    in_memory=False,
+    losses=["cut", "delete"],
+)
 def test_a_transferred_file_is_exactly_the_servers_last_version(
-    case: Case, in_memory: bool
+    case: Case, in_memory: bool, losses: list[str]
 ) -> None:
-    check([case], in_memory)
+    check([case], in_memory, losses)
+
+
+TWO: Final = [
+    ([_version(0, 2)], [], False, False),
+    ([_version(0, 2)], [("drop", 0.5)], False, False),
+]
 
 
 @SEVERAL_FILES
-@given(many=st.lists(cases, min_size=2, max_size=4), in_memory=st.booleans())
+@given(many=st.lists(cases, min_size=2, max_size=4), in_memory=st.booleans(), losses=losses)
+# Always among them: the first file transferred, the second cut off; while the job waits,
+# the first file's temp file is cut short, or deleted (it must be fetched again).
+@example(many=TWO, in_memory=False, losses=["cut"])
+@example(many=TWO, in_memory=False, losses=["delete"])
 def test_every_file_of_a_job_is_exactly_its_servers_last_version(
-    many: list[Case], in_memory: bool
+    many: list[Case], in_memory: bool, losses: list[str]
 ) -> None:
     """The same for the files of one job: fetched several at a time, claimed in order."""
-    check(many, in_memory)
+    check(many, in_memory, losses)

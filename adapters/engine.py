@@ -1582,17 +1582,9 @@ class Engine:
         for index, f in enumerate(job.files):
             if not f.transferred or not f.bytes_total:
                 continue  # an empty file needs no temp file (Complete makes it)
-            temp = localfile.file_temp(job, index)
-            try:
-                size = os.stat(temp).st_size
-            except FileNotFoundError:
-                size = -1
-            except OSError:
-                continue  # unreadable, not lost: Complete reports it
-            if size != f.bytes_total:
-                held = "is gone" if size < 0 else f"holds {size} of its {f.bytes_total} bytes"
-                reason = f"the temp file {temp} of a transferred file {held}"
-                await self._commit(job_id, cmd.RestartFile(index, reason))
+            lost = _checkpoint_lost(localfile.file_temp(job, index), f.bytes_total, exact=True)
+            if lost is not None:
+                await self._commit(job_id, cmd.RestartFile(index, lost))
 
     async def _take_over_file(self, job_id: str, index: int) -> None:
         """Before resuming a file from its checkpoint: its own temp file must still hold the
@@ -2501,17 +2493,18 @@ def _resized(was: int | None, now: int | None) -> str:
     return f"the remote file changed: {was} bytes, now {now}"
 
 
-def _checkpoint_lost(temp: Path | str, length: int) -> str | None:
+def _checkpoint_lost(temp: Path | str, length: int, *, exact: bool = False) -> str | None:
     """Why the first ``length`` bytes checkpointed into ``temp`` are no longer there (the
     file was deleted or cut short behind the engine's back), or None. Resuming after them
-    would leave a hole of zeros that Complete would publish: the file starts over."""
+    would leave a hole of zeros that Complete would publish: the file starts over.
+    ``exact``: a transferred file's temp, which holds ``length`` bytes and no more."""
     try:
         size = os.stat(temp).st_size
     except FileNotFoundError:
         return f"the temp file {temp} is gone; its {length} checkpointed bytes are lost"
     except OSError:
-        return None  # unreadable, not lost: opening it fails with the local error
-    if size < length:
+        return None  # unreadable, not lost: opening it (or Complete) fails with the error
+    if size < length or (exact and size != length):
         return f"the temp file {temp} holds {size} of its {length} checkpointed bytes"
     return None
 

@@ -75,6 +75,30 @@ async def backend(reply: bytes, headers: dict[str, str] | None = None) -> AsyncI
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def replying(
+    tmp_path: Path, reply: bytes, headers: dict[str, str] | None = None
+) -> AsyncIterator[str]:
+    """An upload server whose back-end application answers every upload with ``reply``
+    (notified by value); yields the upload URL's base."""
+    async with (
+        backend(reply, headers) as notify_url,
+        upload_server(
+            tmp_path, notification=NotificationType.BY_VALUE, notification_url=notify_url
+        ) as (url, _www),
+    ):
+        yield url
+
+
+def ask(manager: TransferManager, url: str, source: Path, reply_file: Path) -> TransferJob:
+    """A resumed upload-reply job of ``source`` whose reply goes to ``reply_file``."""
+    job = manager.create_job("ask", JobType.UPLOAD_REPLY)
+    job.add_file(f"{url}/query.xml", source)
+    job.reply_file_name = str(reply_file)
+    job.resume()
+    return job
+
+
 def test_an_upload_job_puts_the_file_on_the_server(tmp_path: Path) -> None:
     source = tmp_path / "report.bin"
     data = os.urandom(3 * 1024 * 1024 + 17)
@@ -227,19 +251,9 @@ def test_an_upload_reply_job_fetches_the_reply_and_keeps_it_on_complete(tmp_path
     reply = b"<answer>" + os.urandom(5000) + b"</answer>"
 
     async def body() -> None:
-        async with (
-            backend(reply) as notify_url,
-            upload_server(
-                tmp_path,
-                notification=NotificationType.BY_VALUE,
-                notification_url=notify_url,
-            ) as (url, _www),
-        ):
+        async with replying(tmp_path, reply) as url:
             manager = TransferManager(home=tmp_path / "home")
-            job = manager.create_job("ask", JobType.UPLOAD_REPLY)
-            job.add_file(f"{url}/query.xml", source)
-            job.reply_file_name = str(tmp_path / "answer.xml")
-            job.resume()
+            job = ask(manager, url, source, tmp_path / "answer.xml")
             await Engine(manager, poll_interval=0.05).run(until_idle=True)
             assert job.state is JobState.TRANSFERRED, job.error
             progress = job.reply_progress
@@ -269,19 +283,9 @@ def test_a_reply_temp_file_lost_while_the_job_waits_is_fetched_again_from_zero(
     async def body() -> None:
         async with FaultServer({"/reply": served}) as srv:
             static = {"BITS-Static-Response-URL": srv.url("/reply")}
-            async with (
-                backend(b"", static) as notify_url,
-                upload_server(
-                    tmp_path,
-                    notification=NotificationType.BY_VALUE,
-                    notification_url=notify_url,
-                ) as (url, _www),
-            ):
+            async with replying(tmp_path, b"", static) as url:
                 manager = TransferManager(home=tmp_path / "home")
-                job = manager.create_job("ask", JobType.UPLOAD_REPLY)
-                job.add_file(f"{url}/query.xml", source)
-                job.reply_file_name = str(tmp_path / "answer.bin")
-                job.resume()
+                job = ask(manager, url, source, tmp_path / "answer.bin")
                 async with running(make_engine(manager)):
                     await until(lambda: job.state is JobState.TRANSIENT_ERROR, "the reply's drop")
                     assert job.reply_progress.bytes_transferred > 0

@@ -1049,12 +1049,30 @@ def test_complete_publishes_an_empty_file_and_resumes_a_complete_that_failed_hal
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"file-{i}.bin" for i in (0, 1, 2)]
 
 
-def test_cancel_deletes_the_temp_files(manager: TransferManager, tmp_path: Path) -> None:
+def whole_and_part(manager: TransferManager, tmp_path: Path) -> tuple[TransferJob, list[Path]]:
+    """A job of two files: the first transferred (5 bytes), the second checkpointed at 4."""
     job = transferring(manager, tmp_path, files=2)
     temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1)]
     temps[0].write_bytes(b"whole")
     temps[1].write_bytes(b"part")
     engine(manager, job, cmd.FinishFile(0, 5), cmd.Checkpoint(1, 4, 10))
+    return job, temps
+
+
+def killed_after_the_append(manager: TransferManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manager's next command is appended, then the process 'dies' (KeyboardInterrupt
+    stands for the kill: nothing after the append runs)."""
+    execute = manager.execute
+
+    def killed_after(job_id: str, command: cmd.Command) -> object:
+        execute(job_id, command)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manager, "execute", killed_after)
+
+
+def test_cancel_deletes_the_temp_files(manager: TransferManager, tmp_path: Path) -> None:
+    job, temps = whole_and_part(manager, tmp_path)
 
     assert job.cancel() == hresult.S_OK
 
@@ -1068,18 +1086,8 @@ def test_a_cancel_killed_after_its_event_leaves_no_temp_file(
 ) -> None:
     """Killed the moment the log says CANCELLED (a SIGKILL, a power cut): no engine looks
     at a final job again, so the temp files must be gone already."""
-    job = transferring(manager, tmp_path, files=2)
-    temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1)]
-    temps[0].write_bytes(b"whole")
-    temps[1].write_bytes(b"part")
-    engine(manager, job, cmd.FinishFile(0, 5), cmd.Checkpoint(1, 4, 10))
-    execute = manager.execute
-
-    def killed_after(job_id: str, command: cmd.Command) -> object:
-        execute(job_id, command)
-        raise KeyboardInterrupt  # stands for the kill: nothing after the append runs
-
-    monkeypatch.setattr(manager, "execute", killed_after)
+    job, temps = whole_and_part(manager, tmp_path)
+    killed_after_the_append(manager, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         job.cancel()
 
@@ -1090,18 +1098,8 @@ def test_a_cancel_killed_after_its_event_leaves_no_temp_file(
 def test_a_partial_complete_killed_after_its_event_leaves_no_temp_file(
     manager: TransferManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job = transferring(manager, tmp_path, files=2)
-    temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1)]
-    temps[0].write_bytes(b"whole")
-    temps[1].write_bytes(b"part")
-    engine(manager, job, cmd.FinishFile(0, 5), cmd.Checkpoint(1, 4, 10))
-    execute = manager.execute
-
-    def killed_after(job_id: str, command: cmd.Command) -> object:
-        execute(job_id, command)
-        raise KeyboardInterrupt  # stands for the kill: nothing after the append runs
-
-    monkeypatch.setattr(manager, "execute", killed_after)
+    job, temps = whole_and_part(manager, tmp_path)
+    killed_after_the_append(manager, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         job.complete()
 

@@ -313,6 +313,19 @@ def cmd_gettemporaryname(args: argparse.Namespace, m: TransferManager, out: Text
     return EXIT_OK
 
 
+def cmd_setvalidationstate(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyFile3::SetValidationState of file INDEX: ``false`` rejects it (the job
+    goes to ERROR with BG_E_VALIDATION_FAILED and ``resume`` fetches the file again)."""
+    find_job(m, args.job).set_validation_state(args.index, args.state == "true")
+    return EXIT_OK
+
+
+def cmd_getvalidationstate(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyFile3::GetValidationState of file INDEX: true once accepted."""
+    out.write(f"{str(find_job(m, args.job).validation_state(args.index)).lower()}\n")
+    return EXIT_OK
+
+
 def _integer(text: str, refusal: str) -> int:
     """A number as Python writes it (0x.. too), else E_INVALIDARG with ``refusal``."""
     try:
@@ -462,6 +475,7 @@ def cmd_files(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
             "bytes_transferred": f.progress.bytes_transferred,
             "completed": f.progress.completed,
             "temporary_name": f.temporary_name,
+            "validated": f.validated,
         }
         for f in job.files()
     ]
@@ -1639,6 +1653,16 @@ def build_parser() -> argparse.ArgumentParser:
     verb("geterror", cmd_geterror, "the job's error (GetError)")
     tn = verb("gettemporaryname", cmd_gettemporaryname, "file INDEX's temp file")
     tn.add_argument("index", type=int)
+    sv = verb(
+        "setvalidationstate",
+        cmd_setvalidationstate,
+        "accept (true) or reject (false) transferred file INDEX; a rejected file is fetched "
+        "again after resume",
+    )
+    sv.add_argument("index", type=int)
+    sv.add_argument("state", type=str.lower, choices=("true", "false"))
+    gv = verb("getvalidationstate", cmd_getvalidationstate, "whether file INDEX was accepted")
+    gv.add_argument("index", type=int)
     verb("setaclflag", cmd_setaclflag, "ACL parts kept from SMB (letters of OGDS)").add_argument(
         "flags"
     )

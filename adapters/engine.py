@@ -653,7 +653,9 @@ class Engine:
         if isinstance(event, ev.JobTransferred) and wants(job, "job_transferred"):
             self.callbacks.call("job_transferred", handle)
             return
-        to_error = ev.ErrorOccurred | ev.NoProgressTimedOut | ev.MaxDownloadTimeExceeded
+        to_error = (
+            ev.ErrorOccurred | ev.NoProgressTimedOut | ev.MaxDownloadTimeExceeded | ev.FileRejected
+        )
         if isinstance(event, to_error) and job.state is JobState.ERROR:
             if wants(job, "job_error"):
                 self.callbacks.call("job_error", handle, handle.error)
@@ -1579,12 +1581,8 @@ class Engine:
         (FileRestarted) and are fetched again with the others. A stat per such file, at
         the start of a run only."""
         job = self._job(job_id)
-        for index, f in enumerate(job.files):
-            if not f.transferred or not f.bytes_total:
-                continue  # an empty file needs no temp file (Complete makes it)
-            lost = _checkpoint_lost(localfile.file_temp(job, index), f.bytes_total, exact=True)
-            if lost is not None:
-                await self._commit(job_id, cmd.RestartFile(index, lost))
+        for index, lost in localfile.changed_since_transferred(job, range(len(job.files))):
+            await self._commit(job_id, cmd.RestartFile(index, lost))
 
     async def _take_over_file(self, job_id: str, index: int) -> None:
         """Before resuming a file from its checkpoint: its own temp file must still hold the
@@ -1596,7 +1594,7 @@ class Engine:
         if not f.bytes_transferred:
             return
         if f.temp_worker == self.worker:
-            lost = _checkpoint_lost(localfile.file_temp(job, index), f.bytes_transferred)
+            lost = localfile.checkpoint_lost(localfile.file_temp(job, index), f.bytes_transferred)
             if lost is not None:
                 await self._commit(job_id, cmd.RestartFile(index, lost))
             return
@@ -1749,7 +1747,7 @@ class Engine:
                 transient=False,
             )
         await self._claimed_before(job_id, index)  # FileTransferred stays in file order
-        lost = _checkpoint_lost(
+        lost = localfile.checkpoint_lost(
             localfile.temp_name(job_id, index, f.local_name, self.worker), total
         )
         if lost is not None:  # deleted while it was written: Complete could not find it
@@ -2263,7 +2261,7 @@ class Engine:
         url = self._reply_url(job, url)
         tmp = localfile.reply_temp_path(job)
         offset = job.reply_bytes_transferred if job.reply_bytes_total is not None else 0
-        if offset and _checkpoint_lost(tmp, offset) is not None:
+        if offset and localfile.checkpoint_lost(tmp, offset) is not None:
             offset = 0  # the reply's temp file was deleted or cut: fetch it again whole
         transport = self.transport_for(url)
         async with self._connections:
@@ -2304,6 +2302,7 @@ _CHANGES_MET: Final = 3
 _TOLD = (
     ev.JobTransferred,
     ev.ErrorOccurred,
+    ev.FileRejected,
     ev.NoProgressTimedOut,
     ev.MaxDownloadTimeExceeded,
     ev.JobCancelled,
@@ -2491,22 +2490,6 @@ def _remote_resized(recorded: int | None, download: Download) -> bool:
 
 def _resized(was: int | None, now: int | None) -> str:
     return f"the remote file changed: {was} bytes, now {now}"
-
-
-def _checkpoint_lost(temp: Path | str, length: int, *, exact: bool = False) -> str | None:
-    """Why the first ``length`` bytes checkpointed into ``temp`` are no longer there (the
-    file was deleted or cut short behind the engine's back), or None. Resuming after them
-    would leave a hole of zeros that Complete would publish: the file starts over.
-    ``exact``: a transferred file's temp, which holds ``length`` bytes and no more."""
-    try:
-        size = os.stat(temp).st_size
-    except FileNotFoundError:
-        return f"the temp file {temp} is gone; its {length} checkpointed bytes are lost"
-    except OSError:
-        return None  # unreadable, not lost: opening it (or Complete) fails with the error
-    if size < length or (exact and size != length):
-        return f"the temp file {temp} holds {size} of its {length} checkpointed bytes"
-    return None
 
 
 def _take_over(source: Path, target: Path, length: int) -> None:

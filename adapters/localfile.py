@@ -61,6 +61,41 @@ def file_temp(job: Job, index: int) -> Path:
     return temp_path(job.id, index, f.local_name, f.temp_worker)
 
 
+def checkpoint_lost(temp: Path | str, length: int, *, exact: bool = False) -> str | None:
+    """Why the first ``length`` bytes checkpointed into ``temp`` are no longer there (the
+    file was deleted or cut short behind the engine's back), or None. Resuming after them
+    would leave a hole of zeros that Complete would publish: the file starts over.
+    ``exact``: a transferred file's temp, which holds ``length`` bytes and no more."""
+    try:
+        size = os.stat(temp).st_size
+    except FileNotFoundError:
+        return f"the temp file {temp} is gone; its {length} checkpointed bytes are lost"
+    except OSError:
+        return None  # unreadable, not lost: opening it (or Complete) fails with the error
+    if size < length or (exact and size != length):
+        return f"the temp file {temp} holds {size} of its {length} checkpointed bytes"
+    return None
+
+
+def changed_since_transferred(job: Job, indexes: Iterable[int]) -> list[tuple[int, str]]:
+    """The transferred files among ``indexes`` whose temp file no longer holds exactly
+    their bytes (deleted or cut short, or grown, behind the engine's back), with why.
+    Complete checks them before it publishes anything: a file renamed in short would be
+    wrong for good. A file an earlier Complete already published (its temp gone, the
+    target of its size) is not one of them. A stat per file."""
+    found: list[tuple[int, str]] = []
+    for i in indexes:
+        f = job.files[i]
+        if not f.transferred or not f.bytes_total:
+            continue  # an empty file needs no temp file (Complete makes it)
+        temp = file_temp(job, i)
+        lost = checkpoint_lost(temp, f.bytes_total, exact=True)
+        if lost is None or (not temp.exists() and _already_published(f.local_name, f)):
+            continue
+        found.append((i, f"{f.local_name}: {lost} (changed after it was transferred)"))
+    return found
+
+
 def _safe(worker: str) -> str:
     return "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in worker)[:40]
 

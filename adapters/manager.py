@@ -101,6 +101,7 @@ class FileInfo:
     temporary_name: str | None
     validator: str | None
     digest: str | None
+    validated: bool = False
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -574,6 +575,7 @@ def _file_info(job: Job, i: int) -> FileInfo:
         temp,
         f.validator,
         f.digest,
+        f.validated,
     )
 
 
@@ -1033,6 +1035,8 @@ class TransferJob:
         self._manager._check_access(job)
         decided = cmd.decide(job, cmd.Complete(), self._manager.clock.now(), self._manager.limits)
         kept = decided[0].files_kept  # type: ignore[attr-defined]
+        if job.job_type is JobType.DOWNLOAD:
+            self._reject_changed(job, kept)
 
         batched = self._manager._in_batch()
         # In a batch, each directory is fsynced once, after every rename of the batch.
@@ -1064,6 +1068,36 @@ class TransferJob:
         events = self._manager.execute(self.id, cmd.Complete(kept))
         discard()
         return int(events[0].result)  # type: ignore[attr-defined]
+
+    def _reject_changed(self, job: Job, kept: Sequence[int]) -> None:
+        """Complete validates what it publishes (BITS: "Complete implicitly validates
+        files"): a transferred file whose temp file was deleted or cut short since would be
+        published wrong for good. Each such file is rejected as SetValidationState(FALSE)
+        rejects one (the job goes to ERROR, the file starts over, Resume fetches it again)
+        and Complete fails with BG_E_VALIDATION_FAILED, publishing nothing."""
+        changed = localfile.changed_since_transferred(job, kept)
+        if not changed:
+            return
+        for index, reason in changed:
+            self._do(cmd.SetValidationState(index, valid=False, reason=reason))
+        names = ", ".join(str(index) for index, _ in changed)
+        raise BitsError(
+            hresult.BG_E_VALIDATION_FAILED,
+            f"nothing was published: {changed[0][1]}; file(s) {names} will be fetched again "
+            "after resume (the job is in ERROR)",
+        )
+
+    def set_validation_state(self, index: int, valid: bool) -> None:
+        """IBackgroundCopyFile3::SetValidationState of a transferred download file (E_PENDING
+        before it is transferred). FALSE rejects it: the job goes to ERROR with
+        BG_E_VALIDATION_FAILED, the file's progress returns to 0, and Resume fetches it
+        again."""
+        self._do(cmd.SetValidationState(index, valid=bool(valid)))
+
+    def validation_state(self, index: int) -> bool:
+        """IBackgroundCopyFile3::GetValidationState: TRUE once the application accepted the
+        file since it was last transferred."""
+        return self.file(index).validated
 
     def reply_data(self) -> bytes:
         """GetReplyData: the server's reply (upload-reply jobs), at most 1 MiB in memory;

@@ -39,7 +39,7 @@ from backhaul.core.url import (
     shown_query,
 )
 from backhaul.core.value import ByteRange, FileSpec, JobError, Sealed
-from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState, JobType
+from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext, JobState, JobType
 
 
 @attrs.frozen
@@ -135,6 +135,17 @@ class Suspend(Command):
 @attrs.frozen
 class Cancel(Command):
     pass
+
+
+@attrs.frozen
+class SetValidationState(Command):
+    """IBackgroundCopyFile3::SetValidationState of a transferred download file. FALSE
+    rejects it: the job goes to ERROR (BG_E_VALIDATION_FAILED) and the file starts over.
+    ``reason``: what the error says (Complete's own check of a temp file gives one)."""
+
+    file_index: int
+    valid: bool
+    reason: str | None = None
 
 
 @attrs.frozen
@@ -615,6 +626,28 @@ def _complete(job: Job, cmd: Complete, now: datetime, limits: Limits) -> list[ev
     return [ev.JobCompleted(now, result, kept)]
 
 
+def _set_validation_state(
+    job: Job, cmd: SetValidationState, now: datetime, limits: Limits
+) -> list[ev.Event]:
+    if not cmd.valid:  # a final job refuses before anything else is looked at
+        next_state(job.state, Trigger.VALIDATION_FAILED, job.facts())
+    _require_live(job)
+    if job.job_type is not JobType.DOWNLOAD:
+        raise BitsError(hresult.E_NOTIMPL, "validation applies to download jobs only")
+    _file_in_job(job, cmd.file_index)
+    if not job.files[cmd.file_index].transferred:
+        raise BitsError(
+            hresult.E_PENDING, f"file {cmd.file_index} is not transferred yet: nothing to validate"
+        )
+    if cmd.valid:
+        return [ev.FileValidated(now, cmd.file_index)]
+    reason = cmd.reason or f"the application rejected file {cmd.file_index}"
+    error = JobError(
+        ErrorContext.LOCAL_FILE, hresult.BG_E_VALIDATION_FAILED, reason, cmd.file_index
+    )
+    return _transition(job, Trigger.VALIDATION_FAILED, ev.FileRejected(now, cmd.file_index, error))
+
+
 def _file_in_job(job: Job, index: int) -> None:
     if not 0 <= index < len(job.files):
         raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {index}")
@@ -738,6 +771,7 @@ _DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyT
         Suspend: _simple(Trigger.SUSPEND, ev.JobSuspended),
         Cancel: _simple(Trigger.CANCEL, ev.JobCancelled),
         Complete: _complete,
+        SetValidationState: _set_validation_state,
         StartTransfer: _simple(Trigger.SCHEDULED, ev.TransferStarted),
         Connect: _simple(Trigger.CONNECTED, ev.Connected),
         Checkpoint: _checkpoint,

@@ -156,6 +156,24 @@ class FileRestarted(Event):
 
 
 @attrs.frozen
+class FileValidated(Event):
+    """SetValidationState(TRUE): the application accepted a transferred file."""
+
+    file_index: int
+
+
+@attrs.frozen
+class FileRejected(Event):
+    """SetValidationState(FALSE), or Complete finding a transferred file's temp file cut
+    short or gone: the job goes to ERROR with ``error`` and the file starts again from
+    byte 0 (Resume fetches it again)."""
+
+    file_index: int
+    error: JobError
+    trigger = Trigger.VALIDATION_FAILED
+
+
+@attrs.frozen
 class JobTransferred(Event):
     trigger = Trigger.ALL_FILES_DONE
 
@@ -314,6 +332,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     BytesCheckpointed,
     FileTransferred,
     FileRestarted,
+    FileValidated,
+    FileRejected,
     JobTransferred,
     ErrorOccurred,
     RetryStarted,

@@ -69,6 +69,7 @@ class FileState:
     digest: str | None = None
     upload_token: str | None = None
     temp_worker: str | None = None  # whose temp file holds the checkpointed bytes
+    validated: bool = False  # SetValidationState(TRUE) since the file was last transferred
     # BITS_FILE_PROPERTY_ID_HTTP_RESPONSE_HEADERS: the raw header block of the last response
     # whose body this file received; sealed when it carries a secret (a Set-Cookie).
     response_headers: str | Sealed | None = None
@@ -443,11 +444,12 @@ def _file_transferred(job: Job, e: ev.FileTransferred) -> dict[str, Any]:
         digest=e.digest,
         temp_worker=job.lease_worker,
         response_headers=e.response_headers or job.files[e.file_index].response_headers,
+        validated=False,
     )
     return {"files": files, "error": None, "no_progress_since": None}
 
 
-def _file_restarted(job: Job, e: ev.FileRestarted) -> dict[str, Any]:
+def _file_restarted(job: Job, e: ev.FileRestarted | ev.FileRejected) -> dict[str, Any]:
     spec = job.files[e.file_index].spec
     files = _replace_file(
         job,
@@ -459,8 +461,23 @@ def _file_restarted(job: Job, e: ev.FileRestarted) -> dict[str, Any]:
         digest=None,
         upload_token=None,
         temp_worker=None,
+        validated=False,
     )
     return {"files": files}
+
+
+def _file_rejected(job: Job, e: ev.FileRejected) -> dict[str, Any]:
+    """The file starts over, and the job holds the rejection as its error (in ERROR: no
+    retry timer, no NoProgressTimeout running)."""
+    return {
+        **_file_restarted(job, e),
+        "error": e.error,
+        "error_count": job.error_count + 1,
+        "error_at": e.at,
+        "retry_not_before": None,
+        "no_progress_since": None,
+        "blocked_by": None,
+    }
 
 
 def _transferred(job: Job, e: ev.JobTransferred) -> dict[str, Any]:
@@ -538,6 +555,10 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
         ev.BytesCheckpointed: _checkpointed,
         ev.FileTransferred: _file_transferred,
         ev.FileRestarted: _file_restarted,
+        ev.FileValidated: lambda job, e: {
+            "files": _replace_file(job, e.file_index, validated=True)
+        },
+        ev.FileRejected: _file_rejected,
         ev.JobTransferred: _transferred,
         ev.ErrorOccurred: _error,
         ev.NetworkLost: _network_lost,

@@ -36,6 +36,7 @@ class Trigger(Enum):
     CANCEL = "cancel"
     COMPLETE = "complete"
     ADD_FILE = "add_file"
+    VALIDATION_FAILED = "validation_failed"
     # Engine events.
     SCHEDULED = "scheduled"
     CONNECTED = "connected"
@@ -60,7 +61,14 @@ class Trigger(Enum):
 
 
 CLIENT_CALLS = frozenset(
-    {Trigger.RESUME, Trigger.SUSPEND, Trigger.CANCEL, Trigger.COMPLETE, Trigger.ADD_FILE}
+    {
+        Trigger.RESUME,
+        Trigger.SUSPEND,
+        Trigger.CANCEL,
+        Trigger.COMPLETE,
+        Trigger.ADD_FILE,
+        Trigger.VALIDATION_FAILED,
+    }
 )
 
 
@@ -130,7 +138,11 @@ def _row(**cells: Rule) -> Mapping[Trigger, Rule]:
 
 
 # fmt: off
-_CALLS_IN_ANY_NON_FINAL = {"cancel": _to(S.CANCELLED), "inactivity_timeout": _to(S.CANCELLED)}
+_CALLS_IN_ANY_NON_FINAL = {
+    "cancel": _to(S.CANCELLED),
+    "inactivity_timeout": _to(S.CANCELLED),
+    "validation_failed": _to(S.ERROR),
+}
 
 TABLE: Mapping[JobState, Mapping[Trigger, Rule]] = MappingProxyType({
     S.SUSPENDED: _row(
@@ -264,6 +276,24 @@ DECISIONS: Mapping[tuple[JobState, Trigger], str] = MappingProxyType(
         (S.CONNECTING, T.BLOCKED): (
             "TRANSIENT_ERROR with the blocking code (policy, cost); no error is counted and "
             "no retry timer runs; UNBLOCKED queues the job again."
+        ),
+        (S.TRANSFERRED, T.VALIDATION_FAILED): (
+            "Goes to ERROR with BG_E_VALIDATION_FAILED, and the rejected file starts over "
+            "from byte 0 (SetValidationState page: Resume fetches it again). The same when "
+            "Complete finds a transferred file's temp file cut short or gone: Complete "
+            "validates the files it publishes."
+        ),
+        (S.SUSPENDED, T.VALIDATION_FAILED): (
+            "Goes to ERROR, as from the active states: the error says why the job holds a "
+            "file to fetch again, and Resume queues it as it would from SUSPENDED."
+        ),
+        (S.ERROR, T.VALIDATION_FAILED): (
+            "Stays ERROR; the job's error becomes the rejection (BG_E_VALIDATION_FAILED, "
+            "naming the file), which is what Resume must mend."
+        ),
+        (S.TRANSIENT_ERROR, T.VALIDATION_FAILED): (
+            "Goes to ERROR: the rejection is the application's verdict, not a failure a "
+            "retry would mend; the retry timer stops until Resume."
         ),
         (S.TRANSFERRING, T.RANGES_DONE): (
             "On-demand job whose requested ranges are in but whose file is still incomplete: "

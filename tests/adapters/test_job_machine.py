@@ -11,10 +11,11 @@ restates the table.
 Rules: ``create_job``; ``add_file`` (every remote/local name kind); ``add_two_files_at_once``;
 ``change_setting`` (priority, description, display name, NoProgressTimeout incl. 0,
 MinimumRetryDelay, on-demand mode; too-long strings included); ``engine_checkpoints`` and
-``engine_finishes_file`` (any file index); ``triggers_in_states``: for a few (goal state,
+``engine_finishes_file`` (any file index); ``validate_file`` (SetValidationState TRUE or
+FALSE of any file index); ``triggers_in_states``: for a few (goal state,
 trigger) pairs, drive the job towards the goal along the happy path, then issue the call
 or engine report carrying the trigger (Resume, Suspend, Cancel, Complete, AddFile,
-StartTransfer, Connect, Checkpoint, FinishJob, Fail transient/fatal, Retry,
+SetValidationState(FALSE), StartTransfer, Connect, Checkpoint, FinishJob, Fail transient/fatal, Retry,
 TimeOutNoProgress, ExceedMaxDownloadTime, LoseNetwork, RestoreNetwork, Block, Unblock,
 EndSlice, Scavenge, FinishRanges) so that every cell of the table is reached in a few
 steps; ``rebuild_views``.
@@ -448,6 +449,11 @@ class JobMachine(RuleBasedStateMachine):
     @rule(job_id=jobs, index=st.integers(0, 2), done=st.integers(0, 100))
     def engine_checkpoints(self, job_id: str, index: int, done: int) -> None:
         m = self.model[job_id]
+        if index < len(m.transferred) and m.transferred[index]:
+            # The engine checkpoints a file only while it fetches it; new bytes of a
+            # transferred file come whole, as a FileTransferred (DATA_RECEIVED too).
+            self.engine_finishes_file(job_id, index, done)
+            return
         call = self.execute(job_id, cmd.Checkpoint(index, done, 100))
         if index >= len(m.transferred):
             self.attempt(job_id, call, None, hresult.BG_E_FILE_NOT_FOUND)
@@ -468,6 +474,39 @@ class JobMachine(RuleBasedStateMachine):
         self.attempt(job_id, call, target, refusal)
         if refusal is None:
             m.transferred[index] = True
+
+    @rule(job_id=jobs, index=st.integers(0, 2), valid=st.booleans())
+    def validate_file(self, job_id: str, index: int, valid: bool) -> None:
+        """SetValidationState: TRUE changes nothing but the file's flag; FALSE is the
+        VALIDATION_FAILED cell, and the file is pending again."""
+        m = self.model[job_id]
+        call = lambda: self.handle(job_id).set_validation_state(index, valid)  # noqa: E731
+        refusal = None
+        if m.is_final:
+            refusal = hresult.BG_E_INVALID_STATE
+        elif m.job_type is not JobType.DOWNLOAD:
+            refusal = hresult.E_NOTIMPL
+        elif index >= len(m.transferred):
+            refusal = hresult.BG_E_FILE_NOT_FOUND
+        elif not m.transferred[index]:
+            refusal = hresult.E_PENDING
+        if refusal is not None or valid:
+            self.attempt(job_id, call, None if refusal else m.state, refusal)
+            if refusal is None:
+                assert self.handle(job_id).validation_state(index)
+            return
+        self.transition(job_id, Trigger.VALIDATION_FAILED, call)
+        m.transferred[index] = False
+        assert not self.handle(job_id).validation_state(index)
+        error = self.handle(job_id).error
+        assert error is not None
+        assert (error.hresult, error.file_index) == (hresult.BG_E_VALIDATION_FAILED, index)
+        assert self.handle(job_id).file(index).progress.bytes_transferred == 0
+
+    def reject_a_file(self, job_id: str) -> None:
+        """SetValidationState(FALSE) of the first transferred file (of file 0 if none is)."""
+        done = self.model[job_id].transferred
+        self.validate_file(job_id, done.index(True) if True in done else 0, valid=False)
 
     def engine_finishes_job(self, job_id: str) -> None:
         m = self.model[job_id]
@@ -540,6 +579,7 @@ class JobMachine(RuleBasedStateMachine):
             Trigger.ALL_FILES_DONE: lambda: self.engine_finishes_job(job_id),
             Trigger.TRANSIENT_FAILURE: lambda: self.engine_fails(job_id, transient=True),
             Trigger.FATAL_FAILURE: lambda: self.engine_fails(job_id, transient=False),
+            Trigger.VALIDATION_FAILED: lambda: self.reject_a_file(job_id),
         }
         if trigger in calls:
             calls[trigger]()

@@ -1026,24 +1026,29 @@ def test_complete_publishes_an_empty_file_and_resumes_a_complete_that_failed_hal
     manager: TransferManager, tmp_path: Path
 ) -> None:
     """An empty file has no temp file to rename: Complete creates it. A file an earlier
-    Complete already renamed (it failed on a later file) counts as published; a missing
-    temp file that was never published fails the Complete with ERROR_FILE_NOT_FOUND."""
+    Complete already renamed (it failed on a later file) counts as published, its temp
+    file gone: the next Complete neither rejects it nor fails on it. Here the later file's
+    destination turned into a directory after AddFile (ERROR_ACCESS_DENIED)."""
     job = transferring(manager, tmp_path, files=3)
     temps = [localfile.temp_path(job.id, i, str(tmp_path / f"file-{i}.bin")) for i in (0, 1, 2)]
     temps[0].write_bytes(b"whole")
+    temps[2].write_bytes(b"abc")
     engine(manager, job, cmd.FinishFile(0, 5), cmd.FinishFile(1, 0), cmd.FinishFile(2, 3))
     engine(manager, job, cmd.FinishJob())
     assert job.state is JobState.TRANSFERRED
+    in_the_way = tmp_path / "file-2.bin"
+    in_the_way.mkdir()
 
     with pytest.raises(BitsError) as failed:
-        job.complete()  # file 2's temp file is gone
-    assert failed.value.hresult == hresult.hresult_from_win32(hresult.ERROR_FILE_NOT_FOUND)
+        job.complete()
+    assert failed.value.hresult == hresult.hresult_from_win32(hresult.ERROR_ACCESS_DENIED)
     assert "file-2.bin" in str(failed.value)
     assert job.state is JobState.TRANSFERRED
     assert (tmp_path / "file-0.bin").read_bytes() == b"whole"  # renamed before the failure
     assert (tmp_path / "file-1.bin").read_bytes() == b""
+    assert not temps[0].exists()
 
-    temps[2].write_bytes(b"abc")
+    in_the_way.rmdir()
     assert job.complete() == hresult.S_OK
     assert [(tmp_path / f"file-{i}.bin").read_bytes() for i in (0, 1, 2)] == [b"whole", b"", b"abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"file-{i}.bin" for i in (0, 1, 2)]

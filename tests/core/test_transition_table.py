@@ -38,6 +38,7 @@ from backhaul.core.command import (
     Retry,
     Scavenge,
     SetSetting,
+    SetValidationState,
     StartTransfer,
     Suspend,
     TimeOutNoProgress,
@@ -145,6 +146,7 @@ COMMANDS: dict[Trigger, Callable[[], Command]] = {
     Trigger.CANCEL: Cancel,
     Trigger.COMPLETE: Complete,
     Trigger.ADD_FILE: lambda: AddFiles((SECOND_FILE,)),
+    Trigger.VALIDATION_FAILED: lambda: SetValidationState(0, valid=False),
     Trigger.SCHEDULED: StartTransfer,
     Trigger.CONNECTED: Connect,
     Trigger.DATA_RECEIVED: lambda: Checkpoint(0, FILE_SIZE // 4, FILE_SIZE),
@@ -162,6 +164,9 @@ COMMANDS: dict[Trigger, Callable[[], Command]] = {
     Trigger.INACTIVITY_TIMEOUT: Scavenge,
     Trigger.RANGES_DONE: FinishRanges,
 }
+
+# ALL_FILES_DONE comes only once nothing is pending; a file is rejected once it is in.
+FILES_DONE = (Trigger.ALL_FILES_DONE, Trigger.VALIDATION_FAILED)
 
 ALL_PAIRS = [(state, trigger) for state in JobState for trigger in Trigger]
 
@@ -213,7 +218,7 @@ def test_decide_and_fold_follow_the_table_for_every_state_and_trigger(
     pair: tuple[JobState, Trigger],
 ) -> None:
     state, trigger = pair
-    job = reach(state, files_done=trigger is Trigger.ALL_FILES_DONE)
+    job = reach(state, files_done=trigger in FILES_DONE)
     expect_table_outcome(job, trigger, COMMANDS[trigger]())
 
 
@@ -298,13 +303,15 @@ def test_complete_acknowledges_a_download_anywhere_but_an_upload_only_when_trans
 @pytest.mark.parametrize("job_type", list(JobType), ids=lambda t: t.name)
 def test_every_job_type_follows_the_table_for_every_state_and_trigger(job_type: JobType) -> None:
     for state, trigger in ALL_PAIRS:
-        job = reach(state, job_type=job_type, files_done=trigger is Trigger.ALL_FILES_DONE)
+        job = reach(state, job_type=job_type, files_done=trigger in FILES_DONE)
         command = COMMANDS[trigger]()
-        if trigger is Trigger.ADD_FILE and job_type is not JobType.DOWNLOAD:
-            # One file per upload job (§2.3): a per-call rule checked after "not final".
+        # Per-call rules checked after "not final": one file per upload job (§2.3), and
+        # validation of download files only (§3).
+        per_call = {Trigger.ADD_FILE: "BG_E_TOO_MANY_FILES", Trigger.VALIDATION_FAILED: "E_NOTIMPL"}
+        if trigger in per_call and job_type is not JobType.DOWNLOAD:
             with pytest.raises(BitsError) as refused:
                 decide(job, command, at(job.version), DEFAULT_LIMITS)
-            expected = "BG_E_INVALID_STATE" if job.is_final else "BG_E_TOO_MANY_FILES"
+            expected = "BG_E_INVALID_STATE" if job.is_final else per_call[trigger]
             assert hresult.name_of(refused.value.hresult) == expected
             continue
         expect_table_outcome(job, trigger, command)

@@ -53,7 +53,9 @@ Rules of this module:
 * BG_E_SESSION_NOT_FOUND (``500`` + ``BITS-Error-Code: 0x8020001F``: the server expired or lost
   the session) raises ``TransferError(BG_E_SESSION_NOT_FOUND, transient=True)``. The engine
   must then forget the token and begin a NEW session (``token=None``) from offset 0, as
-  Windows restarts with Create-Session.
+  Windows restarts with Create-Session. Not at a plain upload's Close-Session once every
+  byte was acknowledged: the server moved the file into place with its last fragment, and
+  a session it lost since leaves nothing to close (``finish()`` returns).
 * Errors from the server: the HRESULT comes from ``BITS-Error-Code`` or ``BITS-Error`` (the
   SDK docs and MC-BUP disagree on the name; both are read; hexadecimal with or without
   ``0x``), the context from ``BITS-Error-Context`` (``0x5`` -> REMOTE_FILE, ``0x7`` ->
@@ -560,7 +562,11 @@ class BitsUploadSession:
                     f"no {REPLY_URL} for the upload-reply to {_redact(self._url)}",
                 )
             return self.reply_url
-        await self._final("Close-Session", not_found_ok=False)
+        # The server moved the file into place when its last fragment came (MC-BUP 3.2.5.3.4),
+        # and acknowledged all of it: a session it lost or let expire since (its Close-Session
+        # "not found") has nothing left to close. An empty file has no fragment: its
+        # Close-Session is what commits it.
+        await self._final("Close-Session", not_found_ok=self.size > 0)
         return None
 
     async def close(self) -> None:

@@ -369,6 +369,7 @@ class Engine:
     # -- start and stop ------------------------------------------------------------------
 
     async def _start(self) -> None:
+        await asyncio.to_thread(self.manager.finish_discards)
         self.settings = await asyncio.to_thread(self.manager.settings)
         declare_secret_parameters(self.settings.secret_parameters)
         await asyncio.to_thread(self.manager.refresh_views)

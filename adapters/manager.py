@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import getpass
+import json
 import os
 import threading
 import uuid
@@ -183,6 +184,7 @@ class TransferManager:
         self._own_files: dict[str, set[str]] | None = None
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
+        self._discarded: list[str] = []  # in a batch: jobs whose temps go after the commit
         self.declare_secret_parameters()  # before this manager names a job after a URL
 
     @property
@@ -395,6 +397,7 @@ class TransferManager:
         pending: list[tuple[str, int, list[Event]]] = []
         self._batch_thread = threading.get_ident()
         self._pending, self._before_commit, self._after_commit = pending, [], []
+        self._discarded = []
         self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
         self._good_dirs, self._secrets_read = set(), False
         self._fresh = set()
@@ -406,10 +409,15 @@ class TransferManager:
             for action in before:
                 action()  # Complete publishes its files before its event is appended
             localfile.sync_dirs(self._renamed_dirs)  # once per directory for the batch
+            # A process killed between the commit and the deletions would leave the temp
+            # files of jobs no engine looks at again: the journal names them until then.
+            journal = self._journal_discards(self._discarded) if pending else None
             if pending:
                 self._append_many(pending)
             for action in after:
                 action()  # Cancel deletes temp files once its event is appended
+            if journal is not None:
+                journal.unlink(missing_ok=True)
         except BaseException:
             for job_id, _, _ in pending:
                 self._cache.pop(job_id, None)
@@ -421,6 +429,56 @@ class TransferManager:
             self._fresh = set()
             self._log_unmoved = None
             self._before_commit, self._after_commit = [], []
+            self._discarded = []
+
+    def _discard_journal(self) -> Path | None:
+        """Where batches note the jobs whose temp files they delete after their commit: in
+        the store's home, beside the SQLite file or the secret key (an in-memory store
+        keeps nothing over a crash)."""
+        if self.store.kind == "sqlite":
+            return Path(self.store.location).parent / "discards"
+        key = self.store.secrets.file
+        return None if key is None else Path(key).parent / "discards"
+
+    def _journal_discards(self, job_ids: Sequence[str]) -> Path | None:
+        folder = self._discard_journal()
+        if not job_ids or folder is None:
+            return None
+        path = folder / f"{uuid.uuid4()}.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(sorted(set(job_ids))), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:  # best effort: without it the batch commits as it always did
+            tmp.unlink(missing_ok=True)
+            return None
+        return path
+
+    def finish_discards(self) -> int:
+        """Delete the temp files a batch's Cancel or Complete committed but was killed
+        before deleting (its journal still names the jobs); a job the journal names that
+        is not final (the batch never committed) keeps its files. The engine calls this as
+        it starts. Returns how many journals were done."""
+        folder = self._discard_journal()
+        if folder is None:
+            return 0
+        try:
+            journals = sorted(folder.glob("*.json"))
+        except OSError:
+            return 0
+        for journal in journals:
+            try:
+                job_ids = json.loads(journal.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # gone meanwhile (another process did it), or not ours
+            for job_id in job_ids:
+                with contextlib.suppress(BitsError, KeyError):
+                    job = self._load(job_id)
+                    if job.is_final:
+                        localfile.discard(job)
+            journal.unlink(missing_ok=True)
+        return len(journals)
 
     # -- the command path --------------------------------------------------------------
 
@@ -1016,6 +1074,7 @@ class TransferJob:
             self._manager.execute(self.id, cmd.Cancel())
             listings = self._manager._listings
             self._manager._after_commit.append(lambda: localfile.discard(job, listings))
+            self._manager._discarded.append(job.id)
             return hresult.S_OK
         # Alone, the temp files go first: a process killed once the log says CANCELLED
         # would leave them for good (no engine looks at a final job again). Killed before,
@@ -1060,6 +1119,8 @@ class TransferJob:
             events = self._manager.execute(self.id, cmd.Complete(kept))
             self._manager._before_commit.append(publish)
             self._manager._after_commit.append(discard)
+            if job.job_type is JobType.DOWNLOAD:
+                self._manager._discarded.append(job.id)
             return int(events[0].result)  # type: ignore[attr-defined]
         publish()
         # The unfinished files' temps go before the event too, as Cancel's do (killed

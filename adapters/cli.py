@@ -273,6 +273,27 @@ def _ranges(text: str) -> list[tuple[int, int | None]]:
     return ranges
 
 
+def cmd_requestfileranges(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyFile6::RequestFileRanges for file INDEX of an on-demand job (the
+    ``ON_DEMAND_MODE`` property): RANGES as for ``addfilewithranges``; ``resume`` fetches
+    them."""
+    find_job(m, args.job).request_file_ranges(args.index, _ranges(args.ranges))
+    return EXIT_OK
+
+
+def cmd_updatedownloadposition(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyFile6::UpdateDownloadPosition: fill the requested ranges from OFFSET."""
+    find_job(m, args.job).update_download_position(args.index, args.offset)
+    return EXIT_OK
+
+
+def cmd_getfilledfileranges(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """IBackgroundCopyFile6::GetFilledFileRanges: the ranges the file holds, a line each."""
+    for r in find_job(m, args.job).filled_file_ranges(args.index):
+        out.write(f"{r.offset}:{r.length}\n")
+    return EXIT_OK
+
+
 def cmd_setremotename(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """IBackgroundCopyFile2::SetRemoteName for file INDEX (from 0, as ``files`` numbers
     them); fixes a job in ERROR before ``resume``."""
@@ -1653,6 +1674,18 @@ def build_parser() -> argparse.ArgumentParser:
     verb("geterror", cmd_geterror, "the job's error (GetError)")
     tn = verb("gettemporaryname", cmd_gettemporaryname, "file INDEX's temp file")
     tn.add_argument("index", type=int)
+    rq = verb(
+        "requestfileranges",
+        cmd_requestfileranges,
+        "on-demand job: ranges of file INDEX to fetch (offset:length,..., eof to the end)",
+    )
+    rq.add_argument("index", type=int)
+    rq.add_argument("ranges")
+    up = verb("updatedownloadposition", cmd_updatedownloadposition, "fill ranges from OFFSET")
+    up.add_argument("index", type=int)
+    up.add_argument("offset", type=int)
+    fr = verb("getfilledfileranges", cmd_getfilledfileranges, "the ranges file INDEX holds")
+    fr.add_argument("index", type=int)
     sv = verb(
         "setvalidationstate",
         cmd_setvalidationstate,

@@ -52,9 +52,9 @@ from backhaul.adapters.secret import SealedUnreadable
 from backhaul.adapters.store import STORE_ERRORS, ConcurrentAppend, Recorded
 from backhaul.adapters.view import ViewRow, due_text, queue_key
 from backhaul.adapters.yielding import YieldController, congestion_controls
+from backhaul.core import byteranges, hresult
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
-from backhaul.core import hresult
 from backhaul.core import job as jobs
 from backhaul.core.bandwidth import EngineSettings, cost_allows, current_limit, policy_blocks
 from backhaul.core.error import BitsError, TransferError
@@ -668,6 +668,10 @@ class Engine:
         ):
             info = handle.file(event.file_index)
             self.callbacks.call("file_ranges_transferred", handle, info, info.ranges)
+        if isinstance(event, ev.RangesFilled) and wants(job, "file_ranges_transferred"):
+            # IBackgroundCopyCallback3::FileRangesTransferred: the ranges that just came
+            info = handle.file(event.file_index)
+            self.callbacks.call("file_ranges_transferred", handle, info, list(event.ranges))
         if wants(job, "job_modification") and self.callbacks.modification_due(
             job, self.clock.monotonic()
         ):
@@ -1391,7 +1395,10 @@ class Engine:
                 if job.job_type is JobType.DOWNLOAD:
                     await self._recheck_transferred(job_id)
                     job = self._job(job_id)
-                    await self._download_files(job_id, job.pending_files)
+                    if job.on_demand:
+                        await self._fill_requested(job_id, job.pending_files)
+                    else:
+                        await self._download_files(job_id, job.pending_files)
                 else:
                     for index in job.pending_files:
                         await self._upload_file(job_id, index)
@@ -1402,7 +1409,12 @@ class Engine:
             await self._finished_files(job_id)
             if job.job_type is JobType.UPLOAD_REPLY:
                 await self._fetch_reply(job_id)
-            await self._commit(job_id, cmd.FinishJob())
+            if job.on_demand and self._job(job_id).pending_files:
+                # Every requested range is in, but a file is not whole: SUSPENDED until the
+                # application requests more and resumes (RequestFileRanges page).
+                await self._commit(job_id, cmd.FinishRanges())
+            else:
+                await self._commit(job_id, cmd.FinishJob())
         except TransferError as exc:
             await self._fail(job_id, exc)
         except SealedUnreadable as exc:  # a store moved without its key: no retry helps
@@ -1974,6 +1986,158 @@ class Engine:
                 self._forget_live(job_id, index)
             self._bg_sockets.discard(getattr(download, "socket", None))
 
+    # -- on-demand jobs (IBackgroundCopyFile6) ------------------------------------------------
+
+    async def _fill_requested(self, job_id: str, pending: Sequence[int]) -> None:
+        """An on-demand job's files, one after the other: each gets the ranges requested
+        and not yet held, from its download position on. A file that holds every byte is
+        transferred; the others wait for more requests."""
+        for index in pending:
+            remote_name = self._job(job_id).files[index].remote_name
+            try:
+                transport = self.transport_for(remote_name)
+                await self._fill_file(job_id, index, transport, self._options(self._job(job_id)))
+            except TransferError as exc:
+                _name_file(exc, index, remote_name)
+                raise
+
+    async def _fill_file(
+        self, job_id: str, index: int, transport: Transport, options: RequestOptions
+    ) -> None:
+        f = self._job(job_id).files[index]
+        url = self._url(f)
+        async with self._connections:
+            self._hold_lease(job_id)
+            remote = await transport.stat(url, options)
+        size = remote.size
+        if size is None or not remote.accepts_ranges:
+            lacks = "sent no size" if size is None else "does not accept byte ranges"
+            raise TransferError(
+                hresult.BG_E_RANDOM_ACCESS_NOT_SUPPORTED,
+                f"{f.remote_name}: the server {lacks}; on-demand files need both",
+                context=ErrorContext.REMOTE_FILE,
+                transient=False,
+                response_headers=remote.headers,
+            )
+        tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
+        if f.filled:
+            if f.bytes_total != size:
+                why = _resized(f.bytes_total, size)
+            elif f.validator and remote.validator != f.validator:
+                why = "the remote file changed"
+            elif f.temp_worker != self.worker:
+                why = "its ranges are in another worker's temp file"
+            else:
+                why = localfile.checkpoint_lost(tmp, size, exact=True)
+            if why is not None:
+                await self._commit(job_id, cmd.RestartFile(index, why))
+                f = self._job(job_id).files[index]
+        wanted = byteranges.resolve(f.requested, size)
+        todo = byteranges.starting_at(byteranges.missing(wanted, f.filled), f.position)
+        await self._connected(job_id)
+        if todo:
+            self.live_sizes[(job_id, index)] = size
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise _local_error(exc, tmp) from exc
+            try:
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)  # the file's layout, holes where nothing came yet
+                for r in todo:
+                    await self._fill_range(job_id, index, transport, options, url, remote, fd, r)
+            finally:
+                os.close(fd)
+                self._forget_live(job_id, index)
+        if byteranges.covers(self._job(job_id).files[index].filled, size):
+            await self._keep_security(job_id, index)
+            await self._finish_file(job_id, index, size, None)
+
+    async def _fill_range(
+        self,
+        job_id: str,
+        index: int,
+        transport: Transport,
+        options: RequestOptions,
+        url: str,
+        remote: RemoteFile,
+        fd: int,
+        wanted: ByteRange,
+    ) -> None:
+        """Fetch one missing range into the temp file at its offset; claim it (FillRanges)
+        once durable, every ``checkpoint_bytes`` or ``checkpoint_interval`` on the way."""
+        assert wanted.length is not None
+        assert remote.size is not None
+        start = position = synced = wanted.offset
+        end = start + wanted.length
+        async with self._connections:
+            self._hold_lease(job_id)
+            download = await transport.open(
+                url, options, offset=start, length=wanted.length, validator=remote.validator
+            )
+
+        def filled(upto: int) -> cmd.FillRanges:
+            part = (ByteRange(synced, upto - synced),)
+            return cmd.FillRanges(index, part, remote.size or 0, remote.validator)
+
+        try:
+            if download.offset != start:
+                if download.remote.validator not in (None, remote.validator):
+                    await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
+                    raise TransferError(
+                        hresult.BG_E_REMOTE_FILE_CHANGED,
+                        "the remote file changed: its ranges are fetched again",
+                        context=ErrorContext.REMOTE_FILE,
+                        transient=True,
+                    )
+                raise TransferError(
+                    hresult.BG_E_RANDOM_ACCESS_NOT_SUPPORTED,
+                    "the server no longer honours byte ranges",
+                    context=ErrorContext.REMOTE_FILE,
+                    transient=False,
+                    response_headers=download.remote.headers,
+                )
+            job = self._job(job_id)
+            buckets = self._buckets(job)
+            key, last = (job_id, index), time.monotonic()
+            async for chunk in download:
+                chunk = chunk[: end - position]
+                if not chunk:
+                    break
+                try:
+                    localfile.pwrite_all(fd, chunk, position)
+                except OSError as exc:
+                    raise _local_error(exc, "the temp file") from exc
+                position += len(chunk)
+                self.live_progress[key] = job.files[index].bytes_transferred + position - start
+                if self.limiter.limited(buckets):
+                    await self.limiter.take(buckets, len(chunk))
+                now = time.monotonic()
+                if position - synced >= self.checkpoint_bytes or now - last >= (
+                    self.checkpoint_interval
+                ):
+                    await asyncio.to_thread(os.fdatasync, fd)
+                    await self._commit(job_id, filled(position))
+                    synced, last = position, now
+            if position < end:
+                raise TransferError(
+                    hresult.BG_E_CONNECTION_CLOSED,
+                    f"got {position - start} of the {wanted.length} bytes at {start}",
+                    transient=True,
+                )
+            await asyncio.to_thread(os.fdatasync, fd)
+            await self._commit(job_id, filled(position))
+            synced = position
+        except (asyncio.CancelledError, TransferError) as exc:
+            # Stopped or cut off: the bytes that came since the last claim are kept.
+            if position > synced and (isinstance(exc, asyncio.CancelledError) or exc.transient):
+                with contextlib.suppress(Exception):
+                    await download.aclose()
+                await self._last_checkpoint(job_id, fd, filled(position))
+            raise
+        finally:
+            await download.aclose()
+
     async def _finished_files(self, job_id: str) -> None:
         """Wait for the claiming of the files that finished (raises its first error).
         Cancelled, it still waits for the claimer to end: a transfer is over only once no
@@ -2019,7 +2183,7 @@ class Engine:
         await self._commit(job_id, cmd.Checkpoint(index, position, total, validator, headers))
 
     async def _last_checkpoint(
-        self, job_id: str, fd: int | None, checkpoint: cmd.Checkpoint
+        self, job_id: str, fd: int | None, checkpoint: cmd.Checkpoint | cmd.FillRanges
     ) -> None:
         """A transfer stops in the middle of a file: claim the bytes it received since the
         file's last checkpoint. Only where the table takes the bytes (the job still runs, or

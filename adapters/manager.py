@@ -1155,6 +1155,32 @@ class TransferJob:
         again."""
         self._do(cmd.SetValidationState(index, valid=bool(valid)))
 
+    # -- on-demand jobs (IBackgroundCopyFile6) -----------------------------------------
+
+    def request_file_ranges(
+        self, index: int, ranges: Sequence[ByteRange | tuple[int, int | None]]
+    ) -> None:
+        """RequestFileRanges: file ``index`` of an on-demand job should get these byte ranges
+        (``length`` None: to the end of the file); overlaps are allowed. The engine fetches
+        the ones not held yet, from the download position on; once all are in the job is
+        TRANSFERRED if the file is whole, else SUSPENDED (request more, then resume).
+        BG_E_RANDOM_ACCESS_NOT_SUPPORTED for other jobs and files, BG_E_INVALID_RANGE for a
+        range outside a file whose size is known."""
+        self._do(cmd.RequestFileRanges(index, tuple(_range(r) for r in ranges)))
+
+    def update_download_position(self, index: int, offset: int) -> None:
+        """UpdateDownloadPosition: fill the requested ranges from ``offset`` on first."""
+        self._do(cmd.UpdateDownloadPosition(index, int(offset)))
+
+    def filled_file_ranges(self, index: int) -> list[ByteRange]:
+        """GetFilledFileRanges: the byte ranges the file holds, merged and sorted."""
+        job = self.snapshot()
+        cmd.check_random_access(job, index)
+        f = job.files[index]
+        if f.transferred and f.bytes_total:
+            return [ByteRange(0, f.bytes_total)]
+        return list(f.filled)
+
     def validation_state(self, index: int) -> bool:
         """IBackgroundCopyFile3::GetValidationState: TRUE once the application accepted the
         file since it was last transferred."""

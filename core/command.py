@@ -138,6 +138,22 @@ class Cancel(Command):
 
 
 @attrs.frozen
+class RequestFileRanges(Command):
+    """IBackgroundCopyFile6::RequestFileRanges (on-demand jobs)."""
+
+    file_index: int
+    ranges: tuple[ByteRange, ...]
+
+
+@attrs.frozen
+class UpdateDownloadPosition(Command):
+    """IBackgroundCopyFile6::UpdateDownloadPosition (on-demand jobs)."""
+
+    file_index: int
+    offset: int
+
+
+@attrs.frozen
 class SetValidationState(Command):
     """IBackgroundCopyFile3::SetValidationState of a transferred download file. FALSE
     rejects it: the job goes to ERROR (BG_E_VALIDATION_FAILED) and the file starts over.
@@ -189,6 +205,16 @@ class FinishFile(Command):
 class RestartFile(Command):
     file_index: int
     reason: str
+
+
+@attrs.frozen
+class FillRanges(Command):
+    """The engine: an on-demand file's temp file holds these ranges durably."""
+
+    file_index: int
+    ranges: tuple[ByteRange, ...]
+    bytes_total: int
+    validator: str | None = None
 
 
 @attrs.frozen
@@ -626,6 +652,69 @@ def _complete(job: Job, cmd: Complete, now: datetime, limits: Limits) -> list[ev
     return [ev.JobCompleted(now, result, kept)]
 
 
+def check_random_access(job: Job, index: int) -> None:
+    """IBackgroundCopyFile6's calls need an on-demand download job and a whole HTTP(S)
+    file without ranges or dynamic content (bits-core.md §7.5)."""
+    _require_live(job)
+    _file_in_job(job, index)
+    f = job.files[index]
+    why = None
+    if job.job_type is not JobType.DOWNLOAD or not job.on_demand:
+        why = "random access needs a download job in on-demand mode (ON_DEMAND_MODE)"
+    elif job.dynamic_content:
+        why = "random access cannot be used with dynamic content"
+    elif f.ranges:
+        why = f"file {index} was added with ranges (AddFileWithRanges)"
+    elif not f.remote_name.lower().startswith(("http://", "https://")):
+        why = "random access is for HTTP and HTTPS files only"
+    if why is not None:
+        raise BitsError(hresult.BG_E_RANDOM_ACCESS_NOT_SUPPORTED, why)
+
+
+def _request_file_ranges(
+    job: Job, cmd: RequestFileRanges, now: datetime, limits: Limits
+) -> list[ev.Event]:
+    check_random_access(job, cmd.file_index)
+    if not cmd.ranges:
+        raise BitsError(hresult.E_INVALIDARG, "no ranges given")
+    size = job.files[cmd.file_index].bytes_total
+    for r in cmd.ranges:  # overlaps are allowed here (split as needed), unlike AddFile's
+        if r.offset < 0 or r.offset >= 2**64 - 1 or (r.length is not None and r.length <= 0):
+            raise BitsError(hresult.BG_E_INVALID_RANGE, f"invalid range {r.offset}:{r.length}")
+        if size is not None and (r.offset >= size or (r.end is not None and r.end > size)):
+            raise BitsError(
+                hresult.BG_E_INVALID_RANGE,
+                f"the range {r.offset}:{r.length} lies outside the file of {size} bytes",
+            )
+    if limits.max_ranges_per_file is not None and len(cmd.ranges) > limits.max_ranges_per_file:
+        raise BitsError(
+            hresult.BG_E_TOO_MANY_RANGES_IN_FILE,
+            f"{len(cmd.ranges)} ranges; the limit is {limits.max_ranges_per_file}",
+        )
+    return [ev.FileRangesRequested(now, cmd.file_index, tuple(cmd.ranges))]
+
+
+def _update_download_position(
+    job: Job, cmd: UpdateDownloadPosition, now: datetime, limits: Limits
+) -> list[ev.Event]:
+    check_random_access(job, cmd.file_index)
+    size = job.files[cmd.file_index].bytes_total
+    if cmd.offset < 0 or (size is not None and cmd.offset >= size):
+        raise BitsError(hresult.BG_E_INVALID_RANGE, f"position {cmd.offset} is outside the file")
+    return [ev.DownloadPositionUpdated(now, cmd.file_index, cmd.offset)]
+
+
+def _fill_ranges(job: Job, cmd: FillRanges, now: datetime, limits: Limits) -> list[ev.Event]:
+    _file_in_job(job, cmd.file_index)
+    if any(
+        r.length is None or r.offset < 0 or r.offset + r.length > cmd.bytes_total
+        for r in cmd.ranges
+    ):
+        raise BitsError(hresult.E_INVALIDARG, "filled ranges must lie within the file")
+    event = ev.RangesFilled(now, cmd.file_index, cmd.ranges, cmd.bytes_total, cmd.validator)
+    return _transition(job, Trigger.DATA_RECEIVED, event)
+
+
 def _set_validation_state(
     job: Job, cmd: SetValidationState, now: datetime, limits: Limits
 ) -> list[ev.Event]:
@@ -772,6 +861,9 @@ _DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyT
         Cancel: _simple(Trigger.CANCEL, ev.JobCancelled),
         Complete: _complete,
         SetValidationState: _set_validation_state,
+        RequestFileRanges: _request_file_ranges,
+        UpdateDownloadPosition: _update_download_position,
+        FillRanges: _fill_ranges,
         StartTransfer: _simple(Trigger.SCHEDULED, ev.TransferStarted),
         Connect: _simple(Trigger.CONNECTED, ev.Connected),
         Checkpoint: _checkpoint,

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import attrs
 
 from backhaul.core.transition import Trigger
-from backhaul.core.value import FileSpec, JobError, Sealed
+from backhaul.core.value import ByteRange, FileSpec, JobError, Sealed
 from backhaul.core.vocabulary import JobType
 
 
@@ -250,6 +250,35 @@ class RangesDone(Event):
 
 
 @attrs.frozen
+class FileRangesRequested(Event):
+    """IBackgroundCopyFile6::RequestFileRanges: an on-demand job's file should get these
+    byte ranges (``length`` None: to the end of the file)."""
+
+    file_index: int
+    ranges: tuple[ByteRange, ...]
+
+
+@attrs.frozen
+class DownloadPositionUpdated(Event):
+    """IBackgroundCopyFile6::UpdateDownloadPosition: fill the requested ranges from here."""
+
+    file_index: int
+    offset: int
+
+
+@attrs.frozen
+class RangesFilled(Event):
+    """The temp file of an on-demand job's file holds these byte ranges durably, at their
+    offsets in the remote file of ``bytes_total`` bytes and version ``validator``."""
+
+    file_index: int
+    ranges: tuple[ByteRange, ...]
+    bytes_total: int
+    validator: str | None = None
+    trigger = Trigger.DATA_RECEIVED
+
+
+@attrs.frozen
 class UploadSessionOpened(Event):
     """The remote side opened an upload session for file ``file_index``; ``token``
     re-opens it after a crash (a BITS-Session-Id, a temp name on a share)."""
@@ -346,6 +375,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SliceEnded,
     JobScavenged,
     RangesDone,
+    FileRangesRequested,
+    DownloadPositionUpdated,
+    RangesFilled,
     ReplyProgressed,
     CommandLineNotified,
     UploadSessionOpened,

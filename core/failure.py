@@ -48,6 +48,7 @@ TRANSIENT: Mapping[int, bool] = MappingProxyType(
         hr.BG_E_INSUFFICIENT_HTTP_SUPPORT: False,
         hr.BG_E_INSUFFICIENT_RANGE_SUPPORT: False,
         hr.BG_E_INVALID_RANGE: False,
+        hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED: False,
         hr.BG_E_TOO_LARGE: False,
         hr.BG_E_LOCAL_FILE_CHANGED: False,
         hr.BG_E_REMOTE_FILE_CHANGED: False,

@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Final, overload
 
 import attrs
 
+from backhaul.core import byteranges, hresult
 from backhaul.core import event as ev
-from backhaul.core import hresult
 from backhaul.core.transition import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -70,6 +70,11 @@ class FileState:
     upload_token: str | None = None
     temp_worker: str | None = None  # whose temp file holds the checkpointed bytes
     validated: bool = False  # SetValidationState(TRUE) since the file was last transferred
+    # On-demand jobs (IBackgroundCopyFile6): the ranges the application requested, the ranges
+    # the temp file holds (at their offsets in the remote file), and where to fill from.
+    requested: tuple[ByteRange, ...] = ()
+    filled: tuple[ByteRange, ...] = ()
+    position: int = 0
     # BITS_FILE_PROPERTY_ID_HTTP_RESPONSE_HEADERS: the raw header block of the last response
     # whose body this file received; sealed when it carries a secret (a Set-Cookie).
     response_headers: str | Sealed | None = None
@@ -462,8 +467,34 @@ def _file_restarted(job: Job, e: ev.FileRestarted | ev.FileRejected) -> dict[str
         upload_token=None,
         temp_worker=None,
         validated=False,
+        filled=(),
     )
     return {"files": files}
+
+
+def _ranges_requested(job: Job, e: ev.FileRangesRequested) -> dict[str, Any]:
+    f = job.files[e.file_index]
+    requested = byteranges.merge((*f.requested, *e.ranges))
+    return {"files": _replace_file(job, e.file_index, requested=requested)}
+
+
+def _ranges_filled(job: Job, e: ev.RangesFilled) -> dict[str, Any]:
+    old = job.files[e.file_index]
+    filled = byteranges.merge((*old.filled, *e.ranges))
+    done = byteranges.total(filled)
+    files = _replace_file(
+        job,
+        e.file_index,
+        filled=filled,
+        bytes_transferred=done,
+        bytes_total=e.bytes_total,
+        validator=e.validator if e.validator is not None else old.validator,
+        temp_worker=job.lease_worker,
+    )
+    changes: dict[str, Any] = {"files": files, "error": None}
+    if done > old.bytes_transferred:
+        changes["no_progress_since"] = None
+    return changes
 
 
 def _file_rejected(job: Job, e: ev.FileRejected) -> dict[str, Any]:
@@ -559,6 +590,11 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
             "files": _replace_file(job, e.file_index, validated=True)
         },
         ev.FileRejected: _file_rejected,
+        ev.FileRangesRequested: _ranges_requested,
+        ev.DownloadPositionUpdated: lambda job, e: {
+            "files": _replace_file(job, e.file_index, position=e.offset)
+        },
+        ev.RangesFilled: _ranges_filled,
         ev.JobTransferred: _transferred,
         ev.ErrorOccurred: _error,
         ev.NetworkLost: _network_lost,

@@ -29,6 +29,7 @@ from backhaul.core.command import (
     EndSlice,
     ExceedMaxDownloadTime,
     Fail,
+    FillRanges,
     FinishFile,
     FinishJob,
     FinishRanges,
@@ -49,7 +50,7 @@ from backhaul.core.error import BitsError
 from backhaul.core.job import Job, fold
 from backhaul.core.limit import DEFAULT_LIMITS
 from backhaul.core.transition import FINAL_STATES, NON_FINAL_STATES, TABLE, Guard, Trigger
-from backhaul.core.value import FileSpec, JobError
+from backhaul.core.value import ByteRange, FileSpec, JobError
 from backhaul.core.vocabulary import ErrorContext, JobState, JobType
 
 S = JobState
@@ -226,6 +227,12 @@ def test_decide_and_fold_follow_the_table_for_every_state_and_trigger(
 def test_a_finished_file_is_data_received_like_a_checkpoint(state: JobState) -> None:
     job = reach(state)
     expect_table_outcome(job, Trigger.DATA_RECEIVED, FinishFile(0, FILE_SIZE))
+
+
+@pytest.mark.parametrize("state", list(JobState), ids=lambda s: s.name)
+def test_ranges_filled_on_demand_are_data_received_like_a_checkpoint(state: JobState) -> None:
+    job = reach(state)
+    expect_table_outcome(job, Trigger.DATA_RECEIVED, FillRanges(0, (ByteRange(0, 10),), FILE_SIZE))
 
 
 def test_a_download_job_with_files_satisfies_every_first_guard() -> None:

@@ -1,0 +1,212 @@
+"""On-demand jobs: IBackgroundCopyFile6's random access (bits-core.md §7.5).
+
+A job in ON_DEMAND_MODE fetches only the byte ranges the application requested
+(RequestFileRanges), from its download position on (UpdateDownloadPosition), into a temp
+file laid out as the remote file. Once every requested range is in, the job is SUSPENDED
+while the file has holes, and TRANSFERRED once it is whole; GetFilledFileRanges says what
+the temp file holds, FileRangesTransferred callbacks say what just came. Against the
+engine tests' nginx (ranges, ETag), and FaultServers for a dropped range, the download
+position and a server without ranges."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peers.nginx import NginxServer
+from test_cli_limits import ok
+from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
+    FaultServer,
+    KiB,
+    Served,
+    _no_store_from_the_environment,  # noqa: F401
+    events_of,
+    make_engine,
+    of_type,
+    running,
+    trickle,
+    until,
+)
+
+from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.core import event as ev
+from backhaul.core import hresult as hr
+from backhaul.core.error import BitsError
+from backhaul.core.value import ByteRange
+from backhaul.core.vocabulary import JobPropertyId, JobType, NotifyFlags
+from backhaul.core.vocabulary import JobState as S
+
+
+def on_demand_job(manager: TransferManager, url: str, dest: Path) -> TransferJob:
+    job = manager.create_job("on demand")
+    job.set_property(JobPropertyId.ON_DEMAND_MODE, True)
+    job.add_file(url, dest)
+    return job
+
+
+def temp_bytes(job: TransferJob) -> bytes:
+    name = job.file(0).temporary_name
+    assert name is not None
+    return Path(name).read_bytes()
+
+
+def test_requested_ranges_then_the_rest_against_nginx(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    data = (docroot / "two.bin").read_bytes()
+    size = len(data)
+    manager = TransferManager(home=tmp_path / "home")
+    dest = tmp_path / "two.bin"
+    job = on_demand_job(manager, f"{server.url}/two.bin", dest)
+    job.notify_flags = int(NotifyFlags.FILE_RANGES_TRANSFERRED | NotifyFlags.JOB_TRANSFERRED)
+    job.request_file_ranges(0, [(0, 1000), (1_500_000, 4096), (1_500_100, 10), (2 << 20, None)])
+    told: list[ByteRange] = []
+
+    async def main() -> None:
+        engine = make_engine(manager)
+        engine.on("file_ranges_transferred", lambda _j, _f, ranges: told.extend(ranges))
+        async with running(engine):
+            job.resume()
+            await until(lambda: job.state is S.SUSPENDED, "SUSPENDED: the ranges are in")
+            wanted = [ByteRange(0, 1000), ByteRange(1_500_000, 4096), ByteRange(2 << 20, 123)]
+            assert job.filled_file_ranges(0) == wanted
+            held = temp_bytes(job)
+            assert len(held) == size  # laid out as the remote file, holes between
+            for r in wanted:
+                assert r.length is not None
+                assert held[r.offset : r.offset + r.length] == data[r.offset : r.offset + r.length]
+            assert job.progress.bytes_transferred == 1000 + 4096 + 123
+            assert job.progress.bytes_total == size
+            assert not dest.exists()
+            # The size is known now: a range past the end is refused, nothing recorded.
+            with pytest.raises(BitsError) as outside:
+                job.request_file_ranges(0, [(size - 10, 11)])
+            assert outside.value.hresult == hr.BG_E_INVALID_RANGE
+            job.request_file_ranges(0, [(0, None)])  # everything
+            job.resume()
+            await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED: the file is whole")
+
+    asyncio.run(main())
+    filled = of_type(events_of(manager, job.id), ev.RangesFilled)
+    assert sum(r.length for e in filled for r in e.ranges) == size  # no byte fetched twice
+    assert sorted((r.offset, r.length) for r in told) == sorted(
+        (r.offset, r.length) for e in filled for r in e.ranges
+    )
+    assert job.filled_file_ranges(0) == [ByteRange(0, size)]
+    assert job.complete() == hr.S_OK
+    assert dest.read_bytes() == data
+
+
+def test_random_access_needs_an_on_demand_job_and_a_plain_http_file(tmp_path: Path) -> None:
+    manager = TransferManager(home=tmp_path / "home")
+    plain = manager.create_job("plain")
+    plain.add_file("http://127.0.0.1:9/f", tmp_path / "f")
+    ranged = on_demand_job(manager, "http://127.0.0.1:9/a", tmp_path / "a")
+    ranged.add_file("http://127.0.0.1:9/b", tmp_path / "b", ranges=[(0, 10)])
+    smb = on_demand_job(manager, "smb://127.0.0.1/share/f", tmp_path / "s")
+    refusals: list[tuple[Any, int]] = [
+        (lambda: plain.request_file_ranges(0, [(0, 10)]), hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED),
+        (lambda: plain.filled_file_ranges(0), hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED),
+        (lambda: ranged.request_file_ranges(1, [(0, 5)]), hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED),
+        (lambda: smb.update_download_position(0, 5), hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED),
+        (lambda: ranged.request_file_ranges(0, [(0, 0)]), hr.BG_E_INVALID_RANGE),
+        (lambda: ranged.request_file_ranges(0, [(-1, 5)]), hr.BG_E_INVALID_RANGE),
+        (lambda: ranged.request_file_ranges(0, []), hr.E_INVALIDARG),
+        (lambda: ranged.request_file_ranges(2, [(0, 5)]), hr.BG_E_FILE_NOT_FOUND),
+    ]
+    heads = {j.id: len(events_of(manager, j.id)) for j in (plain, ranged, smb)}
+    for call, code in refusals:
+        with pytest.raises(BitsError) as refused:
+            call()
+        assert hr.name_of(refused.value.hresult) == hr.name_of(code)
+    assert {j.id: len(events_of(manager, j.id)) for j in (plain, ranged, smb)} == heads
+    upload = manager.create_job("up", JobType.UPLOAD)
+    with pytest.raises(BitsError) as refused:
+        upload.set_property(JobPropertyId.ON_DEMAND_MODE, True)
+    assert refused.value.hresult != hr.S_OK
+
+
+def test_a_dropped_range_keeps_what_came_and_the_download_position_goes_first(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(600 * KiB)
+    served = trickle(data, drop_after=400 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    job: TransferJob
+
+    async def main() -> FaultServer:
+        nonlocal job
+        async with FaultServer({"/f": served}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.minimum_retry_delay = 5
+            job.request_file_ranges(0, [(0, 10 * KiB), (300 * KiB, 200 * KiB)])
+            job.update_download_position(0, 300 * KiB)
+            engine = make_engine(manager)
+            async with running(engine):
+                job.resume()
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "the dropped connection")
+                kept = job.filled_file_ranges(0)
+                assert kept and kept[0].offset == 300 * KiB
+                job.resume()
+                await until(lambda: job.state is S.SUSPENDED, "SUSPENDED")
+            return srv
+
+    srv = asyncio.run(main())
+    starts = [h.range_start for h in srv.hits_for("/f")]
+    resumed_at = of_type(events_of(manager, job.id), ev.RangesFilled)
+    assert starts[0] == 300 * KiB  # the download position first
+    assert starts[1] > 300 * KiB  # the retry goes on after what was claimed
+    assert starts[-1] == 0  # then the range before the position
+    assert job.filled_file_ranges(0) == [ByteRange(0, 10 * KiB), ByteRange(300 * KiB, 200 * KiB)]
+    held = temp_bytes(job)
+    assert held[300 * KiB : 500 * KiB] == data[300 * KiB : 500 * KiB]
+    assert held[: 10 * KiB] == data[: 10 * KiB]
+    assert sum(r.length for e in resumed_at for r in e.ranges) == 210 * KiB
+
+
+def test_a_server_without_ranges_cannot_serve_an_on_demand_file(tmp_path: Path) -> None:
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(os.urandom(64 * KiB), ranges=False)}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.request_file_ranges(0, [(0, 100)])
+            async with running(make_engine(manager)):
+                job.resume()
+                await until(lambda: job.state is S.ERROR, "ERROR")
+            return job
+
+    job = asyncio.run(main())
+    assert job.error is not None
+    assert job.error.hresult == hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED
+    assert not (tmp_path / "f").exists()
+
+
+def test_the_random_access_verbs_against_nginx(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    server, docroot = engine_nginx
+    data = (docroot / "one.bin").read_bytes()
+    dest = tmp_path / "one.bin"
+    job = ok(home, "create", "random access").strip()
+    ok(home, "setproperty", job, "ON_DEMAND_MODE", "true")
+    ok(home, "addfile", job, f"{server.url}/one.bin", str(dest))
+    ok(home, "requestfileranges", job, "0", "4096:100,1000000:eof")
+    ok(home, "updatedownloadposition", job, "0", "1000000")
+    ok(home, "resume", job)
+    ok(home, "serve", "--until-idle")
+    assert ok(home, "getstate", job).strip() == "SUSPENDED"
+    assert ok(home, "getfilledfileranges", job, "0").split() == [
+        "4096:100",
+        f"1000000:{len(data) - 1_000_000}",
+    ]
+    ok(home, "requestfileranges", job, "0", "0:eof")
+    ok(home, "resume", job)
+    ok(home, "serve", "--until-idle")
+    assert ok(home, "getstate", job).strip() == "TRANSFERRED"
+    ok(home, "complete", job)
+    assert dest.read_bytes() == data

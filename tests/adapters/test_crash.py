@@ -153,6 +153,8 @@ class RangeServer:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()  # its self-pipe sockets with it
 
     def gets_since(self, when: float) -> list[Served]:
         return [r for r in list(self.requests) if r.at >= when]

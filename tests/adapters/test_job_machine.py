@@ -63,8 +63,8 @@ from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.projection import job_of, rebuild, view_row
 from backhaul.adapters.store import EventStore, open_store
+from backhaul.core import byteranges, hresult
 from backhaul.core import command as cmd
-from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.job import DEFAULT_MINIMUM_RETRY_DELAY, DEFAULT_NO_PROGRESS_TIMEOUT, fold
 from backhaul.core.limit import DESCRIPTION_MAX, DISPLAY_NAME_MAX, MINIMUM_RETRY_DELAY_FLOOR
@@ -75,7 +75,7 @@ from backhaul.core.transition import (
     Trigger,
     next_state,
 )
-from backhaul.core.value import JobError
+from backhaul.core.value import ByteRange, JobError
 from backhaul.core.vocabulary import ErrorContext, JobPriority, JobPropertyId, JobState, JobType
 
 OWNER = "machine-owner"
@@ -158,6 +158,18 @@ class ModelJob:
     minimum_retry_delay: int = DEFAULT_MINIMUM_RETRY_DELAY
     on_demand: bool = False
     ever_resumed: bool = False
+    # Per file, for IBackgroundCopyFile6: is the remote name HTTP(S), the size the log
+    # knows, and the ranges requested so far.
+    http: list[bool] = attrs.field(factory=list)
+    sizes: list[int | None] = attrs.field(factory=list)
+    requested: list[list[ByteRange]] = attrs.field(factory=list)
+
+    def new_files(self, *remote_names: str, local_names: list[str]) -> None:
+        self.transferred += [False] * len(remote_names)
+        self.local_names += local_names
+        self.http += [n.lower().startswith(("http://", "https://")) for n in remote_names]
+        self.sizes += [None] * len(remote_names)
+        self.requested += [[] for _ in remote_names]
 
     @property
     def is_final(self) -> bool:
@@ -265,6 +277,16 @@ class JobMachine(RuleBasedStateMachine):
         self.model[job.id] = ModelJob(job_type)
         return job.id
 
+    @precondition(lambda self: len(self.model) < MAX_JOBS)
+    @rule(target=jobs)
+    def create_on_demand_job(self) -> Any:
+        """A download job in on-demand mode with one HTTPS file: the calls of its own rules
+        (ON_DEMAND_MODE, AddFile), so that random access is met in every state."""
+        job_id = self.create_job(JobType.DOWNLOAD, "on demand")
+        self.set_on_demand_mode(job_id, True)
+        self.add_file(job_id, REMOTE_NAMES[0], "fresh")
+        return job_id
+
     # -- files ---------------------------------------------------------------------------
 
     def local_name(self, job_id: str, kind: str) -> tuple[str, bool]:
@@ -311,8 +333,7 @@ class JobMachine(RuleBasedStateMachine):
         target, table_refusal = m.outcome(Trigger.ADD_FILE)
         self.attempt(job_id, call, target, table_refusal)
         if table_refusal is None:
-            m.transferred.append(False)
-            m.local_names.append(local)
+            m.new_files(remote_name, local_names=[local])
 
     @rule(job_id=jobs)
     def add_two_files_at_once(self, job_id: str) -> None:
@@ -329,8 +350,7 @@ class JobMachine(RuleBasedStateMachine):
             target, refusal = m.outcome(Trigger.ADD_FILE)
             self.attempt(job_id, call, target, refusal)
             if refusal is None:
-                m.transferred += [False, False]
-                m.local_names += names
+                m.new_files(*(remote for remote, _ in specs), local_names=names)
 
     # -- the four state-changing calls ---------------------------------------------------
 
@@ -457,8 +477,8 @@ class JobMachine(RuleBasedStateMachine):
         call = self.execute(job_id, cmd.Checkpoint(index, done, 100))
         if index >= len(m.transferred):
             self.attempt(job_id, call, None, hresult.BG_E_FILE_NOT_FOUND)
-        else:
-            self.transition(job_id, Trigger.DATA_RECEIVED, call)
+        elif self.transition(job_id, Trigger.DATA_RECEIVED, call) is not None:
+            m.sizes[index] = 100
 
     @rule(job_id=jobs, index=st.integers(0, 2), size=st.integers(0, 64))
     def engine_finishes_file(self, job_id: str, index: int, size: int) -> None:
@@ -474,6 +494,7 @@ class JobMachine(RuleBasedStateMachine):
         self.attempt(job_id, call, target, refusal)
         if refusal is None:
             m.transferred[index] = True
+            m.sizes[index] = size
 
     @rule(job_id=jobs, index=st.integers(0, 2), valid=st.booleans())
     def validate_file(self, job_id: str, index: int, valid: bool) -> None:
@@ -497,11 +518,63 @@ class JobMachine(RuleBasedStateMachine):
             return
         self.transition(job_id, Trigger.VALIDATION_FAILED, call)
         m.transferred[index] = False
+        m.sizes[index] = None  # the file starts over: its size is not known any more
         assert not self.handle(job_id).validation_state(index)
         error = self.handle(job_id).error
         assert error is not None
         assert (error.hresult, error.file_index) == (hresult.BG_E_VALIDATION_FAILED, index)
         assert self.handle(job_id).file(index).progress.bytes_transferred == 0
+
+    @rule(
+        job_id=jobs,
+        index=st.integers(0, 2),
+        ranges=st.sampled_from(
+            [((0, 10),), ((50, None),), ((0, None), (5, 5)), ((90, 20),), ((0, 0),), ((-1, 4),)]
+        ),
+        position=st.sampled_from([0, 50, 150]),
+    )
+    def request_ranges(
+        self,
+        job_id: str,
+        index: int,
+        ranges: tuple[tuple[int, int | None], ...],
+        position: int,
+    ) -> None:
+        """RequestFileRanges, then UpdateDownloadPosition: refused unless the job is a live
+        on-demand download and the file an HTTP(S) one; a range outside a file of known
+        size, or an empty one, is BG_E_INVALID_RANGE. Neither changes the state."""
+        m = self.model[job_id]
+        job = self.handle(job_id)
+        wanted = [ByteRange(o, n) for o, n in ranges]
+        if m.is_final:
+            refusal: int | None = hresult.BG_E_INVALID_STATE
+        elif index >= len(m.transferred):
+            refusal = hresult.BG_E_FILE_NOT_FOUND
+        elif m.job_type is not JobType.DOWNLOAD or not m.on_demand or not m.http[index]:
+            refusal = hresult.BG_E_RANDOM_ACCESS_NOT_SUPPORTED
+        else:
+            refusal = None
+        access = refusal
+        size = m.sizes[index] if index < len(m.sizes) else None
+        if refusal is None and any(
+            r.offset < 0
+            or r.length == 0
+            or (size is not None and (r.offset >= size or (r.end or 0) > size))
+            for r in wanted
+        ):
+            refusal = hresult.BG_E_INVALID_RANGE
+        stays = m.state  # neither call moves the job
+        asked = lambda: job.request_file_ranges(index, ranges)  # noqa: E731
+        self.attempt(job_id, asked, None if refusal else stays, refusal)
+        if refusal is None:
+            m.requested[index] = list(byteranges.merge([*m.requested[index], *wanted]))
+            assert list(job.snapshot().files[index].requested) == m.requested[index]
+        if access is None and size is not None and position >= size:
+            access = hresult.BG_E_INVALID_RANGE
+        moved = lambda: job.update_download_position(index, position)  # noqa: E731
+        self.attempt(job_id, moved, None if access else stays, access)
+        if access is None:
+            assert job.snapshot().files[index].position == position
 
     def reject_a_file(self, job_id: str) -> None:
         """SetValidationState(FALSE) of the first transferred file (of file 0 if none is)."""

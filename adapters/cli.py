@@ -327,6 +327,26 @@ def _error_text(error: Any, *, file: bool = False) -> str:
     )
 
 
+def cmd_geterrordescription(
+    args: argparse.Namespace, m: TransferManager | None, out: TextIO
+) -> int:
+    """IBackgroundCopyManager::GetErrorDescription of an HRESULT given by name or value
+    (``BG_E_HTTP_ERROR_404``, ``0x80190194``, ``-2145844844``)."""
+    text = args.hresult.strip()
+    try:
+        code = int(text, 0) if text.lstrip("+-").isdigit() else hresult.value_of(text)
+    except ValueError:
+        raise BitsError(
+            hresult.E_INVALIDARG, f"{text!r} is not an HRESULT name or number"
+        ) from None
+    code &= 0xFFFFFFFF
+    description = TransferManager.get_error_description(code)
+    name, value = hresult.name_of(code), hresult.format_hresult(code)
+    label = value if name == value else f"{name} ({value})"
+    out.write(f"{label}: {description}\n")
+    return EXIT_OK
+
+
 def cmd_gettemporaryname(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """IBackgroundCopyFile3::GetTemporaryName of file INDEX (BG_E_FILE_NOT_FOUND past the
     last)."""
@@ -1672,6 +1692,14 @@ def build_parser() -> argparse.ArgumentParser:
         f = verb(name, cmd_files, "list a job's files")
         f.add_argument("--json", action="store_true")
     verb("geterror", cmd_geterror, "the job's error (GetError)")
+    ge = verb(
+        "geterrordescription",
+        cmd_geterrordescription,
+        "what an HRESULT means (a name, or a number such as 0x80190194)",
+        job=False,
+    )
+    ge.add_argument("hresult")
+    ge.set_defaults(needs_store=False)  # a lookup: opens no store
     tn = verb("gettemporaryname", cmd_gettemporaryname, "file INDEX's temp file")
     tn.add_argument("index", type=int)
     rq = verb(

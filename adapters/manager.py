@@ -298,6 +298,14 @@ class TransferManager:
             self._caught_up = (position, {j: job for j, job in folded.items() if cache[j] is job})
         return position
 
+    @staticmethod
+    def get_error_description(code: int, language_id: int = 0) -> str:
+        """IBackgroundCopyManager::GetErrorDescription: what an HRESULT means, in English
+        whatever ``language_id`` asks for (BITS falls back to the system's language too).
+        Every code gets a description: HTTP statuses (0x8019xxxx), Win32 errors and
+        unregistered codes are named as such."""
+        return hresult.describe(code)
+
     # -- engine-wide policy (one stream of its own) ------------------------------------
 
     @_store_call

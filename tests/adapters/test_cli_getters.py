@@ -250,3 +250,24 @@ def test_a_jobs_control_characters_reach_no_terminal_but_json_keeps_them(tmp_pat
     assert "bell\\x07and\\rreturn" in ok(home, "info", job_id)
     assert len(ok(home, "list").splitlines()) == 2  # the job's line and the count
     assert json.loads(ok(home, "info", job_id, "--json"))["display_name"] == name
+
+
+def test_geterrordescription_takes_a_name_or_a_number_and_opens_no_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "no-home"
+    for spelling in ("BG_E_HTTP_ERROR_404", "0x80190194", "-2145844844", "bg_e_http_error_404"):
+        assert value(home, "geterrordescription", spelling) == (
+            "BG_E_HTTP_ERROR_404 (0x80190194): the server answered HTTP 404 Not Found"
+        )
+    assert value(home, "geterrordescription", "0x80070070") == (
+        "HRESULT_FROM_WIN32(ERROR_DISK_FULL) (0x80070070): not enough space on the disk"
+    )
+    assert value(home, "geterrordescription", "0x12345678") == (
+        "0x12345678: unregistered success code 0x12345678"
+    )
+    assert "E_INVALIDARG" in refused(home, capsys, "geterrordescription", "nonsense")
+    assert not home.exists()
+    assert TransferManager.get_error_description(hresult.BG_E_INVALID_STATE, 0x409) == (
+        hresult.describe(hresult.BG_E_INVALID_STATE)
+    )

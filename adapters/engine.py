@@ -649,6 +649,13 @@ class Engine:
         if not self.callbacks:
             return
         handle = self.job(rec.job_id)
+        if not isinstance(event, ev.RangesFilled):
+            # Ranges held back by the notification interval go before anything else of the
+            # job (its RangesDone, its FileTransferred): "the ranges since the last callback".
+            for index, ranges in self.callbacks.held_ranges(rec.job_id):
+                if wants(job, "file_ranges_transferred"):
+                    info = handle.file(index)
+                    self.callbacks.call("file_ranges_transferred", handle, info, list(ranges))
         if isinstance(event, ev.FileTransferred) and wants(job, "file_transferred"):
             self.callbacks.call("file_transferred", handle, handle.file(event.file_index))
         if isinstance(event, ev.JobTransferred) and wants(job, "job_transferred"):
@@ -669,9 +676,14 @@ class Engine:
             info = handle.file(event.file_index)
             self.callbacks.call("file_ranges_transferred", handle, info, info.ranges)
         if isinstance(event, ev.RangesFilled) and wants(job, "file_ranges_transferred"):
-            # IBackgroundCopyCallback3::FileRangesTransferred: the ranges that just came
-            info = handle.file(event.file_index)
-            self.callbacks.call("file_ranges_transferred", handle, info, list(event.ranges))
+            # IBackgroundCopyCallback3::FileRangesTransferred: the ranges that came since the
+            # file's last one, at most once per MINIMUM_NOTIFICATION_INTERVAL_MS
+            due = self.callbacks.ranges_filled(
+                job, event.file_index, event.ranges, self.clock.monotonic()
+            )
+            if due is not None:
+                info = handle.file(event.file_index)
+                self.callbacks.call("file_ranges_transferred", handle, info, list(due))
         if wants(job, "job_modification") and self.callbacks.modification_due(
             job, self.clock.monotonic()
         ):

@@ -11,7 +11,11 @@ called for the events the engine reads from the log, whoever appended them:
   per MINIMUM_NOTIFICATION_INTERVAL_MS per job, and not for the moves to ERROR or
   TRANSFERRED (as in BITS);
 - ``file_ranges_transferred(job, file_info, ranges)`` for checkpoints of files with
-  ranges (flag FILE_RANGES_TRANSFERRED).
+  ranges, and for the ranges an on-demand file's temp file got (flag
+  FILE_RANGES_TRANSFERRED). An on-demand file's ranges are told at most once per
+  MINIMUM_NOTIFICATION_INTERVAL_MS: those that come sooner are held and told, merged, with
+  the next ones due, or before the job's next other event (its RangesDone, its
+  FileTransferred, an error), so that none is lost and none is told twice.
 ``NotifyFlags.DISABLE`` silences all of them. A callback that raises is logged; it
 never stops the engine. Callbacks are not persisted (as in BITS): they are due
 "at least once", so a callback registered after a job reached TRANSFERRED or ERROR is
@@ -26,11 +30,13 @@ still in that state runs it again after MinimumRetryDelay (SetNotifyCmdLine page
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+from backhaul.core import byteranges
 from backhaul.core.job import Job
+from backhaul.core.value import ByteRange
 from backhaul.core.vocabulary import JobState, NotifyFlags
 
 log = logging.getLogger("backhaul.notify")
@@ -63,6 +69,9 @@ class Callbacks:
     def __init__(self) -> None:
         self._callbacks: dict[str, list[Callable[..., Any]]] = {k: [] for k in KINDS}
         self._last_modification: dict[str, float] = {}
+        # On-demand files' filled ranges not told yet, and when each file's were last told.
+        self._held: dict[str, dict[int, list[ByteRange]]] = {}
+        self._last_ranges: dict[tuple[str, int], float] = {}
 
     def register(self, kind: str, callback: Callable[..., Any]) -> None:
         if kind not in self._callbacks:
@@ -78,6 +87,30 @@ class Callbacks:
                 callback(*args)
             except Exception:
                 log.exception("%s callback %r raised; the engine goes on", kind, callback)
+
+    def ranges_filled(
+        self, job: Job, index: int, ranges: Iterable[ByteRange], ticks: float
+    ) -> tuple[ByteRange, ...] | None:
+        """Hold ``ranges`` of file ``index``; the file's held ranges (merged) when they are
+        due now, else None (at most one FileRangesTransferred per notification interval)."""
+        held = self._held.setdefault(job.id, {}).setdefault(index, [])
+        held.extend(ranges)
+        key = (job.id, index)
+        last = self._last_ranges.get(key)
+        if last is not None and ticks - last < job.minimum_notification_interval_ms / 1000:
+            return None
+        self._last_ranges[key] = ticks
+        del self._held[job.id][index]
+        if not self._held[job.id]:
+            del self._held[job.id]
+        return byteranges.merge(held)
+
+    def held_ranges(self, job_id: str) -> list[tuple[int, tuple[ByteRange, ...]]]:
+        """Take every range set held for the job (told before its next other event)."""
+        held = self._held.pop(job_id, None)
+        if not held:
+            return []
+        return [(index, byteranges.merge(ranges)) for index, ranges in sorted(held.items())]
 
     def modification_due(self, job: Job, ticks: float) -> bool:
         last = self._last_modification.get(job.id)

@@ -32,6 +32,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
 )
 
 from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.core import byteranges
 from backhaul.core import event as ev
 from backhaul.core import hresult as hr
 from backhaul.core.error import BitsError
@@ -93,9 +94,8 @@ def test_requested_ranges_then_the_rest_against_nginx(
     asyncio.run(main())
     filled = of_type(events_of(manager, job.id), ev.RangesFilled)
     assert sum(r.length for e in filled for r in e.ranges) == size  # no byte fetched twice
-    assert sorted((r.offset, r.length) for r in told) == sorted(
-        (r.offset, r.length) for e in filled for r in e.ranges
-    )
+    # Told once each, merged by the notification interval: the same bytes as the claims.
+    assert byteranges.total(told) == byteranges.total(byteranges.merge(told)) == size
     assert job.filled_file_ranges(0) == [ByteRange(0, size)]
     assert job.complete() == hr.S_OK
     assert dest.read_bytes() == data
@@ -210,3 +210,30 @@ def test_the_random_access_verbs_against_nginx(
     assert ok(home, "getstate", job).strip() == "TRANSFERRED"
     ok(home, "complete", job)
     assert dest.read_bytes() == data
+
+
+def test_file_ranges_transferred_keeps_to_the_notification_interval(tmp_path: Path) -> None:
+    """Forty small ranges come within the interval: the first is told at once, the others
+    are held and told together, merged, before the job's RangesDone."""
+    data = os.urandom(64 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    calls: list[list[ByteRange]] = []
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(data)}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.notify_flags = int(NotifyFlags.FILE_RANGES_TRANSFERRED)
+            job.set_property(JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS, 60_000)
+            job.request_file_ranges(0, [(i * 1000, 100) for i in range(40)])
+            engine = make_engine(manager)
+            engine.on("file_ranges_transferred", lambda _j, _f, ranges: calls.append(ranges))
+            async with running(engine):
+                job.resume()
+                await until(lambda: job.state is S.SUSPENDED, "SUSPENDED")
+                await until(lambda: len(calls) == 2, "the held ranges told")
+            return job
+
+    job = asyncio.run(main())
+    assert calls[0] == [ByteRange(0, 100)]
+    assert calls[1] == [ByteRange(i * 1000, 100) for i in range(1, 40)]
+    assert job.filled_file_ranges(0) == [ByteRange(i * 1000, 100) for i in range(40)]

@@ -2016,7 +2016,13 @@ class Engine:
     async def _fill_file(
         self, job_id: str, index: int, transport: Transport, options: RequestOptions
     ) -> None:
-        f = self._job(job_id).files[index]
+        job = self._job(job_id)
+        f = job.files[index]
+        try:  # an SMB file, a file with ranges, dynamic content: no random access
+            cmd.check_random_access(job, index)
+        except BitsError as exc:
+            context = ErrorContext.GENERAL_QUEUE_MANAGER
+            raise TransferError(exc.hresult, exc.message, context=context, transient=False) from exc
         url = self._url(f)
         async with self._connections:
             self._hold_lease(job_id)

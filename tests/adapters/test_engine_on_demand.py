@@ -237,3 +237,24 @@ def test_file_ranges_transferred_keeps_to_the_notification_interval(tmp_path: Pa
     assert calls[0] == [ByteRange(0, 100)]
     assert calls[1] == [ByteRange(i * 1000, 100) for i in range(1, 40)]
     assert job.filled_file_ranges(0) == [ByteRange(i * 1000, 100) for i in range(40)]
+
+
+def test_an_on_demand_job_with_a_file_that_has_ranges_ends_in_error(tmp_path: Path) -> None:
+    """AddFileWithRanges into an on-demand job is allowed, but such a file has no random
+    access: the engine ends the job in ERROR instead of fetching it some other way."""
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(os.urandom(4 * KiB))}) as srv:
+            job = manager.create_job("on demand, ranged")
+            job.set_property(JobPropertyId.ON_DEMAND_MODE, True)
+            job.add_file(srv.url("/f"), tmp_path / "f", ranges=[(0, 100)])
+            async with running(make_engine(manager)):
+                job.resume()
+                await until(lambda: job.state is S.ERROR, "ERROR")
+            assert srv.hits == []  # nothing was asked of the server
+            return job
+
+    job = asyncio.run(main())
+    assert job.error is not None
+    assert (job.error.hresult, job.error.file_index) == (hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED, 0)

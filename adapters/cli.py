@@ -44,7 +44,7 @@ from backhaul.core.error import BackhaulError, BitsError
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.policy import why_waiting
 from backhaul.core.url import one_line, secrets_of
-from backhaul.core.value import FileSpec, ProxySettings
+from backhaul.core.value import ByteRange, FileSpec, ProxySettings
 from backhaul.core.vocabulary import (
     AuthScheme,
     AuthTarget,
@@ -853,7 +853,10 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
         if not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
             raise BitsError(hresult.E_INVALIDARG, "--sha256 wants the 64 hex digits of a SHA-256")
         digest = f"sha256:{args.sha256.lower()}"
-    specs = [FileSpec(u, str(p), (), digest) for u, p in zip(urls, locals_, strict=True)]
+    ranges = _curl_ranges(args.range) if args.range is not None else ()
+    if ranges and len(urls) > 1:
+        raise BitsError(hresult.E_INVALIDARG, "--range applies to one URL")
+    specs = [FileSpec(u, str(p), ranges, digest) for u, p in zip(urls, locals_, strict=True)]
     earlier = _unfinished(m, args, JobType.DOWNLOAD, specs, dynamic=args.dynamic)
     if earlier is not None:
         return _transfer(earlier, m, args, out)
@@ -867,6 +870,25 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
 
     _set_up(job, args, add)
     return _transfer(job, m, args, out)
+
+
+def _curl_ranges(text: str) -> tuple[ByteRange, ...]:
+    """curl's ``-r`` form: ``START-END`` (END included) or ``START-`` (to the end of the
+    file), comma-separated. The file is those ranges one after the other (AddFileWithRanges).
+    curl's ``-N`` (the last N bytes) needs the size, which a job learns only later."""
+    ranges = []
+    for item in text.split(","):
+        start, dash, end = item.strip().partition("-")
+        if not dash or not start.isdigit() or not (end.isdigit() or not end):
+            raise BitsError(
+                hresult.E_INVALIDARG,
+                f"bad range {item.strip()!r}: want START-END or START- (the last N bytes, "
+                "-N, need the size: give START-)",
+            )
+        if end and int(end) < int(start):
+            raise BitsError(hresult.E_INVALIDARG, f"range {item.strip()!r} ends before it starts")
+        ranges.append(ByteRange(int(start), int(end) - int(start) + 1 if end else None))
+    return tuple(ranges)
 
 
 def _name_from_url(url: str) -> str:
@@ -1615,6 +1637,12 @@ def build_parser() -> argparse.ArgumentParser:
     _foreground_options(g)
     g.add_argument("--sha256", help="expected SHA-256 of the (single) file")
     g.add_argument("--dynamic", action="store_true", help="content without size or ranges")
+    g.add_argument(
+        "--range",
+        "-r",
+        metavar="START-END[,...]",
+        help="only these bytes, one range after the other (curl's -r; START- to the end)",
+    )
     _url_refresher_option(g)
 
     pu = verb(

@@ -145,6 +145,26 @@ def test_get_downloads_the_file_and_completes_the_job(
     }
 
 
+def test_get_range_takes_curls_ranges_one_after_the_other(
+    tmp_path: Path,
+    home: Path,
+    engine_nginx: tuple[NginxServer, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server, docroot = engine_nginx
+    data = (docroot / "two.bin").read_bytes()
+    dest = tmp_path / "part.bin"
+    argv = ["--home", str(home), "get", "-q", "-r", "0-99,1000000-", f"{server.url}/two.bin"]
+    assert main([*argv, str(dest)], io.StringIO()) == 0
+    assert dest.read_bytes() == data[:100] + data[1_000_000:]
+    assert the_only_job(home).state is S.ACKNOWLEDGED
+    for bad in ("-500", "5-2", "a-b", "100"):
+        capsys.readouterr()
+        assert main([*argv[:4], "--range", bad, f"{server.url}/two.bin", str(tmp_path / "x")])
+        assert "E_INVALIDARG" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_get_into_a_log_writes_a_progress_line_per_state_not_a_redrawn_bar(
     tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
 ) -> None:

@@ -288,6 +288,29 @@ def _wait_for_first_request(
     return None
 
 
+def _kill_after(server: RangeServer, proc: subprocess.Popen[bytes], life: Life) -> None:
+    """SIGKILL ``proc`` ``life.delay`` s after ``life.anchor`` (the process start, its first
+    request, or its first checkpoint due), unless it ended by itself first
+    (``life.killed_at`` stays None then); reap it in any case."""
+    assert life.delay is not None
+    try:
+        if life.anchor == "process start":
+            base: float | None = life.spawned
+        else:
+            base = _wait_for_first_request(server, proc, life.spawned)
+            if base is not None and life.anchor == "first checkpoint due":
+                base += CHECKPOINT_INTERVAL
+        if base is not None:
+            time.sleep(max(0.0, base + life.delay - time.time()))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            life.killed_at = time.time()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        life.returncode = proc.wait(10)
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -377,23 +400,7 @@ def test_sigkill_at_random_points_loses_nothing_and_refetches_at_most_a_checkpoi
             delay = rng.uniform(*DELAY)
             life = Life(i, time.time(), anchor, delay, tmp_path / f"serve-{i}.log")
             lives.append(life)
-            proc = _spawn(home, env, life.log)
-            try:
-                if anchor == "process start":
-                    base: float | None = life.spawned
-                else:
-                    base = _wait_for_first_request(server, proc, life.spawned)
-                    if base is not None and anchor == "first checkpoint due":
-                        base += CHECKPOINT_INTERVAL
-                if base is not None:
-                    time.sleep(max(0.0, base + delay - time.time()))
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGKILL)
-                    life.killed_at = time.time()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                life.returncode = proc.wait(10)
+            _kill_after(server, _spawn(home, env, life.log), life)
             assert life.killed_at is not None, (
                 f"seed {seed}: serve #{i} ended by itself (rc={life.returncode}) before its kill:\n"
                 + _tail(life.log)

@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_crash import RATE, Life, MiB, RangeServer, _cli, _spawn, _tail, _wait_for_first_request
+from test_crash import RATE, Life, MiB, RangeServer, _cli, _kill_after, _spawn, _tail
 
 from backhaul.adapters.store import DB_FILE, open_store
 from backhaul.core import byteranges
@@ -79,19 +78,7 @@ def test_sigkill_while_filling_ranges_loses_nothing_and_refetches_nothing_claime
         for i in range(KILLS):
             life = Life(i, time.time(), "first request", rng.uniform(*DELAY), tmp_path / f"s{i}")
             lives.append(life)
-            proc = _spawn(home, env, life.log)
-            try:
-                base = _wait_for_first_request(server, proc, life.spawned)
-                if base is not None:
-                    assert life.delay is not None
-                    time.sleep(max(0.0, base + life.delay - time.time()))
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGKILL)
-                    life.killed_at = time.time()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                life.returncode = proc.wait(10)
+            _kill_after(server, _spawn(home, env, life.log), life)
             if life.killed_at is None:
                 break  # every range came in before this kill: the last run finds the job idle
         final = Life(len(lives), time.time(), None, None, tmp_path / "s-final")

@@ -133,3 +133,36 @@ def test_a_journal_naming_live_jobs_deletes_nothing(tmp_path: Path) -> None:
     assert m.finish_discards() == 1
     assert temp.read_bytes() == b"kept" and not journal.exists()
     assert os.listdir(tmp_path / "home" / "discards") == []
+
+
+def test_on_postgresql_the_journal_lies_beside_the_homes_key(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same on a PostgreSQL store: its home (the secret key's folder) keeps the
+    journal. Here the deletion after the commit raises, a stand-in for the kill (the
+    batch's exception comes after its append), and the next engine deletes the file."""
+    home, out = tmp_path / "home", tmp_path / "out"
+    out.mkdir()
+    m = TransferManager(postgres_url, home=home)
+    job = m.create_job("cancelled in a batch")
+    job.add_file("http://127.0.0.1:9/f", str(out / "f"))
+    job.resume()
+    m.execute(job.id, cmd.StartTransfer())
+    localfile.temp_path(job.id, 0, str(out / "f")).write_bytes(b"part")
+    m.execute(job.id, cmd.Checkpoint(0, 4, 100))
+
+    def killed(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("killed after the commit")
+
+    real = localfile.discard
+    monkeypatch.setattr(localfile, "discard", killed)
+    with pytest.raises(RuntimeError), m.batch():
+        job.cancel()
+    monkeypatch.setattr(localfile, "discard", real)
+    assert m.get_job(job.id, include_final=True).state is JobState.CANCELLED
+    assert len(temps(out)) == 1
+    assert m.store.secrets.file is not None
+    assert len(list((Path(m.store.secrets.file).parent / "discards").glob("*.json"))) == 1
+    asyncio.run(make_engine(m).run(until_idle=True))
+    assert temps(out) == []
+    m.close()

@@ -1756,7 +1756,7 @@ class Engine:
             async with self._connections:
                 self._hold_lease(job_id)
                 remote = await transport.stat(url, options)
-            if f.validator and remote.validator != f.validator and f.bytes_transferred:
+            if f.validator and _version(remote) != f.validator and f.bytes_transferred:
                 await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
             total = await self._fetch_ranges(job_id, index, transport, options, url, remote)
             if total is not None:
@@ -1832,8 +1832,10 @@ class Engine:
                         transient=False,
                         response_headers=download.remote.headers,
                     )
+                # The checkpoints record the version the ranges come from (_version).
+                versioned = attrs.evolve(remote, validator=_version(remote))
                 await self._receive(
-                    job_id, index, download, local + skip, remote, (local + length, total)
+                    job_id, index, download, local + skip, versioned, (local + length, total)
                 )
             finally:
                 await download.aclose()
@@ -2661,6 +2663,16 @@ class _FileRun:
                 entry.close()
                 self.done[index] = _ENDED
         self.advanced.set()
+
+
+def _version(remote: RemoteFile) -> str | None:
+    """What a ranged file's checkpoints record as its remote version: the validator, or,
+    from a server that sends none, the size ("size:N"). A ranged file's own size is that
+    of its ranges, so without this a new version of another size would go unseen and its
+    bytes would be joined to the old one's (BITS keys a version on size and time)."""
+    if remote.validator is not None or remote.size is None:
+        return remote.validator
+    return f"size:{remote.size}"
 
 
 def _remote_resized(recorded: int | None, download: Download) -> bool:

@@ -1231,6 +1231,42 @@ def test_a_range_to_the_end_of_the_file(
     assert (tmp_path / "r.bin").read_bytes() == source[:10] + source[tail:]
 
 
+def test_a_ranged_file_without_a_validator_restarts_when_its_size_changed(
+    tmp_path: Path,
+) -> None:
+    """A server that sends neither ETag nor Last-Modified: the size is the only sign of a
+    new version (BITS keys on size and time). A ranged file cut off mid-range and resumed
+    after the remote file changed size must not join the old version's bytes to the new
+    one's: it starts over."""
+    old, new = os.urandom(512 * KiB), os.urandom(600 * KiB)
+    served = trickle(old, etag=None, drop_after=300 * KiB)
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    ranges = [(0, 1000), (100 * KiB, None)]
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = manager.create_job("ranged, no validator")
+            job.minimum_retry_delay = 5
+            job.add_file(srv.url("/f"), tmp_path / "r.bin", ranges=ranges)
+            job.resume()
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                assert checkpointed(job) > 1000  # inside the second range
+                served.data = new  # a new version, of another size, and still no validator
+                clock.advance(6)
+                engine.wake()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job
+
+    job = asyncio.run(main())
+    restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
+    assert [r.file_index for r in restarts] == [0]
+    job.complete()
+    assert (tmp_path / "r.bin").read_bytes() == new[:1000] + new[100 * KiB :]
+
+
 def test_a_correct_expected_digest_passes_and_is_recorded(
     tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
 ) -> None:

@@ -88,11 +88,18 @@ def changed_since_transferred(job: Job, indexes: Iterable[int]) -> list[tuple[in
         f = job.files[i]
         if not f.transferred or not f.bytes_total:
             continue  # an empty file needs no temp file (Complete makes it)
-        temp = file_temp(job, i)
+        temp = temp_name(job.id, i, f.local_name, f.temp_worker)
+        try:
+            if os.stat(temp).st_size == f.bytes_total:
+                continue  # the usual case: one stat, nothing else
+        except FileNotFoundError:
+            if _already_published(f.local_name, f):
+                continue
+        except OSError:
+            continue  # unreadable, not changed: publishing it fails with the error
         lost = checkpoint_lost(temp, f.bytes_total, exact=True)
-        if lost is None or (not temp.exists() and _already_published(f.local_name, f)):
-            continue
-        found.append((i, f"{f.local_name}: {lost} (changed after it was transferred)"))
+        if lost is not None:
+            found.append((i, f"{f.local_name}: {lost} (changed after it was transferred)"))
     return found
 
 

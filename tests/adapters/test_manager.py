@@ -1836,3 +1836,60 @@ def test_threads_sharing_a_manager_lose_no_call_and_no_job(tmp_path: Path) -> No
             assert job.description.startswith("thread ")
         listed = {j.id for j in fresh.jobs(include_final=True)}
         assert listed == set(made)
+
+
+def _transferred_jobs(home: Path, tmp_path: Path, count: int) -> list[str]:
+    """``count`` one-file jobs the engine reported transferred, their temp files whole;
+    the read model refreshed."""
+    ids = []
+    with TransferManager(home=home, limits=UNLIMITED) as m:
+        for i in range(count):
+            job = m.create_job(f"done {i}")
+            local = tmp_path / f"done-{i}.bin"
+            job.add_file(f"https://example.com/{i}.bin", local)
+            job.resume()
+            localfile.temp_path(job.id, 0, str(local)).write_bytes(b"x" * (i + 1))
+            for command in (cmd.StartTransfer(), cmd.Connect(), cmd.FinishFile(0, i + 1)):
+                m.execute(job.id, command)
+            m.execute(job.id, cmd.FinishJob())
+            ids.append(job.id)
+        m.refresh_views()
+    return ids
+
+
+def test_a_batch_after_a_current_read_model_reads_no_stream(tmp_path: Path) -> None:
+    """Completing many jobs right after an engine kept the read model current: each job
+    is its row, with no query of its stream (one per job before: about a quarter of the
+    time of Complete for 2,000 jobs)."""
+    home = tmp_path / "home"
+    ids = _transferred_jobs(home, tmp_path, 5)
+    with TransferManager(home=home, limits=UNLIMITED) as m:
+        m.refresh_views()  # nothing to fold: the rows are current already
+        reads: list[str] = []
+        stream = m.store.stream
+        m.store.stream = lambda job_id, after_version=0: (  # type: ignore[method-assign]
+            reads.append(job_id) or stream(job_id, after_version)
+        )
+        with m.batch():
+            for job_id in ids:
+                assert m.get_job(job_id).complete() == hresult.S_OK
+        assert reads == []
+        assert [m.get_job(i, include_final=True).state for i in ids] == [JobState.ACKNOWLEDGED] * 5
+    assert [(tmp_path / f"done-{i}.bin").read_bytes() for i in range(5)] == [
+        b"x" * (i + 1) for i in range(5)
+    ]
+
+
+def test_a_batch_reads_the_stream_of_a_job_whose_row_is_behind(tmp_path: Path) -> None:
+    """Another process appended after the rows were saved: the batch reads the job's newer
+    events and decides on them (here: its description, then Complete)."""
+    home = tmp_path / "home"
+    (job_id,) = _transferred_jobs(home, tmp_path, 1)
+    with TransferManager(home=home) as other:  # appends, and saves no row
+        other.get_job(job_id).description = "changed elsewhere"
+    with TransferManager(home=home) as m:
+        with m.batch():
+            job = m.get_job(job_id)
+            assert job.description == "changed elsewhere"
+            assert job.complete() == hresult.S_OK
+        assert m.get_job(job_id, include_final=True).description == "changed elsewhere"

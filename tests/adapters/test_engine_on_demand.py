@@ -258,3 +258,34 @@ def test_an_on_demand_job_with_a_file_that_has_ranges_ends_in_error(tmp_path: Pa
     job = asyncio.run(main())
     assert job.error is not None
     assert (job.error.hresult, job.error.file_index) == (hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED, 0)
+
+
+def test_a_remote_file_that_changed_fills_its_ranges_again_from_the_new_version(
+    tmp_path: Path,
+) -> None:
+    old, new = os.urandom(64 * KiB), os.urandom(64 * KiB)
+    served = Served(old, etag='"v1"')
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.request_file_ranges(0, [(0, 1000)])
+            async with running(make_engine(manager)):
+                job.resume()
+                await until(lambda: job.state is S.SUSPENDED, "SUSPENDED")
+                served.data, served.etag = new, '"v2"'  # a new version on the server
+                job.request_file_ranges(0, [(5000, 1000)])
+                job.resume()
+                await until(
+                    lambda: job.state is S.SUSPENDED and len(job.filled_file_ranges(0)) == 2,
+                    "SUSPENDED again",
+                )
+            return job
+
+    job = asyncio.run(main())
+    restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
+    assert [r.file_index for r in restarts] == [0]
+    held = temp_bytes(job)
+    assert held[:1000] == new[:1000] and held[5000:6000] == new[5000:6000]
+    assert job.filled_file_ranges(0) == [ByteRange(0, 1000), ByteRange(5000, 1000)]

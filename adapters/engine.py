@@ -1806,6 +1806,8 @@ class Engine:
         await self._connected(job_id)
         done = f.bytes_transferred
         local = 0
+        # The checkpoints record the version the ranges come from (_version).
+        versioned = attrs.evolve(remote, validator=_version(remote))
         for r in ranges:
             length = r.length or 0
             if local + length <= done:
@@ -1832,8 +1834,6 @@ class Engine:
                         transient=False,
                         response_headers=download.remote.headers,
                     )
-                # The checkpoints record the version the ranges come from (_version).
-                versioned = attrs.evolve(remote, validator=_version(remote))
                 await self._receive(
                     job_id, index, download, local + skip, versioned, (local + length, total)
                 )
@@ -2120,6 +2120,7 @@ class Engine:
             job = self._job(job_id)
             buckets = self._buckets(job)
             key, last = (job_id, index), time.monotonic()
+            before = job.files[index].bytes_transferred - start  # the file's other ranges
             async for chunk in download:
                 chunk = chunk[: end - position]
                 if not chunk:
@@ -2129,7 +2130,7 @@ class Engine:
                 except OSError as exc:
                     raise _local_error(exc, "the temp file") from exc
                 position += len(chunk)
-                self.live_progress[key] = job.files[index].bytes_transferred + position - start
+                self.live_progress[key] = before + position
                 if self.limiter.limited(buckets):
                     await self.limiter.take(buckets, len(chunk))
                 now = time.monotonic()

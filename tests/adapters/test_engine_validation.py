@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 from peers.nginx import NginxServer
+from test_cli_getters import refused
 from test_cli_limits import (  # the autouse fixture keeps BACKHAUL_* out
     _no_backhaul_environment,  # noqa: F401
     ok,
-    run,
 )
 from test_engine import (
     FaultServer,
@@ -156,9 +156,7 @@ def test_the_validation_verbs_and_complete_check_with_nginx(
     job = ok(home, "create", "validate").strip()
     ok(home, "addfile", job, f"{server.url}/one.bin", str(one))
     ok(home, "addfile", job, f"{server.url}/two.bin", str(two))
-    capsys.readouterr()
-    code, _ = run(home, "setvalidationstate", job, "0", "true")
-    assert code != 0 and "E_PENDING" in capsys.readouterr().err
+    assert "E_PENDING" in refused(home, capsys, "setvalidationstate", job, "0", "true")
     ok(home, "resume", job)
     ok(home, "serve", "--until-idle")
     assert ok(home, "getstate", job).strip() == "TRANSFERRED"
@@ -171,10 +169,8 @@ def test_the_validation_verbs_and_complete_check_with_nginx(
 
     temp = Path(ok(home, "gettemporaryname", job, "1").strip())
     os.truncate(temp, temp.stat().st_size // 2)
-    capsys.readouterr()
-    code, _ = run(home, "complete", job)
-    message = capsys.readouterr().err
-    assert code != 0 and "BG_E_VALIDATION_FAILED" in message and "two.bin" in message
+    message = refused(home, capsys, "complete", job)
+    assert "BG_E_VALIDATION_FAILED" in message and "two.bin" in message
     assert not one.exists() and not two.exists()
     assert ok(home, "getstate", job).strip() == "ERROR"
     assert ok(home, "geterror", job).startswith(

@@ -755,6 +755,21 @@ class Engine:
             names += ["global", f"priority:{int(job.priority)}", "yield"]
         return names
 
+    def _yields(self, job: Job, download: Any) -> bool:
+        """Whether this transfer yields to other traffic (a background job while the
+        engine measures idle bandwidth): its socket is counted as ours, and uses the
+        kernel's low-priority congestion control where there is one. ``_run_download``'s
+        and ``_fill_range``'s ``finally`` take the socket out again."""
+        if self.yielder is None or job.priority is JobPriority.FOREGROUND:
+            return False
+        sock = getattr(download, "socket", None)
+        if sock is not None:
+            self._bg_sockets.add(sock)
+            self.yielder.loopback = _is_loopback(sock)
+            if self.low_priority_tcp:
+                _use_lp(sock)
+        return True
+
     def network_state(self) -> tuple[bool, int]:
         """(network up, BITS_COST_STATE_* of the current network), re-read every second."""
         now = time.monotonic()
@@ -1889,14 +1904,7 @@ class Engine:
             synced, last = position, time.monotonic()
             key = (job_id, index)
             buckets = self._buckets(job)
-            background = self.yielder is not None and job.priority is not JobPriority.FOREGROUND
-            sock = getattr(download, "socket", None) if background else None
-            if sock is not None:
-                self._bg_sockets.add(sock)
-                if self.yielder is not None:
-                    self.yielder.loopback = _is_loopback(sock)
-                if self.low_priority_tcp:
-                    _use_lp(sock)
+            background = self._yields(job, download)
             async for chunk in download:
                 if body is not None:
                     body.append(chunk)  # no more than its Content-Length (aiohttp stops there)
@@ -2119,6 +2127,7 @@ class Engine:
                 )
             job = self._job(job_id)
             buckets = self._buckets(job)
+            background = self._yields(job, download)
             key, last = (job_id, index), time.monotonic()
             before = job.files[index].bytes_transferred - start  # the file's other ranges
             async for chunk in download:
@@ -2131,8 +2140,11 @@ class Engine:
                     raise _local_error(exc, "the temp file") from exc
                 position += len(chunk)
                 self.live_progress[key] = before + position
+                if background:
+                    self.yielder.add(len(chunk))  # type: ignore[union-attr]
                 if self.limiter.limited(buckets):
                     await self.limiter.take(buckets, len(chunk))
+                self._check_size(job, before + position)  # the bytes this file holds
                 now = time.monotonic()
                 if position - synced >= self.checkpoint_bytes or now - last >= (
                     self.checkpoint_interval
@@ -2158,6 +2170,7 @@ class Engine:
             raise
         finally:
             await download.aclose()
+            self._bg_sockets.discard(getattr(download, "socket", None))
 
     async def _finished_files(self, job_id: str) -> None:
         """Wait for the claiming of the files that finished (raises its first error).

@@ -236,9 +236,10 @@ def the_only_job(home: Path) -> Job:
 def slow_get_past_a_checkpoint(
     home: Path, env: dict[str, str], url: str, dest: Path
 ) -> subprocess.Popen[bytes]:
-    """A `backhaul get --max-rate 1M` process, once the log holds a checkpoint of its job."""
+    """A `backhaul get --max-rate 512K` process, once the log holds a checkpoint of its job
+    (about six seconds for three.bin: time for a loaded machine to act before it ends)."""
     proc = subprocess.Popen(
-        [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "1M", url, str(dest)],
+        [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "512K", url, str(dest)],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

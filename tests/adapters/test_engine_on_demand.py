@@ -37,7 +37,7 @@ from backhaul.core import event as ev
 from backhaul.core import hresult as hr
 from backhaul.core.error import BitsError
 from backhaul.core.value import ByteRange
-from backhaul.core.vocabulary import JobPropertyId, JobType, NotifyFlags
+from backhaul.core.vocabulary import JobPriority, JobPropertyId, JobType, NotifyFlags
 from backhaul.core.vocabulary import JobState as S
 
 
@@ -289,3 +289,89 @@ def test_a_remote_file_that_changed_fills_its_ranges_again_from_the_new_version(
     held = temp_bytes(job)
     assert held[:1000] == new[:1000] and held[5000:6000] == new[5000:6000]
     assert job.filled_file_ranges(0) == [ByteRange(0, 1000), ByteRange(5000, 1000)]
+
+
+def test_max_download_size_bounds_the_bytes_an_on_demand_file_holds(tmp_path: Path) -> None:
+    """BITS_JOB_PROPERTY_MAX_DOWNLOAD_SIZE holds for random access too: the second range
+    takes the file's bytes past the limit, and the job ends in ERROR with
+    BG_E_MAX_DOWNLOAD_SIZE_LIMIT_REACHED, the first range still claimed."""
+    data = os.urandom(64 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(data)}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.set_property(JobPropertyId.MAX_DOWNLOAD_SIZE, 6 * KiB)
+            job.request_file_ranges(0, [(0, 4 * KiB), (32 * KiB, 4 * KiB)])
+            async with running(make_engine(manager)):
+                job.resume()
+                await until(lambda: job.state is S.ERROR, "ERROR")
+            return job
+
+    job = asyncio.run(main())
+    assert job.error is not None
+    assert (job.error.hresult, job.error.file_index) == (hr.BG_E_MAX_DOWNLOAD_SIZE_LIMIT_REACHED, 0)
+    assert job.filled_file_ranges(0) == [ByteRange(0, 4 * KiB)]
+    assert job.progress.bytes_transferred <= 6 * KiB
+
+
+def test_a_background_on_demand_job_counts_as_ours_when_the_engine_yields(
+    tmp_path: Path,
+) -> None:
+    """While the engine measures idle bandwidth (yield_bandwidth), the bytes a background
+    job fills are counted as its own traffic, as a plain download's are: else they would
+    read as other programs' traffic, and the yield bucket would throttle the job to a
+    trickle. A FOREGROUND job's bytes do not count (it never yields)."""
+    data = os.urandom(256 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[int, int]:
+        async with FaultServer({"/f": Served(data), "/g": Served(data)}) as srv:
+            background = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            background.request_file_ranges(0, [(0, 100 * KiB), (200 * KiB, 50 * KiB)])
+            foreground = on_demand_job(manager, srv.url("/g"), tmp_path / "g")
+            foreground.priority = JobPriority.FOREGROUND
+            foreground.request_file_ranges(0, [(0, 10 * KiB)])
+            engine = make_engine(manager, yield_bandwidth=True)
+            assert engine.yielder is not None
+            async with running(engine):
+                background.resume()
+                await until(lambda: background.state is S.SUSPENDED, "background SUSPENDED")
+                ours = engine.yielder.ours
+                foreground.resume()
+                await until(lambda: foreground.state is S.SUSPENDED, "foreground SUSPENDED")
+                assert not engine._bg_sockets  # every socket taken out again
+                return ours, engine.yielder.ours
+
+    ours, after = asyncio.run(main())
+    assert ours == after == 150 * KiB
+
+
+def test_ranges_held_by_the_interval_are_told_when_the_engine_stops(tmp_path: Path) -> None:
+    """A range claimed and held back by the notification interval is not lost when the
+    engine stops in the middle of the next range: the stop claims what came of that range
+    and ends the job's slice, and the held ranges are told before that event, merged with
+    the part just claimed."""
+    data = os.urandom(256 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    calls: list[list[ByteRange]] = []
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": trickle(data, step=KiB, delay=0.05)}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.notify_flags = int(NotifyFlags.FILE_RANGES_TRANSFERRED)
+            job.set_property(JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS, 600_000)
+            job.request_file_ranges(0, [(0, KiB), (8 * KiB, KiB), (64 * KiB, 128 * KiB)])
+            engine = make_engine(manager)
+            engine.on("file_ranges_transferred", lambda _j, _f, ranges: calls.append(ranges))
+            async with running(engine):
+                job.resume()
+                await until(lambda: len(job.filled_file_ranges(0)) == 3, "the third range began")
+                assert calls == [[ByteRange(0, KiB)]]  # the second is held
+            return job
+
+    job = asyncio.run(main())
+    assert len(calls) == 2, calls
+    held = job.filled_file_ranges(0)
+    assert calls[1][0] == ByteRange(8 * KiB, KiB) and calls[1][1].offset == 64 * KiB
+    assert calls[0] + calls[1] == held  # every byte claimed was told, once

@@ -6,6 +6,7 @@ mid-transfer leaves a job that the next engine resumes from its last checkpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import io
@@ -233,18 +234,33 @@ def the_only_job(home: Path) -> Job:
         return job.snapshot()
 
 
+@contextlib.contextmanager
+def sigint_at_default() -> Iterator[None]:
+    """Children started in this block take SIGINT at its default (as a terminal's foreground
+    job does). A shell without job control that starts the suite in the background
+    (`bash .ci/test &`) makes it ignore SIGINT, every child inherits that, and `get` keeps an
+    inherited SIG_IGN (nohup's contract): a Ctrl-C test would then test nothing."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # exec resets it to SIG_DFL
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def slow_get_past_a_checkpoint(
     home: Path, env: dict[str, str], url: str, dest: Path
 ) -> subprocess.Popen[bytes]:
-    """A `backhaul get --max-rate 512K` process, once the log holds a checkpoint of its job
-    (about six seconds for three.bin: time for a loaded machine to act before it ends)."""
-    proc = subprocess.Popen(
-        [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "512K", url, str(dest)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    """A `backhaul get --max-rate 1M` process, once the log holds a checkpoint of its job."""
+    with sigint_at_default():
+        proc = subprocess.Popen(
+            [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "1M", url, str(dest)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
     try:
         with TransferManager(home=home) as manager:
 

@@ -459,13 +459,13 @@ def test_no_new_file_starts_while_the_claimer_is_far_behind(
     """Small bodies wait in memory for the claimer; when it is slow (here 20 ms a file),
     the transfers stop starting new files once ``held_bodies`` bytes wait, so memory stays
     bounded by that plus the files in flight."""
-    from backhaul.adapters import engine as engine_module
+    from backhaul.adapters.download import FileRun
 
     bodies = [os.urandom(16 * KiB) for _ in range(40)]
     files = {f"/f{i}": Served(bodies[i]) for i in range(40)}
     manager = TransferManager(home=tmp_path / "home")
     held: list[int] = []
-    finish = engine_module._FileRun.finish
+    finish = FileRun.finish
 
     def counted(self: Any, finished: Any) -> None:
         finish(self, finished)
@@ -474,7 +474,7 @@ def test_no_new_file_starts_while_the_claimer_is_far_behind(
     async def slow_claims(self: Engine, job_id: str, index: int) -> None:
         await asyncio.sleep(0.02)
 
-    monkeypatch.setattr(engine_module._FileRun, "finish", counted)
+    monkeypatch.setattr(FileRun, "finish", counted)
     monkeypatch.setattr(Engine, "_keep_security", slow_claims)
 
     async def main() -> TransferJob:

@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,6 +40,8 @@ MiB = 1024 * 1024
 # A ranged file whose remote changes this many times while its ranges are fetched fails
 # with BG_E_REMOTE_FILE_CHANGED (fatal: BITS's message says to Resume).
 _CHANGES_MET: Final = 3
+# Bytes before the checkpoint a resume without a validator fetches again, to compare.
+RESUME_OVERLAP: Final = 4096
 
 
 class Downloads:
@@ -254,13 +256,18 @@ class Downloads:
     ) -> None:
         job = self._job(job_id)
         f = job.files[index]
+        url = self._url(f)
         offset = f.bytes_transferred if f.bytes_total is not None else 0
         if job.dynamic_content:
             offset = 0  # dynamic content restarts after any interruption (§7.6)
+        # A server that gave no validator (neither ETag nor Last-Modified) gets no If-Range,
+        # and nothing else would show a new version of the same size: the resume starts
+        # a little before the checkpoint, and those bytes must be the temp file's.
+        overlap = min(offset, RESUME_OVERLAP) if offset and not f.validator else 0
         async with self._connections:
             self._hold_lease(job_id)
             download = await transport.open(
-                self._url(f), options, offset=offset, validator=f.validator if offset else None
+                url, options, offset=offset - overlap, validator=f.validator if offset else None
             )
         if offset and _remote_resized(f.bytes_total, download):
             # No validator told (or none was sent), but the file's size did: the bytes
@@ -271,7 +278,16 @@ class Downloads:
             offset = 0
             async with self._connections:
                 self._hold_lease(job_id)
-                download = await transport.open(self._url(f), options)
+                download = await transport.open(url, options)
+        elif overlap and download.offset == offset - overlap:
+            try:
+                download = await self._past_overlap(
+                    job_id, index, transport, options, download, offset
+                )
+            except BaseException:
+                await download.aclose()
+                raise
+            offset = download.offset  # 0 when the bytes differed: the file restarted
         try:
             remote = download.remote
             run = self._order.get(job_id)
@@ -299,6 +315,50 @@ class Downloads:
             await self._receive(job_id, index, download, offset, remote, None)
         finally:
             await download.aclose()
+
+    async def _past_overlap(
+        self,
+        job_id: str,
+        index: int,
+        transport: Transport,
+        options: RequestOptions,
+        download: Download,
+        offset: int,
+    ) -> Download:
+        """``download`` starts before the checkpoint at ``offset``: compare what comes
+        before it with the temp file's synced bytes there. The same: the download, going on
+        from the checkpoint. Not the same (or the temp file cannot show them): the remote
+        file changed, the file restarts (FileRestarted), and a download from byte 0."""
+        overlap = offset - download.offset
+        chunks = aiter(download)
+        got = b""
+        while len(got) < overlap:
+            try:
+                got += await anext(chunks)
+            except StopAsyncIteration:
+                raise TransferError(
+                    hresult.BG_E_CONNECTION_CLOSED,
+                    f"got {len(got)} of the {overlap} bytes before the checkpoint",
+                    transient=True,
+                ) from None
+        f = self._job(job_id).files[index]
+        tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                held = os.pread(fd, overlap, download.offset)
+            finally:
+                os.close(fd)
+        except OSError:
+            held = b""
+        if got[:overlap] == held:
+            return _Resumed(download, chunks, got[overlap:], offset)
+        await download.aclose()
+        why = "the remote file changed: its bytes before the checkpoint are not the same"
+        await self._commit(job_id, cmd.RestartFile(index, why))
+        async with self._connections:
+            self._hold_lease(job_id)
+            return await transport.open(self._url(f), options)
 
     async def _download_ranges(
         self, job_id: str, index: int, transport: Transport, options: RequestOptions
@@ -792,6 +852,28 @@ def _version(remote: RemoteFile) -> str | None:
     if remote.validator is not None or remote.size is None:
         return remote.validator
     return f"size:{remote.size}"
+
+
+class _Resumed:
+    """A Download opened before the checkpoint whose bytes up to it were checked
+    (``_past_overlap``): it goes on from the checkpoint, ``rest`` (what came past it with
+    the checked bytes) first."""
+
+    def __init__(
+        self, inner: Download, chunks: AsyncIterator[bytes], rest: bytes, offset: int
+    ) -> None:
+        self.inner, self.chunks, self.rest = inner, chunks, rest
+        self.remote, self.offset = inner.remote, offset
+        self.socket = getattr(inner, "socket", None)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.rest:
+            yield self.rest
+        async for chunk in self.chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def _remote_resized(recorded: int | None, download: Download) -> bool:

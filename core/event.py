@@ -149,7 +149,8 @@ class FileTransferred(Event):
 
 @attrs.frozen
 class FileRestarted(Event):
-    """The remote file changed (size or validator): this file starts again from byte 0."""
+    """The remote file changed (its size or validator; with no validator, the bytes just
+    before the checkpoint): this file starts again from byte 0."""
 
     file_index: int
     reason: str

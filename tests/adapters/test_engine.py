@@ -1111,22 +1111,17 @@ def test_a_changed_remote_file_restarts_only_that_file_from_zero(tmp_path: Path)
     assert (tmp_path / "b").read_bytes() == new
 
 
-@pytest.mark.parametrize("new_size", [300 * KiB, 200 * KiB, 700 * KiB])
-def test_a_remote_file_whose_size_changed_restarts_without_a_validator(
-    tmp_path: Path, new_size: int
-) -> None:
-    """A server that sends no ETag and no Last-Modified gets no If-Range: when its file
-    changes size between attempts, the resume's 206 (larger file, or shorter but still past
-    the checkpoint) or 416 (shorter than the checkpoint) shows the new size, and the file
-    restarts from zero instead of joining two versions (or failing with a 416)."""
-    old, new = os.urandom(512 * KiB), os.urandom(new_size)
+def resumed_after_a_change(
+    tmp_path: Path, old: bytes, new: bytes
+) -> tuple[TransferManager, TransferJob, FaultServer]:
+    """A server with no ETag and no Last-Modified drops the connection at 256 KiB of
+    ``old`` (a checkpoint there), then serves ``new``; the job resumed: run to TRANSFERRED."""
     served = trickle(old, etag=None, drop_after=256 * KiB)
     manager = TransferManager(home=tmp_path / "home")
-    dest = tmp_path / "f.bin"
 
     async def main() -> tuple[TransferJob, FaultServer]:
         async with FaultServer({"/f": served}) as srv:
-            job = new_job(manager, [(srv.url("/f"), dest)])
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f.bin")])
             async with running(make_engine(manager, checkpoint_interval=600.0)):
                 await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
                 assert checkpointed(job) == 256 * KiB
@@ -1136,6 +1131,19 @@ def test_a_remote_file_whose_size_changed_restarts_without_a_validator(
             return job, srv
 
     job, srv = asyncio.run(main())
+    return manager, job, srv
+
+
+@pytest.mark.parametrize("new_size", [300 * KiB, 200 * KiB, 700 * KiB])
+def test_a_remote_file_whose_size_changed_restarts_without_a_validator(
+    tmp_path: Path, new_size: int
+) -> None:
+    """A server that sends no ETag and no Last-Modified gets no If-Range: when its file
+    changes size between attempts, the resume's 206 (larger file, or shorter but still past
+    the checkpoint) or 416 (shorter than the checkpoint) shows the new size, and the file
+    restarts from zero instead of joining two versions (or failing with a 416)."""
+    new = os.urandom(new_size)
+    manager, job, srv = resumed_after_a_change(tmp_path, os.urandom(512 * KiB), new)
     hits = srv.hits_for("/f")
     assert [(h.range_start, h.if_range) for h in hits] == [
         (None, None),
@@ -1148,7 +1156,7 @@ def test_a_remote_file_whose_size_changed_restarts_without_a_validator(
     ]
     assert job.snapshot().files[0].bytes_total == new_size
     assert job.complete() == hr.S_OK
-    assert dest.read_bytes() == new
+    assert (tmp_path / "f.bin").read_bytes() == new
 
 
 @pytest.mark.parametrize("changed", [False, True])
@@ -1161,23 +1169,8 @@ def test_a_resume_without_a_validator_checks_the_bytes_before_the_checkpoint(
     the same, it goes on from the checkpoint (4 KiB fetched twice); not the same, the file
     restarts from byte 0 instead of joining two versions."""
     old = os.urandom(512 * KiB)
-    new = old[: 100 * KiB] + os.urandom(412 * KiB) if changed else old
-    served = trickle(old, etag=None, drop_after=256 * KiB)
-    manager = TransferManager(home=tmp_path / "home")
-    dest = tmp_path / "f.bin"
-
-    async def main() -> tuple[TransferJob, FaultServer]:
-        async with FaultServer({"/f": served}) as srv:
-            job = new_job(manager, [(srv.url("/f"), dest)])
-            async with running(make_engine(manager, checkpoint_interval=600.0)):
-                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
-                assert checkpointed(job) == 256 * KiB
-                served.data = new  # the same size, and still no validator
-                job.resume()
-                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
-            return job, srv
-
-    job, srv = asyncio.run(main())
+    new = old[: 100 * KiB] + os.urandom(412 * KiB) if changed else old  # the same size
+    manager, job, srv = resumed_after_a_change(tmp_path, old, new)
     starts = [h.range_start for h in srv.hits_for("/f")]
     restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
     if changed:
@@ -1189,7 +1182,7 @@ def test_a_resume_without_a_validator_checks_the_bytes_before_the_checkpoint(
         assert starts == [None, 252 * KiB]
         assert restarts == []
     assert job.complete() == hr.S_OK
-    assert dest.read_bytes() == new
+    assert (tmp_path / "f.bin").read_bytes() == new
 
 
 def test_a_range_request_answered_200_restarts_the_file_from_zero(tmp_path: Path) -> None:

@@ -331,27 +331,10 @@ class Downloads:
         file changed, the file restarts (FileRestarted), and a download from byte 0."""
         overlap = offset - download.offset
         chunks = aiter(download)
-        got = b""
-        while len(got) < overlap:
-            try:
-                got += await anext(chunks)
-            except StopAsyncIteration:
-                raise TransferError(
-                    hresult.BG_E_CONNECTION_CLOSED,
-                    f"got {len(got)} of the {overlap} bytes before the checkpoint",
-                    transient=True,
-                ) from None
+        got = await read_upto(chunks, overlap, "before the checkpoint")
         f = self._job(job_id).files[index]
         tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
-        try:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                held = os.pread(fd, overlap, download.offset)
-            finally:
-                os.close(fd)
-        except OSError:
-            held = b""
-        if got[:overlap] == held:
+        if got[:overlap] == held_bytes(tmp, download.offset, overlap):
             return _Resumed(download, chunks, got[overlap:], offset)
         await download.aclose()
         why = "the remote file changed: its bytes before the checkpoint are not the same"
@@ -852,6 +835,33 @@ def _version(remote: RemoteFile) -> str | None:
     if remote.validator is not None or remote.size is None:
         return remote.validator
     return f"size:{remote.size}"
+
+
+async def read_upto(chunks: AsyncIterator[bytes], length: int, what: str) -> bytes:
+    """At least ``length`` bytes of a body (what came with the last of them too)."""
+    got = b""
+    while len(got) < length:
+        try:
+            got += await anext(chunks)
+        except StopAsyncIteration:
+            raise TransferError(
+                hresult.BG_E_CONNECTION_CLOSED,
+                f"got {len(got)} of the {length} bytes {what}",
+                transient=True,
+            ) from None
+    return got
+
+
+def held_bytes(tmp: str, offset: int, length: int) -> bytes:
+    """The temp file's bytes there (empty when it cannot show them)."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+    except OSError:
+        return b""
 
 
 class _Resumed:

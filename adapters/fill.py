@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 from backhaul.adapters import localfile
-from backhaul.adapters.download import resize_reason
+from backhaul.adapters.download import RESUME_OVERLAP, held_bytes, read_upto, resize_reason
 from backhaul.adapters.jobrun import local_error, name_file
 from backhaul.core import byteranges, hresult
 from backhaul.core import command as cmd
@@ -71,6 +71,9 @@ class Fills:
                 why = "its ranges are in another worker's temp file"
             else:
                 why = localfile.checkpoint_lost(tmp, size, exact=True)
+            wanted = byteranges.resolve(f.requested, size)
+            if why is None and not f.validator and byteranges.missing(wanted, f.filled):
+                why = await self._held_changed(job_id, transport, options, url, tmp, f.filled)
             if why is not None:
                 await self._commit(job_id, cmd.RestartFile(index, why))
                 f = self._job(job_id).files[index]
@@ -94,6 +97,36 @@ class Fills:
         if byteranges.covers(self._job(job_id).files[index].filled, size):
             await self._keep_security(job_id, index)
             await self._finish_file(job_id, index, size, None)
+
+    async def _held_changed(
+        self,
+        job_id: str,
+        transport: Transport,
+        options: RequestOptions,
+        url: str,
+        tmp: str,
+        filled: Sequence[ByteRange],
+    ) -> str | None:
+        """A server with no validator (neither ETag nor Last-Modified) cannot tell a new
+        version of the same size: before more ranges join the ones the file holds, fetch
+        the last bytes it holds again (up to RESUME_OVERLAP) and compare them with the temp
+        file's. Why the file must restart, or None."""
+        last = filled[-1]
+        assert last.length is not None
+        length = min(last.length, RESUME_OVERLAP)
+        offset = last.offset + last.length - length
+        async with self._connections:
+            self._hold_lease(job_id)
+            download = await transport.open(url, options, offset=offset, length=length)
+        try:
+            if download.offset != offset:
+                return None  # no range honoured: the fill fails for it (no random access)
+            got = await read_upto(aiter(download), length, f"at {offset}")
+        finally:
+            await download.aclose()
+        if got[:length] == held_bytes(tmp, offset, length):
+            return None
+        return "the remote file changed: the bytes it holds are not the same"
 
     async def _fill_range(
         self,

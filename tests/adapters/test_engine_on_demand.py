@@ -375,3 +375,48 @@ def test_ranges_held_by_the_interval_are_told_when_the_engine_stops(tmp_path: Pa
     held = job.filled_file_ranges(0)
     assert calls[1][0] == ByteRange(8 * KiB, KiB) and calls[1][1].offset == 64 * KiB
     assert calls[0] + calls[1] == held  # every byte claimed was told, once
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_without_a_validator_a_new_version_of_the_same_size_fills_again(
+    tmp_path: Path, changed: bool
+) -> None:
+    """A server with neither ETag nor Last-Modified, and a new version of the same size
+    between two fills: before new ranges join the held ones, the last bytes held are
+    fetched again and compared. Different: the file restarts and every requested range
+    comes from the new version. The same: only the new range is fetched (and the sample)."""
+    old = os.urandom(64 * KiB)
+    new = os.urandom(64 * KiB) if changed else old
+    served = Served(old, etag=None)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/f": served}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.request_file_ranges(0, [(0, 1000)])
+            async with running(make_engine(manager)):
+                job.resume()
+                await until(lambda: job.state is S.SUSPENDED, "SUSPENDED")
+                served.data = new
+                job.request_file_ranges(0, [(5000, 1000)])
+                job.resume()
+                await until(
+                    lambda: job.state is S.SUSPENDED and len(job.filled_file_ranges(0)) == 2,
+                    "SUSPENDED again",
+                )
+            return job, srv
+
+    job, srv = asyncio.run(main())
+    restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
+    held = temp_bytes(job)
+    assert held[:1000] == new[:1000] and held[5000:6000] == new[5000:6000]
+    assert job.filled_file_ranges(0) == [ByteRange(0, 1000), ByteRange(5000, 1000)]
+    gets = [h.range_start for h in srv.hits_for("/f") if h.method == "GET"]
+    if changed:
+        assert [r.reason for r in restarts] == [
+            "the remote file changed: the bytes it holds are not the same"
+        ]
+        assert gets == [0, 0, 0, 5000]  # the first fill, the sample, then both ranges again
+    else:
+        assert restarts == []
+        assert gets == [0, 0, 5000]

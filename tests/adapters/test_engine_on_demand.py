@@ -260,37 +260,6 @@ def test_an_on_demand_job_with_a_file_that_has_ranges_ends_in_error(tmp_path: Pa
     assert (job.error.hresult, job.error.file_index) == (hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED, 0)
 
 
-def test_a_remote_file_that_changed_fills_its_ranges_again_from_the_new_version(
-    tmp_path: Path,
-) -> None:
-    old, new = os.urandom(64 * KiB), os.urandom(64 * KiB)
-    served = Served(old, etag='"v1"')
-    manager = TransferManager(home=tmp_path / "home")
-
-    async def main() -> TransferJob:
-        async with FaultServer({"/f": served}) as srv:
-            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
-            job.request_file_ranges(0, [(0, 1000)])
-            async with running(make_engine(manager)):
-                job.resume()
-                await until(lambda: job.state is S.SUSPENDED, "SUSPENDED")
-                served.data, served.etag = new, '"v2"'  # a new version on the server
-                job.request_file_ranges(0, [(5000, 1000)])
-                job.resume()
-                await until(
-                    lambda: job.state is S.SUSPENDED and len(job.filled_file_ranges(0)) == 2,
-                    "SUSPENDED again",
-                )
-            return job
-
-    job = asyncio.run(main())
-    restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
-    assert [r.file_index for r in restarts] == [0]
-    held = temp_bytes(job)
-    assert held[:1000] == new[:1000] and held[5000:6000] == new[5000:6000]
-    assert job.filled_file_ranges(0) == [ByteRange(0, 1000), ByteRange(5000, 1000)]
-
-
 def test_max_download_size_bounds_the_bytes_an_on_demand_file_holds(tmp_path: Path) -> None:
     """BITS_JOB_PROPERTY_MAX_DOWNLOAD_SIZE holds for random access too: the second range
     takes the file's bytes past the limit, and the job ends in ERROR with
@@ -377,17 +346,22 @@ def test_ranges_held_by_the_interval_are_told_when_the_engine_stops(tmp_path: Pa
     assert calls[0] + calls[1] == held  # every byte claimed was told, once
 
 
-@pytest.mark.parametrize("changed", [False, True])
-def test_without_a_validator_a_new_version_of_the_same_size_fills_again(
-    tmp_path: Path, changed: bool
+@pytest.mark.parametrize(
+    ("etag", "changed"),
+    [('"v1"', True), (None, True), (None, False)],
+    ids=["etag", "same-size", "same"],
+)
+def test_a_remote_file_that_changed_fills_its_ranges_again_from_the_new_version(
+    tmp_path: Path, etag: str | None, changed: bool
 ) -> None:
-    """A server with neither ETag nor Last-Modified, and a new version of the same size
-    between two fills: before new ranges join the held ones, the last bytes held are
-    fetched again and compared. Different: the file restarts and every requested range
-    comes from the new version. The same: only the new range is fetched (and the sample)."""
+    """A new version on the server between two fills. With an ETag, the stat shows it. With
+    neither ETag nor Last-Modified and the same size, before new ranges join the held ones
+    the last bytes held are fetched again and compared. Either way the file restarts and
+    every requested range comes from the new version; an unchanged file fetches only the
+    new range (and, without a validator, the sample)."""
     old = os.urandom(64 * KiB)
     new = os.urandom(64 * KiB) if changed else old
-    served = Served(old, etag=None)
+    served = Served(old, etag=etag)
     manager = TransferManager(home=tmp_path / "home")
 
     async def main() -> tuple[TransferJob, FaultServer]:
@@ -398,6 +372,8 @@ def test_without_a_validator_a_new_version_of_the_same_size_fills_again(
                 job.resume()
                 await until(lambda: job.state is S.SUSPENDED, "SUSPENDED")
                 served.data = new
+                if etag is not None:
+                    served.etag = '"v2"'
                 job.request_file_ranges(0, [(5000, 1000)])
                 job.resume()
                 await until(
@@ -412,7 +388,10 @@ def test_without_a_validator_a_new_version_of_the_same_size_fills_again(
     assert held[:1000] == new[:1000] and held[5000:6000] == new[5000:6000]
     assert job.filled_file_ranges(0) == [ByteRange(0, 1000), ByteRange(5000, 1000)]
     gets = [h.range_start for h in srv.hits_for("/f") if h.method == "GET"]
-    if changed:
+    if etag is not None:
+        assert [r.reason for r in restarts] == ["the remote file changed"]
+        assert gets == [0, 0, 5000]  # the first fill, then both ranges again
+    elif changed:
         assert [r.reason for r in restarts] == [
             "the remote file changed: the bytes it holds are not the same"
         ]

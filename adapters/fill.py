@@ -68,7 +68,11 @@ class Fills:
             elif f.validator and remote.validator != f.validator:
                 why = "the remote file changed"
             elif f.temp_worker != self.worker:
-                why = "its ranges are in another worker's temp file"
+                # Another worker filled them (its lease ran out, or it let the job go):
+                # copy its synced ranges into this worker's temp file, as a resumed
+                # download takes over a checkpoint.
+                theirs = localfile.temp_name(job_id, index, f.local_name, f.temp_worker)
+                why = await asyncio.to_thread(_take_over_ranges, theirs, tmp, f.filled, size)
             else:
                 why = localfile.checkpoint_lost(tmp, size, exact=True)
             wanted = byteranges.resolve(f.requested, size)
@@ -218,3 +222,28 @@ class Fills:
         finally:
             await download.aclose()
             self._bg_sockets.discard(getattr(download, "socket", None))
+
+
+def _take_over_ranges(
+    source: str, target: str, ranges: Sequence[ByteRange], size: int
+) -> str | None:
+    """Copy the ``ranges`` another worker's temp file holds into ours, at their offsets, in
+    a file laid out as the remote file; synced. Why the file must restart, or None."""
+    try:
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            if os.fstat(src.fileno()).st_size != size:
+                return f"another worker's temp file {source} is not the file's size"
+            os.ftruncate(dst.fileno(), size)
+            for r in ranges:
+                assert r.length is not None
+                done = 0
+                while done < r.length:
+                    at = r.offset + done
+                    n = os.copy_file_range(src.fileno(), dst.fileno(), r.length - done, at, at)
+                    if n == 0:
+                        return f"another worker's temp file {source} ends inside its ranges"
+                    done += n
+            os.fsync(dst.fileno())
+    except OSError as exc:
+        return f"cannot take over another worker's temp file {source}: {exc.strerror}"
+    return None

@@ -231,3 +231,53 @@ def test_a_worker_that_stalled_past_its_lease_leaves_no_temp_file_behind(
             assert "worker-a" not in lease_holders(first, job.id)[1:]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_a_worker_takes_over_the_ranges_another_filled(
+    postgres_url: str, tmp_path: Path, lost: bool
+) -> None:
+    """An on-demand file whose ranges worker A filled, then worker B runs the job for a new
+    range: B copies A's ranges into its own temp file (a sparse copy, laid out as the remote
+    file) instead of fetching them again, and fetches only the new range. When A's temp
+    file is gone, B restarts the file and fetches every range."""
+    from test_engine_on_demand import on_demand_job
+
+    data = os.urandom(256 * KiB)
+
+    first, second = managers(postgres_url, 2)
+
+    async def main() -> tuple[Any, FaultServer]:
+        async with FaultServer({"/f": Served(data)}) as server:
+            job = on_demand_job(first, server.url("/f"), tmp_path / "f.bin")
+            job.request_file_ranges(0, [(0, 10 * KiB), (100 * KiB, 10 * KiB)])
+            job.resume()
+            a = make_engine(first, worker="worker-a", lease_seconds=5.0)
+            await asyncio.wait_for(a.run(until_idle=True), 60)
+            assert job.state is JobState.SUSPENDED
+            assert job.snapshot().files[0].temp_worker == "worker-a"
+            if lost:
+                localfile.temp_path(job.id, 0, str(tmp_path / "f.bin"), "worker-a").unlink()
+            job.request_file_ranges(0, [(200 * KiB, None)])
+            job.resume()
+            b = make_engine(second, worker="worker-b", lease_seconds=5.0)
+            await asyncio.wait_for(b.run(until_idle=True), 60)
+            return job, server
+
+    job, server = asyncio.run(main())
+    assert job.state is JobState.SUSPENDED
+    events = [x.event for x in first.store.stream(job.id)]
+    restarts = [e.reason for e in events if isinstance(e, ev.FileRestarted)]
+    gets = [h.range_start for h in server.hits_for("/f") if h.method == "GET"]
+    if lost:
+        assert len(restarts) == 1 and "cannot take over another worker's temp" in restarts[0]
+        assert gets == [0, 100 * KiB, 0, 100 * KiB, 200 * KiB]
+    else:
+        assert restarts == []
+        assert gets == [0, 100 * KiB, 200 * KiB]  # nothing fetched twice
+    snap = job.snapshot()
+    assert snap.files[0].temp_worker == "worker-b"
+    mine = localfile.temp_path(job.id, 0, str(tmp_path / "f.bin"), "worker-b")
+    held = mine.read_bytes()
+    for offset, length in ((0, 10 * KiB), (100 * KiB, 10 * KiB), (200 * KiB, 56 * KiB)):
+        assert held[offset : offset + length] == data[offset : offset + length]

@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -875,14 +875,21 @@ class _Resumed:
         self.inner, self.chunks, self.rest = inner, chunks, rest
         self.remote, self.offset = inner.remote, offset
         self.socket = getattr(inner, "socket", None)
+        self._read: AsyncGenerator[bytes, None] | None = None
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        self._read = self._from_the_checkpoint()
+        return self._read
+
+    async def _from_the_checkpoint(self) -> AsyncGenerator[bytes, None]:
         if self.rest:
             yield self.rest
         async for chunk in self.chunks:
             yield chunk
 
     async def aclose(self) -> None:
+        if self._read is not None:
+            await self._read.aclose()
         await self.inner.aclose()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -13,8 +12,6 @@ from typing import TypeVar
 from backhaul.adapters import localfile
 from backhaul.core.error import TransferError
 from backhaul.core.vocabulary import ErrorContext
-
-log = logging.getLogger("backhaul.engine")
 
 T = TypeVar("T")
 

@@ -168,19 +168,29 @@ def test_a_dropped_range_keeps_what_came_and_the_download_position_goes_first(
     assert sum(r.length for e in resumed_at for r in e.ranges) == 210 * KiB
 
 
-def test_a_server_without_ranges_cannot_serve_an_on_demand_file(tmp_path: Path) -> None:
+def ended_in_error(
+    tmp_path: Path, served: Served, ranges: list[tuple[int, int]], **properties: Any
+) -> TransferJob:
+    """An on-demand job of one file (``served``), with these job properties (by
+    JobPropertyId name) and ``ranges`` requested, resumed: run until it is in ERROR."""
     manager = TransferManager(home=tmp_path / "home")
 
     async def main() -> TransferJob:
-        async with FaultServer({"/f": Served(os.urandom(64 * KiB), ranges=False)}) as srv:
+        async with FaultServer({"/f": served}) as srv:
             job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
-            job.request_file_ranges(0, [(0, 100)])
+            for name, value in properties.items():
+                job.set_property(JobPropertyId[name], value)
+            job.request_file_ranges(0, ranges)
             async with running(make_engine(manager)):
                 job.resume()
                 await until(lambda: job.state is S.ERROR, "ERROR")
             return job
 
-    job = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_server_without_ranges_cannot_serve_an_on_demand_file(tmp_path: Path) -> None:
+    job = ended_in_error(tmp_path, Served(os.urandom(64 * KiB), ranges=False), [(0, 100)])
     assert job.error is not None
     assert job.error.hresult == hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED
     assert not (tmp_path / "f").exists()
@@ -264,20 +274,8 @@ def test_max_download_size_bounds_the_bytes_an_on_demand_file_holds(tmp_path: Pa
     """BITS_JOB_PROPERTY_MAX_DOWNLOAD_SIZE holds for random access too: the second range
     takes the file's bytes past the limit, and the job ends in ERROR with
     BG_E_MAX_DOWNLOAD_SIZE_LIMIT_REACHED, the first range still claimed."""
-    data = os.urandom(64 * KiB)
-    manager = TransferManager(home=tmp_path / "home")
-
-    async def main() -> TransferJob:
-        async with FaultServer({"/f": Served(data)}) as srv:
-            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
-            job.set_property(JobPropertyId.MAX_DOWNLOAD_SIZE, 6 * KiB)
-            job.request_file_ranges(0, [(0, 4 * KiB), (32 * KiB, 4 * KiB)])
-            async with running(make_engine(manager)):
-                job.resume()
-                await until(lambda: job.state is S.ERROR, "ERROR")
-            return job
-
-    job = asyncio.run(main())
+    ranges = [(0, 4 * KiB), (32 * KiB, 4 * KiB)]
+    job = ended_in_error(tmp_path, Served(os.urandom(64 * KiB)), ranges, MAX_DOWNLOAD_SIZE=6 * KiB)
     assert job.error is not None
     assert (job.error.hresult, job.error.file_index) == (hr.BG_E_MAX_DOWNLOAD_SIZE_LIMIT_REACHED, 0)
     assert job.filled_file_ranges(0) == [ByteRange(0, 4 * KiB)]

@@ -356,6 +356,15 @@ class Downloads:
             if f.validator and _version(remote) != f.validator and f.bytes_transferred:
                 await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
             total = await self._fetch_ranges(job_id, index, transport, options, url, remote)
+            # No validator, so no If-Range: a new version of the same size may have come
+            # between two ranges, or since a checkpoint. The first bytes fetched again must
+            # still be the temp file's (any change after they came shows there).
+            if (
+                total is not None
+                and remote.validator is None
+                and not await self._first_range_holds(job_id, index, transport, options, remote)
+            ):
+                total = None
             if total is not None:
                 break
             # A range came from a newer version than the stat saw: the ranges kept so far
@@ -384,6 +393,35 @@ class Downloads:
         run = self._order.get(job_id)
         if run is not None:
             run.claimed(index)
+
+    async def _first_range_holds(
+        self,
+        job_id: str,
+        index: int,
+        transport: Transport,
+        options: RequestOptions,
+        remote: RemoteFile,
+    ) -> bool:
+        """Whether the server still sends the temp file's first bytes (up to
+        RESUME_OVERLAP of the first range) where the first range starts."""
+        f = self._job(job_id).files[index]
+        (first,) = _resolve(f.ranges[:1], remote)
+        length = min(first.length or 0, RESUME_OVERLAP)
+        if not length:
+            return True
+        async with self._connections:
+            self._hold_lease(job_id)
+            download = await transport.open(
+                self._url(f), options, offset=first.offset, length=length
+            )
+        try:
+            if download.offset != first.offset:
+                return False  # a 200 with the whole body: not the bytes asked for
+            got = await read_upto(aiter(download), length, f"at {first.offset}")
+        finally:
+            await download.aclose()
+        tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
+        return got[:length] == held_bytes(tmp, 0, length)
 
     async def _fetch_ranges(
         self,
@@ -421,6 +459,10 @@ class Downloads:
                     validator=remote.validator,
                 )
             try:
+                if None not in (download.remote.size, remote.size) and (
+                    download.remote.size != remote.size
+                ):
+                    return None  # a new size since the stat: another version (no If-Range)
                 if download.offset != r.offset + skip:
                     if download.remote.validator not in (None, remote.validator):
                         return None  # the file changed since the stat
@@ -532,6 +574,14 @@ class Downloads:
             if pending is not None:
                 await pending
                 pending = None
+            if range_end is not None and position < range_end[0]:
+                # A range answered short (its end inside the range asked for): what came
+                # is claimed (below), and the next attempt asks for the rest.
+                raise TransferError(
+                    hresult.BG_E_CONNECTION_CLOSED,
+                    f"the range ended {range_end[0] - position} bytes early",
+                    transient=True,
+                )
             if range_end is not None:
                 await self._checkpoint(
                     job_id, index, fd, position, total, remote.validator, headers

@@ -205,7 +205,8 @@ class Served:
     ``header_delay``: wait this long before answering; ``headers``: sent with every answer
     (the ``statuses`` too); ``token``: a signed URL's signature, the query parameter
     ``token_name`` (``sig``) every request must carry (else 403, as for an expired
-    signature)."""
+    signature); ``cut_range``: once, the 206 for a range starting at ``cut_range[0]`` ends
+    ``cut_range[1]`` bytes before the end asked for (a valid, short Content-Range)."""
 
     data: bytes
     etag: str | None = '"v1"'
@@ -220,6 +221,7 @@ class Served:
     headers: dict[str, str] = attrs.field(factory=dict)
     token: str | None = None
     token_name: str = "sig"
+    cut_range: tuple[int, int] | None = None  # (start, bytes): once, a 206 there ends short
 
 
 class FaultServer:
@@ -345,6 +347,8 @@ class FaultServer:
             if start >= size:
                 return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
             status = 206
+            if f.cut_range is not None and f.cut_range[0] == start:
+                end, f.cut_range = end - f.cut_range[1], None
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         body = f.data[start : end + 1]
         if request.method == "HEAD":
@@ -1265,14 +1269,16 @@ def test_a_range_to_the_end_of_the_file(
     assert (tmp_path / "r.bin").read_bytes() == source[:10] + source[tail:]
 
 
-def test_a_ranged_file_without_a_validator_restarts_when_its_size_changed(
-    tmp_path: Path,
+@pytest.mark.parametrize("new_size", [600 * KiB, 512 * KiB])
+def test_a_ranged_file_without_a_validator_restarts_when_it_changed(
+    tmp_path: Path, new_size: int
 ) -> None:
-    """A server that sends neither ETag nor Last-Modified: the size is the only sign of a
-    new version (BITS keys on size and time). A ranged file cut off mid-range and resumed
-    after the remote file changed size must not join the old version's bytes to the new
-    one's: it starts over."""
-    old, new = os.urandom(512 * KiB), os.urandom(600 * KiB)
+    """A server that sends neither ETag nor Last-Modified: a new size is one sign of a new
+    version (BITS keys on size and time); for one of the same size, the file's first bytes
+    are fetched again once its ranges are in, and must still be the temp file's. A ranged
+    file cut off mid-range and resumed after the remote file changed must not join the old
+    version's bytes to the new one's: it starts over."""
+    old, new = os.urandom(512 * KiB), os.urandom(new_size)
     served = trickle(old, etag=None, drop_after=300 * KiB)
     clock = ManualClock()
     manager = TransferManager(home=tmp_path / "home", clock=clock)
@@ -1299,6 +1305,40 @@ def test_a_ranged_file_without_a_validator_restarts_when_its_size_changed(
     assert [r.file_index for r in restarts] == [0]
     job.complete()
     assert (tmp_path / "r.bin").read_bytes() == new[:1000] + new[100 * KiB :]
+
+
+def test_a_range_answered_short_keeps_what_came_and_asks_for_the_rest(tmp_path: Path) -> None:
+    """A 206 whose Content-Range ends before the end asked for (a valid answer, but not the
+    whole range): what came is claimed, the run ends in TRANSIENT_ERROR, and the retry asks
+    for the rest only; the ranges after it stay where they belong in the file."""
+    data = os.urandom(256 * KiB)
+    served = Served(data, cut_range=(100 * KiB, 1000))
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    ranges = [(0, 1000), (100 * KiB, 50 * KiB), (200 * KiB, 10)]
+
+    async def main() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/f": served}) as srv:
+            job = manager.create_job("short range")
+            job.minimum_retry_delay = 5
+            job.add_file(srv.url("/f"), tmp_path / "r.bin", ranges=ranges)
+            job.resume()
+            engine = make_engine(manager)
+            async with running(engine):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                assert job.error is not None
+                assert job.error.hresult == hr.BG_E_CONNECTION_CLOSED
+                clock.advance(6)
+                engine.wake()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job, srv
+
+    job, srv = asyncio.run(main())
+    starts = [h.range_start for h in srv.hits_for("/f") if h.method == "GET"]
+    assert starts[-3:] == [100 * KiB, 150 * KiB - 1000, 200 * KiB]
+    assert job.complete() == hr.S_OK
+    wanted = data[:1000] + data[100 * KiB : 150 * KiB] + data[200 * KiB : 200 * KiB + 10]
+    assert (tmp_path / "r.bin").read_bytes() == wanted
 
 
 def test_a_correct_expected_digest_passes_and_is_recorded(

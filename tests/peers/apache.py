@@ -14,7 +14,8 @@ removes the temp dir::
 ``/digest/`` requires Digest (mod_auth_digest: MD5, qop=auth) for ``digest_user`` in realm
 ``digest_realm``; everything else in the docroot is public. Files the test adds must be
 world-readable (the default umask gives 0644). Apache writes its access log after the response
-is sent: ``access_lines(wait_for=n)`` waits up to 2 s for n lines.
+is sent: ``access_lines(wait_for=n, matching=text)`` waits up to 2 s for n lines whose
+request line holds ``text``.
 
 The binary is ``apache2`` on PATH or /usr/sbin/apache2, or the path in env ``BACKHAUL_APACHE``;
 modules come from /usr/lib/apache2/modules (env ``BACKHAUL_APACHE_MODULES``). Every failure to
@@ -79,8 +80,10 @@ class ApacheServer:
     def error_log(self) -> Path:
         return self.dir / "error.log"
 
-    def access_lines(self, wait_for: int = 0) -> list[tuple[str, str, str]]:
-        """(user, request line, status) per request, oldest first (the readiness probe too)."""
+    def access_lines(self, wait_for: int = 0, matching: str = "") -> list[tuple[str, str, str]]:
+        """(user, request line, status) per request whose request line holds ``matching``,
+        oldest first (with no ``matching``, the readiness probe and other tests' requests
+        too)."""
         deadline = time.monotonic() + 2.0
         while True:
             try:
@@ -88,8 +91,9 @@ class ApacheServer:
             except FileNotFoundError:
                 text = ""
             rows = [tuple(line.split("\t")[:3]) for line in text.splitlines() if line]
+            rows = [r for r in rows if len(r) == 3 and matching in r[1]]
             if len(rows) >= wait_for or time.monotonic() > deadline:
-                return [(r[0], r[1], r[2]) for r in rows if len(r) == 3]
+                return [(r[0], r[1], r[2]) for r in rows]
             time.sleep(0.05)
 
     def is_running(self) -> bool:

@@ -117,7 +117,7 @@ def test_digest_against_apache_reuses_the_nonce_preemptively(apache_server: Apac
     user, password = apache_server.digest_user, apache_server.digest_password
     options = RequestOptions(credentials=(creds(AuthScheme.DIGEST, user, password),))
     assert fetch_twice(url, options) == [DATA, DATA]
-    rows = [r for r in apache_server.access_lines(wait_for=5) if name in r[1]]
+    rows = apache_server.access_lines(wait_for=4, matching=name)
     # one challenge, then HEAD and two GETs answered with the same nonce (nc 1, 2, 3)
     assert [(r[0], r[1].split()[0], r[2]) for r in rows] == [
         ("-", "HEAD", "401"),
@@ -139,7 +139,7 @@ def test_digest_against_apache_wrong_or_unusable_credentials_are_a_fatal_401(
     assert_401(refused(url, wrong))
     basic_only = RequestOptions(credentials=(creds(AuthScheme.BASIC, user, "d1gest"),))
     assert_401(refused(url, basic_only))  # apache offers Digest only
-    rows = [r[2] for r in apache_server.access_lines(wait_for=5) if name in r[1]]
+    rows = [r[2] for r in apache_server.access_lines(wait_for=3, matching=name)]
     assert rows == ["401", "401", "401"]  # challenge, refused answer; Basic: one request
 
 

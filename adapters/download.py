@@ -39,7 +39,7 @@ MiB = 1024 * 1024
 
 # A ranged file whose remote changes this many times while its ranges are fetched fails
 # with BG_E_REMOTE_FILE_CHANGED (fatal: BITS's message says to Resume).
-_CHANGES_MET: Final = 3
+CHANGES_MET: Final = 3
 # Bytes before the checkpoint a resume without a validator fetches again, to compare.
 RESUME_OVERLAP: Final = 4096
 
@@ -348,7 +348,7 @@ class Downloads:
     ) -> None:
         f = self._job(job_id).files[index]
         url = self._url(f)
-        for _ in range(_CHANGES_MET):
+        for _ in range(CHANGES_MET):
             f = self._job(job_id).files[index]
             async with self._connections:
                 self._hold_lease(job_id)
@@ -373,7 +373,7 @@ class Downloads:
         else:
             raise TransferError(
                 hresult.BG_E_REMOTE_FILE_CHANGED,
-                f"the remote file changed {_CHANGES_MET} times while its ranges were fetched",
+                f"the remote file changed {CHANGES_MET} times while its ranges were fetched",
                 context=ErrorContext.REMOTE_FILE,
                 transient=False,
             )

@@ -11,7 +11,13 @@ import time
 from collections.abc import Sequence
 
 from backhaul.adapters import localfile
-from backhaul.adapters.download import RESUME_OVERLAP, held_bytes, read_upto, resize_reason
+from backhaul.adapters.download import (
+    CHANGES_MET,
+    RESUME_OVERLAP,
+    held_bytes,
+    read_upto,
+    resize_reason,
+)
 from backhaul.adapters.jobrun import local_error, name_file
 from backhaul.core import byteranges, hresult
 from backhaul.core import command as cmd
@@ -32,7 +38,20 @@ class Fills:
             remote_name = self._job(job_id).files[index].remote_name
             try:
                 transport = self.transport_for(remote_name)
-                await self._fill_file(job_id, index, transport, self._options(self._job(job_id)))
+                for _ in range(CHANGES_MET):
+                    try:
+                        options = self._options(self._job(job_id))
+                        await self._fill_file(job_id, index, transport, options)
+                        break
+                    except _Changed:
+                        continue  # restarted: fill again from the new version
+                else:
+                    raise TransferError(
+                        hresult.BG_E_REMOTE_FILE_CHANGED,
+                        f"the remote file changed {CHANGES_MET} times while its ranges were filled",
+                        context=ErrorContext.REMOTE_FILE,
+                        transient=False,
+                    )
             except TransferError as exc:
                 name_file(exc, index, remote_name)
                 raise
@@ -162,13 +181,10 @@ class Fills:
         try:
             if download.offset != start:
                 if download.remote.validator not in (None, remote.validator):
+                    # If-Range did not match: a new version since the stat. The ranges held
+                    # are of the old one, so the file starts over from the new one's.
                     await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
-                    raise TransferError(
-                        hresult.BG_E_REMOTE_FILE_CHANGED,
-                        "the remote file changed: its ranges are fetched again",
-                        context=ErrorContext.REMOTE_FILE,
-                        transient=True,
-                    )
+                    raise _Changed
                 raise TransferError(
                     hresult.BG_E_RANDOM_ACCESS_NOT_SUPPORTED,
                     "the server no longer honours byte ranges",
@@ -247,3 +263,7 @@ def _take_over_ranges(
     except OSError as exc:
         return f"cannot take over another worker's temp file {source}: {exc.strerror}"
     return None
+
+
+class _Changed(Exception):
+    """A range came from a newer version than the fill's stat saw; the file restarted."""

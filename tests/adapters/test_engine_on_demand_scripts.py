@@ -16,8 +16,10 @@ from pathlib import Path
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_engine import _no_store_from_the_environment  # noqa: F401
-from test_engine import make_engine
+from test_engine import (
+    _no_store_from_the_environment,  # noqa: F401
+    make_engine,
+)
 from test_engine_fault_scripts import SETTINGS, STEPS, Script, _version, serving, versions
 
 from backhaul.adapters.clock import ManualClock

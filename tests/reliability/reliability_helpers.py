@@ -930,6 +930,28 @@ class RequestReport:
 THAW_GRACE = 0.5
 
 
+# A Cancel on its own deletes the job's temp files first, then appends (TransferJob.cancel:
+# killed in between, the job stays live and its next run fetches again the files whose bytes
+# are gone, rather than leaving temp files that no engine would ever delete). A worker that
+# starts the job in that window finds a transferred file's temp file gone, restarts the file
+# and asks for it again; the Cancel reaches the log moments later and stops that request. So
+# a GET after FileTransferred is counted apart, not failed, when the client's JobCancelled
+# reached the log at most CANCEL_GRACE seconds after the request and the request was cut
+# off (not served to its end).
+CANCEL_GRACE = 0.5
+
+
+def _cancelled_fetch(r: Request, recs: Sequence[Rec]) -> bool:
+    if r.finished:
+        return False
+    return any(
+        isinstance(x.event, ev.JobCancelled)
+        and x.app == CLIENT_APP
+        and r.at <= x.when <= r.at + CANCEL_GRACE
+        for x in recs
+    )
+
+
 def _lease_holder(recs: Sequence[Rec], at: float) -> str | None:
     """The label of the worker holding the job's lease at ``at``, by the log."""
     holder = None
@@ -1000,13 +1022,16 @@ def check_requests(
         bodies = [r for r in reqs if r.has_body]
         counts["bodies"] += len(bodies)
         where = f"{f.path} (job {f.job_id[:8]} file {f.index})"
-        # A thawed worker's request, cancelled (THAW_GRACE): counted apart, checked no further.
+        # A thawed worker's request, cancelled (THAW_GRACE), or a request a client's Cancel
+        # cut off (CANCEL_GRACE): counted apart, checked no further.
         thawed = [
             r
             for r in bodies
             if story.transferred_at is not None
             and r.at > story.transferred_at + slack
-            and _thawed_fetch(r, streams[f.job_id], thaws)
+            and (
+                _thawed_fetch(r, streams[f.job_id], thaws) or _cancelled_fetch(r, streams[f.job_id])
+            )
         ]
         counts["thawed"] += len(thawed)
         bodies = [r for r in bodies if not any(r is t for t in thawed)]

@@ -605,6 +605,7 @@ class Engine(Downloads, Fills, Uploads):
             del self._gone[next(iter(self._gone))]
         self._gone[job_id] = None
         self._released.pop(job_id, None)
+        self.callbacks.forget(job_id)
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()

@@ -81,6 +81,7 @@ class Fills:
                 response_headers=remote.headers,
             )
         tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
+        wanted = byteranges.resolve(f.requested, size)  # a restart keeps the requests
         if f.filled:
             if f.bytes_total != size:
                 why = resize_reason(f.bytes_total, size)
@@ -94,13 +95,11 @@ class Fills:
                 why = await asyncio.to_thread(_take_over_ranges, theirs, tmp, f.filled, size)
             else:
                 why = localfile.checkpoint_lost(tmp, size, exact=True)
-            wanted = byteranges.resolve(f.requested, size)
             if why is None and not f.validator and byteranges.missing(wanted, f.filled):
                 why = await self._held_changed(job_id, transport, options, url, tmp, f.filled)
             if why is not None:
                 await self._commit(job_id, cmd.RestartFile(index, why))
                 f = self._job(job_id).files[index]
-        wanted = byteranges.resolve(f.requested, size)
         todo = byteranges.starting_at(byteranges.missing(wanted, f.filled), f.position)
         await self._connected(job_id)
         if todo:

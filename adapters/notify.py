@@ -71,7 +71,7 @@ class Callbacks:
         self._last_modification: dict[str, float] = {}
         # On-demand files' filled ranges not told yet, and when each file's were last told.
         self._held: dict[str, dict[int, list[ByteRange]]] = {}
-        self._last_ranges: dict[tuple[str, int], float] = {}
+        self._last_ranges: dict[str, dict[int, float]] = {}
 
     def register(self, kind: str, callback: Callable[..., Any]) -> None:
         if kind not in self._callbacks:
@@ -95,11 +95,11 @@ class Callbacks:
         due now, else None (at most one FileRangesTransferred per notification interval)."""
         held = self._held.setdefault(job.id, {}).setdefault(index, [])
         held.extend(ranges)
-        key = (job.id, index)
-        last = self._last_ranges.get(key)
+        told = self._last_ranges.setdefault(job.id, {})
+        last = told.get(index)
         if last is not None and ticks - last < job.minimum_notification_interval_ms / 1000:
             return None
-        self._last_ranges[key] = ticks
+        told[index] = ticks
         del self._held[job.id][index]
         if not self._held[job.id]:
             del self._held[job.id]
@@ -111,6 +111,12 @@ class Callbacks:
         if not held:
             return []
         return [(index, byteranges.merge(ranges)) for index, ranges in sorted(held.items())]
+
+    def forget(self, job_id: str) -> None:
+        """A final job: drop its interval clocks (a long-running engine sees many jobs)."""
+        self._last_modification.pop(job_id, None)
+        self._last_ranges.pop(job_id, None)
+        self._held.pop(job_id, None)
 
     def modification_due(self, job: Job, ticks: float) -> bool:
         last = self._last_modification.get(job.id)

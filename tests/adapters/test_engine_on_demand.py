@@ -397,3 +397,32 @@ def test_a_remote_file_that_changed_fills_its_ranges_again_from_the_new_version(
     else:
         assert restarts == []
         assert gets == [0, 0, 5000]
+
+
+def test_a_final_job_leaves_no_notification_clocks_behind(tmp_path: Path) -> None:
+    """The callback intervals keep a clock per job and per on-demand file; a long-running
+    engine drops them once the job is final (here: completed), else they would grow with
+    every job it ever ran."""
+    data = os.urandom(64 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> None:
+        async with FaultServer({"/f": Served(data)}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.notify_flags = int(
+                NotifyFlags.FILE_RANGES_TRANSFERRED | NotifyFlags.JOB_MODIFICATION
+            )
+            job.request_file_ranges(0, [(0, None)])
+            engine = make_engine(manager)
+            engine.on("file_ranges_transferred", lambda *_: None)
+            engine.on("job_modification", lambda *_: None)
+            clocks = engine.callbacks._last_ranges, engine.callbacks._last_modification
+            async with running(engine):
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+                assert all(job.id in told for told in clocks)
+                assert job.complete() == hr.S_OK
+                await until(lambda: not any(job.id in told for told in clocks), "forgotten")
+
+    asyncio.run(main())
+    assert (tmp_path / "f").read_bytes() == data

@@ -142,7 +142,8 @@ def command_line_due_at(job: Job) -> datetime | None:
     if any(code == 0 for _, _, code in runs):
         return None
     if runs:
-        return job.modified_at + timedelta(seconds=job.minimum_retry_delay)  # failed run
+        last = job.notified_at or job.modified_at
+        return last + timedelta(seconds=job.minimum_retry_delay)  # after a failed run
     return job.modified_at
 
 

@@ -557,7 +557,7 @@ def _remove_credentials(
 
 def _set_headers(job: Job, cmd: SetCustomHeaders, now: datetime, limits: Limits) -> list[ev.Event]:
     _require_live(job)
-    if cmd.length >= limit.CUSTOM_HEADERS_MAX:
+    if cmd.length > limit.CUSTOM_HEADERS_MAX:  # ``length`` counts the NUL, as the limit does
         raise BitsError(hresult.BG_E_STRING_TOO_LONG, "the custom headers are too long")
     return [ev.CustomHeadersSet(now, cmd.headers)]
 

@@ -58,6 +58,8 @@ TRANSIENT: Mapping[int, bool] = MappingProxyType(
         hr.BG_E_INVALID_PROXY_INFO: False,
         hr.BG_E_CLIENT_SERVER_PROTOCOL_MISMATCH: False,
         hr.BG_E_SERVER_EXECUTE_ENABLE: False,
+        hr.BG_E_TOKEN_REQUIRED: False,
+        hr.BG_E_VOLUME_CHANGED: False,
         hr.E_ACCESSDENIED: False,
         hr.E_INVALIDARG: False,
         hr.hresult_from_win32(hr.ERROR_FILE_NOT_FOUND): False,

@@ -224,6 +224,7 @@ class Job:
     retry_not_before: datetime | None = None
     state_since_version: int = 1
     notified: tuple[tuple[str, int, int], ...] = ()  # (reason, at version, exit code)
+    notified_at: datetime | None = None  # when the notify command line last ran
     ever_resumed: bool = False
     no_progress_since: datetime | None = None
     active_since: datetime | None = None
@@ -312,8 +313,16 @@ def evolve(job: Job, event: ev.Event) -> Job:
     changes.update(_clock_changes(job, new_state, event, trigger))
     if new_state is not job.state:
         changes["state_since_version"] = job.version + 1
-    changes.update(state=new_state, version=job.version + 1, modified_at=event.at)
+    changes.update(state=new_state, version=job.version + 1)
+    if type(event) not in _BOOKKEEPING:
+        changes["modified_at"] = event.at
     return replaced(job, changes)
+
+
+# The engine's own records: no modification of the job, so ModificationTime stays (§8; it is
+# also the JobInactivityTimeout clock, which a lease renewal or a failing notify command line
+# must not keep resetting).
+_BOOKKEEPING: Final = frozenset({ev.LeaseTaken, ev.LeaseReleased, ev.CommandLineNotified})
 
 
 _JOB_FIELDS: Final = tuple(a.name for a in attrs.fields(Job))
@@ -613,7 +622,8 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
         ev.LeaseTaken: lambda job, e: {"lease_worker": e.worker, "lease_expires": e.expires_at},
         ev.LeaseReleased: lambda job, e: {"lease_worker": None, "lease_expires": None},
         ev.CommandLineNotified: lambda job, e: {
-            "notified": (*job.notified[-7:], (e.reason, job.version, e.exit_code))
+            "notified": (*job.notified[-7:], (e.reason, job.version, e.exit_code)),
+            "notified_at": e.at,
         },
     }
 )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
@@ -30,6 +30,8 @@ from backhaul.core.vocabulary import (
     ACL_FLAGS_VALID,
     COST_FLAGS_VALID,
     NOTIFY_FLAGS_VALID,
+    REDIRECT_POLICY_ALLOW_SILENT,
+    REDIRECT_POLICY_MASK,
     SECURITY_FLAGS_VALID,
     AuthTarget,
     CertStoreLocation,
@@ -38,6 +40,7 @@ from backhaul.core.vocabulary import (
     JobState,
     JobType,
     ProxyUsage,
+    SecurityFlags,
 )
 
 if TYPE_CHECKING:
@@ -209,6 +212,33 @@ def _decode_proxy(value: Any) -> ProxySettings:
 _HTTP_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
+def _check_security_flags(value: Any, job: Job) -> int:
+    flags = _flags(SECURITY_FLAGS_VALID, "the security flags", hresult.E_NOTIMPL)(value, job)
+    policy = flags & REDIRECT_POLICY_MASK
+    if policy not in _REDIRECT_POLICIES:
+        raise _invalid(
+            f"0x{policy:X} is not a redirect policy (0x0, 0x100 or 0x200)", hresult.E_NOTIMPL
+        )
+    return flags
+
+
+_REDIRECT_POLICIES: Final = (
+    REDIRECT_POLICY_ALLOW_SILENT,
+    int(SecurityFlags.REDIRECT_POLICY_ALLOW_REPORT),
+    int(SecurityFlags.REDIRECT_POLICY_DISALLOW),
+)
+
+
+def _check_on_demand(value: Any, job: Job) -> bool:
+    flag = _flag("on-demand mode")(value, job)
+    if flag and job.uses_custom_method:
+        raise _invalid(
+            "on-demand mode cannot be used with a custom HTTP method",
+            hresult.BG_E_NOT_SUPPORTED_WITH_CUSTOM_HTTP_METHOD,
+        )
+    return flag
+
+
 def _check_method(value: Any, job: Job) -> str:
     text = _text(limit.HTTP_METHOD_MAX, "the HTTP method", allow_empty=False)(value, job)
     if not _HTTP_TOKEN.match(text):
@@ -260,7 +290,7 @@ def _check_reply_name(value: Any, job: Job) -> str | None:
     text = _text(limit.LOCAL_NAME_MAX, "the reply file name", allow_empty=False)(value, job)
     if not text.startswith("/"):
         raise _invalid("the reply file name must be an absolute path")
-    if job.reply_bytes_total is not None and job.state is JobState.TRANSFERRING:
+    if job.reply_bytes_total is not None:  # started (TRANSFERRING, SUSPENDED) or done
         raise _invalid("the reply download has started", hresult.BG_E_INVALID_STATE)
     return text
 
@@ -354,7 +384,7 @@ _ROWS = (
     Setting("proxy", "SetProxySettings", _check_proxy, _decode_proxy),
     Setting("http_method", "SetHttpMethod", _check_method, frozen_after="resume"),
     Setting("security_flags", "SetSecurityFlags",
-            _flags(SECURITY_FLAGS_VALID, "the security flags", hresult.E_NOTIMPL)),
+            _check_security_flags),
     Setting("client_certificate", "SetClientCertificate", _check_certificate,
             _decode_certificate),
     Setting("acl_flags", "SetFileACLFlags",
@@ -380,7 +410,7 @@ _ROWS = (
             _check_max_rate),
     Setting("minimum_notification_interval_ms",
             "BITS_JOB_PROPERTY_MINIMUM_NOTIFICATION_INTERVAL_MS", _check_interval),
-    Setting("on_demand", "BITS_JOB_PROPERTY_ON_DEMAND_MODE", _flag("on-demand mode"),
+    Setting("on_demand", "BITS_JOB_PROPERTY_ON_DEMAND_MODE", _check_on_demand,
             job_types=DOWNLOAD, wrong_type=_DOWNLOAD_ONLY_PROPERTY, frozen_after="resume"),
 )
 # fmt: on

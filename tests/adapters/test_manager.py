@@ -25,6 +25,7 @@ from backhaul.adapters import localfile
 from backhaul.adapters import manager as manager_module
 from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.adapters.notify import command_line_due_at
 from backhaul.adapters.store import ConcurrentAppend, EventStore, open_store
 from backhaul.core import command as cmd
 from backhaul.core import hresult
@@ -816,6 +817,22 @@ def test_custom_http_method_forces_foreground_and_locks_the_priority(
     job.priority = JobPriority.FOREGROUND
 
 
+def test_on_demand_mode_after_a_custom_http_method_is_refused(
+    manager: TransferManager, store: EventStore
+) -> None:
+    """A custom method allows neither DYNAMIC_CONTENT nor ON_DEMAND_MODE (§10), in either
+    order of the calls."""
+    job = manager.create_job("post")
+    job.http_method = "POST"
+    for prop in (JobPropertyId.ON_DEMAND_MODE, JobPropertyId.DYNAMIC_CONTENT):
+        refused(
+            store,
+            hresult.BG_E_NOT_SUPPORTED_WITH_CUSTOM_HTTP_METHOD,
+            lambda prop=prop: job.set_property(prop, True),
+        )
+    job.set_property(JobPropertyId.ON_DEMAND_MODE, False)
+
+
 def test_acl_flags_with_unknown_bits_raise_e_invalidarg(
     manager: TransferManager, store: EventStore
 ) -> None:
@@ -1140,6 +1157,36 @@ def test_modification_time_moves_on_every_call(
         call()
         assert job.times.modification_time == clock.now()
         assert job.times.creation_time == created
+
+
+def test_the_engines_bookkeeping_leaves_the_modification_time(
+    manager: TransferManager, clock: ManualClock, tmp_path: Path
+) -> None:
+    """A lease taken, renewed or released and a run of the notify command line are the
+    engine's records, not modifications (§8): ModificationTime, which is also the
+    JobInactivityTimeout clock, stays. The command line's retry is timed from its run."""
+    job = manager.create_job("times")
+    job.add_file(URL, tmp_path / "t.bin")
+    job.set_notify_cmdline("/bin/false")
+    job.resume()
+    manager.execute(job.id, cmd.StartTransfer())
+    manager.execute(job.id, cmd.Fail(FATAL, transient=False))
+    assert job.state is JobState.ERROR
+    errored = job.times.modification_time
+    for command in (
+        cmd.RecordNotification("error", 1),
+        cmd.TakeLease("w1", 30),
+        cmd.TakeLease("w1", 30),
+        cmd.ReleaseLease("w1"),
+    ):
+        clock.advance(timedelta(hours=1))
+        manager.execute(job.id, command)
+        assert job.times.modification_time == errored
+    ran = errored + timedelta(hours=1)
+    assert command_line_due_at(job.snapshot()) == ran + timedelta(seconds=600)
+    clock.advance(timedelta(hours=1))
+    job.description = "a real change"
+    assert job.times.modification_time == clock.now()
 
 
 def test_refused_call_leaves_the_modification_time(
@@ -1753,6 +1800,32 @@ def test_a_download_or_reply_over_the_stores_own_files_is_refused(tmp_path: Path
         assert [f.local_name for f in job.files()] == [str(home / "backhaul.db.copy")]
     with TransferManager(home=home) as reopened:
         assert reopened.get_job(job.id).display_name == "over the store"
+
+
+def test_the_reply_file_name_is_fixed_once_the_reply_starts(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    """SetReplyFileName only before the reply download starts (§2.3): the reply's temp
+    file is named after it, so a new name in TRANSFERRED lost a reply already there."""
+    job = manager.create_job("reply", JobType.UPLOAD_REPLY)
+    upload = tmp_path / "up.bin"
+    upload.write_bytes(b"x")
+    job.add_file(URL, upload)
+    job.reply_file_name = str(tmp_path / "a.reply")
+    job.resume()
+    manager.execute(job.id, cmd.StartTransfer())
+    manager.execute(job.id, cmd.Connect())
+    job.reply_file_name = str(tmp_path / "b.reply")  # the upload runs, the reply has not begun
+    manager.execute(job.id, cmd.ProgressReply(6, 0))
+    for state in ("TRANSFERRING", "SUSPENDED"):
+        assert job.state.name == state
+        refused(
+            store,
+            hresult.BG_E_INVALID_STATE,
+            lambda: setattr(job, "reply_file_name", str(tmp_path / "c.reply")),
+        )
+        job.suspend()
+    assert job.reply_file_name == str(tmp_path / "b.reply")
 
 
 def test_a_call_that_lost_a_race_reads_only_the_events_after_its_copy(tmp_path: Path) -> None:

@@ -115,9 +115,14 @@ def test_too_long_or_nul_headers(manager: TransferManager, data: st.DataObject) 
         assert refused(job, lambda: job.set_custom_headers(nul)) == hr.E_INVALIDARG
 
 
+def _one_policy(flags: int) -> int:
+    """``flags`` with at most one redirect policy (0x300 is none of BITS's policies)."""
+    return flags & ~0x100 if flags & 0x300 == 0x300 else flags
+
+
 @SETTINGS
 @given(
-    valid=st.integers(0, 2**32 - 1).map(lambda v: v & VALID_FLAGS),
+    valid=st.integers(0, 2**32 - 1).map(lambda v: _one_policy(v & VALID_FLAGS)),
     bit=st.integers(0, 31).filter(lambda b: not (1 << b) & VALID_FLAGS),
 )
 def test_unknown_security_flag_bits(manager: TransferManager, valid: int, bit: int) -> None:
@@ -126,6 +131,39 @@ def test_unknown_security_flag_bits(manager: TransferManager, valid: int, bit: i
     assert refused(job, lambda: setattr(job, "security_flags", value)) == hr.E_NOTIMPL
     job.security_flags = valid  # the valid bits alone are fine
     assert job.security_flags == valid
+
+
+@SETTINGS
+@given(others=st.integers(0, 2**32 - 1).map(lambda v: v & VALID_FLAGS & ~0x700))
+def test_both_redirect_bits_are_no_policy(manager: TransferManager, others: int) -> None:
+    """ALLOW_REPORT | DISALLOW (0x300) lies inside BG_HTTP_REDIRECT_POLICY_MASK but is none
+    of the policies (0x000, 0x100, 0x200): refused, not taken as "follow silently"."""
+    job = manager.create_job("policy")
+    code = refused(job, lambda: setattr(job, "security_flags", others | 0x300))
+    assert code == hr.E_NOTIMPL
+    job.security_flags = others | 0x200
+    assert job.security_flags == others | 0x200
+
+
+def test_custom_headers_up_to_16384_characters_with_the_nul(manager: TransferManager) -> None:
+    job = manager.create_job("headers")
+    fits = "X-Long: " + "v" * (16383 - len("X-Long: ") - 2) + "\r\n"  # 16,383 + the NUL
+    assert len(fits) == 16383
+    job.set_custom_headers(fits)
+    assert job.custom_headers == fits
+    one_more = fits[:-2] + "v\r\n"
+    assert refused(job, lambda: job.set_custom_headers(one_more)) == hr.BG_E_STRING_TOO_LONG
+
+
+def test_store_names_up_to_256_characters_with_the_nul(
+    manager: TransferManager, stores: CertificateStores, pki: Pki
+) -> None:
+    job = manager.create_job("cert")
+    by_id = set_client_certificate_by_id
+    too_long = refused(job, lambda: by_id(job, stores, CU, "S" * 256, pki.client_sha1))
+    assert too_long == hr.BG_E_STRING_TOO_LONG
+    missing = refused(job, lambda: by_id(job, stores, CU, "S" * 255, pki.client_sha1))
+    assert missing == hr.hresult_from_win32(hr.ERROR_FILE_NOT_FOUND)
 
 
 @SETTINGS

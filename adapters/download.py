@@ -269,12 +269,14 @@ class Downloads:
             download = await transport.open(
                 url, options, offset=offset - overlap, validator=f.validator if offset else None
             )
-        if offset and _remote_resized(f.bytes_total, download):
-            # No validator told (or none was sent), but the file's size did: the bytes
-            # before the checkpoint are of another version (BITS restarts the file).
+        changed = offset and _remote_changed(f.bytes_total, f.validator, download)
+        if changed:
+            # The server resumed, but the size or the validator of what it sends is not the
+            # recorded one: a new version (a server that ignores If-Range answers 206 with
+            # the new version's bytes), so the bytes before the checkpoint are of another.
+            # BITS restarts the file.
             await download.aclose()
-            resized = resize_reason(f.bytes_total, download.remote.size)
-            await self._commit(job_id, cmd.RestartFile(index, resized))
+            await self._commit(job_id, cmd.RestartFile(index, changed))
             offset = 0
             async with self._connections:
                 self._hold_lease(job_id)
@@ -514,7 +516,7 @@ class Downloads:
             try:
                 # From byte 0 the open truncates; from a checkpoint the bytes after it go.
                 flags = os.O_RDWR | os.O_CREAT | (0 if position else os.O_TRUNC)
-                fd = os.open(tmp, flags, 0o666)
+                fd = localfile.open_temp(tmp, flags)
             except OSError as exc:
                 raise local_error(exc, tmp) from exc
         pending: asyncio.Task[None] | None = None
@@ -594,7 +596,7 @@ class Downloads:
                     transient=True,
                 )
             if digest is not None:
-                self._verify(f.spec.expected_digest, digest, f.remote_name)
+                await self._verify(job_id, index, f.spec.expected_digest, digest, f.remote_name)
             # The rest (sync, time stamp, ACLs, FileTransferred) is the claimer's, behind
             # the next files' transfers; the file's fd goes with it.
             self._order[job_id].finish(
@@ -658,11 +660,17 @@ class Downloads:
                 transient=False,
             )
 
-    def _verify(self, expected: str | None, digest: Any, remote_name: str) -> None:
+    async def _verify(
+        self, job_id: str, index: int, expected: str | None, digest: Any, remote_name: str
+    ) -> None:
+        """The expected digest, else BG_E_VALIDATION_FAILED (fatal). The file starts over
+        first, as SetValidationState(FALSE) makes it: its checkpoints claimed bytes that
+        are wrong somewhere, and a Resume that kept them would fail the same way forever."""
         if expected is None:
             return
         got = f"{digest.name}:{digest.hexdigest()}"
         if got != expected:
+            await self._commit(job_id, cmd.RestartFile(index, f"its digest was {got}"))
             raise TransferError(
                 hresult.BG_E_VALIDATION_FAILED,
                 f"{remote_name}: expected {expected}, got {got}",
@@ -943,12 +951,18 @@ class _Resumed:
         await self.inner.aclose()
 
 
-def _remote_resized(recorded: int | None, download: Download) -> bool:
-    """A resume that the server honoured (``download.offset`` > 0) for a file whose size is
-    not the one recorded: the remote file changed although its validator (if any) did not
-    say so."""
-    size = download.remote.size
-    return bool(download.offset) and None not in (recorded, size) and size != recorded
+def _remote_changed(size: int | None, validator: str | None, download: Download) -> str | None:
+    """A resume that the server honoured (``download.offset`` > 0) of another version than
+    the one recorded (``size``, ``validator``): why the file restarts, or None. Its size
+    shows it when no validator was sent; its validator when the server ignored If-Range."""
+    if not download.offset:
+        return None
+    remote = download.remote
+    if None not in (size, remote.size) and remote.size != size:
+        return resize_reason(size, remote.size)
+    if None not in (validator, remote.validator) and remote.validator != validator:
+        return "the remote file changed: the server resumed another version (If-Range ignored)"
+    return None
 
 
 def resize_reason(was: int | None, now: int | None) -> str:
@@ -960,7 +974,7 @@ def _take_over(source: Path, target: Path, length: int) -> None:
     file: copy them into ours, so its later writes, if it still runs, touch nothing of
     ours. Without them the transfer cannot resume: E_FAIL, transient (starts over)."""
     try:
-        with open(source, "rb") as src, open(target, "wb") as dst:
+        with open(source, "rb") as src, localfile.new_temp(target) as dst:
             copied = 0
             while copied < length:
                 n = os.copy_file_range(src.fileno(), dst.fileno(), length - copied)

@@ -80,6 +80,15 @@ class Fills:
                 transient=False,
                 response_headers=remote.headers,
             )
+        outside = next((r for r in f.requested if _outside(r, size)), None)
+        if outside is not None:  # requested before the size was known, or of a longer version
+            raise TransferError(
+                hresult.BG_E_INVALID_RANGE,
+                f"{f.remote_name}: the range {outside.offset}:{outside.length} lies outside "
+                f"the file of {size} bytes",
+                context=ErrorContext.REMOTE_FILE,
+                transient=False,
+            )
         tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
         wanted = byteranges.resolve(f.requested, size)  # a restart keeps the requests
         if f.filled:
@@ -105,7 +114,7 @@ class Fills:
         if todo:
             self.live_sizes[(job_id, index)] = size
             try:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = localfile.open_temp(tmp, os.O_RDWR | os.O_CREAT)
             except OSError as exc:
                 raise local_error(exc, tmp) from exc
             try:
@@ -245,7 +254,7 @@ def _take_over_ranges(
     """Copy the ``ranges`` another worker's temp file holds into ours, at their offsets, in
     a file laid out as the remote file; synced. Why the file must restart, or None."""
     try:
-        with open(source, "rb") as src, open(target, "wb") as dst:
+        with open(source, "rb") as src, localfile.new_temp(target) as dst:
             if os.fstat(src.fileno()).st_size != size:
                 return f"another worker's temp file {source} is not the file's size"
             os.ftruncate(dst.fileno(), size)
@@ -266,3 +275,11 @@ def _take_over_ranges(
 
 class _Changed(Exception):
     """A range came from a newer version than the fill's stat saw; the file restarted."""
+
+
+def _outside(r: ByteRange, size: int) -> bool:
+    """A requested range the file of ``size`` bytes does not hold (the whole of an empty
+    file, 0 to the end, is in it)."""
+    if r.end is not None:
+        return r.end > size
+    return r.offset >= size and r.offset > 0

@@ -21,7 +21,7 @@ import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 import attrs
 
@@ -337,9 +337,29 @@ def _create(f: FinishedFile) -> OSError | None:
     return None
 
 
+def open_temp(path: str | Path, flags: int) -> int:
+    """Open (``flags`` with O_CREAT: create) a temp file, never through a symbolic link: the
+    names are predictable (GetTemporaryName shows them), and one planted at the name would
+    send the bytes outside the destination directory, then be published as the file.
+    ELOOP then, which the error table gives as access denied (fatal)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise OSError(
+            errno.ELOOP, "a symbolic link is at the temp file's name; only a file is written"
+        ) from exc
+
+
+def new_temp(path: str | Path) -> BinaryIO:
+    """A temp file made anew (truncated), for writing, as ``open_temp`` opens one."""
+    return os.fdopen(open_temp(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")
+
+
 def create_written(path: str, data: bytes) -> int:
     """Create (or truncate) ``path`` with ``data`` in it: its open descriptor."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    fd = open_temp(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
         pwrite_all(fd, data, 0)
     except BaseException:
@@ -404,6 +424,7 @@ def publish(job: Job, indexes: Iterable[int], dirs: set[str] | None = None) -> l
             # No fsync of the file here: the engine synced its bytes before it recorded
             # FileTransferred. The rename, and the directory's fsync below, make it durable.
             try:
+                _check_temp(tmp)
                 _keep_mode(tmp, replaced)
                 os.replace(tmp, target)
             except FileNotFoundError:
@@ -442,6 +463,13 @@ def _check_replaceable(target: str | Path) -> os.stat_result | None:
             f"cannot publish {target}: it is {kind} now, not a regular file",
         )
     return found
+
+
+def _check_temp(tmp: str) -> None:
+    """The temp file is a regular file: a link or anything else at its name was not made
+    by the engine, and is never renamed into place (FileNotFoundError when there is none)."""
+    if not stat.S_ISREG(os.lstat(tmp).st_mode):
+        raise OSError(errno.EACCES, "the temp file's name holds something other than a file")
 
 
 def _keep_mode(tmp: str, replaced: os.stat_result | None) -> None:
@@ -556,5 +584,6 @@ def os_hresult(exc: OSError) -> int:
         errno.ENOSPC: hresult.ERROR_DISK_FULL,
         errno.EEXIST: hresult.ERROR_FILE_EXISTS,
         errno.ENAMETOOLONG: hresult.ERROR_FILENAME_EXCED_RANGE,
+        errno.ELOOP: hresult.ERROR_ACCESS_DENIED,  # a link at a temp name (open_temp)
     }.get(exc.errno or 0)
     return hresult.hresult_from_win32(win32) if win32 else hresult.E_FAIL

@@ -59,6 +59,7 @@ from backhaul.core.value import (
     Sealed,
 )
 from backhaul.core.vocabulary import (
+    LENGTH_TO_EOF,
     AuthScheme,
     AuthTarget,
     CertStoreLocation,
@@ -1266,10 +1267,16 @@ def _prop(prop: Any) -> JobPropertyId:
 
 
 def _range(r: ByteRange | tuple[int, int | None]) -> ByteRange:
-    if isinstance(r, ByteRange):
-        return r
-    offset, length = r
-    return ByteRange(int(offset), None if length is None else int(length))
+    """A range as the core takes it: BG_LENGTH_TO_EOF becomes ``length=None``."""
+    offset, length = (r.offset, r.length) if isinstance(r, ByteRange) else r
+    if length is not None and length == LENGTH_TO_EOF:
+        length = None
+    try:
+        return ByteRange(int(offset), None if length is None else int(length))
+    except (TypeError, ValueError):
+        raise BitsError(
+            hresult.BG_E_INVALID_RANGE, f"invalid range {offset!r}:{length!r}"
+        ) from None
 
 
 __all__ = ["FileInfo", "TransferJob", "TransferManager"]

@@ -437,6 +437,37 @@ def check_local_name(name: Any) -> str:
     return name
 
 
+# The last byte a range may reach: the largest file offset (a signed 64-bit off_t, and the
+# largest integer the stores keep). BITS takes a UINT64; no file here can be that long.
+MAX_FILE_SIZE: Final = 2**63 - 1
+
+
+def _same_file(local_name: str) -> str:
+    """The name a file system reads in ``local_name``: "/d//x" is "/d/x"."""
+    return _SLASHES.sub("/", local_name)
+
+
+_SLASHES: Final = re.compile("/{2,}")
+
+
+def _check_range(r: ByteRange) -> None:
+    """BG_E_INVALID_RANGE for a range that no file can hold (BG_LENGTH_TO_EOF arrives here
+    as ``length=None``: the adapters map it)."""
+    if isinstance(r.offset, bool) or not isinstance(r.offset, int):
+        raise BitsError(hresult.BG_E_INVALID_RANGE, f"invalid range offset {r.offset!r}")
+    if r.offset < 0 or r.offset >= MAX_FILE_SIZE:
+        raise BitsError(hresult.BG_E_INVALID_RANGE, f"invalid range offset {r.offset}")
+    if r.length is None:
+        return
+    if isinstance(r.length, bool) or not isinstance(r.length, int) or r.length <= 0:
+        raise BitsError(hresult.BG_E_INVALID_RANGE, "a range length must be positive")
+    if r.offset + r.length > MAX_FILE_SIZE:
+        raise BitsError(
+            hresult.BG_E_INVALID_RANGE,
+            f"the range {r.offset}:{r.length} ends past the largest file size ({MAX_FILE_SIZE})",
+        )
+
+
 def _check_ranges(ranges: tuple[ByteRange, ...], limits: Limits) -> None:
     if limits.max_ranges_per_file is not None and len(ranges) > limits.max_ranges_per_file:
         raise BitsError(
@@ -444,10 +475,7 @@ def _check_ranges(ranges: tuple[ByteRange, ...], limits: Limits) -> None:
             f"{len(ranges)} ranges; the limit is {limits.max_ranges_per_file}",
         )
     for r in ranges:
-        if r.offset < 0 or r.offset >= 2**64 - 1:
-            raise BitsError(hresult.BG_E_INVALID_RANGE, f"invalid range offset {r.offset}")
-        if r.length is not None and r.length <= 0:
-            raise BitsError(hresult.BG_E_INVALID_RANGE, "a range length must be positive")
+        _check_range(r)
     ordered = sorted(ranges, key=lambda r: r.offset)
     for before, after in itertools.pairwise(ordered):
         if before.end is None or before.end > after.offset:
@@ -471,15 +499,15 @@ def _add_files(job: Job, cmd: AddFiles, now: datetime, limits: Limits) -> list[e
             hresult.BG_E_TOO_MANY_FILES_IN_JOB,
             f"the job would hold {total} files; the limit is {limits.max_files_per_job}",
         )
-    locals_seen = {f.local_name for f in job.files}
+    locals_seen = {_same_file(f.local_name) for f in job.files}
     for spec in cmd.files:
         check_remote_name(spec.remote_name, job.job_type)
         check_local_name(spec.local_name)
-        if spec.local_name in locals_seen and job.job_type is JobType.DOWNLOAD:
+        if _same_file(spec.local_name) in locals_seen and job.job_type is JobType.DOWNLOAD:
             raise BitsError(
                 hresult.E_INVALIDARG, f"{spec.local_name} is already a destination in this job"
             )
-        locals_seen.add(spec.local_name)
+        locals_seen.add(_same_file(spec.local_name))
         if spec.ranges:
             if job.job_type is not JobType.DOWNLOAD:
                 raise BitsError(hresult.E_NOTIMPL, "ranges apply to download jobs only")
@@ -679,8 +707,7 @@ def _request_file_ranges(
         raise BitsError(hresult.E_INVALIDARG, "no ranges given")
     size = job.files[cmd.file_index].bytes_total
     for r in cmd.ranges:  # overlaps are allowed here (split as needed), unlike AddFile's
-        if r.offset < 0 or r.offset >= 2**64 - 1 or (r.length is not None and r.length <= 0):
-            raise BitsError(hresult.BG_E_INVALID_RANGE, f"invalid range {r.offset}:{r.length}")
+        _check_range(r)
         if size is not None and (r.offset >= size or (r.end is not None and r.end > size)):
             raise BitsError(
                 hresult.BG_E_INVALID_RANGE,

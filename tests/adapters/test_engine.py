@@ -37,6 +37,7 @@ from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core import hresult as hr
 from backhaul.core import job as jobs
+from backhaul.core.error import BitsError
 from backhaul.core.vocabulary import (
     CostFlags,
     ErrorContext,
@@ -222,6 +223,7 @@ class Served:
     token: str | None = None
     token_name: str = "sig"
     cut_range: tuple[int, int] | None = None  # (start, bytes): once, a 206 there ends short
+    if_range: bool = True  # False: a Range is served whatever the If-Range (a broken server)
 
 
 class FaultServer:
@@ -340,7 +342,8 @@ class FaultServer:
             headers["Accept-Ranges"] = "bytes"
         start, end, status = 0, size - 1, 200
         spec = request.headers.get("Range")
-        if f.ranges and spec and request.headers.get("If-Range") in (None, f.etag):
+        if_range = request.headers.get("If-Range")
+        if f.ranges and spec and (not f.if_range or if_range in (None, f.etag)):
             first, _, last = spec.removeprefix("bytes=").partition("-")
             start = int(first)
             end = min(int(last), size - 1) if last else size - 1
@@ -1138,6 +1141,40 @@ def resumed_after_a_change(
     return manager, job, srv
 
 
+def test_a_206_of_another_version_restarts_the_file(tmp_path: Path) -> None:
+    """A server that ignores If-Range answers the resume with 206 and the bytes of a new
+    version of the same size, under its new ETag: the engine took them after the old
+    version's checkpoint, and the file ended TRANSFERRED, half of each version."""
+    old, new = os.urandom(512 * KiB), os.urandom(512 * KiB)
+    served = trickle(old, drop_after=256 * KiB, if_range=False)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> tuple[TransferJob, FaultServer]:
+        async with FaultServer({"/f": served}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f.bin")])
+            async with running(make_engine(manager, checkpoint_interval=600.0)):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "TRANSIENT_ERROR")
+                assert checkpointed(job) == 256 * KiB
+                served.data, served.etag = new, '"v2"'
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            return job, srv
+
+    job, srv = asyncio.run(main())
+    hits = srv.hits_for("/f")
+    assert [(h.range_start, h.if_range) for h in hits] == [
+        (None, None),
+        (256 * KiB, '"v1"'),
+        (None, None),
+    ]
+    restarts = of_type(events_of(manager, job.id), ev.FileRestarted)
+    assert [r.reason for r in restarts] == [
+        "the remote file changed: the server resumed another version (If-Range ignored)"
+    ]
+    assert job.complete() == hr.S_OK
+    assert (tmp_path / "f.bin").read_bytes() == new
+
+
 @pytest.mark.parametrize("new_size", [300 * KiB, 200 * KiB, 700 * KiB])
 def test_a_remote_file_whose_size_changed_restarts_without_a_validator(
     tmp_path: Path, new_size: int
@@ -1383,6 +1420,101 @@ def test_a_wrong_expected_digest_is_a_fatal_validation_failure(
     assert job.cancel() == hr.S_OK
     assert list(tmp_path.glob("*.bin")) == []
     assert list(tmp_path.glob(".*.bhtmp")) == []
+
+
+def test_a_failed_digest_starts_the_file_over_so_a_resume_can_pass(tmp_path: Path) -> None:
+    """Bytes a checkpoint claimed were wrong (a corrupting hop, fixed since): the digest
+    fails, and the file starts over as SetValidationState(FALSE) makes it. Before, the
+    checkpoint stayed and every Resume asked for nothing more and failed again."""
+    good = os.urandom(1 * MiB)
+    bad = good[:1000] + b"X" * 10 + good[1010:]
+    served = trickle(bad, drop_after=600 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    dest = tmp_path / "f.bin"
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": served}) as srv:
+            job = manager.create_job("digest")
+            job.add_file(srv.url("/f"), dest, expected_digest=f"sha256:{sha256(good)}")
+            job.resume()
+            async with running(make_engine(manager)):
+                await until(lambda: job.state is S.TRANSIENT_ERROR, "the drop", 20)
+                assert checkpointed(job) > 0
+                served.data = good
+                job.resume()
+                await until(lambda: job.state in (S.ERROR, S.TRANSFERRED), "the digest", 20)
+                assert job.state is S.ERROR
+                assert job.error is not None
+                assert job.error.hresult == hr.BG_E_VALIDATION_FAILED
+                assert checkpointed(job) == 0
+                job.resume()
+                await until(lambda: job.state in (S.ERROR, S.TRANSFERRED), "the refetch", 20)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    job.complete()
+    assert dest.read_bytes() == good
+
+
+@pytest.mark.parametrize("size", [4 * KiB, 3 * MiB], ids=["kept in memory", "streamed"])
+def test_a_link_at_the_temp_name_is_never_written_through_nor_published(
+    tmp_path: Path, size: int
+) -> None:
+    """Temp names are predictable (GetTemporaryName shows them): a symbolic link planted at
+    one sent the bytes outside the destination directory, and Complete renamed the link into
+    place. The open refuses links (ERROR, access denied) and nothing is published."""
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    victim = tmp_path / "elsewhere" / "victim.txt"
+    victim.write_bytes(b"precious\n")
+    data = os.urandom(size)
+    dest = tmp_path / "dest" / "f.bin"
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(data)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), dest)], start=False)
+            os.symlink(victim, temp_of(job, 0))
+            job.resume()
+            await make_engine(manager).run(until_idle=True)
+            return job
+
+    job = asyncio.run(main())
+    assert victim.read_bytes() == b"precious\n"
+    assert job.state is S.ERROR
+    assert job.error is not None
+    assert job.error.hresult == hr.hresult_from_win32(hr.ERROR_ACCESS_DENIED)
+    assert "symbolic link" in job.error.description
+    assert job.complete() == hr.BG_S_PARTIAL_COMPLETE
+    assert not dest.exists() and not dest.is_symlink()
+
+
+def test_complete_never_renames_a_link_into_place(tmp_path: Path) -> None:
+    """A transferred file whose temp was swapped for a link before Complete: Complete fails
+    and the link stays where it was, not at the destination."""
+    data = os.urandom(64 * KiB)
+    dest = tmp_path / "f.bin"
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(data)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), dest)])
+            await make_engine(manager).run(until_idle=True)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    temp = temp_of(job, 0)
+    other = tmp_path / "other.bin"
+    other.write_bytes(data)  # the same size: Complete's size check does not see it
+    temp.unlink()
+    temp.symlink_to(other)
+    with pytest.raises(BitsError) as refused:
+        job.complete()
+    assert refused.value.hresult == hr.hresult_from_win32(hr.ERROR_ACCESS_DENIED)
+    assert not dest.exists() and not dest.is_symlink()
+    assert temp.is_symlink()
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

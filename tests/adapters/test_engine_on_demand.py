@@ -270,6 +270,21 @@ def test_an_on_demand_job_with_a_file_that_has_ranges_ends_in_error(tmp_path: Pa
     assert (job.error.hresult, job.error.file_index) == (hr.BG_E_RANDOM_ACCESS_NOT_SUPPORTED, 0)
 
 
+@pytest.mark.parametrize(
+    "ranges", [[(200 * KiB, 10)], [(0, 100), (60 * KiB, 8 * KiB)]], ids=["past", "across"]
+)
+def test_a_range_requested_before_the_size_was_known_and_outside_the_file(
+    tmp_path: Path, ranges: list[tuple[int, int]]
+) -> None:
+    """RequestFileRanges checks its ranges against the size when the size is known; before
+    the engine first looked, it cannot. A range outside the file is BG_E_INVALID_RANGE at
+    run time (fatal, §6.3), where it was dropped (the job went quietly to SUSPENDED)."""
+    job = ended_in_error(tmp_path, Served(os.urandom(64 * KiB)), ranges)
+    assert job.error is not None
+    assert (job.error.hresult, job.error.file_index) == (hr.BG_E_INVALID_RANGE, 0)
+    assert job.filled_file_ranges(0) == []
+
+
 def test_max_download_size_bounds_the_bytes_an_on_demand_file_holds(tmp_path: Path) -> None:
     """BITS_JOB_PROPERTY_MAX_DOWNLOAD_SIZE holds for random access too: the second range
     takes the file's bytes past the limit, and the job ends in ERROR with

@@ -35,6 +35,7 @@ from backhaul.core.job import fold
 from backhaul.core.limit import DESCRIPTION_MAX, DISPLAY_NAME_MAX, UNLIMITED, Limits
 from backhaul.core.value import ByteRange, FileSpec, JobError, ProxySettings
 from backhaul.core.vocabulary import (
+    LENGTH_TO_EOF,
     AuthScheme,
     AuthTarget,
     ErrorContext,
@@ -335,6 +336,53 @@ def test_overlapping_ranges_raise_bg_e_overlapping_ranges(
         lambda: job.add_file(URL, tmp_path / "ranged.bin", ranges=ranges),
     )
     assert job.files() == []
+
+
+def test_bg_length_to_eof_is_a_range_to_the_end_of_the_file(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """BITS's sentinel, (UINT64)-1, as a length: the core's ``length=None``. It was taken as
+    a length, the job's BytesTotal became 2**64 - 1, and the read model's refresh raised
+    OverflowError in every engine that opened the store."""
+    job = manager.create_job("to the end")
+    job.add_file(URL, tmp_path / "a.bin", ranges=[(100, LENGTH_TO_EOF)])
+    job.add_file(URL, tmp_path / "b.bin", ranges=[ByteRange(0, LENGTH_TO_EOF)])
+    assert [f.ranges for f in job.files()] == [(ByteRange(100, None),), (ByteRange(0, None),)]
+    assert job.progress.bytes_total is None
+    manager.refresh_views()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [(0, 2**63), (2**62, 2**62), (2**63 - 1, 1), (LENGTH_TO_EOF, 10), (0, 2**64 - 2), ("x", 1)],
+)
+def test_ranges_no_file_can_hold_raise_bg_e_invalid_range(
+    manager: TransferManager, store: EventStore, tmp_path: Path, bad: tuple[Any, int]
+) -> None:
+    job = manager.create_job("ranges")
+    refused(
+        store,
+        hresult.BG_E_INVALID_RANGE,
+        lambda: job.add_file(URL, tmp_path / "ranged.bin", ranges=[bad]),
+    )
+    job.set_property(JobPropertyId.ON_DEMAND_MODE, True)
+    job.add_file(URL, tmp_path / "on-demand.bin")
+    refused(store, hresult.BG_E_INVALID_RANGE, lambda: job.request_file_ranges(0, [bad]))
+    manager.refresh_views()
+
+
+def test_one_file_named_two_ways_is_one_destination(
+    manager: TransferManager, store: EventStore, tmp_path: Path
+) -> None:
+    """ "/d//x" is "/d/x": both in one job would publish one over the other at Complete."""
+    job = manager.create_job("twice")
+    job.add_file(URL, f"{tmp_path}/x.bin")
+    refused(store, hresult.E_INVALIDARG, lambda: job.add_file(URL, f"{tmp_path}//x.bin"))
+    refused(
+        store,
+        hresult.E_INVALIDARG,
+        lambda: job.add_files([(URL, f"{tmp_path}/y.bin"), (URL, f"{tmp_path}///y.bin")]),
+    )
 
 
 def test_adjacent_ranges_are_accepted_and_count_only_the_requested_bytes(

@@ -5,7 +5,6 @@ methods use the engine's state, which ``Engine.__init__`` sets."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -145,11 +144,6 @@ class Uploads:
             raise
         finally:
             os.close(fd)
-        await self._commit(job_id, cmd.Checkpoint(index, size, size, version))
-        # HTTP_RESPONSE_HEADERS of an upload: the session's last reply (the final Ack, or the
-        # Close-Session's), for sessions that keep one.
-        block = self._recorded_headers(getattr(session, "response_headers", None))
-        await self._commit(job_id, cmd.FinishFile(index, size, response_headers=block))
         if reply:
             if not reply_url:
                 raise TransferError(
@@ -161,8 +155,16 @@ class Uploads:
             self._reply_sessions[job_id] = session
             # Recorded without its secrets: a password (joined from the upload URL) is the
             # file's, put back at the fetch (``_reply_url``); a signed query is sealed.
+            # Recorded before the file is finished: a Suspend (or a crash) between the two
+            # then leaves the file to upload again, whose final Ack tells the URL again,
+            # never a finished file without its reply URL, which nothing could learn again.
             recorded, _password, query = self.store.secrets.seal_url(reply_url)
             await self._commit(job_id, cmd.LocateReply(recorded, query))
+        await self._commit(job_id, cmd.Checkpoint(index, size, size, version))
+        # HTTP_RESPONSE_HEADERS of an upload: the session's last reply (the final Ack, or the
+        # Close-Session's), for sessions that keep one.
+        block = self._recorded_headers(getattr(session, "response_headers", None))
+        await self._commit(job_id, cmd.FinishFile(index, size, response_headers=block))
 
     async def _abort_uploads(self, job: Job) -> None:
         """Cancel of an upload job: tell the server (Cancel-Session), retrying a while."""
@@ -204,7 +206,8 @@ class Uploads:
         return self.store.secrets.open_url(recorded, password, job.reply_query)
 
     async def _fetch_reply(self, job_id: str) -> None:
-        """Upload-reply: download the reply (ranged, resumable) into the reply temp file."""
+        """Upload-reply: download the reply (ranged, resumable) into the reply temp file,
+        then close the upload session (``_close_reply_session``)."""
         job = self._job(job_id)
         url = job.reply_url
         if url is None:
@@ -217,6 +220,11 @@ class Uploads:
         url = self._reply_url(job, url)
         tmp = localfile.reply_temp_path(job)
         offset = job.reply_bytes_transferred if job.reply_bytes_total is not None else 0
+        if offset == job.reply_bytes_total and localfile.checkpoint_lost(tmp, offset) is None:
+            # Fetched whole by an attempt whose Close-Session failed: only that is left (the
+            # server may have deleted the reply since, if that Close-Session got there).
+            await self._close_reply_session(job_id)
+            return
         if offset and localfile.checkpoint_lost(tmp, offset) is not None:
             offset = 0  # the reply's temp file was deleted or cut: fetch it again whole
         transport = self.transport_for(url)
@@ -226,7 +234,7 @@ class Uploads:
             size = download.remote.size
             position = download.offset
             await self._commit(job_id, cmd.ProgressReply(size, position))
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = localfile.open_temp(tmp, os.O_RDWR | os.O_CREAT)
             try:
                 os.ftruncate(fd, position)
                 last = time.monotonic()
@@ -243,11 +251,39 @@ class Uploads:
         finally:
             await download.aclose()
         await self._commit(job_id, cmd.ProgressReply(position, position))
+        await self._close_reply_session(job_id)
+
+    async def _close_reply_session(self, job_id: str) -> None:
+        """Close-Session, only once the reply is here: the server deletes the reply when it
+        gets it (bits-upload.md §2.4, §6.1). The session of an earlier engine (stopped, or
+        restarted while the job waited to retry) is re-opened with the token the file
+        recorded. A transient failure (the uploader resent it already) fails the attempt:
+        the retry closes the session without fetching the reply again. A refusal ends it:
+        BITS never resends on 1xx-4xx, and the server's session timeout removes the session."""
+        job = self._job(job_id)
         session = self._reply_sessions.pop(job_id, None)
-        if session is not None:
-            # Close-Session only now: the server deletes the reply when it gets it.
-            with contextlib.suppress(TransferError):
-                await session.close()
+        try:
+            if session is None:
+                f = job.files[0]
+                if f.upload_token is None:
+                    return
+                size = f.bytes_total
+                if size is None:
+                    size = os.stat(f.local_name).st_size
+                async with self._connections:
+                    session = await self.uploader_for(f.remote_name).begin(
+                        self._url(f),
+                        self._options(job),
+                        size=size,
+                        token=f.upload_token,
+                        reply=True,
+                    )
+            await session.close()
+        except TransferError as exc:
+            if exc.transient:
+                raise
+        except OSError:
+            pass  # the source is gone and its size unknown: left to the session timeout
 
 
 def _local_version(fd: int) -> tuple[int, str]:

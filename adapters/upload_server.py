@@ -35,7 +35,10 @@ Sessions
     bytes; bytes of a fragment cut short by a dropped connection are kept (fsynced, then
     claimed), so the client resumes from where the bytes stopped. A Ping that names a known session gets
     ``BITS-Received-Content-Range`` too, and ``BITS-Reply-URL`` when the upload-reply is done
-    (a backhaul extension, see ``transports.bits_upload``).
+    (a backhaul extension, see ``transports.bits_upload``); not while the session has every
+    byte but its final fragment was refused (the notification or the commit failed): only that
+    fragment, sent again, retries them (§4.1), and an offset of "all" would tell the client
+    there is nothing left to send.
 
     On the last byte: with no notification the file is renamed into place at once
     (atomically: ``os.replace``, or ``os.link`` when overwriting is refused, fsync of file
@@ -75,6 +78,12 @@ Security (bits-upload.md §9)
     An existing file is never opened for writing: the upload is assembled in the session
     directory and published with ``os.link`` (refused overwrite: the file stays as it was) or
     ``os.replace`` (atomic).
+
+    The notification target: a relative notification URL resolves against the upload URL's
+    path on the listener that received the final fragment (its scheme and the socket's local
+    address and port), never against the client's ``Host`` header, from which aiohttp builds
+    ``request.url``: a client must not choose where the server POSTs its uploads (nor, by
+    reference, learn the server's local paths) (§6.2, §9).
 
     One active session per destination: only one session at a time may receive bytes for a
     destination file. A Create-Session for a destination whose session is active (a request of
@@ -302,8 +311,9 @@ class VirtualDirectory:
     ``max_upload_size`` BITSMaximumUploadSize; ``allow_overwrite`` BITSAllowOverwrites;
     ``session_timeout`` BITSSessionTimeout (seconds); ``notification`` /
     ``notification_url`` BITSServerNotificationType / URL (relative URLs resolve against the
-    upload URL); ``host_id`` / ``host_id_fallback_timeout`` BITSHostId /
-    BITSHostIdFallbackTimeout. ``auth``: HTTP Basic for this directory (else the server's).
+    upload URL's path on this server's listener, never the client's Host header);
+    ``host_id`` / ``host_id_fallback_timeout`` BITSHostId / BITSHostIdFallbackTimeout.
+    ``auth``: HTTP Basic for this directory (else the server's).
     """
 
     prefix: str = attrs.field(converter=_prefix)
@@ -995,7 +1005,9 @@ class UploadServer:
 
     async def _ping(self, request: web.Request, user: str | None) -> web.Response:
         """Always 200. Extension: a Ping naming a live session learns its offset, and its reply
-        URL once done (under the session's lock, so a fragment being written is counted)."""
+        URL once done (under the session's lock, so a fragment being written is counted). A
+        session with every byte whose completion failed (RECEIVED) tells nothing, as any BITS
+        server: its final fragment was refused, and must come again to retry the completion."""
         session_id = request.headers.get("BITS-Session-Id")
         found = self.store.load(session_id) if session_id is not None else None
         if found is not None:
@@ -1003,7 +1015,7 @@ class UploadServer:
                 session = self.store.load(found.id)
             if (
                 session is not None
-                and session.state in _LIVE
+                and session.state in (RECEIVING, DONE)
                 and session.path == request.rel_url.path
                 and session.owner == user
                 and not self._expired(session, self.config.clock())
@@ -1195,7 +1207,7 @@ class UploadServer:
         assert vdir.notification_url is not None
         assert self._client is not None
         job = URL(session.url)
-        target = job.join(URL(vdir.notification_url))
+        target = _own_url(request, job).join(URL(vdir.notification_url))
         if job.raw_query_string:
             joiner = "&" if target.raw_query_string else "?"
             target = URL(f"{target}{joiner}{job.raw_query_string}", encoded=True)
@@ -1312,6 +1324,19 @@ class UploadServer:
                         headers={"Content-Type": "application/octet-stream"},
                     )
         raise web.HTTPNotFound()
+
+
+def _own_url(request: web.Request, url: URL) -> URL:
+    """``url`` on the listener that received ``request``: its scheme and the local address
+    and port of its socket. The client's ``Host`` header (which builds ``request.url``) names
+    any host it likes. A listener without an IP address (a Unix socket) has no URL of its own:
+    the back-end cannot be reached (502, context 0x7)."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        raise _Refusal(502, _status_code(502), CONTEXT_APPLICATION)
+    host, port = sockname[0], sockname[1]
+    return url.with_scheme(request.scheme).with_host(host).with_port(port)
 
 
 async def _drain(request: web.Request, response: web.StreamResponse) -> None:

@@ -34,7 +34,9 @@ Rules of this module:
   ``BITS-Session-Id``. backhaul's own server (``adapters.upload_server``) answers that Ping
   with ``BITS-Received-Content-Range`` (and ``BITS-Reply-URL`` once the upload-reply is
   complete) -- an extension; other peers ignore the extra request header -- and then
-  ``session.offset`` is the server's offset and ``offset_known`` is True.
+  ``session.offset`` is the server's offset and ``offset_known`` is True. Not for an
+  upload-reply the server holds whole without a reply URL (its application failed on the
+  final fragment): that counts as not told, so the final fragment goes again.
   Against any other server (IIS) ``offset`` stays 0 with ``offset_known`` False: the caller
   sends from its own last acknowledged offset (always <= the server's) and the first Fragment
   Ack tells the truth; that first fragment is at most 64 KiB, so a duplicate costs little. A
@@ -469,9 +471,16 @@ class BitsUploadSession:
         _require_ack(reply)
         named = reply.headers.get(SESSION_ID, "").strip() == self.session_id
         if reopen and named and RECEIVED in reply.headers:
-            self.offset = _received(reply, self.size)
-            self.offset_known = True
-            if self.offset == self.size and reply.headers.get(REPLY_URL, "").strip():
+            offset = _received(reply, self.size)
+            reply_url = reply.headers.get(REPLY_URL, "").strip()
+            if self.reply and offset == self.size and not reply_url:
+                # Every byte is there but no reply: the final Ack never came (the server
+                # application failed). Only the final fragment, sent again, makes the server
+                # notify it again and answer with the reply URL (§4.1): the offset stays
+                # unknown, so the caller sends the file's last bytes.
+                return
+            self.offset, self.offset_known = offset, True
+            if offset == self.size and reply_url:
                 self._take_reply_url(reply)
 
     async def send(self, data: bytes, offset: int) -> int:

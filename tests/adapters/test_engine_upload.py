@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from aiohttp import web
 from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     FaultServer,
@@ -20,16 +23,21 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     trickle,
     until,
 )
+from test_engine_fault_scripts import drive
 
 from backhaul.adapters import localfile
+from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.engine import Engine
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.upload_server import (
     NotificationType,
     UploadServerConfig,
     VirtualDirectory,
+    make_upload_app,
+    serve_app,
     serve_uploads,
 )
+from backhaul.core import command as cmd
 from backhaul.core import hresult
 from backhaul.core.event import (
     BytesCheckpointed,
@@ -39,6 +47,9 @@ from backhaul.core.event import (
     UploadSessionOpened,
 )
 from backhaul.core.vocabulary import FilePropertyId, JobState, JobType
+from backhaul.transports.bits_upload import BitsUploader
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @contextlib.asynccontextmanager
@@ -352,5 +363,205 @@ def test_cancelling_an_upload_cancels_the_server_session(tmp_path: Path) -> None
             await run
             assert not list(sessions.rglob("request.bin"))
             assert not (www / "big.bin").exists()
+
+    asyncio.run(body())
+
+
+# -- upload-reply faults, on the manual clock -------------------------------------------------
+
+
+class ReplyServer:
+    """The project's upload server on the manual clock, notifying (by value) a back-end whose
+    answers a test scripts (``backend_statuses``: the status of each notification, then 200),
+    behind a middleware that logs every request and answers 503 instead of the next
+    ``refuse[packet]`` BITS_POSTs of a packet type (``"GET"``: reply downloads)."""
+
+    def __init__(self, root: Path, clock: ManualClock) -> None:
+        self.root = root
+        self.clock = clock
+        self.backend_statuses: list[int] = []
+        self.notified = 0
+        self.refuse: dict[str, int] = {}
+        self.seen: list[str] = []
+
+    async def notify(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.notified += 1
+        status = self.backend_statuses.pop(0) if self.backend_statuses else 200
+        if status != 200:
+            return web.Response(status=status)
+        return web.Response(body=b"answer to " + body)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        kind = request.headers.get("BITS-Packet-Type", "") if request.method == "BITS_POST" else ""
+        kind = kind or request.method
+        self.seen.append(kind)
+        if self.refuse.get(kind, 0) > 0:
+            self.refuse[kind] -= 1
+            return web.Response(status=503)
+        return await handler(request)
+
+    def session_states(self) -> list[str]:
+        return [
+            json.loads(path.read_text())["state"]
+            for path in (self.root / "sessions").glob("*/session.json")
+        ]
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        """Yields the upload URL's base."""
+        backend_app = web.Application()
+        backend_app.router.add_post("/notify", self.notify)
+        async with serve_app(backend_app) as backend_base:
+            (self.root / "www").mkdir(exist_ok=True)
+            vdir = VirtualDirectory(
+                "/up",
+                self.root / "www",
+                notification=NotificationType.BY_VALUE,
+                notification_url=f"{backend_base}/notify",
+            )
+            config = UploadServerConfig(
+                session_dir=self.root / "sessions",
+                vdirs=(vdir,),
+                clock=lambda: self.clock.now().timestamp(),
+            )
+            app = make_upload_app(config)
+            app.middlewares.append(self.middleware)
+            async with serve_app(app) as base:
+                yield f"{base}/up"
+
+
+def reply_job(tmp_path: Path, url: str, clock: ManualClock) -> tuple[TransferManager, TransferJob]:
+    """A resumed upload-reply job of b"the query" on the manual clock."""
+    source = tmp_path / "query.bin"
+    source.write_bytes(b"the query")
+    manager = TransferManager("memory:", clock=clock)
+    job = manager.create_job("ask", JobType.UPLOAD_REPLY)
+    job.minimum_retry_delay = 5
+    job.add_file(f"{url}/query.bin", source)
+    job.reply_file_name = str(tmp_path / "answer.bin")
+    job.resume()
+    return manager, job
+
+
+def quick_engine(manager: TransferManager, **options: Any) -> Engine:
+    """``make_engine`` whose BitsUploader resends Close-Session without waiting long."""
+    return make_engine(manager, uploaders={"http": BitsUploader(retry_delay=0.01)}, **options)
+
+
+def test_an_upload_reply_whose_backend_failed_once_sends_its_final_fragment_again(
+    tmp_path: Path,
+) -> None:
+    """The back-end answers the first notification 503 (transient, bits-upload.md §6.3):
+    the final fragment's Ack is that error, though the server holds every byte. The retry
+    re-opens the session and sends the final fragment again (the server's Ping does not
+    claim a finished upload then), the server notifies the back-end again and answers with
+    the reply URL (§4.1): the job gets its reply."""
+    clock = ManualClock()
+    server = ReplyServer(tmp_path, clock)
+    server.backend_statuses = [503]
+
+    async def body() -> None:
+        async with server.serving() as url:
+            manager, job = reply_job(tmp_path, url, clock)
+            await drive(quick_engine(manager), job, clock)
+            assert job.state is JobState.TRANSFERRED, (job.error, server.seen)
+            assert server.notified == 2
+            assert server.seen.count("Fragment") == 2, server.seen
+            assert job.complete() == hresult.S_OK
+            assert (tmp_path / "answer.bin").read_bytes() == b"answer to the query"
+            assert server.session_states() == ["closed"]
+
+    asyncio.run(body())
+
+
+def test_the_reply_session_is_closed_by_the_engine_that_fetches_the_reply(
+    tmp_path: Path,
+) -> None:
+    """The reply's GET fails (503), the engine stops, a new engine (the same store) fetches
+    the reply: that one sends the Close-Session (bits-upload.md §6.1 step 6), re-opening the
+    session with the token the file recorded, so the server deletes the reply and the
+    session is not left for its timeout (14 days)."""
+    clock = ManualClock()
+    server = ReplyServer(tmp_path, clock)
+    server.refuse = {"GET": 1}
+
+    async def body() -> None:
+        async with server.serving() as url:
+            manager, job = reply_job(tmp_path, url, clock)
+            async with running(quick_engine(manager)):
+                await until(lambda: job.state is JobState.TRANSIENT_ERROR, "the reply's 503")
+            assert "Close-Session" not in server.seen
+            clock.advance(10)
+            await drive(quick_engine(manager), job, clock)
+            assert job.state is JobState.TRANSFERRED, (job.error, server.seen)
+            assert server.seen[-3:] == ["GET", "Ping", "Close-Session"]
+            assert server.session_states() == ["closed"]
+            job.complete()
+            assert (tmp_path / "answer.bin").read_bytes() == b"answer to the query"
+
+    asyncio.run(body())
+
+
+def test_a_close_session_that_fails_transiently_is_sent_again_at_the_retry(
+    tmp_path: Path,
+) -> None:
+    """Close-Session answered 503 every time the uploader resends it: the attempt fails
+    transiently (not the job's transfer, silently), and the retry closes the session
+    without downloading the reply again."""
+    clock = ManualClock()
+    server = ReplyServer(tmp_path, clock)
+    server.refuse = {"Close-Session": 3}  # BitsUploader's attempts
+
+    async def body() -> None:
+        async with server.serving() as url:
+            manager, job = reply_job(tmp_path, url, clock)
+            await drive(quick_engine(manager), job, clock)
+            assert job.state is JobState.TRANSFERRED, (job.error, server.seen)
+            assert server.seen.count("Close-Session") == 4, server.seen
+            assert server.seen.count("GET") == 1, server.seen
+            assert server.session_states() == ["closed"]
+            job.complete()
+            assert (tmp_path / "answer.bin").read_bytes() == b"answer to the query"
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("after", [cmd.FinishFile, cmd.LocateReply])
+def test_a_suspend_as_the_upload_finishes_keeps_the_reply_url(
+    tmp_path: Path, after: type[cmd.Command]
+) -> None:
+    """The client suspends the job at the moment the engine records the upload's end (the
+    file finished, or its reply located): whichever of the two lands first, after Resume the
+    job fetches its reply. A finished file whose reply URL was never recorded could not
+    learn it again (the file is not uploaded again)."""
+    clock = ManualClock()
+    server = ReplyServer(tmp_path, clock)
+
+    async def body() -> None:
+        async with server.serving() as url:
+            manager, job = reply_job(tmp_path, url, clock)
+            engine = quick_engine(manager)
+            commit = engine._commit
+
+            async def suspending(job_id: str, command: cmd.Command) -> Any:
+                result = await commit(job_id, command)
+                if isinstance(command, after):
+                    job.suspend()  # the client's Suspend arrives right now
+                return result
+
+            engine._commit = suspending  # type: ignore[method-assign]
+            async with running(engine):
+                await until(lambda: job.state is JobState.SUSPENDED, "the suspend")
+                await asyncio.sleep(0.1)  # the engine's turn with the job ends
+                job.resume()
+                await until(
+                    lambda: job.state in (JobState.TRANSFERRED, JobState.ERROR), "the reply"
+                )
+            assert job.state is JobState.TRANSFERRED, (job.error, server.seen)
+            job.complete()
+            assert (tmp_path / "answer.bin").read_bytes() == b"answer to the query"
+            assert server.session_states() == ["closed"]
 
     asyncio.run(body())

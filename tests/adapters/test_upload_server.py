@@ -671,6 +671,47 @@ def test_a_failing_backend_is_reported_with_context_7_and_retried(
     run(body)
 
 
+def test_a_ping_does_not_claim_an_upload_whose_final_fragment_was_refused(
+    tmp_path: Path, www: Path
+) -> None:
+    """The back-end failed on the final fragment: the server holds every byte, but the
+    client never got the final Ack. A Ping naming the session (the backhaul extension) then
+    tells no offset, as any BITS server: the client must send the final fragment again,
+    which notifies the back-end again (bits-upload.md §4.1). Before and after, it tells."""
+
+    async def body() -> None:
+        async with backend() as (app, app_base):
+            config = make_config(
+                tmp_path,
+                www,
+                notification=NotificationType.BY_VALUE,
+                notification_url=f"{app_base}/app/notify",
+            )
+            async with server(config) as (base, http):
+                url = f"{base}/up/q.bin"
+                sid = await create(http, url)
+                await post(http, url, "Fragment", session=sid, data=b"ab", total=4)
+                reply = await post(http, url, "Ping", session=sid)
+                assert reply.header("BITS-Received-Content-Range") == "2"
+                app.status = 503
+                reply = await post(http, url, "Fragment", session=sid, data=b"cd", total=4, first=2)
+                assert reply.error() == (503, "0x801901F7", "0x7")
+                reply = await post(http, url, "Ping", session=sid)
+                assert reply.status == 200
+                assert reply.header("BITS-Received-Content-Range") is None
+                assert reply.header("BITS-Reply-URL") is None
+                app.status = 200
+                reply = await post(http, url, "Fragment", session=sid, data=b"cd", total=4, first=2)
+                reply_url = reply.header("BITS-Reply-URL")
+                assert reply.status == 200 and reply_url
+                assert len(app.seen) == 2
+                reply = await post(http, url, "Ping", session=sid)
+                assert reply.header("BITS-Received-Content-Range") == "4"
+                assert reply.header("BITS-Reply-URL") == reply_url
+
+    run(body)
+
+
 def test_an_unreachable_backend_is_502_with_context_7(tmp_path: Path, www: Path) -> None:
     async def body() -> None:
         config = make_config(

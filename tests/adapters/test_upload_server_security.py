@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,9 +33,12 @@ from backhaul.adapters.engine import Engine
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.upload_server import (
     BasicAuth,
+    NotificationType,
     UploadServerConfig,
     VirtualDirectory,
     _place,
+    make_upload_app,
+    serve_app,
     serve_uploads,
 )
 from backhaul.core import hresult as hr
@@ -709,6 +713,49 @@ def test_basic_auth_end_to_end_with_bits_uploader_and_the_engine(tmp_path: Path,
     assert (www / "direct.bin").read_bytes() == data
     assert (www / "engine.bin").read_bytes() == data
     assert not (www / "refused.bin").exists()
+
+
+# =================================================================================================
+# The notification target: the server's own, never the client's Host header
+# =================================================================================================
+
+
+@pytest.mark.parametrize("notification", [NotificationType.BY_REFERENCE, NotificationType.BY_VALUE])
+def test_a_relative_notification_url_never_follows_the_clients_host_header(
+    tmp_path: Path, www: Path, notification: NotificationType
+) -> None:
+    """A relative BITSServerNotificationURL ("the application on this server") resolves on
+    the listener that took the upload, whatever ``Host`` the client sends: a client naming
+    another server there must not make the upload server POST the upload (by value) or its
+    local paths (by reference) to it (bits-upload.md §6.2, §9)."""
+    legit: list[str] = []
+    rogue: list[str] = []
+
+    async def application(request: web.Request) -> web.Response:
+        legit.append(request.headers.get("BITS-Original-Request-URL", ""))
+        return web.Response(body=b"the reply")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        rogue.append(str(request.url))
+        return web.Response(body=b"rogue")
+
+    async def body() -> None:
+        vdir = VirtualDirectory(
+            "/up", www, notification=notification, notification_url="../app/notify"
+        )
+        app = make_upload_app(config_for(tmp_path, www, vdirs=[vdir]))
+        app.router.add_post("/app/notify", application)
+        other = web.Application()
+        other.router.add_post("/app/notify", elsewhere)
+        async with serve_app(app) as base, serve_app(other) as other_base:
+            port, host = port_of(base), other_base.split("//")[1]
+            session = await create(port, "/up/f.bin", host=host)
+            answer = await fragment(port, "/up/f.bin", session, b"hello", 0, 5, host=host)
+            assert answer.status == 200, answer
+        assert rogue == []
+        assert legit == [f"http://{host}/up/f.bin"]  # the URL as the client sent it
+
+    run(body)
 
 
 # =================================================================================================

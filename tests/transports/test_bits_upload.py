@@ -404,6 +404,7 @@ class FakeIIS:
         self.fail: dict[str, list[tuple[int, dict[str, str]]]] = {}  # packet -> queued failures
         self.ack = "Ack"
         self.protocol = UPLOAD_PROTOCOL.upper()
+        self.ping_tells = False  # a Ping naming the session gets its offset (backhaul's)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -417,6 +418,12 @@ class FakeIIS:
             status, headers = self.error
             return web.Response(status=status, headers=headers)
         ack = {"BITS-Packet-Type": self.ack}
+        named = request.headers.get("BITS-Session-Id") == self.session_id
+        if packet == "Ping" and self.ping_tells and named:
+            ack |= {
+                "BITS-Session-Id": self.session_id,
+                "BITS-Received-Content-Range": str(self.received),
+            }
         if packet == "Create-Session":
             ack |= {"BITS-Protocol": self.protocol, "BITS-Session-Id": self.session_id}
             if self.host_id:
@@ -508,6 +515,35 @@ def test_reopen_without_the_ping_extension_learns_the_offset_from_the_first_ack(
             assert fake.requests[sizes_before][2] == 64 * KIB
             await drive(again, data)
             await again.finish()
+            await uploader.close()
+
+    run(body)
+
+
+def test_a_reopened_reply_held_whole_without_a_reply_url_sends_its_last_bytes_again() -> None:
+    """A Ping that tells "every byte" but no reply URL (the server's application failed on
+    the final fragment, whose Ack was that error; e.g. an older backhaul server): the offset
+    counts as unknown, so the caller sends the final fragment again, whose Ack brings the
+    reply URL (bits-upload.md §4.1). Taking the offset would leave nothing to send and a
+    ``finish()`` without a reply URL, for ever."""
+    data = payload(100 * KIB)
+
+    async def body() -> None:
+        async with fake_iis() as (fake, base):
+            fake.ping_tells = True
+            uploader = BitsUploader()
+            url = f"{base}/v/q.xml"
+            session = await uploader.begin(url, NO_OPTIONS, size=len(data), reply=True)
+            fake.received = len(data)  # it has every byte; its application failed on them
+            again = await uploader.begin(
+                url, NO_OPTIONS, size=len(data), token=session.token, reply=True
+            )
+            assert (again.offset, again.offset_known, again.reply_url) == (0, False, None)
+            fake.reply_url = "/replies/1"
+            tail = len(data) - 64 * KIB
+            assert await again.send(data[tail:], tail) == len(data)
+            assert await again.finish() == f"{base}/replies/1"
+            assert [p for p, _, _ in fake.requests][-2:] == ["Ping", "Fragment"]
             await uploader.close()
 
     run(body)

@@ -524,11 +524,22 @@ def _transferred(job: Job, e: ev.JobTransferred) -> dict[str, Any]:
     return {"transfer_completed_at": e.at, "error": None}
 
 
+# A server's Retry-After, as the job keeps it: at most a year (a larger one would overflow
+# the clock, and no transfer waits that long; NoProgressTimeout ends it well before).
+MAX_RETRY_AFTER: Final = 365 * 86400
+
+
+def _retry_after(seconds: float | None) -> timedelta | None:
+    if not seconds or not seconds > 0:  # none, zero, negative or NaN
+        return None
+    return timedelta(seconds=min(seconds, MAX_RETRY_AFTER))
+
+
 def _error(job: Job, e: ev.ErrorOccurred) -> dict[str, Any]:
     facts = job.facts()
     retried = e.transient and facts.retries_allowed
     since = job.no_progress_since if job.no_progress_since is not None else e.at
-    retry_after = timedelta(seconds=e.retry_after) if e.retry_after else None
+    retry_after = _retry_after(e.retry_after)
     changes: dict[str, Any] = {
         "error": e.error,
         "error_count": job.error_count + 1,

@@ -1181,6 +1181,25 @@ def test_a_partial_complete_killed_after_its_event_leaves_no_temp_file(
 # -- times -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("retry_after", "kept"),
+    [(30.0, 30.0), (1e14, 365 * 86400.0), (float("inf"), 365 * 86400.0), (float("nan"), None)],
+)
+def test_a_servers_retry_after_is_kept_up_to_a_year(
+    manager: TransferManager, clock: ManualClock, tmp_path: Path, retry_after: float, kept: float
+) -> None:
+    """A Retry-After of 10**14 seconds overflowed the fold's clock (OverflowError): the error
+    was never recorded and the engine retried at once, again and again."""
+    job = manager.create_job("retry after")
+    job.add_file(URL, tmp_path / "t.bin")
+    job.resume()
+    manager.execute(job.id, cmd.StartTransfer())
+    manager.execute(job.id, cmd.Fail(TRANSIENT, transient=True, retry_after=retry_after))
+    assert job.state is JobState.TRANSIENT_ERROR
+    wait = job.snapshot().retry_not_before
+    assert (None if wait is None else (wait - clock.now()).total_seconds()) == kept
+
+
 def test_modification_time_moves_on_every_call(
     manager: TransferManager, clock: ManualClock, tmp_path: Path
 ) -> None:

@@ -4,7 +4,8 @@ The store is ``--store URL`` / ``$BACKHAUL_STORE``, else SQLite in ``--home DIR`
 ``$BACKHAUL_HOME`` (default ``~/.local/share/backhaul``); the command and the daemon
 share it. A job is named by its id (or a unique prefix of it) or by its display name.
 BITS's limits (200 files per job, 60 jobs per owner, 300 jobs, 500 ranges per file) apply
-unless ``--unlimited`` / ``$BACKHAUL_UNLIMITED=1`` lifts them.
+to every user but root (BITS spares administrators) unless ``--unlimited`` /
+``$BACKHAUL_UNLIMITED=1`` lifts them.
 
 Exit codes: 0 success; 1 the job ended in ERROR or a call was refused (the BITS error is
 printed); 2 bad usage; 3 the job was cancelled; 130 interrupted (Ctrl-C). ``get``, ``put``

@@ -42,7 +42,7 @@ from backhaul.core.bandwidth import BandwidthPolicy, EngineSettings, check_netwo
 from backhaul.core.error import BitsError
 from backhaul.core.event import POLICY_STREAM, Event, JobCreated, PolicyChanged
 from backhaul.core.job import Job
-from backhaul.core.limit import DEFAULT_LIMITS, Limits
+from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.port import Clock
 from backhaul.core.setting import JOB_PROPERTIES, SETTINGS, check_setting
 from backhaul.core.url import (
@@ -232,12 +232,19 @@ class TransferManager:
         return TransferJob(self, job_id)
 
     @_store_call
+    def caller_limits(self) -> Limits:
+        """The limits this process's calls are held to: ``limits``, or none for an
+        administrator (root), whom BITS exempts from its job, file and range limits (as it
+        exempts service accounts; bits-core.md §16)."""
+        return UNLIMITED if _is_admin() else self.limits
+
     def _check_job_limits(self) -> None:
-        if self.limits.max_jobs_per_owner is None and self.limits.max_jobs is None:
+        limits = self.caller_limits()
+        if limits.max_jobs_per_owner is None and limits.max_jobs is None:
             return
         self.refresh_views()
         views = self.store.views
-        per_owner = self.limits.max_jobs_per_owner
+        per_owner = limits.max_jobs_per_owner
         if per_owner is not None and (
             views.count_live(self.owner) + self._pending_creations(self.owner) >= per_owner
         ):
@@ -245,7 +252,7 @@ class TransferManager:
                 hresult.BG_E_TOO_MANY_JOBS_PER_USER,
                 f"{self.owner} already has {per_owner} jobs (the limit)",
             )
-        total = self.limits.max_jobs
+        total = limits.max_jobs
         if total is not None and views.count_live(None) + self._pending_creations(None) >= total:
             raise BitsError(
                 hresult.BG_E_TOO_MANY_JOBS_PER_MACHINE, f"the store already holds {total} jobs"
@@ -613,7 +620,7 @@ class TransferManager:
         """Decide ``command`` against the latest job and append its events."""
         for _ in range(_RETRIES):
             job = self._load(job_id)
-            events = cmd.decide(job, command, self.clock.now(), self.limits)
+            events = cmd.decide(job, command, self.clock.now(), self.caller_limits())
             if not events:
                 return events
             try:

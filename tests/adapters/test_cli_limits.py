@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from backhaul.adapters import manager as manager_module
 from backhaul.adapters.cli import main
 from backhaul.adapters.manager import TransferManager
 from backhaul.core.limit import DEFAULT_LIMITS
@@ -28,6 +29,13 @@ def _no_backhaul_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The store, home and limits come from each test's arguments, not from the caller."""
     for name in [k for k in os.environ if k.startswith("BACKHAUL_")]:
         monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _not_admin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user, not root (whom BITS's limits spare, as they spare administrators): the verbs
+    run in this process, where the check can be told so."""
+    monkeypatch.setattr(manager_module, "_is_admin", lambda: False)
 
 
 def run(home: Path, *argv: str) -> tuple[int, str]:

@@ -70,6 +70,12 @@ def manager(store: EventStore, clock: ManualClock) -> TransferManager:
 
 
 @pytest.fixture
+def not_admin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller is no administrator (the tests run as root, whom the limits spare)."""
+    monkeypatch.setattr(manager_module, "_is_admin", lambda: False)
+
+
+@pytest.fixture
 def source(tmp_path: Path) -> Path:
     """An existing local file for upload jobs."""
     path = tmp_path / "upload-me.bin"
@@ -394,6 +400,7 @@ def test_adjacent_ranges_are_accepted_and_count_only_the_requested_bytes(
     assert job.progress.bytes_total == 250
 
 
+@pytest.mark.usefixtures("not_admin")
 def test_files_per_job_limit_raises_bg_e_too_many_files_in_job(
     store: EventStore, clock: ManualClock, tmp_path: Path
 ) -> None:
@@ -622,6 +629,7 @@ def test_get_job_of_another_owners_job_raises_e_accessdenied_for_a_standard_user
     refused(store, hresult.E_ACCESSDENIED, lambda: setattr(TransferJob(bob, job.id), "priority", 1))
 
 
+@pytest.mark.usefixtures("not_admin")
 def test_jobs_per_owner_limit_raises_bg_e_too_many_jobs_per_user(
     store: EventStore, clock: ManualClock
 ) -> None:
@@ -636,6 +644,7 @@ def test_jobs_per_owner_limit_raises_bg_e_too_many_jobs_per_user(
     alice.create_job("3")
 
 
+@pytest.mark.usefixtures("not_admin")
 def test_jobs_per_machine_limit_raises_bg_e_too_many_jobs_per_machine(
     store: EventStore, clock: ManualClock
 ) -> None:
@@ -646,6 +655,28 @@ def test_jobs_per_machine_limit_raises_bg_e_too_many_jobs_per_machine(
     refused(store, hresult.BG_E_TOO_MANY_JOBS_PER_MACHINE, lambda: carol.create_job("3"))
 
 
+def test_an_administrator_is_held_to_no_limit(
+    store: EventStore, clock: ManualClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BITS exempts administrators and service accounts from MaxJobsPerUser,
+    MaxJobsPerMachine, MaxFilesPerJob and MaxRangesPerFile (§16); here root is one."""
+    monkeypatch.setattr(manager_module, "_is_admin", lambda: True)
+    limits = Limits(max_files_per_job=2, max_ranges_per_file=1, max_jobs_per_owner=1, max_jobs=1)
+    manager = TransferManager(store, owner=OWNER, clock=clock, limits=limits)
+    jobs = [manager.create_job(str(i)) for i in range(3)]
+    jobs[0].add_files([(f"https://example.com/{i}", tmp_path / f"f{i}") for i in range(3)])
+    jobs[1].add_file(URL, tmp_path / "r", ranges=[(0, 10), (20, 10)])
+    assert len(jobs[0].files()) == 3
+    monkeypatch.setattr(manager_module, "_is_admin", lambda: False)
+    refused(store, hresult.BG_E_TOO_MANY_JOBS_PER_USER, lambda: manager.create_job("4"))
+    refused(
+        store,
+        hresult.BG_E_TOO_MANY_RANGES_IN_FILE,
+        lambda: jobs[2].add_file(URL, tmp_path / "s", ranges=[(0, 10), (20, 10)]),
+    )
+
+
+@pytest.mark.usefixtures("not_admin")
 def test_jobs_per_owner_limit_also_holds_inside_a_batch(
     store: EventStore, clock: ManualClock
 ) -> None:

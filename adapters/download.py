@@ -31,7 +31,7 @@ from backhaul.core.port import Download, RemoteFile, RequestOptions, Transport
 from backhaul.core.transition import Trigger, rule_for
 from backhaul.core.url import holds_url_secret
 from backhaul.core.value import ByteRange, Sealed
-from backhaul.core.vocabulary import ErrorContext, JobState
+from backhaul.core.vocabulary import REDIRECT_POLICY_MASK, ErrorContext, JobState, SecurityFlags
 
 log = logging.getLogger("backhaul.engine")
 
@@ -203,6 +203,9 @@ class Downloads:
                 return
             except TransferError as exc:
                 name_file(exc, index, spec.remote_name)
+                target = getattr(exc, "redirect_target", None)
+                if target is not None:  # REDIRECT_POLICY_DISALLOW: BITS names the target
+                    await self._rename(job_id, index, target)
                 if refreshed < self.url_refreshes and await self._refresh_url(job_id, index, exc):
                     refreshed += 1
                     continue  # the same file from its checkpoint, at its new URL
@@ -235,6 +238,26 @@ class Downloads:
             return False
         log.info("job %s file %d: new URL after %s", job_id, index, hresult.name_of(exc.hresult))
         return True
+
+    async def _report_redirect(self, job_id: str, index: int, remote: RemoteFile) -> None:
+        """REDIRECT_POLICY_ALLOW_REPORT: the file's remote name becomes the URL its
+        redirects led to (bits-core.md §10), and later requests go there directly."""
+        if remote.redirect_target is None:
+            return
+        policy = self._job(job_id).security_flags & REDIRECT_POLICY_MASK
+        if policy == SecurityFlags.REDIRECT_POLICY_ALLOW_REPORT:
+            await self._rename(job_id, index, remote.redirect_target)
+
+    async def _rename(self, job_id: str, index: int, url: str) -> None:
+        """Record ``url`` as the file's remote name, as SetRemoteName does (its password
+        and signed query sealed)."""
+        name, password, query = self.store.secrets.seal_url(url)
+        if name == self._job(job_id).files[index].remote_name and password is query is None:
+            return
+        try:
+            await self._enqueue(job_id, cmd.SetRemoteName(index, name, password, query))
+        except BitsError as refused:  # not _commit: a refusal is no JobGone
+            log.warning("job %s file %d keeps its remote name: %s", job_id, index, refused)
 
     def _hold_lease(self, job_id: str) -> None:
         """Before a request: with leases, this worker's lease must still run (a worker that
@@ -292,6 +315,7 @@ class Downloads:
             offset = download.offset  # 0 when the bytes differed: the file restarted
         try:
             remote = download.remote
+            await self._report_redirect(job_id, index, remote)
             run = self._order.get(job_id)
             if run is not None:
                 run.sized(index, large=remote.size is None or remote.size > self.small_file)
@@ -355,6 +379,7 @@ class Downloads:
             async with self._connections:
                 self._hold_lease(job_id)
                 remote = await transport.stat(url, options)
+            await self._report_redirect(job_id, index, remote)
             if f.validator and _version(remote) != f.validator and f.bytes_transferred:
                 await self._commit(job_id, cmd.RestartFile(index, "the remote file changed"))
             total = await self._fetch_ranges(job_id, index, transport, options, url, remote)

@@ -70,6 +70,7 @@ class Fills:
         async with self._connections:
             self._hold_lease(job_id)
             remote = await transport.stat(url, options)
+        await self._report_redirect(job_id, index, remote)
         size = remote.size
         if size is None or not remote.accepts_ranges:
             lacks = "sent no size" if size is None else "does not accept byte ranges"

@@ -81,6 +81,12 @@ class RemoteFile:
     version (an HTTP entity tag, else its Last-Modified date, else SMB size+mtime):
     a different validator means the remote file changed. ``url`` is the final URL
     after redirects. ``headers`` is the raw response header block, when there is one.
+    ``redirect_target`` is set only when the request was redirected: the URL the
+    redirects led to, as the transport requested it (user info and signed query
+    included, so it is for a new remote name, never for a message; ``url`` is the
+    library's form of it). The engine makes it the file's remote name under
+    REDIRECT_POLICY_ALLOW_REPORT (bits-core.md §10). None: no redirect, or a transport
+    that does not redirect.
     """
 
     url: str
@@ -89,6 +95,7 @@ class RemoteFile:
     last_modified: datetime | None = None
     accepts_ranges: bool = False
     headers: str | None = None
+    redirect_target: str | None = None
 
 
 class Download(Protocol):

@@ -58,14 +58,23 @@ Rules of this module:
   A body that ends before its Content-Length / Content-Range length raises
   ``BG_E_CONNECTION_CLOSED`` (transient); the engine resumes at the offset it reached.
 * Redirects are followed here, not by aiohttp (at most 10), so that the policy is checked
-  before each hop is requested: ``DISALLOW`` and an HTTPS to HTTP downgrade without
-  ``ALLOW_HTTPS_TO_HTTP`` raise the redirect's ``BG_E_HTTP_ERROR_3xx``, fatal (a policy refusal
-  does not go away by retrying, even for 308); a redirect to anything but http/https is refused
-  the same way (HTTP to SMB is never followed, §10), and more than 10 hops raise the last
-  redirect's code, classified by failure. ``ALLOW_REPORT`` behaves like
-  ``ALLOW_SILENT`` here: ``RemoteFile.url`` is always the final URL, and rewriting the remote
-  name is the engine's job. Authorization and Cookie headers are dropped when a redirect leaves
-  the origin, and server credentials are only ever answered to the original origin.
+  before each hop is requested. ``DISALLOW`` raises ``HRESULT_FROM_WIN32(<the 3xx status>)``
+  (0x8007012E for a 302, bits-core.md §2.2), fatal, whose ``redirect_target`` attribute holds
+  the redirect's http(s) URL: BITS sets the file's remote name to it, which is the engine's
+  job. An HTTPS to HTTP downgrade without ``ALLOW_HTTPS_TO_HTTP`` raises the redirect's
+  ``BG_E_HTTP_ERROR_3xx``, fatal (a policy refusal does not go away by retrying, even for
+  308); a redirect to anything but http/https is refused the same way (HTTP to SMB is never
+  followed, §10), and more than 10 hops raise the last redirect's code, classified by
+  failure. ``ALLOW_REPORT`` behaves like ``ALLOW_SILENT`` here: ``RemoteFile.url`` is always
+  the final URL, and ``RemoteFile.redirect_target`` (of ``stat`` and of ``Download.remote``)
+  is that URL as requested, set only when there was a redirect; rewriting the remote name is
+  the engine's job. Both targets may hold user info and signatures: messages only ever show
+  URLs redacted, and a Location that cannot be used is shown scrubbed. Authorization and
+  Cookie headers are dropped when a redirect leaves the origin, and server credentials are
+  only ever answered to the original origin.
+* Retry-After (429, 503) becomes ``TransferError.retry_after`` in seconds, clamped to
+  ``MAX_RETRY_AFTER`` (a year); a value that is neither delta-seconds nor an HTTP-date is
+  ignored.
 * ``options.custom_headers`` go with every request (redirect hops included).
 
 HTTPS: trust, security flags, client certificates, the server-certificate callback
@@ -143,13 +152,15 @@ Credentials (``options.credentials``)
 -------------------------------------
 * SERVER target: Basic is sent preemptively; Digest (RFC 7616: MD5, SHA-256 and their -sess
   variants, qop auth / auth-int for bodiless requests, stale nonces; the nonce is then reused
-  preemptively with an increasing nonce count), NTLM and Negotiate (``pyspnego``; Negotiate is
-  Kerberos when GSSAPI and a ticket are available, else NTLM inside SPNEGO) answer the server's
-  401 challenge. When a server offers several schemes, the first of Negotiate, NTLM, Digest,
-  Basic that has credentials is used (WinHTTP's preference). User name and password both None
-  with NTLM or Negotiate means the implicit credentials (a Kerberos ticket cache, or pyspnego's
-  ``NTLM_USER_FILE``). Credentials go only to the original origin and never when the custom
-  headers carry their own Authorization. Passport is not supported.
+  preemptively with an increasing nonce count, and when the server no longer knows it and
+  challenges afresh, even without ``stale=true``, that challenge still gets its answer), NTLM
+  and Negotiate (``pyspnego``; Negotiate is Kerberos when GSSAPI and a ticket are available,
+  else NTLM inside SPNEGO) answer the server's 401 challenge. When a server offers several
+  schemes, the first of Negotiate, NTLM, Digest, Basic that has credentials is used (WinHTTP's
+  preference). User name and password both None with NTLM or Negotiate means the implicit
+  credentials (a Kerberos ticket cache, or pyspnego's ``NTLM_USER_FILE``). Credentials go
+  only to the original origin and never when the custom headers carry their own
+  Authorization. Passport is not supported.
 * PROXY target: Basic is sent preemptively to the proxy (``Proxy-Authorization`` on the request
   for http:// URLs, on the CONNECT for https:// URLs, never inside the tunnel); Digest, NTLM and
   Negotiate answer a 407. For https:// URLs (CONNECT) only Basic and Digest can be answered:
@@ -215,6 +226,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -237,7 +249,7 @@ from backhaul.core.port import (
     Transport,
     header_block,
 )
-from backhaul.core.url import redact_url
+from backhaul.core.url import REDACTED, URL_IN_TEXT, is_secret_parameter_name, redact_url
 from backhaul.core.value import ClientCertificate
 from backhaul.core.vocabulary import (
     REDIRECT_POLICY_MASK,
@@ -261,6 +273,7 @@ __all__ = [
     "DEFAULT_USER_AGENT",
     "HTTP_TIMEOUT",
     "MAX_REDIRECTS",
+    "MAX_RETRY_AFTER",
     "NO_ACCESS_PRIVATE_KEY",
     "SECURE_FAILURE",
     "ClientCertificateSource",
@@ -281,6 +294,8 @@ DEFAULT_LIMIT_PER_HOST: Final = 16
 DEFAULT_LIMIT: Final = 100
 DEFAULT_USER_AGENT: Final = "backhaul/0.1"
 MAX_REDIRECTS: Final = 10
+MAX_RETRY_AFTER: Final = 365 * 24 * 3600.0
+"""The longest Retry-After honoured, in seconds (a year): longer ones are clamped to it."""
 
 HTTP_TIMEOUT: Final = hr.hresult_from_win32(hr.ERROR_WINHTTP_TIMEOUT)
 """0x80072EE2, what BITS reports when WinHTTP's receive timeout fires: our stall. Transient."""
@@ -366,6 +381,30 @@ def _redact(url: str | URL) -> str:
     return redact_url(str(url))
 
 
+_USER_INFO_IN_TEXT: Final = re.compile(r"//[^/?#@]*@")
+_QUERY_IN_TEXT: Final = re.compile(r"\?([^\s#\"'<>]+)")
+
+
+def _scrubbed(text: str) -> str:
+    """``text`` that may hold URLs (an exception's text, a redirect's Location) fit for a
+    message: every absolute URL in it as ``_redact`` shows it. What the redactor cannot read
+    (a relative or broken URL: ``//bob:pw@host:abc/x``, ``/x?sig=...``, a space in a host)
+    is scrubbed crudely first: whatever sits between ``//`` and ``@`` is cut, and every
+    query value whose name ``core.url`` counts as a secret becomes ``<redacted>``."""
+    text = _USER_INFO_IN_TEXT.sub("//", text)
+    text = URL_IN_TEXT.sub(lambda m: _redact(m[0]), text)
+    return _QUERY_IN_TEXT.sub(
+        lambda m: "?" + "&".join(_scrubbed_parameter(p) for p in m[1].split("&")), text
+    )
+
+
+def _scrubbed_parameter(parameter: str) -> str:
+    name, equals, value = parameter.partition("=")
+    if equals and value and is_secret_parameter_name(unquote_plus(name)):
+        return f"{name}={REDACTED}"
+    return parameter
+
+
 def _certificate_code(exc: BaseException) -> int:
     """A certificate verification failure: revoked, revocation unknown, or any other."""
     cause = getattr(exc, "certificate_error", exc)
@@ -390,7 +429,9 @@ def _translate(exc: BaseException, url: str | URL) -> TransferError:
 
 def _described(exc: BaseException, url: str | URL) -> str:
     """The error's description (what ``info`` and ``get`` show): plain words for a
-    connection that could not be made, else the exception's name and text."""
+    connection that could not be made, else the exception's name and text, scrubbed of the
+    URLs' secrets (a ``ClientResponseError``'s text ends in the request's real URL, signature
+    and all: its status and message are used instead)."""
     tls = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError)
     if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(exc, tls):
         os_error = exc.os_error  # refused, unreachable, no such host
@@ -399,8 +440,11 @@ def _described(exc: BaseException, url: str | URL) -> str:
         else:  # asyncio's text is 'Connect call failed (address)'
             why = os.strerror(os_error.errno)
         return f"cannot connect to {exc.host}:{exc.port} for {_redact(url)}: {why}"
-    detail = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__} for {_redact(url)}: {detail}"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        detail = f"{exc.status}, message={exc.message!r}"
+    else:
+        detail = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__} for {_redact(url)}: {_scrubbed(detail)}"
 
 
 _TRANSLATED: Final = tuple(cls for cls, _, _ in _EXCEPTION_TABLE)
@@ -1057,7 +1101,7 @@ class _Authenticator:
                 self.entries.setdefault(AuthScheme(entry.scheme), entry)
         self._spaces = spaces
         self._space = space
-        self._tried: set[AuthScheme] = set()
+        self._tried: set[AuthScheme] = set()  # schemes whose one real answer was sent
         self._digest: _DigestSpace | None = None
         self._spnego: Any = None
         self._spnego_scheme: AuthScheme | None = None
@@ -1069,14 +1113,19 @@ class _Authenticator:
         return bool(self.entries)
 
     def first(self, method: str, uri: str) -> str | None:
-        """Preemptive credentials: Basic, or Digest for a space that challenged before."""
+        """Preemptive credentials: Basic, or Digest for a space that challenged before.
+
+        A Digest answer from the cache is not Digest's try: the server may have forgotten
+        that nonce (it restarted, it expires nonces) and challenge afresh without
+        ``stale=true``; the credentials still get their real answer to that challenge, and
+        only a refused real answer makes the 401 final. (Basic has no such state: a refused
+        preemptive Basic is a refused answer.)"""
         basic = self.entries.get(AuthScheme.BASIC)
         digest = self.entries.get(AuthScheme.DIGEST)
         if digest is not None:
             space = self._spaces.get((self._space, digest.user_name or ""))
             if space is not None:
                 self._digest = space
-                self._tried.add(AuthScheme.DIGEST)
                 self.value = space.authorization(digest, method, uri)
                 return self.value
         if basic is not None:
@@ -1192,24 +1241,33 @@ def _http_date(value: str | None) -> datetime | None:
 def _parsed_date(value: str) -> datetime | None:
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year of 30 digits overflows
         return None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _retry_after(value: str | None, date: str | None) -> float | None:
     """Retry-After as seconds: delta-seconds, or an HTTP-date measured from the response's own
-    Date header when it has one (immune to clock skew), else from our clock."""
+    Date header when it has one (immune to clock skew), else from our clock. None when there
+    is none or it is neither (the hint is ignored; the 429/503 stays what it is).
+
+    It is the server's word, so it is clamped to ``MAX_RETRY_AFTER`` (a year): a wait of a
+    thousand years or of 400 digits is a mistake, and the engine must be able to add it to a
+    date. A run of digits is not converted beyond the bound (Python refuses ``int()`` of
+    more than 4300 digits, and ``float()`` of a 400-digit int overflows)."""
     if value is None:
         return None
     value = value.strip()
     if _digits(value):
-        return float(int(value))
+        digits = value.lstrip("0") or "0"
+        if len(digits) > len(str(int(MAX_RETRY_AFTER))):
+            return MAX_RETRY_AFTER
+        return min(float(digits), MAX_RETRY_AFTER)
     when = _http_date(value)
     if when is None:
         return None
     now = _http_date(date) or datetime.now(UTC)
-    return max(0.0, (when - now).total_seconds())
+    return min(max(0.0, (when - now).total_seconds()), MAX_RETRY_AFTER)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1279,7 +1337,11 @@ def _unsatisfied_size(resp: aiohttp.ClientResponse) -> int | None:
 
 
 def _remote(
-    resp: aiohttp.ClientResponse, size: int | None, validator: str | None = None
+    resp: aiohttp.ClientResponse,
+    size: int | None,
+    validator: str | None = None,
+    *,
+    redirected: str | None = None,
 ) -> RemoteFile:
     last_modified = resp.headers.get("Last-Modified")
     return RemoteFile(
@@ -1289,6 +1351,7 @@ def _remote(
         last_modified=_http_date(last_modified),
         accepts_ranges=_accepts_ranges(resp),
         headers=_header_block(resp),
+        redirect_target=redirected,
     )
 
 
@@ -1576,9 +1639,10 @@ class HttpTransport:
 
     async def _request(
         self, method: str, url: str, options: RequestOptions, extra: Sequence[tuple[str, str]]
-    ) -> aiohttp.ClientResponse:
+    ) -> tuple[aiohttp.ClientResponse, str | None]:
         """Send one request and follow redirects under the job's policy. Returns the first
-        non-redirect response; the caller owns it."""
+        non-redirect response (the caller owns it) and the URL the redirects led to, None
+        when there was no redirect (``RemoteFile.redirect_target``)."""
         target = URL(url)
         if target.scheme not in _HTTP_SCHEMES or not target.host:
             raise TransferError(
@@ -1594,20 +1658,23 @@ class HttpTransport:
         origin = target.origin()
         flags = options.security_flags
         policy = flags & REDIRECT_POLICY_MASK
+        redirected: str | None = None
         for _ in range(MAX_REDIRECTS + 1):
             answer_server = not own_authorization and target.origin() == origin
             resp = await self._exchange(method, target, headers, options, answer_server)
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or location is None:
-                return resp
+                return resp, redirected
             await _discard(resp)
             refusal = _status_error(resp)
             try:
                 following = target.join(URL(location))
             except ValueError:
-                raise _protocol_error(resp, f"bad redirect Location {location!r}") from None
+                raise _protocol_error(
+                    resp, f"bad redirect Location {_scrubbed(location)!r}"
+                ) from None
             if policy == SecurityFlags.REDIRECT_POLICY_DISALLOW:
-                raise _refused(refusal, f"redirect to {_redact(following)} is disallowed")
+                raise _disallowed(resp, following)
             if following.scheme not in _HTTP_SCHEMES or not following.host:
                 raise _refused(refusal, f"redirect to a non-HTTP URL {_redact(following)}")
             if (
@@ -1619,6 +1686,7 @@ class HttpTransport:
             if following.origin() != origin:
                 headers = [(n, v) for n, v in headers if n.lower() not in _CREDENTIAL_HEADERS]
             target = following
+            redirected = str(target)
         raise TransferError(
             refusal.hresult,
             f"more than {MAX_REDIRECTS} redirects from {_redact(url)}",
@@ -1747,36 +1815,40 @@ class HttpTransport:
 
     async def stat(self, url: str, options: RequestOptions) -> RemoteFile:
         with _translated(url):
-            head = await self._request("HEAD", url, options, ())
+            head, redirected = await self._request("HEAD", url, options, ())
             await _discard(head)
             if head.status in _WHOLE_BODY:
-                remote = _remote(head, _content_length(head))
+                remote = _remote(head, _content_length(head), redirected=redirected)
                 if remote.size is not None or options.dynamic:
                     return remote
-                probed = await self._probe(str(head.url), options, quiet=True)
+                probed = await self._probe(str(head.url), options, redirected, quiet=True)
                 return probed if probed is not None and probed.size is not None else remote
             if head.status >= 400 and head.status not in _HEAD_NOT_REFUSED:
-                probed = await self._probe(str(head.url), options, quiet=False)
+                probed = await self._probe(str(head.url), options, redirected, quiet=False)
                 assert probed is not None  # not quiet: it raises instead
                 return probed
             raise _status_error(head)
 
-    async def _probe(self, url: str, options: RequestOptions, *, quiet: bool) -> RemoteFile | None:
-        """GET ``Range: bytes=0-0``: the size of a file whose HEAD did not give it. ``quiet``
-        returns None instead of raising for an error status."""
-        resp = await self._request("GET", url, options, (("Range", "bytes=0-0"),))
+    async def _probe(
+        self, url: str, options: RequestOptions, redirected: str | None, *, quiet: bool
+    ) -> RemoteFile | None:
+        """GET ``Range: bytes=0-0``: the size of a file whose HEAD did not give it (``url`` is
+        where the HEAD's redirects, to ``redirected``, led). ``quiet`` returns None instead of
+        raising for an error status."""
+        resp, hop = await self._request("GET", url, options, (("Range", "bytes=0-0"),))
+        redirected = hop or redirected
         if resp.status == 206:
             span = _content_range(resp.headers.get("Content-Range"))
             await _discard(resp)
             if span is None or span[0] != 0:
                 raise _protocol_error(resp, "206 without a valid Content-Range for bytes=0-0")
-            return _remote(resp, span[2])
+            return _remote(resp, span[2], redirected=redirected)
         if resp.status in _WHOLE_BODY:
             resp.close()  # the whole body is coming: keep only the headers
-            return _remote(resp, _content_length(resp))
+            return _remote(resp, _content_length(resp), redirected=redirected)
         await _discard(resp)
         if resp.status == 416 and _unsatisfied_size(resp) == 0:
-            return _remote(resp, 0)  # an empty file has no byte 0
+            return _remote(resp, 0, redirected=redirected)  # an empty file has no byte 0
         if quiet:
             return None
         raise _status_error(resp)
@@ -1806,15 +1878,15 @@ class HttpTransport:
             if validator and not validator.startswith("W/"):
                 extra.append(("If-Range", validator))
         with _translated(url):
-            resp = await self._request(method, url, options, extra)
+            resp, redirected = await self._request(method, url, options, extra)
             if ranged and length is None and _shorter_than(resp, offset):
                 # The file is now shorter than the checkpoint: it changed (its validator, if
                 # any, would have said so too). Fetch it whole, as if the server had sent a 200.
                 await _discard(resp)
-                resp = await self._request(method, url, options, ())
+                resp, redirected = await self._request(method, url, options, ())
                 ranged, offset = False, 0
             try:
-                return await self._start(resp, ranged, offset, length, validator)
+                return await self._start(resp, ranged, offset, length, validator, redirected)
             except BaseException:
                 resp.close()
                 raise
@@ -1826,6 +1898,7 @@ class HttpTransport:
         offset: int,
         length: int | None,
         validator: str | None,
+        redirected: str | None,
     ) -> HttpDownload:
         status = resp.status
         if status == 206 and ranged:
@@ -1840,10 +1913,10 @@ class HttpTransport:
             declared = _content_length(resp)
             if declared is not None and declared != end - start + 1:
                 raise _protocol_error(resp, "Content-Length does not match Content-Range")
-            remote = _remote(resp, size, validator)
+            remote = _remote(resp, size, validator, redirected=redirected)
             return HttpDownload(resp, remote, offset, end - start + 1, self._chunk_size)
         if status in _WHOLE_BODY:
-            remote = _remote(resp, _content_length(resp))
+            remote = _remote(resp, _content_length(resp), redirected=redirected)
             if ranged and length is not None:
                 changed = validator is not None and remote.validator not in (None, validator)
                 covers = offset == 0 and remote.size is not None and remote.size <= length
@@ -1862,15 +1935,32 @@ class HttpTransport:
         if status == 416 and ranged and length is None and _unsatisfied_size(resp) == offset:
             # A resume at the very end (a checkpoint claimed the whole file before the file was
             # finished): nothing is left to send. A changed file would have got a 200 (If-Range).
-            remote = _remote(resp, offset, validator)
+            remote = _remote(resp, offset, validator, redirected=redirected)
             return HttpDownload(resp, remote, offset, 0, self._chunk_size)
         if status == 416 and ranged and length is not None:
             raise _status_error(resp, code=hr.BG_E_INVALID_RANGE)
         raise _status_error(resp)
 
 
+def _disallowed(resp: aiohttp.ClientResponse, following: URL) -> TransferError:
+    """A redirect under REDIRECT_POLICY_DISALLOW: fatal, with the code bits-core.md §2.2
+    gives, ``HRESULT_FROM_WIN32(HTTP_STATUS_MOVED / _REDIRECT / ...)`` (0x8007012E for a
+    302), not the redirect's BG_E_HTTP_ERROR_3xx. BITS sets the file's remote name to the
+    redirect target: the error carries it as ``redirect_target`` for the engine (the URL as
+    it would have been requested, secrets and all: the message shows it redacted), only when
+    it is an http(s) URL (HTTP to SMB or file is never followed, nor offered as a name)."""
+    code = hr.hresult_from_win32(resp.status)
+    error = _refused(
+        _status_error(resp, code=code), f"redirect to {_redact(following)} is disallowed"
+    )
+    if following.scheme in _HTTP_SCHEMES and following.host:
+        error.redirect_target = str(following)  # type: ignore[attr-defined]
+    return error
+
+
 def _refused(redirect: TransferError, why: str) -> TransferError:
-    """A redirect the policy forbids: the redirect's status code, always fatal."""
+    """A redirect the policy forbids: ``redirect``'s code (the redirect's status, or
+    DISALLOW's HRESULT), always fatal."""
     return TransferError(
         redirect.hresult,
         f"{why} ({redirect.message})",

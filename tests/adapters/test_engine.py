@@ -44,6 +44,7 @@ from backhaul.core.vocabulary import (
     JobPropertyId,
     JobState,
     NotifyFlags,
+    SecurityFlags,
 )
 from backhaul.transports.file import FileTransport
 from backhaul.transports.http import HttpTransport
@@ -1173,6 +1174,69 @@ def test_a_206_of_another_version_restarts_the_file(tmp_path: Path) -> None:
     ]
     assert job.complete() == hr.S_OK
     assert (tmp_path / "f.bin").read_bytes() == new
+
+
+@pytest.mark.parametrize(
+    ("policy", "state", "renamed"),
+    [
+        (0, S.TRANSFERRED, False),  # ALLOW_SILENT
+        (SecurityFlags.REDIRECT_POLICY_ALLOW_REPORT, S.TRANSFERRED, True),
+        (SecurityFlags.REDIRECT_POLICY_DISALLOW, S.ERROR, True),
+    ],
+    ids=["silent", "report", "disallow"],
+)
+def test_the_redirect_policy_decides_the_remote_name(
+    tmp_path: Path, policy: int, state: S, renamed: bool
+) -> None:
+    """BITS's redirect policies (§10): ALLOW_SILENT follows and keeps the name;
+    ALLOW_REPORT follows and makes the final URL the file's remote name; DISALLOW fails
+    (HRESULT_FROM_WIN32 of the 3xx, §2.2) and names the redirect's target. The new name's
+    signature is sealed in the log, not written in it."""
+    data = os.urandom(64 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def old(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/new?sig=SECRET-SIGNATURE")
+
+    async def new(request: web.Request) -> web.Response:
+        return web.Response(body=data, headers={"ETag": '"n1"'})
+
+    async def main() -> TransferJob:
+        app = web.Application()
+        app.router.add_get("/old", old)
+        app.router.add_get("/new", new)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            job = new_job(
+                manager, [(f"http://127.0.0.1:{port}/old", tmp_path / "f.bin")], start=False
+            )
+            job.security_flags = int(policy)
+            job.resume()
+            await make_engine(manager).run(until_idle=True)
+            return job
+        finally:
+            await runner.cleanup()
+
+    job = asyncio.run(main())
+    assert job.state is state
+    name = job.files()[0].remote_name
+    if renamed:
+        assert name.endswith("/new?sig=<redacted>")
+        assert job.snapshot().files[0].spec.query is not None  # the real query, sealed
+    else:
+        assert name.endswith("/old")
+    if state is S.ERROR:
+        assert job.error is not None
+        assert job.error.hresult == hr.hresult_from_win32(302)
+    else:
+        job.complete()
+        assert (tmp_path / "f.bin").read_bytes() == data
+    db = (tmp_path / "home" / "backhaul.db").read_bytes()
+    assert b"SECRET-SIGNATURE" not in db
 
 
 @pytest.mark.parametrize("new_size", [300 * KiB, 200 * KiB, 700 * KiB])

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from backhaul.core import hresult as hr
 from backhaul.core.error import TransferError
-from backhaul.core.port import Download, PlainCredentials, RequestOptions
+from backhaul.core.port import Download, PlainCredentials, RemoteFile, RequestOptions
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext, SecurityFlags
-from backhaul.transports.http import HTTP_TIMEOUT, SECURE_FAILURE, HttpTransport
+from backhaul.transports.http import HTTP_TIMEOUT, MAX_RETRY_AFTER, SECURE_FAILURE, HttpTransport
 
 NO_OPTIONS = RequestOptions()
 DATA = bytes(range(256)) * 1024  # 256 KiB
@@ -56,6 +56,29 @@ async def serving(
         yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def raw_serving(answer: bytes) -> AsyncIterator[str]:
+    """A TCP server on 127.0.0.1 that reads a request head and writes ``answer`` (a response
+    aiohttp's parser refuses, say); yields its base URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def serve_bytes(request: web.Request, data: bytes = DATA, etag: str = ETAG) -> web.Response:
@@ -255,6 +278,64 @@ def test_429_is_transient_with_retry_after() -> None:
     assert error.retry_after == 7.0
 
 
+YEAR = 365 * 24 * 3600.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("999999999999", YEAR),  # 31,000 years: timedelta would take it, a date could not
+        ("0000000000000000000031536001", YEAR),
+        ("9" * 400, YEAR),  # float() of it overflows
+        ("9" * 5000, YEAR),  # beyond Python's int() digit limit
+        ("Fri, 31 Dec 9999 23:59:59 GMT", YEAR),
+        ("0060", 60.0),
+        ("Fri, 31 Dec 99999999999999999999 23:59:59 GMT", None),  # parsedate overflows
+        ("soon", None),
+        ("-5", None),
+        ("1.5", None),
+    ],
+)
+def test_an_absurd_or_unusable_retry_after_is_clamped_or_ignored_and_the_503_stays_transient(
+    value: str, expected: float | None
+) -> None:
+    """The server's Retry-After never escapes as anything but the 503's TransferError: past
+    a year it is clamped to a year (the engine adds it to a date), unusable it is ignored."""
+
+    async def busy(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503, headers={"Retry-After": value})
+
+    async def body(t: HttpTransport) -> list[TransferError]:
+        errors = []
+        async with serving({"/f": busy}) as base:
+            for call in (t.stat(f"{base}/f", NO_OPTIONS), t.open(f"{base}/f", NO_OPTIONS)):
+                with pytest.raises(TransferError) as caught:
+                    await call
+                errors.append(caught.value)
+        return errors
+
+    for error in run(body):
+        assert error.hresult == hr.BG_E_HTTP_ERROR_503
+        assert error.transient
+        assert error.retry_after == expected
+        if error.retry_after is not None:  # the engine adds it to a date
+            assert datetime.now(UTC) + timedelta(seconds=error.retry_after) > datetime.now(UTC)
+    assert MAX_RETRY_AFTER == YEAR
+
+
+def test_an_absurd_last_modified_is_no_date() -> None:
+    async def odd(request: web.Request) -> web.StreamResponse:
+        headers = {"Last-Modified": "Fri, 31 Dec 99999999999999999999 23:59:59 GMT"}
+        return web.Response(body=b"abc", headers=headers)
+
+    async def body(t: HttpTransport) -> RemoteFile:
+        async with serving({"/f": odd}) as base:
+            return await t.stat(f"{base}/f", NO_OPTIONS)
+
+    remote = run(body)
+    assert (remote.size, remote.last_modified) == (3, None)
+
+
 def http_error(status: int) -> int:
     return hr.http_status_hresult(status)
 
@@ -379,6 +460,60 @@ def test_dynamic_content_without_length_or_ranges_has_no_size() -> None:
     assert (offset, got) == (0, DATA)
 
 
+# -- secrets in messages ----------------------------------------------------------------------
+
+
+def test_an_unparsable_response_keeps_the_urls_secrets_out_of_the_message() -> None:
+    """aiohttp's ClientResponseError text ends in the request's real URL: the message is made
+    of its status and message, and every URL in it is redacted."""
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nThis is not a header\r\n\r\nabc"
+
+    async def body(t: HttpTransport) -> list[TransferError]:
+        errors = []
+        async with raw_serving(bad) as base:
+            url = f"{base.replace('http://', 'http://alice:Pa55-SECRET@')}/f?sig=SIG-SECRET&x=1"
+            for call in (t.stat(url, NO_OPTIONS), t.open(url, NO_OPTIONS)):
+                with pytest.raises(TransferError) as caught:
+                    await call
+                errors.append(caught.value)
+        return errors
+
+    for error in run(body):
+        assert error.hresult == hr.BG_E_INVALID_SERVER_RESPONSE
+        assert error.context == ErrorContext.REMOTE_FILE
+        for text in (error.message, str(error), repr(error.args)):
+            assert "SIG-SECRET" not in text
+            assert "Pa55-SECRET" not in text
+        assert "/f?sig=<redacted>&x=1" in error.message
+        assert "Invalid header token" in error.message  # the parser's reason stays
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://127.0.0.1:99999/x?sig=SECRET-1&x=1",  # port out of range
+        "http://bob:SECRET-2@127.0.0.1:abc/x",  # a bad port, with a password
+        "//bob:SECRET-3@127.0.0.1:abc/x?token=SECRET-4",  # the same, scheme-relative
+        "http://[::1/x?X-Amz-Signature=SECRET-5",  # a broken IPv6 host
+        "http://bob:SEC RET-6@127.0.0.1:abc/x",  # a space in the password
+    ],
+)
+def test_an_unusable_redirect_location_is_quoted_without_its_secrets(location: str) -> None:
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=302, headers={"Location": location})
+
+    async def body(t: HttpTransport) -> object:
+        async with serving({"/f": redirect}) as base:
+            return await t.stat(f"{base}/f", NO_OPTIONS)
+
+    error = fails(body)
+    assert error.hresult == hr.BG_E_INVALID_SERVER_RESPONSE
+    assert "bad redirect Location" in error.message
+    assert "SECRET" not in str(error)
+    assert "RET-6" not in str(error)
+    assert "bob" not in str(error)
+
+
 # -- redirects --------------------------------------------------------------------------------
 
 
@@ -398,16 +533,100 @@ def test_a_redirect_is_followed_and_the_final_url_reported() -> None:
     assert got == DATA[5:]
 
 
-def test_redirect_policy_disallow_is_a_fatal_redirect_error() -> None:
+@pytest.mark.parametrize(
+    "flags", [0, SecurityFlags.REDIRECT_POLICY_ALLOW_REPORT], ids=["silent", "report"]
+)
+def test_a_redirect_reports_its_target_for_the_engine_and_no_redirect_reports_none(
+    flags: int,
+) -> None:
+    """``RemoteFile.redirect_target`` is the URL the redirects led to, as requested (its
+    signature included: the engine makes it the remote name under ALLOW_REPORT); None when
+    the request was not redirected. Also when the size came from the range probe after a
+    refused HEAD."""
+    options = RequestOptions(security_flags=flags)
+
+    async def first(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMovedPermanently("/second?sig=SIG-1&x=1")
+
+    async def second(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect("/new?sig=SIG-2&x=2")
+
+    async def no_head(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMovedPermanently("/refusing")
+
+    async def refusing(request: web.Request) -> web.StreamResponse:
+        if request.method == "HEAD":
+            return web.Response(status=405)
+        return serve_bytes(request)
+
+    routes: dict[str, Handler] = {"/first": first, "/second": second, "/new": static}
+    routes |= {"/no-head": no_head, "/refusing": refusing}
+
+    async def body(t: HttpTransport) -> tuple[str, list[str | None], bytes]:
+        async with serving(routes) as base:
+            stat = await t.stat(f"{base}/first", options)
+            download = await t.open(f"{base}/first", options, offset=5, validator=ETAG)
+            got = await read_all(download)
+            probed = await t.stat(f"{base}/no-head", options)
+            assert probed.size == len(DATA)
+            direct = await t.stat(f"{base}/new", options)
+            plain = await t.open(f"{base}/new", options)
+            await plain.aclose()
+            targets = [
+                stat.redirect_target,
+                download.remote.redirect_target,
+                probed.redirect_target,
+                direct.redirect_target,
+                plain.remote.redirect_target,
+            ]
+            return base, targets, got
+
+    base, targets, got = run(body)
+    assert targets == [f"{base}/new?sig=SIG-2&x=2"] * 2 + [f"{base}/refusing", None, None]
+    assert got == DATA[5:]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_policy_disallow_is_fatal_hresult_from_win32_with_the_target(
+    status: int,
+) -> None:
+    """bits-core.md §2.2: DISALLOW fails with HRESULT_FROM_WIN32(HTTP_STATUS_MOVED, ...), and
+    BITS sets the remote name to the redirect target, which the error carries for the engine
+    (as requested, signature and all) while its message shows it redacted."""
     options = RequestOptions(security_flags=SecurityFlags.REDIRECT_POLICY_DISALLOW)
 
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, headers={"Location": "/new?sig=SIG-SECRET"})
+
+    async def body(t: HttpTransport) -> tuple[str, TransferError]:
+        async with serving({"/old": redirect, "/new": static}) as base:
+            with pytest.raises(TransferError) as caught:
+                await t.open(f"{base}/old", options)
+            return base, caught.value
+
+    base, error = run(body)
+    assert error.hresult == hr.hresult_from_win32(status) == 0x80070000 + status
+    assert not error.transient
+    assert error.context == ErrorContext.REMOTE_FILE
+    assert error.redirect_target == f"{base}/new?sig=SIG-SECRET"  # type: ignore[attr-defined]
+    assert "SIG-SECRET" not in str(error)
+    assert f"{base}/new?sig=<redacted>" in error.message
+
+
+def test_redirect_policy_disallow_offers_no_target_that_is_not_http() -> None:
+    options = RequestOptions(security_flags=SecurityFlags.REDIRECT_POLICY_DISALLOW)
+
+    async def to_a_file(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=302, headers={"Location": "file:///etc/passwd"})
+
     async def body(t: HttpTransport) -> object:
-        async with serving({"/old": moved, "/new": static}) as base:
-            return await t.open(f"{base}/old", options)
+        async with serving({"/old": to_a_file}) as base:
+            return await t.stat(f"{base}/old", options)
 
     error = fails(body)
-    assert error.hresult == hr.BG_E_HTTP_ERROR_302
+    assert error.hresult == hr.hresult_from_win32(302)
     assert not error.transient
+    assert getattr(error, "redirect_target", None) is None
 
 
 @pytest.fixture(scope="module")

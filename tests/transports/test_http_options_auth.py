@@ -226,6 +226,66 @@ def test_digest_algorithms_and_a_stale_nonce(algorithm: str) -> None:
     ]
 
 
+def test_digest_a_forgotten_cached_nonce_gets_a_real_answer_only_its_refusal_is_final() -> None:
+    """The nonce reused preemptively is unknown to a server that restarted: it challenges
+    afresh, without stale=true. Right credentials answer that challenge and succeed; wrong ones
+    (the password changed meanwhile) are refused once more, and that refusal is the 401."""
+    nonces: set[str] = set()
+    password = ["pw"]
+    log: list[str] = []
+
+    def challenge() -> web.Response:
+        nonce = f"n{len(log)}"
+        nonces.add(nonce)
+        header = f'Digest realm="r", qop="auth", nonce="{nonce}"'
+        return web.Response(status=401, headers={"WWW-Authenticate": header})
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Digest "):
+            log.append("challenge")
+            return challenge()
+        p = _digest_params(header)
+        if p["nonce"] not in nonces:
+            log.append(f"unknown {p['nonce']}")
+            return challenge()
+
+        def md5(text: str) -> str:
+            return hashlib.md5(text.encode()).hexdigest()
+
+        ha1, ha2 = md5(f"{p['username']}:r:{password[0]}"), md5(f"{request.method}:{p['uri']}")
+        if p["response"] != md5(f"{ha1}:{p['nonce']}:{p['nc']}:{p['cnonce']}:auth:{ha2}"):
+            log.append(f"bad {p['nonce']}")
+            return challenge()
+        log.append(f"ok {p['nonce']}")
+        return web.Response(body=DATA)
+
+    options = RequestOptions(credentials=(creds(AuthScheme.DIGEST, "u", "pw"),))
+
+    async def body(t: HttpTransport) -> tuple[list[bytes], TransferError]:
+        async with serving(handler) as base:
+            got = [await read_all(await t.open(f"{base}/f", options))]
+            nonces.clear()  # the server restarts
+            got.append(await read_all(await t.open(f"{base}/f", options)))
+            nonces.clear()
+            password[0] = "changed"
+            with pytest.raises(TransferError) as caught:
+                await t.open(f"{base}/f", options)
+            return got, caught.value
+
+    got, error = run(body)
+    assert got == [DATA, DATA]
+    assert log == [
+        "challenge",
+        "ok n1",
+        "unknown n1",  # preemptive, with the forgotten nonce
+        "ok n3",  # the real answer to the fresh challenge
+        "unknown n3",
+        "bad n5",  # the real answer, refused: final
+    ]
+    assert_401(error)
+
+
 # -- NTLM and Negotiate against pyspnego -----------------------------------------------------------
 
 

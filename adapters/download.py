@@ -523,6 +523,8 @@ class Downloads:
         f = job.files[index]
         tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
         total = range_end[1] if range_end else remote.size
+        if range_end is None and remote.size is not None:
+            self._check_size(job, remote.size)  # known too large: not one byte of it
         digest = _hasher(f.spec.expected_digest) if range_end is None else None
         if total is not None:
             self.live_sizes[(job_id, index)] = total

@@ -1581,6 +1581,40 @@ def test_complete_never_renames_a_link_into_place(tmp_path: Path) -> None:
     assert temp.is_symlink()
 
 
+@pytest.mark.parametrize("length", [True, False], ids=["told", "dynamic"])
+def test_max_download_size_bounds_a_file(tmp_path: Path, length: bool) -> None:
+    """BITS_JOB_PROPERTY_MAX_DOWNLOAD_SIZE: a file past the limit is fatal
+    (BG_E_MAX_DOWNLOAD_SIZE_LIMIT_REACHED, the file named). A size the server tells is
+    refused before any byte is written; dynamic content stops once it passes the limit.
+    A file within the limit in the same job is fetched whole."""
+    small, big = os.urandom(16 * KiB), os.urandom(512 * KiB)
+    served = Served(big, etag=None, ranges=length, length=length, step=32 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/small": Served(small), "/big": served}) as srv:
+            job = manager.create_job("bounded")
+            job.set_property(JobPropertyId.MAX_DOWNLOAD_SIZE, 64 * KiB)
+            if not length:
+                job.set_property(JobPropertyId.DYNAMIC_CONTENT, True)
+            job.add_files([(srv.url("/small"), tmp_path / "s"), (srv.url("/big"), tmp_path / "b")])
+            job.resume()
+            await make_engine(manager).run(until_idle=True)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.ERROR
+    assert job.error is not None
+    assert (job.error.hresult, job.error.file_index) == (hr.BG_E_MAX_DOWNLOAD_SIZE_LIMIT_REACHED, 1)
+    files = job.files()
+    assert files[0].progress.bytes_transferred == len(small)
+    assert files[1].progress.bytes_transferred <= 64 * KiB
+    temp = temp_of(job, 1)
+    assert not temp.exists() if length else temp.stat().st_size <= 96 * KiB
+    assert job.complete() == hr.BG_S_PARTIAL_COMPLETE
+    assert (tmp_path / "s").read_bytes() == small
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_content_without_a_size_needs_the_dynamic_content_property(
     tmp_path: Path, dynamic: bool

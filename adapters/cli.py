@@ -23,6 +23,7 @@ import fcntl
 import gc
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
-from backhaul.adapters.store import STORE_ERRORS, default_home
+from backhaul.adapters.store import DB_FILE, STORE_ERRORS, default_home, sqlite_file
 from backhaul.core import hresult
 from backhaul.core.command import check_custom_header_names
 from backhaul.core.error import BackhaulError, BitsError
@@ -64,7 +65,8 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE, as a shell reports a pipeline's cat cut short
-LOCK_FILE = "serve.lock"
+LOCK_SUFFIX = ".serve.lock"  # beside the SQLite database: one engine per store
+LOCK_FILE = DB_FILE + LOCK_SUFFIX  # the default store's, in the home
 
 _TYPES = {
     "download": JobType.DOWNLOAD,
@@ -74,6 +76,31 @@ _TYPES = {
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _seconds_arg(text: str) -> float:
+    """A number of seconds on the command line: finite, not negative (argparse refuses
+    anything else with exit 2; NaN reached the job's settings as a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _interval_arg(text: str) -> float:
+    """A wait between two steps: more than 0 seconds."""
+    value = _seconds_arg(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the interval must be more than 0 seconds")
+    return value
+
+
+class UsageError(BitsError):
+    """A command line the verb cannot take, found before any job is made: exit 2 (bad usage,
+    as argparse's own refusals), with its BITS HRESULT all the same."""
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -104,14 +131,17 @@ def _priority(text: str) -> JobPriority:
         ) from None
 
 
-def find_job(manager: TransferManager, ref: str, *, all_owners: bool = False) -> TransferJob:
+def find_job(
+    manager: TransferManager, ref: str, *, all_owners: bool = False, include_final: bool = False
+) -> TransferJob:
     """A job by id, unique id prefix, or unique display name (bitsadmin's <job>); by prefix
-    or name among the caller's jobs, or with ``all_owners`` every user's (root only)."""
+    or name among the caller's jobs, or with ``all_owners`` every user's (root only);
+    ``include_final``: completed and cancelled jobs too."""
     with contextlib.suppress(BitsError):
-        return manager.get_job(ref)
+        return manager.get_job(ref, include_final=include_final)
     matches = [
         j
-        for j in manager.jobs(include_final=False, all_owners=all_owners)
+        for j in manager.jobs(include_final=include_final, all_owners=all_owners)
         if j.id.startswith(ref.lower()) or j.display_name == ref
     ]
     if len(matches) == 1:
@@ -187,9 +217,10 @@ def _print_json(data: Any, out: TextIO) -> None:
 
 
 @contextlib.contextmanager
-def serve_lock(home: Path) -> Iterator[bool]:
-    """Hold the SQLite store's engine lock; yields False if another engine holds it."""
-    fd, held = _try_lock(home)
+def serve_lock(lock: Path) -> Iterator[bool]:
+    """Hold the SQLite store's engine lock (``lock_file``); yields False if another engine
+    holds it."""
+    fd, held = _try_lock(lock)
     try:
         if held:
             os.ftruncate(fd, 0)
@@ -199,10 +230,18 @@ def serve_lock(home: Path) -> Iterator[bool]:
         os.close(fd)  # which gives the lock back
 
 
-def _try_lock(home: Path) -> tuple[int, bool]:
+def lock_file(args: argparse.Namespace) -> Path | None:
+    """The engine lock of the SQLite store these arguments name: a file beside its database,
+    so that two homes (or a ``--store``) naming one database share it. None for stores that
+    take many engines (PostgreSQL) or none other (memory)."""
+    db = sqlite_file(args.store, _home(args))
+    return None if db is None else db.with_name(db.name + LOCK_SUFFIX)
+
+
+def _try_lock(lock: Path) -> tuple[int, bool]:
     """The lock file's descriptor, and whether this process now holds its lock."""
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -218,10 +257,10 @@ def _shared_store(args: argparse.Namespace) -> bool:
 def _engine_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager[bool]:
     """SQLite: one engine per store (a lock file). PostgreSQL: any number of engines,
     each a worker that leases the jobs it runs."""
-    url = args.store or os.environ.get("BACKHAUL_STORE") or ""
-    if _shared_store(args) or url.startswith("memory:"):
+    lock = lock_file(args)
+    if lock is None:
         return contextlib.nullcontext(True)
-    return serve_lock(_home(args))
+    return serve_lock(lock)
 
 
 def worker_name() -> str:
@@ -267,7 +306,7 @@ def _ranges(text: str) -> list[tuple[int, int | None]]:
                 raise ValueError(item)
             ranges.append((int(offset), None if length.lower() == "eof" else int(length)))
         except ValueError:
-            raise BitsError(
+            raise UsageError(
                 hresult.E_INVALIDARG,
                 f"bad range {item.strip()!r}: want offset:length, or offset:eof",
             ) from None
@@ -429,7 +468,11 @@ def cmd_reset(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
 
 
 def _abs(local: str) -> str:
-    return str(Path(local).expanduser().absolute())
+    """A local name as the shell means it, made absolute: ``..`` and ``.`` taken out as
+    curl and wget take them (the core accepts no others). A trailing ``/`` stays: it names a
+    directory, which the core refuses as a file's name."""
+    path = os.path.abspath(os.path.expanduser(local))
+    return path + "/" if local.endswith("/") and path != "/" else path
 
 
 # A name in a list file: "quoted" or 'quoted' (a name with spaces; no escapes inside),
@@ -475,9 +518,7 @@ def _state_verb(name: str) -> Callable[[argparse.Namespace, TransferManager, Tex
 
 
 def cmd_info(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
-    job = (
-        find_job(m, args.job) if not args.include_final else m.get_job(args.job, include_final=True)
-    )
+    job = find_job(m, args.job, include_final=args.include_final)
     info = job_info(job)
     if args.json:
         _print_json(info, out)
@@ -507,7 +548,7 @@ def cmd_list(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
 
 
 def cmd_files(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
-    job = find_job(m, args.job)
+    job = find_job(m, args.job, include_final=args.include_final)
     rows = [
         {
             "index": f.index,
@@ -833,15 +874,15 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     """Start-BitsTransfer: a foreground job, followed to its end, then completed."""
     _tune_malloc()
     _check_options(args)  # refused before a job is made
-    if args.paths[-1] == "-":  # curl's and wget's stdout: a job's files are files
-        raise BitsError(
+    if args.dest == "-":  # curl's and wget's stdout: a job's files are files
+        raise UsageError(
             hresult.E_INVALIDARG,
             "get writes files, not standard output: give a path (./- for a file named -)",
         )
-    urls, dest = args.paths[:-1], Path(args.paths[-1]).expanduser().absolute()
-    if not urls:
-        raise BitsError(hresult.E_INVALIDARG, "give at least one URL and a destination")
+    urls, dest = args.urls, Path(_abs(args.dest))
     # os.path: a name too long to look up is "not a directory", not a traceback
+    if args.dest.endswith("/") and not os.path.isdir(dest):
+        raise BitsError(hresult.E_INVALIDARG, f"{dest}/ is not a directory")
     if len(urls) > 1 or os.path.isdir(dest):
         if not os.path.isdir(dest):
             raise BitsError(hresult.E_INVALIDARG, f"{dest} must be a directory for several URLs")
@@ -852,11 +893,11 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     digest = None
     if args.sha256 is not None:
         if not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
-            raise BitsError(hresult.E_INVALIDARG, "--sha256 wants the 64 hex digits of a SHA-256")
+            raise UsageError(hresult.E_INVALIDARG, "--sha256 wants the 64 hex digits of a SHA-256")
         digest = f"sha256:{args.sha256.lower()}"
     ranges = _curl_ranges(args.range) if args.range is not None else ()
     if ranges and len(urls) > 1:
-        raise BitsError(hresult.E_INVALIDARG, "--range applies to one URL")
+        raise UsageError(hresult.E_INVALIDARG, "--range applies to one URL")
     specs = [FileSpec(u, str(p), ranges, digest) for u, p in zip(urls, locals_, strict=True)]
     earlier = _unfinished(m, args, JobType.DOWNLOAD, specs, dynamic=args.dynamic)
     if earlier is not None:
@@ -881,13 +922,13 @@ def _curl_ranges(text: str) -> tuple[ByteRange, ...]:
     for item in text.split(","):
         start, dash, end = item.strip().partition("-")
         if not dash or not start.isdigit() or not (end.isdigit() or not end):
-            raise BitsError(
+            raise UsageError(
                 hresult.E_INVALIDARG,
                 f"bad range {item.strip()!r}: want START-END or START- (the last N bytes, "
                 "-N, need the size: give START-)",
             )
         if end and int(end) < int(start):
-            raise BitsError(hresult.E_INVALIDARG, f"range {item.strip()!r} ends before it starts")
+            raise UsageError(hresult.E_INVALIDARG, f"range {item.strip()!r} ends before it starts")
         ranges.append(ByteRange(int(start), int(end) - int(start) + 1 if end else None))
     return tuple(ranges)
 
@@ -933,7 +974,7 @@ def cmd_transfer(args: argparse.Namespace, m: TransferManager, out: TextIO) -> i
     _check_options(args)  # refused before a job is made
     pairs = args.pairs
     if not pairs or len(pairs) % 2:
-        raise BitsError(hresult.E_INVALIDARG, "give REMOTE LOCAL pairs")
+        raise UsageError(hresult.E_INVALIDARG, "give REMOTE LOCAL pairs")
     kind = JobType.UPLOAD if args.upload else JobType.DOWNLOAD
     files = [FileSpec(pairs[i], _abs(pairs[i + 1])) for i in range(0, len(pairs), 2)]
     job = m.create_job(args.name, kind)
@@ -1002,7 +1043,7 @@ def _check_options(args: argparse.Namespace) -> None:
     """The foreground verbs' options that can be refused before a job is made."""
     _header_block(args)
     if args.user is not None and not args.user.partition(":")[0]:
-        raise BitsError(hresult.E_INVALIDARG, "--user wants USER or USER:PASSWORD")
+        raise UsageError(hresult.E_INVALIDARG, "--user wants USER or USER:PASSWORD")
     if args.cacert and not os.path.isfile(_abs(args.cacert)):
         raise BitsError(hresult.E_INVALIDARG, f"--cacert {args.cacert}: no such file")
 
@@ -1015,7 +1056,7 @@ def _header_block(args: argparse.Namespace) -> str | None:
     for header in args.header:
         name, colon, _ = header.partition(":")
         if not colon or not name.strip() or any(c in header for c in "\r\n"):
-            raise BitsError(hresult.E_INVALIDARG, "--header wants 'NAME: VALUE'")
+            raise UsageError(hresult.E_INVALIDARG, "--header wants 'NAME: VALUE'")
     check_custom_header_names(args.header)
     return "".join(f"{h}\r\n" for h in args.header)
 
@@ -1148,7 +1189,10 @@ def _run_or_follow(
 def _lock_is_free(args: argparse.Namespace) -> bool:
     """Is no engine holding the SQLite store's lock now? (Taken and given back at once,
     without writing our pid over the holder's, as ``serve_lock`` does.)"""
-    fd, held = _try_lock(_home(args))
+    lock = lock_file(args)
+    if lock is None:
+        return True
+    fd, held = _try_lock(lock)
     os.close(fd)
     return held
 
@@ -1205,7 +1249,9 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
             result = job.complete() if state is JobState.TRANSFERRED else hresult.S_OK
         except BitsError as exc:  # a destination directory removed meanwhile, say
             if args.json:
-                _print_json({"id": job.id, "state": job.state.name, "error": str(exc)}, out)
+                refusal = {"context": None, "hresult": hresult.format_hresult(exc.hresult)}
+                refusal |= {"name": hresult.name_of(exc.hresult), "description": exc.message}
+                _print_json({"id": job.id, "state": job.state.name, "error": refusal}, out)
             sys.stderr.write(
                 f"\nbackhaul {args.verb}: Complete failed: {exc}\njob {job.id} stays "
                 f"{job.state.name}: `backhaul complete {job.id}` tries again (the same command "
@@ -1238,8 +1284,9 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
     # As bitsadmin /transfer: a job that failed for good is cancelled, nothing left behind.
     with contextlib.suppress(BackhaulError):
         job.cancel()
-    if args.json:
-        _print_json({"id": job.id, "state": state.name, "error": message}, out)
+    if args.json:  # the error as every line (and ``info --json``) gives it
+        shown = _error_json(error) if error else None
+        _print_json({"id": job.id, "state": state.name, "error": shown}, out)
     hint = _HINTS.get(error.hresult, {}).get(args.verb, "") if error else ""
     sys.stderr.write(
         f"\nbackhaul {args.verb}: job {job.id} ended in {state.name}: {message}{hint}\n"
@@ -1512,11 +1559,13 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
     parser.add_argument("--priority", type=_priority, default=JobPriority.FOREGROUND)
     if name:
         parser.add_argument("--name")
-    parser.add_argument("--retry-delay", type=float, help="MinimumRetryDelay in seconds")
-    parser.add_argument("--no-progress-timeout", type=float, help="NoProgressTimeout in seconds")
+    parser.add_argument("--retry-delay", type=_seconds_arg, help="MinimumRetryDelay in seconds")
+    parser.add_argument(
+        "--no-progress-timeout", type=_seconds_arg, help="NoProgressTimeout in seconds"
+    )
     parser.add_argument(
         "--max-time",
-        type=float,
+        type=_seconds_arg,
         metavar="SECONDS",
         help="MaximumDownloadTime: fail (BG_E_MAXDOWNLOAD_TIMEOUT) after this long connecting "
         "and transferring (curl's -m; the default is 90 days)",
@@ -1634,7 +1683,8 @@ def build_parser() -> argparse.ArgumentParser:
         "download URL(s) to DEST as a foreground job and wait (Start-BitsTransfer)",
         job=False,
     )
-    g.add_argument("paths", nargs="+", metavar="URL... DEST")
+    g.add_argument("urls", nargs="+", metavar="URL")
+    g.add_argument("dest", metavar="DEST", help="a file, or a directory for the URLs' names")
     _foreground_options(g)
     g.add_argument("--sha256", help="expected SHA-256 of the (single) file")
     g.add_argument("--dynamic", action="store_true", help="content without size or ranges")
@@ -1720,6 +1770,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("files", "listfiles"):  # listfiles: bitsadmin's name
         f = verb(name, cmd_files, "list a job's files")
         f.add_argument("--json", action="store_true")
+        f.add_argument("--include-final", action="store_true", help="completed or cancelled too")
     verb("geterror", cmd_geterror, "the job's error (GetError)")
     ge = verb(
         "geterrordescription",
@@ -1778,7 +1829,7 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("index", type=int, help="the file's index (see `files`)")
     gf.add_argument("property", help="HTTP_RESPONSE_HEADERS")
     mo = verb("monitor", cmd_monitor, "a live table of jobs", job=False)
-    mo.add_argument("--interval", type=float, default=1.0)
+    mo.add_argument("--interval", type=_interval_arg, default=1.0)
     mo.add_argument("--count", type=int)
     mo.add_argument("--all", action="store_true")
     bw = verb(
@@ -1835,14 +1886,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-background", type=int, default=1)
     s.add_argument(
         "--lease-seconds",
-        type=float,
+        type=_interval_arg,
         default=30.0,
         help="PostgreSQL store: how long a job stays with this worker without a renewal",
     )
     s.add_argument(
         "--no-yield", action="store_true", help="background jobs do not yield to other traffic"
     )
-    s.add_argument("--poll", type=float, default=0.2)
+    s.add_argument("--poll", type=_interval_arg, default=0.2)
     s.add_argument("--until-idle", action="store_true", help="stop once no job is left to run")
     s.add_argument(
         "--quiet",
@@ -1883,7 +1934,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except BackhaulError as exc:
         hint = " (--unlimited lifts BITS's limits)" if exc.hresult in _LIMITS else ""
         sys.stderr.write(f"backhaul {args.verb}: {exc}{hint}\n")
-        return EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -1891,6 +1942,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         # no second error when Python flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as exc:  # a file the verb was given (audit export DIR/x, import FILE)
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"backhaul {args.verb}: {where}{exc.strerror or exc}\n")
+        return EXIT_FAILED
 
 
 __all__ = ["NotifyFlags", "main"]

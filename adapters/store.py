@@ -361,6 +361,16 @@ def store_failure(
     return StoreUnavailable(code, f"the store {where} cannot be used: {text}{why}")
 
 
+def sqlite_file(url: str | None = None, home: Path | None = None) -> Path | None:
+    """The SQLite database ``open_store`` opens for these arguments (None: another kind)."""
+    url = url or os.environ.get(STORE_ENV) or None
+    if url is None:
+        return Path(home if home is not None else default_home()) / DB_FILE
+    if url.startswith(("memory:", "postgresql://", "postgres://")):
+        return None
+    return Path(url.removeprefix("sqlite://")) if url.startswith("sqlite://") else Path(url)
+
+
 def open_store(url: str | None = None, home: Path | None = None) -> EventStore:
     """Open (creating if needed) the store named by ``url`` / environment / home."""
     url = url or os.environ.get(STORE_ENV) or None

@@ -15,6 +15,7 @@ Sources: bits-core.md §2.3, §5, §9, §10, §12, §13, §14, §16.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -105,9 +106,11 @@ def _seconds(what: str, floor: int = 0) -> Callable[[Any, Job], int]:
     def check(value: Any, job: Job) -> int:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _invalid(f"{what} must be a number of seconds")
-        if value < 0 or value > 0xFFFFFFFF:
+        if not 0 <= value <= 0xFFFFFFFF:  # NaN too
             raise _invalid(f"{what} must be between 0 and 4294967295 seconds")
-        return max(int(value), floor)
+        # BITS keeps whole seconds: a part of one counts as one (0.5 must not become 0,
+        # which for NoProgressTimeout makes every error fatal).
+        return max(math.ceil(value), floor)
 
     return check
 

@@ -1653,8 +1653,11 @@ class HttpTransport:
             )
         headers = _request_headers(options, extra)
         own_authorization = any(name.lower() == "authorization" for name, _ in headers)
-        if own_authorization:
-            target = target.with_user(None)  # credentials in the URL would clash with them
+        login = any(c.target == AuthTarget.SERVER for c in options.credentials)
+        if own_authorization or login:
+            # A login in the URL would clash with them (aiohttp refuses both): the custom
+            # header, or the job's server credentials, win, as curl's -u wins over the URL's.
+            target = target.with_user(None)
         origin = target.origin()
         flags = options.security_flags
         policy = flags & REDIRECT_POLICY_MASK

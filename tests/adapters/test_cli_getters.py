@@ -16,6 +16,7 @@ import pytest
 from peers.nginx import NginxServer
 from test_cli_limits import (  # the autouse fixture keeps BACKHAUL_* out
     _no_backhaul_environment,  # noqa: F401
+    create,
     ok,
     run,
 )
@@ -270,4 +271,33 @@ def test_geterrordescription_takes_a_name_or_a_number_and_opens_no_store(
     assert not home.exists()
     assert TransferManager.get_error_description(hresult.BG_E_INVALID_STATE, 0x409) == (
         hresult.describe(hresult.BG_E_INVALID_STATE)
+    )
+
+
+def test_info_and_files_of_a_final_job_by_name_or_prefix(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--include-final`` found a cancelled job by its whole id only (not by its name or a
+    prefix, not even a live one), and ``files`` had no such option."""
+    live = create(home, "live one")
+    gone = create(home, "gone one")
+    ok(home, "addfile", gone, "http://127.0.0.1:9/f", str(tmp_path / "f"))
+    ok(home, "cancel", gone)
+    assert json.loads(ok(home, "info", "--include-final", "--json", "live one"))["id"] == live
+    for ref in ("gone one", gone[:8]):
+        assert json.loads(ok(home, "info", "--include-final", "--json", ref))["id"] == gone
+        (row,) = json.loads(ok(home, "files", "--include-final", "--json", ref))
+        assert row["local_name"] == str(tmp_path / "f")
+    assert "no job named 'gone one'" in refused(home, capsys, "files", "gone one")
+
+
+def test_a_file_the_audit_verbs_cannot_open_is_an_error_line_not_a_traceback(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "no" / "such")
+    assert f"{missing}: No such file or directory" in refused(
+        home, capsys, "audit", "export", missing
+    )
+    assert f"{missing}: No such file or directory" in refused(
+        home, capsys, "audit", "import", missing
     )

@@ -44,6 +44,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
 from backhaul.adapters.cli import (
     GC_YOUNG_THRESHOLD,
     LOCK_FILE,
+    LOCK_SUFFIX,
     _made_by,
     _name_from_url,
     main,
@@ -571,11 +572,18 @@ def test_get_of_a_missing_file_fails_and_cancels_the_job(
     dest = tmp_path / "dest"
     dest.mkdir()
 
-    code = main(["--home", str(home), "get", f"{server.url}/missing.bin", str(dest / "m"), "-q"])
+    out = io.StringIO()
+    argv = ["--home", str(home), "get", "--json", f"{server.url}/missing.bin", str(dest / "m")]
+    code = main(argv, out)
 
     assert code == 1
     assert the_job(home).state is S.CANCELLED
     assert list(dest.iterdir()) == []
+    # The last line's error is the object every line (and `info --json`) gives, not a string.
+    last = json.loads(out.getvalue().splitlines()[-1])
+    assert last["state"] == "ERROR"
+    assert last["error"]["name"] == "BG_E_HTTP_ERROR_404"
+    assert last["error"]["context"] == "REMOTE_FILE"
 
 
 @pytest.mark.parametrize("as_json", [False, True])
@@ -619,20 +627,65 @@ def test_get_says_why_it_waits_after_a_transient_error_and_when_it_tries_again(
 def test_get_refuses_a_bad_sha256_and_stdout_before_making_a_job(
     tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Refused before a job is made, as a bad command line: exit 2, as argparse's own."""
     argv = ["--home", str(home), "get", "http://127.0.0.1:9/f", "-"]
-    assert main(argv, io.StringIO()) == 1  # curl's stdout: a job's files are files
+    assert main(argv, io.StringIO()) == 2  # curl's stdout: a job's files are files
     assert "get writes files, not standard output" in capsys.readouterr().err
     argv = ["--home", str(home), "get", "--user", ":pw", "http://127.0.0.1:9/f", str(tmp_path)]
-    assert main(argv, io.StringIO()) == 1
+    assert main(argv, io.StringIO()) == 2
     assert "--user wants USER or USER:PASSWORD" in capsys.readouterr().err
+    for argv in (
+        ["get", "http://127.0.0.1:9/f"],
+        ["get", "-r", "abc", "http://127.0.0.1:9/f", str(tmp_path)],
+        ["get", "--retry-delay", "nan", "http://127.0.0.1:9/f", str(tmp_path)],
+        ["get", "--max-time", "-1", "http://127.0.0.1:9/f", str(tmp_path)],
+        ["transfer", "t", "http://127.0.0.1:9/f"],
+        ["monitor", "--count", "1", "--interval", "-1"],
+        ["monitor", "--count", "1", "--interval", "nan"],
+    ):
+        assert main(["--home", str(home), *argv], io.StringIO()) == 2, argv
+        assert "Traceback" not in capsys.readouterr().err
     for bad in ("abc", "g" * 64, "0" * 63):
         argv = ["--home", str(home), "get", "--sha256", bad, "http://127.0.0.1:9/f", str(tmp_path)]
-        assert main(argv, io.StringIO()) == 1
+        assert main(argv, io.StringIO()) == 2
         assert capsys.readouterr().err == (
             "backhaul get: --sha256 wants the 64 hex digits of a SHA-256 [E_INVALIDARG 0x80070057]\n"
         )
     with TransferManager(home=home) as manager:
         assert list(manager.jobs(include_final=True)) == []
+
+
+def test_get_and_addfile_take_paths_as_the_shell_means_them(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``../x`` is the parent's x (it was refused: the core takes no . or ..); a DEST that
+    ends in / is a directory (it became a file of that name, over one that was there); curl
+    and wget mean the same."""
+    data = os.urandom(4 * KiB)
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "precious.txt").write_bytes(b"precious")
+    monkeypatch.chdir(work)
+    with FaultServer({"/f.bin": Served(data)}).threaded() as srv:
+        get = ["--home", str(home), "get", "-q", srv.url("/f.bin")]
+        assert main([*get, "../up.bin"], io.StringIO()) == 0
+        assert (tmp_path / "up.bin").read_bytes() == data
+        assert main([*get, "../"], io.StringIO()) == 0  # into the parent, under the URL's name
+        assert (tmp_path / "f.bin").read_bytes() == data
+        assert main([*get, "../precious.txt/"], io.StringIO()) == 1
+        assert f"{tmp_path}/precious.txt/ is not a directory" in capsys.readouterr().err
+        assert main([*get, "newdir/"], io.StringIO()) == 1
+        assert not (work / "newdir").exists()
+        created = io.StringIO()
+        assert main(["--home", str(home), "create", "files"], created) == 0
+        job = created.getvalue().strip()
+        add = ["--home", str(home), "addfile", job, srv.url("/f.bin")]
+        assert main([*add, "../sub/../added.bin"], io.StringIO()) == 0
+        assert main([*add, "x/"], io.StringIO()) == 1
+    assert (tmp_path / "precious.txt").read_bytes() == b"precious"
+    with TransferManager(home=home) as manager:
+        names = [f.local_name for f in manager.get_job(job).files()]
+    assert names == [str(tmp_path / "added.bin")]
 
 
 def test_get_of_content_without_a_size_names_dynamic_and_dynamic_fetches_it(
@@ -661,7 +714,7 @@ def test_get_follows_the_job_when_another_engine_holds_the_lock(
 ) -> None:
     server, docroot = engine_nginx
     dest = tmp_path / "one.bin"
-    with serve_lock(home) as held:
+    with serve_lock(home / LOCK_FILE) as held:
         assert held
         get = subprocess.Popen(
             [str(BACKHAUL), "--home", str(home), "get", f"{server.url}/one.bin", str(dest), "-q"],
@@ -726,10 +779,28 @@ def test_a_reader_that_left_ends_the_command_quietly_with_sigpipes_status(
     assert (done.returncode, done.stderr.decode()) == (141, "")
 
 
+def test_the_engine_lock_belongs_to_the_store_not_the_home(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two homes naming one SQLite store (``--store``) share its engine lock: the lock was
+    the home's, so two engines ran one store and fought over its jobs. Two stores in one
+    home each have their own."""
+    store = tmp_path / "shared" / "jobs.db"
+    argv = ["--store", str(store), "serve", "--until-idle"]
+    with serve_lock(store.with_name("jobs.db" + LOCK_SUFFIX)) as held:
+        assert held
+        assert main(["--home", str(tmp_path / "a"), *argv]) == 1
+        assert main(["--home", str(tmp_path / "b"), *argv]) == 1
+        other = ["--store", str(tmp_path / "shared" / "other.db"), "serve", "--until-idle"]
+        assert main(["--home", str(tmp_path / "a"), *other]) == 0
+    assert capsys.readouterr().err.count("another engine already runs") == 2
+    assert main(["--home", str(tmp_path / "b"), *argv]) == 0
+
+
 def test_serve_refuses_to_start_while_another_engine_holds_the_lock(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with serve_lock(home) as held:
+    with serve_lock(home / LOCK_FILE) as held:
         assert held
         assert main(["--home", str(home), "serve", "--until-idle"]) == 1
     assert "another engine already runs" in capsys.readouterr().err

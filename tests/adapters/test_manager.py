@@ -709,9 +709,16 @@ def test_minimum_retry_delay_below_5_seconds_is_raised_to_5(
 
 
 def test_negative_times_raise_e_invalidarg(manager: TransferManager, store: EventStore) -> None:
+    """Negative and NaN seconds are refused (NaN raised ValueError); a part of a second
+    counts as one (a NoProgressTimeout of 0.5 became 0: every error fatal)."""
     job = manager.create_job("times")
     for name in ("minimum_retry_delay", "no_progress_timeout", "maximum_download_time"):
-        refused(store, hresult.E_INVALIDARG, lambda name=name: setattr(job, name, -1))
+        for bad in (-1, float("nan"), float("inf")):
+            refused(store, hresult.E_INVALIDARG, lambda name=name, bad=bad: setattr(job, name, bad))
+        setattr(job, name, timedelta(milliseconds=7500))
+        assert getattr(job, name) == timedelta(seconds=8)
+    job.no_progress_timeout = 0.5
+    assert job.no_progress_timeout == timedelta(seconds=1)
 
 
 def test_custom_headers_read_back_until_made_write_only(

@@ -423,11 +423,17 @@ def test_get_user_logs_in_by_digest_and_basic_and_the_password_stays_sealed(
     assert main([*get, "--user", BASIC_USER, secret, str(tmp_path / "s")]) == 0
     assert (tmp_path / "s").read_text() == "top secret\n"
 
+    # --user wins over a login in the URL, as curl's -u does (aiohttp refused the pair).
+    in_url = secret.replace("://", "://mallory:in-the-url@", 1)
+    login = f"{BASIC_USER}:{BASIC_PASSWORD}"
+    assert main([*get, "--user", login, in_url, str(tmp_path / "u")]) == 0
+    assert (tmp_path / "u").read_text() == "top secret\n"
+
     assert main([*get, "--user", f"{BASIC_USER}:not-it", secret, str(tmp_path / "w")]) == 1
     err = capsys.readouterr().err
     assert "BG_E_HTTP_ERROR_401" in err and "not-it" not in err
     stored = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("backhaul.db"))
-    for plain in (password, BASIC_PASSWORD, "not-it"):
+    for plain in (password, BASIC_PASSWORD, "not-it", "in-the-url"):
         assert plain.encode() not in stored
 
 
@@ -455,7 +461,7 @@ def test_get_header_goes_with_every_request_and_stays_sealed(
     stored = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("backhaul.db"))
     assert token.encode() not in stored
     capsys.readouterr()
-    assert main([*get, "-H", f"Bearer{token}", secret, str(tmp_path / "x")]) == 1
+    assert main([*get, "-H", f"Bearer{token}", secret, str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "--header wants 'NAME: VALUE'" in err and token not in err
     with TransferManager(home=home) as manager:

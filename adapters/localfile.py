@@ -1,8 +1,8 @@
 """Local files: destination checks, temp names, atomic publication, cleanup.
 
 - A download is written to a temp file in the destination directory (BITS's
-  ``BITxxx.TMP``): ``.<name>.<job8>-<index>.bhtmp``, hidden and unique per job and file
-  (a name of over 190 bytes is cut and given a hash there, so the temp name stays legal).
+  ``BITxxx.TMP``): ``.<name>.<job16>-<index>.bhtmp``, hidden and unique per job and file
+  (a name of over 182 bytes is cut and given a hash there, so the temp name stays legal).
 - Complete publishes whole files with ``os.replace`` (their bytes were synced before the
   engine recorded them transferred), then fsyncs each directory once, so a crash leaves
   either the old name or the whole new file.
@@ -47,12 +47,19 @@ def temp_name(job_id: str, index: int, local_name: str, worker: str | None = Non
     directory, name = os.path.split(local_name)
     tag = f".{_safe(worker)}" if worker else ""
     name = fit_name(name, _TEMP_ROOM)
-    return os.path.join(directory, f".{name}.{job_id[:8]}-{index}{tag}{TEMP_SUFFIX}")
+    return os.path.join(directory, f".{name}.{job_tag(job_id)}-{index}{tag}{TEMP_SUFFIX}")
 
 
-# A temp name adds at most 65 bytes to the file's name (".", ".<job8>-", an index of up to 7
-# digits, "." and a worker tag of up to 40, ".bhtmp"); NAME_MAX is 255.
-_TEMP_ROOM: Final = LOCAL_NAME_PART_MAX - 65
+def job_tag(job_id: str) -> str:
+    """The job's part of its temp names: 16 hex digits of its id (about 60 random bits of
+    a UUID4). Eight were too few: two jobs of 10,000 to one destination shared a temp file
+    about once in a hundred stores, and one's Cancel deleted the other's bytes."""
+    return job_id.replace("-", "")[:16]
+
+
+# A temp name adds at most 73 bytes to the file's name (".", ".<job16>-", an index of up to
+# 7 digits, "." and a worker tag of up to 40, ".bhtmp"); NAME_MAX is 255.
+_TEMP_ROOM: Final = LOCAL_NAME_PART_MAX - 73
 
 
 def file_temp(job: Job, index: int) -> Path:
@@ -110,7 +117,7 @@ def _safe(worker: str) -> str:
 def reply_temp_path(job: Job) -> Path:
     """Where an upload-reply job's reply is downloaded to before Complete."""
     reply = reply_path(job)
-    rest = f".{job.id[:8]}-reply{TEMP_SUFFIX}"
+    rest = f".{job_tag(job.id)}-reply{TEMP_SUFFIX}"
     return reply.with_name(f".{fit_name(reply.name, LOCAL_NAME_PART_MAX - 1 - len(rest))}{rest}")
 
 
@@ -531,7 +538,7 @@ def discard(job: Job, listings: dict[str, list[str]] | None = None) -> list[Path
     if job.job_type is JobType.DOWNLOAD:
         shared = listings if listings is not None else {}
         by_stem: dict[str, dict[str, list[str]]] = {}
-        tag = f".{job.id[:8]}-"
+        tag = f".{job_tag(job.id)}-"
         for i, f in enumerate(job.files):
             plain = temp_name(job.id, i, f.local_name)
             directory, name = os.path.split(plain)
@@ -544,7 +551,7 @@ def discard(job: Job, listings: dict[str, list[str]] | None = None) -> list[Path
                         names = []
                     shared[directory] = [n for n in names if n.endswith(TEMP_SUFFIX)]
                 stems = by_stem[directory] = _temps_by_stem(shared[directory], tag)
-            # every worker's temp of this file: .<name>.<job8>-<i>[.<worker>].bhtmp; the
+            # every worker's temp of this file: .<name>.<job16>-<i>[.<worker>].bhtmp; the
             # listing holds each of them, the plain one included
             stem = name.removesuffix(TEMP_SUFFIX) + "."
             temps += [os.path.join(directory, n) for n in stems.get(stem, ())]
@@ -560,8 +567,8 @@ def discard(job: Job, listings: dict[str, list[str]] | None = None) -> list[Path
 
 
 def _temps_by_stem(names: Iterable[str], tag: str) -> dict[str, list[str]]:
-    """This job's temp names (``tag``: ``.<job8>-``) by the stem they start with,
-    ``.<name>.<job8>-<i>.``: the lookup of a job's 10,000 files is one pass, not a scan of
+    """This job's temp names (``tag``: ``.<job16>-``) by the stem they start with,
+    ``.<name>.<job16>-<i>.``: the lookup of a job's 10,000 files is one pass, not a scan of
     the listing per file. A worker's name has no dot (``_safe``), so the stem ends at the
     first dot after the index."""
     stems: dict[str, list[str]] = {}

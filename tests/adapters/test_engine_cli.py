@@ -505,7 +505,7 @@ def test_get_to_a_name_of_255_bytes_works_and_one_of_256_is_refused_at_once(
     engine_nginx: tuple[NginxServer, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A file name may have 255 bytes: before, the temp name beside it (".<name>.<job8>-0
+    """A file name may have 255 bytes: before, the temp name beside it (".<name>.<job16>-0
     .bhtmp") could not be created, so the job failed with E_FAIL after connecting. One of
     256 bytes can never be created: AddFile refuses it with ERROR_FILENAME_EXCED_RANGE, before
     any transfer, where looking the name up raised a traceback."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from test_engine import FaultServer, Served, make_engine, new_job, running, sha256, trickle, until
 
+from backhaul.adapters import localfile
 from backhaul.adapters.cli import main as cli_main
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import hresult
@@ -165,7 +166,7 @@ def test_an_abandoned_job_is_cancelled_after_the_inactivity_timeout(tmp_path: Pa
     manager = TransferManager(home=tmp_path / "home", clock=clock)
     idle = manager.create_job("abandoned")
     idle.add_file("http://127.0.0.1:1/never", tmp_path / "never.bin")  # never resumed
-    temp = tmp_path / f".never.bin.{idle.id[:8]}-0.bhtmp"
+    temp = tmp_path / f".never.bin.{localfile.job_tag(idle.id)}-0.bhtmp"
     temp.write_bytes(b"partial")  # as if it had run before
     busy = manager.create_job("touched")
     busy.add_file("http://127.0.0.1:1/other", tmp_path / "other.bin")

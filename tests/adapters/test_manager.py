@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import attrs
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -1769,6 +1770,22 @@ def test_a_closed_manager_refuses_every_call_with_rpc_e_disconnected(tmp_path: P
 # -- long local names ---------------------------------------------------------------------
 
 
+def test_jobs_whose_ids_start_alike_have_their_own_temp_files(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """Temp names held 8 hex digits of the job's id: two jobs to one destination whose ids
+    began alike shared a temp file, and one's Cancel deleted the other's bytes."""
+    ids = ["12345678-aaaa-4aaa-8aaa-aaaaaaaaaaaa", "12345678-bbbb-4bbb-8bbb-bbbbbbbbbbbb"]
+    dest = str(tmp_path / "f.bin")
+    first, second = (localfile.temp_name(job_id, 0, dest) for job_id in ids)
+    assert first != second
+    Path(first).write_bytes(b"the first job's")
+    job = manager.create_job("second")
+    job.add_file(URL, dest)
+    assert localfile.discard(attrs.evolve(job.snapshot(), id=ids[1])) == []
+    assert Path(first).read_bytes() == b"the first job's"
+
+
 @given(
     name=st.text(
         st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
@@ -1794,14 +1811,15 @@ def test_every_legal_file_name_gets_legal_temp_names_that_share_a_stem(
     stem = plain.removesuffix(localfile.TEMP_SUFFIX) + "."
     assert tagged == plain or tagged.startswith(stem)
     assert localfile.temp_name(job_id, index, local, worker) == os.path.join("/d", tagged)
-    if len(name.encode()) <= 190:
-        assert plain == f".{name}.{job_id[:8]}-{index}{localfile.TEMP_SUFFIX}"  # as before
+    if len(name.encode()) <= 182:
+        tag = localfile.job_tag(job_id)
+        assert plain == f".{name}.{tag}-{index}{localfile.TEMP_SUFFIX}"  # as before
 
 
 def test_a_file_name_of_255_bytes_downloads_and_cancels_like_any_other(
     manager: TransferManager, tmp_path: Path
 ) -> None:
-    """Its temp name is cut and hashed (255 bytes + ".<job8>-0.bhtmp" would not fit a
+    """Its temp name is cut and hashed (255 bytes + ".<job16>-0.bhtmp" would not fit a
     directory entry); Complete publishes it under its own name, Cancel finds every worker's
     temp of it."""
     names = [tmp_path / ("a" * 251 + ".bin"), tmp_path / ("b" * 251 + ".bin")]

@@ -14,7 +14,7 @@ from typing import TypeVar
 import pytest
 from peers.samba import SambaServer, running_samba
 
-from backhaul.adapters import acl
+from backhaul.adapters import acl, localfile
 from backhaul.adapters.manager import TransferManager
 from backhaul.adapters.store import open_store
 from backhaul.core import command as cmd
@@ -498,7 +498,7 @@ def test_acl_flags_are_settable_until_transferred_and_not_after(
     job.resume()
     manager.execute(job.id, cmd.StartTransfer())
     manager.execute(job.id, cmd.Connect())
-    (tmp_path / f".f.bin.{job.id[:8]}-0.bhtmp").write_bytes(b"x")
+    (tmp_path / f".f.bin.{localfile.job_tag(job.id)}-0.bhtmp").write_bytes(b"x")
     manager.execute(job.id, cmd.FinishFile(0, 1))
     manager.execute(job.id, cmd.FinishJob())
     assert job.state is JobState.TRANSFERRED

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import stat
 import sys
@@ -344,13 +345,18 @@ def _create(f: FinishedFile) -> OSError | None:
     return None
 
 
+# Temp files are the owner's alone while they fill: the new version of a private file (0600)
+# is readable by no one else before Complete gives it its mode (``_keep_mode``).
+TEMP_MODE: Final = 0o600
+
+
 def open_temp(path: str | Path, flags: int) -> int:
     """Open (``flags`` with O_CREAT: create) a temp file, never through a symbolic link: the
     names are predictable (GetTemporaryName shows them), and one planted at the name would
     send the bytes outside the destination directory, then be published as the file.
     ELOOP then, which the error table gives as access denied (fatal)."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+        return os.open(path, flags | os.O_NOFOLLOW, TEMP_MODE)
     except OSError as exc:
         if exc.errno != errno.ELOOP:
             raise
@@ -479,17 +485,32 @@ def _check_temp(tmp: str) -> None:
         raise OSError(errno.EACCES, "the temp file's name holds something other than a file")
 
 
-def _keep_mode(tmp: str, replaced: os.stat_result | None) -> None:
+def _keep_mode(tmp: str | Path, replaced: os.stat_result | None) -> None:
     """A file that replaces another keeps the other's permission bits (and, for root, its
     owner and group), as curl -o and wget keep them by writing in place: a private file
-    (0600) must not turn readable by all (0644) because a new version came over it."""
+    (0600) must not turn readable by all (0644) because a new version came over it. A new
+    name gets the usual mode, 0666 less the umask (its temp file was the owner's alone)."""
     if replaced is None:
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~_umask())
         return
     with contextlib.suppress(OSError):  # not ours to change: the temp file's stay
         if os.geteuid() == 0:
             os.chown(tmp, replaced.st_uid, replaced.st_gid)
         # The read, write and execute bits only: no set-user-ID bit carried over to new bytes.
         os.chmod(tmp, replaced.st_mode & 0o777)
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read where reading it changes nothing (Linux's
+    /proc/self/status; ``os.umask`` sets it, racing other threads' file creations).
+    Elsewhere the usual 022."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def sync_dirs(dirs: Iterable[str | Path]) -> None:
@@ -515,8 +536,10 @@ def publish_reply(job: Job) -> None:
     if not os.path.exists(tmp):
         return
     target = reply_path(job)
-    _check_replaceable(target)
+    replaced = _check_replaceable(target)
     try:
+        _check_temp(str(tmp))
+        _keep_mode(tmp, replaced)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:

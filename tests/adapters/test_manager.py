@@ -1107,6 +1107,20 @@ def test_a_file_published_over_another_keeps_its_permissions_and_owner(
     assert new.stat().st_uid == os.geteuid()
 
 
+def test_a_temp_file_is_its_owners_alone_until_complete(tmp_path: Path) -> None:
+    """The new version of a private file was readable by all (0644) in its temp file until
+    Complete gave it the old one's mode: temps are 0600 while they fill."""
+    private = tmp_path / "private.bin"
+    private.write_bytes(b"old secret")
+    os.chmod(private, 0o600)
+    temp = localfile.temp_path("12345678-aaaa-4aaa-8aaa-aaaaaaaaaaaa", 0, str(private))
+    fd = localfile.open_temp(temp, os.O_RDWR | os.O_CREAT)
+    os.close(fd)
+    assert stat.S_IMODE(temp.stat().st_mode) == 0o600
+    with localfile.new_temp(tmp_path / ".other.bhtmp") as f:
+        assert stat.S_IMODE(os.fstat(f.fileno()).st_mode) == 0o600
+
+
 def test_complete_after_an_error_keeps_the_whole_files_and_deletes_the_rest(
     manager: TransferManager, tmp_path: Path
 ) -> None:

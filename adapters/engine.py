@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -48,13 +49,13 @@ from backhaul.adapters.download import Downloads, FileRun
 from backhaul.adapters.fill import Fills
 from backhaul.adapters.jobrun import JobGone, StoreDown
 from backhaul.adapters.jobtable import JobTable, timer_deadline, wake_at
-from backhaul.adapters.manager import FileInfo, TransferJob, TransferManager
+from backhaul.adapters.manager import FileInfo, TransferJob, TransferManager, file_info
 from backhaul.adapters.network import network_up, system_cost
 from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.secret import SealedUnreadable
-from backhaul.adapters.store import STORE_ERRORS, ConcurrentAppend, Recorded
+from backhaul.adapters.store import STORE_ERRORS, ConcurrentAppend, Recorded, StoreUnavailable
 from backhaul.adapters.upload import Uploads
 from backhaul.adapters.view import ViewRow, due_text, queue_key
 from backhaul.adapters.yielding import YieldController, congestion_controls
@@ -215,6 +216,10 @@ class Engine(Downloads, Fills, Uploads):
         self._appended: dict[int, tuple[Recorded, Job | None]] = {}
         self._stopping = False
         self._cmdlines: dict[str, asyncio.Task[None]] = {}
+        # Seconds ``stop()`` waits for notify command lines still running, to record their
+        # exits; those that run on are ended (SIGTERM, then SIGKILL) and their runs are not
+        # recorded: the next engine runs them again. Nothing the engine started outlives it.
+        self.command_line_grace = 3.0
         # A file's bytes received and its size while the engine's copy does not show them
         # yet (a checkpoint is up to a second behind; a finished file's event, its
         # claiming): what a progress display adds to ``current``. Forgotten when the log
@@ -320,7 +325,9 @@ class Engine(Downloads, Fills, Uploads):
                     await self._apply_policies()
                     await self._fire_timers()
                     await self._schedule()
-                except STORE_ERRORS as exc:  # the log cannot be read (its server is gone)
+                except (*STORE_ERRORS, StoreUnavailable) as exc:
+                    # The log cannot be read (its server is gone), directly or through the
+                    # manager (which reports the same failure as StoreUnavailable): retried.
                     await self._sleep(self._reads.failed(exc))
                     continue
                 self._reads.ended()
@@ -370,8 +377,9 @@ class Engine(Downloads, Fills, Uploads):
             if job.state in (JobState.CONNECTING, JobState.TRANSFERRING) and not (
                 job.leased_by_other(self.worker, now)
             ):
-                # Left running by a previous engine (or a worker whose lease ran out).
-                self._enqueue(job.id, cmd.EndSlice())
+                # Left running by a previous engine (or a worker whose lease ran out): it ran
+                # until its last event, not until now (MaximumDownloadTime, §5).
+                self._enqueue(job.id, cmd.EndSlice(job.last_active_at))
             if job.state in (JobState.TRANSFERRED, JobState.ERROR):
                 self._notify_state(job)
         await self._flush()
@@ -390,6 +398,7 @@ class Engine(Downloads, Fills, Uploads):
             if self.worker is not None and job.lease_worker == self.worker:
                 with contextlib.suppress(BitsError, JobGone):
                     self._enqueue(job_id, cmd.ReleaseLease(self.worker))
+        await self._end_command_lines()  # their exits go in with the last batch
         await self._flush()  # waits for a batch the writer has in flight, too
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -397,10 +406,22 @@ class Engine(Downloads, Fills, Uploads):
         with contextlib.suppress(Exception):
             await self._follow()  # notify what our last appends caused
         for task in self._cmdlines.values():
-            task.cancel()
+            task.cancel()  # the clean-ups (discard, abort): the next engine does them again
         for mapping in (self._transports, self._uploaders):
             if mapping is not None:
                 await registry.close_all(mapping)  # each built instance once
+
+    async def _end_command_lines(self) -> None:
+        """At stop: the notify programs still running get ``command_line_grace`` seconds to
+        exit (their exits are recorded); those still running then are ended (``_command_line``
+        ends its program when cancelled, and records nothing)."""
+        running = [t for t in self._cmdlines.values() if t.get_name().startswith(_NOTIFY_TASK)]
+        if not running:
+            return
+        _done, late = await asyncio.wait(running, timeout=self.command_line_grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     def _idle(self) -> bool:
         if self._tasks or self._queue or self._cmdlines or self._in_flight:
@@ -626,6 +647,9 @@ class Engine(Downloads, Fills, Uploads):
     # -- notifications -------------------------------------------------------------------
 
     def _dispatch(self, rec: Recorded, _before: Job | None, job: Job) -> None:
+        """The callbacks ``rec`` is due, ``job`` being the job as of it. Their arguments come
+        from that copy, not from the store: as of the event, and no read that can fail (an
+        error here would lose the notification, or stop the engine)."""
         event = rec.event
         if isinstance(event, _TOLD) and log.isEnabledFor(logging.INFO):
             self._tell(job, event)
@@ -637,26 +661,24 @@ class Engine(Downloads, Fills, Uploads):
             # job (its RangesDone, its FileTransferred): "the ranges since the last callback".
             for index, ranges in self.callbacks.held_ranges(rec.job_id):
                 if wants(job, "file_ranges_transferred"):
-                    info = handle.file(index)
+                    info = file_info(job, index)
                     self.callbacks.call("file_ranges_transferred", handle, info, list(ranges))
         if isinstance(event, ev.FileTransferred) and wants(job, "file_transferred"):
-            self.callbacks.call("file_transferred", handle, handle.file(event.file_index))
-        if isinstance(event, ev.JobTransferred) and wants(job, "job_transferred"):
-            self.callbacks.call("job_transferred", handle)
-            return
-        to_error = (
-            ev.ErrorOccurred | ev.NoProgressTimedOut | ev.MaxDownloadTimeExceeded | ev.FileRejected
-        )
-        if isinstance(event, to_error) and job.state is JobState.ERROR:
-            if wants(job, "job_error"):
-                self.callbacks.call("job_error", handle, handle.error)
+            self.callbacks.call("file_transferred", handle, file_info(job, event.file_index))
+        if job.state in _NOTIFIED and job.state_since_version == rec.version:
+            # The move to TRANSFERRED or ERROR: its own callback, never JobModification
+            # (bits-core.md §9), whatever the flags.
+            if job.state is JobState.TRANSFERRED and wants(job, "job_transferred"):
+                self.callbacks.call("job_transferred", handle)
+            elif job.state is JobState.ERROR and wants(job, "job_error"):
+                self.callbacks.call("job_error", handle, job_error(job))
             return
         if (
             isinstance(event, ev.BytesCheckpointed)
             and job.files[event.file_index].ranges
             and wants(job, "file_ranges_transferred")
         ):
-            info = handle.file(event.file_index)
+            info = file_info(job, event.file_index)
             self.callbacks.call("file_ranges_transferred", handle, info, info.ranges)
         if isinstance(event, ev.RangesFilled) and wants(job, "file_ranges_transferred"):
             # IBackgroundCopyCallback3::FileRangesTransferred: the ranges that came since the
@@ -665,7 +687,7 @@ class Engine(Downloads, Fills, Uploads):
                 job, event.file_index, event.ranges, self.clock.monotonic()
             )
             if due is not None:
-                info = handle.file(event.file_index)
+                info = file_info(job, event.file_index)
                 self.callbacks.call("file_ranges_transferred", handle, info, list(due))
         if wants(job, "job_modification") and self.callbacks.modification_due(
             job, self.clock.monotonic()
@@ -698,7 +720,7 @@ class Engine(Downloads, Fills, Uploads):
         if job.state is JobState.TRANSFERRED and wants(job, "job_transferred"):
             self.callbacks.call("job_transferred", handle)
         elif job.state is JobState.ERROR and wants(job, "job_error"):
-            self.callbacks.call("job_error", handle, handle.error)
+            self.callbacks.call("job_error", handle, job_error(job))
 
     def _run_command_lines(self) -> None:
         now = self.clock.now()
@@ -707,25 +729,47 @@ class Engine(Downloads, Fills, Uploads):
                 continue
             reason = command_line_due(job, now)
             if reason is not None:
-                self._cmdlines[job.id] = asyncio.create_task(self._command_line(job, reason))
+                self._cmdlines[job.id] = asyncio.create_task(
+                    self._command_line(job, reason), name=f"{_NOTIFY_TASK}{job.id}"
+                )
 
     async def _command_line(self, job: Job, reason: str) -> None:
         assert job.notify_cmdline is not None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                job.notify_cmdline.program,
-                *job.notify_cmdline.parameters,
-                stdin=asyncio.subprocess.DEVNULL,
-                env={**os.environ, "BACKHAUL_JOB_ID": job.id, "BACKHAUL_JOB_STATE": job.state.name},
-            )
-            code = await proc.wait()
-        except OSError as exc:
-            log.warning("notify command line of %s failed to start: %s", job.id, exc)
-            code = -1
-        try:
-            await self._enqueue(job.id, cmd.RecordNotification(reason, code))
-        except (BitsError, JobGone, StoreDown):
-            pass  # the program completed or cancelled the job itself (or the log is down)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    job.notify_cmdline.program,
+                    *job.notify_cmdline.parameters,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    env={
+                        **os.environ,
+                        "BACKHAUL_JOB_ID": job.id,
+                        "BACKHAUL_JOB_STATE": job.state.name,
+                    },
+                    start_new_session=True,  # a process group of its own: ended whole at stop
+                )
+            except OSError as exc:
+                log.warning("notify command line of %s failed to start: %s", job.id, exc)
+                code = -1
+            else:
+                try:
+                    code = await proc.wait()
+                except asyncio.CancelledError:  # the engine stops, and the program runs on
+                    log.warning(
+                        "stopping: the notify command line of %s still runs; it is ended, "
+                        "and runs again with the next engine",
+                        job.id,
+                    )
+                    await _end_program(proc)
+                    raise  # not recorded: it did not complete
+            # For the state entry the run was started for: the job may have left it and come
+            # back while the program ran (the program itself may resume the job), and the
+            # new entry is due a run of its own.
+            record = cmd.RecordNotification(reason, code, job.state_since_version)
+            with contextlib.suppress(BitsError, JobGone, StoreDown):
+                # Refused: the program completed or cancelled the job itself (or the log is
+                # down: the run is not recorded, and runs again).
+                await self._enqueue(job.id, record)
         finally:
             self._cmdlines.pop(job.id, None)
 
@@ -1041,9 +1085,11 @@ class Engine(Downloads, Fills, Uploads):
                 continue
             if job.id not in tasks and not self._has_queued(job.id):
                 # Its transfer ended without a verdict (the log refused a write), or the
-                # worker that ran it lost its lease: requeue.
+                # worker that ran it lost its lease (it ran until its last event): requeue.
+                lost = job.lease_worker not in (None, self.worker)
+                until = job.last_active_at if lost else None
                 with contextlib.suppress(BitsError, JobGone):
-                    self._enqueue(job.id, cmd.EndSlice())
+                    self._enqueue(job.id, cmd.EndSlice(until))
         candidates = []
         # A FOREGROUND job that runs has nothing to gain or lose from a plan (foreground
         # jobs are never pre-empted nor sliced): with thousands of them running, a pass
@@ -1314,8 +1360,9 @@ class Engine(Downloads, Fills, Uploads):
             return None
         self._jobs[job_id] = job
         self._rebased(job_id)
-        if job.version >= self._logged.get(job_id, job).version:
-            self._logged[job_id] = job
+        # The logged copy stays as of the events read back: those between it and the head
+        # (the engine's own among them) are still to be observed, each notified as of itself.
+        self._logged.setdefault(job_id, job)
         return job
 
     def _rebased(self, job_id: str) -> None:
@@ -1518,11 +1565,24 @@ _TRANSFER_COMMANDS = (
     cmd.ProgressReply,
 )
 _NOTIFIED = (JobState.TRANSFERRED, JobState.ERROR)  # the states a notify command line is for
+_NOTIFY_TASK: Final = "notify-"  # the name of a notify command line's task: + the job id
+COMMAND_LINE_KILL_WAIT: Final = 2.0  # seconds from SIGTERM to SIGKILL for a notify program
 # States a policy can block (a blocked job waits in TRANSIENT_ERROR with blocked_by set).
 _UNBLOCKED = (JobState.QUEUED, *_RUNNING)
 
 _APPENDED_KEPT: Final = 100_000  # own events kept for observing at most (Engine._appended)
 _READ_BATCH: Final = 5000  # records per read of the log
+
+
+async def _end_program(proc: asyncio.subprocess.Process) -> None:
+    """End a notify program and whatever it started (its process group): SIGTERM, then
+    SIGKILL after ``COMMAND_LINE_KILL_WAIT`` seconds; and reap it."""
+    for sig, wait in ((signal.SIGTERM, COMMAND_LINE_KILL_WAIT), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), wait)
+            return
 
 
 def _use_lp(sock: Any) -> None:

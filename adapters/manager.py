@@ -654,7 +654,7 @@ def _seconds(value: timedelta | float) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
-def _file_info(job: Job, i: int) -> FileInfo:
+def file_info(job: Job, i: int) -> FileInfo:
     f = job.files[i]
     temp = None
     if job.job_type is JobType.DOWNLOAD and not f.completed:
@@ -1047,14 +1047,14 @@ class TransferJob:
     def files(self) -> list[FileInfo]:
         """EnumFiles: a snapshot of the file list with live progress."""
         job = self.snapshot()
-        return [_file_info(job, i) for i in range(len(job.files))]
+        return [file_info(job, i) for i in range(len(job.files))]
 
     def file(self, index: int) -> FileInfo:
         """One file of ``files()``, without building the others (a job may hold 10,000)."""
         job = self.snapshot()
         if not 0 <= index < len(job.files):
             raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {index}")
-        return _file_info(job, index)
+        return file_info(job, index)
 
     def get_file_property(self, index: int, prop: FilePropertyId) -> Any:
         job = self.snapshot()

@@ -23,8 +23,12 @@ called for it when the engine starts (the state is in the log).
 
 The notify command line runs as an argument vector (never through a shell) when a job
 is in TRANSFERRED or ERROR and has no successful run recorded since it got there. Its
-exit is recorded as a ``CommandLineNotified`` event; a non-zero exit while the job is
-still in that state runs it again after MinimumRetryDelay (SetNotifyCmdLine page).
+exit is recorded as a ``CommandLineNotified`` event, for the entry into the state the run
+was started for; a non-zero exit while the job is still in that state runs it again after
+MinimumRetryDelay (SetNotifyCmdLine page). When the engine stops, a program still running
+gets ``Engine.command_line_grace`` seconds (3) to exit, and its exit is recorded; one still
+running then is ended (SIGTERM to its process group, SIGKILL 2 s later) and its run is not
+recorded: the next engine runs it again. Nothing the engine started outlives it.
 """
 
 from __future__ import annotations
@@ -130,7 +134,8 @@ class Callbacks:
 def command_line_due_at(job: Job) -> datetime | None:
     """When the job's notify command line is next due: as it enters TRANSFERRED or ERROR,
     and MinimumRetryDelay after a run that did not exit 0. None when the job has no command
-    line, its flags leave this state out, or a run for this state exited 0."""
+    line, its flags leave this state out, or a run started since the job entered this state
+    exited 0 (a run started for an earlier entry counts for that one only)."""
     reason = REASON_OF_STATE.get(job.state)
     if reason is None or job.notify_cmdline is None:
         return None

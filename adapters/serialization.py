@@ -114,7 +114,9 @@ def _files_added_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
 
 def _unchanged(data: dict[str, Any]) -> dict[str, Any]:
     """FilesAdded v2 -> v3, RemoteNameChanged and ReplyLocated v1 -> v2: those versions added
-    a URL's sealed secrets (``password``, ``query``), absent (None) in every older state."""
+    a URL's sealed secrets (``password``, ``query``), absent (None) in every older state.
+    CommandLineNotified v1 -> v2: v2 added ``since_version``, absent (0) before. SliceEnded
+    v1 -> v2: v2 added ``active_until``, absent (None) before."""
     return data
 
 
@@ -123,7 +125,14 @@ def _unchanged(data: dict[str, Any]) -> dict[str, Any]:
 # The current schema version of each topic's stored form. Bump one (and add an upcaster)
 # whenever that topic's stored form changes; see specs/event-log.md for the history.
 SCHEMA_VERSION: Mapping[str, int] = MappingProxyType(
-    dict.fromkeys(EVENT_CLASSES, 1) | {"FilesAdded": 3, "RemoteNameChanged": 2, "ReplyLocated": 2}
+    dict.fromkeys(EVENT_CLASSES, 1)
+    | {
+        "FilesAdded": 3,
+        "RemoteNameChanged": 2,
+        "ReplyLocated": 2,
+        "CommandLineNotified": 2,
+        "SliceEnded": 2,
+    }
 )
 # Old topic -> current class name. Add a row (and a test) whenever an event is renamed.
 # Upcasters are keyed by the CURRENT name: an aliased state is upcast like the class's own.
@@ -135,6 +144,8 @@ UPCASTERS: Mapping[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] 
         ("FilesAdded", 2): _unchanged,
         ("RemoteNameChanged", 1): _unchanged,
         ("ReplyLocated", 1): _unchanged,
+        ("CommandLineNotified", 1): _unchanged,
+        ("SliceEnded", 1): _unchanged,
     }
 )
 

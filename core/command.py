@@ -267,7 +267,10 @@ class Unblock(Command):
 
 @attrs.frozen
 class EndSlice(Command):
-    pass
+    """``active_until``: for a transfer the engine that ran it left without ending it (see
+    ``SliceEnded``), the job's ``last_active_at``."""
+
+    active_until: datetime | None = None
 
 
 @attrs.frozen
@@ -308,8 +311,13 @@ class ReleaseLease(Command):
 
 @attrs.frozen
 class RecordNotification(Command):
+    """The notify command line started for ``reason`` exited with ``exit_code``.
+    ``since_version``: the job's ``state_since_version`` when the run started, the state
+    entry the run was for (the job may have left it and come back while it ran)."""
+
     reason: str
     exit_code: int
+    since_version: int = 0
 
 
 @attrs.frozen
@@ -907,7 +915,9 @@ _DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyT
         RestoreNetwork: _simple(Trigger.NETWORK_RESTORED, ev.NetworkRestored),
         Block: _block,
         Unblock: _simple(Trigger.UNBLOCKED, ev.JobUnblocked),
-        EndSlice: _simple(Trigger.SLICE_ENDED, ev.SliceEnded),
+        EndSlice: lambda job, c, now, limits: _transition(
+            job, Trigger.SLICE_ENDED, ev.SliceEnded(now, c.active_until)
+        ),
         Scavenge: _simple(Trigger.INACTIVITY_TIMEOUT, ev.JobScavenged),
         FinishRanges: _simple(Trigger.RANGES_DONE, ev.RangesDone),
         ProgressReply: _progress_reply,
@@ -916,7 +926,7 @@ _DECIDERS: Mapping[type[Command], Callable[..., list[ev.Event]]] = MappingProxyT
         OpenUploadSession: _open_upload_session,
         LocateReply: _locate_reply,
         RecordNotification: lambda job, c, now, limits: [
-            ev.CommandLineNotified(now, c.reason, c.exit_code)
+            ev.CommandLineNotified(now, c.reason, c.exit_code, c.since_version)
         ],
     }
 )

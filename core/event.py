@@ -235,6 +235,12 @@ class JobUnblocked(Event):
 
 @attrs.frozen
 class SliceEnded(Event):
+    """The job's turn ended (round robin), or the engine stopped it. ``active_until``: set
+    when the engine that ran the job stopped without ending it (killed, or a worker whose
+    lease ran out): its CONNECTING/TRANSFERRING time counts up to then (the job's last event
+    while it ran), not up to this event, which the next engine records after the downtime."""
+
+    active_until: datetime | None = None
     trigger = Trigger.SLICE_ENDED
 
 
@@ -332,10 +338,14 @@ class PolicyChanged(Event):
 
 @attrs.frozen
 class CommandLineNotified(Event):
-    """The notify command line ran for ``reason`` ("transferred"/"error") and exited."""
+    """The notify command line ran for ``reason`` ("transferred"/"error") and exited.
+    ``since_version``: the version at which the job entered the state the run was started
+    for; its exit counts for that entry only. 0 (events recorded before it was kept): the
+    run counts for the state the job is in at this event."""
 
     reason: str
     exit_code: int
+    since_version: int = 0
 
 
 @attrs.frozen

@@ -223,12 +223,16 @@ class Job:
     error_at: datetime | None = None
     retry_not_before: datetime | None = None
     state_since_version: int = 1
-    notified: tuple[tuple[str, int, int], ...] = ()  # (reason, at version, exit code)
+    # The notify command line's runs: (reason, version of the state entry it ran for, exit).
+    notified: tuple[tuple[str, int, int], ...] = ()
     notified_at: datetime | None = None  # when the notify command line last ran
     ever_resumed: bool = False
     no_progress_since: datetime | None = None
     active_since: datetime | None = None
     active_seconds: float = 0.0
+    # The time of the job's last event while in CONNECTING/TRANSFERRING: how far a transfer
+    # whose engine was killed is known to have run (SliceEnded.active_until).
+    last_active_at: datetime | None = None
     blocked_by: int | None = None
     result: int | None = None
 
@@ -342,12 +346,19 @@ def replaced(job: Job, changes: Mapping[str, Any]) -> Job:
 def _clock_changes(
     job: Job, new_state: JobState, event: ev.Event, trigger: Trigger | None
 ) -> dict[str, Any]:
-    """MaximumDownloadTime counts only CONNECTING and TRANSFERRING time (§5)."""
+    """MaximumDownloadTime counts only CONNECTING and TRANSFERRING time (§5). A slice that
+    a killed engine left open counts up to its last event, not up to the next engine's
+    start (``SliceEnded.active_until``): the downtime between is not transfer time."""
     was_active = job.state in _RUNNING
     now_active = new_state in _RUNNING
     changes: dict[str, Any] = {}
+    if now_active:
+        changes["last_active_at"] = event.at
     if was_active and not now_active and job.active_since is not None:
-        elapsed = max((event.at - job.active_since).total_seconds(), 0.0)
+        until = event.at
+        if isinstance(event, ev.SliceEnded) and event.active_until is not None:
+            until = min(until, event.active_until)
+        elapsed = max((until - job.active_since).total_seconds(), 0.0)
         changes["active_since"] = None
         changes["active_seconds"] = job.active_seconds + elapsed
     elif now_active and not was_active:
@@ -633,7 +644,10 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
         ev.LeaseTaken: lambda job, e: {"lease_worker": e.worker, "lease_expires": e.expires_at},
         ev.LeaseReleased: lambda job, e: {"lease_worker": None, "lease_expires": None},
         ev.CommandLineNotified: lambda job, e: {
-            "notified": (*job.notified[-7:], (e.reason, job.version, e.exit_code)),
+            "notified": (
+                *job.notified[-7:],
+                (e.reason, e.since_version or job.version, e.exit_code),
+            ),
             "notified_at": e.at,
         },
     }

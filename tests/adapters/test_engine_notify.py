@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,135 @@ def test_job_modification_without_a_minimum_interval_comes_for_every_change(
     assert len(of_type(by_engine, ev.BytesCheckpointed)) >= 3
 
 
+def test_job_modification_is_never_raised_for_the_moves_to_transferred_and_error(
+    tmp_path: Path,
+) -> None:
+    """JobModification is not raised for a transition to TRANSFERRED or ERROR (§9), even when
+    the flags ask for JobModification alone (no JOB_TRANSFERRED, no JOB_ERROR)."""
+    manager = TransferManager(home=tmp_path / "home")
+    states: dict[str, list[S]] = {}
+
+    async def main() -> tuple[TransferJob, TransferJob]:
+        async with FaultServer({"/f": Served(b"x" * 1000)}) as srv:
+            made = []
+            for path in ("/f", "/missing"):  # the second is a 404: fatal, to ERROR
+                job = new_job(
+                    manager,
+                    [(srv.url(path), tmp_path / path.strip("/"))],
+                    start=False,
+                    notify_flags=int(NotifyFlags.JOB_MODIFICATION),
+                )
+                job.set_property(JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS, 0)
+                job.resume()
+                made.append(job)
+            engine = make_engine(manager)
+
+            def modified(handle: TransferJob) -> None:
+                logged = engine.logged(handle.id)  # the job as of the event told
+                assert logged is not None
+                states.setdefault(handle.id, []).append(logged.state)
+
+            engine.on("job_modification", modified)
+            await asyncio.wait_for(engine.run(until_idle=True), 10)
+            return made[0], made[1]
+
+    done, failed = asyncio.run(main())
+    assert done.state is S.TRANSFERRED and failed.state is S.ERROR
+    assert S.TRANSFERRING in states[done.id] and S.TRANSFERRED not in states[done.id]
+    events = events_of(manager, done.id)
+    by_engine = events[[type(e) for e in events].index(ev.JobResumed) + 1 :]
+    assert len(states[done.id]) == len(by_engine) - 1  # every change but the last
+    assert states[failed.id] and S.ERROR not in states[failed.id]
+
+
+def test_no_notification_is_lost_when_a_client_change_makes_the_engine_reload_its_job(
+    tmp_path: Path,
+) -> None:
+    """A client's change lands while the engine's own FileTransferred is not read back yet:
+    the engine's next append conflicts and it reloads the job from the log. The events it
+    has not observed yet are still notified, each once, in the order of the log."""
+    manager = TransferManager(home=tmp_path / "home")
+    client = TransferManager(home=tmp_path / "home")
+    told: list[Any] = []
+
+    async def main() -> TransferJob:
+        files = {"/a": Served(b"a" * 1000), "/b": trickle(os.urandom(600 * KiB))}
+        async with FaultServer(files) as srv:
+            job = new_job(
+                manager,
+                [(srv.url("/a"), tmp_path / "a"), (srv.url("/b"), tmp_path / "b")],
+                start=False,
+                notify_flags=int(NotifyFlags.FILE_TRANSFERRED | NotifyFlags.JOB_TRANSFERRED),
+            )
+            job.resume()
+            # The loop reads the log back only every 2 s (nothing wakes it while a transfer
+            # runs), as a busy engine between two passes: the reload comes first.
+            engine = make_engine(manager, poll_interval=2.0)
+            engine.on("file_transferred", lambda j, info: told.append(info.index))
+            engine.on("job_transferred", lambda j: told.append("job"))
+            run = asyncio.create_task(engine.run(until_idle=True))
+            await until(
+                lambda: bool(of_type(events_of(manager, job.id), ev.FileTransferred)),
+                "file 0 transferred",
+            )
+            client.get_job(job.id).description = "changed while the engine runs"
+            await asyncio.wait_for(run, 30)
+            return job
+
+    job = asyncio.run(main())
+    events = events_of(manager, job.id)
+    kinds = [type(e) for e in events]
+    # The client's change came between the two files (what made the engine reload).
+    assert kinds.index(ev.FileTransferred) < kinds.index(ev.PropertySet, kinds.index(ev.JobResumed))
+    assert len(of_type(events, ev.FileTransferred)) == 2
+    assert told == [0, 1, "job"]
+
+
+def test_a_store_read_that_fails_while_callbacks_are_told_neither_stops_the_engine_nor_loses_one(
+    tmp_path: Path,
+) -> None:
+    """The callbacks' arguments come from the engine's copy of the job: a read of the store
+    that fails (SQLite's disk I/O error, which the manager turns into StoreUnavailable) does
+    not kill the loop, and every notification is told."""
+    manager = TransferManager(home=tmp_path / "home")
+    told: list[int] = []
+
+    async def main() -> TransferJob:
+        files = {"/a": Served(b"a" * 1000), "/b": trickle(os.urandom(300 * KiB))}
+        async with FaultServer(files) as srv:
+            job = new_job(
+                manager,
+                [(srv.url("/a"), tmp_path / "a"), (srv.url("/b"), tmp_path / "b")],
+                start=False,
+                notify_flags=int(NotifyFlags.FILE_TRANSFERRED | NotifyFlags.JOB_TRANSFERRED),
+            )
+            job.resume()
+            engine = make_engine(manager)
+            engine.on("file_transferred", lambda j, info: told.append(info.index))
+            stream = manager.store.stream
+            loop_thread = threading.get_ident()
+            failed: list[bool] = []
+
+            def flaky_stream(*args: Any, **kwargs: Any) -> Any:
+                # The engine reads the log in worker threads; a read in the loop's thread
+                # fails once.
+                if threading.get_ident() == loop_thread and not failed:
+                    failed.append(True)
+                    raise sqlite3.OperationalError("disk I/O error")
+                return stream(*args, **kwargs)
+
+            manager.store.stream = flaky_stream  # type: ignore[method-assign]
+            try:
+                await asyncio.wait_for(engine.run(until_idle=True), 20)
+            finally:
+                manager.store.stream = stream  # type: ignore[method-assign]
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    assert told == [0, 1]
+
+
 def test_job_error_comes_once_when_a_retry_fails_past_the_no_progress_deadline(
     tmp_path: Path,
 ) -> None:
@@ -381,3 +512,144 @@ def test_a_failing_command_line_runs_again_after_the_retry_delay_until_the_job_i
     assert job.state is S.ACKNOWLEDGED
     assert marker.read_text() == f"TRANSFERRED {job.id}\n" * 2
     assert (tmp_path / "f").read_bytes() == data
+
+
+NOTIFY_AND_RESUME = """
+import os, sys, time
+from backhaul.adapters.manager import TransferManager
+home, marker = sys.argv[1], sys.argv[2]
+job_id = os.environ["BACKHAUL_JOB_ID"]
+with open(marker, "a") as out:
+    out.write(os.environ["BACKHAUL_JOB_STATE"] + "\\n")
+manager = TransferManager(home=home)
+if len(open(marker).read().splitlines()) == 1:
+    manager.get_job(job_id).resume()  # the first run retries the job...
+    deadline = time.time() + 15
+    while time.time() < deadline:  # ...and exits 0 only once it failed again
+        errors = [e for e in manager.store.stream(job_id) if type(e.event).__name__ == "ErrorOccurred"]
+        if len(errors) >= 2:
+            break
+        time.sleep(0.05)
+sys.exit(0)
+"""
+
+
+def test_a_run_that_exits_after_the_job_came_back_to_error_counts_for_its_own_error_only(
+    tmp_path: Path,
+) -> None:
+    """The program resumes the job, which fails again while the program still runs; it
+    exits 0 after that. Its exit counts for the ERROR it was started for: the new ERROR
+    gets a run of its own."""
+    manager = TransferManager(home=tmp_path / "home")
+    script = tmp_path / "notify.py"
+    script.write_text(NOTIFY_AND_RESUME)
+    marker = tmp_path / "marker"
+
+    async def main() -> TransferJob:
+        async with FaultServer({}) as srv:  # every path is a 404: fatal, to ERROR
+            job = new_job(manager, [(srv.url("/missing"), tmp_path / "m")], start=False)
+            job.set_notify_cmdline(sys.executable, str(script), str(tmp_path / "home"), str(marker))
+            job.resume()
+
+            def notified() -> list[Any]:
+                return of_type(events_of(manager, job.id), ev.CommandLineNotified)
+
+            async with running(make_engine(manager)):
+                await until(lambda: len(notified()) == 2, "a run for each ERROR", 30)
+                await asyncio.sleep(0.3)
+            return job
+
+    job = asyncio.run(main())
+    events = events_of(manager, job.id)
+    assert job.state is S.ERROR
+    assert len(of_type(events, ev.ErrorOccurred)) == 2
+    assert marker.read_text() == "ERROR\n" * 2
+    first, second = of_type(events, ev.CommandLineNotified)
+    assert [(n.reason, n.exit_code) for n in (first, second)] == [("error", 0)] * 2
+    assert first.since_version < second.since_version  # each for its own entry into ERROR
+
+
+SLOW_NOTIFY = """
+import os, signal, sys, time
+marker, seconds, stubborn = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+first = not os.path.exists(marker)
+if first and stubborn:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(marker, "a") as out:
+    out.write(f"start {os.getpid()}\\n")
+if first:
+    time.sleep(seconds)
+with open(marker, "a") as out:
+    out.write(f"end {os.getpid()}\\n")
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_during_the_command_line(
+    tmp_path: Path, seconds: float, *, stubborn: bool = False, grace: float = 3.0
+) -> tuple[TransferManager, TransferJob, Path, float]:
+    """Run a job whose notify program's first run takes ``seconds`` (ignoring SIGTERM when
+    ``stubborn``), and stop the engine as soon as the program started; how long the stop took."""
+    manager = TransferManager(home=tmp_path / "home")
+    script = tmp_path / "notify.py"
+    script.write_text(SLOW_NOTIFY)
+    marker = tmp_path / "marker"
+
+    async def main() -> tuple[TransferJob, float]:
+        async with FaultServer({"/f": Served(b"x" * 1000)}) as srv:
+            job = new_job(manager, [(srv.url("/f"), tmp_path / "f")], start=False)
+            job.set_notify_cmdline(
+                sys.executable, str(script), str(marker), str(seconds), str(int(stubborn))
+            )
+            job.resume()
+            engine = make_engine(manager)
+            engine.command_line_grace = grace
+            async with running(engine):
+                await until(marker.exists, "the notify program started")
+                stopping = time.monotonic()
+            return job, time.monotonic() - stopping
+
+    job, took = asyncio.run(main())
+    return manager, job, marker, took
+
+
+def test_a_command_line_running_at_stop_is_waited_for_and_its_exit_recorded(
+    tmp_path: Path,
+) -> None:
+    manager, job, marker, _ = stop_during_the_command_line(tmp_path, 1.0)
+
+    pid = int(marker.read_text().split()[1])
+    assert marker.read_text() == f"start {pid}\nend {pid}\n"  # it exited before the stop ended
+    notified = of_type(events_of(manager, job.id), ev.CommandLineNotified)
+    assert [(n.reason, n.exit_code) for n in notified] == [("transferred", 0)]
+    # Its exit is in the log: the next engine does not run it again.
+    asyncio.run(make_engine(manager).run(until_idle=True))
+    assert marker.read_text() == f"start {pid}\nend {pid}\n"
+
+
+def test_a_command_line_still_running_after_the_grace_is_ended_and_runs_again(
+    tmp_path: Path,
+) -> None:
+    """A program that outlasts the grace (and ignores SIGTERM) is killed with the stop, and
+    its run is not recorded: the next engine runs it again, as BITS would."""
+    manager, job, marker, took = stop_during_the_command_line(
+        tmp_path, 60.0, stubborn=True, grace=0.3
+    )
+
+    pid = int(marker.read_text().split()[1])
+    assert not alive(pid)  # nothing the engine started outlives it
+    assert took < 10  # the grace, then SIGTERM and SIGKILL: not the program's 60 s
+    assert marker.read_text() == f"start {pid}\n"
+    assert of_type(events_of(manager, job.id), ev.CommandLineNotified) == []
+    asyncio.run(make_engine(manager).run(until_idle=True))
+    runs = marker.read_text().splitlines()
+    assert len(runs) == 3 and runs[1].startswith("start") and runs[2].startswith("end")
+    notified = of_type(events_of(manager, job.id), ev.CommandLineNotified)
+    assert [(n.reason, n.exit_code) for n in notified] == [("transferred", 0)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -73,6 +74,8 @@ ACTIVE, SHADOWED, AMBIGUOUS = "active", "shadowed", "ambiguous"
 T = TypeVar("T")
 P = TypeVar("P", Transport, Uploader)
 _SCHEME: Final = re.compile(r"[a-z][a-z0-9+.-]*")
+
+log = logging.getLogger("backhaul.engine")
 
 
 def _normalize(name: str) -> str:
@@ -288,9 +291,14 @@ def opened(transports: Mapping[str, T]) -> list[T]:
 
 
 async def close_all(transports: Mapping[str, Any]) -> None:
-    """Close every transport (or uploader) of ``transports`` that exists, once each."""
+    """Close every transport (or uploader) of ``transports`` that exists, once each. One
+    whose ``close`` fails (a plugin's) is logged and the others are closed all the same:
+    an engine that stops must not leave connections open, nor fail, for one plugin."""
     for transport in opened(transports):
-        await transport.close()
+        try:
+            await transport.close()
+        except Exception:
+            log.exception("closing %r failed; the other transports are closed", transport)
 
 
 def transport_for(transports: Mapping[str, T], remote_name: str) -> T:

@@ -186,6 +186,26 @@ def test_close_all_closes_a_shared_instance_of_a_plain_mapping_once() -> None:
     assert closed == [shared]
 
 
+def test_close_all_closes_the_others_when_one_close_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A plugin whose close raises stopped the closing (the others' connections stayed
+    open) and the exception came out of the engine's run."""
+    closed: list[str] = []
+
+    class Failing(FileTransport):
+        async def close(self) -> None:
+            raise RuntimeError("the plugin's close failed")
+
+    class Counting(FileTransport):
+        async def close(self) -> None:
+            closed.append("closed")
+
+    asyncio.run(registry.close_all({"a": Failing(), "b": Counting()}))
+    assert closed == ["closed"]
+    assert "the other transports are closed" in caplog.text
+
+
 # -- conflicts ------------------------------------------------------------------------------------
 
 

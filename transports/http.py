@@ -1688,6 +1688,10 @@ class HttpTransport:
                 raise _refused(refusal, f"redirect from HTTPS down to {_redact(following)}")
             if following.origin() != origin:
                 headers = [(n, v) for n, v in headers if n.lower() not in _CREDENTIAL_HEADERS]
+            if resp.status == 303 and method != "HEAD":
+                # See Other: the answer is elsewhere, fetched with GET whatever the custom
+                # method asked (RFC 9110 §15.4.4; WinHTTP and every browser do so).
+                method = "GET"
             target = following
             redirected = str(target)
         raise TransferError(

@@ -40,11 +40,16 @@ async def serving(
     *,
     head: bool = True,
     ssl_context: ssl.SSLContext | None = None,
+    any_method: bool = False,
 ) -> AsyncIterator[str]:
-    """An aiohttp.web app on 127.0.0.1:<free port>; yields its base URL."""
+    """An aiohttp.web app on 127.0.0.1:<free port>; yields its base URL. ``any_method``:
+    the routes take every method (a custom HTTP method), not GET (and HEAD) only."""
     app = web.Application()
     for path, handler in routes.items():
-        app.router.add_get(path, handler, allow_head=head)
+        if any_method:
+            app.router.add_route("*", path, handler)
+        else:
+            app.router.add_get(path, handler, allow_head=head)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
     await runner.setup()
     sock = socket.socket()
@@ -531,6 +536,29 @@ def test_a_redirect_is_followed_and_the_final_url_reported() -> None:
     base, url, got = run(body)
     assert url == f"{base}/new"
     assert got == DATA[5:]
+
+
+@pytest.mark.parametrize(("status", "then"), [(303, "GET"), (307, "REPORT")])
+def test_a_see_other_is_fetched_with_get_whatever_the_custom_method(status: int, then: str) -> None:
+    """A custom method (SetHttpMethod) answered 303 See Other: the answer is fetched with
+    GET (it was asked with the custom method again); 307 keeps the method."""
+    seen: list[tuple[str, str]] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        seen.append((request.method, request.path))
+        if request.path == "/ask" and status == 303:
+            raise web.HTTPSeeOther("/answer")
+        if request.path == "/ask":
+            raise web.HTTPTemporaryRedirect("/answer")
+        return web.Response(body=DATA)
+
+    async def body(t: HttpTransport) -> bytes:
+        async with serving({"/ask": answer, "/answer": answer}, any_method=True) as base:
+            download = await t.open(f"{base}/ask", RequestOptions(http_method="REPORT"))
+            return await read_all(download)
+
+    assert run(body) == DATA
+    assert seen == [("REPORT", "/ask"), (then, "/answer")]
 
 
 @pytest.mark.parametrize(

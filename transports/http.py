@@ -229,6 +229,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_plus
 
 import aiohttp
+import attrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.tracing import Trace
 from yarl import URL
@@ -1855,7 +1856,10 @@ class HttpTransport:
             return _remote(resp, _content_length(resp), redirected=redirected)
         await _discard(resp)
         if resp.status == 416 and _unsatisfied_size(resp) == 0:
-            return _remote(resp, 0, redirected=redirected)  # an empty file has no byte 0
+            # An empty file has no byte 0; a server that says so with a Content-Range takes
+            # ranges (an on-demand job of an empty file needs nothing more).
+            remote = _remote(resp, 0, redirected=redirected)
+            return attrs.evolve(remote, accepts_ranges=True)
         if quiet:
             return None
         raise _status_error(resp)

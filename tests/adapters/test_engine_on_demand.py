@@ -285,6 +285,27 @@ def test_a_range_requested_before_the_size_was_known_and_outside_the_file(
     assert job.filled_file_ranges(0) == []
 
 
+def test_an_empty_file_whose_head_gives_no_length_is_filled_on_demand(tmp_path: Path) -> None:
+    """aiohttp's server answers HEAD of an empty file without a Content-Length, and the probe
+    (Range: bytes=0-0) gets 416 with Content-Range bytes */0: that server takes ranges, and
+    the empty file is published (it ended BG_E_RANDOM_ACCESS_NOT_SUPPORTED)."""
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(b"")}) as srv:
+            job = on_demand_job(manager, srv.url("/f"), tmp_path / "f")
+            job.request_file_ranges(0, [(0, None)])
+            async with running(make_engine(manager)):
+                job.resume()
+                await until(lambda: job.state in (S.TRANSFERRED, S.ERROR), "the end")
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED, job.error
+    assert job.complete() == hr.S_OK
+    assert (tmp_path / "f").read_bytes() == b""
+
+
 def test_max_download_size_bounds_the_bytes_an_on_demand_file_holds(tmp_path: Path) -> None:
     """BITS_JOB_PROPERTY_MAX_DOWNLOAD_SIZE holds for random access too: the second range
     takes the file's bytes past the limit, and the job ends in ERROR with

@@ -39,7 +39,7 @@ from backhaul.core import hresult
 from backhaul.core import job as jobs
 from backhaul.core import projection as proj
 from backhaul.core.bandwidth import BandwidthPolicy, EngineSettings, check_network_cost
-from backhaul.core.error import BitsError
+from backhaul.core.error import BitsError, TransferError
 from backhaul.core.event import POLICY_STREAM, Event, JobCreated, PolicyChanged
 from backhaul.core.job import Job
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
@@ -1250,12 +1250,16 @@ def _split_url_credentials(
     for name in names:
         if isinstance(name, str) and name[:6].lower() == "smb://":
             try:
-                from backhaul.transports.smb import split_smb_credentials
+                from backhaul.transports.smb import parse_smb_name, split_smb_credentials
             except ImportError:
                 raise BitsError(
                     hresult.E_INVALIDARG, "smb:// URLs need backhaul's smb extra"
                 ) from None
             name, user, password = split_smb_credentials(name)
+            try:  # refused now, before anything is recorded (it may hold a login it hides)
+                parse_smb_name(name)
+            except TransferError as exc:
+                raise BitsError(exc.hresult, exc.message) from None
             if user is not None:
                 logins.add((user, password))
         cleaned.append(name)

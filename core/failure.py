@@ -68,6 +68,7 @@ TRANSIENT: Mapping[int, bool] = MappingProxyType(
         hr.hresult_from_win32(hr.ERROR_DISK_FULL): True,
         hr.hresult_from_win32(hr.ERROR_HANDLE_DISK_FULL): True,
         hr.hresult_from_win32(hr.ERROR_SHARING_VIOLATION): True,
+        hr.hresult_from_win32(hr.ERROR_LOCK_VIOLATION): True,
         hr.hresult_from_win32(hr.ERROR_WINHTTP_TIMEOUT): True,
         hr.hresult_from_win32(hr.ERROR_WINHTTP_SECURE_FAILURE): False,
         hr.hresult_from_win32(hr.ERROR_WINHTTP_SECURE_CERT_REVOKED): False,

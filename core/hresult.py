@@ -202,6 +202,7 @@ ERROR_FILE_NOT_FOUND: Final = 2
 ERROR_PATH_NOT_FOUND: Final = 3
 ERROR_ACCESS_DENIED: Final = 5
 ERROR_SHARING_VIOLATION: Final = 32
+ERROR_LOCK_VIOLATION: Final = 33
 ERROR_HANDLE_DISK_FULL: Final = 39
 ERROR_FILE_EXISTS: Final = 80
 ERROR_DISK_FULL: Final = 112
@@ -371,6 +372,7 @@ _WIN32_DESCRIPTIONS: Final[dict[str, str]] = {
     "ERROR_PATH_NOT_FOUND": "the path does not exist",
     "ERROR_ACCESS_DENIED": "access to the file or share was refused",
     "ERROR_SHARING_VIOLATION": "another process holds the file open",
+    "ERROR_LOCK_VIOLATION": "another process has locked a portion of the file",
     "ERROR_HANDLE_DISK_FULL": "the disk is full",
     "ERROR_FILE_EXISTS": "the file already exists",
     "ERROR_DISK_FULL": "not enough space on the disk",

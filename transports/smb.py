@@ -240,6 +240,8 @@ _STATUS_TABLE: Final[Mapping[int, tuple[int, ErrorContext]]] = MappingProxyType(
         0xC000003B: (_w32(_ERROR_BAD_PATHNAME), _R),  # STATUS_OBJECT_PATH_SYNTAX_BAD
         0xC0000043: (_w32(hr.ERROR_SHARING_VIOLATION), _R),  # STATUS_SHARING_VIOLATION
         0xC0000044: (_w32(hr.ERROR_DISK_FULL), _R),  # STATUS_QUOTA_EXCEEDED
+        0xC0000054: (_w32(hr.ERROR_LOCK_VIOLATION), _R),  # STATUS_FILE_LOCK_CONFLICT
+        0xC0000055: (_w32(hr.ERROR_LOCK_VIOLATION), _R),  # STATUS_LOCK_NOT_GRANTED
         0xC0000056: (_w32(_ERROR_DELETE_PENDING), _R),  # STATUS_DELETE_PENDING
         0xC000005A: (_w32(_ERROR_INVALID_OWNER), _R),  # STATUS_INVALID_OWNER
         0xC0000061: (_w32(_ERROR_PRIVILEGE_NOT_HELD), _R),  # STATUS_PRIVILEGE_NOT_HELD
@@ -438,35 +440,47 @@ def parse_smb_name(name: str, default_port: int = DEFAULT_PORT) -> SmbName:
     if name[: len(_SCHEME)].lower() != _SCHEME:
         raise _invalid(f"not an smb URL or UNC name: {_redacted(name)}")
     clean, user, password = split_smb_credentials(name)
+    shown = _shown(clean)  # for messages: what split left may still hold a login
     _, authority, rest = _split_authority(clean)
     if "?" in rest or "#" in rest:
-        raise _invalid(f"{clean!r}: percent-encode '?' and '#' in SMB paths")
+        raise _invalid(f"{shown!r}: percent-encode '?' and '#' in SMB paths")
     host, port = authority, default_port
     if authority.startswith("["):  # an IPv6 literal
         end = authority.find("]")
         if end < 0:
-            raise _invalid(f"bad host in {clean!r}")
+            raise _invalid(f"bad host in {shown!r}")
         host, tail = authority[1:end], authority[end + 1 :]
         if tail:
             if not tail.startswith(":"):
-                raise _invalid(f"bad host in {clean!r}")
-            port = _port(tail[1:], clean)
+                raise _invalid(f"bad host in {shown!r}")
+            port = _port(tail[1:], shown)
     elif ":" in authority:
         host, _, port_text = authority.rpartition(":")
-        port = _port(port_text, clean)
+        port = _port(port_text, shown)
     if not host:
-        raise _invalid(f"no host in {clean!r}")
+        raise _invalid(f"no host in {shown!r}")
     parts = [unquote(p) for p in rest.split("/")[1:]]
     if len(parts) < 2:
-        raise _invalid(f"{clean!r} is not smb://host/share/path")
+        raise _invalid(f"{shown!r} is not smb://host/share/path")
     share, *path = parts
-    return SmbName(unquote(host), port, *_share_path(share, path, clean), user, password)
+    return SmbName(unquote(host), port, *_share_path(share, path, shown), user, password)
 
 
 def _share_path(share: str, path: list[str], name: str) -> tuple[str, str]:
     if not share or not path:
         raise _invalid(f"{name!r} names no share or no file")
+    _components([share], name)  # no '..' nor an encoded separator in the share's name either
     return share, "\\".join(_components(path, name))
+
+
+def _shown(url: str) -> str:
+    """An ``smb://`` name fit for a message when it may not parse: whatever comes before its
+    last '@' cut (a password holding an unencoded '/' is not where a URL's user info is, so
+    ``split_smb_credentials`` left it there)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}{sep}...@{rest.rpartition('@')[2]}"
 
 
 def _redacted(name: str) -> str:
@@ -635,8 +649,8 @@ class Acl:
             if at + 4 > end:
                 raise ValueError("ACE beyond its ACL")
             ace_type, ace_flags, ace_size = struct.unpack_from("<BBH", data, at)
-            if ace_size < 4 or at + ace_size > end:
-                raise ValueError("bad ACE size")
+            if ace_size < 4 or ace_size % 4 or at + ace_size > end:
+                raise ValueError("bad ACE size")  # not a multiple of 4: no ACE, nor packable
             aces.append(Ace(ace_type, ace_flags, bytes(data[at + 4 : at + ace_size])))
             at += ace_size
         return cls(tuple(aces), revision)

@@ -682,6 +682,23 @@ def test_a_new_name_keeps_the_signed_query_only_while_it_shows_the_same_one(
     assert (z.remote_name, z.spec.query) == ("https://a.example/z?page=1", None)
 
 
+def test_an_smb_url_whose_password_holds_a_slash_is_refused_unrecorded(home: Path) -> None:
+    """'/' ends a URL's authority, so ``smb://alice:s3cr/et@host/...`` has no user info to
+    move out: it was recorded whole, and the engine's error quoted it. AddFile refuses it,
+    nothing recorded, the password nowhere (a '%2F' in its place is the way)."""
+    with TransferManager(home=home) as manager:
+        job = manager.create_job("smb")
+        with pytest.raises(BitsError) as refused:
+            job.add_file("smb://alice:s3cr/et@127.0.0.1/share/f.bin", home / "f.bin")
+        assert refused.value.hresult == hresult.E_INVALIDARG
+        assert "s3cr" not in str(refused.value)
+        assert job.files() == []
+        job.add_file("smb://alice:s3cr%2Fet@127.0.0.1/share/f.bin", home / "f.bin")
+        assert job.files()[0].remote_name == "smb://127.0.0.1/share/f.bin"
+    stored = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("backhaul.db"))
+    assert b"s3cr" not in stored
+
+
 def test_the_core_refuses_a_remote_name_that_still_holds_a_password(
     tmp_path: Path, memory: TransferManager
 ) -> None:

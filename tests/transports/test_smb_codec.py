@@ -122,6 +122,10 @@ def test_parse_ipv6_literal_and_url_credentials_are_kept_out_of_display() -> Non
         "\\\\host\\share\\",
         "\\\\\\share\\f",
         "\\\\host\\share\\..\\f",
+        "\\\\host\\..\\f",  # the share's name: no '..' nor an encoded separator either
+        "smb://host/%2E%2E/f",
+        "smb://host/s%5Cd/f",
+        "smb://host/s%2F..%2F/f",
         "http://host/s/f",
         "file:///etc/passwd",
     ],
@@ -209,6 +213,24 @@ def test_a_null_dacl_is_kept_apart_from_an_absent_one() -> None:
     assert null.parts == AclFlags.DACL
     assert SecurityDescriptor().parts == 0
     assert SecurityDescriptor.parse(null.pack()).select(AclFlags.OWNER).parts == 0
+
+
+def test_a_password_with_an_unencoded_slash_is_never_shown() -> None:
+    """'/' ends a URL's authority: in ``smb://alice:s3cr/et@host/...`` the login is not where
+    user info is, nothing takes it out, and the port parse failed quoting it whole."""
+    with pytest.raises(TransferError) as caught:
+        parse_smb_name("smb://alice:s3cr/et@127.0.0.1/share/f.bin")
+    assert "s3cr" not in caught.value.message and "alice" not in caught.value.message
+    assert "127.0.0.1/share/f.bin" in caught.value.message
+
+
+def test_an_ace_whose_size_is_no_multiple_of_4_is_malformed() -> None:
+    """It parsed, then packing it again (to select or merge) raised a bare ValueError."""
+    ace = b"\x00\x00" + struct.pack("<H", 22) + b"\x00" * 18
+    acl = struct.pack("<BBHHH", 2, 0, 8 + len(ace), 1, 0) + ace
+    data = b"\x01\x00\x04\x80" + struct.pack("<IIII", 0, 0, 0, 20) + acl
+    with pytest.raises(ValueError):
+        SecurityDescriptor.parse(data)
 
 
 @pytest.mark.parametrize(

@@ -364,6 +364,7 @@ class Engine(Downloads, Fills, Uploads):
         await asyncio.to_thread(self.manager.refresh_views)
         self._position = self.store.views.position()
         now = self.clock.now()
+        await self._abort_cancelled_uploads(now)
         # Only the jobs whose time is near: 100,000 jobs waiting for a retry, SUSPENDED or
         # TRANSFERRED do not make start-up slow. The others come in with their next event,
         # or when a scan finds their time near (read model's next_due, jobtable.wake_at).
@@ -612,6 +613,38 @@ class Engine(Downloads, Fills, Uploads):
                 task = asyncio.create_task(self._abort_uploads(job))
                 self._cmdlines[key] = task
                 task.add_done_callback(lambda _t: self._cmdlines.pop(key, None))
+
+    async def _abort_cancelled_uploads(self, now: datetime) -> None:
+        """Uploads cancelled in the last ``CANCEL_SESSION_WINDOW`` (24 h, or their
+        NoProgressTimeout if shorter, as BITS keeps telling the server): their server
+        sessions are cancelled again (Cancel-Session, an SMB temp deleted). A Cancel made
+        while no engine ran, or whose Cancel-Session failed, was never sent again before;
+        for a session already gone the server's refusal ends it."""
+        rows = await asyncio.to_thread(
+            self.store.views.select,
+            None,
+            include_final=True,
+            states=[int(JobState.CANCELLED)],
+        )
+        recent = [
+            r.job_id
+            for r in rows
+            if r.job_type != int(JobType.DOWNLOAD)
+            and now - datetime.fromisoformat(r.modified_at) < CANCEL_SESSION_WINDOW
+        ]
+        if not recent:
+            return
+        found = await asyncio.to_thread(self.store.views.get_many, recent)
+        for row in found.values():
+            job = job_of(row)
+            window = min(CANCEL_SESSION_WINDOW, timedelta(seconds=job.no_progress_timeout or 0))
+            if not any(f.upload_token for f in job.files) or now - job.modified_at >= window:
+                continue
+            key = f"abort-{job.id}"
+            if key not in self._cmdlines:
+                task = asyncio.create_task(self._abort_uploads(job))
+                self._cmdlines[key] = task
+                task.add_done_callback(lambda _t, key=key: self._cmdlines.pop(key, None))
 
     async def _discard_after(self, task: asyncio.Task[None] | None, job: Job) -> None:
         """Cancel deletes temp files; a transfer still running may have made one after
@@ -1566,6 +1599,8 @@ _TRANSFER_COMMANDS = (
 )
 _NOTIFIED = (JobState.TRANSFERRED, JobState.ERROR)  # the states a notify command line is for
 _NOTIFY_TASK: Final = "notify-"  # the name of a notify command line's task: + the job id
+# How long after Cancel an upload's server session is still cancelled again (bits-core.md §5).
+CANCEL_SESSION_WINDOW: Final = timedelta(hours=24)
 COMMAND_LINE_KILL_WAIT: Final = 2.0  # seconds from SIGTERM to SIGKILL for a notify program
 # States a policy can block (a blocked job waits in TRANSIENT_ERROR with blocked_by set).
 _UNBLOCKED = (JobState.QUEUED, *_RUNNING)

@@ -367,6 +367,44 @@ def test_cancelling_an_upload_cancels_the_server_session(tmp_path: Path) -> None
     asyncio.run(body())
 
 
+def test_an_upload_cancelled_while_no_engine_ran_is_cancelled_on_the_server_later(
+    tmp_path: Path,
+) -> None:
+    """BITS keeps telling the server of an upload's Cancel for up to 24 h: a job cancelled
+    while no engine ran (the daemon stopped) left its session and partial file on the server
+    for good. The next engine sends Cancel-Session; the session's bytes are gone."""
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(16 * 1024 * 1024))
+
+    async def body() -> None:
+        async with upload_server(tmp_path) as (url, _www):
+            manager = TransferManager(home=tmp_path / "home")
+            job = manager.create_job("upload", JobType.UPLOAD)
+            job.add_file(f"{url}/big.bin", source)
+            job.resume()
+            engine = Engine(manager, poll_interval=0.05)
+            engine.upload_fragment = 128 * 1024
+            run = asyncio.create_task(engine.run())
+            sessions = tmp_path / "sessions"
+            while not list(sessions.rglob("request.bin")):
+                await asyncio.sleep(0.005)
+            engine.stop()
+            await run
+            job.cancel()  # no engine runs
+            assert list(sessions.rglob("request.bin"))
+            later = Engine(manager, poll_interval=0.05)
+            run = asyncio.create_task(later.run())
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if not list(sessions.rglob("request.bin")):
+                    break
+            later.stop()
+            await run
+            assert not list(sessions.rglob("request.bin"))
+
+    asyncio.run(body())
+
+
 # -- upload-reply faults, on the manual clock -------------------------------------------------
 
 

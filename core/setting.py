@@ -203,6 +203,11 @@ def _check_proxy(value: Any, job: Job) -> dict[str, Any]:
         if len(text) > limit.PROXY_LIST_MAX:
             raise _invalid(f"the {what} list is longer than {limit.PROXY_LIST_MAX}", code)
         bad = [entry for entry in text.split() if not pattern.match(entry)]
+        if any("@" in entry for entry in bad):  # a login: never echoed, and not its place
+            raise _invalid(
+                f"a {what} list entry holds a login (user@): give the proxy's credentials "
+                "with SetCredentials (target PROXY)"
+            )
         if bad:
             raise _invalid(f"invalid {what} list entries: {' '.join(bad)}")
     return {"usage": int(usage), "proxy_list": value.proxy_list, "bypass_list": value.bypass_list}

@@ -232,6 +232,19 @@ def test_invalid_proxy_settings(
     assert refused(job, lambda: job.set_proxy_settings(over, huge)) == hr.BG_E_PROXY_LIST_TOO_LARGE
 
 
+@pytest.mark.parametrize("entry", ["http://pu:PROXYPW@127.0.0.1:9", "pu:PROXYPW@proxy:8080"])
+def test_a_proxy_entry_with_a_login_is_refused_without_echoing_it(
+    manager: TransferManager, entry: str
+) -> None:
+    """Its error quoted the entry, password and all (the refusal itself was right: a
+    proxy's login goes with SetCredentials, target PROXY, sealed)."""
+    job = manager.create_job("proxy")
+    with pytest.raises(BitsError) as caught:
+        job.set_proxy_settings(ProxyUsage.OVERRIDE, f"good:80 {entry}")
+    assert caught.value.hresult == hr.E_INVALIDARG
+    assert "PROXYPW" not in str(caught.value) and "SetCredentials" in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("proxies", "bypass"),
     [("p:100000", None), ("a$b:80", None), ("p:0", None), ("p:80", "a/b"), ("p:80", "x=y")],

@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from itertools import pairwise
+from itertools import count, pairwise
 from typing import Any, Final
 
 import attrs
@@ -195,7 +195,10 @@ class Engine(Downloads, Fills, Uploads):
         self._idle_scan = float("-inf")  # clock.monotonic() of the last look at unloaded jobs
         self._gone: dict[str, None] = {}  # jobs seen final (oldest first; a bounded set)
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._turn_since: dict[str, datetime] = {}
+        # Each job's last turn: when it began or ended, and the count of turns begun or ended
+        # then (``Candidate.turn``: the order among jobs a pass started or stopped together).
+        self._turn_since: dict[str, tuple[datetime, int]] = {}
+        self._turns = count(1)
         self._queue: list[_Queued] = []
         self._position = 0
         self._wake: asyncio.Event | None = None
@@ -659,6 +662,7 @@ class Engine(Downloads, Fills, Uploads):
             del self._gone[next(iter(self._gone))]
         self._gone[job_id] = None
         self._released.pop(job_id, None)
+        self._turn_since.pop(job_id, None)  # a final job has no more turns
         self.callbacks.forget(job_id)
         task = self._tasks.get(job_id)
         if task is not None:
@@ -857,6 +861,40 @@ class Engine(Downloads, Fills, Uploads):
             return hresult.BG_E_BLOCKED_BY_POLICY
         return None
 
+    def _holds(self, up: bool, cost: int, local: datetime) -> Callable[[Job], int | None]:
+        """``why_blocked`` for any job in one pass: the bandwidth policy is asked once per
+        priority, and each verdict kept per cost flags and priority."""
+        policy = self.settings.bandwidth
+        by_priority = {p: policy_blocks(policy, p, local) for p in JobPriority}
+        verdicts: dict[tuple[int, JobPriority], int | None] = {}
+
+        def verdict(job: Job) -> int | None:
+            key = (job.cost_flags, job.priority)
+            if key not in verdicts:
+                verdicts[key] = self.why_blocked(job, up, cost, by_priority)
+            return verdicts[key]
+
+        return verdict
+
+    def _hold(self, job_id: str, code: int) -> None:
+        """Move a QUEUED or running job a condition holds back to TRANSIENT_ERROR with the
+        condition's code: it waits for the condition, with no timer and no error counted."""
+        command = (
+            cmd.LoseNetwork() if code == hresult.BG_E_NETWORK_DISCONNECTED else cmd.Block(code)
+        )
+        with contextlib.suppress(BitsError, JobGone):
+            self._enqueue(job_id, command)
+
+    def _sync_rate(self, job: Job) -> None:
+        """The job's own rate bucket (``job:<id>``) as its MaxRate says now."""
+        rated = self._rated_jobs
+        if job.max_rate is not None or job.id in rated:
+            self.limiter.set_rate(f"job:{job.id}", job.max_rate)
+            if job.max_rate is None:
+                rated.discard(job.id)
+            else:
+                rated.add(job.id)
+
     async def _apply_policies(self) -> None:
         up, cost = self.network_state()
         now = self.clock.now()
@@ -871,40 +909,23 @@ class Engine(Downloads, Fills, Uploads):
         for priority in (JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW):
             limits = policy.priority_limits.get(int(priority), ())
             self.limiter.set_rate(f"priority:{int(priority)}", current_limit(limits, local) or None)
-        by_priority = {p: policy_blocks(policy, p, local) for p in JobPriority}
-        rated = self._rated_jobs
-        # While the network is up, a TRANSIENT_ERROR job matters only if a policy blocks it.
+        verdict = self._holds(up, cost, local)
+        # While the network is up, a TRANSIENT_ERROR job matters only if a policy blocks it:
+        # one waiting for its retry is checked when the retry would start it (``_schedule``).
         waiting = self._jobs.in_states([JobState.TRANSIENT_ERROR]) if not up else []
-        # The verdict depends on the job's cost flags and priority only: once per pair.
-        verdicts: dict[tuple[int, JobPriority], int | None] = {}
         for job in self._jobs.in_states(_UNBLOCKED) + waiting + self._jobs.blocked():
             state = job.state
             if state is JobState.TRANSIENT_ERROR and job.blocked_by is None and up:
                 continue  # nothing to block or release
-            if job.max_rate is not None or job.id in rated:
-                self.limiter.set_rate(f"job:{job.id}", job.max_rate)
-                if job.max_rate is None:
-                    rated.discard(job.id)
-                else:
-                    rated.add(job.id)
-            key = (job.cost_flags, job.priority)
-            if key in verdicts:
-                code = verdicts[key]
-            else:
-                code = verdicts[key] = self.why_blocked(job, up, cost, by_priority)
+            self._sync_rate(job)
+            code = verdict(job)
             if code is not None and state in (
                 JobState.QUEUED,
                 JobState.CONNECTING,
                 JobState.TRANSFERRING,
             ):
                 await self._stop_task(job.id)
-                command: cmd.Command = (
-                    cmd.LoseNetwork()
-                    if code == hresult.BG_E_NETWORK_DISCONNECTED
-                    else cmd.Block(code)
-                )
-                with contextlib.suppress(BitsError, JobGone):
-                    self._enqueue(job.id, command)
+                self._hold(job.id, code)
             elif state is JobState.TRANSIENT_ERROR and job.blocked_by is not None:
                 if code == job.blocked_by:
                     continue
@@ -1124,6 +1145,10 @@ class Engine(Downloads, Fills, Uploads):
                 with contextlib.suppress(BitsError, JobGone):
                     self._enqueue(job.id, cmd.EndSlice(until))
         candidates = []
+        # A job is checked against the policies as it would start, not only by
+        # ``_apply_policies`` earlier in the pass: a retry that came due and the jobs
+        # ``_refill_queue`` loaded became QUEUED after it.
+        verdict = self._holds(*self.network_state(), now.astimezone())
         # A FOREGROUND job that runs has nothing to gain or lose from a plan (foreground
         # jobs are never pre-empted nor sliced): with thousands of them running, a pass
         # considers only the queued jobs and the background jobs that run.
@@ -1133,10 +1158,15 @@ class Engine(Downloads, Fills, Uploads):
             + jobs_now.background_among(tasks)
         ):
             running = job.id in tasks
-            if not running and job.leased_by_other(self.worker, now):
-                continue
-            since = self._turn_since.get(job.id, job.modified_at)
-            candidates.append(Candidate(job.id, job.priority, running, since))
+            if not running:
+                if job.leased_by_other(self.worker, now):
+                    continue
+                if (code := verdict(job)) is not None:
+                    self._hold(job.id, code)
+                    continue
+                self._sync_rate(job)  # one loaded by this pass has no bucket yet
+            since, turn = self._turn_since.get(job.id, (job.modified_at, 0))
+            candidates.append(Candidate(job.id, job.priority, running, since, turn))
         decision = plan(
             candidates,
             now,
@@ -1144,13 +1174,13 @@ class Engine(Downloads, Fills, Uploads):
             slice_length=self.slice_length,
             elsewhere=elsewhere,
         )
-        for job_id in decision.stop:
+        for job_id in decision.stop:  # in the order their turns began
             await self._stop_task(job_id)
-            self._turn_since[job_id] = now
+            self._turn_since[job_id] = (now, next(self._turns))
             with contextlib.suppress(BitsError, JobGone):
                 self._enqueue(job_id, cmd.EndSlice())
         for job_id in decision.start:
-            self._turn_since[job_id] = now
+            self._turn_since[job_id] = (now, next(self._turns))
             self._tasks[job_id] = asyncio.create_task(self._run_job(job_id), name=job_id)
 
     def _renew_leases(self, now: datetime) -> None:

@@ -588,6 +588,16 @@ def _unblocked(job: Job, e: ev.Event) -> dict[str, Any]:
     return {"blocked_by": None}
 
 
+def _block_ended(job: Job, e: ev.JobUnblocked | ev.NetworkRestored) -> dict[str, Any]:
+    """A job that waits for a condition has no timers (bits-core.md §20): NoProgressTimeout
+    did not run while it was held back, and one that ran before restarts now, with the
+    whole timeout ahead of it (the time held back is not counted as time without progress)."""
+    changes: dict[str, Any] = {"blocked_by": None}
+    if job.no_progress_since is not None:
+        changes["no_progress_since"] = e.at
+    return changes
+
+
 def _max_time(job: Job, e: ev.MaxDownloadTimeExceeded) -> dict[str, Any]:
     error = JobError(ErrorContext.GENERAL_QUEUE_MANAGER, hresult.BG_E_MAXDOWNLOAD_TIMEOUT)
     return {"error": error, "error_count": job.error_count + 1, "no_progress_since": None}
@@ -629,9 +639,9 @@ _APPLY: Mapping[type[ev.Event], Callable[[Job, Any], dict[str, Any]]] = MappingP
         ev.JobTransferred: _transferred,
         ev.ErrorOccurred: _error,
         ev.NetworkLost: _network_lost,
-        ev.NetworkRestored: _unblocked,
+        ev.NetworkRestored: _block_ended,
         ev.JobBlocked: _blocked,
-        ev.JobUnblocked: _unblocked,
+        ev.JobUnblocked: _block_ended,
         ev.MaxDownloadTimeExceeded: _max_time,
         ev.NoProgressTimedOut: _no_progress,
         ev.RetryStarted: _unblocked,

@@ -6,14 +6,17 @@ Timers (bits-core.md §5):
   (network lost, policy, cost) have no retry timer: they wait for the condition;
 - NoProgressTimeout runs from the first transient error without progress since;
   whichever of the two comes first wins, so MinimumRetryDelay > NoProgressTimeout means
-  the job goes to ERROR without another try;
+  the job goes to ERROR without another try. It does not run while a condition holds the
+  job back either, and restarts from the end of the condition (the job's error then stays
+  its last transient error: the condition's code never ends a job);
 - MaximumDownloadTime counts only CONNECTING + TRANSFERRING time.
 
 Scheduling (bits-core.md §4): every FOREGROUND job runs at once. Background jobs run by
 priority class: a lower class gets nothing while a higher class has a queued or running
-job. Inside the top class at most ``max_background`` run at once, in round-robin time
-slices: a job that has run for ``slice`` while others of its class wait goes back to
-QUEUED, and the job that has waited longest starts.
+job. Inside the top class at most ``max_background`` run at once (beyond that, after a
+FOREGROUND job is lowered next to them, the longest running go back to QUEUED), in
+round-robin time slices: a job that has run for ``slice`` while others of its class wait
+goes back to QUEUED, and the job that has waited longest starts.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def retry_due_at(job: Job) -> datetime | None:
 def no_progress_deadline(job: Job) -> datetime | None:
     if job.state is not JobState.TRANSIENT_ERROR or job.no_progress_since is None:
         return None
+    if job.blocked_by is not None:
+        return None  # waits for a condition: restarted when it ends (core/job.py)
     return job.no_progress_since + timedelta(seconds=job.no_progress_timeout)
 
 
@@ -80,6 +85,11 @@ class Candidate:
     priority: JobPriority
     running: bool
     since: datetime  # running: when its turn began; waiting: when it last ran or queued
+    # Orders jobs of equal ``since`` (those a pass started or stopped together): the count
+    # of turns begun or ended, engine-wide, when this job's last began or ended. Jobs whose
+    # slices end together thus queue again in the order they started, and every job of a
+    # class gets its turn in order; a tie-break by id would favour the same jobs every time.
+    turn: int = 0
 
 
 @attrs.frozen
@@ -107,13 +117,17 @@ def plan(
     top = min([*(c.priority for c in background), *others])
     stop = [c.job_id for c in background if c.running and c.priority != top]
     tier = [c for c in background if c.priority == top]
-    running = sorted((c for c in tier if c.running), key=lambda c: c.since)
-    waiting = sorted((c for c in tier if not c.running), key=lambda c: (c.since, c.job_id))
+    running = sorted((c for c in tier if c.running), key=lambda c: (c.since, c.turn))
+    waiting = sorted((c for c in tier if not c.running), key=lambda c: (c.since, c.turn, c.job_id))
     expired = [c for c in running if now - c.since >= slice_length]
     # Round robin: each expired slice yields its place to a waiting job.
     yielding = expired[: len(waiting)]
     keep = [c for c in running if c not in yielding]
-    stop.extend(c.job_id for c in yielding)
+    # More run than there are slots (a FOREGROUND job lowered to a background priority next
+    # to the background jobs that run, fewer slots set): the longest running go back.
+    over = keep[: max(len(keep) - max_background, 0)]
+    keep = keep[len(over) :]
+    stop.extend(c.job_id for c in [*yielding, *over])
     free = max(max_background - len(keep), 0)
     start.extend(c.job_id for c in waiting[:free])
     return Plan(tuple(start), tuple(stop))

@@ -8,15 +8,32 @@ import asyncio
 import io
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
-from test_engine import FaultServer, Served, make_engine, new_job, running, sha256, trickle, until
+import pytest
+from test_engine import (
+    FaultServer,
+    Served,
+    events_of,
+    make_engine,
+    new_job,
+    of_type,
+    running,
+    sha256,
+    stays,
+    trickle,
+    until,
+)
 
 from backhaul.adapters import localfile
 from backhaul.adapters.cli import main as cli_main
+from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferJob, TransferManager
+from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core.bandwidth import BandwidthPolicy, Limit, parse_window
+from backhaul.core.policy import why_waiting
 from backhaul.core.vocabulary import CostFlags, JobPriority, JobPropertyId, JobState
 
 KiB = 1024
@@ -97,6 +114,136 @@ def test_changing_a_jobs_cost_flags_releases_it(tmp_path: Path) -> None:
                 await until(lambda: job.state is JobState.TRANSIENT_ERROR, "blocked by cost")
                 job.set_property(JobPropertyId.COST_FLAGS, int(CostFlags.USAGE_BASED))
                 await until(lambda: job.state is JobState.TRANSFERRED, "released")
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("condition", ["zero limit", "costly network"])
+def test_a_retry_that_comes_due_while_a_policy_blocks_the_job_waits_blocked(
+    tmp_path: Path, condition: str
+) -> None:
+    """The condition comes while the job waits for its retry (a 503): when the retry comes
+    due the job is checked as it would start, and waits blocked instead of transferring;
+    the retry that does not happen counts no error."""
+    data = os.urandom(256 * KiB)
+    clock = ManualClock()
+
+    async def main() -> None:
+        async with FaultServer({"/f": Served(data, statuses=[503])}) as server:
+            manager = TransferManager(home=tmp_path / "home", clock=clock)
+            job = new_job(
+                manager,
+                [(server.url("/f"), tmp_path / "f.bin")],
+                start=False,
+                minimum_retry_delay=5,
+            )
+            job.set_property(JobPropertyId.COST_FLAGS, int(CostFlags.UNRESTRICTED))
+            job.resume()
+            engine = make_engine(manager)
+            engine.network_check_interval = 0.0
+            async with running(engine):
+                await until(lambda: job.state is JobState.TRANSIENT_ERROR, "the 503")
+                if condition == "zero limit":
+                    blocked_by = hresult.BG_E_BLOCKED_BY_POLICY
+                    manager.set_bandwidth_policy(BandwidthPolicy((Limit(0, ALWAYS),)))
+                    await until(lambda: engine.settings.bandwidth.global_limits, "the policy")
+                else:
+                    blocked_by = hresult.BG_E_BLOCKED_BY_COST_TRANSFER_POLICY
+                    manager.set_network_cost(int(CostFlags.ROAMING))
+                    await until(lambda: engine.settings.network_cost is not None, "the cost")
+                assert job.snapshot().blocked_by is None  # it waits for its retry
+                clock.advance(timedelta(seconds=6))  # the retry comes due
+                await until(lambda: job.snapshot().blocked_by == blocked_by, "blocked")
+                await stays(lambda: job.state is JobState.TRANSIENT_ERROR, "held back")
+                assert len(server.hits_for("/f")) == 1, "the retry transferred"
+                assert job.error_count == 1
+                assert len(of_type(events_of(manager, job.id), ev.TransferStarted)) == 1
+                if condition == "zero limit":
+                    manager.set_bandwidth_policy(BandwidthPolicy())
+                else:
+                    manager.set_network_cost(None)
+                await until(lambda: job.state is JobState.TRANSFERRED, "released")
+            assert job.error_count == 1
+            job.complete()
+            assert sha256(tmp_path / "f.bin") == sha256(data)
+
+    asyncio.run(main())
+
+
+def test_a_zero_limit_holds_back_the_queued_jobs_the_engine_loads_as_others_leave(
+    tmp_path: Path,
+) -> None:
+    """More queued jobs than the engine's queue window: those it loads later, once the
+    first ones left QUEUED (blocked), are checked as they would start too."""
+    data = os.urandom(16 * KiB)
+
+    async def main() -> None:
+        async with FaultServer({"/f": Served(data)}) as server:
+            manager = TransferManager(home=tmp_path / "home")
+            manager.set_bandwidth_policy(BandwidthPolicy((Limit(0, ALWAYS),)))
+            engine = make_engine(manager)
+            count = engine.queue_window() + 8
+            queued = [
+                new_job(manager, [(server.url("/f"), tmp_path / f"{i}.bin")], name=f"j{i}")
+                for i in range(count)
+            ]
+            async with running(engine):
+                await until(
+                    lambda: all(j.state is JobState.TRANSIENT_ERROR for j in queued), "blocked"
+                )
+                await asyncio.sleep(0.3)
+            assert server.hits_for("/f") == []
+            for job in queued:
+                snap = job.snapshot()
+                assert snap.state is JobState.TRANSIENT_ERROR
+                assert snap.blocked_by == hresult.BG_E_BLOCKED_BY_POLICY
+                assert snap.error_count == 0
+
+    asyncio.run(main())
+
+
+def test_no_progress_timeout_does_not_run_while_a_policy_blocks_the_job(tmp_path: Path) -> None:
+    """Condition-waiting has no timers (bits-core.md §20): a job whose NoProgressTimeout
+    runs (a refused connection, then its retry came due under a zero limit and was held
+    back) waits blocked past the timeout without going to ERROR with the policy's code; the
+    clock restarts when the block ends, and when it runs out the job's error is its last
+    transient error."""
+    clock = ManualClock()
+
+    async def main() -> None:
+        manager = TransferManager(home=tmp_path / "home", clock=clock)
+        job = new_job(
+            manager,
+            [("http://127.0.0.1:1/refused", tmp_path / "f.bin")],
+            minimum_retry_delay=60,
+            no_progress_timeout=600,
+        )
+        engine = make_engine(manager)
+        async with running(engine):
+            await until(lambda: job.state is JobState.TRANSIENT_ERROR, "the refused connection")
+            failed = job.snapshot()
+            assert failed.no_progress_since is not None and failed.error is not None
+            manager.set_bandwidth_policy(BandwidthPolicy((Limit(0, ALWAYS),)))
+            await until(lambda: engine.settings.bandwidth.global_limits, "the policy")
+            clock.advance(timedelta(seconds=61))  # the retry comes due, and is held back
+            blocked = hresult.BG_E_BLOCKED_BY_POLICY
+            await until(lambda: job.snapshot().blocked_by == blocked, "blocked")
+            status = why_waiting(job.snapshot(), clock.now())
+            assert status is not None and status[1] is None  # no time: waits for the policy
+            clock.advance(timedelta(seconds=700))  # past NoProgressTimeout, still blocked
+            await stays(lambda: job.snapshot().blocked_by == blocked, "still blocked")
+            assert job.state is JobState.TRANSIENT_ERROR
+            assert not of_type(events_of(manager, job.id), ev.NoProgressTimedOut)
+            manager.set_bandwidth_policy(BandwidthPolicy())
+            await until(lambda: job.error_count == 2, "the retry after the block")
+            unblocked = of_type(events_of(manager, job.id), ev.JobUnblocked)[-1].at
+            assert job.snapshot().no_progress_since == unblocked  # restarted
+            clock.advance(timedelta(seconds=601))
+            await until(lambda: job.state is JobState.ERROR, "NoProgressTimeout")
+        error = job.error
+        assert error is not None
+        assert error.hresult == failed.error.hresult  # the transient error, not the block
+        assert len(of_type(events_of(manager, job.id), ev.NoProgressTimedOut)) == 1
 
     asyncio.run(main())
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     until,
 )
 
+from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import Recorded
 from backhaul.core import event as ev
@@ -160,6 +162,80 @@ def test_jobs_of_one_priority_share_the_background_slot_in_round_robin_slices(
     b.complete()
     assert (tmp_path / "a").read_bytes() == a_data
     assert (tmp_path / "b").read_bytes() == b_data
+
+
+def test_equal_background_jobs_get_equal_turns_when_their_slices_end_together(
+    tmp_path: Path,
+) -> None:
+    """Five NORMAL jobs, two background slots, slices of 1 s on a ManualClock: the two
+    whose slices end in one pass queue again in the order they started, so every job gets
+    its turn in order (4 turns each in 10 slices), not the lowest ids more often."""
+    clock = ManualClock()
+
+    async def main() -> list[str]:
+        # The server never answers: each turn is spent CONNECTING until its slice ends.
+        async with FaultServer({"/f": Served(b"x", header_delay=60)}) as srv:
+            manager = TransferManager(home=tmp_path / "home", clock=clock)
+            for i in range(5):
+                new_job(manager, [(srv.url("/f"), tmp_path / f"{i}.bin")], name=f"n{i}")
+            engine = make_engine(manager, max_background=2, slice_length=timedelta(seconds=1))
+
+            def turns() -> list[str]:
+                return [
+                    r.job_id for r in log_of(manager) if isinstance(r.event, ev.TransferStarted)
+                ]
+
+            async with running(engine):
+                for slices in range(1, 11):
+                    await until(lambda n=slices: len(turns()) == 2 * n, f"slice {slices}")
+                    clock.advance(timedelta(seconds=1))
+                return turns()[:20]
+
+    started = asyncio.run(main())
+    assert sorted(Counter(started).values()) == [4, 4, 4, 4, 4], Counter(started)
+
+
+def test_a_foreground_job_lowered_next_to_the_background_job_sends_the_longest_running_back(
+    tmp_path: Path,
+) -> None:
+    """max_background=1: a FOREGROUND job runs next to the background job; lowered to
+    NORMAL it makes two background jobs, and the one that has run longer goes back to
+    QUEUED (its slice ends) so that one background job transfers."""
+    data = os.urandom(2048 * KiB)
+
+    async def main() -> None:
+        async with FaultServer({"/a": Served(data), "/b": Served(data)}) as srv:
+            manager = TransferManager(home=tmp_path / "home")
+            a = new_job(manager, [(srv.url("/a"), tmp_path / "a")], name="a", start=False)
+            b = new_job(
+                manager,
+                [(srv.url("/b"), tmp_path / "b")],
+                name="b",
+                start=False,
+                priority=JobPriority.FOREGROUND,
+            )
+            for job in (a, b):
+                job.max_rate = 200_000  # about 10 s each: both run for the whole test
+            engine = make_engine(manager, max_background=1)
+            async with running(engine):
+                a.resume()
+                await until(lambda: a.state is S.TRANSFERRING, "a runs")
+                b.resume()
+                await until(lambda: b.state is S.TRANSFERRING, "b runs next to a")
+                b.priority = JobPriority.NORMAL
+                await until(lambda: a.state is S.QUEUED, "a, the longest running, goes back")
+                await stays(
+                    lambda: (
+                        len(engine._jobs.background_among(engine._tasks)) == 1
+                        and b.state is S.TRANSFERRING
+                    ),
+                    "one background job transfers",
+                    0.5,
+                )
+                assert of_type(events_of(manager, a.id), ev.SliceEnded)
+                assert not of_type(events_of(manager, b.id), ev.SliceEnded)
+
+    asyncio.run(main())
 
 
 # =================================================================================================

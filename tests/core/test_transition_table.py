@@ -49,6 +49,7 @@ from backhaul.core.command import (
 from backhaul.core.error import BitsError
 from backhaul.core.job import Job, fold
 from backhaul.core.limit import DEFAULT_LIMITS
+from backhaul.core.policy import next_timer, no_progress_deadline
 from backhaul.core.transition import FINAL_STATES, NON_FINAL_STATES, TABLE, Guard, Trigger
 from backhaul.core.value import ByteRange, FileSpec, JobError
 from backhaul.core.vocabulary import ErrorContext, JobState, JobType
@@ -385,6 +386,30 @@ def test_no_progress_timeout_zero_makes_a_transient_failure_land_in_error(
     assert after.error == TRANSIENT
     assert after.error_count == job.error_count + 1
     assert after.no_progress_since is None  # no retry, so no no-progress clock
+
+
+@pytest.mark.parametrize(
+    ("hold", "release"),
+    [(Block(hresult.BG_E_BLOCKED_BY_POLICY), Unblock()), (LoseNetwork(), RestoreNetwork())],
+    ids=["policy", "network"],
+)
+def test_no_progress_timeout_waits_with_a_held_back_job_and_restarts_when_the_condition_ends(
+    hold: Command, release: Command
+) -> None:
+    """bits-core.md §20: condition-waiting has no timers. A job whose NoProgressTimeout runs,
+    held back as its retry queued it, has no deadline while held; the condition's end
+    restarts the clock from then (not from the first transient error, long gone)."""
+    job = run((*PATHS[S.TRANSIENT_ERROR], Retry(), hold))
+    assert job.state is S.TRANSIENT_ERROR
+    assert job.blocked_by is not None
+    assert job.no_progress_since is not None  # it ran before the condition came
+    later = job.modified_at + timedelta(seconds=job.no_progress_timeout + 1)
+    assert no_progress_deadline(job) is None
+    assert next_timer(job, later) is None
+    after = fold(decide(job, release, later, DEFAULT_LIMITS), job)
+    assert after is not None
+    assert after.state is S.QUEUED
+    assert after.no_progress_since == later
 
 
 @pytest.mark.parametrize("state", [S.CONNECTING, S.TRANSFERRING], ids=lambda s: s.name)

@@ -556,8 +556,7 @@ class Downloads:
                 await asyncio.to_thread(_hash_prefix, fd, position, digest)
             synced, last = position, time.monotonic()
             key = (job_id, index)
-            buckets = self._buckets(job)
-            background = self._yields(job, download)
+            throttle = Throttle(self, job, download)
             async for chunk in download:
                 if body is not None:
                     body.append(chunk)  # no more than its Content-Length (aiohttp stops there)
@@ -571,10 +570,7 @@ class Downloads:
                     except OSError as exc:
                         raise local_error(exc, tmp) from exc
                 position += len(chunk)
-                if background:
-                    self.yielder.add(len(chunk))  # type: ignore[union-attr]
-                if self.limiter.limited(buckets):
-                    await self.limiter.take(buckets, len(chunk))
+                await throttle.charge(len(chunk))
                 self.live_progress[key] = position
                 if digest is not None:
                     digest.update(chunk)
@@ -910,6 +906,76 @@ class FileRun:
                 entry.close()
                 self.done[index] = _ENDED
         self.advanced.set()
+
+
+class Throttle:
+    """The rate buckets one transfer takes from, and whether it yields to other traffic,
+    for its job's priority as it is now: a priority changed during the transfer applies
+    from the next chunk on, as a changed limit does. A job raised to FOREGROUND leaves the
+    policy's buckets and stops yielding (bits-core.md §4: foreground jobs are not
+    throttled); one lowered to a background priority takes from them from then on. The
+    priority is compared once per chunk; the buckets are worked out again only when it
+    changed. ``download`` is None for an upload, which the yield controller (it counts
+    received bytes) does not measure."""
+
+    def __init__(self, engine: Any, job: Job, download: Download | None = None) -> None:
+        self._engine = engine
+        self._job_id = job.id
+        self._download = download
+        self._socket = getattr(download, "socket", None)
+        # The socket's own congestion control, to give back when the job turns foreground
+        # (a background socket is switched to the kernel's "lp").
+        self._congestion = _congestion(self._socket) if engine.low_priority_tcp else None
+        self.priority = job.priority
+        self.buckets: list[str] = []
+        self.background = False
+        self._follow(job)
+
+    def _follow(self, job: Job) -> None:
+        engine = self._engine
+        self.priority = job.priority
+        self.buckets = engine._buckets(job)
+        if self._download is None:
+            return
+        was = self.background
+        self.background = engine._yields(job, self._download)
+        if was and not self.background:
+            engine._bg_sockets.discard(self._socket)  # its bytes are no longer ours
+            if self._congestion:
+                _set_congestion(self._socket, self._congestion)
+
+    async def charge(self, amount: int) -> None:
+        """Count ``amount`` bytes just moved; wait while a bucket of the job is in debt."""
+        engine = self._engine
+        job = engine._jobs.get(self._job_id)
+        if job is not None and job.priority is not self.priority:
+            self._follow(job)
+        if self.background:
+            engine.yielder.add(amount)
+        if engine.limiter.limited(self.buckets):
+            await engine.limiter.take(self.buckets, amount)
+
+
+def _congestion(sock: Any) -> bytes | None:
+    """The TCP congestion control of ``sock`` (None: no socket, or not TCP)."""
+    import socket
+
+    if sock is None:
+        return None
+    option = getattr(socket, "TCP_CONGESTION", 13)
+    try:
+        name: bytes = sock.getsockopt(socket.IPPROTO_TCP, option, 16)
+    except OSError:
+        return None
+    return name.rstrip(b"\0") or None
+
+
+def _set_congestion(sock: Any, name: bytes) -> None:
+    import socket
+
+    option = getattr(socket, "TCP_CONGESTION", 13)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, name)
 
 
 def _version(remote: RemoteFile) -> str | None:

@@ -14,6 +14,7 @@ from backhaul.adapters import localfile
 from backhaul.adapters.download import (
     CHANGES_MET,
     RESUME_OVERLAP,
+    Throttle,
     held_bytes,
     read_upto,
     resize_reason,
@@ -202,8 +203,7 @@ class Fills:
                     response_headers=download.remote.headers,
                 )
             job = self._job(job_id)
-            buckets = self._buckets(job)
-            background = self._yields(job, download)
+            throttle = Throttle(self, job, download)
             key, last = (job_id, index), time.monotonic()
             before = job.files[index].bytes_transferred - start  # the file's other ranges
             async for chunk in download:
@@ -216,10 +216,7 @@ class Fills:
                     raise local_error(exc, "the temp file") from exc
                 position += len(chunk)
                 self.live_progress[key] = before + position
-                if background:
-                    self.yielder.add(len(chunk))  # type: ignore[union-attr]
-                if self.limiter.limited(buckets):
-                    await self.limiter.take(buckets, len(chunk))
+                await throttle.charge(len(chunk))
                 self._check_size(job, before + position)  # the bytes this file holds
                 now = time.monotonic()
                 if position - synced >= self.checkpoint_bytes or now - last >= (

@@ -1,8 +1,12 @@
 """What the engine knows about the machine's network: is it up, and what does it cost.
 
-- Up: some interface other than loopback is up with a carrier (``/sys/class/net``),
-  which is how a cable pull or a link taken down shows. A machine whose only network is
-  loopback counts as up (every transfer there is local).
+- Up: some physical interface (in ``/sys/class/net``, one with a ``device`` link, or
+  not under ``/sys/devices/virtual``) is up with a carrier, which is how a cable pull or
+  a link taken down shows. Virtual ones (docker0 and other bridges, veth, tun VPNs) stay
+  up when the cable is pulled, so they do not count while the machine has a physical
+  one. A machine with none (a container, a network namespace: their eth0 is a veth) has
+  only virtual ones to go by, so they count there; loopback never does. A machine whose
+  only network is loopback counts as up (every transfer there is local).
 - Cost: from the configuration first (``manager.set_network_cost``), else from
   NetworkManager's metered property when ``nmcli`` exists (yes/guess-yes -> usage-based,
   no/guess-no/unknown -> unrestricted), else BITS_COST_STATE_UNRESTRICTED.
@@ -27,7 +31,17 @@ def network_up(root: Path = SYS_NET) -> bool:
     others = [n for n in names if n != "lo"]
     if not others:
         return True
-    return any(_up(root / n) for n in others)
+    physical = [n for n in others if _physical(root / n)]
+    return any(_up(root / n) for n in physical or others)
+
+
+def _physical(path: Path) -> bool:
+    """A class entry links to its device's directory: a virtual interface's is under
+    ``/sys/devices/virtual`` and has no ``device`` link (the hardware it sits on)."""
+    try:
+        return (path / "device").exists() or "virtual" not in path.resolve().parts
+    except OSError:
+        return False
 
 
 def _up(path: Path) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from backhaul.adapters import localfile, registry
+from backhaul.adapters.download import Throttle
 from backhaul.adapters.jobrun import local_error, name_file
 from backhaul.core import command as cmd
 from backhaul.core import hresult
@@ -101,14 +102,13 @@ class Uploads:
                 elif position >= size:
                     position = max(size - 64 * 1024, 0)
             last = time.monotonic()
-            buckets = self._buckets(job)
+            throttle = Throttle(self, job)
             while position < size:
                 data = os.pread(fd, min(self.upload_fragment, size - position), position)
                 if not data or _local_version(fd)[1] != version:
                     raise _local_changed(f.local_name)
                 position = await session.send(data, position)
-                if self.limiter.limited(buckets):
-                    await self.limiter.take(buckets, len(data))
+                await throttle.charge(len(data))
                 self.live_progress[key] = position
                 if time.monotonic() - last >= self.checkpoint_interval:
                     last, claimed = time.monotonic(), position

@@ -6,7 +6,8 @@ This controller does the same from the interface counters (``/proc/net/dev``):
 
     others   = all bytes received on the machine's interfaces - bytes of our background jobs
     capacity = the highest total rate seen recently (decays slowly, so it follows the link)
-    allowed  = capacity - others - a safety margin, never below a trickle
+    allowed  = capacity - others - a safety margin, never below a trickle; halved every
+               period instead while the link is full (others grew into the margin)
 
 re-estimated every ``period`` seconds and smoothed; the engine sets it as the rate of the
 "yield" bucket that every background transfer takes from. FOREGROUND jobs never take from
@@ -78,11 +79,14 @@ class YieldController:
     def update(self, active: bool, queued: int = 0) -> float | None:
         """Re-estimate; returns the background rate to allow (None: unlimited).
 
-        Multiplicative decrease while others use the link (halve every period, never
-        below the room they leave nor the trickle), multiplicative increase when they
-        stop (x2 per period until the limit is above the link: unlimited). ``queued``:
-        bytes of our background connections still in the kernel's receive buffers
-        (FIONREAD): the interface counted them, we have not read them yet."""
+        While others use the link, background jobs get the room they leave (less the
+        margin kept for them to grow into); only while the link is full (others and we use
+        the margin too: they want more than they get) the allowance is halved every period
+        instead, so that they get the link back within a few periods, never below the
+        trickle. When they stop: multiplicative increase (x2 per period until the limit is
+        above the link: unlimited). ``queued``: bytes of our background connections still
+        in the kernel's receive buffers (FIONREAD): the interface counted them, we have not
+        read them yet."""
         now = self.clock()
         total = self.counter(loopback=self.loopback)
         ours = self.ours + queued
@@ -102,14 +106,21 @@ class YieldController:
         total_rate = max(total - total_then, 0) / elapsed
         our_rate = max(ours - ours_then, 0) / elapsed
         self.others = max(total_rate - our_rate * (1 + self.overhead), 0.0)
-        self.capacity = max(self.capacity * self.decay, total_rate)
+        # The capacity decays to follow a slower link, but not while our transfers use all
+        # they are allowed: the total is then lower by our own restraint, and reading that
+        # as a slower link would shrink the room every period, down to the trickle.
+        restrained = self.allowed is not None and our_rate >= self.allowed * (1 - self.margin)
+        self.capacity = max(self.capacity * (1.0 if restrained else self.decay), total_rate)
         if not active or self.capacity <= 0:
             self.allowed = None
             return None
         if self.others > max(self.capacity * self.margin, self.floor):
-            room = self.capacity * (1 - self.margin) - self.others
-            current = self.allowed if self.allowed is not None else max(our_rate, self.trickle)
-            self.allowed = max(self.trickle, min(room, current * 0.5))
+            # The room is in interface bytes; the allowance is payload (the buckets count it).
+            room = (self.capacity * (1 - self.margin) - self.others) / (1 + self.overhead)
+            if total_rate >= self.capacity * (1 - self.margin / 2):
+                current = self.allowed if self.allowed is not None else max(our_rate, self.trickle)
+                room = min(room, current * 0.5)
+            self.allowed = max(self.trickle, room)
         elif self.allowed is not None:
             self.allowed *= 2
             if self.allowed >= self.capacity:

@@ -30,6 +30,8 @@ from backhaul.core.url import is_parameter_name
 from backhaul.core.vocabulary import CostFlags, JobPriority
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WEEK = frozenset(range(7))
+DAY = 24 * 60  # minutes
 
 
 @attrs.frozen
@@ -40,6 +42,21 @@ class Window:
     days: frozenset[int]
     start: int
     end: int
+
+    def __attrs_post_init__(self) -> None:
+        # Checked wherever a window is built (parsed, given to the API, read back from the
+        # log): a day outside the week or a minute outside the day would never hold as
+        # meant, and could not be shown (getbandwidth) or parsed back.
+        if not self.days or not self.days <= _WEEK:
+            raise BitsError(
+                hresult.E_INVALIDARG, f"a window's days are 0 (Monday) to 6, not {self.days!r}"
+            )
+        if not (0 <= self.start < DAY and 0 <= self.end <= DAY):
+            raise BitsError(
+                hresult.E_INVALIDARG,
+                f"a window's minutes are 0 to {DAY} (start before {DAY}), "
+                f"not {self.start!r}-{self.end!r}",
+            )
 
     def holds(self, at: datetime) -> bool:
         minute = at.hour * 60 + at.minute
@@ -143,7 +160,7 @@ def cost_allows(cost_flags: int, network_cost: int) -> bool:
 
 # -- parsing, for the API and the CLI --------------------------------------------------------
 
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(i?)(b|bit)?(?:/s|ps)?\s*$", re.I)
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(i?)(bits?|b)?(?:/s|ps)?\s*$", re.I)
 _WINDOW = re.compile(
     r"^\s*(?P<days>[a-z,\-]+)\s+(?P<h1>\d{1,2}):(?P<m1>\d{2})-(?P<h2>\d{1,2}):(?P<m2>\d{2})\s*$",
     re.I,
@@ -151,7 +168,11 @@ _WINDOW = re.compile(
 
 
 def parse_rate(text: str | int) -> int:
-    """'0', '500k', '1.5M', '10MiB', '8Mbit' -> bytes per second (k = 1000, Ki = 1024)."""
+    """'0', '500k', '1.5M', '10MiB', '100kB/s' -> bytes per second (k = 1000, Ki = 1024);
+    'bit' and a lower-case 'b' are bits, as in '8Mbit', '500kbps' (the kilobits per second
+    of BITS's MaxInternetBandwidth), '2Mb/s'. A positive rate below 1 B/s is 1 B/s, not 0:
+    0 blocks background jobs, where BITS treats a tiny limit as a slow one (bits-core.md
+    §4)."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise BitsError(hresult.E_INVALIDARG, "a rate cannot be negative")
@@ -163,9 +184,9 @@ def parse_rate(text: str | int) -> int:
     base = 1024 if binary else 1000
     scale = {"": 1, "k": base, "m": base**2, "g": base**3}[prefix.lower()]
     value = float(number) * scale
-    if unit and unit.lower() == "bit":
+    if unit is not None and (unit == "b" or unit.lower().startswith("bit")):
         value /= 8
-    return int(value)
+    return max(int(value), 1) if value > 0 else 0
 
 
 def parse_window(text: str) -> Window:
@@ -185,11 +206,14 @@ def parse_window(text: str) -> Window:
             days.update(range(i, j + 1) if i <= j else [*range(i, 7), *range(j + 1)])
         else:
             days.add(_day(part))
-    start = int(match["h1"]) * 60 + int(match["m1"])
-    end = int(match["h2"]) * 60 + int(match["m2"])
-    if not (0 <= start <= 1440 and 0 <= end <= 1440) or start == end:
-        raise BitsError(hresult.E_INVALIDARG, f"{text!r}: times are 00:00 to 24:00, start != end")
-    return Window(frozenset(days), start % 1440 if start != 1440 else 0, end)
+    m1, m2 = int(match["m1"]), int(match["m2"])
+    start, end = int(match["h1"]) * 60 + m1, int(match["h2"]) * 60 + m2
+    if max(m1, m2) > 59 or start > DAY or end > DAY or start == end:
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"{text!r}: times are 00:00 to 24:00 (minutes to 59), start != end",
+        )
+    return Window(frozenset(days), start % DAY, end)
 
 
 def _day(name: str) -> int:
@@ -217,9 +241,14 @@ class EngineSettings:
             names = tuple(n for n in value or () if is_parameter_name(n))
             return attrs.evolve(self, secret_parameters=names, version=self.version + 1)
         if name == "bandwidth":
-            return attrs.evolve(
-                self, bandwidth=BandwidthPolicy.from_data(value), version=self.version + 1
-            )
+            try:
+                policy = BandwidthPolicy.from_data(value)
+            except BitsError:
+                # A window the setter did not check (a log from before it did, or edited by
+                # hand): refused, as the setter refuses it now, rather than stop every
+                # manager and engine of the store from starting; the previous policy stays.
+                return attrs.evolve(self, version=self.version + 1)
+            return attrs.evolve(self, bandwidth=policy, version=self.version + 1)
         if name == "network_cost":
             return attrs.evolve(self, network_cost=value, version=self.version + 1)
         return attrs.evolve(self, version=self.version + 1)

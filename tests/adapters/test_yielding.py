@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
+
 from backhaul.adapters.yielding import YieldController, received_bytes
 
 MiB = 1024 * 1024
@@ -62,6 +66,56 @@ def test_others_traffic_halves_the_allowance_then_it_doubles_back_to_unlimited()
     after = [tick(y, link, ours=1 * MiB, others=0, lo=False) for _ in range(20)]
     assert after[-1] is None  # they stopped: back to unlimited
     assert any(a is not None for a in after[:3])  # not at once: doubling per period
+
+
+def shared(y: YieldController, link: Link, allowed: float | None, others: float) -> float | None:
+    """One period on a link of 64 MiB/s of payload where other programs take ``others``
+    bytes/s first: our background transfers get what is allowed of the rest."""
+    free = 64 * MiB - others
+    ours = free if allowed is None else min(allowed, free)
+    return tick(y, link, ours=int(ours * y.period), others=int(others * y.period), lo=False)
+
+
+def test_steady_other_traffic_leaves_background_jobs_the_room_it_leaves() -> None:
+    """Another program's 16 MiB/s on a 64 MiB/s link leaves ~40 MiB/s (less the margin):
+    the allowance settles there and stays, rather than halving every period down to the
+    trickle while 48 MiB/s are idle."""
+    link = Link()
+    y = controller(link)
+    allowed = y.update(True)
+    for _ in range(8):
+        allowed = shared(y, link, allowed, 0)  # alone: the capacity is learnt
+    assert allowed is None
+    seen = []
+    for _ in range(120):  # 30 s
+        allowed = shared(y, link, allowed, 16 * MiB)
+        seen.append(allowed)
+    assert all(a is not None for a in seen)
+    room = (y.capacity * (1 - y.margin) - y.others) / (1 + y.overhead)
+    assert seen[-1] == pytest.approx(room)
+    assert room > 40 * MiB
+    assert len(set(seen[-100:])) == 1  # steady: the capacity did not decay either
+
+
+def test_on_a_full_link_the_allowance_halves_every_period_down_to_the_trickle() -> None:
+    """Others that want the whole link (a download of theirs): whatever we leave, they take,
+    so the link stays full; we back off multiplicatively and keep a trickle."""
+    link = Link()
+    y = controller(link)
+    allowed = y.update(True)
+    for _ in range(8):
+        allowed = shared(y, link, allowed, 0)
+    seen = []
+    for _ in range(40):
+        ours = 64 * MiB / 2 if allowed is None else min(allowed, 64 * MiB)
+        greedy = 64 * MiB * (1 + y.overhead) - ours * (1 + y.overhead)
+        allowed = tick(y, link, ours=int(ours * y.period), others=int(greedy * y.period), lo=False)
+        seen.append(allowed)
+    assert all(a is not None for a in seen)
+    backing = [a for a in seen if a is not None and a > y.trickle] + [y.trickle]
+    assert len(backing) >= 3
+    assert all(b <= a * 0.5 for a, b in itertools.pairwise(backing))  # at least halved
+    assert seen[-1] == y.trickle
 
 
 def test_moving_to_loopback_starts_measuring_again() -> None:

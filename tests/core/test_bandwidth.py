@@ -54,6 +54,71 @@ def test_a_malformed_rate_is_e_invalidarg(text: str) -> None:
     assert refused.value.hresult == hresult.E_INVALIDARG
 
 
+@pytest.mark.parametrize(
+    ("text", "rate"),
+    [
+        ("500kbps", 62_500),  # MaxInternetBandwidth's unit: kilobits per second
+        ("8Mbps", 1_000_000),
+        ("1Gbps", 125_000_000),
+        ("2Mb/s", 250_000),
+        ("64kbit/s", 8_000),
+        ("100kB/s", 100_000),
+        ("1MBps", 1_000_000),
+        ("10KiB", 10 * 1024),
+        ("2MiB/s", 2 * 1024**2),
+    ],
+)
+def test_bits_per_second_are_bits_and_bytes_stay_bytes(text: str, rate: int) -> None:
+    assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["0.5", "7bit", "1bps", "0.0004k"])
+def test_a_positive_rate_below_one_byte_per_second_is_slow_not_a_block(text: str) -> None:
+    """0 blocks background jobs (MaxInternetBandwidth=0); a tiny limit is a slow one (BITS
+    treats a limit below 2 kbps as about 2 kbps)."""
+    rate = parse_rate(text)
+    assert rate == 1
+    assert not policy_blocks(BandwidthPolicy((Limit(rate),)), JobPriority.NORMAL, MONDAY_10)
+
+
+@pytest.mark.parametrize("text", ["mon 09:75-10:00", "mon 09:00-10:60", "mon 23:99-24:00"])
+def test_a_window_with_minutes_past_59_is_e_invalidarg(text: str) -> None:
+    with pytest.raises(BitsError) as refused:
+        parse_window(text)
+    assert refused.value.hresult == hresult.E_INVALIDARG
+
+
+@pytest.mark.parametrize(
+    ("days", "start", "end"),
+    [
+        ({9}, 540, 600),
+        ({-1}, 540, 600),
+        (set(), 540, 600),
+        ({0}, 1440, 60),
+        ({0}, -60, 60),
+        ({0}, 540, 1441),
+    ],
+)
+def test_a_window_built_directly_lies_in_the_week_and_the_day(
+    days: set[int], start: int, end: int
+) -> None:
+    """The API takes windows built by the caller, not only parsed ones: one that could never
+    hold as meant (nor be shown by getbandwidth) is E_INVALIDARG where it is built."""
+    with pytest.raises(BitsError) as refused:
+        Window(frozenset(days), start, end)
+    assert refused.value.hresult == hresult.E_INVALIDARG
+
+
+def test_a_stored_policy_with_a_window_outside_the_week_leaves_the_previous_policy() -> None:
+    """A log from before windows were checked (or edited by hand) must not stop a manager
+    or an engine from starting: the policy it holds is refused, as the setter refuses it."""
+    before = EngineSettings().evolve("bandwidth", BandwidthPolicy((Limit(5),)).to_data())
+    bad = {"global": [{"rate": 0, "window": {"days": [9], "start": 540, "end": 600}}]}
+    after = before.evolve("bandwidth", bad)
+    assert after.bandwidth == before.bandwidth
+    assert after.version == 2
+
+
 def test_a_work_hours_window_holds_on_weekdays_inside_the_hours_only() -> None:
     window = parse_window("mon-fri 09:00-17:00")
     assert window.holds(MONDAY_10)

@@ -6,7 +6,8 @@ rebuild and verify. The ``backhaul audit`` verbs (adapters/cli_audit.py) print t
   the stream's prefix).
 - ``export(store, out)`` / ``import_(store, in_)``: the whole log as JSON lines
   (specs/event-log.md), and back into an EMPTY store with the very same stored states;
-  the import checks the whole file (chains, versions, counts) before writing anything.
+  the import checks the whole file (chains, versions, counts, that every stream replays)
+  before writing anything, then writes it in one transaction.
 - ``rebuild(store)``: drop the read models and fold the log again.
 - ``verify(store)``: the hash chain and the versions of every stream, and the read models
   against a fresh fold; a list of ``Problem`` (empty: all is well).
@@ -37,14 +38,14 @@ from eventsourcing.persistence import StoredEvent
 from backhaul.adapters import projection, serialization
 from backhaul.adapters.secret import SealedUnreadable
 from backhaul.adapters.serialization import chain_hash, event_from_bytes, split_state, utf8
-from backhaul.adapters.store import EventStore
+from backhaul.adapters.store import EventStore, stored_bytes
 from backhaul.adapters.view import ViewRow
 from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core import job as jobs
 from backhaul.core import projection as proj
 from backhaul.core.error import BitsError
-from backhaul.core.event import Event, JobCreated
+from backhaul.core.event import POLICY_STREAM, Event, JobCreated, PolicyChanged
 from backhaul.core.job import FileList, Job
 from backhaul.core.url import URL_IN_TEXT, one_line, split_url_query, url_with_password
 from backhaul.core.value import Sealed
@@ -232,7 +233,7 @@ def history(store: EventStore, job_id: str) -> list[Entry]:
     job: Job | None = None
     foldable = True
     for r in records:
-        state = bytes(r.state)
+        state = stored_bytes(r.state)
         link: str | None = None
         try:
             link = split_state(state)[2]
@@ -384,6 +385,12 @@ def state_at(
     latest = entries[-1].version
     if version is not None and not 1 <= version <= latest:
         raise BitsError(hresult.E_INVALIDARG, f"job {entries[0].job_id} has versions 1 to {latest}")
+    first = entries[0].event
+    if first is not None and not isinstance(first, JobCreated):
+        raise BitsError(
+            hresult.BG_E_NOT_FOUND,
+            f"{entries[0].job_id} is not a job stream (it starts with {entries[0].event_type})",
+        )
     job: Job | None = None
     for entry in entries:
         if version is not None and entry.version > version:
@@ -392,7 +399,13 @@ def state_at(
             raise BitsError(hresult.E_FAIL, f"version {entry.version}: {entry.problem}")
         if at is not None and entry.event.at > at:
             break
-        job = jobs.fold([entry.event], job)
+        try:
+            job = jobs.fold([entry.event], job)
+        except Exception as exc:  # an impossible step: `audit verify` reports it as "fold"
+            raise BitsError(
+                hresult.E_FAIL,
+                f"job {entry.job_id}: version {entry.version} cannot be replayed: {exc}",
+            ) from exc
     if job is None:
         raise BitsError(
             hresult.BG_E_NOT_FOUND, f"job {entries[0].job_id} did not exist yet at {at}"
@@ -449,7 +462,7 @@ def export(store: EventStore, out: IO[str]) -> ExportSummary:
         stream = str(n.originator_id) if isinstance(n.originator_id, UUID) else n.originator_id
         stream = str(UUID(stream))
         try:
-            state = json.loads(bytes(n.state))
+            state = json.loads(stored_bytes(n.state))
         except ValueError:
             raise AuditError(
                 hresult.E_FAIL,
@@ -490,32 +503,32 @@ class ImportSummary:
 def import_(store: EventStore, in_stream: IO[str]) -> ImportSummary:
     """Load an export into an EMPTY store: the same stored states byte for byte, then
     rebuild the read models. The whole file is checked first (format, versions 1..n per
-    stream in order, every hash, every state readable, the footer's counts); if anything
-    is wrong, nothing is written and ``AuditError`` lists what."""
+    stream in order, every hash, every state readable, every stream replayable as the
+    rebuild will replay it, the footer's counts); if anything is wrong, nothing is written
+    and ``AuditError`` lists what. The events go in in one transaction that holds the
+    log's write lock from the check that the store is empty on: of two imports into one
+    store, one is refused."""
     if store.head() != 0:
         raise AuditError(
             hresult.BG_E_INVALID_STATE,
             f"{store!r} already holds events; an import needs an empty store",
         )
-    with _seekable(in_stream) as source:
-        start = source.tell()
-        problems, events, heads = _check_export(source)
-        if problems:
-            raise AuditError(
-                hresult.E_INVALIDARG,
-                f"the export is not valid ({len(problems)} problem(s)); nothing was imported",
-                problems,
-            )
-        source.seek(start)
-        if store.head() != 0:
-            raise AuditError(hresult.BG_E_INVALID_STATE, f"{store!r} is no longer empty")
-        batch: list[StoredEvent] = []
-        for record in _records(source):
-            batch.append(record)
-            if len(batch) >= IMPORT_BATCH:
-                store.insert_stored(batch)
-                batch = []
-        store.insert_stored(batch)
+    try:
+        with _seekable(in_stream) as source:
+            start = source.tell()
+            problems, events, heads = _check_export(source)
+            if problems:
+                raise _invalid(problems)
+            source.seek(start)
+            if not store.insert_into_empty(_records(source), IMPORT_BATCH):
+                raise AuditError(
+                    hresult.BG_E_INVALID_STATE,
+                    f"{store!r} is no longer empty (another import?); nothing was imported",
+                )
+    except UnicodeDecodeError:  # a gzip, binary or UTF-16 file: met on the first read
+        raise _invalid(
+            [Problem("-", None, "format", "not a backhaul export: not UTF-8 text")]
+        ) from None
     projection.rebuild(store)
     rows = len(store.views.select(None, include_final=True))
     unreadable = [
@@ -529,6 +542,14 @@ def import_(store: EventStore, in_stream: IO[str]) -> ImportSummary:
         rows,
         sum(unreadable),
         sum(1 for n in unreadable if n),
+    )
+
+
+def _invalid(problems: list[Problem]) -> AuditError:
+    return AuditError(
+        hresult.E_INVALIDARG,
+        f"the export is not valid ({len(problems)} problem(s)); nothing was imported",
+        problems,
     )
 
 
@@ -599,6 +620,7 @@ def _state_bytes(state: dict[str, Any]) -> bytes:
 def _check_export(source: IO[str]) -> tuple[list[Problem], int, dict[str, tuple[int, str]]]:
     problems: list[Problem] = []
     heads: dict[str, tuple[int, str]] = {}
+    replay = _Replay()
     events = 0
     header = footer = None
     for number, data in _lines(source):
@@ -630,7 +652,10 @@ def _check_export(source: IO[str]) -> tuple[list[Problem], int, dict[str, tuple[
             footer = data["end"]
             continue
         events += 1
-        problems += _check_record(data, where, heads)
+        found, stream, event = _check_record(data, where, heads)
+        problems += found
+        if stream is not None:
+            problems += replay.step(stream, data["version"], event, where)
     if header is None:
         problems.append(Problem("-", None, "format", "empty input: no export header"))
     elif footer is None:
@@ -655,16 +680,23 @@ def _check_export(source: IO[str]) -> tuple[list[Problem], int, dict[str, tuple[
 
 def _check_record(
     data: dict[str, Any], where: str, heads: dict[str, tuple[int, str]]
-) -> list[Problem]:
+) -> tuple[list[Problem], str | None, Event | None]:
+    """The record's problems, its stream (None: not a record) and its event (None: a
+    problem was found)."""
     try:
         stream = str(UUID(str(data["stream"])))
         version, topic, state = data["version"], data["topic"], data["state"]
     except (KeyError, ValueError):
-        return [Problem("-", None, "format", f"{where}: not an event record")]
+        return [Problem("-", None, "format", f"{where}: not an event record")], None, None
     if not isinstance(version, int) or not isinstance(topic, str) or not isinstance(state, dict):
-        return [Problem(stream, None, "format", f"{where}: bad version, topic or state")]
+        return (
+            [Problem(stream, None, "format", f"{where}: bad version, topic or state")],
+            None,
+            None,
+        )
     last_version, previous = heads.get(stream, (0, ""))
     problems = []
+    event: Event | None = None
     if version != last_version + 1:
         problems.append(
             Problem(
@@ -677,7 +709,7 @@ def _check_record(
     stored = _state_bytes(state)
     try:
         _, body, link = split_state(stored)
-        event_from_bytes(topic, stored)
+        event = event_from_bytes(topic, stored)
     except Exception as exc:  # any failure to read a stored event is a finding
         problems.append(Problem(stream, version, "undecodable", f"{where}: {_why(exc)}"))
         link = None
@@ -691,7 +723,45 @@ def _check_record(
                 Problem(stream, version, "hash", f"{where}: the hash does not match the event")
             )
     heads[stream] = (version, link or "")
-    return problems
+    return problems, stream, None if problems else event
+
+
+class _Replay:
+    """The import's rebuild replayed ahead, so that an export it would fail on (a job
+    stream that does not start with JobCreated, an impossible step, a JobCreated naming
+    another stream, which would write that stream's read model) is refused before a byte
+    is written, not found by the rebuild after the log is in."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job | None] = {}
+        self.broken: set[str] = set()  # streams with a problem found already
+
+    def step(self, stream: str, version: int, event: Event | None, where: str) -> list[Problem]:
+        if stream in self.broken:
+            return []
+        if event is None:  # its record's problems say why
+            self.broken.add(stream)
+            self.jobs.pop(stream, None)
+            return []
+        try:
+            self._fold(stream, version, event)
+        except Exception as exc:  # any failure to replay is a finding
+            self.broken.add(stream)
+            self.jobs.pop(stream, None)
+            return [Problem(stream, version, "fold", f"{where}: replay fails: {exc}")]
+        return []
+
+    def _fold(self, stream: str, version: int, event: Event) -> None:
+        if stream == POLICY_STREAM:  # engine-wide settings (TransferManager.settings)
+            if not isinstance(event, PolicyChanged):
+                raise ValueError(f"a {type(event).__name__} in the policy stream")
+            return
+        if isinstance(event, JobCreated):
+            if version != 1:
+                raise ValueError(f"a JobCreated at version {version} starts the job again")
+            if event.job_id != stream:
+                raise ValueError(f"its JobCreated names job {event.job_id!r}, not its stream")
+        self.jobs[stream] = jobs.fold([event], self.jobs.get(stream))
 
 
 # -- rebuild -------------------------------------------------------------------------------
@@ -832,7 +902,7 @@ def _verify_stream(
     foldable = True
     last, head = 0, ""
     for r in store.raw_stream(stream):
-        version, topic, state = r.originator_version, r.topic, bytes(r.state)
+        version, topic, state = r.originator_version, r.topic, stored_bytes(r.state)
         last, head = version, ""
         if version != expected:
             missing = (

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,9 +110,13 @@ def cmd_export(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int
         report = sys.stderr
     else:
         path = Path(args.file).expanduser()
-        # The export names servers, files and owners and holds sealed secrets: owner-only.
+        # The export names servers, files and owners and holds sealed secrets: owner-only,
+        # a file it overwrites too (os.open's mode applies only to a file it creates); a
+        # device or pipe given as the file (/dev/null, a FIFO) keeps its mode.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w", encoding="utf-8", newline="\n") as sink:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fchmod(fd, 0o600)
             summary = audit.export(m.store, sink)
         report = out
     report.write(

@@ -187,7 +187,17 @@ class TransferManager:
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
         self._discarded: list[str] = []  # in a batch: jobs whose temps go after the commit
-        self.declare_secret_parameters()  # before this manager names a job after a URL
+        # Set when the policy stream cannot be read (an undecodable event): the manager still
+        # opens, so that `audit verify` can report that event, but makes no job, since a job
+        # named after a URL could record a parameter the store declared secret in plain text;
+        # a call that reads the policy (a URL added to a job, an engine) meets it again.
+        self._policy_unreadable: str | None = None
+        try:
+            self.declare_secret_parameters()  # before this manager names a job after a URL
+        except BitsError:
+            raise  # the store cannot be used
+        except Exception as exc:  # an undecodable event in the policy stream
+            self._policy_unreadable = f"{type(exc).__name__}: {exc}"
 
     @property
     def certificates(self) -> CertificateStores:
@@ -224,6 +234,13 @@ class TransferManager:
         if not isinstance(display_name, str):
             raise BitsError(hresult.E_INVALIDARG, "the display name must be a string")
         SETTINGS["display_name"].check(display_name, None)  # type: ignore[arg-type]
+        if self._policy_unreadable is not None:
+            raise BitsError(
+                hresult.E_FAIL,
+                "the store's engine settings cannot be read (`backhaul audit verify` names the "
+                f"event: {self._policy_unreadable}); no job is made while its secret query "
+                "parameters are unknown",
+            )
         self._check_job_limits()
         job_id = str(uuid.uuid4())
         created = JobCreated(self.clock.now(), job_id, job_type, display_name, self.owner)

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
@@ -84,6 +84,14 @@ class Recorded:
 
 
 _SQLITE_FILES: Final = ("", "-wal", "-shm", "-journal")
+
+
+def stored_bytes(state: bytes | str) -> bytes:
+    """A stored state as bytes. SQLite keeps whatever type a row was given: a state edited
+    with the sqlite3 shell (``SET state = replace(state, ...)``) comes back as TEXT, which
+    is read as its UTF-8 bytes, as the decoder reads it (and the audit then finds the
+    edit by its hash)."""
+    return state.encode("utf-8") if isinstance(state, str) else bytes(state)
 
 
 def default_home() -> Path:
@@ -230,18 +238,56 @@ class EventStore:
             while len(self._links) > LINK_CACHE_SIZE:
                 self._links.popitem(last=False)
 
-    def insert_stored(self, stored: Sequence[StoredEvent]) -> None:
-        """Insert states exactly as given (the audit import): no re-encoding, no new
-        hashes. Raises ``ConcurrentAppend`` if a version is taken."""
-        if not stored:
-            return
-        try:
+    def insert_into_empty(self, stored: Iterable[StoredEvent], batch: int = 1000) -> bool:
+        """Insert states exactly as given (the audit import: no re-encoding, no new hashes)
+        into an EMPTY log, in ONE transaction that holds the log's write lock from the check
+        that it is empty to the commit: two imports started together cannot both find it
+        empty and mix their logs, and a failure half way leaves nothing written. False, with
+        nothing written, when the log holds events. ``batch``: events sent at a time."""
+        log = cast(Any, self.log)
+        if self.kind == "sqlite":
+            return self._insert_into_empty_sqlite(log, stored, batch)
+        if self.kind == "postgresql":
+            return self._insert_into_empty_postgres(log, stored, batch)
+        with self.lock:  # in-process: this store is the only writer
+            if self.head():
+                return False
             self.log.insert_events(list(stored))
-        except IntegrityError as exc:
-            raise ConcurrentAppend(str(exc)) from exc
-        with self._links_lock:
-            for s in stored:
-                self._links.pop(str(s.originator_id), None)
+            return True
+
+    @staticmethod
+    def _insert_into_empty_sqlite(log: Any, stored: Iterable[StoredEvent], batch: int) -> bool:
+        """BEGIN IMMEDIATE takes the write lock before the emptiness check (a plain BEGIN
+        would read first, and a second import would then fail its first write with
+        "database is locked" instead of waiting and finding the log taken)."""
+        with log.datastore.get_connection(commit=True) as conn:
+            cursor = conn.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                cursor.execute(log.select_max_notification_id_statement)
+                if cursor.fetchone()[0]:
+                    conn.rollback()
+                    return False
+                for chunk in _chunks(stored, batch):
+                    log._insert_events(cursor, chunk)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+        return True
+
+    @staticmethod
+    def _insert_into_empty_postgres(log: Any, stored: Iterable[StoredEvent], batch: int) -> bool:
+        """The recorder's own table lock (EXCLUSIVE: readers go on, a second writer waits
+        for the commit), taken before the emptiness check and held to the commit."""
+        with log.datastore.transaction(commit=True) as cursor:
+            log._lock_table(cursor)
+            cursor.execute(log.max_notification_id_statement)
+            if cursor.fetchone()["max"]:
+                return False
+            for chunk in _chunks(stored, batch):
+                log._insert_stored_events(cursor, chunk)
+        return True
 
     # -- reading -----------------------------------------------------------------------
 
@@ -262,7 +308,7 @@ class EventStore:
         """Remember each stream's link from the last of its records just read."""
         with self._links_lock:
             for stream, record in last.items():
-                state = bytes(record.state)
+                state = stored_bytes(record.state)
                 if state[-72:-66] != b',"h":"' or state[-2:] != b'"}':
                     continue  # not the layout the store writes: an append reads it properly
                 known = self._links.get(stream)
@@ -326,6 +372,17 @@ class EventStore:
         if self._factory is not None:
             self._factory.close()
             self._factory = None
+
+
+def _chunks(items: Iterable[StoredEvent], size: int) -> Iterator[list[StoredEvent]]:
+    chunk: list[StoredEvent] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # What a store that cannot be used raises under a call (SQLite's own errors, the event store

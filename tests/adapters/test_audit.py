@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import attrs
 import psycopg
@@ -41,6 +41,13 @@ from backhaul.adapters.view import ViewRow
 from backhaul.core import command as cmd
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
+from backhaul.core.event import (
+    POLICY_STREAM,
+    JobCancelled,
+    JobCreated,
+    JobResumed,
+    PolicyChanged,
+)
 from backhaul.core.job import fold
 from backhaul.core.value import JobError
 from backhaul.core.vocabulary import (
@@ -376,6 +383,37 @@ def test_the_at_verb_takes_a_time_or_a_version(manager: TransferManager, jobs: J
     assert usage.value.code == 2
 
 
+def test_at_refuses_a_stream_that_is_not_a_job_or_does_not_replay(
+    manager: TransferManager, jobs: Jobs, wired: Any, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = manager.store
+    store.append(POLICY_STREAM, 0, [PolicyChanged(T0, "network_cost", 1)])
+    odd = str(uuid4())  # appended behind the manager's back: the store does not fold
+    store.append(
+        odd,
+        0,
+        [JobCreated(T0, odd, JobType.DOWNLOAD, "odd", "auditor"), JobCancelled(T0), JobResumed(T0)],
+    )
+    assert cli(manager, "history", POLICY_STREAM)[0] == 0
+    assert cli(manager, "history", odd)[0] == 0
+    assert cli(manager, "at", odd, "2")[0] == 0  # up to the impossible step
+
+    with pytest.raises(BitsError, match="is not a job stream") as refused:
+        cli(manager, "at", POLICY_STREAM, "1")
+    assert refused.value.hresult == hresult.BG_E_NOT_FOUND
+    with pytest.raises(BitsError, match="version 3 cannot be replayed") as refused:
+        cli(manager, "at", odd, "3")
+    assert "resume is not allowed in state CANCELLED" in str(refused.value)
+
+    manager.close()
+    assert wired(["--home", str(home), "audit", "at", odd, "3"], io.StringIO()) == 1
+    assert wired(["--home", str(home), "audit", "at", POLICY_STREAM, "1"], io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert "version 3 cannot be replayed" in err
+    assert "is not a job stream" in err
+    assert "Traceback" not in err
+
+
 # -- export / import -------------------------------------------------------------------------
 
 
@@ -491,6 +529,19 @@ def test_the_export_and_import_verbs(manager: TransferManager, jobs: Jobs, tmp_p
         assert rows_of(copy.store) == rows_of(manager.store)
         with pytest.raises(AuditError):
             cli(copy, "import", str(target))  # not empty any more
+
+
+def test_an_export_over_an_existing_file_leaves_it_owner_only(
+    manager: TransferManager, jobs: Jobs, tmp_path: Path
+) -> None:
+    target = tmp_path / "log.jsonl"
+    target.write_text("an older export\n")
+    target.chmod(0o644)
+
+    assert cli(manager, "export", str(target))[0] == 0
+
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert target.read_text().startswith('{"format":"backhaul.event-log"')
 
 
 def test_a_sealed_secret_survives_an_import_with_the_same_key(
@@ -698,6 +749,90 @@ def test_verify_reports_a_stripped_hash(manager: TransferManager, jobs: Jobs, ho
     code, _, data = _verify_cli(home)
     assert code == 1
     assert (jobs.done, 1, "unchained") in _found(data)
+
+
+def _text_states(db: Path, job_id: str) -> int:
+    """How many of the job's stored states SQLite holds as TEXT (what its shell's string
+    functions leave), not as BLOB."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM stored_events WHERE originator_id = ? AND typeof(state) = 'text'",
+            (hex_id(job_id),),
+        ).fetchone()
+    return int(count)
+
+
+def test_a_state_stored_as_text_reads_as_its_utf8_bytes(
+    manager: TransferManager, jobs: Jobs, home: Path
+) -> None:
+    exported = export_text(manager.store)
+    history = audit.history(manager.store, jobs.rich)
+    manager.close()
+    sqlite_exec(
+        home / DB_FILE,
+        "UPDATE stored_events SET state = CAST(state AS TEXT) WHERE originator_id = ?",
+        hex_id(jobs.rich),
+    )
+    assert _text_states(home / DB_FILE, jobs.rich) == 14
+
+    with reopen(home) as m:
+        assert audit.verify(m.store) == []
+        assert audit.history(m.store, jobs.rich) == history
+        assert audit.state_at(m.store, jobs.rich, version=4).job.description == "the rich one"
+        assert export_text(m.store) == exported
+        # the store reads it too, and notes its last link (a TEXT state) for the next append
+        assert audit.rebuild(m.store).rows == 4
+        assert m.store.stream(jobs.rich)[3].event == history[3].event
+        m.get_job(jobs.rich).description = "appended after a TEXT state"
+        assert audit.verify(m.store) == []
+
+
+def test_verify_reports_an_edit_that_left_a_text_state(
+    manager: TransferManager, jobs: Jobs, home: Path
+) -> None:
+    manager.close()
+    changed = sqlite_exec(
+        home / DB_FILE,
+        "UPDATE stored_events SET state = replace(state, 'the rich one', 'the poor one') "
+        "WHERE originator_id = ? AND originator_version = 4",
+        hex_id(jobs.rich),
+    )
+    assert changed == 1
+    assert _text_states(home / DB_FILE, jobs.rich) == 1
+
+    code, text, data = _verify_cli(home)
+
+    assert code == 1
+    assert (jobs.rich, 4, "hash") in _found(data)
+    assert f"{jobs.rich} version 4: hash: " in text
+    with reopen(home) as m:
+        assert audit.history(m.store, jobs.rich)[3].fields()["value"] == "the poor one"
+        assert cli(m, "at", jobs.rich, "4")[0] == 0
+        assert '"the poor one"' in export_text(m.store)
+
+
+def test_an_undecodable_policy_event_is_reported_and_the_manager_still_opens(
+    manager: TransferManager, jobs: Jobs, home: Path, wired: Any
+) -> None:
+    manager.store.append(POLICY_STREAM, 0, [PolicyChanged(T0, "secret_parameters", ["sig"])])
+    manager.close()
+    sqlite_exec(
+        home / DB_FILE,
+        "UPDATE stored_events SET state = CAST('{}' AS BLOB) WHERE topic = 'PolicyChanged'",
+    )
+
+    code, text, data = _verify_cli(home)
+
+    assert code == 1
+    assert _found(data) == {(POLICY_STREAM, 1, "undecodable")}
+    assert f"{POLICY_STREAM} version 1: undecodable: " in text
+    assert wired(["--home", str(home), "audit", "verify"], io.StringIO()) == 1
+    assert wired(["--home", str(home), "audit", "history", jobs.rich], io.StringIO()) == 0
+    # No job is made while the store's secret parameters are unknown: a job named after a
+    # URL could hold one of their values in plain text.
+    with TransferManager(home=home) as reopened, pytest.raises(BitsError) as refused:
+        reopened.create_job("https://example.com/f?sig=abc")
+    assert refused.value.hresult == hresult.E_FAIL
 
 
 def test_problems_print_job_version_and_what() -> None:

@@ -118,6 +118,8 @@ class JobViews:
         states: Iterable[int] | None = None,
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
+        modified_since: str | None = None,
+        job_types: Iterable[int] | None = None,
         due_by: str | None = None,
         priorities: Iterable[int] | None = None,
         longest_waiting: int | None = None,
@@ -125,7 +127,8 @@ class JobViews:
     ) -> list[ViewRow]:
         """Rows ordered by creation; ``doc`` is empty unless ``with_doc``. ``states`` /
         ``exclude_states`` filter by BG_JOB_STATE; ``modified_before`` (an ISO time in UTC,
-        as the rows hold it) keeps rows last modified before it; ``due_by`` (``due_text``)
+        as the rows hold it) keeps rows last modified before it, ``modified_since`` those
+        modified at or after it; ``job_types`` filters by BG_JOB_TYPE; ``due_by`` (``due_text``)
         keeps rows whose ``next_due`` is set and not after it; ``priorities`` filters by
         BG_JOB_PRIORITY. ``longest_waiting=N``: only the first N rows by priority, then by
         ``modified_at`` (the order the scheduler takes queued jobs in), in that order, and
@@ -239,6 +242,8 @@ class _SqlViews(JobViews):
         states: Iterable[int] | None = None,
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
+        modified_since: str | None = None,
+        job_types: Iterable[int] | None = None,
         due_by: str | None = None,
         priorities: Iterable[int] | None = None,
         longest_waiting: int | None = None,
@@ -257,6 +262,13 @@ class _SqlViews(JobViews):
         if modified_before is not None:
             extra.append(f"modified_at < {self.mark}")
             more.append(modified_before)
+        if modified_since is not None:
+            extra.append(f"modified_at >= {self.mark}")
+            more.append(modified_since)
+        if job_types is not None:
+            kinds = [int(x) for x in job_types] or [-1]
+            extra.append(f"job_type IN ({', '.join([self.mark] * len(kinds))})")
+            more += kinds
         if due_by is not None:
             extra.append(f"next_due <= {self.mark}")
             more.append(due_by)
@@ -368,6 +380,8 @@ class MemoryJobViews(JobViews):
         states: Iterable[int] | None = None,
         exclude_states: Iterable[int] = (),
         modified_before: str | None = None,
+        modified_since: str | None = None,
+        job_types: Iterable[int] | None = None,
         due_by: str | None = None,
         priorities: Iterable[int] | None = None,
         longest_waiting: int | None = None,
@@ -376,6 +390,7 @@ class MemoryJobViews(JobViews):
         wanted = None if states is None else {int(x) for x in states}
         excluded = {int(x) for x in exclude_states}
         allowed = None if priorities is None else {int(x) for x in priorities}
+        kinds = None if job_types is None else {int(x) for x in job_types}
         rows = sorted(
             (
                 r
@@ -383,6 +398,8 @@ class MemoryJobViews(JobViews):
                 if (wanted is None or r.state in wanted)
                 and r.state not in excluded
                 and (modified_before is None or r.modified_at < modified_before)
+                and (modified_since is None or r.modified_at >= modified_since)
+                and (kinds is None or r.job_type in kinds)
                 and (due_by is None or (r.next_due is not None and r.next_due <= due_by))
                 and (allowed is None or r.priority in allowed)
             ),

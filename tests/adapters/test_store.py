@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 from uuid import uuid4
 
@@ -45,7 +46,7 @@ from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core.job import fold
-from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobType
+from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState, JobType
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -121,6 +122,31 @@ class StoreContract:
     @pytest.fixture
     def manager(self, store: EventStore) -> TransferManager:
         return TransferManager(store, owner="contract-owner", clock=ManualClock())
+
+    def test_select_by_job_type_and_modified_since(
+        self, store: EventStore, manager: TransferManager, tmp_path: Path
+    ) -> None:
+        """What an engine's start asks for the uploads cancelled lately, on every backend:
+        the rows of those only, not of every final job."""
+        ids = make_jobs(manager, tmp_path, count=2)  # downloads; the first cancelled
+        clock = manager.clock
+        assert isinstance(clock, ManualClock)
+        clock.advance(3600)
+        cutoff = clock.now().isoformat()
+        upload = manager.create_job("up", JobType.UPLOAD)
+        upload.cancel()
+        manager.refresh_views()
+        cancelled = [int(JobState.CANCELLED)]
+        uploads = [int(JobType.UPLOAD), int(JobType.UPLOAD_REPLY)]
+
+        def ids_of(**filters: Any) -> list[str]:
+            rows = store.views.select(None, include_final=True, states=cancelled, **filters)
+            return [r.job_id for r in rows]
+
+        assert ids_of() == [ids[0], upload.id]
+        assert ids_of(job_types=uploads) == [upload.id]
+        assert ids_of(modified_since=cutoff) == [upload.id]
+        assert ids_of(job_types=[int(JobType.DOWNLOAD)], modified_since=cutoff) == []
 
     # -- append and stream -------------------------------------------------------------
 

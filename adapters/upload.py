@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
 
 from backhaul.adapters import localfile, registry
 from backhaul.adapters.download import Throttle
@@ -20,6 +21,9 @@ from backhaul.core.job import Job
 from backhaul.core.port import Uploader
 from backhaul.core.url import same_origin, with_login_of
 from backhaul.core.vocabulary import ErrorContext, JobType
+
+# The smallest fragment a rate-limited upload sends (a BITS fragment is a request of its own).
+MIN_LIMITED_FRAGMENT: Final = 64 * 1024
 
 
 def default_uploaders() -> Mapping[str, Uploader]:
@@ -104,7 +108,8 @@ class Uploads:
             last = time.monotonic()
             throttle = Throttle(self, job)
             while position < size:
-                data = os.pread(fd, min(self.upload_fragment, size - position), position)
+                step = self._fragment_size(throttle)
+                data = os.pread(fd, min(step, size - position), position)
                 if not data or _local_version(fd)[1] != version:
                     raise _local_changed(f.local_name)
                 position = await session.send(data, position)
@@ -165,6 +170,16 @@ class Uploads:
         # Close-Session's), for sessions that keep one.
         block = self._recorded_headers(getattr(session, "response_headers", None))
         await self._commit(job_id, cmd.FinishFile(index, size, response_headers=block))
+
+    def _fragment_size(self, throttle: Throttle) -> int:
+        """``upload_fragment``, but no more than a quarter second of the slowest rate the
+        job is held to now (64 KiB at least): a fragment goes out at the link's speed and
+        is charged to the rate limiter after, so a 4 MiB fragment under a 256 KiB/s limit
+        was a 4 MiB burst, then a 16 s pause."""
+        rates = [r for name in throttle.buckets if (r := self.limiter.rate(name))]
+        if not rates:
+            return self.upload_fragment
+        return max(MIN_LIMITED_FRAGMENT, min(self.upload_fragment, int(min(rates) / 4)))
 
     async def _abort_uploads(self, job: Job) -> None:
         """Cancel of an upload job: tell the server (Cancel-Session), retrying a while."""

@@ -221,6 +221,41 @@ def test_an_upload_resumes_in_a_new_engine_from_the_servers_offset(tmp_path: Pat
     asyncio.run(body())
 
 
+def test_a_rate_limited_upload_sends_fragments_of_a_quarter_second(tmp_path: Path) -> None:
+    """A fragment goes out at the link's speed and is charged to the limiter after it: a
+    4 MiB fragment under a 256 KiB/s limit was a 4 MiB burst, then a 16 s pause. Limited,
+    fragments hold a quarter second of the limit (here 64 KiB); unlimited, upload_fragment."""
+    sizes: list[int] = []
+
+    @web.middleware
+    async def measured(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.headers.get("BITS-Packet-Type", "").lower() == "fragment":
+            sizes.append(int(request.headers["Content-Length"]))
+        return await handler(request)
+
+    async def body() -> None:
+        www = tmp_path / "www"
+        www.mkdir()
+        config = UploadServerConfig(
+            session_dir=tmp_path / "sessions", vdirs=(VirtualDirectory("/up", www),)
+        )
+        app = make_upload_app(config)
+        app.middlewares.append(measured)
+        async with serve_app(app) as base:
+            manager, job, data = an_upload(tmp_path, f"{base}/up", 1024 * 1024)
+            job.max_rate = 256 * 1024
+            job.resume()
+            engine = Engine(manager, poll_interval=0.05)
+            assert engine.upload_fragment > 256 * 1024
+            await engine.run(until_idle=True)
+            assert job.state is JobState.TRANSFERRED
+            job.complete()
+            assert (www / "big.bin").read_bytes() == data
+
+    asyncio.run(body())
+    assert sizes and max(sizes) <= 64 * 1024 and sum(sizes) >= 1024 * 1024
+
+
 def test_a_stopped_upload_claims_what_the_server_acknowledged_and_shows_its_size(
     tmp_path: Path,
 ) -> None:

@@ -22,6 +22,7 @@ import attrs
 
 from backhaul.adapters import localfile
 from backhaul.adapters.jobrun import JobGone, local_error, name_file, to_the_end
+from backhaul.adapters.yielding import congestion_of, set_congestion
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
@@ -925,7 +926,7 @@ class Throttle:
         self._socket = getattr(download, "socket", None)
         # The socket's own congestion control, to give back when the job turns foreground
         # (a background socket is switched to the kernel's "lp").
-        self._congestion = _congestion(self._socket) if engine.low_priority_tcp else None
+        self._congestion = congestion_of(self._socket) if engine.low_priority_tcp else None
         self.priority = job.priority
         self.buckets: list[str] = []
         self.background = False
@@ -942,7 +943,7 @@ class Throttle:
         if was and not self.background:
             engine._bg_sockets.discard(self._socket)  # its bytes are no longer ours
             if self._congestion:
-                _set_congestion(self._socket, self._congestion)
+                set_congestion(self._socket, self._congestion)
 
     async def charge(self, amount: int) -> None:
         """Count ``amount`` bytes just moved; wait while a bucket of the job is in debt."""
@@ -954,28 +955,6 @@ class Throttle:
             engine.yielder.add(amount)
         if engine.limiter.limited(self.buckets):
             await engine.limiter.take(self.buckets, amount)
-
-
-def _congestion(sock: Any) -> bytes | None:
-    """The TCP congestion control of ``sock`` (None: no socket, or not TCP)."""
-    import socket
-
-    if sock is None:
-        return None
-    option = getattr(socket, "TCP_CONGESTION", 13)
-    try:
-        name: bytes = sock.getsockopt(socket.IPPROTO_TCP, option, 16)
-    except OSError:
-        return None
-    return name.rstrip(b"\0") or None
-
-
-def _set_congestion(sock: Any, name: bytes) -> None:
-    import socket
-
-    option = getattr(socket, "TCP_CONGESTION", 13)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, option, name)
 
 
 def _version(remote: RemoteFile) -> str | None:

@@ -58,7 +58,7 @@ from backhaul.adapters.secret import SealedUnreadable
 from backhaul.adapters.store import STORE_ERRORS, ConcurrentAppend, Recorded, StoreUnavailable
 from backhaul.adapters.upload import Uploads
 from backhaul.adapters.view import ViewRow, due_text, queue_key
-from backhaul.adapters.yielding import YieldController, congestion_controls
+from backhaul.adapters.yielding import YieldController, congestion_controls, set_congestion
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
@@ -605,17 +605,18 @@ class Engine(Downloads, Fills, Uploads):
             # may stay (the engine deletes them once the transfer stopped). Completed while
             # this engine still ran a transfer of it (a worker that stalled past its lease
             # and woke up after another finished the job): what it still wrote is garbage.
-            key = f"discard-{job.id}"
-            if key not in self._cmdlines:
-                cleanup = asyncio.create_task(self._discard_after(task, job))
-                self._cmdlines[key] = cleanup
-                cleanup.add_done_callback(lambda _t: self._cmdlines.pop(key, None))
+            self._clean_up(f"discard-{job.id}", lambda: self._discard_after(task, job))
         if job.state is JobState.CANCELLED and any(f.upload_token for f in job.files):
-            key = f"abort-{job.id}"
-            if key not in self._cmdlines:
-                task = asyncio.create_task(self._abort_uploads(job))
-                self._cmdlines[key] = task
-                task.add_done_callback(lambda _t: self._cmdlines.pop(key, None))
+            self._clean_up(f"abort-{job.id}", lambda: self._abort_uploads(job))
+
+    def _clean_up(self, key: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run a clean-up (a job's temp files, its server sessions) as a task of its own,
+        once per ``key``: ``_cmdlines`` holds it while it runs (the engine is not idle)."""
+        if key in self._cmdlines:
+            return
+        task = asyncio.ensure_future(work())
+        self._cmdlines[key] = task
+        task.add_done_callback(lambda _t: self._cmdlines.pop(key, None))
 
     async def _abort_cancelled_uploads(self, now: datetime) -> None:
         """Uploads cancelled in the last ``CANCEL_SESSION_WINDOW`` (24 h, or their
@@ -627,24 +628,16 @@ class Engine(Downloads, Fills, Uploads):
             self.store.views.select,
             None,
             include_final=True,
+            with_doc=True,
             states=[int(JobState.CANCELLED)],
             job_types=[int(JobType.UPLOAD), int(JobType.UPLOAD_REPLY)],
             modified_since=(now - CANCEL_SESSION_WINDOW).astimezone(UTC).isoformat(),
         )  # the rows of these few only: a store of 100,000 finished downloads reads none
-        recent = [r.job_id for r in rows]
-        if not recent:
-            return
-        found = await asyncio.to_thread(self.store.views.get_many, recent)
-        for row in found.values():
+        for row in rows:
             job = job_of(row)
             window = min(CANCEL_SESSION_WINDOW, timedelta(seconds=job.no_progress_timeout or 0))
-            if not any(f.upload_token for f in job.files) or now - job.modified_at >= window:
-                continue
-            key = f"abort-{job.id}"
-            if key not in self._cmdlines:
-                task = asyncio.create_task(self._abort_uploads(job))
-                self._cmdlines[key] = task
-                task.add_done_callback(lambda _t, key=key: self._cmdlines.pop(key, None))
+            if any(f.upload_token for f in job.files) and now - job.modified_at < window:
+                self._clean_up(f"abort-{job.id}", lambda job=job: self._abort_uploads(job))
 
     async def _discard_after(self, task: asyncio.Task[None] | None, job: Job) -> None:
         """Cancel deletes temp files; a transfer still running may have made one after
@@ -828,7 +821,7 @@ class Engine(Downloads, Fills, Uploads):
             self._bg_sockets.add(sock)
             self.yielder.loopback = _is_loopback(sock)
             if self.low_priority_tcp:
-                _use_lp(sock)
+                set_congestion(sock, b"lp")
         return True
 
     def network_state(self) -> tuple[bool, int]:
@@ -1645,14 +1638,6 @@ async def _end_program(proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), wait)
             return
-
-
-def _use_lp(sock: Any) -> None:
-    import socket
-
-    option = getattr(socket, "TCP_CONGESTION", 13)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, option, b"lp")
 
 
 def congestion_report() -> str:

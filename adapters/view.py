@@ -250,32 +250,27 @@ class _SqlViews(JobViews):
         after: tuple[int, str, str] | None = None,
     ) -> list[ViewRow]:
         where, params = self._where(owner, include_final)
-        extra, more = [], []
-        if states is not None:
-            wanted = [int(x) for x in states] or [-1]
-            extra.append(f"state IN ({', '.join([self.mark] * len(wanted))})")
-            more += wanted
-        excluded = [int(x) for x in exclude_states]
-        if excluded:
-            extra.append(f"state NOT IN ({', '.join([self.mark] * len(excluded))})")
-            more += excluded
-        if modified_before is not None:
-            extra.append(f"modified_at < {self.mark}")
-            more.append(modified_before)
-        if modified_since is not None:
-            extra.append(f"modified_at >= {self.mark}")
-            more.append(modified_since)
-        if job_types is not None:
-            kinds = [int(x) for x in job_types] or [-1]
-            extra.append(f"job_type IN ({', '.join([self.mark] * len(kinds))})")
-            more += kinds
-        if due_by is not None:
-            extra.append(f"next_due <= {self.mark}")
-            more.append(due_by)
-        if priorities is not None:
-            allowed = [int(x) for x in priorities] or [-1]
-            extra.append(f"priority IN ({', '.join([self.mark] * len(allowed))})")
-            more += allowed
+        extra: list[str] = []
+        more: list[Any] = []
+        mark = self.mark
+        for column, values, test in (
+            ("state", states, "IN"),
+            ("state", exclude_states or None, "NOT IN"),
+            ("job_type", job_types, "IN"),
+            ("priority", priorities, "IN"),
+        ):
+            if values is not None:  # an empty IN () list is SQL no database takes
+                listed = [int(x) for x in values] or [-1]
+                extra.append(f"{column} {test} ({', '.join([mark] * len(listed))})")
+                more += listed
+        for test, value in (
+            ("modified_at <", modified_before),
+            ("modified_at >=", modified_since),
+            ("next_due <=", due_by),
+        ):
+            if value is not None:
+                extra.append(f"{test} {mark}")
+                more.append(value)
         if after is not None:
             extra.append(
                 f"(priority, modified_at, job_id) > ({self.mark}, {self.mark}, {self.mark})"

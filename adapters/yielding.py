@@ -19,9 +19,12 @@ the kernel: Linux's ``lp``, used when the kernel offers it, see ``congestion_con
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Final
 
 import attrs
 
@@ -54,6 +57,27 @@ def congestion_controls(path: Path = CONGESTION) -> list[str]:
         return path.read_text().split()
     except OSError:
         return []
+
+
+def congestion_of(sock: Any) -> bytes | None:
+    """The TCP congestion control of ``sock`` (None: no socket, or not TCP)."""
+    if sock is None:
+        return None
+    try:
+        name: bytes = sock.getsockopt(socket.IPPROTO_TCP, _TCP_CONGESTION, 16)
+    except OSError:
+        return None
+    return name.rstrip(b"\0") or None
+
+
+def set_congestion(sock: Any, name: bytes) -> None:
+    """Give ``sock`` the TCP congestion control ``name`` (b"lp": the kernel's low-priority
+    one, for a background transfer); a kernel without it leaves the socket as it is."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CONGESTION, name)
+
+
+_TCP_CONGESTION: Final = getattr(socket, "TCP_CONGESTION", 13)
 
 
 @attrs.define

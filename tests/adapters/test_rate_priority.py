@@ -25,13 +25,25 @@ from test_engine_on_demand import on_demand_job
 from test_engine_upload import an_upload, upload_server
 
 from backhaul.adapters.engine import Engine
-from backhaul.adapters.manager import TransferManager
+from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core.bandwidth import BandwidthPolicy, Limit
 from backhaul.core.vocabulary import JobPriority, JobState
 
 MiB = 1024 * KiB
 LIMIT = 100_000  # bytes per second: 4 MiB would take about 40 s
 SLOW = BandwidthPolicy((Limit(LIMIT),))
+
+
+async def raised_to_foreground(engine: Engine, job: TransferJob, done: JobState) -> float:
+    """Seconds from raising ``job`` to FOREGROUND, once the engine holds it mid-transfer
+    under ``SLOW``, until it is ``done`` (about 40 s if it stayed limited)."""
+    await until(lambda: engine.live_progress.get((job.id, 0), 0) > 0, "started")
+    await asyncio.sleep(0.3)
+    assert job.state is JobState.TRANSFERRING  # held back by the limit
+    job.priority = JobPriority.FOREGROUND
+    raised = asyncio.get_running_loop().time()
+    await until(lambda: job.state is done, done.name, 15)
+    return asyncio.get_running_loop().time() - raised
 
 
 def test_a_download_raised_to_foreground_mid_transfer_leaves_the_global_limit(
@@ -46,13 +58,7 @@ def test_a_download_raised_to_foreground_mid_transfer_leaves_the_global_limit(
             job = new_job(manager, [(server.url("/f"), tmp_path / "f.bin")])
             engine = make_engine(manager)
             async with running(engine):
-                await until(lambda: engine.live_progress.get((job.id, 0), 0) > 0, "started")
-                await asyncio.sleep(0.3)
-                assert job.state is JobState.TRANSFERRING  # held back by the limit
-                job.priority = JobPriority.FOREGROUND
-                raised = asyncio.get_running_loop().time()
-                await until(lambda: job.state is JobState.TRANSFERRED, "transferred", 15)
-                return asyncio.get_running_loop().time() - raised
+                return await raised_to_foreground(engine, job, JobState.TRANSFERRED)
 
     assert asyncio.run(main()) < 5.0
 
@@ -130,13 +136,7 @@ def test_an_on_demand_fill_raised_to_foreground_mid_range_leaves_the_global_limi
             engine = make_engine(manager)
             async with running(engine):
                 job.resume()
-                await until(lambda: engine.live_progress.get((job.id, 0), 0) > 0, "started")
-                await asyncio.sleep(0.3)
-                assert job.state is JobState.TRANSFERRING  # held back by the limit
-                job.priority = JobPriority.FOREGROUND
-                raised = asyncio.get_running_loop().time()
-                await until(lambda: job.state is JobState.SUSPENDED, "filled", 15)
-                return asyncio.get_running_loop().time() - raised
+                return await raised_to_foreground(engine, job, JobState.SUSPENDED)
 
     assert asyncio.run(main()) < 5.0
 
@@ -152,12 +152,6 @@ def test_an_upload_raised_to_foreground_mid_transfer_leaves_the_global_limit(
             engine = Engine(manager, poll_interval=0.02, yield_bandwidth=False)
             engine.upload_fragment = 64 * KiB
             async with running(engine):
-                await until(lambda: engine.live_progress.get((job.id, 0), 0) > 0, "started")
-                await asyncio.sleep(0.3)
-                assert job.state is JobState.TRANSFERRING  # held back by the limit
-                job.priority = JobPriority.FOREGROUND
-                raised = asyncio.get_running_loop().time()
-                await until(lambda: job.state is JobState.TRANSFERRED, "transferred", 15)
-                return asyncio.get_running_loop().time() - raised
+                return await raised_to_foreground(engine, job, JobState.TRANSFERRED)
 
     assert asyncio.run(main()) < 5.0

@@ -36,6 +36,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
+from backhaul.adapters.audit import redact_text
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
@@ -168,7 +169,8 @@ def _error_json(error: Any) -> dict[str, Any]:
         "context": error.context.name,
         "hresult": hresult.format_hresult(error.hresult),
         "name": hresult.name_of(error.hresult),
-        "description": error.description,
+        # A log written before URL secrets were sealed may hold them in its messages.
+        "description": redact_text(error.description),
         "file_index": error.file_index,
     }
 
@@ -552,7 +554,7 @@ def cmd_files(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     rows = [
         {
             "index": f.index,
-            "remote_name": f.remote_name,
+            "remote_name": redact_text(f.remote_name),  # as in the description above
             "local_name": f.local_name,
             "bytes_total": f.progress.bytes_total,
             "bytes_transferred": f.progress.bytes_transferred,

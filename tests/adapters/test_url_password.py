@@ -52,8 +52,8 @@ from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.url import secrets_of
-from backhaul.core.value import FileSpec, Sealed
-from backhaul.core.vocabulary import JobState, JobType
+from backhaul.core.value import FileSpec, JobError, Sealed
+from backhaul.core.vocabulary import ErrorContext, JobState, JobType
 
 USER, PASSWORD = "alice", "Url-s3cret-Marker-41f7"
 
@@ -734,3 +734,30 @@ def test_the_audit_hides_url_secrets_that_an_older_log_recorded_in_plain_text(
     for output in (text, shown):
         assert PASSWORD not in output and SIGNATURE not in output
     assert "https://bob:<redacted>@a.example/f?X-Amz-Signature=<redacted>&n=1" in text
+
+
+def test_info_and_files_hide_url_secrets_that_an_older_log_recorded_in_plain_text(
+    tmp_path: Path, home: Path
+) -> None:
+    """An older log's remote name and error description holding a URL's password and
+    signature in plain text: ``backhaul files`` and ``info`` (text and JSON) show neither."""
+    name = f"https://bob:{PASSWORD}@a.example/f?X-Amz-Signature={SIGNATURE}&n=1"
+    with TransferManager(home=home) as m:
+        job = m.create_job("old")
+        old = ev.FilesAdded(m.clock.now(), (FileSpec(name, str(tmp_path / "f")),))
+        m.store.append(job.id, job.snapshot().version, [old])  # as an older release wrote it
+        job.resume()
+        m.execute(job.id, cmd.StartTransfer())
+        error = JobError(ErrorContext.REMOTE_FILE, hresult.E_ACCESSDENIED, f"refused: {name}", 0)
+        m.execute(job.id, cmd.Fail(error, False))
+        assert job.state is JobState.ERROR
+    outputs = []
+    for verb in ("files", "info"):
+        for extra in ((), ("--json",)):
+            out = io.StringIO()
+            assert main(["--home", str(home), verb, job.id, *extra], out) == 0
+            outputs.append(out.getvalue())
+    for output in outputs:
+        assert PASSWORD not in output and SIGNATURE not in output
+    assert "https://bob:<redacted>@a.example/f?X-Amz-Signature=<redacted>&n=1" in outputs[0]
+    assert "refused: https://bob:<redacted>@a.example/f" in outputs[2]

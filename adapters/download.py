@@ -119,7 +119,7 @@ class Downloads:
                             raise local_error(error, f.path)
                         await self._keep_security(job_id, f.index)
                         try:
-                            command = cmd.FinishFile(f.index, f.size, f.digest, f.headers)
+                            command = cmd.FinishFile(f.index, f.size, f.digest, f.headers, f.inode)
                             futures.append(self._enqueue(job_id, command))
                         except BitsError as exc:
                             raise JobGone(str(exc)) from exc
@@ -769,7 +769,14 @@ class Downloads:
             raise local_error(exc, tmp) from exc
 
     async def _finish_file(self, job_id: str, index: int, size: int, digest: str | None) -> None:
-        await self._commit(job_id, cmd.FinishFile(index, size, digest))
+        """Record a file whose bytes are synced in this worker's temp file (with its inode)."""
+        f = self._job(job_id).files[index]
+        tmp = localfile.temp_name(job_id, index, f.local_name, self.worker)
+        try:
+            inode: int | None = os.stat(tmp).st_ino
+        except OSError:
+            inode = None  # Complete finds out what became of it
+        await self._commit(job_id, cmd.FinishFile(index, size, digest, inode=inode))
 
 
 # Response headers that can carry a secret: a header block holding one is sealed in the log.

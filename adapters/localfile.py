@@ -213,12 +213,14 @@ def check_local_names(
 @attrs.define(eq=False)
 class FinishedFile:
     """A temp file whose bytes have all arrived: open at ``fd`` with them written, or not
-    created yet with them in ``body``. ``stamp``: the modification time to give it."""
+    created yet with them in ``body``. ``stamp``: the modification time to give it.
+    ``inode``: the file's, once ``GroupSync`` synced it (FileTransferred records it)."""
 
     path: str
     fd: int = -1
     body: bytes | None = None
     stamp: float | None = None
+    inode: int | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -287,7 +289,10 @@ class GroupSync:
                 if f.body is not None:
                     errors[i] = _create(f)
             live = [i for i, f in enumerate(files) if errors[i] is None]
-            for i, error in zip(live, self._sync([files[i].fd for i in live]), strict=True):
+            inodes: dict[int, int] = {}
+            synced = self._sync([files[i].fd for i in live], inodes)
+            for i, error in zip(live, synced, strict=True):
+                files[i].inode = inodes.get(files[i].fd)
                 errors[i] = error
                 stamp = files[i].stamp
                 if error is None and stamp is not None:
@@ -298,7 +303,8 @@ class GroupSync:
                 f.close()
         return errors
 
-    def _sync(self, fds: Sequence[int]) -> list[OSError | None]:
+    def _sync(self, fds: Sequence[int], inodes: dict[int, int]) -> list[OSError | None]:
+        """Each file's error, or None; ``inodes`` gets each file's inode number."""
         by_device: dict[int, list[int]] = {}
         errors: dict[int, OSError | None] = {}
         for fd in fds:
@@ -307,6 +313,7 @@ class GroupSync:
             except OSError as exc:
                 errors[fd] = exc
                 continue
+            inodes[fd] = st.st_ino
             if st.st_nlink == 0:
                 # Deleted while it was written (its directory removed, say): syncing the
                 # bytes would claim a file that Complete cannot find.
@@ -520,10 +527,17 @@ def sync_dirs(dirs: Iterable[str | Path]) -> None:
 
 
 def _already_published(target: str, f: FileState) -> bool:
+    """The file at ``target`` is this file's temp file, renamed there by an earlier
+    Complete (which then failed on a later file, or crashed before recording the end):
+    the same inode (a rename keeps it) and size. A file recorded without its inode (an
+    older log) is told by its size alone."""
     try:
-        return f.bytes_total is not None and os.stat(target).st_size == f.bytes_total
+        found = os.stat(target)
     except OSError:
         return False
+    if f.inode is not None and found.st_ino != f.inode:
+        return False  # another file of the same size: an older one, or someone else's
+    return f.bytes_total is not None and found.st_size == f.bytes_total
 
 
 def _is_empty(f: FileState) -> bool:

@@ -116,7 +116,8 @@ def _unchanged(data: dict[str, Any]) -> dict[str, Any]:
     """FilesAdded v2 -> v3, RemoteNameChanged and ReplyLocated v1 -> v2: those versions added
     a URL's sealed secrets (``password``, ``query``), absent (None) in every older state.
     CommandLineNotified v1 -> v2: v2 added ``since_version``, absent (0) before. SliceEnded
-    v1 -> v2: v2 added ``active_until``, absent (None) before."""
+    v1 -> v2: v2 added ``active_until``, absent (None) before. FileTransferred v1 -> v2: v2
+    added ``inode``, absent (None) before."""
     return data
 
 
@@ -132,6 +133,7 @@ SCHEMA_VERSION: Mapping[str, int] = MappingProxyType(
         "ReplyLocated": 2,
         "CommandLineNotified": 2,
         "SliceEnded": 2,
+        "FileTransferred": 2,
     }
 )
 # Old topic -> current class name. Add a row (and a test) whenever an event is renamed.
@@ -146,6 +148,7 @@ UPCASTERS: Mapping[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] 
         ("ReplyLocated", 1): _unchanged,
         ("CommandLineNotified", 1): _unchanged,
         ("SliceEnded", 1): _unchanged,
+        ("FileTransferred", 1): _unchanged,
     }
 )
 

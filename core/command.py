@@ -199,6 +199,7 @@ class FinishFile(Command):
     bytes_total: int
     digest: str | None = None
     response_headers: str | Sealed | None = None
+    inode: int | None = None  # the synced temp file's
 
 
 @attrs.frozen
@@ -797,7 +798,7 @@ def _checkpoint(job: Job, cmd: Checkpoint, now: datetime, limits: Limits) -> lis
 def _finish_file(job: Job, cmd: FinishFile, now: datetime, limits: Limits) -> list[ev.Event]:
     _file_in_job(job, cmd.file_index)
     event = ev.FileTransferred(
-        now, cmd.file_index, cmd.bytes_total, cmd.digest, cmd.response_headers
+        now, cmd.file_index, cmd.bytes_total, cmd.digest, cmd.response_headers, cmd.inode
     )
     return _transition(job, Trigger.DATA_RECEIVED, event)
 

@@ -144,6 +144,10 @@ class FileTransferred(Event):
     bytes_total: int
     digest: str | None = None
     response_headers: str | Sealed | None = None  # as in BytesCheckpointed
+    # The temp file's inode number once its bytes were synced (None: not known, as in v1).
+    # A rename keeps it: Complete tells the file an earlier Complete renamed into place from
+    # another file of the same size found at the name.
+    inode: int | None = None
     trigger = Trigger.DATA_RECEIVED
 
 

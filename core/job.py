@@ -78,6 +78,9 @@ class FileState:
     # BITS_FILE_PROPERTY_ID_HTTP_RESPONSE_HEADERS: the raw header block of the last response
     # whose body this file received; sealed when it carries a secret (a Set-Cookie).
     response_headers: str | Sealed | None = None
+    # A transferred file's temp file inode (FileTransferred), kept by the rename that
+    # publishes it; None when not known.
+    inode: int | None = None
 
     @property
     def remote_name(self) -> str:
@@ -470,6 +473,7 @@ def _file_transferred(job: Job, e: ev.FileTransferred) -> dict[str, Any]:
         temp_worker=job.lease_worker,
         response_headers=e.response_headers or job.files[e.file_index].response_headers,
         validated=False,
+        inode=e.inode,
     )
     return {"files": files, "error": None, "no_progress_since": None}
 
@@ -488,6 +492,7 @@ def _file_restarted(job: Job, e: ev.FileRestarted | ev.FileRejected) -> dict[str
         temp_worker=None,
         validated=False,
         filled=(),
+        inode=None,
     )
     return {"files": files}
 

@@ -1581,6 +1581,44 @@ def test_complete_never_renames_a_link_into_place(tmp_path: Path) -> None:
     assert temp.is_symlink()
 
 
+def test_complete_tells_its_own_renamed_file_from_an_older_one_of_the_same_size(
+    tmp_path: Path,
+) -> None:
+    """A file whose temp file is gone and whose destination holds a file of its size was
+    either renamed there by an earlier Complete that failed later on (published: the
+    next Complete goes on), or its temp file was deleted behind the engine over an older
+    file of that size: that one is not the transferred file, and Complete must not publish
+    the job over it. The two differ by inode (a rename keeps the temp file's)."""
+    data = [os.urandom(64 * KiB) for _ in range(3)]
+    dests = [tmp_path / f"f{i}.bin" for i in range(3)]
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        routes = {f"/f{i}": Served(d) for i, d in enumerate(data)}
+        async with FaultServer(routes) as srv:
+            job = new_job(manager, [(srv.url(f"/f{i}"), d) for i, d in enumerate(dests)])
+            await make_engine(manager).run(until_idle=True)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    dests[1].mkdir()  # in the way of the second file: Complete fails there
+    with pytest.raises(BitsError):
+        job.complete()
+    assert dests[0].read_bytes() == data[0] and not temp_of(job, 0).exists()
+    dests[1].rmdir()
+    stale = os.urandom(64 * KiB)
+    dests[2].write_bytes(stale)  # an older version of the same size was there...
+    temp_of(job, 2).unlink()  # ... and the new one's temp file is deleted behind the engine
+
+    with pytest.raises(BitsError) as refused:
+        job.complete()
+    assert "f2.bin" in str(refused.value)
+    assert dests[2].read_bytes() == stale
+    assert job.state is S.ERROR  # as for any transferred file lost before Complete
+    assert dests[0].read_bytes() == data[0]  # the file the first Complete renamed is kept
+
+
 @pytest.mark.parametrize("length", [True, False], ids=["told", "dynamic"])
 def test_max_download_size_bounds_a_file(tmp_path: Path, length: bool) -> None:
     """BITS_JOB_PROPERTY_MAX_DOWNLOAD_SIZE: a file past the limit is fatal

@@ -234,12 +234,12 @@ class TransportRegistry:
         return LazyTransports(self)
 
     def check(self, remote_name: str) -> None:
-        """Refuse (``BitsError E_INVALIDARG``) a remote name whose scheme nobody serves.
-        Nothing is imported."""
-        scheme = scheme_of(remote_name)
-        if scheme not in self._by_scheme:
-            message = missing_message(scheme, self.group)
-            raise BitsError(hresult.E_INVALIDARG, f"{message} ({remote_name})")
+        """Refuse (``BitsError E_INVALIDARG``) a remote name whose scheme nobody serves, or
+        that several distributions claim (naming them). Nothing is imported."""
+        try:
+            self.entry(scheme_of(remote_name))
+        except TransferError as exc:
+            raise BitsError(hresult.E_INVALIDARG, f"{exc.message} ({remote_name})") from None
 
 
 class LazyTransports(Mapping[str, P], Generic[P]):

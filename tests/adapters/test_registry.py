@@ -228,6 +228,12 @@ def test_two_plugins_for_one_scheme_are_refused_naming_both(site: Path) -> None:
     assert "backhaul-gopher-a" in info.value.message
     assert "backhaul-gopher-b" in info.value.message
     assert (info.value.hresult, info.value.transient) == (hresult.E_INVALIDARG, False)
+    with pytest.raises(BitsError) as refused:  # at AddFile already, not only at transfer
+        reg.check("gopher://host/x")
+    assert refused.value.hresult == hresult.E_INVALIDARG
+    assert "backhaul-gopher-a" in refused.value.message
+    assert "backhaul-gopher-b" in refused.value.message
+    assert "gopher://host/x" in refused.value.message
 
 
 # -- errors ---------------------------------------------------------------------------------------

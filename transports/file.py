@@ -137,8 +137,14 @@ def _remote(url: str, st: os.stat_result) -> RemoteFile:
 
 
 def _open_regular(path: str) -> tuple[int, os.stat_result]:
-    """An fd on ``path`` and its fstat. O_NONBLOCK: opening a FIFO must not hang."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    """An fd on ``path`` and its fstat. O_NONBLOCK: opening a FIFO must not hang. A missing
+    directory on the path is ERROR_PATH_NOT_FOUND, a missing file ERROR_FILE_NOT_FOUND."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(path) or "."):
+            raise FileNotFoundError(errno.ENOTDIR, "no such directory", path) from None
+        raise
     try:
         st = os.fstat(fd)
         if not stat_module.S_ISREG(st.st_mode):

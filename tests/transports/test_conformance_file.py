@@ -94,6 +94,22 @@ def test_a_path_through_a_file_is_path_not_found(tmp_path: Path) -> None:
     assert not info.value.transient
 
 
+def test_a_missing_directory_is_path_not_found_and_a_missing_file_file_not_found(
+    tmp_path: Path,
+) -> None:
+    """transport-sdk.md's table: a directory on the path missing, or only the file."""
+    transport = FileTransport()
+    for name, code in (
+        ("gone/x.bin", hr.hresult_from_win32(hr.ERROR_PATH_NOT_FOUND)),
+        ("x.bin", hr.hresult_from_win32(hr.ERROR_FILE_NOT_FOUND)),
+    ):
+        url = (tmp_path / name).as_uri()
+        for call in (transport.stat(url, RequestOptions()), transport.open(url, RequestOptions())):
+            with pytest.raises(TransferError) as info:
+                asyncio.run(call)
+            assert (info.value.hresult, info.value.transient) == (code, False), name
+
+
 @pytest.mark.parametrize(
     ("errno_", "code", "transient"),
     [

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import codecs
 import contextlib
-import fcntl
 import gc
 import json
 import logging
@@ -40,7 +39,15 @@ from backhaul.adapters.audit import redact_text
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
-from backhaul.adapters.store import DB_FILE, STORE_ERRORS, default_home, sqlite_file
+from backhaul.adapters.store import (
+    DB_FILE,
+    LOCK_SUFFIX,
+    STORE_ERRORS,
+    EngineLock,
+    default_home,
+    is_free,
+    sqlite_file,
+)
 from backhaul.core import hresult
 from backhaul.core.command import check_custom_header_names
 from backhaul.core.error import BackhaulError, BitsError
@@ -66,8 +73,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE, as a shell reports a pipeline's cat cut short
-LOCK_SUFFIX = ".serve.lock"  # beside the SQLite database: one engine per store
-LOCK_FILE = DB_FILE + LOCK_SUFFIX  # the default store's, in the home
+LOCK_FILE = DB_FILE + LOCK_SUFFIX  # the default store's engine lock, in the home
 
 _TYPES = {
     "download": JobType.DOWNLOAD,
@@ -219,36 +225,25 @@ def _print_json(data: Any, out: TextIO) -> None:
 
 
 @contextlib.contextmanager
-def serve_lock(lock: Path) -> Iterator[bool]:
-    """Hold the SQLite store's engine lock (``lock_file``); yields False if another engine
-    holds it."""
-    fd, held = _try_lock(lock)
+def serve_lock(lock: Path) -> Iterator[EngineLock | None]:
+    """Hold the SQLite store's engine lock (``lock_file``): the held lock, to hand to the
+    engine this command runs, or None if another engine holds it."""
+    held = EngineLock(lock)
+    if not held.acquire():
+        yield None
+        return
     try:
-        if held:
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
         yield held
     finally:
-        os.close(fd)  # which gives the lock back
+        held.release()
 
 
 def lock_file(args: argparse.Namespace) -> Path | None:
-    """The engine lock of the SQLite store these arguments name: a file beside its database,
-    so that two homes (or a ``--store``) naming one database share it. None for stores that
-    take many engines (PostgreSQL) or none other (memory)."""
+    """The engine lock of the SQLite store these arguments name (``store.engine_lock_file``
+    of the store they open). None for stores that take many engines (PostgreSQL) or none
+    other (memory)."""
     db = sqlite_file(args.store, _home(args))
     return None if db is None else db.with_name(db.name + LOCK_SUFFIX)
-
-
-def _try_lock(lock: Path) -> tuple[int, bool]:
-    """The lock file's descriptor, and whether this process now holds its lock."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return fd, False
-    return fd, True
 
 
 def _shared_store(args: argparse.Namespace) -> bool:
@@ -256,13 +251,21 @@ def _shared_store(args: argparse.Namespace) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-def _engine_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager[bool]:
-    """SQLite: one engine per store (a lock file). PostgreSQL: any number of engines,
-    each a worker that leases the jobs it runs."""
+_NO_LOCK: Final = True  # a store whose engines need no lock: each is a worker, or none other
+
+
+def _engine_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager[object]:
+    """SQLite: one engine per store (a lock file; the held ``EngineLock``, or None). PostgreSQL:
+    any number of engines, each a worker that leases the jobs it runs (``_NO_LOCK``)."""
     lock = lock_file(args)
     if lock is None:
-        return contextlib.nullcontext(True)
+        return contextlib.nullcontext(_NO_LOCK)
     return serve_lock(lock)
+
+
+def _store_lock(held: object) -> EngineLock | None:
+    """What ``_engine_lock`` gave, as the engine takes it (``Engine(store_lock=)``)."""
+    return held if isinstance(held, EngineLock) else None
 
 
 def worker_name() -> str:
@@ -829,6 +832,7 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
             yield_bandwidth=not args.no_yield,
             worker=worker,
             lease_seconds=args.lease_seconds,
+            store_lock=_store_lock(held),
         )
         _with_url_refresher(engine, args)
         who = f" as worker {worker}" if worker else ""
@@ -1180,7 +1184,7 @@ def _run_or_follow(
     while True:
         with _engine_lock(args) as held:
             if held and not (shared and args.follow):
-                return _run_engine(job, m, args, out)
+                return _run_engine(job, m, args, out, _store_lock(held))
             if shared:
                 return _follow(job, m, args, out)
         state = _follow(job, m, args, out, engine_gone=lambda: _lock_is_free(args))
@@ -1189,14 +1193,9 @@ def _run_or_follow(
 
 
 def _lock_is_free(args: argparse.Namespace) -> bool:
-    """Is no engine holding the SQLite store's lock now? (Taken and given back at once,
-    without writing our pid over the holder's, as ``serve_lock`` does.)"""
+    """Is no engine holding the SQLite store's lock now?"""
     lock = lock_file(args)
-    if lock is None:
-        return True
-    fd, held = _try_lock(lock)
-    os.close(fd)
-    return held
+    return lock is None or is_free(lock)
 
 
 class _Stopped(Exception):
@@ -1322,7 +1321,11 @@ _DONE = (JobState.TRANSFERRED, JobState.ERROR, JobState.CANCELLED, JobState.ACKN
 
 
 def _run_engine(
-    job: TransferJob, m: TransferManager, args: argparse.Namespace, out: TextIO
+    job: TransferJob,
+    m: TransferManager,
+    args: argparse.Namespace,
+    out: TextIO,
+    store_lock: EngineLock | None,
 ) -> JobState:
     from backhaul.adapters.engine import Engine
 
@@ -1331,6 +1334,7 @@ def _run_engine(
         poll_interval=0.1,
         yield_bandwidth=not args.no_yield,
         worker=worker_name() if _shared_store(args) else None,
+        store_lock=store_lock,
     )
     _with_url_refresher(engine, args)
     reporter = _Reporter(job, args, out, engine)

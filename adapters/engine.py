@@ -55,7 +55,14 @@ from backhaul.adapters.notify import Callbacks, command_line_due, wants
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.secret import SealedUnreadable
-from backhaul.adapters.store import STORE_ERRORS, ConcurrentAppend, Recorded, StoreUnavailable
+from backhaul.adapters.store import (
+    STORE_ERRORS,
+    ConcurrentAppend,
+    EngineLock,
+    Recorded,
+    StoreUnavailable,
+    engine_lock_file,
+)
 from backhaul.adapters.upload import Uploads
 from backhaul.adapters.view import ViewRow, due_text, queue_key
 from backhaul.adapters.yielding import YieldController, congestion_controls, set_congestion
@@ -155,8 +162,13 @@ REPLY_DATA_MAX = 1024 * 1024  # GetReplyData keeps at most 1 MiB in memory (bits
 
 
 class Engine(Downloads, Fills, Uploads):
-    """Runs the jobs of ``manager``'s store. One engine per store at a time on SQLite
-    (the daemon takes a lock file); several on PostgreSQL need leases (a later step)."""
+    """Runs the jobs of ``manager``'s store. One engine per SQLite store at a time: ``run``
+    holds the store's engine lock (``store.EngineLock``, the file ``serve`` takes) and
+    refuses to start while another engine, of this process or another, holds it
+    (ERROR_SERVICE_ALREADY_RUNNING). Several engines on one store are each a ``worker``
+    that leases the jobs it runs (PostgreSQL; on SQLite they share the lock, and no engine
+    without leases runs beside them). ``store_lock``: the lock a command already took to
+    decide to run this engine (``backhaul serve``, ``get``)."""
 
     def __init__(
         self,
@@ -175,6 +187,7 @@ class Engine(Downloads, Fills, Uploads):
         lease_seconds: float = 30.0,
         inactivity_timeout: timedelta = timedelta(days=90),
         idle_scan_interval: float = 60.0,
+        store_lock: EngineLock | None = None,
     ) -> None:
         self.manager = manager
         self.store = manager.store
@@ -239,6 +252,7 @@ class Engine(Downloads, Fills, Uploads):
         # is the only engine, as the SQLite lock file makes sure).
         self.worker = worker
         self.lease_seconds = lease_seconds
+        self.store_lock = store_lock
         # JobInactivityTimeout (bits-core.md §16): a job nobody touched for this long is
         # cancelled by the engine (JobScavenged), its temp files deleted.
         self.inactivity_timeout = inactivity_timeout
@@ -314,7 +328,35 @@ class Engine(Downloads, Fills, Uploads):
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Run until ``stop()``; with ``until_idle``, also return once no job is queued,
-        connecting, transferring or waiting for a retry."""
+        connecting, transferring or waiting for a retry. Raises BitsError
+        (ERROR_SERVICE_ALREADY_RUNNING) when another engine runs on the SQLite store."""
+        lock = self._lock_store()
+        try:
+            await self._run(until_idle=until_idle)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock_store(self) -> EngineLock | None:
+        """The SQLite store's engine lock, held: two engines without leases would transfer
+        the same jobs into the same temp files. Workers (fenced by their leases) share it;
+        an engine without leases holds it alone. None: a store that takes no lock."""
+        path = engine_lock_file(self.store)
+        if path is None:
+            return None
+        lock = self.store_lock
+        if lock is None:
+            lock = EngineLock(path, shared=self.worker is not None)
+        if not lock.acquire():
+            raise BitsError(
+                hresult.hresult_from_win32(hresult.ERROR_SERVICE_ALREADY_RUNNING),
+                f"another engine runs on the store {self.store.location} ({lock.holder()}); "
+                "one engine per SQLite store at a time, unless each is a worker that leases "
+                "the jobs it runs: stop it, or leave the jobs to it",
+            )
+        return lock
+
+    async def _run(self, *, until_idle: bool) -> None:
         self._wake = asyncio.Event()
         self._writer_wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()

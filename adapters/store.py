@@ -428,6 +428,93 @@ def sqlite_file(url: str | None = None, home: Path | None = None) -> Path | None
     return Path(url.removeprefix("sqlite://")) if url.startswith("sqlite://") else Path(url)
 
 
+# -- one engine per SQLite store -------------------------------------------------------------
+
+LOCK_SUFFIX: Final = ".serve.lock"  # beside the SQLite database
+
+
+def engine_lock_file(store: EventStore) -> Path | None:
+    """The engine lock of a SQLite store: a file beside its database, so that two homes (or
+    a ``--store``) naming one database share it. None for the stores that take many engines
+    (PostgreSQL: each a worker that leases the jobs it runs) or none other (memory)."""
+    return Path(store.location + LOCK_SUFFIX) if store.kind == "sqlite" else None
+
+
+class EngineLock:
+    """One engine per SQLite store: an exclusive ``flock`` on ``path`` while it runs, with
+    the holder's pid written in it. Two engines without leases transferring one job write
+    the same temp file and restart each other's files: the bytes published are wrong.
+    ``flock`` also refuses a second holder in the same process (another descriptor), so
+    two engines of one application are kept apart too. ``acquire`` counts: the command
+    that took the lock to decide whether to run an engine hands it to that engine.
+    ``shared``: the lock of an engine that leases the jobs it runs (a ``worker``): workers
+    fence each other by their leases, so they share it, but an engine without leases
+    (which takes every job as its own) never runs beside one."""
+
+    def __init__(self, path: Path | str, *, shared: bool = False) -> None:
+        self.path = Path(path)
+        self.shared = shared
+        self._fd = -1
+        self._count = 0
+        self._guard = threading.Lock()
+
+    def acquire(self) -> bool:
+        """Take the lock (True), or find another holder (False). Never waits."""
+        with self._guard:
+            if self._count:
+                self._count += 1
+                return True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if not self.shared:  # the one holder: its pid, for the others' messages
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+            self._fd, self._count = fd, 1
+            return True
+
+    def release(self) -> None:
+        with self._guard:
+            if not self._count:
+                return
+            self._count -= 1
+            if not self._count:
+                os.close(self._fd)  # which gives the lock back
+                self._fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self._count > 0
+
+    def holder(self) -> str:
+        """Who holds it, as far as its file says (``pid N``), for a message."""
+        try:
+            pid = self.path.read_text(encoding="ascii").strip()
+        except (OSError, ValueError):
+            pid = ""
+        return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+def is_free(path: Path) -> bool:
+    """Does no engine hold the lock at ``path`` now? (Taken and given back at once, without
+    writing over the holder's pid.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def open_store(url: str | None = None, home: Path | None = None) -> EventStore:
     """Open (creating if needed) the store named by ``url`` / environment / home."""
     url = url or os.environ.get(STORE_ENV) or None

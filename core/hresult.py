@@ -208,6 +208,7 @@ ERROR_FILE_EXISTS: Final = 80
 ERROR_DISK_FULL: Final = 112
 ERROR_ALREADY_EXISTS: Final = 183
 ERROR_FILENAME_EXCED_RANGE: Final = 206
+ERROR_SERVICE_ALREADY_RUNNING: Final = 1056
 RPC_X_NULL_REF_POINTER: Final = 1780
 RPC_X_BAD_STUB_DATA: Final = 1783
 ERROR_WINHTTP_TIMEOUT: Final = 12002
@@ -378,6 +379,7 @@ _WIN32_DESCRIPTIONS: Final[dict[str, str]] = {
     "ERROR_DISK_FULL": "not enough space on the disk",
     "ERROR_ALREADY_EXISTS": "the file already exists, so it cannot be created",
     "ERROR_FILENAME_EXCED_RANGE": "the file name is too long",
+    "ERROR_SERVICE_ALREADY_RUNNING": "another engine already runs on the store",
     "RPC_X_NULL_REF_POINTER": "a required pointer argument was null",
     "RPC_X_BAD_STUB_DATA": "an argument had the wrong size or shape",
     "ERROR_WINHTTP_TIMEOUT": "the server stopped sending: the connection stalled",

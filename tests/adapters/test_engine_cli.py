@@ -731,7 +731,7 @@ def test_get_follows_the_job_when_another_engine_holds_the_lock(
             assert get.poll() is None
             # The lock holder's engine runs the job; get sees it transferred and completes it.
             with TransferManager(home=home) as manager:
-                asyncio.run(make_engine(manager).run(until_idle=True))
+                asyncio.run(make_engine(manager, store_lock=held).run(until_idle=True))
             _, err = get.communicate(timeout=15)
         finally:
             if get.poll() is None:

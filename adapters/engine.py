@@ -725,9 +725,18 @@ class Engine(Downloads, Fills, Uploads):
         if not self.callbacks:
             return
         handle = self.job(rec.job_id)
-        if not isinstance(event, ev.RangesFilled):
+        if (
+            isinstance(event, ev.FileTransferred)
+            and job.files[event.file_index].ranges
+            and wants(job, "file_ranges_transferred")
+        ):
+            # The ranges after the file's last checkpoint: told with the held ones, below.
+            self.callbacks.checkpointed(job, event.file_index, event.bytes_total, None)
+        if not isinstance(event, ev.RangesFilled | ev.BytesCheckpointed):
             # Ranges held back by the notification interval go before anything else of the
-            # job (its RangesDone, its FileTransferred): "the ranges since the last callback".
+            # job (its RangesDone, its FileTransferred, an error; not the next fill or
+            # checkpoint, which are the ranges' own progress): "the ranges since the last
+            # callback".
             for index, ranges in self.callbacks.held_ranges(rec.job_id):
                 if wants(job, "file_ranges_transferred"):
                     info = file_info(job, index)
@@ -742,26 +751,31 @@ class Engine(Downloads, Fills, Uploads):
             elif job.state is JobState.ERROR and wants(job, "job_error"):
                 self.callbacks.call("job_error", handle, job_error(job))
             return
-        if (
-            isinstance(event, ev.BytesCheckpointed)
-            and job.files[event.file_index].ranges
-            and wants(job, "file_ranges_transferred")
-        ):
-            info = file_info(job, event.file_index)
-            self.callbacks.call("file_ranges_transferred", handle, info, info.ranges)
-        if isinstance(event, ev.RangesFilled) and wants(job, "file_ranges_transferred"):
-            # IBackgroundCopyCallback3::FileRangesTransferred: the ranges that came since the
-            # file's last one, at most once per MINIMUM_NOTIFICATION_INTERVAL_MS
-            due = self.callbacks.ranges_filled(
-                job, event.file_index, event.ranges, self.clock.monotonic()
-            )
-            if due is not None:
-                info = file_info(job, event.file_index)
-                self.callbacks.call("file_ranges_transferred", handle, info, list(due))
+        if isinstance(event, ev.FileRestarted):
+            self.callbacks.restarted(rec.job_id, event.file_index)
+        if wants(job, "file_ranges_transferred"):
+            self._ranges_came(handle, job, event)
         if wants(job, "job_modification") and self.callbacks.modification_due(
             job, self.clock.monotonic()
         ):
             self.callbacks.call("job_modification", handle)
+
+    def _ranges_came(self, handle: TransferJob, job: Job, event: ev.Event) -> None:
+        """IBackgroundCopyCallback3::FileRangesTransferred: the ranges that came since the
+        file's last one (a checkpoint of a file with ranges, an on-demand fill), at most once
+        per MINIMUM_NOTIFICATION_INTERVAL_MS."""
+        now = self.clock.monotonic()
+        if isinstance(event, ev.BytesCheckpointed) and job.files[event.file_index].ranges:
+            index = event.file_index
+            due = self.callbacks.checkpointed(job, index, event.bytes_transferred, now)
+        elif isinstance(event, ev.RangesFilled):
+            index = event.file_index
+            due = self.callbacks.ranges_filled(job, index, event.ranges, now)
+        else:
+            return
+        if due is not None:
+            info = file_info(job, index)
+            self.callbacks.call("file_ranges_transferred", handle, info, list(due))
 
     def _tell(self, job: Job, event: ev.Event) -> None:
         """A line in the log (``serve`` prints them): a job transferred, failed, or ended."""

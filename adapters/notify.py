@@ -10,12 +10,13 @@ called for the events the engine reads from the log, whoever appended them:
 - ``job_modification(job)`` for any other change (flag JOB_MODIFICATION), at most once
   per MINIMUM_NOTIFICATION_INTERVAL_MS per job, and not for the moves to ERROR or
   TRANSFERRED (as in BITS);
-- ``file_ranges_transferred(job, file_info, ranges)`` for checkpoints of files with
-  ranges, and for the ranges an on-demand file's temp file got (flag
-  FILE_RANGES_TRANSFERRED). An on-demand file's ranges are told at most once per
-  MINIMUM_NOTIFICATION_INTERVAL_MS: those that come sooner are held and told, merged, with
-  the next ones due, or before the job's next other event (its RangesDone, its
-  FileTransferred, an error), so that none is lost and none is told twice.
+- ``file_ranges_transferred(job, file_info, ranges)`` with the ranges that arrived since
+  the file's last one (flag FILE_RANGES_TRANSFERRED): the parts of a file with ranges
+  (AddFileWithRanges) that its checkpoints claimed since, and the ranges an on-demand
+  file's temp file got. At most once per MINIMUM_NOTIFICATION_INTERVAL_MS per file: ranges
+  that come sooner are held and told, merged, with the next ones due, or before the job's
+  next other event (its RangesDone, its FileTransferred, an error), so that none is lost
+  and none is told twice (a restarted engine may tell a file's ranges from its start).
 ``NotifyFlags.DISABLE`` silences all of them. A callback that raises is logged; it
 never stops the engine. Callbacks are not persisted (as in BITS): they are due
 "at least once", so a callback registered after a job reached TRANSFERRED or ERROR is
@@ -76,6 +77,8 @@ class Callbacks:
         # On-demand files' filled ranges not told yet, and when each file's were last told.
         self._held: dict[str, dict[int, list[ByteRange]]] = {}
         self._last_ranges: dict[str, dict[int, float]] = {}
+        # Files with ranges: how many of their bytes the ranges told so far cover.
+        self._told_to: dict[str, dict[int, int]] = {}
 
     def register(self, kind: str, callback: Callable[..., Any]) -> None:
         if kind not in self._callbacks:
@@ -109,6 +112,30 @@ class Callbacks:
             del self._held[job.id]
         return byteranges.merge(held)
 
+    def checkpointed(
+        self, job: Job, index: int, done: int, ticks: float | None
+    ) -> tuple[ByteRange, ...] | None:
+        """A checkpoint of file ``index`` (a file with ranges) claims ``done`` of its
+        bytes: hold the parts of its ranges that came since the last ones told, and give
+        the file's held ranges when they are due (``ranges_filled``). ``ticks`` None: the
+        file is whole; its last ranges are held, to be told before its FileTransferred."""
+        told = self._told_to.setdefault(job.id, {})
+        start = told.get(index, 0)
+        if done < start:
+            start = 0  # the file started over
+        told[index] = done
+        fresh = byteranges.within(job.files[index].ranges, start, done)
+        if not fresh:
+            return None
+        if ticks is None:
+            self._held.setdefault(job.id, {}).setdefault(index, []).extend(fresh)
+            return None
+        return self.ranges_filled(job, index, fresh, ticks)
+
+    def restarted(self, job_id: str, index: int) -> None:
+        """File ``index`` starts over: its ranges will be told again as they come."""
+        self._told_to.get(job_id, {}).pop(index, None)
+
     def held_ranges(self, job_id: str) -> list[tuple[int, tuple[ByteRange, ...]]]:
         """Take every range set held for the job (told before its next other event)."""
         held = self._held.pop(job_id, None)
@@ -121,6 +148,7 @@ class Callbacks:
         self._last_modification.pop(job_id, None)
         self._last_ranges.pop(job_id, None)
         self._held.pop(job_id, None)
+        self._told_to.pop(job_id, None)
 
     def modification_due(self, job: Job, ticks: float) -> bool:
         last = self._last_modification.get(job.id)

@@ -81,6 +81,24 @@ def starting_at(ranges: tuple[ByteRange, ...], position: int) -> tuple[ByteRange
     return (*after, *before)
 
 
+def within(ranges: Iterable[ByteRange], start: int, end: int) -> tuple[ByteRange, ...]:
+    """The bytes at positions ``start`` to ``end`` of ``ranges`` laid end to end, in order
+    (a ranged file's progress counts its ranges' bytes so: bytes ``start`` to ``end`` of
+    that count are these parts of the remote file). A range to the end of the file
+    (length None) runs on as far as ``end``."""
+    parts: list[ByteRange] = []
+    position = 0
+    for r in ranges:
+        if position >= end:
+            break
+        length = r.length if r.length is not None else end - position
+        low, high = max(start, position), min(end, position + length)
+        if high > low:
+            parts.append(ByteRange(r.offset + low - position, high - low))
+        position += length
+    return tuple(parts)
+
+
 def total(ranges: Iterable[ByteRange]) -> int:
     """The bytes in ``ranges`` (closed ones)."""
     return sum(r.length or 0 for r in ranges)

@@ -12,6 +12,7 @@ import sqlite3
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from backhaul.adapters.clock import ManualClock
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.core import event as ev
 from backhaul.core import hresult as hr
+from backhaul.core.byteranges import merge
+from backhaul.core.value import ByteRange
 from backhaul.core.vocabulary import JobPropertyId, JobState, NotifyFlags
 
 S = JobState
@@ -407,9 +410,56 @@ def test_file_ranges_transferred_reports_the_requested_ranges(
 
     assert job.state is S.TRANSFERRED
     ranged = [c for c in calls if c[0] == "file_ranges_transferred"]
-    assert ranged
-    assert all([(r.offset, r.length) for r in c[2]] == [(0, 100), (5000, 100)] for c in ranged)
+    told = [(r.offset, r.length) for c in ranged for r in c[2]]
+    assert sorted(told) == [(0, 100), (5000, 100)]  # each byte told once, all of them
     assert calls[-1] == ("job_transferred", job.id)
+
+
+def test_file_ranges_transferred_tells_only_new_ranges_and_keeps_to_the_interval(
+    tmp_path: Path,
+) -> None:
+    """IBackgroundCopyCallback3::FileRangesTransferred for a file with ranges: the parts of
+    its ranges that arrived since the last callback, at most once per
+    MINIMUM_NOTIFICATION_INTERVAL_MS (bits-core.md §7.5, §14), and the last of them before
+    FileTransferred. A trickling server: many checkpoints, a 0.5 s interval."""
+    data = os.urandom(1024 * KiB)
+    manager = TransferManager(home=tmp_path / "home")
+    calls: list[tuple[float, Any]] = []
+
+    async def main() -> TransferJob:
+        async with FaultServer({"/f": Served(data, step=16 * KiB, delay=0.03)}) as srv:
+            job = manager.create_job("ranges")
+            job.notify_flags = int(
+                NotifyFlags.FILE_RANGES_TRANSFERRED | NotifyFlags.FILE_TRANSFERRED
+            )
+            job.set_property(JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS, 500)
+            wanted = [(0, 256 * KiB), (512 * KiB, 256 * KiB)]
+            job.add_file(srv.url("/f"), tmp_path / "r", ranges=wanted)
+            job.resume()
+            engine = make_engine(manager)
+            engine.on(
+                "file_ranges_transferred",
+                lambda _j, _f, ranges: calls.append((time.monotonic(), ranges)),
+            )
+            engine.on("file_transferred", lambda _j, _f: calls.append((time.monotonic(), None)))
+            await engine.run(until_idle=True)
+            return job
+
+    job = asyncio.run(main())
+    assert job.state is S.TRANSFERRED
+    assert calls[-1][1] is None  # FileTransferred last, after every range
+    ranged = calls[:-1]
+    assert len(ranged) >= 2  # the trickle lasts about 1 s
+    told = [(r.offset, r.length) for _, ranges in ranged for r in ranges]
+    covered = sum(length for _, length in told)
+    assert covered == 512 * KiB  # no byte twice, none left out
+    assert merge(ByteRange(o, n) for o, n in told) == (
+        ByteRange(0, 256 * KiB),
+        ByteRange(512 * KiB, 256 * KiB),
+    )
+    times = [t for t, _ in ranged]
+    # The interval holds between callbacks, but for the last ones, told before FileTransferred.
+    assert all(b - a >= 0.45 for a, b in pairwise(times[:-1]))
 
 
 # =================================================================================================

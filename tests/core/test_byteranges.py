@@ -69,3 +69,21 @@ def test_starting_at_reorders_without_losing_a_byte(ranges: list[ByteRange], at:
 @given(st.lists(closed, max_size=6), st.integers(0, SIZE))
 def test_covers_means_every_byte(ranges: list[ByteRange], size: int) -> None:
     assert byteranges.covers(ranges, size) == (set(range(size)) <= offsets(ranges, 2 * SIZE))
+
+
+@given(st.lists(closed, min_size=1, max_size=6), st.integers(0, 400), st.integers(0, 400))
+def test_within_gives_the_bytes_at_those_positions_of_the_ranges_laid_end_to_end(
+    ranges: list[ByteRange], start: int, end: int
+) -> None:
+    """A model: the remote offsets of the ranges' bytes in order, sliced [start, end)."""
+    laid = [o for r in ranges for o in range(r.offset, r.offset + (r.length or 0))]
+    parts = byteranges.within(ranges, start, end)
+    assert [o for r in parts for o in range(r.offset, r.offset + (r.length or 0))] == laid[
+        start:end
+    ]
+    assert all(r.length for r in parts)
+
+
+def test_within_runs_a_range_to_the_end_of_the_file_as_far_as_asked() -> None:
+    ranges = [ByteRange(10, 5), ByteRange(100, None)]
+    assert byteranges.within(ranges, 3, 12) == (ByteRange(13, 2), ByteRange(100, 7))

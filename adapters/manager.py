@@ -35,6 +35,7 @@ from backhaul.adapters.store import (
     open_store,
 )
 from backhaul.core import command as cmd
+from backhaul.core import event as ev
 from backhaul.core import hresult
 from backhaul.core import job as jobs
 from backhaul.core import projection as proj
@@ -1107,6 +1108,11 @@ class TransferJob:
         new_prefix, password = split_url_password(new_prefix)
         sealed = None if password is None else self._manager.seal(password)
         change = cmd.ReplaceRemotePrefix(old_prefix, new_prefix, sealed)
+        job = self.snapshot()
+        self._manager._check_access(job)
+        for event in cmd.decide(job, change, self._manager.clock.now(), self._manager.limits):
+            if isinstance(event, ev.RemoteNameChanged):
+                self._check_scheme(event.remote_name)  # nobody serves it: refused, as at AddFile
         return bool(self._do(change))
 
     # -- the four state-changing calls -------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -396,7 +397,24 @@ def check_remote_name(name: Any, job_type: JobType) -> str:
     wild = "*?" if match["scheme"].lower() in ("smb", "file") else "*"
     if any(c in match["rest"] for c in wild):
         raise BitsError(hresult.E_INVALIDARG, "wildcards are not allowed in remote names")
+    if match["scheme"].lower() in ("http", "https"):
+        _check_authority(name)
     return name
+
+
+def _check_authority(name: str) -> None:
+    """An HTTP(S) URL names a host, and a port (if any) of 1 to 65535: a URL without them
+    is refused at the call, not found out when the job runs."""
+    shown = repr(redact_url(name))
+    try:
+        parts = urlsplit(name)
+        port = parts.port
+    except ValueError as exc:  # a port that is no number or out of range, a broken [IPv6]
+        raise BitsError(hresult.E_INVALIDARG, f"{shown} is not a valid URL: {exc}") from None
+    if not parts.hostname:
+        raise BitsError(hresult.E_INVALIDARG, f"{shown} names no host")
+    if port == 0:
+        raise BitsError(hresult.E_INVALIDARG, f"{shown} names port 0")
 
 
 # Headers the engine and its transports set themselves: a custom one would fight them (a

@@ -322,6 +322,32 @@ def test_set_remote_name_and_replace_remote_prefix_change_download_remote_names(
 
 
 @pytest.mark.parametrize(
+    ("old", "new", "why"),
+    [
+        ("https://", "gopher://", "gopher"),  # a scheme nobody serves (bits-core.md §7.1)
+        ("https://example.com/", "https://example.com:99999/", "Port out of range"),
+        ("https://example.com/", "https:///", "names no host"),
+        ("https://example.com/", "https://[::1/", "Invalid IPv6 URL"),
+    ],
+)
+def test_replace_remote_prefix_refuses_a_name_add_file_would_refuse(
+    manager: TransferManager, tmp_path: Path, old: str, new: str, why: str
+) -> None:
+    """ReplaceRemotePrefix: E_INVALIDARG if a result is invalid (bits-core.md §7.3), at
+    the call and nothing recorded, as AddFile and SetRemoteName refuse those names."""
+    job = download(manager, tmp_path, files=2)
+    version = job.snapshot().version
+    with pytest.raises(BitsError) as refused:
+        job.replace_remote_prefix(old, new)
+    assert refused.value.hresult == hresult.E_INVALIDARG
+    assert why in refused.value.message
+    assert job.snapshot().version == version
+    for bad in (new + "files/0.bin", new + "x"):
+        with pytest.raises(BitsError):
+            job.add_file(bad, tmp_path / "other.bin")
+
+
+@pytest.mark.parametrize(
     "ranges",
     [
         [(0, 100), (50, 10)],

@@ -882,8 +882,13 @@ class TransferJob:
 
     @reply_file_name.setter
     def reply_file_name(self, value: str | None) -> None:
+        """SetReplyFileName: refused as a download's local name is at AddFile (a missing or
+        unwritable directory, a directory or a device at the name)."""
         if isinstance(value, str):
             self._manager._check_not_the_store([value])
+            if value.startswith("/"):  # the core refuses a relative name, naming it so
+                cmd.check_local_name(value)
+                localfile.check_destination(value)
         self._set("reply_file_name", value)
 
     def set_property(self, prop: JobPropertyId, value: Any) -> None:

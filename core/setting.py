@@ -298,6 +298,9 @@ def _check_reply_name(value: Any, job: Job) -> str | None:
     text = _text(limit.LOCAL_NAME_MAX, "the reply file name", allow_empty=False)(value, job)
     if not text.startswith("/"):
         raise _invalid("the reply file name must be an absolute path")
+    from backhaul.core.command import check_local_name  # command imports this module
+
+    check_local_name(text)  # as a download's local name: a file, without . or ..
     if job.reply_bytes_total is not None:  # started (TRANSFERRING, SUSPENDED) or done
         raise _invalid("the reply download has started", hresult.BG_E_INVALID_STATE)
     return text

@@ -1965,6 +1965,29 @@ def test_a_download_or_reply_over_the_stores_own_files_is_refused(tmp_path: Path
         assert reopened.get_job(job.id).display_name == "over the store"
 
 
+def test_the_reply_file_name_is_refused_where_add_file_refuses_a_local_name(
+    manager: TransferManager, tmp_path: Path
+) -> None:
+    """SetReplyFileName names a file Complete renames a temp file over, as a download's
+    local name: the same refusals as AddFile, at the call, nothing recorded."""
+    job = manager.create_job("reply", JobType.UPLOAD_REPLY)
+    (tmp_path / "sub").mkdir()
+    version = job.snapshot().version
+    for name, why in (
+        (tmp_path / "missing" / "reply", "does not exist"),
+        (tmp_path / "sub", "is a directory"),
+        (Path("/dev/null"), "not a regular file"),
+        (f"{tmp_path}/sub/../reply", "without . or .."),
+    ):
+        with pytest.raises(BitsError) as refused_name:
+            job.reply_file_name = str(name)
+        assert refused_name.value.hresult == hresult.E_INVALIDARG
+        assert why in str(refused_name.value)
+    assert job.snapshot().version == version
+    job.reply_file_name = str(tmp_path / "sub" / "reply")
+    assert job.reply_file_name == str(tmp_path / "sub" / "reply")
+
+
 def test_the_reply_file_name_is_fixed_once_the_reply_starts(
     manager: TransferManager, store: EventStore, tmp_path: Path
 ) -> None:

@@ -333,6 +333,10 @@ class Engine(Downloads, Fills, Uploads):
         lock = self._lock_store()
         try:
             await self._run(until_idle=until_idle)
+        except Exception as exc:
+            if self.manager.closed:  # whatever the closed store raised on the way out
+                raise _closed_under() from exc
+            raise
         finally:
             if lock is not None:
                 lock.release()
@@ -365,6 +369,8 @@ class Engine(Downloads, Fills, Uploads):
             self._lazy = not until_idle  # until idle: every waiting job counts, so hold them
             await self._start()
             while not self._stopping:
+                if self.manager.closed:
+                    raise _closed_under()
                 try:
                     await self._follow()
                     await self._apply_policies()
@@ -1644,6 +1650,14 @@ class Engine(Downloads, Fills, Uploads):
         failed = cmd.Fail(error, transient, exc.retry_after, self._recorded_headers(block))
         with contextlib.suppress(JobGone, BitsError, StoreDown):
             await self._commit(job_id, failed)
+
+
+def _closed_under() -> BitsError:
+    """The manager was closed while its engine ran: the engine stops, telling why."""
+    return BitsError(
+        hresult.RPC_E_DISCONNECTED,
+        "the TransferManager was closed while its engine ran: stop the engine first",
+    )
 
 
 _RUNNING = (JobState.CONNECTING, JobState.TRANSFERRING)

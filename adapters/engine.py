@@ -383,6 +383,7 @@ class Engine(Downloads, Fills, Uploads):
                     continue
                 self._reads.ended()
                 self._run_command_lines()
+                self._tell_held_modifications()
                 if until_idle and self._idle():
                     break
                 await self._sleep()
@@ -495,6 +496,9 @@ class Engine(Downloads, Fills, Uploads):
         due = self._jobs.next_due()
         if due is not None:
             timeout = min(timeout, max((due - self.clock.now()).total_seconds(), 0.0))
+        held = self.callbacks.next_held_modification()
+        if held is not None:
+            timeout = min(timeout, max(held - self.clock.monotonic(), 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
@@ -751,7 +755,8 @@ class Engine(Downloads, Fills, Uploads):
             self.callbacks.call("file_transferred", handle, file_info(job, event.file_index))
         if job.state in _NOTIFIED and job.state_since_version == rec.version:
             # The move to TRANSFERRED or ERROR: its own callback, never JobModification
-            # (bits-core.md §9), whatever the flags.
+            # (bits-core.md §9), whatever the flags; nor one held for the changes before it.
+            self.callbacks.drop_held_modification(rec.job_id)
             if job.state is JobState.TRANSFERRED and wants(job, "job_transferred"):
                 self.callbacks.call("job_transferred", handle)
             elif job.state is JobState.ERROR and wants(job, "job_error"):
@@ -765,6 +770,14 @@ class Engine(Downloads, Fills, Uploads):
             job, self.clock.monotonic()
         ):
             self.callbacks.call("job_modification", handle)
+
+    def _tell_held_modifications(self) -> None:
+        """JobModification for the jobs changed within their notification interval, once
+        it has run out: told as of the engine's logged copy (the log's latest)."""
+        for job_id in self.callbacks.held_modifications(self.clock.monotonic()):
+            job = self._logged.get(job_id)
+            if job is not None and not job.is_final and wants(job, "job_modification"):
+                self.callbacks.call("job_modification", self.job(job_id))
 
     def _ranges_came(self, handle: TransferJob, job: Job, event: ev.Event) -> None:
         """IBackgroundCopyCallback3::FileRangesTransferred: the ranges that came since the

@@ -9,7 +9,8 @@ called for the events the engine reads from the log, whoever appended them:
   before ``job_transferred``;
 - ``job_modification(job)`` for any other change (flag JOB_MODIFICATION), at most once
   per MINIMUM_NOTIFICATION_INTERVAL_MS per job, and not for the moves to ERROR or
-  TRANSFERRED (as in BITS);
+  TRANSFERRED (as in BITS); changes within the interval are told once, when it ends (so
+  that an application never keeps a stale view of the job);
 - ``file_ranges_transferred(job, file_info, ranges)`` with the ranges that arrived since
   the file's last one (flag FILE_RANGES_TRANSFERRED): the parts of a file with ranges
   (AddFileWithRanges) that its checkpoints claimed since, and the ranges an on-demand
@@ -74,6 +75,8 @@ class Callbacks:
     def __init__(self) -> None:
         self._callbacks: dict[str, list[Callable[..., Any]]] = {k: [] for k in KINDS}
         self._last_modification: dict[str, float] = {}
+        # Jobs changed within their interval: when their one JobModification is due.
+        self._modification_held: dict[str, float] = {}
         # On-demand files' filled ranges not told yet, and when each file's were last told.
         self._held: dict[str, dict[int, list[ByteRange]]] = {}
         self._last_ranges: dict[str, dict[int, float]] = {}
@@ -146,17 +149,39 @@ class Callbacks:
     def forget(self, job_id: str) -> None:
         """A final job: drop its interval clocks (a long-running engine sees many jobs)."""
         self._last_modification.pop(job_id, None)
+        self._modification_held.pop(job_id, None)
         self._last_ranges.pop(job_id, None)
         self._held.pop(job_id, None)
         self._told_to.pop(job_id, None)
 
     def modification_due(self, job: Job, ticks: float) -> bool:
+        """A change of the job: is its JobModification due now? If not (the interval since
+        the last one runs), it is held, and told once when the interval ends
+        (``held_modifications``)."""
         last = self._last_modification.get(job.id)
         interval = job.minimum_notification_interval_ms / 1000
         if last is not None and ticks - last < interval:
+            self._modification_held[job.id] = last + interval
             return False
         self._last_modification[job.id] = ticks
+        self._modification_held.pop(job.id, None)
         return True
+
+    def held_modifications(self, ticks: float) -> list[str]:
+        """The jobs whose held JobModification is due now (each told then, once)."""
+        due = [job_id for job_id, at in self._modification_held.items() if at <= ticks]
+        for job_id in due:
+            del self._modification_held[job_id]
+            self._last_modification[job_id] = ticks
+        return due
+
+    def drop_held_modification(self, job_id: str) -> None:
+        """The job moved to TRANSFERRED or ERROR: that callback tells the change."""
+        self._modification_held.pop(job_id, None)
+
+    def next_held_modification(self) -> float | None:
+        """When the next held JobModification is due (monotonic seconds), if any."""
+        return min(self._modification_held.values(), default=None)
 
 
 def command_line_due_at(job: Job) -> datetime | None:

@@ -187,6 +187,39 @@ def test_job_modification_is_throttled_by_the_minimum_notification_interval(
     ]
 
 
+def test_a_change_within_the_interval_is_told_once_the_interval_ends(tmp_path: Path) -> None:
+    """Two changes of a job 0.1 s apart with a 1 s interval: the first is told at once, the
+    second held and told when the interval ends, even with nothing else happening to the
+    job (an application must not keep a stale view of it); a third change later is told
+    at once again, and a held one never comes after the job's move to TRANSFERRED/ERROR."""
+    clock = ManualClock()
+    manager = TransferManager(home=tmp_path / "home", clock=clock)
+    calls: list[tuple[Any, ...]] = []
+    job = manager.create_job("idle")
+    job.notify_flags = int(NotifyFlags.JOB_MODIFICATION)
+    job.set_property(JobPropertyId.MINIMUM_NOTIFICATION_INTERVAL_MS, 1000)
+
+    async def main() -> None:
+        engine = make_engine(manager)
+        record_all(engine, calls)
+        async with running(engine):
+            await asyncio.sleep(0.3)  # the engine has started: it reads the log from here
+            job.description = "first"
+            await until(lambda: len(calls) == 1, "the first job_modification")
+            clock.advance(0.1)
+            job.description = "second"
+            await stays(lambda: len(calls) == 1, "held while the interval runs")
+            clock.advance(0.9)
+            await until(lambda: len(calls) == 2, "the held job_modification")
+            await stays(lambda: len(calls) == 2, "told once")
+            clock.advance(5)
+            job.description = "third"
+            await until(lambda: len(calls) == 3, "the next change, at once")
+
+    asyncio.run(main())
+    assert calls == [("job_modification", job.id)] * 3
+
+
 def test_job_modification_without_a_minimum_interval_comes_for_every_change(
     tmp_path: Path,
 ) -> None:

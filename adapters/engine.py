@@ -57,11 +57,12 @@ from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.secret import SealedUnreadable
 from backhaul.adapters.store import (
     STORE_ERRORS,
+    AdvisoryLock,
     ConcurrentAppend,
     EngineLock,
     Recorded,
     StoreUnavailable,
-    engine_lock_file,
+    engine_lock,
 )
 from backhaul.adapters.upload import Uploads
 from backhaul.adapters.view import ViewRow, due_text, queue_key
@@ -162,12 +163,12 @@ REPLY_DATA_MAX = 1024 * 1024  # GetReplyData keeps at most 1 MiB in memory (bits
 
 
 class Engine(Downloads, Fills, Uploads):
-    """Runs the jobs of ``manager``'s store. One engine per SQLite store at a time: ``run``
-    holds the store's engine lock (``store.EngineLock``, the file ``serve`` takes) and
-    refuses to start while another engine, of this process or another, holds it
-    (ERROR_SERVICE_ALREADY_RUNNING). Several engines on one store are each a ``worker``
-    that leases the jobs it runs (PostgreSQL; on SQLite they share the lock, and no engine
-    without leases runs beside them). ``store_lock``: the lock a command already took to
+    """Runs the jobs of ``manager``'s store. One engine per store at a time, unless each is
+    a ``worker`` that leases the jobs it runs: ``run`` holds the store's engine lock (on
+    SQLite the file ``serve`` takes, ``store.EngineLock``; on PostgreSQL an advisory lock,
+    ``store.AdvisoryLock``) and refuses to start while another engine holds it, in this
+    process or another (ERROR_SERVICE_ALREADY_RUNNING). Workers share the lock, so no engine
+    without leases runs beside them. ``store_lock``: the lock a command already took to
     decide to run this engine (``backhaul serve``, ``get``)."""
 
     def __init__(
@@ -341,21 +342,18 @@ class Engine(Downloads, Fills, Uploads):
             if lock is not None:
                 lock.release()
 
-    def _lock_store(self) -> EngineLock | None:
-        """The SQLite store's engine lock, held: two engines without leases would transfer
-        the same jobs into the same temp files. Workers (fenced by their leases) share it;
-        an engine without leases holds it alone. None: a store that takes no lock."""
-        path = engine_lock_file(self.store)
-        if path is None:
-            return None
-        lock = self.store_lock
+    def _lock_store(self) -> EngineLock | AdvisoryLock | None:
+        """The store's engine lock, held: two engines without leases would transfer the
+        same jobs into the same temp files. Workers (fenced by their leases) share it; an
+        engine without leases holds it alone. None: a memory store."""
+        lock = self.store_lock or engine_lock(self.store, shared=self.worker is not None)
         if lock is None:
-            lock = EngineLock(path, shared=self.worker is not None)
+            return None
         if not lock.acquire():
             raise BitsError(
                 hresult.hresult_from_win32(hresult.ERROR_SERVICE_ALREADY_RUNNING),
                 f"another engine runs on the store {self.store.location} ({lock.holder()}); "
-                "one engine per SQLite store at a time, unless each is a worker that leases "
+                "one engine per store at a time, unless each is a worker that leases "
                 "the jobs it runs: stop it, or leave the jobs to it",
             )
         return lock

@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
@@ -122,6 +123,7 @@ class EventStore:
         kind: str,
         location: str,
         factory: InfrastructureFactory[Any] | None = None,
+        connect: Callable[[], Any] | None = None,
     ) -> None:
         self.log = log
         self.views = views
@@ -129,6 +131,8 @@ class EventStore:
         self.kind = kind
         self.location = location
         self._factory = factory
+        # PostgreSQL: a new connection of its own (the engine lock's, ``AdvisoryLock``).
+        self.connect = connect
         self.lock = threading.RLock()
         self._links: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._links_lock = threading.Lock()
@@ -435,9 +439,20 @@ LOCK_SUFFIX: Final = ".serve.lock"  # beside the SQLite database
 
 def engine_lock_file(store: EventStore) -> Path | None:
     """The engine lock of a SQLite store: a file beside its database, so that two homes (or
-    a ``--store``) naming one database share it. None for the stores that take many engines
-    (PostgreSQL: each a worker that leases the jobs it runs) or none other (memory)."""
+    a ``--store``) naming one database share it. None for other stores."""
     return Path(store.location + LOCK_SUFFIX) if store.kind == "sqlite" else None
+
+
+def engine_lock(store: EventStore, *, shared: bool) -> EngineLock | AdvisoryLock | None:
+    """The lock an engine holds while it runs on ``store`` (``shared``: a worker's): a file
+    beside a SQLite database, an advisory lock in a PostgreSQL database; None for a memory
+    store (no other process can reach it)."""
+    path = engine_lock_file(store)
+    if path is not None:
+        return EngineLock(path, shared=shared)
+    if store.connect is not None:
+        return AdvisoryLock(store.connect, shared=shared)
+    return None
 
 
 class EngineLock:
@@ -497,6 +512,60 @@ class EngineLock:
         except (OSError, ValueError):
             pid = ""
         return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+class AdvisoryLock:
+    """The engine lock of a PostgreSQL store: a session advisory lock of the database, on a
+    connection of its own held while the engine runs (``EngineLock``'s rules: workers share
+    it, an engine without leases holds it alone). PostgreSQL gives it back when the
+    connection ends, a killed engine's too."""
+
+    KEY: Final = int.from_bytes(b"backhaul", "big")  # one key per database: the store's
+
+    def __init__(self, connect: Callable[[], Any], *, shared: bool = False) -> None:
+        self._connect = connect
+        self.shared = shared
+        self._conn: Any = None
+        self._count = 0
+        self._guard = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._guard:
+            if self._count:
+                self._count += 1
+                return True
+            call = "pg_try_advisory_lock_shared" if self.shared else "pg_try_advisory_lock"
+            try:
+                conn = self._connect()
+            except Exception as exc:  # the server went away since the store was opened
+                raise store_failure(exc, "for the engine lock") from exc
+            try:
+                taken = bool(conn.execute(f"SELECT {call}(%s)", (self.KEY,)).fetchone()[0])
+            except Exception as exc:
+                conn.close()
+                raise store_failure(exc, "for the engine lock") from exc
+            if not taken:
+                conn.close()
+                return False
+            self._conn, self._count = conn, 1
+            return True
+
+    def release(self) -> None:
+        with self._guard:
+            if not self._count:
+                return
+            self._count -= 1
+            if not self._count:
+                with contextlib.suppress(Exception):  # a connection already gone gave it back
+                    self._conn.close()
+                self._conn = None
+
+    @property
+    def held(self) -> bool:
+        return self._count > 0
+
+    def holder(self) -> str:
+        return "an engine of another process or connection"
 
 
 def is_free(path: Path) -> bool:
@@ -603,6 +672,21 @@ def _private(path: Path) -> None:
             candidate.chmod(0o600)
 
 
+def _connect_postgres(env: dict[str, str]) -> Any:
+    """A new connection to the store's database, outside the pool (autocommit)."""
+    import psycopg
+
+    return psycopg.connect(
+        host=env["POSTGRES_HOST"],
+        port=int(env["POSTGRES_PORT"]),
+        dbname=env["POSTGRES_DBNAME"],
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"],
+        connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
+        autocommit=True,
+    )
+
+
 def _reach_postgres(env: dict[str, str], where: str) -> None:
     """One connection first, for the server's own words when it cannot be used (no
     server, a refused login, no such database): the pool would only say, after its
@@ -610,14 +694,7 @@ def _reach_postgres(env: dict[str, str], where: str) -> None:
     import psycopg
 
     try:
-        psycopg.connect(
-            host=env["POSTGRES_HOST"],
-            port=int(env["POSTGRES_PORT"]),
-            dbname=env["POSTGRES_DBNAME"],
-            user=env["POSTGRES_USER"],
-            password=env["POSTGRES_PASSWORD"],
-            connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
-        ).close()
+        _connect_postgres(env).close()
     except psycopg.Error as exc:
         raise store_failure(exc, where) from exc
 
@@ -664,5 +741,11 @@ def _open_postgres(url: str, home: Path | None) -> EventStore:
             raise store_failure(exc, redact_url(url)) from exc
     secrets = SecretBox.for_home(home or default_home())
     return EventStore(
-        log, views, secrets, kind="postgresql", location=redact_url(url), factory=factory
+        log,
+        views,
+        secrets,
+        kind="postgresql",
+        location=redact_url(url),
+        factory=factory,
+        connect=functools.partial(_connect_postgres, env),
     )

@@ -1,10 +1,11 @@
-"""One engine per SQLite store, whoever starts it: ``backhaul serve``, ``get``, or an
-application's ``Engine``/``EngineThread``. Two engines without leases on one store transfer
+"""One engine per store, whoever starts it: ``backhaul serve``, ``get``, or an
+application's ``Engine``/``EngineThread``; on PostgreSQL as on SQLite. Two engines without leases on one store transfer
 the same job into the same temp file, restart each other's files and publish wrong bytes, so
 ``Engine.run`` holds the store's engine lock (the file ``serve`` takes) and refuses to start
 (ERROR_SERVICE_ALREADY_RUNNING) while another engine holds it, in this process or another.
 Workers, which lease the jobs they run, share the lock; an engine without leases never runs
-beside them."""
+beside them. SQLite's lock is a file beside the database, PostgreSQL's an advisory lock of
+the database (a real PostgreSQL server here)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
 
 from backhaul.adapters.engine import EngineThread
 from backhaul.adapters.manager import TransferManager
-from backhaul.adapters.store import DB_FILE, LOCK_SUFFIX, is_free
+from backhaul.adapters.store import DB_FILE, LOCK_SUFFIX, is_free, open_store
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.vocabulary import JobState
@@ -120,3 +121,37 @@ def test_an_engine_thread_beside_backhaul_serve_is_refused_naming_its_pid(
         serve.terminate()
         serve.wait(15)
     assert serve.returncode == 0
+
+
+@pytest.mark.peer
+def test_on_postgresql_too_one_engine_without_leases_or_workers_only(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The advisory lock: a second engine without leases is refused while one runs; workers
+    run together, and keep an engine without leases out; a stopped engine's lock is free."""
+    first = TransferManager(open_store(postgres_url))
+    second = TransferManager(open_store(postgres_url))
+
+    async def main() -> None:
+        async with running(make_engine(first)):
+            await asyncio.sleep(0.2)
+            for options in ({}, {"worker": "w1"}):
+                with pytest.raises(BitsError) as error:
+                    await make_engine(second, **options).run(until_idle=True)
+                refused(error)
+        async with (
+            running(make_engine(first, worker="w1")),
+            running(make_engine(second, worker="w2")) as task,
+        ):
+            await asyncio.sleep(0.2)
+            assert not task.done()
+            with pytest.raises(BitsError) as error:
+                await make_engine(second).run(until_idle=True)
+            refused(error)
+        await make_engine(second).run(until_idle=True)  # every lock given back
+
+    try:
+        asyncio.run(main())
+    finally:
+        first.close()
+        second.close()

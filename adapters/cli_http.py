@@ -126,7 +126,7 @@ def cmd_setclientcertificatebyid(args: argparse.Namespace, m: TransferManager, o
 
     digest = args.hash.replace(" ", "").replace(":", "")
     entry = set_client_certificate_by_id(
-        job, _stores(args, m), _location(args.location), args.store, digest
+        job, _stores(args, m), _location(args.location), args.cert_store, digest
     )
     out.write(f"{entry.sha1} {entry.subject}\n")
     return _OK
@@ -139,7 +139,7 @@ def cmd_setclientcertificatebyname(
 
     job = _job(m, args.job)
     entry = set_client_certificate_by_name(
-        job, _stores(args, m), _location(args.location), args.store, args.subject
+        job, _stores(args, m), _location(args.location), args.cert_store, args.subject
     )
     out.write(f"{entry.sha1} {entry.subject}\n")
     return _OK
@@ -169,7 +169,7 @@ def cmd_importcertificate(args: argparse.Namespace, m: TransferManager, out: Tex
     if args.passphrase_stdin:
         passphrase = sys.stdin.readline().rstrip("\r\n")
     added = _stores(args, m).import_file(
-        _location(args.location), args.store, args.file, passphrase
+        _location(args.location), args.cert_store, args.file, passphrase
     )
     for entry in added:
         key = "with key" if entry.has_key else "no key"
@@ -275,13 +275,14 @@ def add_http_verbs(sub: Any, verb: Verb) -> None:
     del sub  # every verb goes through the helper, which owns the sub-parsers
     s = verb("setclientcertificatebyid", cmd_setclientcertificatebyid, "SetClientCertificateByID")
     s.add_argument("location", help="CURRENT_USER, LOCAL_MACHINE, ... or 0..7")
-    s.add_argument("store", help="store name, e.g. MY")
+    # Not "store": that is the global --store option's name (the event store to open).
+    s.add_argument("cert_store", metavar="store", help="store name, e.g. MY")
     s.add_argument("hash", help="SHA-1 of the certificate, 40 hex digits")
     s = verb(
         "setclientcertificatebyname", cmd_setclientcertificatebyname, "SetClientCertificateByName"
     )
     s.add_argument("location")
-    s.add_argument("store")
+    s.add_argument("cert_store", metavar="store", help="store name, e.g. MY")
     s.add_argument("subject", help='substring of the subject, RDNs reversed ("O, OU, CN")')
     verb("removeclientcertificate", cmd_removeclientcertificate, "RemoveClientCertificate")
     verb("getclientcertificate", cmd_getclientcertificate, "GetClientCertificate")
@@ -314,7 +315,7 @@ def add_http_verbs(sub: Any, verb: Verb) -> None:
         "importcertificate", cmd_importcertificate, "add a PEM/PKCS#12 file to a store", job=False
     )
     s.add_argument("location")
-    s.add_argument("store")
+    s.add_argument("cert_store", metavar="store", help="store name, e.g. MY")
     s.add_argument("file", help="PEM (certificate + key) or PKCS#12 file")
     s.add_argument(
         "--passphrase-stdin", action="store_true", help="read the key passphrase from stdin"

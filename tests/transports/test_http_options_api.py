@@ -395,6 +395,40 @@ def cli(manager: TransferManager, home: Path, *argv: str) -> str:
     return out.getvalue()
 
 
+def test_the_certificate_verbs_through_the_whole_command(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``backhaul importcertificate LOCATION STORE FILE`` and the job's by-id/by-name verbs
+    through ``main``: the certificate store's name is not the global ``--store`` (the event
+    store), which once took it, refused "MY" as not absolute, and made a SQLite database at
+    an absolute name."""
+    from backhaul.adapters.cli import main
+
+    monkeypatch.delenv("BACKHAUL_CERTS", raising=False)
+    for key in ("BACKHAUL_STORE", "BACKHAUL_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    home = tmp_path / "home"
+
+    def run(*argv: str) -> str:
+        out = io.StringIO()
+        assert main(["--home", str(home), *argv], out) == 0, out.getvalue()
+        return out.getvalue()
+
+    assert run("importcertificate", "CURRENT_USER", "MY", str(pki.client_pem)).startswith(
+        f"{pki.client_sha1} "
+    )
+    assert (home / "certs" / "CURRENT_USER" / "MY").is_dir()
+    job = run("create", "cert").strip()
+    run("setclientcertificatebyname", job, "CURRENT_USER", "MY", "backhaul-alice")
+    assert "subject: backhaul-alice" in run("getclientcertificate", job)
+    run("setclientcertificatebyid", job, "CURRENT_USER", "MY", pki.client_sha1)
+    assert f"hash: {pki.client_sha1}" in run("getclientcertificate", job)
+    elsewhere = tmp_path / "OTHER"
+    argv = ["--home", str(home), "importcertificate", "CURRENT_USER", str(elsewhere)]
+    assert main([*argv, str(pki.client_pem)], io.StringIO()) == 1  # not a store name
+    assert not elsewhere.exists()  # never an event store made at a certificate store's name
+
+
 def test_the_cli_verbs(pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BACKHAUL_CERTS", raising=False)
     monkeypatch.setattr("sys.stdin", io.StringIO(PEM_PASSPHRASE + "\n"))

@@ -45,7 +45,7 @@ from backhaul.core.event import POLICY_STREAM, Event, JobCreated, PolicyChanged
 from backhaul.core.job import Job
 from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
 from backhaul.core.port import Clock
-from backhaul.core.setting import JOB_PROPERTIES, SETTINGS, check_setting
+from backhaul.core.setting import JOB_PROPERTIES, SETTINGS, check_setting, is_utf8
 from backhaul.core.url import (
     check_secret_parameter_name,
     declare_secret_parameters,
@@ -107,6 +107,12 @@ class FileInfo:
     validated: bool = False
 
 
+class BatchConflict(BitsError, ConcurrentAppend):
+    """A group commit (``TransferManager.batch``) lost a race: another writer changed one of
+    its jobs after the batch read it, and nothing of the batch was recorded. A BitsError
+    (E_FAIL, as a single call that keeps losing its race), and a ConcurrentAppend."""
+
+
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
@@ -133,8 +139,9 @@ class TransferManager:
     """Opens the store and creates, finds and enumerates jobs.
 
     ``store``: a URL (see adapters/store.py) or an open ``EventStore``; ``home``: the
-    backhaul home for the default SQLite store; ``owner``: recorded on every new job
-    (default: the current user).
+    backhaul home for the default SQLite store (a relative one is taken from the current
+    directory); ``owner``: recorded on every new job (default: the current user);
+    ``schemes``: the URL schemes its jobs may name, as a collection of names.
     """
 
     def __init__(
@@ -147,11 +154,24 @@ class TransferManager:
         clock: Clock | None = None,
         schemes: Iterable[str] | None = None,
     ) -> None:
+        # Checked before the store is opened: a refused manager leaves nothing behind.
+        if not isinstance(store, EventStore | str | None):
+            raise BitsError(
+                hresult.E_INVALIDARG,
+                f"the store must be a URL, an open EventStore or None, not {_kind(store)}",
+            )
+        if isinstance(store, str):
+            _string(store, "the store URL")
+        home_path = _home(home)
+        if owner is not None:
+            _string(owner, "the owner")
+        if schemes is not None:
+            schemes = [_string(s, "a scheme") for s in _collection(schemes, "the schemes")]
         if isinstance(store, EventStore):
             self.store = store
             self._owns_store = False
         else:
-            self.store = open_store(store, Path(home) if home is not None else None)
+            self.store = open_store(store, home_path)
             self._owns_store = True
         self.closed = False
         # An application's threads share a manager (an EngineThread's callbacks complete jobs
@@ -160,7 +180,7 @@ class TransferManager:
         self._lock = threading.RLock()
         self._batch_thread: int | None = None
         self.owner = owner or current_owner()
-        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.home = home_path if home_path is not None else default_home()
         self._certificates: CertificateStores | None = None
         self.limits = limits
         self.clock: Clock = clock or SystemClock()
@@ -330,8 +350,13 @@ class TransferManager:
         """IBackgroundCopyManager::GetErrorDescription: what an HRESULT means, in English
         whatever ``language_id`` asks for (BITS falls back to the system's language too).
         Every code gets a description: HTTP statuses (0x8019xxxx), Win32 errors and
-        unregistered codes are named as such."""
-        return hresult.describe(code)
+        unregistered codes are named as such; E_INVALIDARG for what is no 32-bit value."""
+        _integer(code, "an HRESULT")
+        _integer(language_id, "a language id")
+        try:
+            return hresult.describe(code)
+        except ValueError as exc:  # not a 32-bit value
+            raise BitsError(hresult.E_INVALIDARG, str(exc)) from None
 
     # -- engine-wide policy (one stream of its own) ------------------------------------
 
@@ -362,6 +387,10 @@ class TransferManager:
         """Global and per-priority limits with windows; takes effect in running jobs."""
         if not _is_admin() and self.owner != current_owner():
             raise BitsError(hresult.E_ACCESSDENIED, "only the machine's owner sets policy")
+        if not isinstance(policy, BandwidthPolicy):
+            raise BitsError(
+                hresult.E_INVALIDARG, f"the policy must be a BandwidthPolicy, not {_kind(policy)}"
+            )
         for limits in (policy.global_limits, *policy.priority_limits.values()):
             for limit in limits:
                 if limit.rate < 0:
@@ -386,7 +415,7 @@ class TransferManager:
             raise BitsError(hresult.E_ACCESSDENIED, "only the machine's owner sets policy")
         unique: dict[str, str] = {}  # compared without case: the first spelling given
         try:
-            for name in names:
+            for name in _collection(names, "the secret parameter names"):
                 unique.setdefault(check_secret_parameter_name(name).lower(), name)
         except ValueError as exc:
             raise BitsError(hresult.E_INVALIDARG, str(exc)) from None
@@ -425,7 +454,8 @@ class TransferManager:
         Inside the block a job is read from the store once, at its first use (not at all
         when the last refresh_views folded it and the log has not moved since); later
         reads see that state plus the block's own calls. A change another process appends
-        meanwhile fails the commit (ConcurrentAppend) as it would have anyway."""
+        meanwhile fails the commit as it would have anyway: ``BatchConflict`` (E_FAIL), and
+        nothing of the block is recorded."""
         if self._pending is not None:
             yield
             return
@@ -449,7 +479,16 @@ class TransferManager:
             # files of jobs no engine looks at again: the journal names them until then.
             journal = self._journal_discards(self._discarded) if pending else None
             if pending:
-                self._append_many(pending)
+                try:
+                    self._append_many(pending)
+                except ConcurrentAppend as exc:  # one transaction: none of it was appended
+                    if journal is not None:
+                        journal.unlink(missing_ok=True)
+                    raise BatchConflict(
+                        hresult.E_FAIL,
+                        "another writer changed a job of this batch after the batch read it; "
+                        "nothing of the batch was recorded (read the jobs and call again)",
+                    ) from exc
             for action in after:
                 action()  # Cancel deletes temp files once its event is appended
             if journal is not None:
@@ -663,13 +702,86 @@ def _resolved(name: str) -> str:
 
 def _enum(kind: Any, value: Any, what: str) -> Any:
     try:
-        return kind(value)
+        return kind(_integer(value, f"the {what}"))
     except ValueError:
         raise BitsError(hresult.E_INVALIDARG, f"unknown {what} {value!r}") from None
 
 
-def _seconds(value: timedelta | float) -> float:
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+# The API's arguments are checked for their type here, before the core sees them, and never
+# converted: int(2.9) made 2 and int("3") made 3 of values the core refuses, and a wrong
+# type raised TypeError or ValueError where every refused call raises BitsError.
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__  # never the value: it may be a password
+
+
+def _integer(value: Any, what: str) -> int:
+    """``value``, an int (IntEnum and IntFlag members are ints; a bool is not one here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BitsError(hresult.E_INVALIDARG, f"{what} must be an integer, not {_kind(value)}")
+    return value
+
+
+def _index(value: Any) -> int:
+    """A file index: an integer (whether the job has that file is the caller's check)."""
+    return _integer(value, "a file index")
+
+
+def _string(value: Any, what: str, *, optional: bool = False) -> Any:
+    """``value``, a string without NUL that can be stored (or None, when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        either = "a string or None" if optional else "a string"
+        raise BitsError(hresult.E_INVALIDARG, f"{what} must be {either}, not {_kind(value)}")
+    if "\x00" in value or not is_utf8(value):
+        raise BitsError(
+            hresult.E_INVALIDARG, f"{what} must be valid Unicode without NUL characters"
+        )
+    return value
+
+
+def _path(value: Any, what: str) -> str:
+    """A local path given as a string or a path object, as a string (checked by the core)."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str):
+        raise BitsError(
+            hresult.E_INVALIDARG, f"{what} must be a string or a Path, not {_kind(value)}"
+        )
+    return text
+
+
+def _collection(value: Any, what: str) -> Iterable[Any]:
+    """An iterable of items; a single string is refused, not taken letter by letter."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise BitsError(
+            hresult.E_INVALIDARG, f"{what} must be a list or another collection, not {_kind(value)}"
+        )
+    return value
+
+
+def _seconds(value: Any, what: str) -> float:
+    """A timer: seconds (int or float) or a timedelta; the core checks its range."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"{what} must be a number of seconds or a timedelta, not {_kind(value)}",
+        )
+    return value
+
+
+def _home(home: Any) -> Path | None:
+    """The home as an absolute path. A relative one is taken from the current directory
+    now (the command's ``--home`` may be relative), as the store's files are."""
+    if home is None:
+        return None
+    text = _string(_path(home, "the home"), "the home")
+    if not text:
+        raise BitsError(hresult.E_INVALIDARG, "the home must not be empty")
+    return Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def file_info(job: Job, i: int) -> FileInfo:
@@ -777,7 +889,7 @@ class TransferJob:
 
     @priority.setter
     def priority(self, value: JobPriority) -> None:
-        self._set("priority", value)
+        self._set("priority", _integer(value, "the priority"))
 
     @property
     def minimum_retry_delay(self) -> timedelta:
@@ -785,7 +897,7 @@ class TransferJob:
 
     @minimum_retry_delay.setter
     def minimum_retry_delay(self, value: timedelta | float) -> None:
-        self._set("minimum_retry_delay", _seconds(value))
+        self._set("minimum_retry_delay", _seconds(value, "the minimum retry delay"))
 
     @property
     def no_progress_timeout(self) -> timedelta:
@@ -793,7 +905,7 @@ class TransferJob:
 
     @no_progress_timeout.setter
     def no_progress_timeout(self, value: timedelta | float) -> None:
-        self._set("no_progress_timeout", _seconds(value))
+        self._set("no_progress_timeout", _seconds(value, "the no-progress timeout"))
 
     @property
     def maximum_download_time(self) -> timedelta:
@@ -801,7 +913,7 @@ class TransferJob:
 
     @maximum_download_time.setter
     def maximum_download_time(self, value: timedelta | float) -> None:
-        self._set("maximum_download_time", _seconds(value))
+        self._set("maximum_download_time", _seconds(value, "the maximum download time"))
 
     @property
     def notify_flags(self) -> int:
@@ -809,7 +921,7 @@ class TransferJob:
 
     @notify_flags.setter
     def notify_flags(self, value: int) -> None:
-        self._set("notify_flags", int(value) if not isinstance(value, bool) else value)
+        self._set("notify_flags", value)  # the core refuses what is no integer bit mask
 
     @property
     def notify_cmdline(self) -> NotifyCommandLine | None:
@@ -834,7 +946,12 @@ class TransferJob:
         proxy_list: str | None = None,
         bypass_list: str | None = None,
     ) -> None:
-        self._set("proxy", ProxySettings(int(usage), proxy_list, bypass_list))
+        proxy = ProxySettings(
+            _integer(usage, "the proxy usage"),
+            _string(proxy_list, "the proxy list", optional=True),
+            _string(bypass_list, "the bypass list", optional=True),
+        )
+        self._set("proxy", proxy)
 
     @property
     def http_method(self) -> str:
@@ -851,7 +968,7 @@ class TransferJob:
 
     @security_flags.setter
     def security_flags(self, value: int) -> None:
-        self._set("security_flags", int(value))
+        self._set("security_flags", value)
 
     @property
     def acl_flags(self) -> int:
@@ -859,7 +976,7 @@ class TransferJob:
 
     @acl_flags.setter
     def acl_flags(self, value: int) -> None:
-        self._set("acl_flags", int(value))
+        self._set("acl_flags", value)
 
     @property
     def max_rate(self) -> int | None:
@@ -870,6 +987,8 @@ class TransferJob:
     def max_rate(self, value: int | str | None) -> None:
         from backhaul.core.bandwidth import parse_rate
 
+        if value is not None and not isinstance(value, str):  # parse_rate takes str | int
+            _integer(value, "the maximum rate (bytes per second, or a rate such as '500k')")
         self._set("max_rate", None if value is None else parse_rate(value))
 
     @property
@@ -914,15 +1033,16 @@ class TransferJob:
         password: str | None,
     ) -> None:
         """SetCredentials. The password is sealed before it is recorded."""
-        if password is not None and not isinstance(password, str):
-            raise BitsError(hresult.E_INVALIDARG, "the password must be a string")
+        pair = _integer(target, "the target"), _integer(scheme, "the authentication scheme")
+        password = _string(password, "the password", optional=True)
         sealed = self._manager.seal(password) if password is not None else None
         length = len(password) if password is not None else 0
-        self._do(cmd.SetCredentials(int(target), int(scheme), user_name, sealed, length))
+        self._do(cmd.SetCredentials(*pair, user_name, sealed, length))
 
     def remove_credentials(self, target: AuthTarget, scheme: AuthScheme) -> bool:
         """RemoveCredentials: True (S_OK) if removed, False (S_FALSE) if none were set."""
-        return bool(self._do(cmd.RemoveCredentials(int(target), int(scheme))))
+        pair = _integer(target, "the target"), _integer(scheme, "the authentication scheme")
+        return bool(self._do(cmd.RemoveCredentials(*pair)))
 
     @property
     def credentials(self) -> list[tuple[AuthTarget, AuthScheme, str | None]]:
@@ -972,18 +1092,24 @@ class TransferJob:
     ) -> None:
         """SetClientCertificateByID: the store must exist and hold the certificate with
         a usable key (adapters/certstore.py), else the BITS error and nothing recorded."""
+        where = _integer(location, "the store location")
+        if not isinstance(sha1, bytes | bytearray | str):
+            raise BitsError(
+                hresult.E_INVALIDARG, f"the SHA-1 hash must be bytes or hex, not {_kind(sha1)}"
+            )
         digest = sha1.hex() if isinstance(sha1, bytes | bytearray) else sha1
         if isinstance(sha1, bytes | bytearray) and len(sha1) != 20:
             raise BitsError(
                 hresult.hresult_from_win32(hresult.RPC_X_BAD_STUB_DATA), "a SHA-1 hash is 20 bytes"
             )
-        self._set_certificate(ClientCertificate(int(location), store_name, sha1=digest))
+        self._set_certificate(ClientCertificate(where, store_name, sha1=digest))
 
     def set_client_certificate_by_name(
         self, location: CertStoreLocation, store_name: str, subject: str
     ) -> None:
         """SetClientCertificateByName: subject substring, RDNs reversed (BITS's rule)."""
-        self._set_certificate(ClientCertificate(int(location), store_name, subject=subject))
+        where = _integer(location, "the store location")
+        self._set_certificate(ClientCertificate(where, store_name, subject=subject))
 
     def _set_certificate(self, ref: ClientCertificate) -> None:
         check_setting("client_certificate", ref, self.snapshot())
@@ -1017,12 +1143,8 @@ class TransferJob:
         expected_digest: str | None = None,
     ) -> None:
         """AddFile (with ``ranges``: AddFileWithRanges)."""
-        spec = FileSpec(
-            remote_name,
-            str(local_name),
-            tuple(_range(r) for r in ranges or ()),
-            expected_digest,
-        )
+        local = cast(str, local_name)  # a Path too: add_files checks the types
+        spec = FileSpec(remote_name, local, _ranges(ranges or ()), expected_digest)
         if ranges is not None and not ranges:
             raise BitsError(hresult.E_INVALIDARG, "AddFileWithRanges needs at least one range")
         self.add_files([spec])
@@ -1031,7 +1153,7 @@ class TransferJob:
         """AddFileSet: all the files or none. A user and password inside an ``smb://`` URL
         are moved out before anything is recorded: the URL is recorded without them and they
         become the job's SERVER credentials (specs/smb.md §2)."""
-        specs = tuple(f if isinstance(f, FileSpec) else FileSpec(f[0], str(f[1])) for f in files)
+        specs = tuple(_file_spec(f) for f in _collection(files, "the files"))
         self._manager._before_sealing(s.remote_name for s in specs)
         names, login = _split_url_credentials([s.remote_name for s in specs])
         specs = tuple(self._sealed(s, n) for s, n in zip(specs, names, strict=True))
@@ -1045,10 +1167,30 @@ class TransferJob:
         localfile.check_local_names(job.job_type, (s.local_name for s in specs), good_dirs)
         if job.job_type is JobType.DOWNLOAD:
             self._manager._check_not_the_store(s.local_name for s in specs)
-        with self._manager.batch():  # the credentials and the files, or neither
+
+        def add() -> None:  # the credentials and the files, or neither
             if login is not None:
                 self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)
             self._do(cmd.AddFiles(specs))
+
+        self._in_one_commit(add)
+
+    def _in_one_commit(self, steps: Callable[[], object]) -> None:
+        """``steps`` recorded in one commit, or nothing. Alone (outside the caller's own
+        batch), decided again when another writer changed the job meanwhile, as a single
+        call is (``execute``); inside a batch, a part of it."""
+        manager = self._manager
+        if manager._in_batch():
+            steps()
+            return
+        for _ in range(_RETRIES):
+            try:
+                with manager.batch():
+                    steps()
+                return
+            except BatchConflict:
+                continue  # the batch forgot its copies of the job: the next one reads it
+        raise BitsError(hresult.E_FAIL, f"job {self.id} kept changing under this call")
 
     def _sealed(self, spec: FileSpec, remote_name: str) -> FileSpec:
         """``spec`` named ``remote_name``, the URL's password and signed query sealed."""
@@ -1074,12 +1216,14 @@ class TransferJob:
 
     def file(self, index: int) -> FileInfo:
         """One file of ``files()``, without building the others (a job may hold 10,000)."""
+        index = _index(index)
         job = self.snapshot()
         if not 0 <= index < len(job.files):
             raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {index}")
         return file_info(job, index)
 
     def get_file_property(self, index: int, prop: FilePropertyId) -> Any:
+        index = _index(index)
         job = self.snapshot()
         if not 0 <= index < len(job.files):
             raise BitsError(hresult.BG_E_FILE_NOT_FOUND, f"the job has no file {index}")
@@ -1097,19 +1241,26 @@ class TransferJob:
         URL are moved out as in ``add_files``, and a password in another URL is sealed.
         A new URL without a password keeps the file's own while it names the same user,
         host and port."""
+        index = _index(index)
+        remote_name = _string(remote_name, "the remote name")
         self._manager._before_sealing([remote_name])
         (remote_name,), login = _split_url_credentials([remote_name])
         remote_name, password, query = self._manager.store.secrets.seal_url(remote_name)
         self._check_scheme(remote_name)
         change = cmd.SetRemoteName(index, remote_name, password, query)
-        with self._manager.batch():
+
+        def rename() -> None:
             if login is not None:
                 self.set_credentials(AuthTarget.SERVER, AuthScheme.NTLM, *login)
             self._do(change)
 
+        self._in_one_commit(rename)
+
     def replace_remote_prefix(self, old_prefix: str, new_prefix: str) -> bool:
         """ReplaceRemotePrefix: True (S_OK) if any name changed, False (S_FALSE) if none.
         A password in ``new_prefix`` is sealed and given to every name it changes."""
+        old_prefix = _string(old_prefix, "the old prefix")
+        new_prefix = _string(new_prefix, "the new prefix")
         new_prefix, password = split_url_password(new_prefix)
         sealed = None if password is None else self._manager.seal(password)
         change = cmd.ReplaceRemotePrefix(old_prefix, new_prefix, sealed)
@@ -1216,7 +1367,11 @@ class TransferJob:
         before it is transferred). FALSE rejects it: the job goes to ERROR with
         BG_E_VALIDATION_FAILED, the file's progress returns to 0, and Resume fetches it
         again."""
-        self._do(cmd.SetValidationState(index, valid=bool(valid)))
+        if not isinstance(valid, bool):
+            raise BitsError(
+                hresult.E_INVALIDARG, f"valid must be True or False, not {_kind(valid)}"
+            )
+        self._do(cmd.SetValidationState(_index(index), valid=valid))
 
     # -- on-demand jobs (IBackgroundCopyFile6) -----------------------------------------
 
@@ -1229,14 +1384,16 @@ class TransferJob:
         TRANSFERRED if the file is whole, else SUSPENDED (request more, then resume).
         BG_E_RANDOM_ACCESS_NOT_SUPPORTED for other jobs and files, BG_E_INVALID_RANGE for a
         range outside a file whose size is known."""
-        self._do(cmd.RequestFileRanges(index, tuple(_range(r) for r in ranges)))
+        self._do(cmd.RequestFileRanges(_index(index), _ranges(ranges)))
 
     def update_download_position(self, index: int, offset: int) -> None:
         """UpdateDownloadPosition: fill the requested ranges from ``offset`` on first."""
-        self._do(cmd.UpdateDownloadPosition(index, int(offset)))
+        offset = _integer(offset, "the download position")
+        self._do(cmd.UpdateDownloadPosition(_index(index), offset))
 
     def filled_file_ranges(self, index: int) -> list[ByteRange]:
         """GetFilledFileRanges: the byte ranges the file holds, merged and sorted."""
+        index = _index(index)
         job = self.snapshot()
         cmd.check_random_access(job, index)
         f = job.files[index]
@@ -1305,17 +1462,46 @@ def _prop(prop: Any) -> JobPropertyId:
         raise BitsError(hresult.BG_E_UNKNOWN_PROPERTY_ID, f"unknown property {prop!r}") from None
 
 
-def _range(r: ByteRange | tuple[int, int | None]) -> ByteRange:
-    """A range as the core takes it: BG_LENGTH_TO_EOF becomes ``length=None``."""
-    offset, length = (r.offset, r.length) if isinstance(r, ByteRange) else r
-    if length is not None and length == LENGTH_TO_EOF:
-        length = None
-    try:
-        return ByteRange(int(offset), None if length is None else int(length))
-    except (TypeError, ValueError):
+def _range(r: Any) -> ByteRange:
+    """A range as the core takes it: BG_LENGTH_TO_EOF becomes ``length=None``. Its numbers
+    go on as given: the core refuses what is no integer (BG_E_INVALID_RANGE)."""
+    if isinstance(r, ByteRange):
+        offset, length = r.offset, r.length
+    elif isinstance(r, tuple | list) and len(r) == 2:
+        offset, length = r
+    else:
         raise BitsError(
-            hresult.BG_E_INVALID_RANGE, f"invalid range {offset!r}:{length!r}"
-        ) from None
+            hresult.E_INVALIDARG,
+            f"a range is a ByteRange or an (offset, length) pair, not {_kind(r)}",
+        )
+    if isinstance(length, int) and not isinstance(length, bool) and length == LENGTH_TO_EOF:
+        length = None
+    return ByteRange(offset, length)
 
 
-__all__ = ["FileInfo", "TransferJob", "TransferManager"]
+def _ranges(ranges: Any) -> tuple[ByteRange, ...]:
+    return tuple(_range(r) for r in _collection(ranges, "the ranges"))
+
+
+def _file_spec(f: Any) -> FileSpec:
+    """A file of AddFileSet, a FileSpec or a (remote name, local name) pair, its fields'
+    types checked (their values are the core's and the checks' before it)."""
+    if isinstance(f, FileSpec):
+        spec = f
+    elif isinstance(f, tuple | list) and len(f) == 2:
+        spec = FileSpec(*f)
+    else:
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"a file is a FileSpec or a (remote name, local name) pair, not {_kind(f)}",
+        )
+    return attrs.evolve(
+        spec,
+        remote_name=_string(spec.remote_name, "a remote name"),
+        local_name=_path(spec.local_name, "a local name"),
+        ranges=_ranges(spec.ranges),
+        expected_digest=_string(spec.expected_digest, "an expected digest", optional=True),
+    )
+
+
+__all__ = ["BatchConflict", "FileInfo", "TransferJob", "TransferManager"]

@@ -32,6 +32,7 @@ from backhaul.adapters.store import (
     ConcurrentAppend,
     EventStore,
     default_home,
+    file_work,
     open_store,
 )
 from backhaul.core import command as cmd
@@ -111,6 +112,14 @@ class BatchConflict(BitsError, ConcurrentAppend):
     """A group commit (``TransferManager.batch``) lost a race: another writer changed one of
     its jobs after the batch read it, and nothing of the batch was recorded. A BitsError
     (E_FAIL, as a single call that keeps losing its race), and a ConcurrentAppend."""
+
+
+def _batch_conflict() -> BatchConflict:
+    return BatchConflict(
+        hresult.E_FAIL,
+        "another writer changed a job of this batch after the batch read it; "
+        "nothing of the batch was recorded (read the jobs and call again)",
+    )
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -468,31 +477,34 @@ class TransferManager:
         self._fresh = set()
         self._log_unmoved = None
         self._views_caught_up = None
+        head = self.store.head()  # before the block reads any job
         try:
             yield
             before, after = self._before_commit, self._after_commit
             self._pending = None
-            for action in before:
-                action()  # Complete publishes its files before its event is appended
-            localfile.sync_dirs(self._renamed_dirs)  # once per directory for the batch
-            # A process killed between the commit and the deletions would leave the temp
-            # files of jobs no engine looks at again: the journal names them until then.
-            journal = self._journal_discards(self._discarded) if pending else None
-            if pending:
-                try:
-                    self._append_many(pending)
-                except ConcurrentAppend as exc:  # one transaction: none of it was appended
-                    if journal is not None:
-                        journal.unlink(missing_ok=True)
-                    raise BatchConflict(
-                        hresult.E_FAIL,
-                        "another writer changed a job of this batch after the batch read it; "
-                        "nothing of the batch was recorded (read the jobs and call again)",
-                    ) from exc
-            for action in after:
-                action()  # Cancel deletes temp files once its event is appended
-            if journal is not None:
-                journal.unlink(missing_ok=True)
+            # Files to move or delete (a Complete, a Cancel): the turn of Complete and
+            # Cancel on the store, and no job of the batch changed since it was read.
+            turn = file_work(self.store) if before or after else contextlib.nullcontext()
+            with turn:
+                if before or after:
+                    self._check_unmoved(pending, head)
+                for action in before:
+                    action()  # Complete publishes its files before its event is appended
+                localfile.sync_dirs(self._renamed_dirs)  # once per directory for the batch
+                # A process killed between the commit and the deletions would leave the
+                # temp files of jobs no engine looks at again: the journal names them.
+                journal = self._journal_discards(self._discarded) if pending else None
+                if pending:
+                    try:
+                        self._append_many(pending)
+                    except ConcurrentAppend as exc:  # one transaction: none of it appended
+                        if journal is not None:
+                            journal.unlink(missing_ok=True)
+                        raise _batch_conflict() from exc
+                for action in after:
+                    action()  # Cancel deletes temp files once its event is appended
+                if journal is not None:
+                    journal.unlink(missing_ok=True)
         except BaseException:
             for job_id, _, _ in pending:
                 self._cache.pop(job_id, None)
@@ -557,6 +569,18 @@ class TransferManager:
         return len(journals)
 
     # -- the command path --------------------------------------------------------------
+
+    @_store_call
+    def _check_unmoved(self, pending: list[tuple[str, int, list[Event]]], head: int) -> None:
+        """Before a batch moves or deletes files: BatchConflict if a job of it changed since
+        the batch read it (a Cancel another process made would have its files published
+        anyway, the commit failing only after). Nothing appended since the batch began: no
+        look at each job."""
+        if self.store.head() == head:
+            return
+        for job_id, after, _ in pending:
+            if after and self.store.stream(job_id, after):
+                raise _batch_conflict()
 
     @_store_call
     def _append_many(self, pending: list[tuple[str, int, list[Event]]]) -> None:
@@ -1280,7 +1304,15 @@ class TransferJob:
         self._do(cmd.Suspend())
 
     def cancel(self) -> int:
-        """Cancel: deletes every temp file. Returns S_OK or BG_S_UNABLE_TO_DELETE_FILES."""
+        """Cancel: deletes every temp file. Returns S_OK or BG_S_UNABLE_TO_DELETE_FILES.
+        Cancel and Complete take turns on the store (``store.file_work``), in every
+        process: one that comes while the other runs waits, then finds the job final."""
+        if self._manager._in_batch():  # the batch's commit takes the turn
+            return self._cancel()
+        with self._manager._lock, file_work(self._manager.store):
+            return self._cancel()
+
+    def _cancel(self) -> int:
         job = self.snapshot()
         self._manager._check_access(job)
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
@@ -1303,7 +1335,14 @@ class TransferJob:
     def complete(self) -> int:
         """Complete: publishes the whole files atomically, deletes the rest. Returns
         S_OK, or BG_S_PARTIAL_COMPLETE when only some files were whole. If publishing
-        fails the job stays as it was and the error is raised (BITS keeps it queued)."""
+        fails the job stays as it was and the error is raised (BITS keeps it queued).
+        Complete and Cancel take turns on the store (see ``cancel``)."""
+        if self._manager._in_batch():  # the batch's commit takes the turn
+            return self._complete()
+        with self._manager._lock, file_work(self._manager.store):
+            return self._complete()
+
+    def _complete(self) -> int:
         job = self.snapshot()
         self._manager._check_access(job)
         decided = cmd.decide(job, cmd.Complete(), self._manager.clock.now(), self._manager.limits)

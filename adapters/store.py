@@ -84,7 +84,7 @@ class Recorded:
     event: Event
 
 
-_SQLITE_FILES: Final = ("", "-wal", "-shm", "-journal")
+_SQLITE_FILES: Final = ("", "-wal", "-shm", "-journal", ".serve.lock", ".files.lock")
 
 
 def stored_bytes(state: bytes | str) -> bytes:
@@ -566,6 +566,46 @@ class AdvisoryLock:
 
     def holder(self) -> str:
         return "an engine of another process or connection"
+
+
+FILES_LOCK_SUFFIX: Final = ".files.lock"  # beside the SQLite database
+_FILES_KEY: Final = int.from_bytes(b"bh-files", "big")
+
+
+@contextlib.contextmanager
+def file_work(store: EventStore) -> Iterator[None]:
+    """Complete and Cancel, one at a time on the store, across processes: each moves or
+    deletes a job's files and then records the end, and the two interleaved left a job
+    CANCELLED with part of its files published (Cancel deleting the temp files Complete
+    was renaming). Whoever comes second waits, then finds the job final. SQLite: an
+    exclusive ``flock`` on a file beside the database; PostgreSQL: an advisory lock of the
+    database on a connection of its own; a memory store has no other process."""
+    path = Path(store.location + FILES_LOCK_SUFFIX) if store.kind == "sqlite" else None
+    if path is not None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # which gives the lock back
+        return
+    if store.connect is None:
+        yield
+        return
+    try:
+        conn = store.connect()
+    except Exception as exc:
+        raise store_failure(exc, "for Complete or Cancel") from exc
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_FILES_KEY,))
+    except Exception as exc:
+        conn.close()
+        raise store_failure(exc, "for Complete or Cancel") from exc
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()  # which gives the lock back
 
 
 def is_free(path: Path) -> bool:

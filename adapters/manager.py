@@ -874,7 +874,11 @@ class TransferJob:
 
     @property
     def reply_progress(self) -> proj.ReplyProgress:
-        return proj.reply_progress(self.snapshot())
+        """GetReplyProgress: E_NOTIMPL for a job that is no upload-reply job (BITS)."""
+        job = self.snapshot()
+        if job.job_type is not JobType.UPLOAD_REPLY:
+            raise BitsError(hresult.E_NOTIMPL, "only upload-reply jobs have a reply")
+        return proj.reply_progress(job)
 
     @property
     def times(self) -> proj.JobTimes:
@@ -1017,9 +1021,10 @@ class TransferJob:
 
     @property
     def reply_file_name(self) -> str | None:
-        """The reply file: SetReplyFileName's, else the generated one (upload-reply)."""
+        """The reply file: SetReplyFileName's, else the generated one (upload-reply), named
+        after the file to upload (None before it is added)."""
         job = self.snapshot()
-        if job.job_type is not JobType.UPLOAD_REPLY:
+        if job.job_type is not JobType.UPLOAD_REPLY or not (job.reply_file_name or job.files):
             return None
         return str(localfile.reply_path(job))
 

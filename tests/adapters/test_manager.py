@@ -292,6 +292,20 @@ def test_ranges_on_an_upload_job_raise_e_notimpl(
     assert job.files() == []
 
 
+@pytest.mark.parametrize("job_type", [JobType.DOWNLOAD, JobType.UPLOAD])
+def test_get_reply_progress_of_a_job_without_a_reply_is_e_notimpl(
+    manager: TransferManager, job_type: JobType
+) -> None:
+    """IBackgroundCopyJob2::GetReplyProgress: E_NOTIMPL unless the job is upload-reply."""
+    job = manager.create_job("no reply", job_type)
+    with pytest.raises(BitsError) as refused_call:
+        job.reply_progress  # noqa: B018
+    assert refused_call.value.hresult == hresult.E_NOTIMPL
+    reply = manager.create_job("reply", JobType.UPLOAD_REPLY)
+    assert reply.reply_progress.bytes_transferred == 0
+    assert reply.reply_file_name is None  # no file yet to name the reply after
+
+
 @pytest.mark.parametrize("job_type", UPLOAD_TYPES)
 def test_set_remote_name_and_replace_remote_prefix_on_an_upload_job_raise_e_notimpl(
     manager: TransferManager, store: EventStore, source: Path, job_type: JobType

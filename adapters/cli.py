@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from backhaul.adapters.engine import Engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+NO_VALUE: Final = "NULL"  # a getter's "no value" in text (JSON: null), as bitsadmin prints it
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE, as a shell reports a pipeline's cat cut short
 LOCK_FILE = DB_FILE + LOCK_SUFFIX  # the default store's engine lock, in the home
 
@@ -85,24 +86,23 @@ _TYPES = {
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _seconds_arg(text: str) -> float:
-    """A number of seconds on the command line: finite, not negative (argparse refuses
-    anything else with exit 2; NaN reached the job's settings as a traceback)."""
+def _seconds_arg(text: str, *, zero: bool = True) -> float:
+    """A number of seconds on the command line: finite, not negative (with ``zero`` False,
+    more than 0); argparse refuses anything else with exit 2 (NaN reached the job's
+    settings as a traceback). The message states the rule that refused it."""
+    rule = "0 or more" if zero else "more than 0"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({rule})") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({rule})")
     return value
 
 
 def _interval_arg(text: str) -> float:
     """A wait between two steps: more than 0 seconds."""
-    value = _seconds_arg(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the interval must be more than 0 seconds")
-    return value
+    return _seconds_arg(text, zero=False)
 
 
 class UsageError(BitsError):
@@ -531,7 +531,7 @@ def cmd_info(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     for key, value in info.items():
         if key == "error" and value:
             value = f"{value['name']} ({value['hresult']}) in {value['context']}: {value['description']}"
-        out.write(f"{key:>26}: {one_line(value)}\n")
+        out.write(f"{key:>26}: {one_line(NO_VALUE if value is None else value)}\n")
     return EXIT_OK
 
 
@@ -645,6 +645,8 @@ def _getter(verb: str) -> Callable[[argparse.Namespace, TransferManager, TextIO]
             value = value.name
         elif hasattr(value, "program") and hasattr(value, "parameters"):  # a notify command
             value = shlex.join([value.program, *value.parameters])  # as setnotifycmdline takes it
+        elif value is None:  # no value: bitsadmin's word, as getproxysettings prints it
+            value = NO_VALUE
         out.write(f"{value}\n")
         return EXIT_OK
 
@@ -720,7 +722,9 @@ def cmd_getbandwidth(args: argparse.Namespace, m: TransferManager, out: TextIO) 
     settings = m.settings()
     policy = settings.bandwidth
     if args.json:
-        _print_json({**policy.to_data(), "network_cost": settings.network_cost}, out)
+        data = policy.to_data()  # the stored form keys priorities by number: show their names
+        data["priority"] = {JobPriority(int(p)).name: v for p, v in data["priority"].items()}
+        _print_json({**data, "network_cost": settings.network_cost}, out)
         return EXIT_OK
     scopes = [("global", policy.global_limits)] + [
         (JobPriority(p).name, limits) for p, limits in sorted(policy.priority_limits.items())
@@ -751,16 +755,25 @@ def cmd_setnetworkcost(args: argparse.Namespace, m: TransferManager, out: TextIO
 
 
 def cmd_setsecretparams(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
-    m.set_secret_parameters(args.names)
+    """Replace the list; ``none`` alone (any case), or no name, clears it."""
+    names = args.names
+    if len(names) == 1 and names[0].lower() == "none":
+        names = []
+    m.set_secret_parameters(names)
     return EXIT_OK
 
 
+NO_SECRET_PARAMETERS: Final = "no secret parameters"  # no name holds a space: unambiguous
+
+
 def cmd_getsecretparams(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
+    """A name a line; an empty list says so (as ``getcustomheaders`` does), where an empty
+    output or ``none`` could be read as a parameter named none."""
     names = list(m.settings().secret_parameters)
     if args.json:
         _print_json({"secret_parameters": names}, out)
     else:
-        out.write("".join(f"{n}\n" for n in names))
+        out.write("".join(f"{n}\n" for n in names) if names else f"{NO_SECRET_PARAMETERS}\n")
     return EXIT_OK
 
 
@@ -822,8 +835,13 @@ def cmd_serve(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     _tune_malloc()
     with _engine_lock(args) as held:
         if not held:
-            sys.stderr.write(f"backhaul serve: another engine already runs on {m.store!r}\n")
-            return EXIT_FAILED
+            lock = lock_file(args)
+            holder = EngineLock(lock).holder() if lock is not None else "another process"
+            raise BitsError(  # the engine's own refusal (Engine.run), printed by main
+                hresult.hresult_from_win32(hresult.ERROR_SERVICE_ALREADY_RUNNING),
+                f"another engine already runs on the store {m.store.location} ({holder}): "
+                "one engine per SQLite store; stop it, or leave the jobs to it",
+            )
         worker = worker_name() if _shared_store(args) else None
         engine = Engine(
             m,
@@ -886,12 +904,13 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
             "get writes files, not standard output: give a path (./- for a file named -)",
         )
     urls, dest = args.urls, Path(_abs(args.dest))
-    # os.path: a name too long to look up is "not a directory", not a traceback
+    # os.path: a name too long to look up is "not a directory", not a traceback. Found
+    # before any job is made: a command line the verb cannot take (exit 2).
     if args.dest.endswith("/") and not os.path.isdir(dest):
-        raise BitsError(hresult.E_INVALIDARG, f"{dest}/ is not a directory")
+        raise UsageError(hresult.E_INVALIDARG, f"{dest}/ is not a directory")
     if len(urls) > 1 or os.path.isdir(dest):
         if not os.path.isdir(dest):
-            raise BitsError(hresult.E_INVALIDARG, f"{dest} must be a directory for several URLs")
+            raise UsageError(hresult.E_INVALIDARG, f"{dest} must be a directory for several URLs")
         shown = [secrets_of(url)[0] for url in urls]  # no secret in a name
         locals_ = [dest / _name_from_url(url) for url in shown]
     else:
@@ -1698,7 +1717,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--range",
         "-r",
         metavar="START-END[,...]",
-        help="only these bytes, one range after the other (curl's -r; START- to the end)",
+        help="only these bytes, one range after the other (curl's -r syntax; START- to the end; "
+        "a range past the end of the file is BG_E_INVALID_RANGE, BITS's rule)",
     )
     _url_refresher_option(g)
 
@@ -1949,8 +1969,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except OSError as exc:  # a file the verb was given (audit export DIR/x, import FILE)
+        # With its HRESULT, as addfileset prints a list file it cannot read.
         where = f"{exc.filename}: " if exc.filename else ""
-        sys.stderr.write(f"backhaul {args.verb}: {where}{exc.strerror or exc}\n")
+        refusal = BitsError(os_hresult(exc), f"{where}{exc.strerror or exc}")
+        sys.stderr.write(f"backhaul {args.verb}: {refusal}\n")
         return EXIT_FAILED
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import signal
@@ -56,13 +57,33 @@ def parse_size(text: str) -> int:
     return int(number) * scale
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, *, zero: bool = True) -> float:
+    """A number of seconds: finite (nan and inf are refused), not negative; with ``zero``
+    False, more than 0 (as the server's configuration requires of the option)."""
+    rule = "0 or more" if zero else "more than 0"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("seconds cannot be negative")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({rule})") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({rule})")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """``--session-timeout`` and ``--cleanup-interval``: more than 0 seconds
+    (``VirtualDirectory`` and ``UploadServerConfig`` refuse 0)."""
+    return _seconds(text, zero=False)
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: a free one); bind() raised OverflowError beyond."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535; 0: a free one)")
     return value
 
 
@@ -87,7 +108,7 @@ def add_upload_verbs(sub: Any, verb: Verb) -> None:
     p.set_defaults(needs_store=False)  # the server opens no job store
     p.add_argument("--root", required=True, help="the directory uploads are stored in")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (8080; 0: a free one)")
+    p.add_argument("--port", type=_port, default=8080, help="port (8080; 0: a free one)")
     p.add_argument("--prefix", default="/", help="URL path mapped to --root (/)")
     p.add_argument("--session-dir", help="where sessions live (default ROOT/BITS-Sessions)")
     p.add_argument(
@@ -101,13 +122,13 @@ def add_upload_verbs(sub: Any, verb: Verb) -> None:
     )
     p.add_argument(
         "--session-timeout",
-        type=_seconds,
+        type=_positive_seconds,
         metavar="SECONDS",
         help="BITSSessionTimeout in seconds (1209600)",
     )
     p.add_argument(
         "--cleanup-interval",
-        type=_seconds,
+        type=_positive_seconds,
         metavar="SECONDS",
         help="seconds between cleanups (43200)",
     )

@@ -1083,9 +1083,10 @@ def _resolve(ranges: Sequence[ByteRange], remote: RemoteFile) -> list[ByteRange]
     resolved = []
     for r in ranges:
         if remote.size is not None and r.offset + (r.length or 0) > remote.size:
+            shown = f"{r.offset}-" if r.length is None else f"{r.offset}+{r.length}"  # - : to EOF
             raise TransferError(
                 hresult.BG_E_INVALID_RANGE,
-                f"range {r.offset}+{r.length} lies outside the {remote.size}-byte file",
+                f"range {shown} lies outside the {remote.size}-byte file",
                 context=ErrorContext.REMOTE_FILE,
                 transient=False,
             )

@@ -119,7 +119,9 @@ def _flags(valid: int, what: str, code: int) -> Callable[[Any, Job], int]:
     def check(value: Any, job: Job) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _invalid(f"{what} must be an integer bit mask")
-        if value < 0 or value & ~int(valid):
+        if value < 0:  # in hex, a negative number reads as "0x-5"
+            raise _invalid(f"{what} must be a bit mask within 0x{valid:X}, not {value}", code)
+        if value & ~int(valid):
             raise _invalid(f"{what} 0x{value:X} has bits outside 0x{valid:X}", code)
         return int(value)
 

@@ -52,10 +52,10 @@ def test_the_progress_and_time_getters_follow_the_job(
     value(home, "addfile", job, f"{server.url}/one.bin", str(tmp_path / "one.bin"))
     value(home, "addfile", job, f"{server.url}/two.bin", str(tmp_path / "two.bin"))
 
-    assert value(home, "getbytestotal", job) == "None"  # not known before the transfer
+    assert value(home, "getbytestotal", job) == "NULL"  # not known before the transfer
     assert value(home, "getfilestotal", job) == "2"
     assert value(home, "getfilestransferred", job) == "0"
-    assert value(home, "getcompletiontime", job) == "None"
+    assert value(home, "getcompletiontime", job) == "NULL"
     created = datetime.fromisoformat(value(home, "getcreationtime", job))
     temp = Path(value(home, "gettemporaryname", job, "1"))
     assert temp.parent == tmp_path and temp.name.startswith(".two.bin.")
@@ -137,9 +137,9 @@ def test_the_upload_reply_verbs(tmp_path: Path, home: Path) -> None:
 def test_getnotifycmdline_prints_the_command_line_as_setnotifycmdline_takes_it(
     home: Path,
 ) -> None:
-    """An argument vector, shell-quoted (the engine runs it without a shell); none: None."""
+    """An argument vector, shell-quoted (the engine runs it without a shell); none: NULL."""
     job = value(home, "create", "notify")
-    assert value(home, "getnotifycmdline", job) == "None"
+    assert value(home, "getnotifycmdline", job) == "NULL"
     value(home, "setnotifycmdline", job, "/usr/bin/printf", "%s\\n", "two words")
     assert value(home, "getnotifycmdline", job) == "/usr/bin/printf '%s\\n' 'two words'"
 

@@ -672,9 +672,10 @@ def test_get_and_addfile_take_paths_as_the_shell_means_them(
         assert (tmp_path / "up.bin").read_bytes() == data
         assert main([*get, "../"], io.StringIO()) == 0  # into the parent, under the URL's name
         assert (tmp_path / "f.bin").read_bytes() == data
-        assert main([*get, "../precious.txt/"], io.StringIO()) == 1
+        # Refused before a job is made: a command line the verb cannot take (exit 2).
+        assert main([*get, "../precious.txt/"], io.StringIO()) == 2
         assert f"{tmp_path}/precious.txt/ is not a directory" in capsys.readouterr().err
-        assert main([*get, "newdir/"], io.StringIO()) == 1
+        assert main([*get, "newdir/"], io.StringIO()) == 2
         assert not (work / "newdir").exists()
         created = io.StringIO()
         assert main(["--home", str(home), "create", "files"], created) == 0

@@ -12,6 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
+from test_cli_limits import (  # the autouse fixture keeps BACKHAUL_* out
+    _no_backhaul_environment,  # noqa: F401
+    ok,
+    run,
+)
 from test_engine import FaultServer, Served
 
 from backhaul.adapters.cli import LOCK_FILE, build_parser, main, serve_lock
@@ -21,26 +26,6 @@ from backhaul.core import hresult
 
 ALREADY_RUNNING = "[HRESULT_FROM_WIN32(ERROR_SERVICE_ALREADY_RUNNING) 0x80070420]"
 FILE_NOT_FOUND = "[HRESULT_FROM_WIN32(ERROR_FILE_NOT_FOUND) 0x80070002]"
-
-
-@pytest.fixture(autouse=True)
-def _no_backhaul_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The store, home and limits come from each test's arguments, not from the caller."""
-    for name in [k for k in os.environ if k.startswith("BACKHAUL_")]:
-        monkeypatch.delenv(name)
-
-
-def run(home: Path, *argv: str) -> tuple[int, str]:
-    """``backhaul --home HOME ARGV...`` in this process: the exit code and stdout."""
-    out = io.StringIO()
-    code = main(["--home", str(home), *argv], out)
-    return code, out.getvalue()
-
-
-def ok(home: Path, *argv: str) -> str:
-    code, out = run(home, *argv)
-    assert code == 0, out
-    return out
 
 
 def refused(home: Path, capsys: pytest.CaptureFixture[str], *argv: str, code: int = 1) -> str:

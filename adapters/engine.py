@@ -1844,18 +1844,29 @@ class EngineThread:
 
     def _main(self) -> None:
         self._loop = asyncio.new_event_loop()
+        lock = None
         try:
+            # The store's engine lock before start() returns: refused (another engine
+            # runs), start() raises at once rather than stop() at the end of the block.
+            lock = self.engine.store_lock = self.engine._lock_store()
             self._loop.call_soon(self._ready.set)
             self._loop.run_until_complete(self.engine.run())
-        except BaseException as exc:  # reported by stop()
+        except BaseException as exc:  # reported by start() or stop()
             self.error = exc
         finally:
+            if lock is not None:
+                lock.release()
             self._ready.set()
             self._loop.close()
 
     def start(self) -> EngineThread:
+        """Start the thread; raises what stopped the engine before it ran (BitsError
+        ERROR_SERVICE_ALREADY_RUNNING: another engine runs on the store)."""
         self._thread.start()
         self._ready.wait()
+        if self.error is not None and not self._thread.is_alive():
+            self._thread.join()
+            raise self.error
         return self
 
     def wake(self) -> None:

@@ -113,10 +113,12 @@ def test_an_engine_thread_beside_backhaul_serve_is_refused_naming_its_pid(
             assert time.monotonic() < deadline, "serve did not take the lock"
             time.sleep(0.05)
         with TransferManager(home=home) as manager:
-            with pytest.raises(BitsError) as error, EngineThread(manager):
-                time.sleep(1)  # the thread's engine refuses at once; stop() raises it
+            engine = EngineThread(manager)
+            with pytest.raises(BitsError) as error:
+                engine.start()  # refused before start() returns, not at the block's end
             refused(error)
             assert f"pid {serve.pid}" in error.value.message
+            assert not engine._thread.is_alive()
     finally:
         serve.terminate()
         serve.wait(15)

@@ -1070,7 +1070,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.user is not None and not args.user.partition(":")[0]:
         raise UsageError(hresult.E_INVALIDARG, "--user wants USER or USER:PASSWORD")
     if args.cacert and not os.path.isfile(_abs(args.cacert)):
-        raise BitsError(hresult.E_INVALIDARG, f"--cacert {args.cacert}: no such file")
+        raise UsageError(hresult.E_INVALIDARG, f"--cacert {args.cacert}: no such file")
 
 
 def _header_block(args: argparse.Namespace) -> str | None:

@@ -100,7 +100,8 @@ def test_get_refuses_a_missing_cacert_and_a_bad_proxy_and_leaves_no_job(
     tmp_path: Path, https_nginx: NginxServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     home, dest = tmp_path / "home", tmp_path / "f.bin"
-    assert get(home, "--cacert", str(tmp_path / "none.pem"), https_nginx.url, str(dest)) == 1
+    # Found before any job is made: exit 2, as README gives for a command line refused so.
+    assert get(home, "--cacert", str(tmp_path / "none.pem"), https_nginx.url, str(dest)) == 2
     err = capsys.readouterr().err
     assert "--cacert" in err and "no such file" in err
     assert get(home, "-x", "not a proxy!", f"{https_nginx.url}/f.bin", str(dest)) == 1

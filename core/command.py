@@ -578,12 +578,12 @@ def _set_credentials(
     if cmd.user_name is not None:  # checked as every other text is (setting._text)
         if not isinstance(cmd.user_name, str):
             raise BitsError(hresult.E_INVALIDARG, "the user name must be a string or None")
+        if len(cmd.user_name) > limit.USER_NAME_MAX:  # BITS's own code first
+            raise BitsError(hresult.BG_E_USERNAME_TOO_LARGE, "the user name is too long")
         if "\x00" in cmd.user_name or not is_utf8(cmd.user_name):
             raise BitsError(
                 hresult.E_INVALIDARG, "the user name must be valid Unicode without NUL characters"
             )
-        if len(cmd.user_name) > limit.USER_NAME_MAX:
-            raise BitsError(hresult.BG_E_USERNAME_TOO_LARGE, "the user name is too long")
     if cmd.password_length > limit.PASSWORD_MAX:
         raise BitsError(hresult.BG_E_PASSWORD_TOO_LARGE, "the password is too long")
     if scheme in (AuthScheme.BASIC, AuthScheme.DIGEST, AuthScheme.PASSPORT) and (

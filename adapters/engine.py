@@ -1864,7 +1864,7 @@ class EngineThread:
         ERROR_SERVICE_ALREADY_RUNNING: another engine runs on the store)."""
         self._thread.start()
         self._ready.wait()
-        if self.error is not None and not self._thread.is_alive():
+        if self.error is not None:  # set before ready only when the engine did not run
             self._thread.join()
             raise self.error
         return self

@@ -1321,6 +1321,13 @@ class TransferJob:
         job = self.snapshot()
         self._manager._check_access(job)
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
+        marker = self._completing()
+        if marker is not None and marker.exists():
+            raise BitsError(
+                hresult.BG_E_INVALID_STATE,
+                "a Complete of this job was interrupted after it began renaming its files "
+                "into place: call Complete again to finish it",
+            )
         if self._manager._in_batch():  # at the commit: nothing of an abandoned batch happens
             self._manager.execute(self.id, cmd.Cancel())
             listings = self._manager._listings
@@ -1380,13 +1387,41 @@ class TransferJob:
             if job.job_type is JobType.DOWNLOAD:
                 self._manager._discarded.append(job.id)
             return int(events[0].result)  # type: ignore[attr-defined]
-        publish()
+        marker = self._mark_completing()
+        try:
+            publish()
+        except Exception:
+            # A failure (a directory in the way): the job stays TRANSFERRED with the files
+            # renamed so far, as BITS keeps them, and Cancel may end it.
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+            raise
         # The unfinished files' temps go before the event too, as Cancel's do (killed
         # after it, they would stay for good); and again after, for a running engine's.
         discard()
         events = self._manager.execute(self.id, cmd.Complete(kept))
         discard()
+        if marker is not None:
+            marker.unlink(missing_ok=True)
         return int(events[0].result)  # type: ignore[attr-defined]
+
+    def _completing(self) -> Path | None:
+        """The mark a Complete leaves while it renames files into place (beside the batches'
+        discard journal): killed half-way, the mark stays, and Cancel refuses to end the
+        job with part of its files published; Complete again finishes it."""
+        folder = self._manager._discard_journal()
+        return None if folder is None else folder.parent / "completing" / self.id
+
+    def _mark_completing(self) -> Path | None:
+        marker = self._completing()
+        if marker is None:
+            return None
+        try:  # best effort: without it Complete works as it always did
+            marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            return None
+        return marker
 
     def _reject_changed(self, job: Job, kept: Sequence[int]) -> None:
         """Complete validates what it publishes (BITS: "Complete implicitly validates

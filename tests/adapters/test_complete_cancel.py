@@ -109,3 +109,57 @@ def test_a_batch_complete_of_a_job_cancelled_meanwhile_publishes_nothing(
     assert not any((tmp_path / f"f{i}.bin").exists() for i in range(FILES))
     first.close()
     second.close()
+
+
+def test_a_complete_killed_half_way_is_finished_by_complete_and_never_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``backhaul complete`` killed while it renames: the job is still TRANSFERRED with part
+    of its files published. A Cancel then would end it with those files left and the others
+    deleted; it is refused (BG_E_INVALID_STATE) until Complete, called again, finishes the
+    renames. (KeyboardInterrupt stands for the kill: nothing after it runs.)"""
+    home = tmp_path / "home"
+    first = TransferManager(home=home, limits=UNLIMITED)
+    job = transferred_job(first, tmp_path)
+    replace = os.replace
+    renamed: list[Any] = []
+
+    def killed_after_ten(src: Any, dst: Any) -> None:
+        if len(renamed) == 10:
+            raise KeyboardInterrupt
+        replace(src, dst)
+        renamed.append(dst)
+
+    monkeypatch.setattr(localfile.os, "replace", killed_after_ten)
+    with pytest.raises(KeyboardInterrupt):
+        job.complete()
+    monkeypatch.setattr(localfile.os, "replace", replace)
+    first.close()
+
+    again = TransferManager(home=home, limits=UNLIMITED)
+    after_the_kill = again.get_job(job.id)
+    assert after_the_kill.state is JobState.TRANSFERRED
+    with pytest.raises(BitsError) as refused:
+        after_the_kill.cancel()
+    assert refused.value.hresult == hresult.BG_E_INVALID_STATE
+    assert "call Complete again" in refused.value.message
+    assert after_the_kill.complete() == hresult.S_OK
+    assert [(tmp_path / f"f{i}.bin").read_bytes() for i in range(FILES)] == [
+        b"%d" % i for i in range(FILES)
+    ]
+    assert not list((home / "completing").iterdir())  # nothing left behind
+    again.close()
+
+
+def test_a_complete_that_fails_leaves_the_job_to_cancel(tmp_path: Path) -> None:
+    """A Complete that fails (a directory in the way), not one killed: the job stays
+    TRANSFERRED with the files renamed before the failure, as BITS keeps them, and Cancel
+    may end it."""
+    manager = TransferManager(home=tmp_path / "home", limits=UNLIMITED)
+    job = transferred_job(manager, tmp_path)
+    (tmp_path / "f5.bin").mkdir()
+    with pytest.raises(BitsError):
+        job.complete()
+    assert job.cancel() == hresult.S_OK
+    assert job.state is JobState.CANCELLED
+    manager.close()

@@ -22,7 +22,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import re
 import shlex
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
 from backhaul.adapters.audit import redact_text
+from backhaul.adapters.cli_args import interval_arg, seconds_arg
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
@@ -84,25 +84,6 @@ _TYPES = {
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _seconds_arg(text: str, *, zero: bool = True) -> float:
-    """A number of seconds on the command line: finite, not negative (with ``zero`` False,
-    more than 0); argparse refuses anything else with exit 2 (NaN reached the job's
-    settings as a traceback). The message states the rule that refused it."""
-    rule = "0 or more" if zero else "more than 0"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({rule})") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({rule})")
-    return value
-
-
-def _interval_arg(text: str) -> float:
-    """A wait between two steps: more than 0 seconds."""
-    return _seconds_arg(text, zero=False)
 
 
 class UsageError(BitsError):
@@ -1584,13 +1565,13 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
     parser.add_argument("--priority", type=_priority, default=JobPriority.FOREGROUND)
     if name:
         parser.add_argument("--name")
-    parser.add_argument("--retry-delay", type=_seconds_arg, help="MinimumRetryDelay in seconds")
+    parser.add_argument("--retry-delay", type=seconds_arg, help="MinimumRetryDelay in seconds")
     parser.add_argument(
-        "--no-progress-timeout", type=_seconds_arg, help="NoProgressTimeout in seconds"
+        "--no-progress-timeout", type=seconds_arg, help="NoProgressTimeout in seconds"
     )
     parser.add_argument(
         "--max-time",
-        type=_seconds_arg,
+        type=seconds_arg,
         metavar="SECONDS",
         help="MaximumDownloadTime: fail (BG_E_MAXDOWNLOAD_TIMEOUT) after this long connecting "
         "and transferring (curl's -m; the default is 90 days)",
@@ -1855,7 +1836,7 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("index", type=int, help="the file's index (see `files`)")
     gf.add_argument("property", help="HTTP_RESPONSE_HEADERS")
     mo = verb("monitor", cmd_monitor, "a live table of jobs", job=False)
-    mo.add_argument("--interval", type=_interval_arg, default=1.0)
+    mo.add_argument("--interval", type=interval_arg, default=1.0)
     mo.add_argument("--count", type=int)
     mo.add_argument("--all", action="store_true")
     bw = verb(
@@ -1912,14 +1893,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-background", type=int, default=1)
     s.add_argument(
         "--lease-seconds",
-        type=_interval_arg,
+        type=interval_arg,
         default=30.0,
         help="PostgreSQL store: how long a job stays with this worker without a renewal",
     )
     s.add_argument(
         "--no-yield", action="store_true", help="background jobs do not yield to other traffic"
     )
-    s.add_argument("--poll", type=_interval_arg, default=0.2)
+    s.add_argument("--poll", type=interval_arg, default=0.2)
     s.add_argument("--until-idle", action="store_true", help="stop once no job is left to run")
     s.add_argument(
         "--quiet",

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import re
 import signal
@@ -38,6 +37,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from backhaul.adapters.cli_args import interval_arg, seconds_arg
 
 __all__ = ["add_upload_verbs", "build_config", "main", "parse_size"]
 
@@ -55,25 +56,6 @@ def parse_size(text: str) -> int:
     number, prefix, _ = match.groups()
     scale: int = 1024 ** " kmgt".index(prefix.lower() or " ")
     return int(number) * scale
-
-
-def _seconds(text: str, *, zero: bool = True) -> float:
-    """A number of seconds: finite (nan and inf are refused), not negative; with ``zero``
-    False, more than 0 (as the server's configuration requires of the option)."""
-    rule = "0 or more" if zero else "more than 0"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({rule})") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({rule})")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    """``--session-timeout`` and ``--cleanup-interval``: more than 0 seconds
-    (``VirtualDirectory`` and ``UploadServerConfig`` refuse 0)."""
-    return _seconds(text, zero=False)
 
 
 def _port(text: str) -> int:
@@ -120,15 +102,16 @@ def add_upload_verbs(sub: Any, verb: Verb) -> None:
         metavar="SIZE",
         help="largest fragment body (30000000); 413 above",
     )
+    # More than 0: VirtualDirectory and UploadServerConfig refuse 0 for these two.
     p.add_argument(
         "--session-timeout",
-        type=_positive_seconds,
+        type=interval_arg,
         metavar="SECONDS",
         help="BITSSessionTimeout in seconds (1209600)",
     )
     p.add_argument(
         "--cleanup-interval",
-        type=_positive_seconds,
+        type=interval_arg,
         metavar="SECONDS",
         help="seconds between cleanups (43200)",
     )
@@ -162,7 +145,7 @@ def add_upload_verbs(sub: Any, verb: Verb) -> None:
     )
     p.add_argument(
         "--claim-timeout",
-        type=_seconds,
+        type=seconds_arg,
         metavar="SECONDS",
         help="seconds a session keeps its destination from a new one after its last request (30)",
     )

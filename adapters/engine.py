@@ -330,7 +330,7 @@ class Engine(Downloads, Fills, Uploads):
     async def run(self, *, until_idle: bool = False) -> None:
         """Run until ``stop()``; with ``until_idle``, also return once no job is queued,
         connecting, transferring or waiting for a retry. Raises BitsError
-        (ERROR_SERVICE_ALREADY_RUNNING) when another engine runs on the SQLite store."""
+        (ERROR_SERVICE_ALREADY_RUNNING) when another engine holds the store's lock."""
         lock = self._lock_store()
         try:
             await self._run(until_idle=until_idle)
@@ -739,7 +739,10 @@ class Engine(Downloads, Fills, Uploads):
             and wants(job, "file_ranges_transferred")
         ):
             # The ranges after the file's last checkpoint: told with the held ones, below.
-            self.callbacks.checkpointed(job, event.file_index, event.bytes_total, None)
+            index = event.file_index
+            self.callbacks.hold(
+                job.id, index, self.callbacks.arrived(job, index, event.bytes_total)
+            )
         if not isinstance(event, ev.RangesFilled | ev.BytesCheckpointed):
             # Ranges held back by the notification interval go before anything else of the
             # job (its RangesDone, its FileTransferred, an error; not the next fill or
@@ -784,7 +787,8 @@ class Engine(Downloads, Fills, Uploads):
         now = self.clock.monotonic()
         if isinstance(event, ev.BytesCheckpointed) and job.files[event.file_index].ranges:
             index = event.file_index
-            due = self.callbacks.checkpointed(job, index, event.bytes_transferred, now)
+            came = self.callbacks.arrived(job, index, event.bytes_transferred)
+            due = self.callbacks.ranges_filled(job, index, came, now) if came else None
         elif isinstance(event, ev.RangesFilled):
             index = event.file_index
             due = self.callbacks.ranges_filled(job, index, event.ranges, now)

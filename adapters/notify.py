@@ -103,37 +103,31 @@ class Callbacks:
     ) -> tuple[ByteRange, ...] | None:
         """Hold ``ranges`` of file ``index``; the file's held ranges (merged) when they are
         due now, else None (at most one FileRangesTransferred per notification interval)."""
-        held = self._held.setdefault(job.id, {}).setdefault(index, [])
-        held.extend(ranges)
+        self.hold(job.id, index, ranges)
         told = self._last_ranges.setdefault(job.id, {})
         last = told.get(index)
         if last is not None and ticks - last < job.minimum_notification_interval_ms / 1000:
             return None
         told[index] = ticks
-        del self._held[job.id][index]
+        held = self._held[job.id].pop(index)
         if not self._held[job.id]:
             del self._held[job.id]
         return byteranges.merge(held)
 
-    def checkpointed(
-        self, job: Job, index: int, done: int, ticks: float | None
-    ) -> tuple[ByteRange, ...] | None:
-        """A checkpoint of file ``index`` (a file with ranges) claims ``done`` of its
-        bytes: hold the parts of its ranges that came since the last ones told, and give
-        the file's held ranges when they are due (``ranges_filled``). ``ticks`` None: the
-        file is whole; its last ranges are held, to be told before its FileTransferred."""
+    def hold(self, job_id: str, index: int, ranges: Iterable[ByteRange]) -> None:
+        """Ranges of file ``index`` to tell with the next ones due, or before the job's
+        next other event (``held_ranges``)."""
+        self._held.setdefault(job_id, {}).setdefault(index, []).extend(ranges)
+
+    def arrived(self, job: Job, index: int, done: int) -> tuple[ByteRange, ...]:
+        """A file with ranges has ``done`` of its bytes (a checkpoint, or the whole file):
+        the parts of its ranges that came since the ones already taken here."""
         told = self._told_to.setdefault(job.id, {})
         start = told.get(index, 0)
         if done < start:
             start = 0  # the file started over
         told[index] = done
-        fresh = byteranges.within(job.files[index].ranges, start, done)
-        if not fresh:
-            return None
-        if ticks is None:
-            self._held.setdefault(job.id, {}).setdefault(index, []).extend(fresh)
-            return None
-        return self.ranges_filled(job, index, fresh, ticks)
+        return byteranges.within(job.files[index].ranges, start, done)
 
     def restarted(self, job_id: str, index: int) -> None:
         """File ``index`` starts over: its ranges will be told again as they come."""

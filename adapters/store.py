@@ -455,41 +455,24 @@ def engine_lock(store: EventStore, *, shared: bool) -> EngineLock | AdvisoryLock
     return None
 
 
-class EngineLock:
-    """One engine per SQLite store: an exclusive ``flock`` on ``path`` while it runs, with
-    the holder's pid written in it. Two engines without leases transferring one job write
-    the same temp file and restart each other's files: the bytes published are wrong.
-    ``flock`` also refuses a second holder in the same process (another descriptor), so
-    two engines of one application are kept apart too. ``acquire`` counts: the command
-    that took the lock to decide whether to run an engine hands it to that engine.
-    ``shared``: the lock of an engine that leases the jobs it runs (a ``worker``): workers
-    fence each other by their leases, so they share it, but an engine without leases
-    (which takes every job as its own) never runs beside one."""
+class _CountedLock:
+    """What the engine locks share: ``acquire`` takes the lock (True) or finds another
+    holder (False), never waiting, and counts (the command that took the lock to decide
+    whether to run an engine hands it to that engine, which takes it again); the last
+    ``release`` gives it back. ``shared``: the lock of an engine that leases the jobs it runs
+    (a ``worker``): workers fence each other by their leases, so they share it, but an
+    engine without leases (which takes every job as its own) never runs beside one."""
 
-    def __init__(self, path: Path | str, *, shared: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(self, *, shared: bool = False) -> None:
         self.shared = shared
-        self._fd = -1
         self._count = 0
         self._guard = threading.Lock()
 
     def acquire(self) -> bool:
-        """Take the lock (True), or find another holder (False). Never waits."""
         with self._guard:
-            if self._count:
-                self._count += 1
-                return True
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            if not self._count and not self._take():
                 return False
-            if not self.shared:  # the one holder: its pid, for the others' messages
-                os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
-            self._fd, self._count = fd, 1
+            self._count += 1
             return True
 
     def release(self) -> None:
@@ -498,15 +481,51 @@ class EngineLock:
                 return
             self._count -= 1
             if not self._count:
-                os.close(self._fd)  # which gives the lock back
-                self._fd = -1
-
-    @property
-    def held(self) -> bool:
-        return self._count > 0
+                self._give_back()
 
     def holder(self) -> str:
-        """Who holds it, as far as its file says (``pid N``), for a message."""
+        """Who holds it, for a message."""
+        return "another engine"
+
+    def _take(self) -> bool:
+        raise NotImplementedError
+
+    def _give_back(self) -> None:
+        raise NotImplementedError
+
+
+class EngineLock(_CountedLock):
+    """One engine per SQLite store: a ``flock`` on ``path`` while it runs, with the holder's
+    pid written in it (exclusive). Two engines without leases transferring one job write
+    the same temp file and restart each other's files: the bytes published are wrong.
+    ``flock`` also refuses a second holder in the same process (another descriptor), so
+    two engines of one application are kept apart too."""
+
+    def __init__(self, path: Path | str, *, shared: bool = False) -> None:
+        super().__init__(shared=shared)
+        self.path = Path(path)
+        self._fd = -1
+
+    def _take(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        if not self.shared:  # the one holder: its pid, for the others' messages
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return True
+
+    def _give_back(self) -> None:
+        os.close(self._fd)  # which gives the lock back
+        self._fd = -1
+
+    def holder(self) -> str:
+        """Who holds it, as far as its file says (``pid N``)."""
         try:
             pid = self.path.read_text(encoding="ascii").strip()
         except (OSError, ValueError):
@@ -514,58 +533,53 @@ class EngineLock:
         return f"pid {pid}" if pid.isdigit() else "another process"
 
 
-class AdvisoryLock:
+class AdvisoryLock(_CountedLock):
     """The engine lock of a PostgreSQL store: a session advisory lock of the database, on a
-    connection of its own held while the engine runs (``EngineLock``'s rules: workers share
-    it, an engine without leases holds it alone). PostgreSQL gives it back when the
+    connection of its own held while the engine runs. PostgreSQL gives it back when the
     connection ends, a killed engine's too."""
 
     KEY: Final = int.from_bytes(b"backhaul", "big")  # one key per database: the store's
 
     def __init__(self, connect: Callable[[], Any], *, shared: bool = False) -> None:
+        super().__init__(shared=shared)
         self._connect = connect
-        self.shared = shared
         self._conn: Any = None
-        self._count = 0
-        self._guard = threading.Lock()
 
-    def acquire(self) -> bool:
-        with self._guard:
-            if self._count:
-                self._count += 1
-                return True
-            call = "pg_try_advisory_lock_shared" if self.shared else "pg_try_advisory_lock"
-            try:
-                conn = self._connect()
-            except Exception as exc:  # the server went away since the store was opened
-                raise store_failure(exc, "for the engine lock") from exc
-            try:
-                taken = bool(conn.execute(f"SELECT {call}(%s)", (self.KEY,)).fetchone()[0])
-            except Exception as exc:
-                conn.close()
-                raise store_failure(exc, "for the engine lock") from exc
-            if not taken:
-                conn.close()
-                return False
-            self._conn, self._count = conn, 1
-            return True
+    def _take(self) -> bool:
+        call = "pg_try_advisory_lock_shared" if self.shared else "pg_try_advisory_lock"
+        self._conn = _advisory_lock(self._connect, call, self.KEY, "for the engine lock")
+        return self._conn is not None
 
-    def release(self) -> None:
-        with self._guard:
-            if not self._count:
-                return
-            self._count -= 1
-            if not self._count:
-                with contextlib.suppress(Exception):  # a connection already gone gave it back
-                    self._conn.close()
-                self._conn = None
-
-    @property
-    def held(self) -> bool:
-        return self._count > 0
+    def _give_back(self) -> None:
+        _close_quietly(self._conn)
+        self._conn = None
 
     def holder(self) -> str:
         return "an engine of another process or connection"
+
+
+def _advisory_lock(connect: Callable[[], Any], call: str, key: int, why: str) -> Any:
+    """A new connection that holds the advisory lock ``call`` took on ``key``, or None when
+    a ``pg_try_*`` call found it held. A server gone since the store was opened:
+    StoreUnavailable."""
+    try:
+        conn = connect()
+    except Exception as exc:
+        raise store_failure(exc, why) from exc
+    try:
+        taken = conn.execute(f"SELECT {call}(%s)", (key,)).fetchone()[0]
+    except Exception as exc:
+        conn.close()
+        raise store_failure(exc, why) from exc
+    if taken is False:
+        conn.close()
+        return None
+    return conn
+
+
+def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):  # a connection already gone gave its locks back
+        conn.close()
 
 
 FILES_LOCK_SUFFIX: Final = ".files.lock"  # beside the SQLite database
@@ -580,9 +594,10 @@ def file_work(store: EventStore) -> Iterator[None]:
     was renaming). Whoever comes second waits, then finds the job final. SQLite: an
     exclusive ``flock`` on a file beside the database; PostgreSQL: an advisory lock of the
     database on a connection of its own; a memory store has no other process."""
-    path = Path(store.location + FILES_LOCK_SUFFIX) if store.kind == "sqlite" else None
-    if path is not None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if store.kind == "sqlite":
+        fd = os.open(
+            store.location + FILES_LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -592,20 +607,11 @@ def file_work(store: EventStore) -> Iterator[None]:
     if store.connect is None:
         yield
         return
-    try:
-        conn = store.connect()
-    except Exception as exc:
-        raise store_failure(exc, "for Complete or Cancel") from exc
-    try:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_FILES_KEY,))
-    except Exception as exc:
-        conn.close()
-        raise store_failure(exc, "for Complete or Cancel") from exc
+    conn = _advisory_lock(store.connect, "pg_advisory_lock", _FILES_KEY, "for Complete or Cancel")
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            conn.close()  # which gives the lock back
+        _close_quietly(conn)  # which gives the lock back
 
 
 def is_free(path: Path) -> bool:

@@ -295,6 +295,24 @@ def test_job_modification_is_never_raised_for_the_moves_to_transferred_and_error
     assert states[failed.id] and S.ERROR not in states[failed.id]
 
 
+def small_then_trickle(size: int) -> dict[str, Served]:
+    """Two files: /a of 1,000 bytes at once, then /b of ``size`` bytes trickling."""
+    return {"/a": Served(b"a" * 1000), "/b": trickle(os.urandom(size))}
+
+
+def small_then_slow_job(manager: TransferManager, srv: FaultServer, tmp_path: Path) -> TransferJob:
+    """A job of ``small_then_trickle``'s two files, told FileTransferred and JobTransferred,
+    resumed."""
+    job = new_job(
+        manager,
+        [(srv.url("/a"), tmp_path / "a"), (srv.url("/b"), tmp_path / "b")],
+        start=False,
+        notify_flags=int(NotifyFlags.FILE_TRANSFERRED | NotifyFlags.JOB_TRANSFERRED),
+    )
+    job.resume()
+    return job
+
+
 def test_no_notification_is_lost_when_a_client_change_makes_the_engine_reload_its_job(
     tmp_path: Path,
 ) -> None:
@@ -306,15 +324,8 @@ def test_no_notification_is_lost_when_a_client_change_makes_the_engine_reload_it
     told: list[Any] = []
 
     async def main() -> TransferJob:
-        files = {"/a": Served(b"a" * 1000), "/b": trickle(os.urandom(600 * KiB))}
-        async with FaultServer(files) as srv:
-            job = new_job(
-                manager,
-                [(srv.url("/a"), tmp_path / "a"), (srv.url("/b"), tmp_path / "b")],
-                start=False,
-                notify_flags=int(NotifyFlags.FILE_TRANSFERRED | NotifyFlags.JOB_TRANSFERRED),
-            )
-            job.resume()
+        async with FaultServer(small_then_trickle(600 * KiB)) as srv:
+            job = small_then_slow_job(manager, srv, tmp_path)
             # The loop reads the log back only every 2 s (nothing wakes it while a transfer
             # runs), as a busy engine between two passes: the reload comes first.
             engine = make_engine(manager, poll_interval=2.0)
@@ -348,15 +359,8 @@ def test_a_store_read_that_fails_while_callbacks_are_told_neither_stops_the_engi
     told: list[int] = []
 
     async def main() -> TransferJob:
-        files = {"/a": Served(b"a" * 1000), "/b": trickle(os.urandom(300 * KiB))}
-        async with FaultServer(files) as srv:
-            job = new_job(
-                manager,
-                [(srv.url("/a"), tmp_path / "a"), (srv.url("/b"), tmp_path / "b")],
-                start=False,
-                notify_flags=int(NotifyFlags.FILE_TRANSFERRED | NotifyFlags.JOB_TRANSFERRED),
-            )
-            job.resume()
+        async with FaultServer(small_then_trickle(300 * KiB)) as srv:
+            job = small_then_slow_job(manager, srv, tmp_path)
             engine = make_engine(manager)
             engine.on("file_transferred", lambda j, info: told.append(info.index))
             stream = manager.store.stream

@@ -371,19 +371,22 @@ def test_a_changed_source_fails_with_bg_e_local_file_changed(tmp_path: Path) -> 
     asyncio.run(body())
 
 
-def test_cancelling_an_upload_cancels_the_server_session(tmp_path: Path) -> None:
-    source = tmp_path / "big.bin"
-    source.write_bytes(os.urandom(16 * 1024 * 1024))
+def uploading(
+    tmp_path: Path, url: str
+) -> tuple[TransferManager, TransferJob, Engine, asyncio.Task[None]]:
+    """``an_upload`` of 16 MiB, resumed, and an engine running it in 128 KiB fragments:
+    long enough to be cancelled mid-way (call from the test's loop)."""
+    manager, job, _ = an_upload(tmp_path, url, 16 * 1024 * 1024)
+    job.resume()
+    engine = Engine(manager, poll_interval=0.05)
+    engine.upload_fragment = 128 * 1024
+    return manager, job, engine, asyncio.create_task(engine.run())
 
+
+def test_cancelling_an_upload_cancels_the_server_session(tmp_path: Path) -> None:
     async def body() -> None:
         async with upload_server(tmp_path) as (url, www):
-            manager = TransferManager(home=tmp_path / "home")
-            job = manager.create_job("upload", JobType.UPLOAD)
-            job.add_file(f"{url}/big.bin", source)
-            job.resume()
-            engine = Engine(manager, poll_interval=0.05)
-            engine.upload_fragment = 128 * 1024
-            run = asyncio.create_task(engine.run())
+            _, job, engine, run = uploading(tmp_path, url)
             while not engine.live_progress:
                 await asyncio.sleep(0.005)
             sessions = tmp_path / "sessions"
@@ -408,18 +411,10 @@ def test_an_upload_cancelled_while_no_engine_ran_is_cancelled_on_the_server_late
     """BITS keeps telling the server of an upload's Cancel for up to 24 h: a job cancelled
     while no engine ran (the daemon stopped) left its session and partial file on the server
     for good. The next engine sends Cancel-Session; the session's bytes are gone."""
-    source = tmp_path / "big.bin"
-    source.write_bytes(os.urandom(16 * 1024 * 1024))
 
     async def body() -> None:
         async with upload_server(tmp_path) as (url, _www):
-            manager = TransferManager(home=tmp_path / "home")
-            job = manager.create_job("upload", JobType.UPLOAD)
-            job.add_file(f"{url}/big.bin", source)
-            job.resume()
-            engine = Engine(manager, poll_interval=0.05)
-            engine.upload_fragment = 128 * 1024
-            run = asyncio.create_task(engine.run())
+            manager, job, engine, run = uploading(tmp_path, url)
             sessions = tmp_path / "sessions"
             while not list(sessions.rglob("request.bin")):
                 await asyncio.sleep(0.005)

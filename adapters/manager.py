@@ -122,6 +122,13 @@ def _batch_conflict() -> BatchConflict:
     )
 
 
+def _unmark(marks: Iterable[Path]) -> None:
+    """Remove the marks of Completes that ended (recorded, or failed and left as BITS
+    leaves them)."""
+    for mark in marks:
+        mark.unlink(missing_ok=True)
+
+
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
@@ -217,6 +224,7 @@ class TransferManager:
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
         self._discarded: list[str] = []  # in a batch: jobs whose temps go after the commit
+        self._completing: list[str] = []  # in a batch: jobs whose files move at the commit
         # Set when the policy stream cannot be read (an undecodable event): the manager still
         # opens, so that `audit verify` can report that event, but makes no job, since a job
         # named after a URL could record a parameter the store declared secret in plain text;
@@ -471,7 +479,7 @@ class TransferManager:
         pending: list[tuple[str, int, list[Event]]] = []
         self._batch_thread = threading.get_ident()
         self._pending, self._before_commit, self._after_commit = pending, [], []
-        self._discarded = []
+        self._discarded, self._completing = [], []
         self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
         self._good_dirs, self._secrets_read = set(), False
         self._fresh = set()
@@ -488,19 +496,29 @@ class TransferManager:
             with turn:
                 if before or after:
                     self._check_unmoved(pending, head)
-                for action in before:
-                    action()  # Complete publishes its files before its event is appended
-                localfile.sync_dirs(self._renamed_dirs)  # once per directory for the batch
-                # A process killed between the commit and the deletions would leave the
-                # temp files of jobs no engine looks at again: the journal names them.
-                journal = self._journal_discards(self._discarded) if pending else None
-                if pending:
-                    try:
-                        self._append_many(pending)
-                    except ConcurrentAppend as exc:  # one transaction: none of it appended
-                        if journal is not None:
-                            journal.unlink(missing_ok=True)
-                        raise _batch_conflict() from exc
+                # Killed while its Completes rename files, the batch leaves their jobs
+                # marked: Cancel refuses them, Complete again finishes the renames.
+                marks = self._mark_completing(self._completing)
+                try:
+                    for action in before:
+                        action()  # Complete publishes its files before its event is appended
+                    localfile.sync_dirs(self._renamed_dirs)  # once per directory for the batch
+                    # A process killed between the commit and the deletions would leave the
+                    # temp files of jobs no engine looks at again: the journal names them.
+                    journal = self._journal_discards(self._discarded) if pending else None
+                    if pending:
+                        try:
+                            self._append_many(pending)
+                        except ConcurrentAppend as exc:  # one transaction: none appended
+                            if journal is not None:
+                                journal.unlink(missing_ok=True)
+                            raise _batch_conflict() from exc
+                except Exception:
+                    # A failed commit, not a kill: its jobs stay TRANSFERRED with the files
+                    # renamed so far, as a failed Complete alone leaves them, Cancel allowed.
+                    _unmark(marks)
+                    raise
+                _unmark(marks)
                 for action in after:
                     action()  # Cancel deletes temp files once its event is appended
                 if journal is not None:
@@ -517,7 +535,7 @@ class TransferManager:
             self._log_unmoved = None
             self._views_caught_up = None
             self._before_commit, self._after_commit = [], []
-            self._discarded = []
+            self._discarded, self._completing = [], []
 
     def _discard_journal(self) -> Path | None:
         """Where batches note the jobs whose temp files they delete after their commit: in
@@ -542,6 +560,30 @@ class TransferManager:
             tmp.unlink(missing_ok=True)
             return None
         return path
+
+    def _completing_mark(self, job_id: str) -> Path | None:
+        """The mark a Complete leaves while it renames a job's files into place (beside the
+        batches' discard journal): killed half-way, the mark stays, and Cancel refuses to
+        end the job with part of its files published; Complete again finishes it."""
+        folder = self._discard_journal()
+        return None if folder is None else folder.parent / "completing" / job_id
+
+    def _mark_completing(self, job_ids: Sequence[str]) -> list[Path]:
+        """Mark these jobs as completing, durably (the folder fsynced once) before any of
+        their files is renamed. Best effort: without a mark Complete works as it always
+        did."""
+        marks = [m for m in map(self._completing_mark, job_ids) if m is not None]
+        if not marks:
+            return []
+        try:
+            marks[0].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for mark in marks:
+                mark.touch()
+            localfile.sync_dirs([marks[0].parent])
+        except OSError:
+            _unmark(marks)
+            return []
+        return marks
 
     def finish_discards(self) -> int:
         """Delete the temp files a batch's Cancel or Complete committed but was killed
@@ -1321,7 +1363,7 @@ class TransferJob:
         job = self.snapshot()
         self._manager._check_access(job)
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
-        marker = self._completing()
+        marker = self._manager._completing_mark(self.id)
         if marker is not None and marker.exists():
             raise BitsError(
                 hresult.BG_E_INVALID_STATE,
@@ -1380,48 +1422,29 @@ class TransferJob:
             if job.job_type is JobType.DOWNLOAD:
                 localfile.discard(job, listings)
 
-        if batched:  # in a batch: files move at its commit
+        if batched:  # in a batch: files move at its commit (marked as below, all at once)
             events = self._manager.execute(self.id, cmd.Complete(kept))
             self._manager._before_commit.append(publish)
             self._manager._after_commit.append(discard)
+            self._manager._completing.append(job.id)
             if job.job_type is JobType.DOWNLOAD:
                 self._manager._discarded.append(job.id)
             return int(events[0].result)  # type: ignore[attr-defined]
-        marker = self._mark_completing()
+        marks = self._manager._mark_completing([self.id])
         try:
             publish()
         except Exception:
             # A failure (a directory in the way): the job stays TRANSFERRED with the files
             # renamed so far, as BITS keeps them, and Cancel may end it.
-            if marker is not None:
-                marker.unlink(missing_ok=True)
+            _unmark(marks)
             raise
         # The unfinished files' temps go before the event too, as Cancel's do (killed
         # after it, they would stay for good); and again after, for a running engine's.
         discard()
         events = self._manager.execute(self.id, cmd.Complete(kept))
         discard()
-        if marker is not None:
-            marker.unlink(missing_ok=True)
+        _unmark(marks)
         return int(events[0].result)  # type: ignore[attr-defined]
-
-    def _completing(self) -> Path | None:
-        """The mark a Complete leaves while it renames files into place (beside the batches'
-        discard journal): killed half-way, the mark stays, and Cancel refuses to end the
-        job with part of its files published; Complete again finishes it."""
-        folder = self._manager._discard_journal()
-        return None if folder is None else folder.parent / "completing" / self.id
-
-    def _mark_completing(self) -> Path | None:
-        marker = self._completing()
-        if marker is None:
-            return None
-        try:  # best effort: without it Complete works as it always did
-            marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            marker.touch()
-        except OSError:
-            return None
-        return marker
 
     def _reject_changed(self, job: Job, kept: Sequence[int]) -> None:
         """Complete validates what it publishes (BITS: "Complete implicitly validates

@@ -40,6 +40,19 @@ def transferred_job(manager: TransferManager, tmp_path: Path) -> TransferJob:
     return job
 
 
+def complete(
+    manager: TransferManager, job: TransferJob, batched: bool, other: TransferJob | None = None
+) -> None:
+    """``job.complete()`` alone, or in a batch (with a change to ``other`` in it too)."""
+    if not batched:
+        job.complete()
+        return
+    with manager.batch():
+        if other is not None:
+            other.description = "in the batch"
+        job.complete()
+
+
 @pytest.mark.parametrize("batched", [False, True], ids=["alone", "in-a-batch"])
 def test_a_cancel_during_a_complete_waits_and_finds_the_job_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: bool
@@ -111,16 +124,19 @@ def test_a_batch_complete_of_a_job_cancelled_meanwhile_publishes_nothing(
     second.close()
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "in-a-batch"])
 def test_a_complete_killed_half_way_is_finished_by_complete_and_never_cancelled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: bool
 ) -> None:
-    """``backhaul complete`` killed while it renames: the job is still TRANSFERRED with part
-    of its files published. A Cancel then would end it with those files left and the others
-    deleted; it is refused (BG_E_INVALID_STATE) until Complete, called again, finishes the
-    renames. (KeyboardInterrupt stands for the kill: nothing after it runs.)"""
+    """``backhaul complete`` killed while it renames (alone, or in a batch's commit): the
+    job is still TRANSFERRED with part of its files published. A Cancel then would end it
+    with those files left and the others deleted; it is refused (BG_E_INVALID_STATE) until
+    Complete, called again, finishes the renames. (KeyboardInterrupt stands for the kill:
+    nothing after it runs.)"""
     home = tmp_path / "home"
     first = TransferManager(home=home, limits=UNLIMITED)
     job = transferred_job(first, tmp_path)
+    other = first.create_job("other")  # a second job in the batch, not completed
     replace = os.replace
     renamed: list[Any] = []
 
@@ -132,8 +148,9 @@ def test_a_complete_killed_half_way_is_finished_by_complete_and_never_cancelled(
 
     monkeypatch.setattr(localfile.os, "replace", killed_after_ten)
     with pytest.raises(KeyboardInterrupt):
-        job.complete()
+        complete(first, job, batched, other)
     monkeypatch.setattr(localfile.os, "replace", replace)
+    assert len(renamed) == 10
     first.close()
 
     again = TransferManager(home=home, limits=UNLIMITED)
@@ -151,7 +168,8 @@ def test_a_complete_killed_half_way_is_finished_by_complete_and_never_cancelled(
     again.close()
 
 
-def test_a_complete_that_fails_leaves_the_job_to_cancel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "in-a-batch"])
+def test_a_complete_that_fails_leaves_the_job_to_cancel(tmp_path: Path, batched: bool) -> None:
     """A Complete that fails (a directory in the way), not one killed: the job stays
     TRANSFERRED with the files renamed before the failure, as BITS keeps them, and Cancel
     may end it."""
@@ -159,7 +177,9 @@ def test_a_complete_that_fails_leaves_the_job_to_cancel(tmp_path: Path) -> None:
     job = transferred_job(manager, tmp_path)
     (tmp_path / "f5.bin").mkdir()
     with pytest.raises(BitsError):
-        job.complete()
+        complete(manager, job, batched)
+    assert job.state is JobState.TRANSFERRED
+    assert (tmp_path / "f4.bin").exists()  # renamed before the failure
     assert job.cancel() == hresult.S_OK
     assert job.state is JobState.CANCELLED
     manager.close()

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -29,7 +30,7 @@ import attrs
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.job import FileState, Job
-from backhaul.core.limit import LOCAL_NAME_PART_MAX, fit_name
+from backhaul.core.limit import LOCAL_NAME_MAX, LOCAL_NAME_PART_MAX, fit_name
 from backhaul.core.vocabulary import JobType
 
 TEMP_SUFFIX = ".bhtmp"
@@ -132,13 +133,27 @@ def reply_path(job: Job) -> Path:
 
 
 def check_destination(local_name: str, good_dirs: set[str] | None = None) -> None:
-    """AddFile for downloads: an absolute path in an existing, writable directory.
+    """AddFile for downloads: an absolute path in an existing, writable directory, not of
+    the form of a temp name, whose temp name fits in a path too.
     ``good_dirs``: the directories this AddFileSet already found good, each checked once."""
     directory, name = os.path.split(local_name)
+    if _TEMP_FORM.match(name):
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"{name} has the form of backhaul's temp file names (.NAME.JOB-INDEX.bhtmp): "
+            "the Complete or Cancel of the job it names would delete it",
+        )
+    longest = len(directory.encode()) + 1 + min(LOCAL_NAME_PART_MAX, len(name.encode()) + 73)
+    if longest >= LOCAL_NAME_MAX:  # PATH_MAX, with its NUL
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"the temp file of {_shorten(local_name)} would have a path of up to {longest} "
+            f"bytes; a path holds at most {LOCAL_NAME_MAX - 1}: use a shorter name",
+        )
     cached = good_dirs is not None and bool(name) and directory in good_dirs
     parent = None if cached else Path(local_name).parent
-    if parent is not None and not os.path.isdir(parent):  # a name too long to look up: False
-        raise BitsError(hresult.E_INVALIDARG, f"the directory {parent} does not exist")
+    if parent is not None and not os.path.isdir(parent):
+        raise BitsError(hresult.E_INVALIDARG, _not_a_directory(parent))
     kind = not_a_file(local_name)
     if kind is not None and os.path.isdir(local_name):  # a link to a directory too
         raise BitsError(hresult.E_INVALIDARG, f"{Path(local_name)} is a directory, not a file name")
@@ -153,6 +168,28 @@ def check_destination(local_name: str, good_dirs: set[str] | None = None) -> Non
             raise BitsError(hresult.E_ACCESSDENIED, f"the directory {parent} is not writable")
         if good_dirs is not None and name:
             good_dirs.add(directory)
+
+
+# .<name>.<job16>-<index or "reply">[.<worker>].bhtmp (temp_name, reply_temp_path)
+_TEMP_FORM: Final = re.compile(
+    r"\..*\.[0-9a-f]{16}-(?:[0-9]+|reply)(?:\.[A-Za-z0-9_-]+)?\.bhtmp\Z", re.S
+)
+
+
+def _shorten(text: str, keep: int = 60) -> str:
+    return text if len(text) <= keep else f"{text[: keep // 2]}...{text[-keep // 2 :]}"
+
+
+def _not_a_directory(parent: Path) -> str:
+    """Why ``parent`` is no directory to download into: missing, or why it cannot be
+    looked up (a link loop, a name too long)."""
+    try:
+        os.stat(parent)
+    except FileNotFoundError:
+        return f"the directory {parent} does not exist"
+    except (OSError, ValueError) as exc:
+        return f"the directory {_shorten(str(parent))} cannot be looked up: {getattr(exc, 'strerror', None) or exc}"
+    return f"{parent} is not a directory"
 
 
 _KINDS: Final = (
@@ -626,6 +663,8 @@ def os_hresult(exc: OSError) -> int:
         errno.EACCES: hresult.ERROR_ACCESS_DENIED,
         errno.EPERM: hresult.ERROR_ACCESS_DENIED,
         errno.ENOSPC: hresult.ERROR_DISK_FULL,
+        errno.EDQUOT: hresult.ERROR_DISK_FULL,  # the user's quota: no room for them
+        errno.EROFS: hresult.ERROR_WRITE_PROTECT,
         errno.EEXIST: hresult.ERROR_FILE_EXISTS,
         errno.ENAMETOOLONG: hresult.ERROR_FILENAME_EXCED_RANGE,
         errno.ELOOP: hresult.ERROR_ACCESS_DENIED,  # a link at a temp name (open_temp)

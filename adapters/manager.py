@@ -221,10 +221,12 @@ class TransferManager:
         self._renamed_dirs: set[str] = set()  # directories a batch's Completes renamed in
         # The store's files (resolved), by their base names: looked up once.
         self._own_files: dict[str, set[str]] | None = None
+        self._own_dirs: set[str] = set()  # the store's folders of marks (discards...)
         self._before_commit: list[Callable[[], object]] = []
         self._after_commit: list[Callable[[], object]] = []
         self._discarded: list[str] = []  # in a batch: jobs whose temps go after the commit
         self._completing: list[str] = []  # in a batch: jobs whose files move at the commit
+        self._undeleted: list[str] = []  # in a batch: jobs whose temps could not be deleted
         # Set when the policy stream cannot be read (an undecodable event): the manager still
         # opens, so that `audit verify` can report that event, but makes no job, since a job
         # named after a URL could record a parameter the store declared secret in plain text;
@@ -479,7 +481,7 @@ class TransferManager:
         pending: list[tuple[str, int, list[Event]]] = []
         self._batch_thread = threading.get_ident()
         self._pending, self._before_commit, self._after_commit = pending, [], []
-        self._discarded, self._completing = [], []
+        self._discarded, self._completing, self._undeleted = [], [], []
         self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
         self._good_dirs, self._secrets_read = set(), False
         self._fresh = set()
@@ -522,6 +524,8 @@ class TransferManager:
                 for action in after:
                     action()  # Cancel deletes temp files once its event is appended
                 if journal is not None:
+                    if self._undeleted:  # left for the next engine to start (finish_discards)
+                        self._journal_discards(self._undeleted)
                     journal.unlink(missing_ok=True)
         except BaseException:
             for job_id, _, _ in pending:
@@ -535,7 +539,7 @@ class TransferManager:
             self._log_unmoved = None
             self._views_caught_up = None
             self._before_commit, self._after_commit = [], []
-            self._discarded, self._completing = [], []
+            self._discarded, self._completing, self._undeleted = [], [], []
 
     def _discard_journal(self) -> Path | None:
         """Where batches note the jobs whose temp files they delete after their commit: in
@@ -585,6 +589,19 @@ class TransferManager:
             return []
         return marks
 
+    def _discard(
+        self, job: Job, listings: dict[str, list[str]] | None = None, *, batched: bool = False
+    ) -> list[Path]:
+        """Delete a final job's temp files (``localfile.discard``). Those that cannot be
+        deleted now (a read-only or immutable directory) are noted in the discard journal,
+        and the next engine to start tries again (``finish_discards``)."""
+        left = localfile.discard(job, listings)
+        if left and batched:
+            self._undeleted.append(job.id)  # journaled once the batch's deletions are done
+        elif left:
+            self._journal_discards([job.id])
+        return left
+
     def finish_discards(self) -> int:
         """Delete the temp files a batch's Cancel or Complete committed but was killed
         before deleting (its journal still names the jobs); a job the journal names that
@@ -602,12 +619,17 @@ class TransferManager:
                 job_ids = json.loads(journal.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # gone meanwhile (another process did it), or not ours
+            left = []
             for job_id in job_ids:
                 with contextlib.suppress(BitsError, KeyError):
                     job = self._load(job_id)
-                    if job.is_final:
-                        localfile.discard(job)
-            journal.unlink(missing_ok=True)
+                    if job.is_final and localfile.discard(job):
+                        left.append(job_id)  # still undeletable: tried again next time
+            if not left:
+                journal.unlink(missing_ok=True)
+            elif len(left) < len(job_ids):
+                self._journal_discards(left)
+                journal.unlink(missing_ok=True)
         return len(journals)
 
     # -- the command path --------------------------------------------------------------
@@ -722,17 +744,41 @@ class TransferManager:
         """A download (or a reply) is renamed over its local name at Complete: never over
         one of the store's own files (its database, the secret key), which would lose every
         job or every sealed secret."""
+        real = _RealDirs()
         if self._own_files is None:
             self._own_files = {}
             for f in self.store.files:
-                self._own_files.setdefault(f.name, set()).add(_resolved(str(f)))
+                self._own_files.setdefault(f.name, set()).add(real(str(f)))
+            home = self._discard_journal()
+            if home is not None:  # the folders of the marks Complete and Cancel leave
+                for folder in (home, home.parent / "completing"):
+                    self._own_dirs.add(os.path.realpath(folder))
         for name in local_names:
             same_base = self._own_files.get(os.path.basename(name))
-            if same_base and _resolved(name) in same_base:
+            if same_base and real(name) in same_base:
                 raise BitsError(
                     hresult.E_INVALIDARG,
                     f"{name} is a file of this store itself: a download renamed over it "
                     "would destroy the store",
+                )
+            if self._own_dirs and real.directory(name) in self._own_dirs:
+                raise BitsError(
+                    hresult.E_INVALIDARG,
+                    f"{name} is in a folder of this store itself, which it empties",
+                )
+
+    def _check_aliases(self, job: Job, local_names: Sequence[str]) -> None:
+        """Two files of a download job must not name one file, even through a link to a
+        directory (/d/link/x and /d/real/x): Complete would publish one over the other. The
+        core refuses the same name spelled twice; this resolves each directory once."""
+        real = _RealDirs()
+        seen = {real(f.local_name): f.local_name for f in job.files}
+        for name in local_names:
+            other = seen.setdefault(real(name), name)
+            if other != name:
+                raise BitsError(
+                    hresult.E_INVALIDARG,
+                    f"{name} and {other} name the same file: one would be published over the other",
                 )
 
     def _check_access(self, job: Job) -> None:
@@ -760,10 +806,22 @@ class TransferManager:
         return self.store.secrets.seal(secret)
 
 
-def _resolved(name: str) -> str:
-    """``name`` with its directory's links resolved (the name itself may not exist yet)."""
-    directory, base = os.path.split(name)
-    return os.path.join(os.path.realpath(directory), base)
+class _RealDirs:
+    """Names with their directory's links resolved (the names themselves may not exist
+    yet), each directory resolved once."""
+
+    def __init__(self) -> None:
+        self._dirs: dict[str, str] = {}
+
+    def directory(self, name: str) -> str:
+        directory = os.path.dirname(name)
+        real = self._dirs.get(directory)
+        if real is None:
+            real = self._dirs[directory] = os.path.realpath(directory)
+        return real
+
+    def __call__(self, name: str) -> str:
+        return os.path.join(self.directory(name), os.path.basename(name))
 
 
 def _enum(kind: Any, value: Any, what: str) -> Any:
@@ -1238,6 +1296,7 @@ class TransferJob:
         localfile.check_local_names(job.job_type, (s.local_name for s in specs), good_dirs)
         if job.job_type is JobType.DOWNLOAD:
             self._manager._check_not_the_store(s.local_name for s in specs)
+            self._manager._check_aliases(job, [s.local_name for s in specs])
 
         def add() -> None:  # the credentials and the files, or neither
             if login is not None:
@@ -1373,7 +1432,9 @@ class TransferJob:
         if self._manager._in_batch():  # at the commit: nothing of an abandoned batch happens
             self._manager.execute(self.id, cmd.Cancel())
             listings = self._manager._listings
-            self._manager._after_commit.append(lambda: localfile.discard(job, listings))
+            self._manager._after_commit.append(
+                lambda: self._manager._discard(job, listings, batched=True)
+            )
             self._manager._discarded.append(job.id)
             return hresult.S_OK
         # Alone, the temp files go first: a process killed once the log says CANCELLED
@@ -1383,7 +1444,7 @@ class TransferJob:
         self._manager.execute(self.id, cmd.Cancel())
         # Again after: what a running engine made meanwhile (it deletes them too, once it
         # sees the Cancel).
-        left = localfile.discard(job)
+        left = self._manager._discard(job)
         return hresult.BG_S_UNABLE_TO_DELETE_FILES if left else hresult.S_OK
 
     def complete(self) -> int:
@@ -1418,8 +1479,10 @@ class TransferJob:
         # publish of the batch); alone, the job lists its directories itself.
         listings = self._manager._listings if batched else None
 
-        def discard() -> None:
-            if job.job_type is JobType.DOWNLOAD:
+        def discard(final: bool = True) -> None:
+            if job.job_type is JobType.DOWNLOAD and final:
+                self._manager._discard(job, listings, batched=batched)
+            elif job.job_type is JobType.DOWNLOAD:
                 localfile.discard(job, listings)
 
         if batched:  # in a batch: files move at its commit (marked as below, all at once)
@@ -1440,7 +1503,7 @@ class TransferJob:
             raise
         # The unfinished files' temps go before the event too, as Cancel's do (killed
         # after it, they would stay for good); and again after, for a running engine's.
-        discard()
+        discard(final=False)
         events = self._manager.execute(self.id, cmd.Complete(kept))
         discard()
         _unmark(marks)

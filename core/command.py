@@ -445,8 +445,12 @@ def check_local_name(name: Any) -> str:
         raise BitsError(hresult.E_INVALIDARG, "a local name must be valid Unicode without NUL")
     if not name.startswith("/"):
         raise BitsError(hresult.E_INVALIDARG, f"{name!r} is not an absolute path")
-    if len(name) > limit.LOCAL_NAME_MAX:
-        raise BitsError(hresult.E_INVALIDARG, "the local name is too long")
+    size = len(name.encode())
+    if size >= limit.LOCAL_NAME_MAX:  # PATH_MAX counts the NUL that ends the name
+        raise BitsError(
+            hresult.E_INVALIDARG,
+            f"the local name is {size} bytes; a path holds at most {limit.LOCAL_NAME_MAX - 1}",
+        )
     parts = name.split("/")
     long = next((p for p in parts if len(p.encode()) > limit.LOCAL_NAME_PART_MAX), None)
     if long is not None:  # no file system here would create it: refused now, not at transfer

@@ -65,6 +65,7 @@ TRANSIENT: Mapping[int, bool] = MappingProxyType(
         hr.hresult_from_win32(hr.ERROR_FILE_NOT_FOUND): False,
         hr.hresult_from_win32(hr.ERROR_PATH_NOT_FOUND): False,
         hr.hresult_from_win32(hr.ERROR_ACCESS_DENIED): False,
+        hr.hresult_from_win32(hr.ERROR_WRITE_PROTECT): False,
         hr.hresult_from_win32(hr.ERROR_DISK_FULL): True,
         hr.hresult_from_win32(hr.ERROR_HANDLE_DISK_FULL): True,
         hr.hresult_from_win32(hr.ERROR_SHARING_VIOLATION): True,

@@ -201,6 +201,7 @@ HTTP_ERROR_BASE: Final = 0x80190000
 ERROR_FILE_NOT_FOUND: Final = 2
 ERROR_PATH_NOT_FOUND: Final = 3
 ERROR_ACCESS_DENIED: Final = 5
+ERROR_WRITE_PROTECT: Final = 19
 ERROR_SHARING_VIOLATION: Final = 32
 ERROR_LOCK_VIOLATION: Final = 33
 ERROR_HANDLE_DISK_FULL: Final = 39
@@ -372,6 +373,7 @@ _WIN32_DESCRIPTIONS: Final[dict[str, str]] = {
     "ERROR_FILE_NOT_FOUND": "the file does not exist",
     "ERROR_PATH_NOT_FOUND": "the path does not exist",
     "ERROR_ACCESS_DENIED": "access to the file or share was refused",
+    "ERROR_WRITE_PROTECT": "the file system is read-only (write protected)",
     "ERROR_SHARING_VIOLATION": "another process holds the file open",
     "ERROR_LOCK_VIOLATION": "another process has locked a portion of the file",
     "ERROR_HANDLE_DISK_FULL": "the disk is full",

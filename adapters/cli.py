@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
 from backhaul.adapters.audit import redact_text
-from backhaul.adapters.cli_args import interval_arg, seconds_arg
+from backhaul.adapters.cli_args import header_lines, interval_arg, seconds_arg
 from backhaul.adapters.cli_audit import add_audit_parser
 from backhaul.adapters.localfile import os_hresult
 from backhaul.adapters.manager import TransferJob, TransferManager
@@ -1047,6 +1047,10 @@ _IGNORE_CERTIFICATE: Final = int(
 
 def _check_options(args: argparse.Namespace) -> None:
     """The foreground verbs' options that can be refused before a job is made."""
+    try:
+        args.header = header_lines(args.header)  # read once: @- is stdin
+    except OSError as exc:
+        raise UsageError(hresult.E_INVALIDARG, f"--header: {exc.strerror}: {exc.filename}") from exc
     _header_block(args)
     if args.user is not None and not args.user.partition(":")[0]:
         raise UsageError(hresult.E_INVALIDARG, "--user wants USER or USER:PASSWORD")
@@ -1590,7 +1594,8 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
         action="append",
         metavar="'NAME: VALUE'",
         help="a header sent with every request (curl's -H; repeat it; SetCustomHeaders, "
-        "sealed in the log)",
+        "sealed in the log); @FILE (@- for stdin) reads header lines from a file, keeping a "
+        "token out of the command line",
     )
     parser.add_argument(
         "--user",

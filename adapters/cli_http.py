@@ -11,7 +11,7 @@ first argument is the job). Arguments follow bitsadmin's order::
     setsecurityflags           JOB FLAGS       (0x.. or names joined by |, e.g.
                                                 IGNORE_UNKNOWN_CA|REDIRECT_POLICY_DISALLOW)
     getsecurityflags           JOB
-    setcustomheaders           JOB "Name: value"...  (NULL removes them)
+    setcustomheaders           JOB "Name: value"|@FILE...  (NULL removes them)
     getcustomheaders           JOB
     makecustomheaderswriteonly JOB
     sethttpmethod / gethttpmethod JOB [METHOD]
@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from backhaul.adapters.cli_args import header_lines
 from backhaul.adapters.manager import TransferJob, TransferManager
 from backhaul.adapters.store import default_home
 from backhaul.core import hresult
@@ -197,7 +198,8 @@ def cmd_setcustomheaders(args: argparse.Namespace, m: TransferManager, out: Text
     if not args.headers or [h.upper() for h in args.headers] == ["NULL"]:
         job.set_custom_headers(None)
     else:
-        job.set_custom_headers("".join(f"{h}\r\n" for h in args.headers))
+        headers = header_lines(args.headers) or []
+        job.set_custom_headers("".join(f"{h}\r\n" for h in headers))
     return _OK
 
 
@@ -292,7 +294,13 @@ def add_http_verbs(sub: Any, verb: Verb) -> None:
     s.add_argument("flags", help="0x.. or names joined by |")
     verb("getsecurityflags", cmd_getsecurityflags, "GetSecurityFlags")
     s = verb("setcustomheaders", cmd_setcustomheaders, "SetCustomHeaders (NULL removes them)")
-    s.add_argument("headers", nargs="*", metavar="HEADER", help='"Name: value"')
+    s.add_argument(
+        "headers",
+        nargs="*",
+        metavar="HEADER",
+        help='"Name: value", or @FILE (@- for stdin): its lines, keeping a token out of the '
+        "command line",
+    )
     verb("getcustomheaders", cmd_getcustomheaders, "GetCustomHeaders")
     verb("makecustomheaderswriteonly", cmd_makecustomheaderswriteonly, "MakeCustomHeadersWriteOnly")
     s = verb("sethttpmethod", cmd_sethttpmethod, "SetHttpMethod (before the first resume)")

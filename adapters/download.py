@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
@@ -531,7 +532,7 @@ class Downloads:
             self.live_sizes[(job_id, index)] = total
         # HTTP_RESPONSE_HEADERS: this response's header block goes with the file's first
         # event after it (a checkpoint, or its FileTransferred).
-        headers = self._recorded_headers(download.remote.headers)
+        headers = self._recorded_headers(download.remote.headers, job_id, index)
         # A small body of a known size is kept in memory: the claimer creates and writes its
         # temp file in a worker thread, with the batch's sync, so the loop does no file I/O
         # for it. One still arriving after a checkpoint interval goes to its temp file and
@@ -735,14 +736,23 @@ class Downloads:
         except (OSError, JobGone) as exc:
             log.info("no last checkpoint for job %s: %s", job_id, exc)
 
-    def _recorded_headers(self, block: str | None) -> str | Sealed | None:
+    def _recorded_headers(
+        self, block: str | None, job_id: str, index: int | None
+    ) -> str | Sealed | None:
         """A response's header block as the log keeps it: sealed when a header in it can
-        carry a secret (a session cookie), else as it is."""
+        carry a secret (a session cookie, a token, by its name), when it holds a signed URL
+        (BITS-Reply-URL), and for every job that sends a secret of its own (credentials,
+        custom headers, a password in a URL), which a server may echo under any name;
+        else as it is."""
         if block is None:
             return None
-        lowered = block.lower()
-        if any(name in lowered for name in _SECRET_RESPONSE_HEADERS) or holds_url_secret(block):
-            return self.store.secrets.seal(block)  # a cookie, or a signed URL (BITS-Reply-URL)
+        job = self._jobs.get(job_id)
+        if (
+            (job is not None and _sends_secrets(job, index))
+            or _SECRET_RESPONSE_HEADER.search(block)
+            or holds_url_secret(block)
+        ):
+            return self.store.secrets.seal(block)
         return block
 
     async def _keep_security(self, job_id: str, index: int) -> None:
@@ -779,12 +789,25 @@ class Downloads:
         await self._commit(job_id, cmd.FinishFile(index, size, digest, inode=inode))
 
 
-# Response headers that can carry a secret: a header block holding one is sealed in the log.
-_SECRET_RESPONSE_HEADERS: Final = (
-    "\nset-cookie",
-    "\nauthentication-info",
-    "\nproxy-authentication-info",
+# Response headers that can carry a secret, by a word in their name (Set-Cookie,
+# Authentication-Info, X-Auth-Token, X-Amz-Security-Token, X-Api-Key...): a header block
+# holding one is sealed in the log.
+_SECRET_RESPONSE_HEADER: Final = re.compile(
+    r"^[^:\r\n]*(?:auth|cookie|token|secret|key|passw|signature|credential)[^:\r\n]*:",
+    re.IGNORECASE | re.MULTILINE,
 )
+
+
+def _sends_secrets(job: Job, index: int | None) -> bool:
+    """Does the job send a secret a server could echo back: credentials, custom headers, a
+    password in the file's URL?"""
+    if job.credentials or job.custom_headers is not None:
+        return True
+    return (
+        index is not None and index < len(job.files) and job.files[index].spec.password is not None
+    )
+
+
 _ENDED: Final = None  # a file whose transfer ended without finishing
 _TAKEN: Final = "taken"  # finished, and in the claimer's hands
 _CLAIMED: Final = "claimed"  # its FileTransferred is decided

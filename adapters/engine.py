@@ -1662,7 +1662,12 @@ class Engine(Downloads, Fills, Uploads):
         transient = exc.transient and (callback or privilege or is_transient(exc.hresult))
         # The failed response's header block is the file's HTTP_RESPONSE_HEADERS from now.
         block = exc.response_headers if error.file_index is not None else None
-        failed = cmd.Fail(error, transient, exc.retry_after, self._recorded_headers(block))
+        failed = cmd.Fail(
+            error,
+            transient,
+            exc.retry_after,
+            self._recorded_headers(block, job_id, error.file_index),
+        )
         with contextlib.suppress(JobGone, BitsError, StoreDown):
             await self._commit(job_id, failed)
 

@@ -1189,9 +1189,14 @@ class TransferJob:
         if not isinstance(headers, str) or "\x00" in headers:
             raise BitsError(hresult.E_INVALIDARG, "custom headers must be a string")
         lines = [line for line in headers.split("\r\n") if line]
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             if ":" not in line or "\n" in line or "\r" in line:
-                raise BitsError(hresult.E_INVALIDARG, f"malformed header line {line[:40]!r}")
+                # Named by its place only: the line may hold a token or a cookie.
+                raise BitsError(
+                    hresult.E_INVALIDARG,
+                    f"header line {number} is malformed: each line is NAME: VALUE, the lines "
+                    "separated by CR LF, with no CR or LF of their own",
+                )
         cmd.check_custom_header_names(lines)
         self._do(cmd.SetCustomHeaders(self._manager.seal(headers), len(headers) + 1))
 

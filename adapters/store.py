@@ -56,6 +56,7 @@ from backhaul.adapters.view import JobViews, MemoryJobViews, SQLiteJobViews
 from backhaul.core import hresult
 from backhaul.core.error import BitsError
 from backhaul.core.event import Event
+from backhaul.core.url import is_secret_parameter_name
 
 STORE_ENV = "BACKHAUL_STORE"
 HOME_ENV = "BACKHAUL_HOME"
@@ -104,11 +105,28 @@ def default_home() -> Path:
 
 
 def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+    """A store's URL as messages show it: without the password of its user part, nor the
+    values of secret query parameters (``?password=``, ``?sslpassword=``, any name
+    ``is_secret_parameter_name`` calls secret). A URL that cannot be read is not shown."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return f"{url.partition(':')[0]}:<a URL that cannot be read>"
+    if password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@"))
+    if parts.query:
+        shown = [
+            f"{name}=***" if _secret_store_parameter(name) else f"{name}{eq}{value}"
+            for name, eq, value in (p.partition("=") for p in parts.query.split("&"))
+        ]
+        parts = parts._replace(query="&".join(shown))
+    return parts.geturl()
+
+
+def _secret_store_parameter(name: str) -> bool:
+    lowered = unquote(name).lower()
+    return "password" in lowered or is_secret_parameter_name(unquote(name))
 
 
 class EventStore:
@@ -644,7 +662,9 @@ def open_store(url: str | None = None, home: Path | None = None) -> EventStore:
         return _open_postgres(url, home)
     path = Path(url.removeprefix("sqlite://")) if url.startswith("sqlite://") else Path(url)
     if not path.is_absolute():
-        raise BitsError(hresult.E_INVALIDARG, f"the store path {url!r} must be absolute")
+        raise BitsError(
+            hresult.E_INVALIDARG, f"the store path {redact_url(url)!r} must be absolute"
+        )
     return _open_sqlite(path, home or path.parent)
 
 

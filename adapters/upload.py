@@ -168,7 +168,7 @@ class Uploads:
         await self._commit(job_id, cmd.Checkpoint(index, size, size, version))
         # HTTP_RESPONSE_HEADERS of an upload: the session's last reply (the final Ack, or the
         # Close-Session's), for sessions that keep one.
-        block = self._recorded_headers(getattr(session, "response_headers", None))
+        block = self._recorded_headers(getattr(session, "response_headers", None), job_id, index)
         await self._commit(job_id, cmd.FinishFile(index, size, response_headers=block))
 
     def _fragment_size(self, throttle: Throttle) -> int:

@@ -51,14 +51,18 @@ def header_lines(block: str) -> dict[str, str]:
     }
 
 
-def run_served(tmp_path: Path, files: dict[str, Served]) -> tuple[TransferManager, TransferJob]:
+def run_served(
+    tmp_path: Path, files: dict[str, Served], custom_headers: str | None = None
+) -> tuple[TransferManager, TransferJob]:
     """One job of ``files`` (each to its name under tmp_path), run until idle."""
     manager = TransferManager(home=tmp_path / "home")
 
     async def main_() -> str:
         async with FaultServer(files) as srv:
             pairs = [(srv.url(path), tmp_path / path.strip("/")) for path in files]
-            job = new_job(manager, pairs)
+            job = new_job(manager, pairs, start=False)
+            job.set_custom_headers(custom_headers)
+            job.resume()
             await make_engine(manager).run(until_idle=True)
         return job.id
 
@@ -248,3 +252,41 @@ def test_a_failed_response_with_a_cookie_is_sealed(tmp_path: Path) -> None:
     raw = b"".join(p.read_bytes() for p in (tmp_path / "home").iterdir() if p.is_file())
     assert cookie.encode() not in raw
     assert b"HTTP/1.1 403" not in raw  # the block is sealed whole (the description says 403)
+
+
+def raw_store(tmp_path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in (tmp_path / "home").iterdir() if p.is_file())
+
+
+def test_a_block_with_a_token_header_is_sealed_whatever_its_status(tmp_path: Path) -> None:
+    """Tokens a server issues under names of their own (X-Auth-Token on a 200,
+    X-Amz-Security-Token on a 503) were kept in plain text: only Set-Cookie and
+    Authentication-Info sealed a block."""
+    token = "tok-" + os.urandom(8).hex()
+    amz = "amz-" + os.urandom(8).hex()
+    files = {
+        "/token": trickle(os.urandom(4 * KiB), headers={"X-Auth-Token": token}),
+        "/amz": trickle(os.urandom(4 * KiB), statuses=[404], headers={"X-Amz-Security-Token": amz}),
+    }
+    manager, job = run_served(tmp_path, files)
+    assert job.state is S.ERROR
+    assert header_lines(job.get_file_property(0, HEADERS))["x-auth-token"] == token
+    assert header_lines(job.get_file_property(1, HEADERS))["x-amz-security-token"] == amz
+    manager.refresh_views()
+    manager.close()
+    raw = raw_store(tmp_path)
+    assert token.encode() not in raw
+    assert amz.encode() not in raw
+
+
+def test_a_job_that_sends_a_secret_keeps_its_responses_sealed(tmp_path: Path) -> None:
+    """A server that echoes a request header back, under any name: the job's custom header
+    (sealed in the log) reached the log in plain text inside the response's block."""
+    secret = "Bearer " + os.urandom(8).hex()
+    echo = trickle(os.urandom(4 * KiB), headers={"X-Echo": secret})
+    manager, job = run_served(tmp_path, {"/echo": echo}, custom_headers=f"X-Mine: {secret}")
+    assert job.state is S.TRANSFERRED
+    assert header_lines(job.get_file_property(0, HEADERS))["x-echo"] == secret
+    manager.refresh_views()
+    manager.close()
+    assert secret.encode() not in raw_store(tmp_path)

@@ -794,6 +794,24 @@ def test_malformed_custom_header_line_raises_e_invalidarg(
 
 
 @pytest.mark.parametrize(
+    "bad",
+    ["Cookie: sid=SEKRIT-1\n", "Authorization: Bearer SEKRIT-1\r", "NoColon SEKRIT-1"],
+    ids=["lf", "cr", "no-colon"],
+)
+def test_a_refused_custom_header_line_is_named_by_its_place_not_its_value(
+    manager: TransferManager, bad: str
+) -> None:
+    """The message (printed by the command, logged by applications) showed the line's first
+    40 characters: a whole cookie or bearer token."""
+    job = manager.create_job("headers")
+    with pytest.raises(BitsError) as refused_error:
+        job.set_custom_headers(f"X-Good: 1\r\n{bad}\r\n")
+    assert refused_error.value.hresult == hresult.E_INVALIDARG
+    assert "header line 2 is malformed" in str(refused_error.value)
+    assert "SEKRIT" not in str(refused_error.value)
+
+
+@pytest.mark.parametrize(
     "line",
     [
         "Range: bytes=0-99",

@@ -39,12 +39,14 @@ from backhaul.adapters.store import (
     Recorded,
     StoreUnavailable,
     open_store,
+    redact_url,
     store_failure,
 )
 from backhaul.adapters.view import ViewRow
 from backhaul.core import command as cmd
 from backhaul.core import event as ev
 from backhaul.core import hresult
+from backhaul.core.error import BitsError
 from backhaul.core.job import fold
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, JobState, JobType
 
@@ -830,3 +832,23 @@ def test_threads_making_the_homes_key_at_once_all_get_the_one_key_written(
         assert not errors, errors[0]
         assert len(set(keys)) == 1 and keys[0]
         assert sorted(p.name for p in home.iterdir()) == ["secret.key"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://bh:SEKRIT-1@127.0.0.1:9/db",  # a scheme the stores do not read
+        "mysql://bh:SEKRIT-1@127.0.0.1/db",
+        "sqlite://bh:SEKRIT-1@x/db",
+        "postgresql://bh@127.0.0.1:9/db?password=SEKRIT-1&sslmode=disable",
+        "postgresql://bh@127.0.0.1:9/db?sslpassword=SEKRIT-1",
+    ],
+)
+def test_a_store_url_that_cannot_be_used_is_named_without_its_secrets(url: str) -> None:
+    """The messages printed by the command showed the password of a store URL whose scheme
+    is not a store's, and a password given as a query parameter."""
+    with pytest.raises(BitsError) as refused:
+        open_store(url)
+    assert "SEKRIT" not in str(refused.value)
+    assert "127.0.0.1" in str(refused.value) or "db" in str(refused.value)
+    assert redact_url(url).count("***") == 1

@@ -457,6 +457,9 @@ def test_the_cli_verbs(pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             cli(m, tmp_path, "getsecurityflags", j)
             == "0x0208 IGNORE_UNKNOWN_CA|REDIRECT_POLICY_DISALLOW\n"
         )
+        (tmp_path / "more").write_text("X-Three: 3\n")
+        cli(m, tmp_path, "setcustomheaders", j, "X-One: 1", f"@{tmp_path / 'more'}")
+        assert cli(m, tmp_path, "getcustomheaders", j) == "X-One: 1\nX-Three: 3\n"
         cli(m, tmp_path, "setcustomheaders", j, "X-One: 1", "X-Two: two")
         assert cli(m, tmp_path, "getcustomheaders", j) == "X-One: 1\nX-Two: two\n"
         cli(m, tmp_path, "makecustomheaderswriteonly", j)

@@ -466,3 +466,17 @@ def test_get_header_goes_with_every_request_and_stays_sealed(
     assert "--header wants 'NAME: VALUE'" in err and token not in err
     with TransferManager(home=home) as manager:
         assert len(list(manager.jobs(include_final=True))) == 1  # only the first get's
+
+    # -H @FILE (curl's): the token from a file, never in the command line; @- reads stdin.
+    headers = tmp_path / "headers"
+    headers.write_text(f"X-Trace: 2\r\n\n{header}\n")
+    assert main([*get, "-H", f"@{headers}", secret, str(tmp_path / "f")]) == 0
+    assert (tmp_path / "f").read_text() == "top secret\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(header + "\n"))
+    assert main([*get, "-H", "@-", secret, str(tmp_path / "i")]) == 0
+    assert (tmp_path / "i").read_text() == "top secret\n"
+    capsys.readouterr()
+    assert main([*get, "-H", f"@{tmp_path / 'none'}", secret, str(tmp_path / "n")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    stored = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("backhaul.db"))
+    assert token.encode() not in stored

@@ -51,7 +51,7 @@ from backhaul.adapters.store import (
 from backhaul.core import hresult
 from backhaul.core.command import check_custom_header_names
 from backhaul.core.error import BackhaulError, BitsError
-from backhaul.core.limit import DEFAULT_LIMITS, UNLIMITED, Limits
+from backhaul.core.limit import DEFAULT_LIMITS, DISPLAY_NAME_MAX, UNLIMITED, Limits
 from backhaul.core.policy import why_waiting
 from backhaul.core.url import one_line, secrets_of
 from backhaul.core.value import ByteRange, FileSpec, ProxySettings
@@ -908,7 +908,7 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     earlier = _unfinished(m, args, JobType.DOWNLOAD, specs, dynamic=args.dynamic)
     if earlier is not None:
         return _transfer(earlier, m, args, out)
-    job = m.create_job(args.name or f"get {secrets_of(urls[0])[0]}")
+    job = m.create_job(args.name or _default_name("get", urls[0]))
 
     def add() -> None:
         job.description = _made_by(args.verb)
@@ -918,6 +918,13 @@ def cmd_get(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
 
     _set_up(job, args, add)
     return _transfer(job, m, args, out)
+
+
+def _default_name(verb: str, url: str) -> str:
+    """A job's display name when ``--name`` gives none: the verb and the URL (without its
+    secrets), cut to the 256 characters a display name holds (a URL may have 2,200)."""
+    name = f"{verb} {secrets_of(url)[0]}"
+    return name if len(name) <= DISPLAY_NAME_MAX else name[: DISPLAY_NAME_MAX - 3] + "..."
 
 
 def _curl_ranges(text: str) -> tuple[ByteRange, ...]:
@@ -944,7 +951,10 @@ def _name_from_url(url: str) -> str:
     path, percent-decoded, without the query or the fragment (a signed URL's signature is
     no part of a name); ``index.html`` for a directory's URL."""
     raw = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
-    name = urllib.parse.unquote(raw)
+    try:
+        name = urllib.parse.unquote(raw, errors="strict")
+    except UnicodeDecodeError:  # not UTF-8 (%FF): kept as written, as curl -O keeps it
+        name = raw
     if "/" in name or "\0" in name:
         name = raw  # an encoded slash names no directory here
     return "index.html" if name in ("", ".", "..") else name
@@ -961,7 +971,7 @@ def cmd_put(args: argparse.Namespace, m: TransferManager, out: TextIO) -> int:
     earlier = _unfinished(m, args, kind, [FileSpec(args.url, local)], reply=reply)
     if earlier is not None:
         return _transfer(earlier, m, args, out)
-    job = m.create_job(args.name or f"put {secrets_of(args.url)[0]}", kind)
+    job = m.create_job(args.name or _default_name("put", args.url), kind)
 
     def add() -> None:
         job.description = _made_by(args.verb)
@@ -1109,9 +1119,9 @@ def _unfinished(
     is one of the caller's, made by the same verb (its description), not final: a job an
     application or ``create`` made is never taken. ``--new`` always makes a new job. The
     picked-up job takes this command's options, and a download URL's password or signature
-    given now (a refreshed one) replaces the recorded one."""
-    if args.new:
-        return None
+    given now (a refreshed one) replaces the recorded one. With ``--new`` the job found is
+    cancelled (its temp files deleted) and a new one made: a later run without ``--new``
+    would otherwise pick the old one up and publish it over the new one's files."""
     wanted = [
         (secrets_of(s.remote_name)[0], s.local_name, s.ranges, s.expected_digest) for s in specs
     ]
@@ -1133,6 +1143,14 @@ def _unfinished(
             for f in job.files
         ]
         if files != wanted:
+            continue
+        if args.new:
+            handle.cancel()
+            if not (args.quiet or args.json):
+                sys.stderr.write(
+                    f"backhaul {args.verb}: --new: cancelled job {job.id}, which an earlier "
+                    f"{args.verb} of the same files left {job.state.name}\n"
+                )
             continue
         _set_options(handle, args)
         if kind is JobType.DOWNLOAD:
@@ -1168,6 +1186,9 @@ def _transfer(job: TransferJob, m: TransferManager, args: argparse.Namespace, ou
             return code
         with contextlib.suppress(BackhaulError):
             job.suspend()
+        if args.json:  # the last line says how it ended, as every other end does
+            with contextlib.suppress(BackhaulError, OSError, ValueError):
+                _print_json(_last_line(job), out)
         kept = sum(f.bytes_transferred for f in job.snapshot().files)
         _tell(
             f"\ninterrupted: job {job.id} suspended with {_fmt_size(kept)} kept; the same "
@@ -1247,6 +1268,21 @@ def _tell(text: str) -> None:
         sys.stderr.flush()
 
 
+def _last_line(job: TransferJob, **more: Any) -> dict[str, Any]:
+    """The last ``--json`` line of ``get``, ``put`` and ``transfer``: the progress lines'
+    fields, the job's state now, and ``more`` (its result, the error that ended it)."""
+    progress = job.progress
+    return {
+        "id": job.id,
+        "state": job.state.name,
+        "bytes_transferred": progress.bytes_transferred,
+        "bytes_total": progress.bytes_total,
+        "files_transferred": progress.files_transferred,
+        "files_total": progress.files_total,
+        **more,
+    }
+
+
 def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out: TextIO) -> int:
     if state in (JobState.TRANSFERRED, JobState.ACKNOWLEDGED):
         # ACKNOWLEDGED: the same job picked up by two commands at once, the other completed
@@ -1256,7 +1292,7 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
             if args.json:
                 refusal = {"context": None, "hresult": hresult.format_hresult(exc.hresult)}
                 refusal |= {"name": hresult.name_of(exc.hresult), "description": exc.message}
-                _print_json({"id": job.id, "state": job.state.name, "error": refusal}, out)
+                _print_json(_last_line(job, error=refusal), out)
             sys.stderr.write(
                 f"\nbackhaul {args.verb}: Complete failed: {exc}\njob {job.id} stays "
                 f"{job.state.name}: `backhaul complete {job.id}` tries again (the same command "
@@ -1264,9 +1300,7 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
             )
             return EXIT_FAILED
         if args.json:
-            _print_json(
-                {"id": job.id, "state": "ACKNOWLEDGED", "result": hresult.name_of(result)}, out
-            )
+            _print_json(_last_line(job, result=hresult.name_of(result)), out)
         elif not args.quiet:
             if job.job_type is JobType.DOWNLOAD:
                 done = [f.local_name for f in job.files()]
@@ -1278,7 +1312,7 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
         return EXIT_OK
     if state is JobState.CANCELLED:
         if args.json:
-            _print_json({"id": job.id, "state": state.name}, out)
+            _print_json(_last_line(job), out)
         sys.stderr.write(
             f"\nbackhaul {args.verb}: job {job.id} was cancelled by another command or "
             "application\n"
@@ -1286,17 +1320,35 @@ def _finish_get(job: TransferJob, state: JobState, args: argparse.Namespace, out
         return EXIT_CANCELLED
     error = job.error
     message = _error_text(error) if error else state.name
-    # As bitsadmin /transfer: a job that failed for good is cancelled, nothing left behind.
-    with contextlib.suppress(BackhaulError):
-        job.cancel()
+    kept = _end_failed(job, args.verb)
     if args.json:  # the error as every line (and ``info --json``) gives it
         shown = _error_json(error) if error else None
-        _print_json({"id": job.id, "state": state.name, "error": shown}, out)
+        _print_json(_last_line(job, error=shown), out)
     hint = _HINTS.get(error.hresult, {}).get(args.verb, "") if error else ""
     sys.stderr.write(
         f"\nbackhaul {args.verb}: job {job.id} ended in {state.name}: {message}{hint}\n"
     )
+    if kept:
+        sys.stderr.write(f"kept, complete: {', '.join(kept)}\n")
     return EXIT_FAILED
+
+
+def _end_failed(job: TransferJob, verb: str) -> list[str]:
+    """A job that failed for good. ``get`` keeps the files that arrived whole, as curl and
+    wget keep every URL that succeeded: Complete publishes them (BG_S_PARTIAL_COMPLETE)
+    and deletes the rest. Otherwise (nothing whole, an upload, ``transfer`` as bitsadmin
+    /transfer) the job is cancelled, nothing left behind. Returns the files kept."""
+    if verb == "get" and job.job_type is JobType.DOWNLOAD:
+        whole = [f.local_name for f in job.snapshot().files if f.transferred]
+        if whole:
+            try:
+                job.complete()
+                return whole
+            except BackhaulError as exc:
+                sys.stderr.write(f"\nbackhaul {verb}: Complete failed: {exc}\n")
+    with contextlib.suppress(BackhaulError):
+        job.cancel()
+    return []
 
 
 # What the command's user can do about an error whose description speaks the API's words.
@@ -1627,7 +1679,8 @@ def _foreground_options(parser: argparse.ArgumentParser, *, name: bool = True) -
         parser.add_argument(
             "--new",
             action="store_true",
-            help="a new job even where an earlier run of the same files left one unfinished",
+            help="start over: cancel the job an earlier run of the same files left unfinished "
+            "(its temp files deleted) and make a new one",
         )
 
 

@@ -41,6 +41,7 @@ from test_engine import (  # the autouse fixture keeps BACKHAUL_STORE out
     trickle,
 )
 
+from backhaul.adapters import localfile
 from backhaul.adapters.cli import (
     GC_YOUNG_THRESHOLD,
     LOCK_FILE,
@@ -140,9 +141,14 @@ def test_get_downloads_the_file_and_completes_the_job(
     assert list(dest.iterdir()) == [dest / "two.bin"]  # no temp file left
     job = the_job(home)
     assert job.state is S.ACKNOWLEDGED
-    assert json.loads(out.getvalue().splitlines()[-1]) == {
+    size = (docroot / "two.bin").stat().st_size
+    assert json.loads(out.getvalue().splitlines()[-1]) == {  # the progress lines' fields
         "id": job.id,
         "state": "ACKNOWLEDGED",
+        "bytes_transferred": size,
+        "bytes_total": size,
+        "files_transferred": 1,
+        "files_total": 1,
         "result": "S_OK",
     }
 
@@ -251,15 +257,17 @@ def sigint_at_default() -> Iterator[None]:
 
 
 def slow_get_past_a_checkpoint(
-    home: Path, env: dict[str, str], url: str, dest: Path
+    home: Path, env: dict[str, str], url: str, dest: Path, *, as_json: bool = False
 ) -> subprocess.Popen[bytes]:
-    """A `backhaul get --max-rate 1M` process, once the log holds a checkpoint of its job."""
+    """A `backhaul get --max-rate 1M` process, once the log holds a checkpoint of its job
+    (with ``as_json``, `--json`, its stdout a pipe)."""
+    shown = "--json" if as_json else "-q"
     with sigint_at_default():
         proc = subprocess.Popen(
-            [str(BACKHAUL), "--home", str(home), "get", "-q", "--max-rate", "1M", url, str(dest)],
+            [str(BACKHAUL), "--home", str(home), "get", shown, "--max-rate", "1M", url, str(dest)],
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if as_json else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
     try:
@@ -370,6 +378,27 @@ def test_an_interrupted_get_suspends_its_job_and_the_next_get_finishes_it(
     assert (done.id, done.state) == (job_id, S.ACKNOWLEDGED)
 
 
+def test_an_interrupted_get_json_ends_with_a_line_of_its_suspended_job(
+    tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """`get --json` stopped by Ctrl-C: the last line on stdout said TRANSFERRING (the
+    suspension was told on stderr only). It now ends with the job's line, SUSPENDED."""
+    server, _ = engine_nginx
+    proc = slow_get_past_a_checkpoint(
+        home, env, f"{server.url}/three.bin", tmp_path / "three.bin", as_json=True
+    )
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = json.loads(out.decode().splitlines()[-1])
+    assert last["state"] == "SUSPENDED"
+    assert last["bytes_transferred"] > 0 and last["files_total"] == 1
+
+
 def test_get_whose_complete_fails_says_so_on_a_line_of_its_own_and_keeps_the_job(
     tmp_path: Path, home: Path, env: dict[str, str], engine_nginx: tuple[NginxServer, Path]
 ) -> None:
@@ -432,7 +461,8 @@ def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(
 ) -> None:
     """An unfinished job is picked up only by a `get` of the same files and of what shapes
     them (the digest); a job made through the API (or `create`) with those files is never
-    taken, and `--new` always makes a job of its own."""
+    taken, and `--new` cancels the one it would take (a later plain run picked the old job
+    up and published it over the new files) and makes a job of its own."""
     server, docroot = engine_nginx
     url, dest = f"{server.url}/one.bin", tmp_path / "one.bin"
     with TransferManager(home=home) as manager:
@@ -448,12 +478,18 @@ def test_get_picks_up_only_a_get_of_the_same_files_and_new_starts_over(
             jobs = manager.jobs(include_final=True)
             return {j.id for j in jobs if j.state is S.ACKNOWLEDGED}
 
-    assert len(get("--new") - ids) == 1
     digest = hashlib.sha256((docroot / "one.bin").read_bytes()).hexdigest()
-    assert len(get("--sha256", digest) - ids) == 2  # another digest: not the same files
-    assert get() & ids == {left_id}  # picked up at last
+    assert len(get("--sha256", digest) - ids) == 1  # another digest: not the same files
+    assert get() & ids == {left_id}  # picked up
+    again = left_by("get", home, url, dest)
+    temp = localfile.temp_path(again, 0, str(dest))
+    temp.write_bytes(b"an earlier run's bytes")
+    assert again not in get("--new")
+    assert not temp.exists()
     with TransferManager(home=home) as manager:
-        assert len(list(manager.jobs(include_final=True))) == 4
+        states = {j.id: j.state for j in manager.jobs(include_final=True)}
+        assert states[again] is S.CANCELLED
+        assert len(states) == 5
         assert manager.get_job(theirs.id).state is S.SUSPENDED
 
 
@@ -563,6 +599,9 @@ def test_the_names_get_gives_urls_in_a_directory() -> None:
     assert _name_from_url("http://h") == "index.html"
     assert _name_from_url("http://h/d/..") == "index.html"
     assert _name_from_url("http://h/a%2Fb.bin") == "a%2Fb.bin"  # no directory from a slash
+    # Not UTF-8: kept as written (curl -O), not U+FFFD, which made a%FEb and a%FFb one name.
+    assert _name_from_url("http://h/a%FFb") == "a%FFb"
+    assert _name_from_url("http://h/a%FEb") == "a%FEb"
 
 
 def test_get_of_a_missing_file_fails_and_cancels_the_job(
@@ -579,11 +618,56 @@ def test_get_of_a_missing_file_fails_and_cancels_the_job(
     assert code == 1
     assert the_job(home).state is S.CANCELLED
     assert list(dest.iterdir()) == []
-    # The last line's error is the object every line (and `info --json`) gives, not a string.
+    # The last line's error is the object every line (and `info --json`) gives, not a string;
+    # its state is the job's at the end, with the progress lines' fields.
     last = json.loads(out.getvalue().splitlines()[-1])
-    assert last["state"] == "ERROR"
+    assert last["state"] == "CANCELLED"
     assert last["error"]["name"] == "BG_E_HTTP_ERROR_404"
     assert last["error"]["context"] == "REMOTE_FILE"
+    assert last["files_total"] == 1 and last["files_transferred"] == 0
+
+
+def test_get_of_several_urls_keeps_the_files_that_arrived_when_one_fails(
+    tmp_path: Path,
+    home: Path,
+    engine_nginx: tuple[NginxServer, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """curl and wget keep every URL that succeeded: a 404 on the last of three URLs
+    cancelled the job and deleted the two files that had arrived whole. `get` completes
+    the job instead (BG_S_PARTIAL_COMPLETE: those files published, the rest deleted), says
+    which it kept, and still exits 1."""
+    server, docroot = engine_nginx
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    urls = [f"{server.url}/one.bin", f"{server.url}/two.bin", f"{server.url}/missing.bin"]
+    out = io.StringIO()
+    assert main(["--home", str(home), "get", "--json", *urls, str(dest)], out) == 1
+    assert sorted(p.name for p in dest.iterdir()) == ["one.bin", "two.bin"]
+    for name in ("one.bin", "two.bin"):
+        assert (dest / name).read_bytes() == (docroot / name).read_bytes()
+    assert the_job(home).state is S.ACKNOWLEDGED
+    last = json.loads(out.getvalue().splitlines()[-1])
+    assert last["state"] == "ACKNOWLEDGED"
+    assert last["error"]["name"] == "BG_E_HTTP_ERROR_404"
+    assert last["files_transferred"] == 2 and last["files_total"] == 3
+    assert f"kept, complete: {dest / 'one.bin'}, {dest / 'two.bin'}" in capsys.readouterr().err
+
+
+def test_get_names_a_job_of_a_long_url_within_the_display_names_limit(
+    tmp_path: Path, home: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """A URL over about 250 characters (BITS takes 2,200) was refused: the job's default
+    name, "get URL", passed the 256 characters of a display name."""
+    server, docroot = engine_nginx
+    name = "n" * 240 + ".bin"
+    (docroot / name).write_bytes(b"long")
+    assert (
+        main(["--home", str(home), "get", "-q", f"{server.url}/{name}", str(tmp_path / "l")]) == 0
+    )
+    assert (tmp_path / "l").read_bytes() == b"long"
+    job = the_job(home)
+    assert len(job.display_name) == 256 and job.display_name.endswith("...")
 
 
 @pytest.mark.parametrize("as_json", [False, True])
@@ -617,8 +701,7 @@ def test_get_says_why_it_waits_after_a_transient_error_and_when_it_tries_again(
     assert datetime.fromisoformat(waiting[0]["next_try"]) > datetime.now(UTC) - timedelta(
         seconds=30
     )
-    progress = [line for line in lines if "bytes_transferred" in line]
-    assert progress[-1]["state"] == "TRANSFERRED" and "error" not in progress[-1]
+    assert lines[-2]["state"] == "TRANSFERRED" and "error" not in lines[-2]
     assert {line["id"] for line in lines} == {lines[-1]["id"]}  # every line names the job
     assert lines[-1]["state"] == "ACKNOWLEDGED"  # then Complete's result
     assert "transient error:" not in err

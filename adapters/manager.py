@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import getpass
+import itertools
 import json
 import os
 import threading
@@ -80,6 +81,8 @@ BUILTIN_SCHEMES = frozenset({"http", "https", "smb", "file"})
 """backhaul's own schemes. The manager's default is every installed one (adapters/registry)."""
 _RETRIES = 8
 CACHE_FROM_CATCH_UP = 20_000  # jobs a refresh_views keeps as copies, at most
+CACHE_TRIM_AT = 1024  # copies of jobs a manager keeps before it drops the final ones
+CACHE_MAX = 50_000  # copies of jobs kept at most (the oldest dropped first)
 
 
 def current_owner() -> str:
@@ -203,6 +206,7 @@ class TransferManager:
         # None: every scheme an installed transport (uploader, for upload jobs) serves
         self.schemes = None if schemes is None else frozenset(s.lower() for s in schemes)
         self._cache: dict[str, Job] = {}
+        self._trim_at = CACHE_TRIM_AT  # the cache's size that makes it drop final jobs
         # This manager's last appends, while they are one run of log positions: (the
         # position before them, the last one, each job's version after them). The next
         # refresh_views saves their rows from the copies, without reading them back.
@@ -533,6 +537,7 @@ class TransferManager:
             raise
         finally:
             self._pending = None
+            self._trim_cache()
             self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
             self._good_dirs, self._secrets_read = set(), False
             self._fresh = set()
@@ -708,7 +713,25 @@ class TransferManager:
         self._cache[job_id] = job
         if self._pending is not None:
             self._fresh.add(job_id)
+        else:
+            self._trim_cache()
         return job
+
+    def _trim_cache(self) -> None:
+        """The copies of jobs this manager read or changed make its next reads cheap; a
+        manager open for months (an application's) must not keep every job it ever saw.
+        Past ``_trim_at`` copies, those of final jobs are dropped (read again, from their
+        rows, if ever asked for), then the oldest beyond ``CACHE_MAX``; the next trim
+        comes at twice what is left. Never inside a batch, whose copies are ahead of the
+        store."""
+        cache = self._cache
+        if len(cache) <= self._trim_at or self._pending is not None:
+            return
+        for job_id in [j for j, job in cache.items() if job.is_final]:
+            del cache[job_id]
+        for job_id in list(itertools.islice(cache, max(len(cache) - CACHE_MAX, 0))):
+            del cache[job_id]
+        self._trim_at = max(CACHE_TRIM_AT, 2 * len(cache))
 
     def _as_caught_up(self, job_id: str, job: Job) -> bool:
         """Inside a batch: ``job`` is the copy the last refresh_views folded, and the log
@@ -799,6 +822,7 @@ class TransferManager:
                 # reads only the events after it (a job of 5,000 files is not decoded again).
                 continue
             self._cache[job_id] = jobs.fold(events, job) or job
+            self._trim_cache()
             return events
         raise BitsError(hresult.E_FAIL, f"job {job_id} kept changing under this call")
 

@@ -231,6 +231,8 @@ from urllib.parse import unquote_plus
 import aiohttp
 import attrs
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import HttpProcessingError
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.tracing import Trace
 from yarl import URL
 
@@ -273,7 +275,9 @@ __all__ = [
     "DEFAULT_STALL_TIMEOUT",
     "DEFAULT_USER_AGENT",
     "HTTP_TIMEOUT",
+    "MAX_HEADER_LINE",
     "MAX_REDIRECTS",
+    "MAX_RESPONSE_HEADERS",
     "MAX_RETRY_AFTER",
     "NO_ACCESS_PRIVATE_KEY",
     "SECURE_FAILURE",
@@ -295,6 +299,19 @@ DEFAULT_LIMIT_PER_HOST: Final = 16
 DEFAULT_LIMIT: Final = 100
 DEFAULT_USER_AGENT: Final = "backhaul/0.1"
 MAX_REDIRECTS: Final = 10
+MAX_RESPONSE_HEADERS: Final = 2048
+"""Header lines a response may have. aiohttp's default, 128, refuses real servers' answers.
+WinHTTP counts no lines but caps the whole block at 64 KiB (BITS reads no more); 2048 lines
+cover every block of that size whose lines average 32 bytes or more, i.e. any real one. More
+(curl takes 5000) would accept blocks BITS itself refuses and raise the memory a hostile server
+can make one response hold while its headers are parsed: aiohttp has no cap on the whole
+block, only on lines, so that is about ``MAX_RESPONSE_HEADERS * MAX_HEADER_LINE`` bytes."""
+MAX_HEADER_LINE: Final = 64 * 1024
+"""Bytes of one header line, and of the status line: WinHTTP's whole 64 KiB header block,
+which a single header (a large Content-Security-Policy, Link or Set-Cookie) may fill. aiohttp's
+default, 8190, is Apache's limit for requests, not what clients accept. Its compiled parser
+bounds a header's name and its value each by ``max_field_size``; its pure-Python one bounds the
+whole line, and a line whose end has not arrived yet by ``max_line_size``: both get this."""
 MAX_RETRY_AFTER: Final = 365 * 24 * 3600.0
 """The longest Retry-After honoured, in seconds (a year): longer ones are clamped to it."""
 
@@ -441,11 +458,28 @@ def _described(exc: BaseException, url: str | URL) -> str:
         else:  # asyncio's text is 'Connect call failed (address)'
             why = os.strerror(os_error.errno)
         return f"cannot connect to {exc.host}:{exc.port} for {_redact(url)}: {why}"
+    if isinstance(exc, aiohttp.ClientResponseError) and isinstance(
+        exc.__cause__, HttpProcessingError
+    ):
+        # aiohttp's parser refused the response: the client, not the server, says 400 there.
+        return f"the server's response headers could not be read from {_redact(url)}: " + (
+            _unreadable_why(exc.__cause__)
+        )
     if isinstance(exc, aiohttp.ClientResponseError):
         detail = f"{exc.status}, message={exc.message!r}"
     else:
         detail = str(exc) or type(exc).__name__
     return f"{type(exc).__name__} for {_redact(url)}: {_scrubbed(detail)}"
+
+
+def _unreadable_why(error: HttpProcessingError) -> str:
+    """Why aiohttp's parser refused a response head, in words; its own text for the rest."""
+    original = error.__cause__  # aiohttp copies the parser's error: the original is its cause
+    if isinstance(original, LineTooLong):
+        return f"a header line is longer than {MAX_HEADER_LINE} bytes"
+    if error.message.startswith("Too many headers"):
+        return f"too many headers (more than {MAX_RESPONSE_HEADERS})"
+    return _scrubbed(error.message)
 
 
 _TRANSLATED: Final = tuple(cls for cls, _, _ in _EXCEPTION_TABLE)
@@ -1380,6 +1414,21 @@ async def _discard(resp: aiohttp.ClientResponse) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
+def _left_in_buffer(content: aiohttp.StreamReader) -> bytes:
+    """The body bytes ``content`` still holds after it failed (every public read raises the
+    stored error first). ``_read_nowait`` is aiohttp's private drain (3.x, streams.py): if a
+    later aiohttp renames or changes it, the bytes are lost as they were before this was
+    written (the resume starts earlier), and nothing else breaks."""
+    drain = getattr(content, "_read_nowait", None)
+    if not callable(drain):
+        return b""
+    try:
+        data = drain(-1)
+    except Exception:  # a changed private API: lose the bytes rather than the error
+        return b""
+    return bytes(data) if isinstance(data, bytes | bytearray) else b""
+
+
 class HttpDownload(ClosedOnExit):
     """An open GET (a ``core.port.Download``). Iterate once for the body; always ``aclose``
     (or use it as an async context manager)."""
@@ -1428,22 +1477,45 @@ class HttpDownload(ClosedOnExit):
             resp.release()
             return
         with _translated(resp.url):
-            async for chunk in resp.content.iter_chunked(self._chunk_size):
-                received += len(chunk)
+            try:
+                async for chunk in resp.content.iter_chunked(self._chunk_size):
+                    received += len(chunk)
+                    if self._expected is not None and received > self._expected:
+                        raise _protocol_error(resp, "more body bytes than the headers announced")
+                    yield chunk
+            except aiohttp.ClientPayloadError as exc:
+                # The body was cut short. aiohttp raises that before handing back the bytes
+                # that arrived with the close and still sit in its buffer: a server that closes
+                # right after sending would otherwise never let a resume get further.
+                tail = _left_in_buffer(resp.content)
+                received += len(tail)
                 if self._expected is not None and received > self._expected:
-                    raise _protocol_error(resp, "more body bytes than the headers announced")
-                yield chunk
+                    raise _protocol_error(
+                        resp, "more body bytes than the headers announced"
+                    ) from exc
+                for start in range(0, len(tail), self._chunk_size):
+                    yield tail[start : start + self._chunk_size]
+                raise self._cut_short(received, exc) from exc
         if self._expected is not None and received < self._expected:
-            code = hr.BG_E_CONNECTION_CLOSED
-            raise TransferError(
-                code,
-                f"connection closed after {received} of {self._expected} body bytes from "
-                f"{_redact(resp.url)}",
-                context=ErrorContext.GENERAL_TRANSPORT,
-                transient=_is_transient(code),
-            )
+            raise self._cut_short(received, None)
         self._complete = True
         resp.release()  # the whole body was read: the connection goes back to the pool
+
+    def _cut_short(self, received: int, exc: aiohttp.ClientPayloadError | None) -> TransferError:
+        """BG_E_CONNECTION_CLOSED (transient) for a body that ended after ``received`` bytes;
+        ``exc`` is aiohttp's report of it, when it made one. Its text holds a status 400 that
+        no server sent (aiohttp's parser errors all carry one): the words here are ours."""
+        url = _redact(self._response.url)
+        if self._expected is not None and received < self._expected:
+            why = f"connection closed after {received} of {self._expected} body bytes from {url}"
+        else:  # no length to compare (a chunked body): aiohttp's reason says what was wrong
+            cause = exc.__cause__ if exc is not None else None
+            reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+            why = f"the body from {url} was cut short after {received} bytes: {_scrubbed(reason)}"
+        code = hr.BG_E_CONNECTION_CLOSED
+        return TransferError(
+            code, why, context=ErrorContext.GENERAL_TRANSPORT, transient=_is_transient(code)
+        )
 
     async def aclose(self) -> None:
         if self._closed:
@@ -1538,6 +1610,9 @@ class HttpTransport:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
+            max_line_size=MAX_HEADER_LINE,
+            max_field_size=MAX_HEADER_LINE,
+            max_headers=MAX_RESPONSE_HEADERS,
         )
 
     def _current_session(self) -> aiohttp.ClientSession:
@@ -1667,7 +1742,10 @@ class HttpTransport:
             answer_server = not own_authorization and target.origin() == origin
             resp = await self._exchange(method, target, headers, options, answer_server)
             location = resp.headers.get("Location")
-            if resp.status not in _REDIRECTS or location is None:
+            if resp.status not in _REDIRECTS or location is None or not location.strip():
+                # An empty Location points nowhere (joined to the request's URL it would be the
+                # same URL, requested again 10 times): the 3xx is the answer, and the caller
+                # reports it as the HTTP error it is (BG_E_HTTP_ERROR_3xx).
                 return resp, redirected
             await _discard(resp)
             refusal = _status_error(resp)

@@ -125,6 +125,16 @@ def _batch_conflict() -> BatchConflict:
     )
 
 
+def _marks(folder: Path | None) -> list[Path]:
+    """The marks of Completes in ``folder`` (none when there is no folder)."""
+    if folder is None:
+        return []
+    try:
+        return sorted(folder.glob("*.json"))
+    except OSError:
+        return []
+
+
 def _unmark(marks: Iterable[Path]) -> None:
     """Remove the marks of Completes that ended (recorded, or failed and left as BITS
     leaves them)."""
@@ -231,6 +241,7 @@ class TransferManager:
         self._discarded: list[str] = []  # in a batch: jobs whose temps go after the commit
         self._completing: list[str] = []  # in a batch: jobs whose files move at the commit
         self._undeleted: list[str] = []  # in a batch: jobs whose temps could not be deleted
+        self._completing_now: set[str] | None = None  # in a batch: jobs marks name (read once)
         # Set when the policy stream cannot be read (an undecodable event): the manager still
         # opens, so that `audit verify` can report that event, but makes no job, since a job
         # named after a URL could record a parameter the store declared secret in plain text;
@@ -486,6 +497,7 @@ class TransferManager:
         self._batch_thread = threading.get_ident()
         self._pending, self._before_commit, self._after_commit = pending, [], []
         self._discarded, self._completing, self._undeleted = [], [], []
+        self._completing_now = None
         self._pending_index, self._listings, self._renamed_dirs = {}, {}, set()
         self._good_dirs, self._secrets_read = set(), False
         self._fresh = set()
@@ -525,6 +537,8 @@ class TransferManager:
                     _unmark(marks)
                     raise
                 _unmark(marks)
+                if marks:
+                    self._prune_marks()  # a killed Complete's, which this batch finished
                 for action in after:
                     action()  # Cancel deletes temp files once its event is appended
                 if journal is not None:
@@ -545,6 +559,7 @@ class TransferManager:
             self._views_caught_up = None
             self._before_commit, self._after_commit = [], []
             self._discarded, self._completing, self._undeleted = [], [], []
+            self._completing_now = None
 
     def _discard_journal(self) -> Path | None:
         """Where batches note the jobs whose temp files they delete after their commit: in
@@ -570,29 +585,50 @@ class TransferManager:
             return None
         return path
 
-    def _completing_mark(self, job_id: str) -> Path | None:
-        """The mark a Complete leaves while it renames a job's files into place (beside the
-        batches' discard journal): killed half-way, the mark stays, and Cancel refuses to
-        end the job with part of its files published; Complete again finishes it."""
+    def _completing_folder(self) -> Path | None:
+        """Where Complete marks the jobs whose files it renames into place (beside the
+        batches' discard journal): one file per Complete, or per batch, naming its jobs.
+        Killed half-way, the mark stays, and Cancel refuses to end those jobs with part of
+        their files published; Complete again finishes them."""
         folder = self._discard_journal()
-        return None if folder is None else folder.parent / "completing" / job_id
+        return None if folder is None else folder.parent / "completing"
 
     def _mark_completing(self, job_ids: Sequence[str]) -> list[Path]:
-        """Mark these jobs as completing, durably (the folder fsynced once) before any of
-        their files is renamed. Best effort: without a mark Complete works as it always
+        """Mark these jobs as completing, durably (written, synced, renamed into place and
+        the folder synced) before any of their files is renamed: one file for a batch of
+        10,000 jobs, not 10,000. Best effort: without a mark Complete works as it always
         did."""
-        marks = [m for m in map(self._completing_mark, job_ids) if m is not None]
-        if not marks:
+        folder = self._completing_folder()
+        if folder is None or not job_ids:
             return []
+        mark = folder / f"{uuid.uuid4()}.json"
+        tmp = mark.with_suffix(".tmp")
         try:
-            marks[0].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for mark in marks:
-                mark.touch()
-            localfile.sync_dirs([marks[0].parent])
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as file:
+                json.dump(list(job_ids), file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, mark)
+            localfile.sync_dirs([folder])
         except OSError:
-            _unmark(marks)
+            _unmark([tmp, mark])
             return []
-        return marks
+        return [mark]
+
+    def _completing_jobs(self) -> set[str]:
+        """The jobs the marks of Completes still running, or killed, name. Read once per
+        batch (a batch that cancels 10,000 jobs lists the folder once)."""
+        if self._in_batch() and self._completing_now is not None:
+            return self._completing_now
+        named: set[str] = set()
+        folder = self._completing_folder()
+        for mark in _marks(folder):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                named.update(json.loads(mark.read_text(encoding="utf-8")))
+        if self._in_batch():
+            self._completing_now = named
+        return named
 
     def _discard(
         self, job: Job, listings: dict[str, list[str]] | None = None, *, batched: bool = False
@@ -635,7 +671,25 @@ class TransferManager:
             elif len(left) < len(job_ids):
                 self._journal_discards(left)
                 journal.unlink(missing_ok=True)
+        self._prune_marks()
         return len(journals)
+
+    def _prune_marks(self) -> None:
+        """Remove the marks of killed Completes whose jobs have all ended since (Complete
+        called again, or the batch recorded before its process died)."""
+        for mark in _marks(self._completing_folder()):
+            try:
+                job_ids = json.loads(mark.read_text(encoding="utf-8"))
+                if all(self._is_final_or_gone(job_id) for job_id in job_ids):
+                    mark.unlink(missing_ok=True)
+            except (OSError, ValueError, TypeError):
+                continue
+
+    def _is_final_or_gone(self, job_id: str) -> bool:
+        try:
+            return self._load(job_id).is_final
+        except (BitsError, KeyError):
+            return True
 
     # -- the command path --------------------------------------------------------------
 
@@ -1451,8 +1505,7 @@ class TransferJob:
         job = self.snapshot()
         self._manager._check_access(job)
         cmd.decide(job, cmd.Cancel(), self._manager.clock.now(), self._manager.limits)
-        marker = self._manager._completing_mark(self.id)
-        if marker is not None and marker.exists():
+        if self.id in self._manager._completing_jobs():
             raise BitsError(
                 hresult.BG_E_INVALID_STATE,
                 "a Complete of this job was interrupted after it began renaming its files "
@@ -1536,6 +1589,7 @@ class TransferJob:
         events = self._manager.execute(self.id, cmd.Complete(kept))
         discard()
         _unmark(marks)
+        self._manager._prune_marks()  # a killed Complete's, which this one finished
         return int(events[0].result)  # type: ignore[attr-defined]
 
     def _reject_changed(self, job: Job, kept: Sequence[int]) -> None:

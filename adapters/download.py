@@ -138,10 +138,38 @@ class Downloads:
                 raise
             return  # completed or cancelled meanwhile: the transfer is being stopped too
         finally:
-            run.stop()
+            await self._keep_unclaimed(job_id, run.stop())
         for future in futures:
             await asyncio.wait([future])
             _committed(future)
+
+    async def _keep_unclaimed(self, job_id: str, files: list[_Finished]) -> None:
+        """Files whose bytes all arrived after the claiming stopped short of them (an earlier
+        file was still coming, or failed, when the turn ended: Suspend, a time slice, an
+        error): FileTransferred must stay in file order, so they are not transferred yet,
+        but their bytes are not lost either. Written and synced as a batch, then claimed as
+        a checkpoint of the whole file, so that the next turn asks the server only whether
+        the file is still the same (a resume at its end) instead of fetching it again from
+        byte 0. Only where a last checkpoint may be taken (``_last_checkpoint``)."""
+        if not files:
+            return
+        try:
+            job = self._jobs.get(job_id)
+            if job is None or job.dynamic_content:  # dynamic content restarts anyway
+                return
+            if rule_for(job.state, Trigger.DATA_RECEIVED) is None:
+                return
+            self._hold_lease(job_id)
+            errors = await to_the_end(self.group_sync.finish(files))
+            for f, error in zip(files, errors, strict=True):
+                if error is None:
+                    whole = cmd.Checkpoint(f.index, f.size, f.size, f.validator, f.headers)
+                    self._post(job_id, whole)
+        except (OSError, JobGone) as exc:
+            log.info("the finished files of job %s stay unclaimed: %s", job_id, exc)
+        finally:
+            for f in files:
+                f.close()
 
     async def _claimed_before(self, job_id: str, index: int) -> None:
         """Wait until the files before ``index`` are claimed (``index`` claims itself)."""
@@ -624,19 +652,20 @@ class Downloads:
                 await self._verify(job_id, index, f.spec.expected_digest, digest, f.remote_name)
             # The rest (sync, time stamp, ACLs, FileTransferred) is the claimer's, behind
             # the next files' transfers; the file's fd goes with it.
-            self._order[job_id].finish(
-                _Finished(
-                    tmp,
-                    fd,
-                    b"".join(body) if body is not None else None,
-                    remote.last_modified.timestamp() if remote.last_modified else None,
-                    index=index,
-                    size=position,
-                    digest=f"{digest.name}:{digest.hexdigest()}" if digest else None,
-                    headers=headers,
-                )
+            finished = _Finished(
+                tmp,
+                fd,
+                b"".join(body) if body is not None else None,
+                remote.last_modified.timestamp() if remote.last_modified else None,
+                index=index,
+                size=position,
+                digest=f"{digest.name}:{digest.hexdigest()}" if digest else None,
+                headers=headers,
+                validator=remote.validator,
             )
             fd, handed = -1, True
+            if not self._order[job_id].finish(finished):  # the claiming already stopped
+                await self._keep_unclaimed(job_id, [finished])
         except (asyncio.CancelledError, TransferError) as exc:
             # Stopped (the engine stops, Suspend, a higher priority or the end of a time
             # slice took the turn) or cut off (a dropped connection, a stall): what arrived
@@ -838,6 +867,7 @@ class _Finished(localfile.FinishedFile):
     size: int = attrs.field(kw_only=True)
     digest: str | None = attrs.field(kw_only=True)
     headers: str | Sealed | None = attrs.field(kw_only=True, default=None)
+    validator: str | None = attrs.field(kw_only=True, default=None)  # of the response
 
 
 class FileRun:
@@ -885,13 +915,15 @@ class FileRun:
 
     # -- claiming ------------------------------------------------------------------------
 
-    def finish(self, finished: _Finished) -> None:
+    def finish(self, finished: _Finished) -> bool:
+        """Hand a finished file to the claimer; False once the claiming stopped (the
+        caller keeps its bytes as a checkpoint, ``_keep_unclaimed``)."""
         if self.stopped:
-            finished.close()  # nobody claims it any more: its temp file stays, unclaimed
-            return
+            return False
         self.done[finished.index] = finished
         self.held += len(finished.body or b"")
         self.ready.set()
+        return True
 
     def take(self) -> list[_Finished]:
         """The finished files from the cursor on, in order: now the claimer's."""
@@ -928,15 +960,18 @@ class FileRun:
     def reached(self, index: int) -> bool:
         return self.stopped or self.cursor >= self.position[index]
 
-    def stop(self) -> None:
+    def stop(self) -> list[_Finished]:
+        """The claiming stopped: the finished files it never took, now the caller's."""
         self.stopped = True
         self.held = 0
         self.released.set()
+        left = []
         for index, entry in list(self.done.items()):
             if isinstance(entry, _Finished):
-                entry.close()
+                left.append(entry)
                 self.done[index] = _ENDED
         self.advanced.set()
+        return left
 
 
 class Throttle:

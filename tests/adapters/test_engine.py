@@ -450,8 +450,15 @@ def test_claiming_stops_at_a_file_that_failed_and_leaves_no_file_open(tmp_path: 
                 assert [e.file_index for e in done] == [0, 1]
                 assert all(srv.hits_for(f"/f{i}") for i in range(3, 6)), "3-5 never ran"
                 assert open_temp_files(tmp_path) == []
+                # Their bytes are kept as whole-file checkpoints, not thrown away.
+                files_now = job.snapshot().files
+                assert [files_now[i].bytes_transferred for i in range(3, 6)] == [4 * KiB] * 3
                 job.resume()
                 await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+                # The retry asked only from their ends (If-Range), never for them again.
+                for i in range(3, 6):
+                    again = srv.hits_for(f"/f{i}")[1:]
+                    assert [h.range for h in again] == [f"bytes={4 * KiB}-"], again
             return job
 
     job = asyncio.run(main())
@@ -459,6 +466,52 @@ def test_claiming_stops_at_a_file_that_failed_and_leaves_no_file_open(tmp_path: 
     assert [e.file_index for e in done] == list(range(6))
     job.complete()
     assert [(tmp_path / f"f{i}.bin").read_bytes() for i in range(6)] == bodies
+
+
+def test_files_that_finished_behind_a_running_one_are_not_fetched_again_after_suspend(
+    tmp_path: Path,
+) -> None:
+    """File 0 trickles; files 1 and 2 (a body held in memory, and one written to its temp
+    file) finish behind it and wait to be claimed in file order. A Suspend then threw their
+    bytes away, and the next turn fetched them again from byte 0 (166 MiB of 42 jobs in a
+    soak). They are kept as checkpoints of the whole file: the next turn only asks from
+    their ends."""
+    bodies = [os.urandom(256 * KiB), os.urandom(8 * KiB), os.urandom(768 * KiB)]
+    files = {
+        "/f0": trickle(bodies[0], step=4 * KiB, delay=0.05),
+        "/f1": Served(bodies[1]),
+        "/f2": Served(bodies[2]),
+    }
+    manager = TransferManager(home=tmp_path / "home")
+
+    async def main() -> TransferJob:
+        async with FaultServer(files) as srv:
+            dests = [(srv.url(f"/f{i}"), tmp_path / f"f{i}.bin") for i in range(3)]
+            job = new_job(manager, dests)
+            async with running(make_engine(manager)):
+                await until(lambda: srv.completed >= 2, "files 1 and 2 sent")
+                await asyncio.sleep(0.2)  # received too
+                job.suspend()
+                await until(
+                    lambda: (
+                        [f.bytes_transferred for f in job.snapshot().files[1:]]
+                        == [len(bodies[1]), len(bodies[2])]
+                    ),
+                    "files 1 and 2 kept",
+                )
+                assert job.state is S.SUSPENDED
+                job.resume()
+                await until(lambda: job.state is S.TRANSFERRED, "TRANSFERRED")
+            for i in (1, 2):
+                again = srv.hits_for(f"/f{i}")[1:]
+                assert [h.range for h in again] == [f"bytes={len(bodies[i])}-"], again
+            return job
+
+    job = asyncio.run(main())
+    done = of_type(events_of(manager, job.id), ev.FileTransferred)
+    assert [e.file_index for e in done] == [0, 1, 2]
+    job.complete()
+    assert [(tmp_path / f"f{i}.bin").read_bytes() for i in range(3)] == bodies
 
 
 def test_no_new_file_starts_while_the_claimer_is_far_behind(
@@ -475,9 +528,10 @@ def test_no_new_file_starts_while_the_claimer_is_far_behind(
     held: list[int] = []
     finish = FileRun.finish
 
-    def counted(self: Any, finished: Any) -> None:
-        finish(self, finished)
+    def counted(self: Any, finished: Any) -> bool:
+        taken = finish(self, finished)
         held.append(self.held)
+        return taken
 
     async def slow_claims(self: Engine, job_id: str, index: int) -> None:
         await asyncio.sleep(0.02)

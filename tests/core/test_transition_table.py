@@ -433,3 +433,16 @@ def test_finish_job_with_a_pending_file_is_refused_in_every_state(state: JobStat
     with pytest.raises(BitsError) as refused:
         decide(job, FinishJob(), at(job.version), DEFAULT_LIMITS)
     assert refused.value.hresult == hresult.BG_E_INVALID_STATE
+
+
+@pytest.mark.parametrize(
+    "again", ["/srv/downloads/a.bin", "/srv//downloads/a.bin", "/srv/downloads//a.bin"]
+)
+def test_the_core_refuses_one_destination_named_twice_in_a_download_job(again: str) -> None:
+    """Decided in the core itself, whatever the adapters check first: two files of one
+    download job published at one name would replace each other at Complete."""
+    job = run([AddFiles((FIRST_FILE,))])
+    with pytest.raises(BitsError) as refused:
+        decide(job, AddFiles((FileSpec(SECOND_FILE.remote_name, again),)), at(9), DEFAULT_LIMITS)
+    assert refused.value.hresult == hresult.E_INVALIDARG
+    assert "already a destination" in refused.value.message

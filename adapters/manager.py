@@ -1562,9 +1562,12 @@ class TransferJob:
         listings = self._manager._listings if batched else None
 
         def discard(final: bool = True) -> None:
-            if job.job_type is JobType.DOWNLOAD and final:
+            """The job's temp files; once it is final, those left go to the journal."""
+            if job.job_type is not JobType.DOWNLOAD:
+                return
+            if final:
                 self._manager._discard(job, listings, batched=batched)
-            elif job.job_type is JobType.DOWNLOAD:
+            else:
                 localfile.discard(job, listings)
 
         if batched:  # in a batch: files move at its commit (marked as below, all at once)

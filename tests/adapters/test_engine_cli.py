@@ -259,12 +259,24 @@ def sigint_at_default() -> Iterator[None]:
 def slow_get_past_a_checkpoint(
     home: Path, env: dict[str, str], url: str, dest: Path, *, as_json: bool = False
 ) -> subprocess.Popen[bytes]:
-    """A `backhaul get --max-rate 1M` process, once the log holds a checkpoint of its job
-    (with ``as_json``, `--json`, its stdout a pipe)."""
+    """A `backhaul get --max-rate 512K` process, once the log holds a checkpoint of its job
+    (with ``as_json``, `--json`, its stdout a pipe). The first checkpoint comes about a
+    second in, so the 3 MiB file leaves about 5 s to act on the running get: at 1M a second the
+    2 s left were sometimes used up on a loaded machine, and the get ended on its own."""
     shown = "--json" if as_json else "-q"
     with sigint_at_default():
         proc = subprocess.Popen(
-            [str(BACKHAUL), "--home", str(home), "get", shown, "--max-rate", "1M", url, str(dest)],
+            [
+                str(BACKHAUL),
+                "--home",
+                str(home),
+                "get",
+                shown,
+                "--max-rate",
+                "512K",
+                url,
+                str(dest),
+            ],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if as_json else subprocess.DEVNULL,

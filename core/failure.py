@@ -60,11 +60,10 @@ TRANSIENT: Mapping[int, bool] = MappingProxyType(
         hr.BG_E_SERVER_EXECUTE_ENABLE: False,
         hr.BG_E_TOKEN_REQUIRED: False,
         hr.BG_E_VOLUME_CHANGED: False,
-        hr.E_ACCESSDENIED: False,
+        hr.E_ACCESSDENIED: False,  # also HRESULT_FROM_WIN32(ERROR_ACCESS_DENIED)
         hr.E_INVALIDARG: False,
         hr.hresult_from_win32(hr.ERROR_FILE_NOT_FOUND): False,
         hr.hresult_from_win32(hr.ERROR_PATH_NOT_FOUND): False,
-        hr.hresult_from_win32(hr.ERROR_ACCESS_DENIED): False,
         hr.hresult_from_win32(hr.ERROR_WRITE_PROTECT): False,
         hr.hresult_from_win32(hr.ERROR_DISK_FULL): True,
         hr.hresult_from_win32(hr.ERROR_HANDLE_DISK_FULL): True,

@@ -320,6 +320,11 @@ def evolve(job: Job, event: ev.Event) -> Job:
     changes.update(_clock_changes(job, new_state, event, trigger))
     if new_state is not job.state:
         changes["state_since_version"] = job.version + 1
+        if new_state is not JobState.TRANSIENT_ERROR:
+            # A job held back by a condition waits in TRANSIENT_ERROR only: one suspended,
+            # resumed or cancelled while held back no longer waits for it (the engine asks
+            # the policy again when it next queues).
+            changes["blocked_by"] = None
     changes.update(state=new_state, version=job.version + 1)
     if type(event) not in _BOOKKEEPING:
         changes["modified_at"] = event.at

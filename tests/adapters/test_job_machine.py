@@ -687,6 +687,9 @@ class JobMachine(RuleBasedStateMachine):
             # GetError: an error object exactly in ERROR and TRANSIENT_ERROR (§2.3, §6.1).
             has_error = self.handle(job_id).error is not None
             assert has_error == (m.state in (JobState.ERROR, JobState.TRANSIENT_ERROR))
+            # Held back by a condition (policy, network) only while waiting in TRANSIENT_ERROR.
+            held = live.blocked_by is not None
+            assert not held or m.state is JobState.TRANSIENT_ERROR, "blocked_by outlived its wait"
             replayed = fold(a.event for a in self.store.stream(job_id))
             assert replayed == live, "replay differs from the live job"
             row = self.store.views.get(job_id)

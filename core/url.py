@@ -258,6 +258,29 @@ def holds_url_secret(text: str) -> bool:
     return any(any(_is_secret(p) for p in m[1].split("&")) for m in _QUERY_IN_TEXT.finditer(text))
 
 
+_USER_INFO_IN_TEXT: Final = re.compile(r"//[^/?#@]*@")
+
+
+def scrub_text(text: str) -> str:
+    """``text`` that may hold URLs (an exception's text, a redirect's Location) fit for a
+    message: every absolute URL in it as ``redact_url`` shows it. What the redactor cannot
+    read (a relative or broken URL: ``//bob:pw@host:abc/x``, ``/x?sig=...``, a space in a
+    host) is scrubbed crudely first: whatever sits between ``//`` and ``@`` is cut, and every
+    query value whose name counts as a secret becomes ``<redacted>``."""
+    text = _USER_INFO_IN_TEXT.sub("//", text)
+    text = URL_IN_TEXT.sub(lambda m: redact_url(m[0]), text)
+    return _QUERY_IN_TEXT.sub(
+        lambda m: "?" + "&".join(_scrubbed_parameter(p) for p in m[1].split("&")), text
+    )
+
+
+def _scrubbed_parameter(parameter: str) -> str:
+    name, equals, value = parameter.partition("=")
+    if equals and value and is_secret_parameter_name(unquote_plus(name)):
+        return f"{name}={REDACTED}"
+    return parameter
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 

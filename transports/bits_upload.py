@@ -64,6 +64,12 @@ Rules of this module:
   REMOTE_APPLICATION, the back-end application of upload-reply); without a code the HTTP
   status becomes ``BG_E_HTTP_ERROR_<status>`` with REMOTE_FILE. Transient or not is
   ``failure.is_transient(code)``. Network errors map as in the download transport.
+* Responses are read within the limits the aiohttp transports share (``aiohttp_limits``):
+  up to ``MAX_RESPONSE_HEADERS`` header lines of up to ``MAX_HEADER_LINE`` bytes each
+  (aiohttp's defaults, 128 lines of 8190 bytes, refuse real servers' answers). A response beyond them, or one aiohttp cannot parse,
+  is ``BG_E_INVALID_SERVER_RESPONSE`` in words that say why; an answer's body cut short is
+  ``BG_E_CONNECTION_CLOSED`` with the bytes received. Descriptions never carry aiohttp's
+  parser wording (its "400, message=..." is a status no server sent) nor a URL's secrets.
 * Peers' quirks accepted: no ``BITS-Session-Id`` on later Acks (IIS 6), any case of header
   values, 201 for success, a relative ``BITS-Reply-URL`` with backslashes (IIS 6 sent
   ``BITS-Sessions\\Replies\\{GUID}\\responsefile.bin``): backslashes become slashes and the URL
@@ -106,6 +112,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
+from aiohttp.http import HttpProcessingError
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -121,8 +128,9 @@ from backhaul.core.port import (
     UploadSession,
     header_block,
 )
-from backhaul.core.url import redact_url
+from backhaul.core.url import redact_url, scrub_text
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext
+from backhaul.transports.aiohttp_limits import MAX_HEADER_LINE, MAX_RESPONSE_HEADERS, unreadable_why
 
 __all__ = [
     "DEFAULT_ATTEMPTS",
@@ -130,6 +138,8 @@ __all__ = [
     "DEFAULT_MIN_FRAGMENT_SIZE",
     "DEFAULT_RESPONSE_TIMEOUT",
     "DEFAULT_RETRY_DELAY",
+    "MAX_HEADER_LINE",
+    "MAX_RESPONSE_HEADERS",
     "METHOD",
     "UPLOAD_PROTOCOL",
     "BitsUploadSession",
@@ -217,14 +227,31 @@ def _redact(url: str | URL) -> str:
 def _translate(exc: BaseException, url: str | URL, packet: str) -> TransferError:
     for cls, code, context in _EXCEPTION_TABLE:
         if isinstance(exc, cls):
-            detail = str(exc) or type(exc).__name__
             return TransferError(
                 code,
-                f"{packet}: {type(exc).__name__} for {_redact(url)}: {detail}",
+                f"{packet}: {_described(exc, url)}",
                 context=context,
                 transient=is_transient(code),
             )
     raise exc
+
+
+def _described(exc: BaseException, url: str | URL) -> str:
+    """The exception in words, scrubbed of the URLs' secrets. aiohttp's response errors are
+    not quoted: their text holds the request's real URL (secrets and all) and, when its parser
+    refused the response, a status 400 that no server sent."""
+    cause = exc.__cause__
+    if isinstance(exc, aiohttp.ClientResponseError) and isinstance(cause, HttpProcessingError):
+        return f"the server's response headers could not be read from {_redact(url)}: " + (
+            unreadable_why(cause)
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError) and isinstance(cause, HttpProcessingError):
+        return f"the response body from {_redact(url)} was cut short: {scrub_text(cause.message)}"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        detail = f"HTTP {exc.status} {exc.message}".rstrip()
+    else:
+        detail = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__} for {_redact(url)}: {scrub_text(detail)}"
 
 
 @contextlib.contextmanager
@@ -683,6 +710,9 @@ class BitsUploader:
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,
+                max_line_size=MAX_HEADER_LINE,
+                max_field_size=MAX_HEADER_LINE,
+                max_headers=MAX_RESPONSE_HEADERS,
             )
             self._loop = loop
         return self._session
@@ -711,7 +741,10 @@ class BitsUploader:
             ) as resp:
                 read = 0
                 while read <= _SMALL_BODY:
-                    chunk = await resp.content.readany()
+                    try:
+                        chunk = await resp.content.readany()
+                    except aiohttp.ClientPayloadError as exc:
+                        raise _cut_short(resp, packet, read, exc) from exc
                     if not chunk:
                         break
                     read += len(chunk)
@@ -805,6 +838,27 @@ class BitsUploader:
             offset=0,
             offset_known=True,
         )
+
+
+def _cut_short(
+    resp: aiohttp.ClientResponse, packet: str, read: int, exc: aiohttp.ClientPayloadError
+) -> TransferError:
+    """BG_E_CONNECTION_CLOSED (transient): the answer's body ended before its end. ``read``:
+    the bytes taken so far; aiohttp reports the close before handing back what it still
+    buffers, which its count of bytes received includes. aiohttp's text is not quoted: it
+    holds a status 400 that no server sent."""
+    url = _redact(resp.url)
+    fed = getattr(resp.content, "total_bytes", None)  # aiohttp 3.x: body bytes received
+    received = max(read, fed) if isinstance(fed, int) else read
+    expected = resp.content_length
+    if expected is not None and received < expected:
+        why = f"connection closed after {received} of {expected} body bytes from {url}"
+    else:  # no length to compare (a chunked body): aiohttp's reason says what was wrong
+        cause = exc.__cause__
+        reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+        why = f"the body from {url} was cut short after {received} bytes: {scrub_text(reason)}"
+    code = hr.BG_E_CONNECTION_CLOSED
+    return TransferError(code, f"{packet}: {why}", context=_T, transient=is_transient(code))
 
 
 def _basic_authorization(credentials: Sequence[PlainCredentials]) -> str | None:

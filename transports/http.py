@@ -226,13 +226,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote_plus
 
 import aiohttp
 import attrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import HttpProcessingError
-from aiohttp.http_exceptions import LineTooLong
 from aiohttp.tracing import Trace
 from yarl import URL
 
@@ -252,7 +250,7 @@ from backhaul.core.port import (
     Transport,
     header_block,
 )
-from backhaul.core.url import REDACTED, URL_IN_TEXT, is_secret_parameter_name, redact_url
+from backhaul.core.url import redact_url, scrub_text
 from backhaul.core.value import ClientCertificate
 from backhaul.core.vocabulary import (
     REDIRECT_POLICY_MASK,
@@ -262,6 +260,7 @@ from backhaul.core.vocabulary import (
     ProxyUsage,
     SecurityFlags,
 )
+from backhaul.transports.aiohttp_limits import MAX_HEADER_LINE, MAX_RESPONSE_HEADERS, unreadable_why
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -299,19 +298,6 @@ DEFAULT_LIMIT_PER_HOST: Final = 16
 DEFAULT_LIMIT: Final = 100
 DEFAULT_USER_AGENT: Final = "backhaul/0.1"
 MAX_REDIRECTS: Final = 10
-MAX_RESPONSE_HEADERS: Final = 2048
-"""Header lines a response may have. aiohttp's default, 128, refuses real servers' answers.
-WinHTTP counts no lines but caps the whole block at 64 KiB (BITS reads no more); 2048 lines
-cover every block of that size whose lines average 32 bytes or more, i.e. any real one. More
-(curl takes 5000) would accept blocks BITS itself refuses and raise the memory a hostile server
-can make one response hold while its headers are parsed: aiohttp has no cap on the whole
-block, only on lines, so that is about ``MAX_RESPONSE_HEADERS * MAX_HEADER_LINE`` bytes."""
-MAX_HEADER_LINE: Final = 64 * 1024
-"""Bytes of one header line, and of the status line: WinHTTP's whole 64 KiB header block,
-which a single header (a large Content-Security-Policy, Link or Set-Cookie) may fill. aiohttp's
-default, 8190, is Apache's limit for requests, not what clients accept. Its compiled parser
-bounds a header's name and its value each by ``max_field_size``; its pure-Python one bounds the
-whole line, and a line whose end has not arrived yet by ``max_line_size``: both get this."""
 MAX_RETRY_AFTER: Final = 365 * 24 * 3600.0
 """The longest Retry-After honoured, in seconds (a year): longer ones are clamped to it."""
 
@@ -399,30 +385,6 @@ def _redact(url: str | URL) -> str:
     return redact_url(str(url))
 
 
-_USER_INFO_IN_TEXT: Final = re.compile(r"//[^/?#@]*@")
-_QUERY_IN_TEXT: Final = re.compile(r"\?([^\s#\"'<>]+)")
-
-
-def _scrubbed(text: str) -> str:
-    """``text`` that may hold URLs (an exception's text, a redirect's Location) fit for a
-    message: every absolute URL in it as ``_redact`` shows it. What the redactor cannot read
-    (a relative or broken URL: ``//bob:pw@host:abc/x``, ``/x?sig=...``, a space in a host)
-    is scrubbed crudely first: whatever sits between ``//`` and ``@`` is cut, and every
-    query value whose name ``core.url`` counts as a secret becomes ``<redacted>``."""
-    text = _USER_INFO_IN_TEXT.sub("//", text)
-    text = URL_IN_TEXT.sub(lambda m: _redact(m[0]), text)
-    return _QUERY_IN_TEXT.sub(
-        lambda m: "?" + "&".join(_scrubbed_parameter(p) for p in m[1].split("&")), text
-    )
-
-
-def _scrubbed_parameter(parameter: str) -> str:
-    name, equals, value = parameter.partition("=")
-    if equals and value and is_secret_parameter_name(unquote_plus(name)):
-        return f"{name}={REDACTED}"
-    return parameter
-
-
 def _certificate_code(exc: BaseException) -> int:
     """A certificate verification failure: revoked, revocation unknown, or any other."""
     cause = getattr(exc, "certificate_error", exc)
@@ -463,23 +425,13 @@ def _described(exc: BaseException, url: str | URL) -> str:
     ):
         # aiohttp's parser refused the response: the client, not the server, says 400 there.
         return f"the server's response headers could not be read from {_redact(url)}: " + (
-            _unreadable_why(exc.__cause__)
+            unreadable_why(exc.__cause__)
         )
     if isinstance(exc, aiohttp.ClientResponseError):
         detail = f"{exc.status}, message={exc.message!r}"
     else:
         detail = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__} for {_redact(url)}: {_scrubbed(detail)}"
-
-
-def _unreadable_why(error: HttpProcessingError) -> str:
-    """Why aiohttp's parser refused a response head, in words; its own text for the rest."""
-    original = error.__cause__  # aiohttp copies the parser's error: the original is its cause
-    if isinstance(original, LineTooLong):
-        return f"a header line is longer than {MAX_HEADER_LINE} bytes"
-    if error.message.startswith("Too many headers"):
-        return f"too many headers (more than {MAX_RESPONSE_HEADERS})"
-    return _scrubbed(error.message)
+    return f"{type(exc).__name__} for {_redact(url)}: {scrub_text(detail)}"
 
 
 _TRANSLATED: Final = tuple(cls for cls, _, _ in _EXCEPTION_TABLE)
@@ -1511,7 +1463,7 @@ class HttpDownload(ClosedOnExit):
         else:  # no length to compare (a chunked body): aiohttp's reason says what was wrong
             cause = exc.__cause__ if exc is not None else None
             reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
-            why = f"the body from {url} was cut short after {received} bytes: {_scrubbed(reason)}"
+            why = f"the body from {url} was cut short after {received} bytes: {scrub_text(reason)}"
         code = hr.BG_E_CONNECTION_CLOSED
         return TransferError(
             code, why, context=ErrorContext.GENERAL_TRANSPORT, transient=_is_transient(code)
@@ -1753,7 +1705,7 @@ class HttpTransport:
                 following = target.join(URL(location))
             except ValueError:
                 raise _protocol_error(
-                    resp, f"bad redirect Location {_scrubbed(location)!r}"
+                    resp, f"bad redirect Location {scrub_text(location)!r}"
                 ) from None
             if policy == SecurityFlags.REDIRECT_POLICY_DISALLOW:
                 raise _disallowed(resp, following)

@@ -678,10 +678,23 @@ class Downloads:
                 and (pending is None or pending.done())
                 and (isinstance(exc, asyncio.CancelledError) or exc.transient)
             ):
-                with contextlib.suppress(Exception):
+                # A second cancellation (asyncio.run cancels every task, then the engine's
+                # shutdown cancels its transfers) must not cost the bytes: they are claimed
+                # all the same, and the cancellation goes on after.
+                again: asyncio.CancelledError | None = None
+                try:
                     await download.aclose()  # stop receiving first, then sync what came
+                except asyncio.CancelledError as cancelled:
+                    again = cancelled
+                except Exception:  # closing a broken download: there is nothing to keep
+                    pass
                 last = cmd.Checkpoint(index, position, total, remote.validator, headers)
-                await self._last_checkpoint(job_id, fd, last)
+                try:
+                    await self._last_checkpoint(job_id, fd, last)
+                except asyncio.CancelledError as cancelled:
+                    again = again or cancelled
+                if again is not None and not isinstance(exc, asyncio.CancelledError):
+                    raise again from exc
             raise
         finally:
             if pending is not None and not pending.done():
@@ -760,7 +773,15 @@ class Downloads:
         try:
             self._hold_lease(job_id)
             if fd is not None:  # an upload's bytes are the server's: nothing to sync here
-                await to_the_end(asyncio.to_thread(os.fdatasync, fd))
+                synced = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
+                try:
+                    await to_the_end(synced)
+                except asyncio.CancelledError:
+                    # Cancelled while syncing: the sync ran to its end all the same
+                    # (to_the_end), and what it made durable is claimed before going on.
+                    if not synced.cancelled() and synced.exception() is None:
+                        self._post(job_id, checkpoint)
+                    raise
             self._post(job_id, checkpoint)
         except (OSError, JobGone) as exc:
             log.info("no last checkpoint for job %s: %s", job_id, exc)

@@ -1012,7 +1012,13 @@ class TransferJob:
         self.id = job_id
 
     def __repr__(self) -> str:
-        job = self.snapshot()
+        """Its id, name and state; a handle whose job cannot be read (its manager closed,
+        the job gone) still shows its id and why, since a repr must not raise (a log line
+        or a traceback that shows the handle would fail in turn)."""
+        try:
+            job = self.snapshot()
+        except BitsError as exc:
+            return f"<TransferJob {self.id} ({hresult.name_of(exc.hresult)})>"
         return f"<TransferJob {self.id} {job.display_name!r} {job.state.name}>"
 
     def __eq__(self, other: object) -> bool:

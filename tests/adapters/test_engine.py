@@ -1764,6 +1764,30 @@ def test_dynamic_content_restarts_from_zero_after_an_interruption(tmp_path: Path
     assert (tmp_path / "gen.out").read_bytes() == data
 
 
+def test_an_application_whose_asyncio_run_ends_keeps_what_its_engine_received(
+    tmp_path: Path, engine_nginx: tuple[NginxServer, Path]
+) -> None:
+    """An application's ``main`` returns (or Ctrl-C ends it) with the engine still running:
+    ``asyncio.run`` cancels every task left, and the engine's own shutdown then cancels its
+    transfers a second time. That second cancellation cut the last checkpoint short, and the
+    bytes since the previous one (1 MiB of 2.7 here) were fetched again by the next engine.
+    They are now synced and claimed as on any other stop."""
+    server, _ = engine_nginx
+    manager = TransferManager(home=tmp_path / "home")
+    job = new_job(manager, [(f"{server.url}/three.bin", tmp_path / "three.bin")])
+    job.max_rate = 1_000_000
+
+    async def main() -> None:
+        engine = make_engine(manager, checkpoint_interval=60.0)
+        asyncio.get_running_loop().create_task(engine.run())  # left for asyncio.run to end
+        await until(lambda: engine.live_progress.get((job.id, 0), 0) >= 256 * KiB, "some")
+
+    asyncio.run(main())
+    on_disk = temp_of(job, 0).stat().st_size
+    assert 256 * KiB <= checkpointed(job) == on_disk
+    manager.close()
+
+
 def test_an_engine_that_stops_mid_file_checkpoints_what_it_received(tmp_path: Path) -> None:
     """`serve` stopped (SIGTERM) or `get` interrupted in the middle of a file: the bytes
     received since the last checkpoint are made durable and claimed before the engine

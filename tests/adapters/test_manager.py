@@ -1835,8 +1835,11 @@ def test_a_closed_manager_refuses_every_call_with_rpc_e_disconnected(tmp_path: P
             call()
         assert refused.value.hresult == hresult.RPC_E_DISCONNECTED
         assert "this TransferManager is closed" in str(refused.value)
+    # A repr must not raise: a log line or a traceback that shows the handle would fail too.
+    assert repr(job) == f"<TransferJob {job.id} (RPC_E_DISCONNECTED)>"
     with TransferManager(home=tmp_path / "home") as reopened:  # nothing was recorded
         assert reopened.get_job(job.id).state is JobState.SUSPENDED
+        assert repr(reopened.get_job(job.id)) == f"<TransferJob {job.id} 'kept' SUSPENDED>"
 
 
 # -- long local names ---------------------------------------------------------------------

@@ -776,13 +776,13 @@ class Downloads:
                 synced = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
                 try:
                     await to_the_end(synced)
-                except asyncio.CancelledError:
-                    # Cancelled while syncing: the sync ran to its end all the same
-                    # (to_the_end), and what it made durable is claimed before going on.
-                    if not synced.cancelled() and synced.exception() is None:
+                finally:
+                    # Cancelled while syncing, the sync ran to its end all the same
+                    # (to_the_end): what it made durable is claimed before going on.
+                    if synced.done() and not synced.cancelled() and synced.exception() is None:
                         self._post(job_id, checkpoint)
-                    raise
-            self._post(job_id, checkpoint)
+            else:
+                self._post(job_id, checkpoint)
         except (OSError, JobGone) as exc:
             log.info("no last checkpoint for job %s: %s", job_id, exc)
 

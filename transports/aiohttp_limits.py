@@ -14,7 +14,7 @@ from aiohttp.http_exceptions import LineTooLong
 
 from backhaul.core.url import scrub_text
 
-__all__ = ["MAX_HEADER_LINE", "MAX_RESPONSE_HEADERS", "unreadable_why"]
+__all__ = ["MAX_HEADER_LINE", "MAX_RESPONSE_HEADERS", "cut_short_why", "unreadable_why"]
 
 MAX_RESPONSE_HEADERS: Final = 2048
 """Header lines a response may have. aiohttp's default, 128, refuses real servers' answers.
@@ -40,3 +40,14 @@ def unreadable_why(error: HttpProcessingError) -> str:
     if error.message.startswith("Too many headers"):
         return f"too many headers (more than {MAX_RESPONSE_HEADERS})"
     return scrub_text(error.message)
+
+
+def cut_short_why(url: str, received: int, expected: int | None, exc: BaseException | None) -> str:
+    """Why a body ended early, in our words (aiohttp's hold a status 400 no server sent):
+    the bytes received of those announced, or, with no length to compare (a chunked body),
+    aiohttp's reason scrubbed. ``url`` is already redacted."""
+    if expected is not None and received < expected:
+        return f"connection closed after {received} of {expected} body bytes from {url}"
+    cause = exc.__cause__ if exc is not None else None
+    reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    return f"the body from {url} was cut short after {received} bytes: {scrub_text(reason)}"

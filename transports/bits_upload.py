@@ -130,7 +130,12 @@ from backhaul.core.port import (
 )
 from backhaul.core.url import redact_url, scrub_text
 from backhaul.core.vocabulary import AuthScheme, AuthTarget, ErrorContext
-from backhaul.transports.aiohttp_limits import MAX_HEADER_LINE, MAX_RESPONSE_HEADERS, unreadable_why
+from backhaul.transports.aiohttp_limits import (
+    MAX_HEADER_LINE,
+    MAX_RESPONSE_HEADERS,
+    cut_short_why,
+    unreadable_why,
+)
 
 __all__ = [
     "DEFAULT_ATTEMPTS",
@@ -847,16 +852,9 @@ def _cut_short(
     the bytes taken so far; aiohttp reports the close before handing back what it still
     buffers, which its count of bytes received includes. aiohttp's text is not quoted: it
     holds a status 400 that no server sent."""
-    url = _redact(resp.url)
     fed = getattr(resp.content, "total_bytes", None)  # aiohttp 3.x: body bytes received
     received = max(read, fed) if isinstance(fed, int) else read
-    expected = resp.content_length
-    if expected is not None and received < expected:
-        why = f"connection closed after {received} of {expected} body bytes from {url}"
-    else:  # no length to compare (a chunked body): aiohttp's reason says what was wrong
-        cause = exc.__cause__
-        reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
-        why = f"the body from {url} was cut short after {received} bytes: {scrub_text(reason)}"
+    why = cut_short_why(_redact(resp.url), received, resp.content_length, exc)
     code = hr.BG_E_CONNECTION_CLOSED
     return TransferError(code, f"{packet}: {why}", context=_T, transient=is_transient(code))
 

@@ -260,7 +260,12 @@ from backhaul.core.vocabulary import (
     ProxyUsage,
     SecurityFlags,
 )
-from backhaul.transports.aiohttp_limits import MAX_HEADER_LINE, MAX_RESPONSE_HEADERS, unreadable_why
+from backhaul.transports.aiohttp_limits import (
+    MAX_HEADER_LINE,
+    MAX_RESPONSE_HEADERS,
+    cut_short_why,
+    unreadable_why,
+)
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -1457,13 +1462,7 @@ class HttpDownload(ClosedOnExit):
         """BG_E_CONNECTION_CLOSED (transient) for a body that ended after ``received`` bytes;
         ``exc`` is aiohttp's report of it, when it made one. Its text holds a status 400 that
         no server sent (aiohttp's parser errors all carry one): the words here are ours."""
-        url = _redact(self._response.url)
-        if self._expected is not None and received < self._expected:
-            why = f"connection closed after {received} of {self._expected} body bytes from {url}"
-        else:  # no length to compare (a chunked body): aiohttp's reason says what was wrong
-            cause = exc.__cause__ if exc is not None else None
-            reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
-            why = f"the body from {url} was cut short after {received} bytes: {scrub_text(reason)}"
+        why = cut_short_why(_redact(self._response.url), received, self._expected, exc)
         code = hr.BG_E_CONNECTION_CLOSED
         return TransferError(
             code, why, context=ErrorContext.GENERAL_TRANSPORT, transient=_is_transient(code)

@@ -36,7 +36,10 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import count, pairwise
@@ -51,7 +54,13 @@ from backhaul.adapters.jobrun import JobGone, StoreDown
 from backhaul.adapters.jobtable import JobTable, timer_deadline, wake_at
 from backhaul.adapters.manager import FileInfo, TransferJob, TransferManager, file_info
 from backhaul.adapters.network import network_up, system_cost
-from backhaul.adapters.notify import Callbacks, command_line_due, wants
+from backhaul.adapters.notify import (
+    CALLBACK_RETRY_INTERVAL,
+    Callback,
+    Callbacks,
+    command_line_due,
+    wants,
+)
 from backhaul.adapters.projection import job_of
 from backhaul.adapters.ratelimit import RateLimiter
 from backhaul.adapters.secret import SealedUnreadable
@@ -60,6 +69,7 @@ from backhaul.adapters.store import (
     AdvisoryLock,
     ConcurrentAppend,
     EngineLock,
+    EventStore,
     Recorded,
     StoreUnavailable,
     engine_lock,
@@ -153,6 +163,54 @@ class _Outage:
         self.count, self.retry_in = 0, 0.0
 
 
+class MemoryStoreLock:
+    """The engine lock of a memory store: held on the store object itself, in this process
+    (the only one that can reach the store), so that two engines on one ``memory:`` manager
+    are kept apart as on SQLite. The same counting as ``store.EngineLock``: ``acquire``
+    takes it (True) or finds another holder (False), never waiting; the last ``release``
+    gives it back. ``shared``: a worker's (workers share it, an engine without leases
+    holds it alone)."""
+
+    _guard: Final = threading.Lock()
+    # Per store: whether its holders share the lock, and how many hold it.
+    _held: Final[weakref.WeakKeyDictionary[EventStore, tuple[bool, int]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, store: EventStore, *, shared: bool = False) -> None:
+        self.store = store
+        self.shared = shared
+        self._count = 0
+
+    def acquire(self) -> bool:
+        with self._guard:
+            if not self._count:
+                shared, holders = self._held.get(self.store, (self.shared, 0))
+                if holders and not (shared and self.shared):
+                    return False
+                self._held[self.store] = (self.shared, holders + 1)
+            self._count += 1
+            return True
+
+    def release(self) -> None:
+        with self._guard:
+            if not self._count:
+                return
+            self._count -= 1
+            if not self._count:
+                shared, holders = self._held.get(self.store, (self.shared, 1))
+                if holders <= 1:
+                    self._held.pop(self.store, None)
+                else:
+                    self._held[self.store] = (shared, holders - 1)
+
+    def holder(self) -> str:
+        return "an engine of this process"
+
+
+StoreLock = EngineLock | AdvisoryLock | MemoryStoreLock
+
+
 def default_transports() -> Mapping[str, Transport]:
     """Every installed transport (entry-point group ``backhaul.transports``), each built the
     first time a job needs its scheme (adapters/registry.py)."""
@@ -188,7 +246,8 @@ class Engine(Downloads, Fills, Uploads):
         lease_seconds: float = 30.0,
         inactivity_timeout: timedelta = timedelta(days=90),
         idle_scan_interval: float = 60.0,
-        store_lock: EngineLock | None = None,
+        store_lock: StoreLock | None = None,
+        callback_retry_interval: float = CALLBACK_RETRY_INTERVAL,
     ) -> None:
         self.manager = manager
         self.store = manager.store
@@ -202,7 +261,14 @@ class Engine(Downloads, Fills, Uploads):
         self.checkpoint_interval = checkpoint_interval
         self.checkpoint_bytes = checkpoint_bytes
         self.poll_interval = poll_interval
-        self.callbacks = Callbacks()
+        self.callbacks = Callbacks(self.clock.monotonic)
+        self.callback_retry_interval = callback_retry_interval
+        # Callbacks registered while the engine runs, for its loop to take (``_catch_up``);
+        # ``_on_guard`` orders a registration against the start of ``run``.
+        self._late: deque[tuple[str, Callback]] = deque()
+        self._on_guard = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # while ``run`` runs
+        self._ran: bool | None = None  # None: never ran; False: runs; True: ran and stopped
         self._connections = asyncio.Semaphore(max_connections)
         # The jobs that can move: SUSPENDED jobs are loaded when an event of theirs is read.
         self._jobs = JobTable(deadline=timer_deadline)
@@ -253,7 +319,7 @@ class Engine(Downloads, Fills, Uploads):
         # is the only engine, as the SQLite lock file makes sure).
         self.worker = worker
         self.lease_seconds = lease_seconds
-        self.store_lock = store_lock
+        self.store_lock: StoreLock | None = store_lock
         # JobInactivityTimeout (bits-core.md §16): a job nobody touched for this long is
         # cancelled by the engine (JobScavenged), its temp files deleted.
         self.inactivity_timeout = inactivity_timeout
@@ -298,9 +364,46 @@ class Engine(Downloads, Fills, Uploads):
     # -- public --------------------------------------------------------------------------
 
     def on(self, kind: str, callback: Callable[..., Any]) -> None:
-        """Register a callback: job_transferred, job_error, job_modification,
-        file_transferred, file_ranges_transferred (see adapters/notify.py)."""
-        self.callbacks.register(kind, callback)
+        """Register a callback: job_transferred(job), job_error(job, error),
+        job_modification(job), file_transferred(job, file_info),
+        file_ranges_transferred(job, file_info, ranges) (adapters/notify.py). Any thread may
+        register, before or while the engine runs.
+
+        Callbacks run on the engine's event loop (an ``EngineThread``'s thread), one at a
+        time: while one runs, every transfer of the engine waits. Keep them quick; long work
+        (a Complete of many files, a digest, a network call) belongs in a thread of the
+        application's, or in an ``async def`` callback, which the engine awaits as a task of
+        its loop (``await asyncio.to_thread(job.complete)``). Each job's callbacks come in
+        the order of its events, an async one's awaited before the next is called.
+
+        A job_transferred or job_error callback is due at least once: registered while the
+        engine runs, it is called on the engine's next pass for the jobs already waiting in
+        TRANSFERRED or ERROR (their notify flags permitting), as those registered before
+        ``run`` are at start. One that raises is logged, and job_transferred, job_error and
+        file_transferred are called again every ``callback_retry_interval`` seconds while
+        the job is still in that state and neither completed nor cancelled."""
+        with self._on_guard:
+            if self._loop is None:  # not running: the start-up pass tells it
+                self.callbacks.register(kind, callback)
+                return
+            self.callbacks.check(kind)
+            self._late.append((kind, callback))
+            loop = self._loop
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to tell
+            if _running_loop() is loop:
+                self.wake()
+            else:
+                loop.call_soon_threadsafe(self.wake)
+
+    @property
+    def callback_retry_interval(self) -> float:
+        """Seconds after which a job_transferred, job_error or file_transferred callback that
+        raised is called again (60; BITS re-invokes a callback that failed)."""
+        return self.callbacks.retry_interval
+
+    @callback_retry_interval.setter
+    def callback_retry_interval(self, seconds: float) -> None:
+        self.callbacks.retry_interval = seconds
 
     def set_url_refresher(
         self, refresher: UrlRefresher | None, statuses: Iterable[int] = URL_REFRESH_STATUSES
@@ -330,8 +433,16 @@ class Engine(Downloads, Fills, Uploads):
     async def run(self, *, until_idle: bool = False) -> None:
         """Run until ``stop()``; with ``until_idle``, also return once no job is queued,
         connecting, transferring or waiting for a retry. Raises BitsError
-        (ERROR_SERVICE_ALREADY_RUNNING) when another engine holds the store's lock."""
+        (ERROR_SERVICE_ALREADY_RUNNING) when another engine holds the store's lock, or when
+        this engine runs already. An engine runs once: when it stops it closes its
+        transports, and ``run`` again raises BitsError RPC_E_DISCONNECTED (make a new
+        ``Engine`` over the manager; one refused by the lock may try again)."""
+        if self._ran is not None:
+            raise _ran_already(running=not self._ran)
         lock = self._lock_store()
+        self._ran = False
+        with self._on_guard:
+            self._loop = asyncio.get_running_loop()
         try:
             await self._run(until_idle=until_idle)
         except Exception as exc:
@@ -339,16 +450,23 @@ class Engine(Downloads, Fills, Uploads):
                 raise _closed_under() from exc
             raise
         finally:
+            with self._on_guard:
+                self._loop = None
+                while self._late:  # registered as it stopped: kept, as before ``run``
+                    self.callbacks.register(*self._late.popleft())
+            self._ran = True
             if lock is not None:
                 lock.release()
 
-    def _lock_store(self) -> EngineLock | AdvisoryLock | None:
+    def _lock_store(self) -> StoreLock:
         """The store's engine lock, held: two engines without leases would transfer the
         same jobs into the same temp files. Workers (fenced by their leases) share it; an
-        engine without leases holds it alone. None: a memory store."""
-        lock = self.store_lock or engine_lock(self.store, shared=self.worker is not None)
+        engine without leases holds it alone. A memory store's is held on the store object
+        (``MemoryStoreLock``): its engines are all in this process."""
+        shared = self.worker is not None
+        lock = self.store_lock or engine_lock(self.store, shared=shared)
         if lock is None:
-            return None
+            lock = MemoryStoreLock(self.store, shared=shared)
         if not lock.acquire():
             raise BitsError(
                 hresult.hresult_from_win32(hresult.ERROR_SERVICE_ALREADY_RUNNING),
@@ -371,6 +489,8 @@ class Engine(Downloads, Fills, Uploads):
                     raise _closed_under()
                 try:
                     await self._follow()
+                    if self._late:
+                        await self._catch_up()
                     await self._apply_policies()
                     await self._fire_timers()
                     await self._schedule()
@@ -382,6 +502,7 @@ class Engine(Downloads, Fills, Uploads):
                 self._reads.ended()
                 self._run_command_lines()
                 self._tell_held_modifications()
+                self._call_again()
                 if until_idle and self._idle():
                     break
                 await self._sleep()
@@ -456,6 +577,8 @@ class Engine(Downloads, Fills, Uploads):
             await writer
         with contextlib.suppress(Exception):
             await self._follow()  # notify what our last appends caused
+        # Async callbacks still awaited get the command lines' grace, then are cancelled.
+        await self.callbacks.settle(self.command_line_grace)
         for task in self._cmdlines.values():
             task.cancel()  # the clean-ups (discard, abort): the next engine does them again
         for mapping in (self._transports, self._uploaders):
@@ -497,6 +620,9 @@ class Engine(Downloads, Fills, Uploads):
         held = self.callbacks.next_held_modification()
         if held is not None:
             timeout = min(timeout, max(held - self.clock.monotonic(), 0.0))
+        again = self.callbacks.next_again()
+        if again is not None:
+            timeout = min(timeout, max(again - self.clock.monotonic(), 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
@@ -749,19 +875,20 @@ class Engine(Downloads, Fills, Uploads):
             # checkpoint, which are the ranges' own progress): "the ranges since the last
             # callback".
             for index, ranges in self.callbacks.held_ranges(rec.job_id):
-                if wants(job, "file_ranges_transferred"):
+                if ranges and wants(job, "file_ranges_transferred"):
                     info = file_info(job, index)
-                    self.callbacks.call("file_ranges_transferred", handle, info, list(ranges))
+                    self.callbacks.call(
+                        "file_ranges_transferred", job.id, handle, info, list(ranges)
+                    )
         if isinstance(event, ev.FileTransferred) and wants(job, "file_transferred"):
-            self.callbacks.call("file_transferred", handle, file_info(job, event.file_index))
+            index = event.file_index
+            info = file_info(job, index)
+            self.callbacks.call("file_transferred", job.id, handle, info, index=index)
         if job.state in _NOTIFIED and job.state_since_version == rec.version:
             # The move to TRANSFERRED or ERROR: its own callback, never JobModification
             # (bits-core.md §9), whatever the flags; nor one held for the changes before it.
             self.callbacks.drop_held_modification(rec.job_id)
-            if job.state is JobState.TRANSFERRED and wants(job, "job_transferred"):
-                self.callbacks.call("job_transferred", handle)
-            elif job.state is JobState.ERROR and wants(job, "job_error"):
-                self.callbacks.call("job_error", handle, job_error(job))
+            self._notify_state(job, handle)
             return
         if isinstance(event, ev.FileRestarted):
             self.callbacks.restarted(rec.job_id, event.file_index)
@@ -770,7 +897,7 @@ class Engine(Downloads, Fills, Uploads):
         if wants(job, "job_modification") and self.callbacks.modification_due(
             job, self.clock.monotonic()
         ):
-            self.callbacks.call("job_modification", handle)
+            self.callbacks.call("job_modification", job.id, handle)
 
     def _tell_held_modifications(self) -> None:
         """JobModification for the jobs changed within their notification interval, once
@@ -778,7 +905,7 @@ class Engine(Downloads, Fills, Uploads):
         for job_id in self.callbacks.held_modifications(self.clock.monotonic()):
             job = self._logged.get(job_id)
             if job is not None and not job.is_final and wants(job, "job_modification"):
-                self.callbacks.call("job_modification", self.job(job_id))
+                self.callbacks.call("job_modification", job_id, self.job(job_id))
 
     def _ranges_came(self, handle: TransferJob, job: Job, event: ev.Event) -> None:
         """IBackgroundCopyCallback3::FileRangesTransferred: the ranges that came since the
@@ -794,9 +921,9 @@ class Engine(Downloads, Fills, Uploads):
             due = self.callbacks.ranges_filled(job, index, event.ranges, now)
         else:
             return
-        if due is not None:
+        if due:
             info = file_info(job, index)
-            self.callbacks.call("file_ranges_transferred", handle, info, list(due))
+            self.callbacks.call("file_ranges_transferred", job.id, handle, info, list(due))
 
     def _tell(self, job: Job, event: ev.Event) -> None:
         """A line in the log (``serve`` prints them): a job transferred, failed, or ended."""
@@ -816,15 +943,68 @@ class Engine(Downloads, Fills, Uploads):
             after = f"; next try at {when.isoformat(timespec='seconds')}" if when else ""
             log.info("%s: transient error: %s%s", who, one_line(str(error)), after)
 
-    def _notify_state(self, job: Job) -> None:
-        """At start: callbacks are due at least once for jobs waiting in these states."""
+    def _notify_state(
+        self,
+        job: Job,
+        handle: TransferJob | None = None,
+        only: Sequence[Callback] | None = None,
+    ) -> None:
+        """job_transferred or job_error for a job in TRANSFERRED or ERROR (its flags
+        permitting): as it moves there, and at least once for the jobs waiting there when
+        the engine starts or a callback is registered (``only`` that one: ``_catch_up``)."""
         if not self.callbacks:
             return
-        handle = self.job(job.id)
+        if handle is None:
+            handle = self.job(job.id)
         if job.state is JobState.TRANSFERRED and wants(job, "job_transferred"):
-            self.callbacks.call("job_transferred", handle)
+            self.callbacks.call("job_transferred", job.id, handle, only=only)
         elif job.state is JobState.ERROR and wants(job, "job_error"):
-            self.callbacks.call("job_error", handle, job_error(job))
+            self.callbacks.call("job_error", job.id, handle, job_error(job), only=only)
+
+    async def _catch_up(self) -> None:
+        """Take the callbacks registered while the engine runs. A job_transferred or
+        job_error callback is due at least once, even when registered after the event
+        (bits-core.md §9): it is called for the jobs waiting in TRANSFERRED or ERROR, as the
+        start-up pass calls those registered before ``run``; the engine loads those it has
+        not loaded (or let go of) first. Taken between two reads of the log: a move the
+        engine read before is told here, one it reads after by ``_dispatch``."""
+        late = list(self._late)
+        told = [(k, c) for k, c in late if k in ("job_transferred", "job_error")]
+        if told:
+            rows = await self._live_rows(states=_NOTIFIED)
+            await self._adopt([r.job_id for r in rows])
+            # Let go of while the engine had no callback: their rows may be stale.
+            await self._adopt(list(self._released), released=True)
+        for _ in late:
+            self.callbacks.register(*self._late.popleft())
+        if not told:
+            return
+        for kind, callback in told:
+            state = JobState.TRANSFERRED if kind == "job_transferred" else JobState.ERROR
+            for held in self._jobs.in_states([state]):
+                job = self._logged.get(held.id)
+                if job is not None and job.state is state:
+                    self._notify_state(job, only=[callback])
+
+    def _call_again(self) -> None:
+        """The job_transferred, job_error and file_transferred callbacks that raised, once
+        ``callback_retry_interval`` has passed (bits-core.md §9: BITS re-invokes a callback
+        that did not return S_OK): each called again while its job is still in that state
+        (the file still transferred), neither completed nor cancelled, and its flags still
+        ask for it; else it is dropped."""
+        for (job_id, kind, index), callbacks in self.callbacks.due_again(self.clock.monotonic()):
+            job = self._logged.get(job_id)
+            if job is None or job.is_final or not wants(job, kind):
+                continue
+            if kind == "file_transferred":
+                if index < len(job.files) and job.files[index].transferred:
+                    info = file_info(job, index)
+                    handle = self.job(job_id)
+                    self.callbacks.call(kind, job_id, handle, info, index=index, only=callbacks)
+            elif job.state is (
+                JobState.TRANSFERRED if kind == "job_transferred" else JobState.ERROR
+            ):
+                self._notify_state(job, only=callbacks)
 
     def _run_command_lines(self) -> None:
         now = self.clock.now()
@@ -1184,6 +1364,7 @@ class Engine(Downloads, Fills, Uploads):
             or job_id in self._stale
             or job_id in self._finishing
             or self._has_queued(job_id)
+            or self.callbacks.busy(job_id)
         )
 
     async def _live_rows(self, **filters: Any) -> list[ViewRow]:
@@ -1672,6 +1853,27 @@ class Engine(Downloads, Fills, Uploads):
             await self._commit(job_id, failed)
 
 
+def _ran_already(*, running: bool) -> BitsError:
+    """``run`` on an engine that runs, or that ran and stopped."""
+    if running:
+        return BitsError(
+            hresult.hresult_from_win32(hresult.ERROR_SERVICE_ALREADY_RUNNING),
+            "this engine runs already: one run() per engine",
+        )
+    return BitsError(
+        hresult.RPC_E_DISCONNECTED,
+        "this engine ran and stopped (its transports are closed): an engine runs once; "
+        "make a new Engine over the manager to run again",
+    )
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _closed_under() -> BitsError:
     """The manager was closed while its engine ran: the engine stops, telling why."""
     return BitsError(
@@ -1826,7 +2028,8 @@ def command_refresher(argv: Sequence[str], timeout: float = 30.0) -> UrlRefreshe
 
 class EngineThread:
     """An engine in a background thread with its own event loop, for applications that
-    have no asyncio loop. Callbacks run in that thread.
+    have no asyncio loop. Callbacks run in that thread, on the engine's loop: while one
+    runs, no transfer moves (see ``Engine.on``).
 
         with EngineThread(manager) as engine:
             engine.on("job_transferred", lambda job: job.complete())
@@ -1843,6 +2046,11 @@ class EngineThread:
         self.error: BaseException | None = None
 
     def on(self, kind: str, callback: Callable[..., Any]) -> None:
+        """``Engine.on``, from any thread, before or after ``start()``: the callback runs in
+        the engine's thread and must be quick (long work goes to a thread of its own, or
+        into an ``async def`` callback). Registered after ``start()``, a job_transferred or
+        job_error callback is called on the engine's next pass for the jobs already in
+        TRANSFERRED or ERROR."""
         self.engine.on(kind, callback)
 
     def set_url_refresher(
@@ -1884,10 +2092,21 @@ class EngineThread:
             self._loop.call_soon_threadsafe(self.engine.wake)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the engine and wait up to ``timeout`` seconds for its thread to end.
+        Raises TimeoutError when the thread still runs then (a callback that blocks, a
+        notify program in its grace period): the engine stops once the callback returns,
+        and still holds the store's engine lock until then; call ``stop`` again to wait
+        longer. Raises what stopped the engine if it did not stop by ``stop`` (BitsError
+        RPC_E_DISCONNECTED: the manager was closed under it)."""
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self.engine.stop)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(
+                f"the engine thread did not stop within {timeout:g} s (a callback still "
+                "runs?); it stops once its loop gets control back"
+            )
         if self.error is not None:
             raise self.error
 

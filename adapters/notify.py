@@ -18,10 +18,21 @@ called for the events the engine reads from the log, whoever appended them:
   that come sooner are held and told, merged, with the next ones due, or before the job's
   next other event (its RangesDone, its FileTransferred, an error), so that none is lost
   and none is told twice (a restarted engine may tell a file's ranges from its start).
-``NotifyFlags.DISABLE`` silences all of them. A callback that raises is logged; it
-never stops the engine. Callbacks are not persisted (as in BITS): they are due
-"at least once", so a callback registered after a job reached TRANSFERRED or ERROR is
-called for it when the engine starts (the state is in the log).
+``NotifyFlags.DISABLE`` silences all of them. Callbacks run on the engine's event loop
+(an ``EngineThread``'s thread): each must return quickly, for every transfer of the engine
+waits while one runs. An ``async def`` callback is awaited as a task of that loop (long
+work goes there: ``await asyncio.to_thread(job.complete)``), and the callbacks of one job
+stay in the order of its events: one called while an earlier one of its job is still
+awaited waits for it. A callback that raises (or whose coroutine raises) is logged; it
+never stops the engine. As BITS re-invokes a callback that did not return S_OK,
+``job_transferred``, ``job_error`` and ``file_transferred`` that raised are called again
+(that callback only) every ``Engine.callback_retry_interval`` seconds (60) while the job is
+still in that state (the file still transferred) and neither completed nor cancelled;
+``job_modification`` and ``file_ranges_transferred`` are not (BITS may drop them too).
+Callbacks are not persisted (as in BITS): they are due "at least once", so a
+``job_transferred`` or ``job_error`` callback registered after its job reached TRANSFERRED
+or ERROR is called for it: at start for those registered before the engine runs, and on
+the engine's next pass for one registered while it runs (the state is in the log).
 
 The notify command line runs as an argument vector (never through a shell) when a job
 is in TRANSFERRED or ERROR and has no successful run recorded since it got there. Its
@@ -35,8 +46,11 @@ recorded: the next engine runs it again. Nothing the engine started outlives it.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -62,6 +76,13 @@ FLAG_OF = {
     "file_ranges_transferred": NotifyFlags.FILE_RANGES_TRANSFERRED,
 }
 REASON_OF_STATE = {JobState.TRANSFERRED: "transferred", JobState.ERROR: "error"}
+# The notifications called again while a callback of theirs fails (bits-core.md §9).
+CALLED_AGAIN = frozenset({"job_transferred", "job_error", "file_transferred"})
+CALLBACK_RETRY_INTERVAL = 60.0  # seconds: the default of Engine.callback_retry_interval
+
+Callback = Callable[..., Any]
+# A notification called again: (job id, kind, file index or -1).
+Again = tuple[str, str, int]
 
 
 def wants(job: Job, kind: str) -> bool:
@@ -70,10 +91,20 @@ def wants(job: Job, kind: str) -> bool:
 
 
 class Callbacks:
-    """The registered in-process callbacks, called safely."""
+    """The registered in-process callbacks, called safely: one that raises is logged, and
+    the notifications of ``CALLED_AGAIN`` are called again later (``due_again``); a
+    coroutine is awaited as a task, each job's in the order of its events. ``clock``: the
+    engine's monotonic clock (when a failed callback is due again)."""
 
-    def __init__(self) -> None:
-        self._callbacks: dict[str, list[Callable[..., Any]]] = {k: [] for k in KINDS}
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._callbacks: dict[str, list[Callback]] = {k: [] for k in KINDS}
+        self._clock = clock
+        self.retry_interval = CALLBACK_RETRY_INTERVAL
+        # Callbacks that raised, by job: when each notification is due again, and for whom.
+        self._again: dict[str, dict[tuple[str, int], tuple[float, list[Callback]]]] = {}
+        # Each job's last callback task (an async callback, or one waiting behind it).
+        self._chains: dict[str, asyncio.Task[None]] = {}
+        self._running: set[asyncio.Task[None]] = set()
         self._last_modification: dict[str, float] = {}
         # Jobs changed within their interval: when their one JobModification is due.
         self._modification_held: dict[str, float] = {}
@@ -83,20 +114,152 @@ class Callbacks:
         # Files with ranges: how many of their bytes the ranges told so far cover.
         self._told_to: dict[str, dict[int, int]] = {}
 
-    def register(self, kind: str, callback: Callable[..., Any]) -> None:
-        if kind not in self._callbacks:
+    @staticmethod
+    def check(kind: str) -> None:
+        if kind not in KINDS:
             raise ValueError(f"unknown notification {kind!r}; one of {', '.join(KINDS)}")
+
+    def register(self, kind: str, callback: Callback) -> None:
+        self.check(kind)
         self._callbacks[kind].append(callback)
 
     def __bool__(self) -> bool:
         return any(self._callbacks.values())
 
-    def call(self, kind: str, *args: Any) -> None:
-        for callback in list(self._callbacks[kind]):
+    def call(
+        self,
+        kind: str,
+        job_id: str,
+        *args: Any,
+        index: int = -1,
+        only: Sequence[Callback] | None = None,
+    ) -> None:
+        """Call the ``kind`` callbacks (``only`` these) with ``args``: those of job
+        ``job_id`` (file ``index``). Must run on the engine's loop."""
+        again = (job_id, kind, index) if kind in CALLED_AGAIN else None
+        for callback in list(self._callbacks[kind] if only is None else only):
+            before = self._chains.get(job_id)
+            if before is not None:  # an async callback of the job runs: this one after it
+                self._chain(job_id, self._after(before, kind, callback, args, again))
+                continue
             try:
-                callback(*args)
+                result = callback(*args)
             except Exception:
-                log.exception("%s callback %r raised; the engine goes on", kind, callback)
+                self._failed(kind, callback, again)
+                continue
+            if inspect.isawaitable(result):
+                self._chain(job_id, self._awaited(kind, callback, result, again))
+            elif again is not None and job_id in self._again:
+                self._succeeded(callback, again)
+
+    def _chain(self, job_id: str, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._chains[job_id] = task
+        self._running.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
+            if self._chains.get(job_id) is task:
+                del self._chains[job_id]
+
+        task.add_done_callback(done)
+
+    async def _after(
+        self,
+        before: asyncio.Task[None],
+        kind: str,
+        callback: Callback,
+        args: Sequence[Any],
+        again: Again | None,
+    ) -> None:
+        """Call ``callback`` once ``before`` (the job's callback task before it) ended."""
+        await asyncio.wait([before])
+        try:
+            result = callback(*args)
+        except Exception:
+            self._failed(kind, callback, again)
+            return
+        if inspect.isawaitable(result):
+            await self._awaited(kind, callback, result, again)
+        elif again is not None:
+            self._succeeded(callback, again)
+
+    async def _awaited(
+        self, kind: str, callback: Callback, result: Awaitable[Any], again: Again | None
+    ) -> None:
+        try:
+            await result
+        except Exception:
+            self._failed(kind, callback, again)
+        else:
+            if again is not None:
+                self._succeeded(callback, again)
+
+    def _failed(self, kind: str, callback: Callback, again: Again | None) -> None:
+        if again is None:
+            log.exception("%s callback %r raised; the engine goes on", kind, callback)
+            return
+        job_id, _, index = again
+        due = self._clock() + self.retry_interval
+        waiting = self._again.setdefault(job_id, {})
+        _, callbacks = waiting.get((kind, index), (due, []))
+        if callback not in callbacks:
+            callbacks.append(callback)
+        waiting[(kind, index)] = (due, callbacks)
+        log.error(
+            "%s callback %r raised; the engine goes on, and calls it again in %g s",
+            kind,
+            callback,
+            self.retry_interval,
+            exc_info=True,
+        )
+
+    def _succeeded(self, callback: Callback, again: Again) -> None:
+        """A callback returned: it is not due again for this notification."""
+        job_id, kind, index = again
+        waiting = self._again.get(job_id)
+        entry = waiting.get((kind, index)) if waiting else None
+        if waiting is None or entry is None or callback not in entry[1]:
+            return
+        entry[1].remove(callback)
+        if not entry[1]:
+            del waiting[(kind, index)]
+            if not waiting:
+                del self._again[job_id]
+
+    def due_again(self, ticks: float) -> list[tuple[Again, list[Callback]]]:
+        """The notifications whose failed callbacks are due again now, taken (a callback
+        that fails again is due again later), each job's files first, in file order."""
+        due: list[tuple[Again, list[Callback]]] = []
+        if not self._again:
+            return due
+        for job_id, waiting in list(self._again.items()):
+            ready = [key for key, (at, _) in waiting.items() if at <= ticks]
+            for kind, index in sorted(ready, key=lambda k: (k[0] != "file_transferred", k[1])):
+                due.append(((job_id, kind, index), waiting.pop((kind, index))[1]))
+            if not waiting:
+                del self._again[job_id]
+        return due
+
+    def next_again(self) -> float | None:
+        """When the next failed callback is due again (monotonic seconds), if any."""
+        if not self._again:
+            return None
+        return min(at for waiting in self._again.values() for at, _ in waiting.values())
+
+    def busy(self, job_id: str) -> bool:
+        """A callback of the job runs (a task) or is due again."""
+        return job_id in self._chains or job_id in self._again
+
+    async def settle(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the callback tasks still running; cancel the
+        rest (the engine stops)."""
+        if not self._running:
+            return
+        _done, late = await asyncio.wait(set(self._running), timeout=grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     def ranges_filled(
         self, job: Job, index: int, ranges: Iterable[ByteRange], ticks: float
@@ -104,6 +267,8 @@ class Callbacks:
         """Hold ``ranges`` of file ``index``; the file's held ranges (merged) when they are
         due now, else None (at most one FileRangesTransferred per notification interval)."""
         self.hold(job.id, index, ranges)
+        if index not in self._held.get(job.id, {}):
+            return None  # nothing came: nothing to tell
         told = self._last_ranges.setdefault(job.id, {})
         last = told.get(index)
         if last is not None and ticks - last < job.minimum_notification_interval_ms / 1000:
@@ -116,8 +281,11 @@ class Callbacks:
 
     def hold(self, job_id: str, index: int, ranges: Iterable[ByteRange]) -> None:
         """Ranges of file ``index`` to tell with the next ones due, or before the job's
-        next other event (``held_ranges``)."""
-        self._held.setdefault(job_id, {}).setdefault(index, []).extend(ranges)
+        next other event (``held_ranges``). No ranges: nothing is held (a callback is never
+        told an empty list)."""
+        came = [r for r in ranges if r.length != 0]
+        if came:
+            self._held.setdefault(job_id, {}).setdefault(index, []).extend(came)
 
     def arrived(self, job: Job, index: int, done: int) -> tuple[ByteRange, ...]:
         """A file with ranges has ``done`` of its bytes (a checkpoint, or the whole file):
@@ -147,6 +315,7 @@ class Callbacks:
         self._last_ranges.pop(job_id, None)
         self._held.pop(job_id, None)
         self._told_to.pop(job_id, None)
+        self._again.pop(job_id, None)  # nothing is due again for a final job
 
     def modification_due(self, job: Job, ticks: float) -> bool:
         """A change of the job: is its JobModification due now? If not (the interval since
